@@ -1,0 +1,304 @@
+"""Continual backpropagation (Dohare et al., Nature 2024, Algorithm 1).
+
+After every optimizer step, in every hidden layer ``l``:
+
+1. ages grow: ``a_l += 1``;
+2. utilities are updated (below);
+3. the count of units to replace grows by the replacement rate times the number of eligible
+   units, ``c_l += rho * n_eligible`` where a unit is eligible when its age exceeds the
+   maturity threshold ``m`` (``a > m``);
+4. while ``c_l >= 1`` (and an eligible unit is left): the eligible unit with the smallest
+   utility is replaced and ``c_l -= 1``. Its incoming weights are redrawn from the layer's
+   initial distribution, its incoming bias and outgoing weights are set to 0 (so the network
+   computes the same function as with the old unit pruned), normalisation entries are reset,
+   the optimizer state of those entries is zeroed (``reset_optimizer_state``), and its utility
+   and age are set to 0.
+
+Utilities, with ``h_i`` the unit's activation averaged over the minibatch (and over spatial
+positions for a conv channel) and decay rate ``eta``:
+
+* ``"contribution"``, equation (1) of the paper:
+  ``u_i <- eta * u_i + (1 - eta) * E|h_i| * sum_k |w_out[k, i]|``, the sum running over every
+  outgoing weight of the unit (all consumer units, and all kernel taps or flattened positions
+  of a channel). ``eta = 0`` gives the instantaneous minibatch utility (Extended Data Fig. 5d).
+* ``"adaptable_contribution"`` (the paper's supervised experiments):
+  ``u_i <- eta * u_i + (1 - eta) * E|h_i - hhat_i| * sum_k |w_out[k, i]| / mean_j |w_in[i, j]|``
+  with the mean-corrected activation ``hhat_i = f_i / (1 - eta^{a_i})`` and
+  ``f_i <- eta * f_i + (1 - eta) * E[h_i]``. The paper's code takes the mean rather than the
+  sum of outgoing magnitudes; that is a per-layer constant and ranks units identically.
+
+Units are ranked by the bias-corrected utility ``u_i / (1 - eta^{a_i})`` (Adam-style, per unit),
+which only matters for units whose age is close to the maturity threshold.
+
+The count ``c_l`` accumulates fractions of a unit across steps (the paper's Algorithm 1), so
+over ``n`` steps a layer with ``E`` eligible units replaces ``floor(rho * E * n)`` units. The
+paper's PPO code instead replaced one unit with probability ``rho * E`` each step; the
+expected number is the same.
+
+Cost: with ``eta > 0`` a step is a handful of tensor ops per layer (one read of the outgoing
+weights); with ``eta = 0`` nothing is computed on steps that replace nothing. Eligible counts
+are kept on the host (all seeds share one age schedule), selection and replacement run on the
+device: a step never synchronises with the GPU.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ppo_cbp.units import (
+    ActivationRecorder,
+    StateTensors,
+    UnitLayer,
+    _no_state,
+    optimizer_state_tensors,
+    replace_units_,
+    sequential_unit_layers,
+)
+
+UTILITIES = ("contribution", "adaptable_contribution")
+
+
+def make_generators(
+    seed: int | Sequence[int], num_seeds: int, device: torch.device
+) -> list[torch.Generator]:
+    """One generator per seed (``seed`` an int for a single network, else one per network)."""
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if len(seeds) != num_seeds:
+        raise ValueError(f"{num_seeds} networks need {num_seeds} seeds, got {len(seeds)}")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def resolve_layers(
+    net: nn.Module | Sequence[UnitLayer], init: str, nonlinearity: str | None
+) -> tuple[list[UnitLayer], ActivationRecorder | None]:
+    """Unit layers of ``net`` with hooks recording their activations, or the given layers.
+
+    A module that defines ``unit_layers() -> (layers, modules)`` (such as the ResNet-18) says
+    itself where its units are; any other module must be an ``nn.Sequential``.
+    """
+    if hasattr(net, "unit_layers"):
+        layers, taps = net.unit_layers()
+        return layers, ActivationRecorder(taps)
+    if isinstance(net, nn.Module):
+        layers, taps = sequential_unit_layers(net, init, nonlinearity)
+        return layers, ActivationRecorder(taps)
+    layers = list(net)
+    if not layers or not all(isinstance(layer, UnitLayer) for layer in layers):
+        raise TypeError("expected an nn.Sequential or a non-empty list of UnitLayer")
+    if len({layer.num_seeds for layer in layers}) != 1:
+        raise ValueError("all layers must hold the same number of seeds")
+    return layers, None
+
+
+class ContinualBackprop:
+    """Continual backprop's generate-and-test step for one network (or S stacked networks).
+
+    Args:
+        net: an ``nn.Sequential`` (forward hooks are registered once on its activation modules
+            and record the latest forward pass), or a list of :class:`~ppo_cbp.units.UnitLayer`
+            whose activations are passed to :meth:`step`.
+        optimizer: the optimizer whose state is reset for replaced entries; or a function
+            from a parameter to its state tensors (for hand-written optimizers); or None.
+        replacement_rate: rho, fraction of eligible units replaced per step, in [0, 1].
+        maturity_threshold: m, a unit is eligible once its age exceeds m steps.
+        decay_rate: eta, in [0, 1), the utilities' running-average decay.
+        utility: ``"contribution"`` or ``"adaptable_contribution"``.
+        init: the scheme the network was initialised with (:mod:`ppo_cbp.init`).
+        nonlinearity: overrides the gain inferred from the activation modules.
+        reset_optimizer_state: zero the optimizer state of replaced entries (the paper's
+            released code did not).
+        fold_bias: add a replaced unit's bias-corrected mean output times its outgoing weights
+            to the consumer's bias, preserving the function in expectation (off in the paper).
+        seed: seed of the generator that draws new weights; one per network when stacked.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | Sequence[UnitLayer],
+        optimizer: torch.optim.Optimizer | StateTensors | None = None,
+        *,
+        replacement_rate: float = 1e-4,
+        maturity_threshold: int = 100,
+        decay_rate: float = 0.99,
+        utility: str = "contribution",
+        init: str = "kaiming_uniform",
+        nonlinearity: str | None = None,
+        reset_optimizer_state: bool = True,
+        fold_bias: bool = False,
+        seed: int | Sequence[int] = 0,
+    ):
+        if not 0.0 <= replacement_rate <= 1.0:
+            raise ValueError(f"replacement_rate must be in [0, 1], got {replacement_rate}")
+        if maturity_threshold < 0 or int(maturity_threshold) != maturity_threshold:
+            raise ValueError(
+                f"maturity_threshold must be a non-negative integer, got {maturity_threshold}"
+            )
+        if not 0.0 <= decay_rate < 1.0:
+            raise ValueError(f"decay_rate must be in [0, 1), got {decay_rate}")
+        if utility not in UTILITIES:
+            raise ValueError(f"unknown utility {utility!r}; expected one of {', '.join(UTILITIES)}")
+        self.layers, self._recorder = resolve_layers(net, init, nonlinearity)
+        self.replacement_rate = replacement_rate
+        self.maturity_threshold = int(maturity_threshold)
+        self.decay_rate = decay_rate
+        self.utility_type = utility
+        self.fold_bias = fold_bias
+        if not reset_optimizer_state or optimizer is None:
+            self._state_tensors: StateTensors = _no_state
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            self._state_tensors = optimizer_state_tensors(optimizer)
+        else:
+            self._state_tensors = optimizer
+        first = self.layers[0].weight
+        self.num_seeds = self.layers[0].num_seeds
+        self.generators = make_generators(seed, self.num_seeds, first.device)
+        self._track_mean = utility == "adaptable_contribution" or fold_bias
+
+        def zeros(layer: UnitLayer, dtype: torch.dtype = first.dtype) -> Tensor:
+            return torch.zeros(self.num_seeds, layer.units, device=first.device, dtype=dtype)
+
+        self.utility = [zeros(layer) for layer in self.layers]
+        """Running utility ``u`` of every unit, ``[S, units]`` per layer."""
+        self.mean_activation = [zeros(layer) for layer in self.layers] if self._track_mean else None
+        """Running mean activation ``f`` (before bias correction), when it is needed."""
+        self.birth = [zeros(layer, torch.int64) for layer in self.layers]
+        """Step at which each unit was last (re)initialised; its age is ``steps - birth``."""
+        self.steps = 0
+        self.to_replace = [0.0] * len(self.layers)
+        """Accumulated fractional count ``c_l`` of units to replace."""
+        self._recent: list[deque[tuple[int, int]]] = [deque() for _ in self.layers]
+        self._recent_total = [0] * len(self.layers)
+        self.num_replaced = 0
+        """Units replaced so far in each network (summed over layers; the same for all seeds)."""
+
+    # ----------------------------------------------------------------------------------------
+    def ages(self, layer_index: int) -> Tensor:
+        """Age of every unit of a layer, ``[S, units]``."""
+        return self.steps - self.birth[layer_index]
+
+    def num_eligible(self, layer_index: int) -> int:
+        """Units older than the maturity threshold, from the host's record of replacements."""
+        if self.steps <= self.maturity_threshold:
+            return 0
+        recent, oldest = self._recent[layer_index], self.steps - self.maturity_threshold
+        while recent and recent[0][0] < oldest:
+            self._recent_total[layer_index] -= recent.popleft()[1]
+        return self.layers[layer_index].units - self._recent_total[layer_index]
+
+    def _bias_correction(self, layer_index: int) -> Tensor:
+        return 1.0 - torch.pow(
+            self.decay_rate, self.ages(layer_index).to(self.utility[layer_index].dtype)
+        )
+
+    def _update_utility(self, i: int, layer: UnitLayer, h: Tensor) -> None:
+        """``u <- eta * u + (1 - eta) * y`` with the instantaneous utility ``y`` of the module docstring."""
+        out = layer.out_magnitude()
+        if self.utility_type == "contribution":
+            activity, count = layer.abs_sum(h)
+        else:
+            activity, count = layer.abs_sum(h, self.mean_activation[i] / self._bias_correction(i))
+            activity.div_(layer.in_magnitude())
+        weight = (1.0 - self.decay_rate) / count
+        u = self.utility[i].mul_(self.decay_rate)
+        if out is None:
+            u.add_(activity, alpha=weight)
+        else:
+            u.addcmul_(activity, out, value=weight)
+
+    @torch.no_grad()
+    def step(self, activations: Sequence[Tensor] | None = None) -> int:
+        """One generate-and-test step; call right after the optimizer step.
+
+        Args:
+            activations: per hidden layer, its output ``h`` on the minibatch just used
+                (``[*seed, B, units]`` or ``[*seed, B, C, H, W]``). Omit when the network is
+                hooked: the latest forward pass is used.
+
+        Returns:
+            the number of units replaced in each network by this step.
+        """
+        if activations is None:
+            if self._recorder is None:
+                raise ValueError("pass the activations of every hidden layer to step()")
+            activations = self._recorder.latest()
+        if len(activations) != len(self.layers):
+            raise ValueError(
+                f"expected activations of {len(self.layers)} layers, got {len(activations)}"
+            )
+        self.steps += 1
+        eta = self.decay_rate
+        replaced = 0
+        for i, (layer, h) in enumerate(zip(self.layers, activations)):
+            eligible = self.num_eligible(i)
+            self.to_replace[i] += self.replacement_rate * eligible
+            # The tolerance keeps decimal rates exact: 0.3 added ten times is 2.9999999999999996.
+            k = min(int(self.to_replace[i] + 1e-9), eligible)
+            if eta == 0.0 and k == 0 and not self._track_mean:
+                continue
+            if self._track_mean:
+                self.mean_activation[i].lerp_(layer.mean(h), 1.0 - eta)
+            self._update_utility(i, layer, h)
+            if k == 0:
+                continue
+            self.to_replace[i] -= k
+            ages = self.ages(i)
+            score = self.utility[i] / self._bias_correction(i) if eta > 0 else self.utility[i]
+            score = score.masked_fill(ages <= self.maturity_threshold, float("inf"))
+            index = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
+            mean_output = None
+            if self.fold_bias:
+                mean_output = (
+                    self.mean_activation[i] / self._bias_correction(i) if eta > 0 else layer.mean(h)
+                )
+            replace_units_(layer, index, self.generators, self._state_tensors, mean_output)
+            self.utility[i].scatter_(1, index, 0.0)
+            if self.mean_activation is not None:
+                self.mean_activation[i].scatter_(1, index, 0.0)
+            self.birth[i].scatter_(1, index, self.steps)
+            self._recent[i].append((self.steps, k))
+            self._recent_total[i] += k
+            replaced += k
+        self.num_replaced += replaced
+        return replaced
+
+    def remove_hooks(self) -> None:
+        """Stop recording activations (the network no longer pays for the hooks)."""
+        if self._recorder is not None:
+            self._recorder.remove()
+
+    # ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly; loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "utility": [u.clone() for u in self.utility],
+            "mean_activation": None
+            if self.mean_activation is None
+            else [f.clone() for f in self.mean_activation],
+            "birth": [b.clone() for b in self.birth],
+            "steps": self.steps,
+            "to_replace": list(self.to_replace),
+            "recent": [[list(e) for e in r] for r in self._recent],
+            "num_replaced": self.num_replaced,
+            "generators": [g.get_state() for g in self.generators],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for dst, src in zip(self.utility, state["utility"]):
+            dst.copy_(src)
+        if self.mean_activation is not None:
+            for dst, src in zip(self.mean_activation, state["mean_activation"]):
+                dst.copy_(src)
+        for dst, src in zip(self.birth, state["birth"]):
+            dst.copy_(src)
+        self.steps = int(state["steps"])
+        self.to_replace = [float(c) for c in state["to_replace"]]
+        self._recent = [deque((int(t), int(k)) for t, k in r) for r in state["recent"]]
+        self._recent_total = [sum(k for _, k in r) for r in self._recent]
+        self.num_replaced = int(state["num_replaced"])
+        for g, s in zip(self.generators, state["generators"]):
+            g.set_state(s)

@@ -1,0 +1,433 @@
+"""Hidden units as the reinitialising operators see them.
+
+A *unit* is one output row of a Linear layer or one output channel of a Conv2d layer. To
+replace unit ``i`` the operators touch every place it appears:
+
+* its incoming weights ``weight[i]`` (redrawn from the layer's initial distribution) and
+  incoming bias ``bias[i]`` (set to 0);
+* the per-unit parameters and statistics of a normalisation layer between the layer and its
+  activation (BatchNorm/LayerNorm weight 1, bias 0, running mean 0, running variance 1);
+* its outgoing weights in the consumer layer (set to 0): column ``i`` of a Linear consumer,
+  input channel ``i`` of a Conv2d consumer, or the ``g`` consecutive columns
+  ``i*g, ..., i*g + g - 1`` of a Linear consumer fed by a channel-major flatten of a conv
+  output with ``g = H*W`` positions per channel;
+* the optimizer state (Adam moments, SGD momentum, ...) of exactly those entries.
+
+:class:`UnitLayer` names these tensors for one layer. Every tensor may carry a leading seed
+dimension (``seed_dims=1``: ``weight`` is ``[S, out, in]``) for S independent networks trained
+in lockstep; all operations are then applied per seed with no Python loop over seeds except
+for drawing random numbers, which uses one generator per seed so that each seed's draws are
+the same as if it ran alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ppo_cbp.init import check_scheme, distribution, fans, sample
+
+
+def _abs_sum(h: Tensor) -> tuple[Tensor, int]:
+    """(sum of |h| over all but the seed (0) and unit (2) dims of a seeded activation, count)."""
+    dims = (1,) if h.dim() == 3 else (1, 3, 4)
+    # abs().sum() is several times faster on CPU than linalg.vector_norm(ord=1)
+    return h.abs().sum(dim=dims), h.numel() // (h.shape[0] * h.shape[2])
+
+
+def _mean_abs(h: Tensor) -> Tensor:
+    total, count = _abs_sum(h)
+    return total.div_(count)
+
+
+StateTensors = Callable[[Tensor], Iterable[Tensor]]
+"""Maps a parameter to the optimizer-state tensors that share its shape."""
+
+
+@dataclass(eq=False)
+class UnitLayer:
+    """The tensors that make up one layer of replaceable hidden units.
+
+    Args:
+        weight: incoming weights, ``[*seed, units, fan_in]`` or ``[*seed, units, c_in, kh, kw]``.
+        bias: incoming bias ``[*seed, units]`` or None.
+        out_weight: the consumer's weights, ``[*seed, n_next, units * out_group]`` (Linear) or
+            ``[*seed, n_next, units, kh, kw]`` (Conv2d). None for a unit whose output reaches
+            its consumers through a fixed path (a residual stream): its outgoing path is then
+            silenced through ``norm`` reset values of 0.
+        out_group: consumer columns per unit (``H*W`` after a channel-major flatten, else 1).
+        out_bias: the consumer's bias, used only when folding a replaced unit's mean output.
+        norm: ``(tensor [*seed, units], value)`` pairs reset to ``value`` for replaced units.
+        init: name of the scheme the layer was initialised with (see :mod:`ppo_cbp.init`).
+        nonlinearity: the layer's activation, for the scheme's gain.
+        seed_dims: 1 if every tensor has a leading seed dimension, else 0.
+        name: for messages and logging.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    out_weight: Tensor | None = None
+    out_group: int = 1
+    out_bias: Tensor | None = None
+    norm: list[tuple[Tensor, float]] = field(default_factory=list)
+    init: str = "kaiming_uniform"
+    nonlinearity: str = "relu"
+    seed_dims: int = 0
+    name: str = ""
+    _abs_out: Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_scheme(self.init)
+        if self.seed_dims not in (0, 1):
+            raise ValueError(f"seed_dims must be 0 or 1, got {self.seed_dims}")
+        units = self.units
+        for t in [self.bias, *(t for t, _ in self.norm)]:
+            if t is not None and tuple(t.shape) != (*self.seed_shape, units):
+                raise ValueError(
+                    f"{self.name}: per-unit tensor of shape {tuple(t.shape)}, expected {(*self.seed_shape, units)}"
+                )
+        if self.out_weight is not None:
+            consumed = self.out_weight.shape[self.seed_dims + 1]
+            if self.out_weight.dim() - self.seed_dims == 2:
+                if consumed != units * self.out_group:
+                    raise ValueError(
+                        f"{self.name}: consumer takes {consumed} inputs, expected units x group = {units} x {self.out_group}"
+                    )
+            elif consumed != units or self.out_group != 1:
+                raise ValueError(
+                    f"{self.name}: conv consumer takes {consumed} channels, expected {units}"
+                )
+
+    @property
+    def seed_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[: self.seed_dims])
+
+    @property
+    def num_seeds(self) -> int:
+        return self.weight.shape[0] if self.seed_dims else 1
+
+    @property
+    def units(self) -> int:
+        return self.weight.shape[self.seed_dims]
+
+    @property
+    def fan_in(self) -> int:
+        return fans(self.weight.shape, self.seed_dims)[0]
+
+    def seeded(self, t: Tensor) -> Tensor:
+        """``t`` as a view with exactly one leading seed dimension."""
+        return t if self.seed_dims else t.unsqueeze(0)
+
+    def mean_abs(self, h: Tensor) -> Tensor:
+        """E|h_i| per unit, over the batch (and spatial positions): ``[S, units]``."""
+        return _mean_abs(self.seeded(h))
+
+    def mean(self, h: Tensor) -> Tensor:
+        """E[h_i] per unit: ``[S, units]``."""
+        h = self.seeded(h)
+        return h.mean(dim=(1,) if h.dim() == 3 else (1, 3, 4))
+
+    def abs_sum(self, h: Tensor, center: Tensor | None = None) -> tuple[Tensor, int]:
+        """(sum of |h_i - center_i| per unit over the batch and positions, number of terms).
+
+        ``center`` is ``[S, units]`` or None (no centering); the sum is ``[S, units]``.
+        """
+        h = self.seeded(h)
+        if center is not None:
+            shape = (
+                (h.shape[0], 1, self.units) if h.dim() == 3 else (h.shape[0], 1, self.units, 1, 1)
+            )
+            h = h - center.view(shape)
+        return _abs_sum(h)
+
+    def out_magnitude(self) -> Tensor | None:
+        """Sum of |outgoing weights| per unit, ``[S, units]``; None without a consumer."""
+        w = self.out_weight
+        if w is None:
+            return None
+        # |w| goes to a buffer kept across steps: cheaper than a fresh temporary every step
+        if self._abs_out is None or self._abs_out.shape != w.shape:
+            self._abs_out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        absolute = torch.abs(w, out=self._abs_out)
+        sd = self.seed_dims
+        if w.dim() - sd == 2:
+            per_column = self.seeded(absolute.sum(dim=sd))
+            if self.out_group == 1:
+                return per_column
+            return per_column.view(self.num_seeds, self.units, self.out_group).sum(-1)
+        return self.seeded(absolute.sum(dim=(sd, sd + 2, sd + 3)))
+
+    def in_magnitude(self) -> Tensor:
+        """Mean of |incoming weights| per unit, ``[S, units]``."""
+        w = self.seeded(self.weight).reshape(self.num_seeds, self.units, -1)
+        return w.abs().mean(dim=-1)
+
+    def fresh_weights(self, rows: int, generators: Sequence[torch.Generator]) -> Tensor:
+        """``rows`` new incoming weight rows per seed from the layer's init: ``[S, rows, fan_in]``."""
+        kind, scale = distribution(
+            self.init, self.nonlinearity, *fans(self.weight.shape, self.seed_dims)
+        )
+        w = self.weight
+        return torch.stack(
+            [
+                sample(
+                    (rows, self.fan_in), kind, scale, generator=g, device=w.device, dtype=w.dtype
+                )
+                for g in generators
+            ]
+        )
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> StateTensors:
+    """State tensors of ``optimizer`` shaped like the parameter (Adam moments, SGD momentum)."""
+
+    def tensors(p: Tensor) -> list[Tensor]:
+        if optimizer is None:
+            return []
+        state = optimizer.state.get(p, {})
+        return [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]
+
+    return tensors
+
+
+def _no_state(p: Tensor) -> list[Tensor]:
+    return []
+
+
+@torch.no_grad()
+def replace_units_(
+    layer: UnitLayer,
+    index: Tensor,
+    generators: Sequence[torch.Generator],
+    state_tensors: StateTensors = _no_state,
+    mean_output: Tensor | None = None,
+) -> None:
+    """Replace the units ``index`` (``[S, k]``, per seed) of ``layer`` in place.
+
+    Incoming weights are redrawn from the layer's init, incoming bias, outgoing weights and
+    the optimizer state of all those entries are zeroed, normalisation entries reset. With
+    ``mean_output`` (``[S, units]``, the units' mean activation), ``out_bias`` first absorbs
+    ``sum_i W_out[:, i] * mean_output[i]`` so the consumer's expected input is unchanged
+    (for conv consumers: ignoring zero padding at the borders).
+    """
+    S, k = index.shape
+    units = layer.units
+
+    def rows_(t: Tensor, values: Tensor | float) -> None:
+        flat = layer.seeded(t).view(S, units, -1)
+        idx = index.unsqueeze(-1).expand(S, k, flat.shape[-1])
+        if isinstance(values, Tensor):
+            flat.scatter_(1, idx, values.view(S, k, -1))
+        else:
+            flat.scatter_(1, idx, values)
+
+    rows_(layer.weight, layer.fresh_weights(k, generators))
+    for s in state_tensors(layer.weight):
+        rows_(s, 0.0)
+    if layer.bias is not None:
+        for t in (layer.bias, *state_tensors(layer.bias)):
+            rows_(t, 0.0)
+    for t, value in layer.norm:
+        rows_(t, value)
+        for s in state_tensors(t):
+            rows_(s, 0.0)
+
+    if layer.out_weight is None:
+        return
+    w = layer.seeded(layer.out_weight)
+    n_next = w.shape[1]
+    if w.dim() == 3:
+        g = layer.out_group
+        cols = (index.unsqueeze(-1) * g + torch.arange(g, device=index.device)).reshape(S, 1, k * g)
+        cols = cols.expand(S, n_next, k * g)
+
+        def columns_(t: Tensor) -> None:
+            layer.seeded(t).scatter_(2, cols, 0.0)
+
+        if mean_output is not None and layer.out_bias is not None:
+            m = mean_output.gather(1, index).repeat_interleave(g, dim=1)
+            layer.seeded(layer.out_bias).add_((w.gather(2, cols) * m.unsqueeze(1)).sum(-1))
+    else:
+        taps = w.shape[3] * w.shape[4]
+        chans = index.view(S, 1, k, 1).expand(S, n_next, k, taps)
+
+        def columns_(t: Tensor) -> None:
+            layer.seeded(t).view(S, n_next, units, taps).scatter_(2, chans, 0.0)
+
+        if mean_output is not None and layer.out_bias is not None:
+            m = mean_output.gather(1, index)
+            picked = w.reshape(S, n_next, units, taps).gather(2, chans).sum(-1)
+            layer.seeded(layer.out_bias).add_((picked * m.unsqueeze(1)).sum(-1))
+    columns_(layer.out_weight)
+    for s in state_tensors(layer.out_weight):
+        columns_(s)
+
+
+@torch.no_grad()
+def replace_masked_units_(
+    layer: UnitLayer,
+    mask: Tensor,
+    generators: Sequence[torch.Generator],
+    state_tensors: StateTensors = _no_state,
+) -> None:
+    """Replace the units where ``mask`` (``[S, units]`` bool) is set, as :func:`replace_units_`.
+
+    A mask rather than indices keeps a data-dependent number of units free of host syncs.
+    """
+    S, units = mask.shape
+    keep = (~mask).to(layer.weight.dtype)
+
+    def rows_(t: Tensor, value: Tensor | float | None) -> None:
+        flat = layer.seeded(t).view(S, units, -1)
+        if value is None:
+            flat.mul_(keep.unsqueeze(-1))
+        else:
+            flat.copy_(torch.where(mask.unsqueeze(-1), value, flat))
+
+    rows_(layer.weight, layer.fresh_weights(units, generators))
+    for s in state_tensors(layer.weight):
+        rows_(s, None)
+    if layer.bias is not None:
+        for t in (layer.bias, *state_tensors(layer.bias)):
+            rows_(t, None)
+    for t, value in layer.norm:
+        rows_(t, value)
+        for s in state_tensors(t):
+            rows_(s, None)
+
+    if layer.out_weight is None:
+        return
+    w = layer.seeded(layer.out_weight)
+    if w.dim() == 3:
+        column_keep = keep.repeat_interleave(layer.out_group, dim=1).unsqueeze(1)
+    else:
+        column_keep = keep.view(S, 1, units, 1, 1)
+    for t in (layer.out_weight, *state_tensors(layer.out_weight)):
+        layer.seeded(t).mul_(column_keep)
+
+
+# --------------------------------------------------------------------------------------------
+# nn.Sequential networks: find the unit layers and record their activations with hooks
+# --------------------------------------------------------------------------------------------
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+_PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.Identity)
+_NONLINEARITY = {
+    nn.ReLU: "relu",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.LeakyReLU: "leaky_relu",
+    nn.ELU: "elu",
+    nn.SiLU: "swish",
+    nn.GELU: "gelu",
+    nn.SELU: "selu",
+}
+
+
+def _leaves(net: nn.Module) -> list[nn.Module]:
+    if not isinstance(net, nn.Sequential):
+        raise TypeError(f"expected an nn.Sequential network, got {type(net).__name__}")
+    out: list[nn.Module] = []
+    for m in net:
+        out.extend(_leaves(m) if isinstance(m, nn.Sequential) else [m])
+    return out
+
+
+def norm_resets(norm: nn.Module, scale: float = 1.0) -> list[tuple[Tensor, float]]:
+    """What to reset in a BatchNorm/LayerNorm for a replaced unit (affine scale to ``scale``)."""
+    out: list[tuple[Tensor, float]] = []
+    if getattr(norm, "weight", None) is not None:
+        out += [(norm.weight, scale), (norm.bias, 0.0)]
+    if getattr(norm, "running_mean", None) is not None:
+        out += [(norm.running_mean, 0.0), (norm.running_var, 1.0)]
+    return out
+
+
+def sequential_unit_layers(
+    net: nn.Module, init: str, nonlinearity: str | None = None
+) -> tuple[list[UnitLayer], list[nn.Module]]:
+    """The hidden unit layers of ``net`` and, for each, the module whose output is ``h``.
+
+    ``net`` is an ``nn.Sequential`` (nested Sequentials are flattened) of Linear/Conv2d layers,
+    each optionally followed by a BatchNorm/LayerNorm, an activation module and pooling,
+    flatten or dropout. ``h`` is the activation's output (before pooling); its nonlinearity
+    gives the init gain unless ``nonlinearity`` is given.
+    """
+    leaves = _leaves(net)
+    positions = [i for i, m in enumerate(leaves) if isinstance(m, _WEIGHT_LAYERS)]
+    if len(positions) < 2:
+        raise ValueError("the network needs at least two Linear/Conv2d layers to have hidden units")
+    layers, taps = [], []
+    for a, b in zip(positions, positions[1:]):
+        layer, consumer = leaves[a], leaves[b]
+        between = leaves[a + 1 : b]
+        norms = [m for m in between if isinstance(m, _NORMS)]
+        acts = [m for m in between if not isinstance(m, (*_NORMS, *_PASS_THROUGH))]
+        tap = (acts or norms or [layer])[-1]
+        act_name = nonlinearity or (_NONLINEARITY.get(type(acts[-1]), "relu") if acts else "linear")
+        group = 1
+        if isinstance(layer, nn.Conv2d) and isinstance(consumer, nn.Linear):
+            if consumer.in_features % layer.out_channels:
+                raise ValueError(
+                    f"{consumer} does not take a flatten of {layer.out_channels} channels"
+                )
+            group = consumer.in_features // layer.out_channels
+        layers.append(
+            UnitLayer(
+                weight=layer.weight,
+                bias=layer.bias,
+                out_weight=consumer.weight,
+                out_group=group,
+                out_bias=consumer.bias,
+                norm=[r for n in norms for r in norm_resets(n)],
+                init=init,
+                nonlinearity=act_name,
+                name=f"layer{len(layers)}",
+            )
+        )
+        taps.append(tap)
+    if len(set(map(id, taps))) != len(taps):
+        raise ValueError("each hidden layer needs its own activation module instance to be hooked")
+    return layers, taps
+
+
+class ActivationRecorder:
+    """Forward hooks that keep the latest output of each given module (detached, no copy)."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.outputs: list[Tensor | None] = [None] * len(modules)
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            self.outputs[i] = output.detach()
+
+        return hook
+
+    def latest(self) -> list[Tensor]:
+        if any(o is None for o in self.outputs):
+            raise RuntimeError(
+                "no activations recorded yet: run a forward pass of the network first"
+            )
+        return self.outputs  # type: ignore[return-value]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@torch.no_grad()
+def hidden_activations(net: nn.Sequential, x: Tensor) -> list[Tensor]:
+    """The activation output ``h`` of every hidden layer of ``net`` on input ``x``."""
+    _, taps = sequential_unit_layers(net, "kaiming_uniform")
+    recorder = ActivationRecorder(taps)
+    try:
+        net(x)
+        return list(recorder.latest())
+    finally:
+        recorder.remove()

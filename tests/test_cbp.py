@@ -1,0 +1,417 @@
+"""Continual backprop against Algorithm 1 and equation (1), computed independently."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ppo_cbp.cbp import ContinualBackprop
+from ppo_cbp.init import init_layer_
+from ppo_cbp.resnet import ResNet18
+from ppo_cbp.units import UnitLayer
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+def mlp(sizes, device="cpu", dtype=torch.float64, seed=0, scheme="kaiming_uniform"):
+    torch.manual_seed(seed)
+    mods = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        mods.append(init_layer_(nn.Linear(a, b), scheme))
+        if i < len(sizes) - 2:
+            mods.append(nn.ReLU())
+    return nn.Sequential(*mods).to(device=device, dtype=dtype)
+
+
+def sgd_step(net, opt, x, y):
+    loss = (net(x) - y).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("decay_rate", [0.99, 0.5])
+def test_contribution_utility_matches_equation_1(device, decay_rate):
+    net = mlp([3, 4, 5, 2], device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    cbp = ContinualBackprop(net, opt, replacement_rate=0.0, decay_rate=decay_rate)
+    g = torch.Generator().manual_seed(1)
+    expected = [np.zeros(4), np.zeros(5)]
+    for _ in range(6):
+        x = torch.randn(7, 3, generator=g, dtype=torch.float64).to(device)
+        y = torch.randn(7, 2, generator=g, dtype=torch.float64).to(device)
+        W1, b1, W2, b2 = (p.detach().cpu().numpy().copy() for p in net[:3].parameters())
+        sgd_step(net, opt, x, y)
+        cbp.step()
+        # equation (1) in float64 with the activations of the forward pass and the weights after the step
+        h1 = np.maximum(x.cpu().numpy() @ W1.T + b1, 0)
+        h2 = np.maximum(h1 @ W2.T + b2, 0)
+        W2_new, W3_new = net[2].weight.detach().cpu().numpy(), net[4].weight.detach().cpu().numpy()
+        for layer, (h, w_out) in enumerate([(h1, W2_new), (h2, W3_new)]):
+            inst = np.abs(h).mean(0) * np.abs(w_out).sum(0)
+            expected[layer] = decay_rate * expected[layer] + (1 - decay_rate) * inst
+    for layer in range(2):
+        np.testing.assert_allclose(cbp.utility[layer][0].cpu().numpy(), expected[layer], rtol=1e-12)
+
+
+def test_adaptable_contribution_matches_definition():
+    eta = 0.9
+    net = mlp([3, 4, 2])
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    cbp = ContinualBackprop(
+        net, opt, replacement_rate=0.0, decay_rate=eta, utility="adaptable_contribution"
+    )
+    g = torch.Generator().manual_seed(2)
+    u, f = np.zeros(4), np.zeros(4)
+    for t in range(1, 6):
+        x, y = (
+            torch.randn(8, 3, generator=g, dtype=torch.float64),
+            torch.randn(8, 2, generator=g, dtype=torch.float64),
+        )
+        W1, b1 = net[0].weight.detach().numpy().copy(), net[0].bias.detach().numpy().copy()
+        sgd_step(net, opt, x, y)
+        cbp.step()
+        h = np.maximum(x.numpy() @ W1.T + b1, 0)
+        f = eta * f + (1 - eta) * h.mean(0)
+        hhat = f / (1 - eta**t)
+        w_in, w_out = net[0].weight.detach().numpy(), net[2].weight.detach().numpy()
+        inst = np.abs(h - hhat).mean(0) * np.abs(w_out).sum(0) / np.abs(w_in).mean(1)
+        u = eta * u + (1 - eta) * inst
+    np.testing.assert_allclose(cbp.utility[0][0].numpy(), u, rtol=1e-12)
+
+
+def simulate_count(units, rate, maturity, steps):
+    """Algorithm 1's replacement count with explicit per-unit ages (any eligible unit)."""
+    ages, count, total = np.zeros(units, dtype=int), 0.0, 0
+    for _ in range(steps):
+        ages += 1
+        eligible = np.flatnonzero(ages > maturity)
+        count += rate * len(eligible)
+        while count >= 1 - 1e-9 and len(eligible):
+            ages[eligible[0]] = 0
+            eligible = eligible[1:]
+            count -= 1
+            total += 1
+    return total
+
+
+@pytest.mark.parametrize("rate,maturity", [(1 / 32, 0), (0.03, 5), (0.2, 3)])
+def test_number_of_replacements_follows_accumulated_count(rate, maturity):
+    net = mlp([2, 8, 1])
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    cbp = ContinualBackprop(net, opt, replacement_rate=rate, maturity_threshold=maturity)
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64)
+    young_replaced = 0
+    for _ in range(200):
+        sgd_step(net, opt, x, y)
+        ages_before = (cbp.steps + 1) - cbp.birth[0][0]
+        before = net[0].weight.detach().clone()
+        cbp.step()
+        changed = (net[0].weight.detach() != before).any(1)
+        young_replaced += int((changed & (ages_before <= maturity)).sum())
+    assert young_replaced == 0
+    assert cbp.num_replaced == simulate_count(8, rate, maturity, 200)
+    if maturity == 0:
+        assert cbp.num_replaced == math.floor(rate * 8 * 200)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowest_utility_mature_unit_is_replaced(device):
+    net = mlp([3, 6, 2], device)
+    with torch.no_grad():
+        net[0].weight.abs_()  # positive inputs and weights: no unit is dead
+        net[2].weight[:, 4] *= 1e-3
+        net[2].weight[:, 1] *= 1e-5  # the smallest utility, but kept immature below
+    cbp = ContinualBackprop(
+        net, None, replacement_rate=1 / 6, maturity_threshold=10, decay_rate=0.0
+    )
+    x = torch.rand(16, 3, dtype=torch.float64, device=device) + 0.5
+    h = torch.relu(x @ net[0].weight.T + net[0].bias).detach().cpu().numpy()
+    utility = np.abs(h).mean(0) * np.abs(net[2].weight.detach().cpu().numpy()).sum(0)
+    assert utility.argmin() == 1
+    mature = [i for i in range(6) if i != 1]
+    expected = mature[int(utility[mature].argmin())]
+    cbp.birth[0][0, 1] = 5  # age 6 at step 11: immature
+    for _ in range(10):
+        net(x)
+        assert cbp.step() == 0
+    net(x)
+    assert cbp.step() == 1
+    births = [0, 5, 0, 0, 0, 0]
+    births[expected] = 11
+    assert cbp.birth[0][0].tolist() == births
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replacement_state_and_function_preserved(device):
+    net = mlp([5, 16, 16, 3], device, scheme="lecun_uniform")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.99, 0.99))
+    cbp = ContinualBackprop(
+        net, opt, replacement_rate=0.05, maturity_threshold=3, init="lecun_uniform"
+    )
+    g = torch.Generator().manual_seed(3)
+    x_fixed = torch.randn(32, 5, generator=g, dtype=torch.float64).to(device)
+    checked = 0
+    for _ in range(40):
+        x = torch.randn(8, 5, generator=g, dtype=torch.float64).to(device)
+        sgd_step(net, opt, x, torch.zeros(8, 3, dtype=torch.float64, device=device))
+        births = [b.clone() for b in cbp.birth]
+        pruned = copy.deepcopy(net)
+        cbp.step()
+        for layer, (lin, nxt) in enumerate([(0, 2), (2, 4)]):
+            new = (cbp.birth[layer][0] == cbp.steps) & (births[layer][0] != cbp.steps)
+            idx = torch.nonzero(new).flatten()
+            if len(idx) == 0:
+                continue
+            checked += 1
+            W, b, W_out = net[lin].weight, net[lin].bias, net[nxt].weight
+            bound = math.sqrt(3 / W.shape[1])
+            assert (W[idx].abs() <= bound).all() and not torch.equal(
+                W[idx], pruned[lin].weight[idx]
+            )
+            # rows of the consumer that are themselves new units got fresh incoming weights
+            consumer_rows = torch.ones(W_out.shape[0], dtype=torch.bool, device=device)
+            if layer == 0:
+                consumer_rows &= cbp.birth[1][0] != cbp.steps
+            assert (b[idx] == 0).all() and (W_out[consumer_rows][:, idx] == 0).all()
+            for p, sel in [
+                (W, (idx, slice(None))),
+                (b, (idx,)),
+                (W_out, (consumer_rows.nonzero()[:, None], idx)),
+            ]:
+                st = opt.state[p]
+                assert (st["exp_avg"][sel] == 0).all() and (st["exp_avg_sq"][sel] == 0).all()
+            keep = torch.ones(W.shape[0], dtype=torch.bool, device=device)
+            keep[idx] = False
+            assert torch.equal(W[keep], pruned[lin].weight[keep])
+            assert (cbp.utility[layer][0, idx] == 0).all()
+            with torch.no_grad():
+                pruned[nxt].weight[:, idx] = 0
+        with torch.no_grad():
+            torch.testing.assert_close(net(x_fixed), pruned(x_fixed), rtol=0, atol=0)
+    assert checked >= 3
+
+
+def test_optimizer_state_reset_can_be_turned_off():
+    net = mlp([3, 4, 2])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    cbp = ContinualBackprop(
+        net, opt, replacement_rate=1.0, maturity_threshold=0, reset_optimizer_state=False
+    )
+    sgd_step(
+        net, opt, torch.randn(4, 3, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64)
+    )
+    momentum = opt.state[net[0].weight]["momentum_buffer"].clone()
+    cbp.step()
+    assert cbp.num_replaced == 4 and torch.equal(
+        opt.state[net[0].weight]["momentum_buffer"], momentum
+    )
+
+
+def test_fold_bias_preserves_expected_output():
+    net = mlp([3, 6, 2])
+    cbp = ContinualBackprop(
+        net, None, replacement_rate=1 / 6, maturity_threshold=0, decay_rate=0.0, fold_bias=True
+    )
+    x = torch.rand(50, 3, dtype=torch.float64)
+    before = net(x).detach()
+    cbp.step()
+    # the consumer's bias absorbed the removed unit's mean output: the batch-mean output is unchanged
+    torch.testing.assert_close(net(x).detach().mean(0), before.mean(0))
+
+
+def test_conv_flatten_batchnorm_units():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(5 * 2 * 2, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3),
+    ).double()  # fmt: skip
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    cbp = ContinualBackprop(
+        net, opt, replacement_rate=0.0, maturity_threshold=0, init="torch_default"
+    )
+    x = torch.randn(6, 2, 8, 8, dtype=torch.float64)
+    sgd_step(net, opt, x, torch.zeros(6, 3, dtype=torch.float64))
+    with torch.no_grad():
+        net[1].running_mean += 1.0
+        net[1].weight += 0.5
+        net[9].weight += 0.5
+    old = copy.deepcopy(net)
+    old_momentum = {n: opt.state[p]["momentum_buffer"].clone() for n, p in net.named_parameters()}
+    cbp.replacement_rate = 1.0
+    cbp.to_replace = [-3.0, -4.0, -5.0]  # exactly one unit per layer this step
+    net.eval()  # record activations without moving the running statistics
+    net(x)
+    assert cbp.step() == 3
+    params = dict(net.named_parameters())
+    picked = [int(torch.nonzero(cbp.birth[i][0] == 1)) for i in range(3)]
+    c0, c1, u = picked
+    # first conv channel c0: filter, bias, BatchNorm entry, and the next conv's input channel c0
+    rows = [r for r in range(5) if r != c1]  # the new channel c1 of the next conv has fresh filters
+    assert (net[4].weight[rows, c0] == 0).all()
+    assert net[0].bias[c0] == 0 and net[1].weight[c0] == 1 and net[1].bias[c0] == 0
+    assert net[1].running_mean[c0] == 0 and net[1].running_var[c0] == 1
+    assert (net[0].weight[c0].abs() <= 1 / math.sqrt(2 * 9)).all()
+    # second conv channel c1 feeds columns 4*c1 .. 4*c1+3 of the Linear after the flatten
+    cols = list(range(4 * c1, 4 * c1 + 4))
+    rows = [r for r in range(6) if r != u]
+    other_cols = [c for c in range(20) if c not in cols]
+    assert (net[8].weight[rows][:, cols] == 0).all()
+    assert torch.equal(net[8].weight[rows][:, other_cols], old[8].weight[rows][:, other_cols])
+    assert (opt.state[params["8.weight"]]["momentum_buffer"][:, cols] == 0).all()
+    # the Linear unit u with its LayerNorm entry
+    assert (net[11].weight[:, u] == 0).all() and net[9].weight[u] == 1 and net[9].bias[u] == 0
+    # everything else is untouched
+    keep = [i for i in range(4) if i != c0]
+    assert torch.equal(net[0].weight[keep], old[0].weight[keep])
+    assert torch.equal(net[1].running_mean[keep], old[1].running_mean[keep])
+    m = opt.state[params["0.weight"]]["momentum_buffer"]
+    assert (m[c0] == 0).all() and torch.equal(m[keep], old_momentum["0.weight"][keep])
+
+
+def test_resnet_replaces_channels_everywhere_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = ResNet18(num_classes=10).double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    cbp = ContinualBackprop(model, None, replacement_rate=1.0, maturity_threshold=0)
+    assert len(cbp.layers) == 17
+    model(x)
+    cbp.to_replace = [-float(layer.units) + 2 for layer in cbp.layers]  # two units per layer
+    pruned = copy.deepcopy(model)
+    old = copy.deepcopy(model)
+    model.eval()
+    assert cbp.step() == 34
+    picked = [torch.nonzero(b[0] == 1).flatten() for b in cbp.birth]
+    blocks = list(model.blocks)
+    with torch.no_grad():
+        conv, bn, _ = pruned.stem
+        bn.weight[picked[0]] = 0
+        bn.bias[picked[0]] = 0
+        for b, (block, pblock) in enumerate(zip(blocks, pruned.blocks)):
+            mid, out = picked[1 + 2 * b], picked[2 + 2 * b]
+            rows = [r for r in range(block.conv2.out_channels) if r not in out.tolist()]
+            assert (block.conv2.weight[rows][:, mid] == 0).all() and (
+                block.conv1.bias[mid] == 0
+            ).all()
+            assert (block.bn1.weight[mid] == 1).all() and (block.bn1.running_var[mid] == 1).all()
+            assert not torch.equal(block.conv1.weight[mid], old.blocks[b].conv1.weight[mid])
+            assert (block.bn2.weight[out] == 0).all() and (block.bn2.bias[out] == 0).all()
+            assert not torch.equal(block.conv2.weight[out], old.blocks[b].conv2.weight[out])
+            if block.downsample is not None:
+                assert torch.equal(block.downsample[0].weight, old.blocks[b].downsample[0].weight)
+            pblock.conv2.weight[:, mid] = 0
+            pblock.bn2.weight[out] = 0
+            pblock.bn2.bias[out] = 0
+        pruned.eval()
+        torch.testing.assert_close(model(x), pruned(x), rtol=1e-12, atol=1e-12)
+        model.train()
+        pruned.train()
+        torch.testing.assert_close(model(x), pruned(x), rtol=1e-12, atol=1e-12)
+
+
+def stacked_layers(params, seed_dims):
+    W1, b1, W2, b2, W3 = params
+    return [
+        UnitLayer(W1, b1, out_weight=W2, seed_dims=seed_dims, name="h1"),
+        UnitLayer(W2, b2, out_weight=W3, seed_dims=seed_dims, name="h2"),
+    ]
+
+
+def forward(params, x):
+    W1, b1, W2, b2, W3 = params
+    h1 = torch.relu(x @ W1.transpose(-1, -2) + b1.unsqueeze(-2))
+    h2 = torch.relu(h1 @ W2.transpose(-1, -2) + b2.unsqueeze(-2))
+    return h2 @ W3.transpose(-1, -2), [h1, h2]
+
+
+@pytest.mark.parametrize("utility", ["contribution", "adaptable_contribution"])
+def test_stacked_seeds_equal_single_networks(utility):
+    S, seeds = 3, [11, 12, 13]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (6,), (5, 6), (5,), (2, 5)]
+    stacked = [
+        torch.randn(S, *s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes
+    ]
+    singles = [[p[s].detach().clone().requires_grad_() for p in stacked] for s in range(S)]
+    kw = dict(replacement_rate=0.05, maturity_threshold=4, decay_rate=0.9, utility=utility)
+
+    cbp_stacked = ContinualBackprop(stacked_layers(stacked, 1), None, seed=seeds, **kw)
+    cbp_single = [
+        ContinualBackprop(stacked_layers(singles[s], 0), None, seed=seeds[s], **kw)
+        for s in range(S)
+    ]
+    for _ in range(60):
+        x = torch.randn(S, 8, 4, generator=g, dtype=torch.float64)
+        y = torch.randn(S, 8, 2, generator=g, dtype=torch.float64)
+        for params, cbp, xs, ys in [(stacked, cbp_stacked, x, y)] + [
+            (singles[s], cbp_single[s], x[s], y[s]) for s in range(S)
+        ]:
+            out, hs = forward(params, xs)
+            loss = (out - ys).pow(2).sum()
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, gr in zip(params, grads):
+                    p -= 0.01 * gr
+            cbp.step([h.detach() for h in hs])
+    assert cbp_stacked.num_replaced > 5
+    for s in range(S):
+        assert cbp_single[s].num_replaced == cbp_stacked.num_replaced
+        for p_stacked, p_single in zip(stacked, singles[s]):
+            torch.testing.assert_close(p_stacked[s], p_single, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(replacement_rate=-0.1),
+        dict(replacement_rate=1.5),
+        dict(maturity_threshold=-1),
+        dict(decay_rate=1.0),
+        dict(utility="magic"),
+        dict(init="orthogonal"),
+    ],
+)
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        ContinualBackprop(mlp([2, 3, 1]), None, **kwargs)
+
+
+def test_state_dict_round_trip_continues_identically():
+    def run(split):
+        net = mlp([3, 8, 2], seed=4)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        cbp = ContinualBackprop(net, opt, replacement_rate=0.05, maturity_threshold=2, seed=7)
+        g = torch.Generator().manual_seed(9)
+        for t in range(40):
+            if t == split:
+                state = copy.deepcopy((net.state_dict(), opt.state_dict(), cbp.state_dict()))
+                net = mlp([3, 8, 2], seed=99)
+                opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+                cbp = ContinualBackprop(
+                    net, opt, replacement_rate=0.05, maturity_threshold=2, seed=0
+                )
+                net.load_state_dict(state[0])
+                opt.load_state_dict(state[1])
+                cbp.load_state_dict(state[2])
+            sgd_step(
+                net,
+                opt,
+                torch.randn(4, 3, generator=g, dtype=torch.float64),
+                torch.zeros(4, 2, dtype=torch.float64),
+            )
+            cbp.step()
+        return net, cbp
+
+    a, ca = run(split=-1)
+    b, cb = run(split=23)
+    assert ca.num_replaced == cb.num_replaced > 0
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
