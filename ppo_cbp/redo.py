@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ppo_cbp.cbp import make_generators, resolve_layers
+from ppo_cbp.metrics import DORMANT_SCORE_EPS
 from ppo_cbp.units import (
     StateTensors,
     UnitLayer,
@@ -38,7 +39,7 @@ from ppo_cbp.units import (
 def dormant_mask(layer: UnitLayer, h: Tensor, threshold: float) -> Tensor:
     """Units of ``layer`` whose tau-dormant score on activations ``h`` is <= ``threshold``."""
     mean_abs = layer.mean_abs(h)
-    score = mean_abs / (mean_abs.mean(dim=-1, keepdim=True) + 1e-9)
+    score = mean_abs / (mean_abs.mean(dim=-1, keepdim=True) + DORMANT_SCORE_EPS)
     return score <= threshold
 
 
