@@ -1,0 +1,1382 @@
+"""PPO with continual backprop on friction-changing MuJoCo: one flat, CleanRL-style file.
+
+Usage::
+
+    python ppo_cbp/train.py --env Ant-v4 --cbp --steps 100_000_000
+    python ppo_cbp/train.py --help                      # every option, with its docstring
+    python ppo_cbp/train.py --resume runs/<run_name>    # continue an interrupted run
+    tensorboard --logdir runs
+
+The defaults reproduce the PPO of Dohare et al., "Loss of plasticity in deep continual learning"
+(Nature, 2024), i.e. the official code's Ant configuration: one env; rollouts of 2048 steps;
+10 epochs x 16 minibatches of 128; Adam with learning rate 1e-4, eps 1e-8 and the tuned betas
+beta1 = beta2 = 0.99 over both networks at once; gamma 0.99; GAE lambda 0.95; clip 0.2; no
+entropy bonus; value loss ``mean((V(s) - R)^2)`` (unclipped) with coefficient 1; advantages
+normalised over the whole batch; no observation or reward normalisation; no gradient clipping;
+separate policy-mean and value MLPs with two hidden layers of 256 ReLU units, LeCun-uniform
+weights (output layers included) and zero biases; a state-independent log-std starting at 0.
+Friction changes as in the paper (see :mod:`envs.friction`): log-uniform on [0.02, 2.0], at the
+first episode boundary after every 2M steps.
+
+Two deliberate differences from the official code, both switchable:
+
+* ``--bootstrap-truncation`` (default on): at a time-limit truncation the GAE target bootstraps
+  from the value of the final observation. The paper's code, like old CleanRL, treats a
+  truncation as a termination; ``--no-bootstrap-truncation`` reproduces that.
+* CBP and ReDo zero the Adam moments of the entries they reset (``--reset-optimizer-state``,
+  the core's default); the paper's code used plain Adam and reset nothing
+  (``--no-reset-optimizer-state``).
+
+Method flags: ``--cbp`` (replacement rate 1e-4, maturity threshold 10,000, decay 0.99,
+contribution utility, applied to both networks after every minibatch step; weight decay 1e-4
+unless ``--weight-decay`` is given), ``--redo`` (tau 0.1, every 100 minibatch steps, weight decay
+1e-4 unless given), ``--l2`` (weight decay 1e-3), ``--shrink-perturb`` (weight decay 1e-4 unless
+given, plus Gaussian noise of std ``--noise-std``, default 1e-5, after every step),
+``--standard-adam`` (betas 0.9/0.999, the paper's failing baseline). Weight decay is Adam's
+coupled L2 (``torch.optim.Adam(weight_decay=...)``), as in the paper.
+
+Environments: ``Ant``, ``Hopper`` and ``Walker2d``, ``-v4`` or ``-v5`` (any gymnasium MuJoCo
+env of version >= 4 is accepted), each with its own default observation. Note that Ant-v5's
+default observation has 105 dims because it includes the contact forces, while Ant-v4's has 27
+(``use_contact_forces=False``); contact forces change with friction, so the two are different
+problems. The paper used gym's Ant-v3.
+
+Outputs go to ``runs/<run_name>/``: TensorBoard event files, ``config.json`` (the resolved
+settings) and ``checkpoint.pt``. Scalars: ``charts/episodic_return``, ``charts/episodic_length``,
+``charts/SPS`` (steps per second over the last update), ``charts/learning_rate``,
+``losses/{value_loss,policy_loss,entropy,approx_kl,clipfrac,explained_variance}`` (losses and
+KL/clip statistics are means over the update's minibatches), ``env/friction`` (env 0's current
+coefficient at the end of the rollout), ``perf/*`` (share of wall time per phase), and every
+``--metrics-every`` updates ``plasticity/{policy,value}/...`` (see :func:`plasticity_metrics`).
+
+Checkpoints are written atomically at update boundaries every ``--checkpoint-every`` steps, at
+the end, on SIGINT/SIGTERM and when a loss becomes NaN/Inf (then holding the last good state).
+They hold everything needed to continue exactly: on CPU an interrupted and resumed run produces
+the same weights and metrics as an uninterrupted one. The environments' mid-episode state is
+restored by replaying the current episode from its reset (same seed or generator state, same
+friction state, same actions), which reproduces MuJoCo's state bit for bit including the solver
+warm start; the replayed observation is checked against the saved one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from envs import FrictionChange  # noqa: E402
+from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
+from ppo_cbp.init import init_linear_  # noqa: E402
+from ppo_cbp.metrics import (  # noqa: E402
+    WeightChangeTracker,
+    dead_unit_mask,
+    dormant_scores,
+    feature_rank_metrics,
+    weight_magnitudes,
+)
+from ppo_cbp.redo import ReDo  # noqa: E402
+from ppo_cbp.shrink_perturb import perturb_  # noqa: E402
+from ppo_cbp.units import hidden_activations  # noqa: E402
+
+__all__ = ["Args", "ConfigError", "NonFiniteLossError", "TrainResult", "compute_gae", "main"]
+
+TESTED_ENVS = tuple(f"{name}-v{v}" for name in ("Ant", "Hopper", "Walker2d") for v in (4, 5))
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass
+class Args:
+    """PPO (+ continual backprop, ReDo, L2, Shrink & Perturb) on friction-changing MuJoCo."""
+
+    # ---- experiment
+    env: str = "Ant-v4"
+    """Environment id: Ant, Hopper or Walker2d, -v4 or -v5 (any gymnasium MuJoCo id of version
+    >= 4 works). Ant-v5's default observation (105 dims) includes contact forces, Ant-v4's (27)
+    does not."""
+    steps: int = 100_000_000
+    """Total environment steps (over all envs). Training stops at the first update boundary at or
+    after this many steps."""
+    seed: int = 1
+    """Seed of everything: network init, action noise, minibatch order, CBP/ReDo draws, the
+    friction sequence; env i is reset with seed + i."""
+    num_envs: int = 1
+    """Parallel environments (gymnasium AsyncVectorEnv, one process each, when > 1). The rollout
+    has num_steps steps per env."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the networks live: auto = cuda if available, else cpu."""
+    threads: int = 1
+    """torch.set_num_threads for this process. 1 is fastest for these small networks and lets
+    runs share a machine."""
+    run_name: str | None = None
+    """Run directory name under runs_dir; default <env>__<method>__s<seed>__<unix time>."""
+    runs_dir: str = "runs"
+    """Parent directory of run directories."""
+    resume: str | None = None
+    """Continue the run in this directory (runs/<run_name>) from its checkpoint. Settings not
+    given on the command line are taken from the checkpoint; given ones must match it, except
+    steps, checkpoint_every, metrics_every, device, threads and progress."""
+    checkpoint_every: int = 1_000_000
+    """Write a checkpoint at the first update boundary after every this many steps (0: only at the
+    end, on SIGINT/SIGTERM and on a non-finite loss)."""
+    metrics_every: int = 10
+    """Log the plasticity metrics every this many updates (0: never)."""
+    progress: bool = True
+    """Show a progress bar (steps, SPS, latest return, friction)."""
+
+    # ---- PPO
+    num_steps: int = 2048
+    """Rollout length per env between updates."""
+    num_minibatches: int = 16
+    """Minibatches per epoch; must divide num_steps * num_envs."""
+    update_epochs: int = 10
+    """Passes over the rollout per update."""
+    learning_rate: float = 1e-4
+    """Adam step size."""
+    anneal_lr: bool = False
+    """Decay the learning rate linearly to 0 over the run (CleanRL's option; off in the paper)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_coef: float = 0.2
+    """PPO ratio clipping epsilon."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient (0 in the paper)."""
+    vf_coef: float = 1.0
+    """Coefficient of the value loss mean((V - R)^2) (1 in the paper; CleanRL's 0.5 * 0.5 would be
+    0.25 here)."""
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this value; None (default, the paper): no clipping."""
+    norm_adv: bool = True
+    """Normalise advantages to mean 0, std 1 over the whole batch (the paper's code)."""
+    bootstrap_truncation: bool = True
+    """Bootstrap from V(final observation) at time-limit truncations. --no-bootstrap-truncation
+    treats truncations as terminations, as the paper's code did."""
+    clip_actions: bool = False
+    """Clip actions to the action space before stepping the env (CleanRL's ClipAction). Off, as in
+    the paper: MuJoCo clamps the controls, but the control cost sees the raw Gaussian sample."""
+    normalize_obs: bool = False
+    """Normalise observations with a running mean/std (clipped to +-10), checkpointed."""
+    normalize_reward: bool = False
+    """Scale rewards by the running std of the discounted return (clipped to +-10), checkpointed."""
+
+    # ---- networks and optimizer
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """Widths of the hidden ReLU layers of both the policy-mean and the value network."""
+    init: Literal[
+        "lecun_uniform",
+        "kaiming_uniform",
+        "kaiming_normal",
+        "lecun_normal",
+        "xavier_uniform",
+        "torch_default",
+    ] = "lecun_uniform"
+    """Weight init of every layer (output layers too); biases start at 0. CBP/ReDo redraw
+    replaced units from the same distribution."""
+    log_std_init: float = 0.0
+    """Initial value of the state-independent log standard deviation of the policy."""
+    adam_beta1: float | None = None
+    """Adam beta1; default 0.99 (the paper's tuned Adam), 0.9 with --standard-adam."""
+    adam_beta2: float | None = None
+    """Adam beta2; default 0.99 (the paper's tuned Adam), 0.999 with --standard-adam."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float | None = None
+    """Adam's coupled L2 weight decay. Default 0, or 1e-4 with --cbp/--redo/--shrink-perturb,
+    1e-3 with --l2."""
+
+    # ---- methods
+    cbp: bool = False
+    """Continual backprop on both networks after every minibatch step (implies weight decay 1e-4
+    unless given)."""
+    replacement_rate: float = 1e-4
+    """CBP: fraction of eligible units replaced per step, in [0, 1]."""
+    maturity_threshold: int = 10_000
+    """CBP: a unit can be replaced once it is older than this many steps."""
+    decay_rate: float = 0.99
+    """CBP: decay of the running utility, in [0, 1) (0 = instantaneous utility)."""
+    utility: Literal["contribution", "adaptable_contribution"] = "contribution"
+    """CBP: utility measure (the paper's PPO uses contribution)."""
+    redo: bool = False
+    """ReDo on both networks (implies weight decay 1e-4 unless given)."""
+    redo_threshold: float = 0.1
+    """ReDo: tau; units with tau-dormant score <= tau are reset."""
+    redo_period: int = 100
+    """ReDo: reset dormant units every this many minibatch steps."""
+    reset_optimizer_state: bool = True
+    """CBP/ReDo: zero the Adam moments of reset entries (the paper's code did not)."""
+    l2: bool = False
+    """The paper's L2 baseline: weight decay 1e-3."""
+    shrink_perturb: bool = False
+    """Shrink & Perturb: weight decay (default 1e-4) plus N(0, noise_std^2) noise added to every
+    network weight and bias after each optimizer step."""
+    noise_std: float | None = None
+    """Shrink & Perturb noise std; default 1e-5."""
+    standard_adam: bool = False
+    """Standard Adam betas (0.9, 0.999): the paper's failing baseline."""
+
+    # ---- friction
+    friction_every: int = 2_000_000
+    """Change friction after every this many total steps (0: the standard, stationary env)."""
+    friction_low: float = 0.02
+    """Lower end of the log-uniform friction range."""
+    friction_high: float = 2.0
+    """Upper end of the log-uniform friction range."""
+    friction_at_episode_boundary: bool = True
+    """Change at the first episode boundary once due (the paper); off: exactly at the step."""
+    friction_start_default: bool = False
+    """Run the first segment with the model's default friction instead of the first sample."""
+
+
+class ConfigError(ValueError):
+    """Bad settings, found before any work starts."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/Inf; the last good state was checkpointed."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`main` returns."""
+
+    run_dir: Path
+    global_step: int
+    updates: int
+    interrupted_by: int | None = None
+    """Signal number when stopped by SIGINT/SIGTERM, else None."""
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Wall-time seconds spent in env, acting, update, cbp (CBP/ReDo/S&P steps; part of update),
+    metrics, checkpoint and total, in this process."""
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+# ------------------------------------------------------------------------------------------------
+
+_DEFAULTS = Args()
+# Fields that may differ from the checkpoint when resuming: they do not change the training.
+# (steps only without --anneal-lr, whose schedule depends on it.)
+_RESUME_FREE = {"steps", "checkpoint_every", "metrics_every", "device", "threads", "progress"}
+_RESUME_IGNORED = {"resume", "run_name", "runs_dir"}
+_CBP_FIELDS = ("replacement_rate", "maturity_threshold", "decay_rate", "utility")
+_REDO_FIELDS = ("redo_threshold", "redo_period")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_env_id(env_id: str) -> None:
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error:
+        spec = None
+    entry = str(getattr(spec, "entry_point", ""))
+    if spec is None or "envs.mujoco" not in entry or (spec.version or 0) < 4:
+        raise ConfigError(
+            f"unknown env id {env_id!r}: expected one of {', '.join(TESTED_ENVS)} "
+            "(or another gymnasium MuJoCo env of version >= 4)"
+        )
+
+
+def resolve_args(args: Args) -> Args:
+    """Validate ``args`` and return a copy with the presets applied (no ``None`` left).
+
+    :raises ConfigError: naming the bad value or the conflicting flags.
+    """
+    a = args
+    _check_env_id(a.env)
+    if a.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {a.seed}")
+    positive = ("steps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
+    for name in positive:
+        if getattr(a, name) <= 0:
+            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(a, name)}")
+    for name in ("checkpoint_every", "metrics_every", "friction_every", "maturity_threshold"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+    if a.redo_period <= 0:
+        raise ConfigError(f"--redo-period must be positive, got {a.redo_period}")
+    rates = ["replacement_rate", "decay_rate", "gamma", "gae_lambda", "clip_coef"]
+    rates += [n for n in ("adam_beta1", "adam_beta2") if getattr(a, n) is not None]
+    for name in rates:
+        value = getattr(a, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {value}")
+    for name in ("adam_beta1", "adam_beta2", "decay_rate"):
+        if getattr(a, name) is not None and getattr(a, name) >= 1.0:
+            raise ConfigError(f"{_flag(name)} must be < 1, got {getattr(a, name)}")
+    if not a.learning_rate > 0 or not math.isfinite(a.learning_rate):
+        raise ConfigError(f"--learning-rate must be positive, got {a.learning_rate}")
+    nonneg = ["adam_eps", "ent_coef", "vf_coef", "redo_threshold"]
+    nonneg += [
+        n for n in ("weight_decay", "noise_std", "max_grad_norm") if getattr(a, n) is not None
+    ]
+    for name in nonneg:
+        if not getattr(a, name) >= 0.0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+    if not 0.0 < a.friction_low <= a.friction_high:
+        raise ConfigError(
+            f"need 0 < --friction-low <= --friction-high, got {a.friction_low}, {a.friction_high}"
+        )
+    if not a.hidden_sizes or min(a.hidden_sizes) <= 0:
+        raise ConfigError(f"--hidden-sizes must be positive widths, got {a.hidden_sizes}")
+    batch = a.num_steps * a.num_envs
+    if batch % a.num_minibatches:
+        raise ConfigError(
+            f"--num-minibatches {a.num_minibatches} does not divide the batch of "
+            f"num_steps * num_envs = {batch}"
+        )
+
+    # conflicts
+    if a.cbp and a.redo:
+        raise ConfigError("--cbp and --redo conflict: choose one unit-reset method")
+    if a.standard_adam and (a.adam_beta1 is not None or a.adam_beta2 is not None):
+        raise ConfigError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
+    if a.l2 and a.weight_decay is not None:
+        raise ConfigError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
+    if a.noise_std is not None and not a.shrink_perturb:
+        raise ConfigError("--noise-std only applies with --shrink-perturb")
+    for method, fields in (("cbp", _CBP_FIELDS), ("redo", _REDO_FIELDS)):
+        if not getattr(a, method):
+            for name in fields:
+                if getattr(a, name) != getattr(_DEFAULTS, name):
+                    raise ConfigError(f"{_flag(name)} only applies with {_flag(method)}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA GPU is available")
+
+    if a.weight_decay is not None:
+        weight_decay = a.weight_decay
+    elif a.l2:
+        weight_decay = 1e-3
+    elif a.cbp or a.redo or a.shrink_perturb:
+        weight_decay = 1e-4
+    else:
+        weight_decay = 0.0
+    betas = (0.9, 0.999) if a.standard_adam else (0.99, 0.99)
+    return dataclasses.replace(
+        a,
+        adam_beta1=betas[0] if a.adam_beta1 is None else a.adam_beta1,
+        adam_beta2=betas[1] if a.adam_beta2 is None else a.adam_beta2,
+        weight_decay=weight_decay,
+        noise_std=(1e-5 if a.noise_std is None else a.noise_std) if a.shrink_perturb else 0.0,
+    )
+
+
+def _method_tag(a: Args) -> str:
+    tags = [t for t, on in (("cbp", a.cbp), ("redo", a.redo), ("l2", a.l2)) if on]
+    tags += ["snp"] if a.shrink_perturb else []
+    tags += ["stdadam"] if a.standard_adam else []
+    return "+".join(tags) or "ppo"
+
+
+def _args_dict(a: Args) -> dict[str, Any]:
+    d = dataclasses.asdict(a)
+    d["hidden_sizes"] = list(a.hidden_sizes)
+    return d
+
+
+def _args_from_dict(d: dict[str, Any]) -> Args:
+    d = dict(d)
+    d["hidden_sizes"] = tuple(d["hidden_sizes"])
+    return Args(**d)
+
+
+def _merge_resume(args: Args, saved: Args) -> Args:
+    """Settings for a resumed run: the checkpoint's, with the command line's where it is given."""
+    merged: dict[str, Any] = {}
+    conflicts = []
+    for f in dataclasses.fields(Args):
+        name, now, then = f.name, getattr(args, f.name), getattr(saved, f.name)
+        default = getattr(_DEFAULTS, name)
+        if name in _RESUME_IGNORED:
+            merged[name] = now
+        elif now == default or now == then:
+            merged[name] = then
+        elif name in _RESUME_FREE and not (name == "steps" and saved.anneal_lr):
+            merged[name] = now
+        else:
+            conflicts.append(f"{name} (checkpoint {then!r}, now {now!r})")
+    if conflicts:
+        raise ConfigError(
+            f"the checkpoint in {args.resume} was written with different settings: "
+            + "; ".join(conflicts)
+        )
+    return Args(**merged)
+
+
+# ------------------------------------------------------------------------------------------------
+# GAE
+# ------------------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    next_values: np.ndarray,
+    terminations: np.ndarray,
+    truncations: np.ndarray,
+    gamma: float,
+    gae_lambda: float,
+    bootstrap_truncation: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimates and value targets for a rollout ``[T, N]``, in float64.
+
+    With ``d_t = terminated_t or truncated_t`` (the episode ends at step t) and ``s'_t`` the true
+    next state of step t (the final observation when the episode ended there, else ``s_{t+1}``),
+    ``next_values[t] = V(s'_t)``. The bootstrap is cut at terminations, and also at truncations
+    when ``bootstrap_truncation`` is False (the paper's code):
+
+        b_t      = terminated_t                 if bootstrap_truncation else d_t
+        delta_t  = r_t + gamma * (1 - b_t) * V(s'_t) - V(s_t)
+        A_t      = delta_t + gamma * lambda * (1 - d_t) * A_{t+1},   A_T = 0
+        R_t      = A_t + V(s_t)
+
+    The last step of the rollout bootstraps through ``delta`` from ``next_values[T-1]`` (the
+    value of the observation after the rollout).
+
+    :param rewards, values, next_values: float arrays ``[T, N]``.
+    :param terminations, truncations: bool arrays ``[T, N]``.
+    :return: ``(advantages, returns)``, float64 arrays ``[T, N]``.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    next_values = np.asarray(next_values, dtype=np.float64)
+    terminations = np.asarray(terminations, dtype=bool)
+    truncations = np.asarray(truncations, dtype=bool)
+    if not (
+        rewards.shape
+        == values.shape
+        == next_values.shape
+        == terminations.shape
+        == truncations.shape
+    ):
+        raise ValueError(
+            "rewards, values, next_values, terminations, truncations need one shape [T, N]"
+        )
+    ends = terminations | truncations
+    cut = terminations if bootstrap_truncation else ends
+    deltas = rewards + gamma * np.where(cut, 0.0, next_values) - values
+    carries = np.where(ends, 0.0, gamma * gae_lambda)
+    advantages = np.empty_like(deltas)
+    # Python floats (IEEE doubles, as numpy's) beat a numpy op per step for these short columns.
+    for n in range(deltas.shape[1]):
+        column = deltas[:, n].tolist()
+        carry = carries[:, n].tolist()
+        out = [0.0] * len(column)
+        acc = 0.0
+        for t in range(len(column) - 1, -1, -1):
+            acc = column[t] + carry[t] * acc
+            out[t] = acc
+        advantages[:, n] = out
+    return advantages, advantages + values
+
+
+# ------------------------------------------------------------------------------------------------
+# running statistics for optional normalisation
+# ------------------------------------------------------------------------------------------------
+
+
+class RunningMeanStd:
+    """Running mean and (population) variance of samples, in float64 (Chan et al.'s update).
+
+    Starts from mean 0, variance 1 and a pseudo-count ``epsilon``, like gymnasium's.
+    """
+
+    def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-4):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = epsilon
+
+    def update(self, x: np.ndarray) -> None:
+        """Add a batch ``[n, *shape]`` of samples."""
+        batch_mean, batch_var, n = x.mean(axis=0), x.var(axis=0), x.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.var = m2 / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mean": torch.from_numpy(self.mean.copy()),
+            "var": torch.from_numpy(self.var.copy()),
+            "count": float(self.count),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean = state["mean"].numpy().astype(np.float64)
+        self.var = state["var"].numpy().astype(np.float64)
+        self.count = float(state["count"])
+
+
+# ------------------------------------------------------------------------------------------------
+# environments
+# ------------------------------------------------------------------------------------------------
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    state = rng.bit_generator.state
+    return {
+        k: ({kk: int(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
+        for k, v in state.items()
+    }
+
+
+class CheckpointableEnv(gym.Wrapper):
+    """Records what is needed to rebuild the current episode bit for bit: replay.
+
+    At each ``reset`` it stores the seed, the env's generator state and the friction wrapper's
+    state from just before the reset; at each ``step`` the action. :meth:`restore_state` redoes
+    the reset and replays the actions, which reproduces MuJoCo's full state (including the
+    derived quantities and the solver's warm start that ``qpos``/``qvel`` alone would miss), the
+    time limit's step counter and the friction schedule. The replayed observation is compared
+    with the saved one.
+    """
+
+    def __init__(self, env: gym.Env, index: int):
+        super().__init__(env)
+        self.index = index
+        self._friction: FrictionChange | None = None
+        e = env
+        while isinstance(e, gym.Wrapper):
+            if isinstance(e, FrictionChange):
+                self._friction = e
+                break
+            e = e.env
+        self._episode: dict[str, Any] | None = None
+        self._actions: list[np.ndarray] = []
+        self._last_obs: np.ndarray | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        rng = self.unwrapped._np_random
+        self._episode = {
+            "seed": seed,
+            "rng": None if rng is None else _rng_state(rng),
+            "friction": None if self._friction is None else self._friction.state_dict(),
+        }
+        self._actions = []
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._last_obs = obs
+        return obs, info
+
+    def step(self, action):
+        self._actions.append(np.array(action, copy=True))
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._last_obs = obs
+        return obs, reward, terminated, truncated, info
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The current episode's reset inputs, actions and last observation (torch-loadable)."""
+        if self._episode is None or self._last_obs is None:
+            raise RuntimeError("the env has not been reset yet")
+        shape = (0, *self.action_space.shape)
+        actions = np.stack(self._actions) if self._actions else np.zeros(shape, np.float32)
+        return {
+            "episode": self._episode,
+            "actions": torch.from_numpy(actions),
+            "obs": torch.from_numpy(np.array(self._last_obs, copy=True)),
+        }
+
+    def restore_state(self, states: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Rebuild the episode saved in ``states[self.index]``; returns its last observation."""
+        state = states[self.index]
+        episode = state["episode"]
+        if self._friction is not None:
+            self._friction.load_state_dict(episode["friction"])
+        if episode["rng"] is not None:
+            rng = np.random.Generator(np.random.PCG64())
+            rng.bit_generator.state = episode["rng"]
+            self.unwrapped.np_random = rng
+        obs, _ = self.reset(seed=episode["seed"])
+        for action in state["actions"].numpy():
+            obs, _, terminated, truncated, _ = self.step(action)
+            if terminated or truncated:
+                raise RuntimeError(f"env {self.index}: the replayed episode ended early")
+        saved = state["obs"].numpy()
+        if obs.shape != saved.shape or not np.array_equal(obs, saved):
+            raise RuntimeError(
+                f"env {self.index}: replaying the saved episode did not reproduce its observation "
+                "(different MuJoCo/gymnasium version?)"
+            )
+        return obs
+
+
+def _make_env_fn(a: Args, index: int) -> Callable[[], CheckpointableEnv]:
+    def thunk() -> CheckpointableEnv:
+        if multiprocessing.parent_process() is not None:
+            # Workers ignore Ctrl-C: the trainer checkpoints and then closes them.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is out of date.*")
+            env = gym.make(a.env)
+        if a.friction_every > 0:
+            env = FrictionChange(
+                env,
+                every=a.friction_every,
+                low=a.friction_low,
+                high=a.friction_high,
+                seed=a.seed,
+                at_episode_boundary=a.friction_at_episode_boundary,
+                start_with_default=a.friction_start_default,
+                steps_per_step=a.num_envs,
+            )
+        return CheckpointableEnv(env, index)
+
+    return thunk
+
+
+StepResult = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]
+
+
+class SingleEnv:
+    """One env in this process, with the vector-env interface the trainer needs (no overhead)."""
+
+    def __init__(self, fn: Callable[[], CheckpointableEnv]):
+        self.env = fn()
+        self.num_envs = 1
+        self.single_observation_space = self.env.observation_space
+        self.single_action_space = self.env.action_space
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        return self.env.reset(seed=seeds[0])[0][None]
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        obs, reward, terminated, truncated, _ = self.env.step(actions[0])
+        finals = []
+        if terminated or truncated:
+            finals.append((0, obs))
+            obs, _ = self.env.reset()
+        return obs[None], np.array([reward]), np.array([terminated]), np.array([truncated]), finals
+
+    def call(self, name: str, *args: Any) -> tuple[Any, ...]:
+        attr = self.env.get_wrapper_attr(name)
+        return (attr(*args) if callable(attr) else attr,)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class AsyncEnvs:
+    """gymnasium's AsyncVectorEnv with same-step autoreset (final observations in the info)."""
+
+    def __init__(self, fns: list[Callable[[], CheckpointableEnv]]):
+        self.vec = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.num_envs = len(fns)
+        self.single_observation_space = self.vec.single_observation_space
+        self.single_action_space = self.vec.single_action_space
+
+    def reset(self, seeds: list[int]) -> np.ndarray:
+        return self.vec.reset(seed=seeds)[0]
+
+    def step(self, actions: np.ndarray) -> StepResult:
+        obs, reward, terminated, truncated, info = self.vec.step(actions)
+        finals = []
+        if "_final_obs" in info:
+            finals = [(int(i), info["final_obs"][i]) for i in np.flatnonzero(info["_final_obs"])]
+        return obs, reward, terminated, truncated, finals
+
+    def call(self, name: str, *args: Any) -> tuple[Any, ...]:
+        return self.vec.call(name, *args)
+
+    def close(self) -> None:
+        self.vec.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# networks
+# ------------------------------------------------------------------------------------------------
+
+
+def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, init: str) -> nn.Sequential:
+    """``Linear, ReLU, ..., Linear`` with every layer from ``init`` and zero biases."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    net = nn.Sequential(*layers)
+    for m in net:
+        if isinstance(m, nn.Linear):
+            init_linear_(m, init, "relu")
+    return net
+
+
+def _linear_layers(net: nn.Sequential) -> list[tuple[Tensor, Tensor]]:
+    """(transposed weight view, bias) per Linear layer; views follow in-place weight updates."""
+    return [(m.weight.t(), m.bias) for m in net if isinstance(m, nn.Linear)]
+
+
+def _train_forward(layers: list[nn.Linear], x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The MLP's output and its hidden activations (detached, for CBP/ReDo), without hooks."""
+    hidden = []
+    for m in layers[:-1]:
+        x = F.linear(x, m.weight, m.bias).relu_()
+        hidden.append(x.detach())
+    return F.linear(x, layers[-1].weight, layers[-1].bias), hidden
+
+
+def _act_forward(layers: list[tuple[Tensor, Tensor]], x: Tensor) -> Tensor:
+    """The MLP's forward without module calls or hooks (the acting hot path)."""
+    for wt, b in layers[:-1]:
+        x = torch.addmm(b, x, wt).relu_()
+    wt, b = layers[-1]
+    return torch.addmm(b, x, wt)
+
+
+@torch.no_grad()
+def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
+    """Plasticity metrics of ``net`` on ``states`` (the last rollout's observations).
+
+    * ``dead_units``: fraction of all hidden units (all layers together) active (> 0) on at
+      most 1% of the states (the paper's RL definition);
+    * ``dormant_ratio``: fraction of all hidden units whose tau-dormant score (ReDo, per layer)
+      is <= 0.1;
+    * ``effective_rank``, ``stable_rank``: of the last hidden layer's ``[states, units]``
+      activation matrix (stable rank: singular values holding 99% of their sum);
+    * ``weight_magnitude/layer{i}`` (mean |W| of Linear layer i, output layer included) and
+      ``weight_magnitude/overall`` (sum |W| / number of weights; biases excluded).
+
+    All values are device tensors; the caller synchronises once.
+    """
+    acts = hidden_activations(net, states)
+    units = sum(h.shape[1] for h in acts)
+    dead = sum(dead_unit_mask(h, 0.01).sum() for h in acts) / units
+    dormant = sum((dormant_scores(h) <= 0.1).sum() for h in acts) / units
+    ranks = feature_rank_metrics(acts[-1])
+    out = {
+        "dead_units": dead,
+        "dormant_ratio": dormant,
+        "effective_rank": ranks["effective_rank"],
+        "stable_rank": ranks["stable_rank"],
+    }
+    mags = weight_magnitudes(net)
+    for i, key in enumerate(k for k in mags if k != "overall"):
+        out[f"weight_magnitude/layer{i}"] = mags[key]
+    out["weight_magnitude/overall"] = mags["overall"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def _clone(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists/tuples, cloning tensors (state snapshots)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_clone(v) for v in obj)
+    return obj
+
+
+def _rng_states(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {
+            "kind": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+
+
+def _set_rng_states(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync,
+    then ``os.replace`` (a crash leaves either the old or the new checkpoint, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (it can never execute code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _find_checkpoint(resume: str) -> Path:
+    p = Path(resume)
+    if not p.exists():
+        raise ConfigError(f"resume path {resume} does not exist")
+    path = p if p.is_file() else p / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint to resume from: {path} does not exist")
+    return path
+
+
+class _StopSignal:
+    """SIGINT/SIGTERM set a flag checked at update boundaries; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name} received: stopping at the end of this update (SIGINT again: abort)",
+            file=sys.stderr,
+        )
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> TrainResult:
+    """Train PPO as configured by ``args``; see the module docstring.
+
+    :raises ConfigError: for bad settings, before any work.
+    :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    # ---------------- settings (all checks before any work)
+    raw = args
+    ckpt: dict[str, Any] | None = None
+    if raw.resume is not None:
+        ckpt_path = _find_checkpoint(raw.resume)
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(
+                f"{ckpt_path} is not a checkpoint of this trainer (format {ckpt.get('format')})"
+            )
+        raw = _merge_resume(raw, _args_from_dict(ckpt["args"]))
+        run_dir = ckpt_path.parent
+    a = resolve_args(raw)
+    if ckpt is None:
+        run_name = a.run_name or f"{a.env}__{_method_tag(a)}__s{a.seed}__{int(time.time())}"
+        run_dir = Path(a.runs_dir) / run_name
+        if (run_dir / CHECKPOINT_NAME).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
+            )
+    device = torch.device(
+        "cuda"
+        if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    on_cpu = device.type == "cpu"
+    torch.set_num_threads(a.threads)
+
+    # ---------------- seeding
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    seeds = np.random.SeedSequence(a.seed).generate_state(4, dtype=np.uint64).tolist()
+    gen = torch.Generator(device=device).manual_seed(seeds[0] % 2**63)  # noise, minibatches
+    perturb_gen = torch.Generator(device=device).manual_seed(seeds[1] % 2**63)
+    generators = {"main": gen, "perturb": perturb_gen}
+
+    # ---------------- environments
+    fns = [_make_env_fn(a, i) for i in range(a.num_envs)]
+    envs: SingleEnv | AsyncEnvs = SingleEnv(fns[0]) if a.num_envs == 1 else AsyncEnvs(fns)
+    writer = None
+    try:
+        obs_space, act_space = envs.single_observation_space, envs.single_action_space
+        if not isinstance(act_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+            raise ConfigError(f"{a.env}: need a flat Box observation and a Box action space")
+        obs_dim, act_dim = int(obs_space.shape[0]), int(act_space.shape[0])
+        N, T = a.num_envs, a.num_steps
+        B = N * T
+        minibatch = B // a.num_minibatches
+        num_updates = -(-a.steps // B)
+
+        # ---------------- agent
+        actor = make_mlp(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
+        critic = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
+        log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
+        net_params = list(actor.parameters()) + list(critic.parameters())
+        optimizer = torch.optim.Adam(
+            [*actor.parameters(), log_std, *critic.parameters()],
+            lr=a.learning_rate,
+            betas=(a.adam_beta1, a.adam_beta2),
+            eps=a.adam_eps,
+            weight_decay=a.weight_decay,
+            fused=True,
+        )
+        resetters: dict[str, ContinualBackprop | ReDo] = {}
+        for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
+            if a.cbp:
+                resetters[name] = ContinualBackprop(
+                    net,
+                    optimizer,
+                    replacement_rate=a.replacement_rate,
+                    maturity_threshold=a.maturity_threshold,
+                    decay_rate=a.decay_rate,
+                    utility=a.utility,
+                    init=a.init,
+                    reset_optimizer_state=a.reset_optimizer_state,
+                    seed=int(seeds[2 + k] % 2**63),
+                )
+            elif a.redo:
+                resetters[name] = ReDo(
+                    net,
+                    optimizer,
+                    threshold=a.redo_threshold,
+                    period=a.redo_period,
+                    init=a.init,
+                    reset_optimizer_state=a.reset_optimizer_state,
+                    seed=int(seeds[2 + k] % 2**63),
+                )
+        for r in resetters.values():
+            # The update passes each minibatch's activations explicitly: no hooks on the hot path.
+            r.remove_hooks()
+        trackers = {"policy": WeightChangeTracker(actor), "value": WeightChangeTracker(critic)}
+        obs_rms = RunningMeanStd((obs_dim,)) if a.normalize_obs else None
+        ret_rms = RunningMeanStd(()) if a.normalize_reward else None
+        discounted = np.zeros(N, np.float64)
+
+        # ---------------- state that checkpoints carry
+        global_step, update = 0, 0
+        episode_return = np.zeros(N, np.float64)
+        episode_length = np.zeros(N, np.int64)
+        max_change = torch.zeros(2, dtype=torch.float64, device=device)
+        latest_return = math.nan
+
+        def normalize_obs(o: np.ndarray, update_stats: bool) -> np.ndarray:
+            if obs_rms is None:
+                return o
+            if update_stats:
+                obs_rms.update(o)
+            return np.clip((o - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -10.0, 10.0)
+
+        if ckpt is None:
+            next_obs = normalize_obs(envs.reset([a.seed + i for i in range(N)]), True).astype(
+                np.float32
+            )
+        else:
+            actor.load_state_dict(ckpt["actor"])
+            critic.load_state_dict(ckpt["critic"])
+            with torch.no_grad():
+                log_std.copy_(ckpt["log_std"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            for name, r in resetters.items():
+                r.load_state_dict(ckpt["resetters"][name])
+            if obs_rms is not None:
+                obs_rms.load_state_dict(ckpt["obs_rms"])
+            if ret_rms is not None:
+                ret_rms.load_state_dict(ckpt["ret_rms"])
+            discounted = ckpt["discounted"].numpy().copy()
+            global_step, update = int(ckpt["global_step"]), int(ckpt["update"])
+            episode_return = ckpt["episode_return"].numpy().copy()
+            episode_length = ckpt["episode_length"].numpy().copy()
+            max_change = ckpt["max_change"].to(device)
+            latest_return = float(ckpt["latest_return"])
+            envs.call("restore_state", ckpt["envs"])
+            next_obs = ckpt["next_obs"].numpy().copy()
+            _set_rng_states(ckpt["rng"], generators)
+
+        def snapshot() -> dict[str, Any]:
+            """The full training state at this update boundary (cloned, device tensors)."""
+            return _clone(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "args": _args_dict(raw),
+                    "resolved": _args_dict(a),
+                    "global_step": global_step,
+                    "update": update,
+                    "actor": actor.state_dict(),
+                    "critic": critic.state_dict(),
+                    "log_std": log_std.detach(),
+                    "optimizer": optimizer.state_dict(),
+                    "resetters": {k: r.state_dict() for k, r in resetters.items()},
+                    "obs_rms": None if obs_rms is None else obs_rms.state_dict(),
+                    "ret_rms": None if ret_rms is None else ret_rms.state_dict(),
+                    "discounted": torch.from_numpy(discounted.copy()),
+                    "episode_return": torch.from_numpy(episode_return.copy()),
+                    "episode_length": torch.from_numpy(episode_length.copy()),
+                    "max_change": max_change,
+                    "latest_return": latest_return,
+                    "next_obs": torch.from_numpy(next_obs.copy()),
+                    "envs": list(envs.call("checkpoint_state")),
+                    "rng": _rng_states(generators),
+                }
+            )
+
+        # ---------------- logging
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_file = run_dir / CHECKPOINT_NAME
+        # On resume, events after the checkpoint (logged before the interruption) are purged.
+        writer = SummaryWriter(
+            str(run_dir), purge_step=global_step + 1 if ckpt is not None else None
+        )
+        if ckpt is None:
+            resolved = _args_dict(a)
+            (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+            table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
+
+        # ---------------- buffers
+        obs_np = np.zeros((T, N, obs_dim), np.float32)
+        act_np = np.zeros((T, N, act_dim), np.float32)
+        rew_np = np.zeros((T, N), np.float64)
+        term_np = np.zeros((T, N), bool)
+        trunc_np = np.zeros((T, N), bool)
+        obs_host, act_host = torch.from_numpy(obs_np), torch.from_numpy(act_np)
+        actor_layers = _linear_layers(actor)
+        actor_linears = [m for m in actor if isinstance(m, nn.Linear)]
+        critic_linears = [m for m in critic if isinstance(m, nn.Linear)]
+        act_low, act_high = act_space.low, act_space.high
+        params = [*actor.parameters(), log_std, *critic.parameters()]
+
+        timings = dict.fromkeys(("env", "acting", "update", "cbp", "metrics", "checkpoint"), 0.0)
+        t_start = time.perf_counter()
+        good = snapshot()
+        last_ckpt_step = global_step
+        bar = tqdm(
+            total=a.steps,
+            initial=global_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not a.progress,
+        )
+        with _StopSignal() as stop:
+            while global_step < a.steps and stop.signum is None:
+                update += 1
+                t_iter = time.perf_counter()
+                if a.anneal_lr:
+                    frac = 1.0 - (update - 1.0) / num_updates
+                    optimizer.param_groups[0]["lr"] = frac * a.learning_rate
+                lr = optimizer.param_groups[0]["lr"]
+
+                # ---------------- rollout
+                step0 = global_step
+                finals: list[tuple[int, int, np.ndarray]] = []
+                episodes: list[tuple[int, float, int]] = []
+                env_time = 0.0
+                with torch.inference_mode():
+                    noise = torch.randn((T, N, act_dim), generator=gen, device=device)
+                    std = log_std.exp()
+                    for t in range(T):
+                        obs_np[t] = next_obs
+                        if on_cpu:
+                            torch.addcmul(
+                                _act_forward(actor_layers, obs_host[t]),
+                                std,
+                                noise[t],
+                                out=act_host[t],
+                            )
+                        else:
+                            x = obs_host[t].to(device)
+                            act_host[t].copy_(
+                                torch.addcmul(_act_forward(actor_layers, x), std, noise[t])
+                            )
+                        action = act_np[t]
+                        if a.clip_actions:
+                            action = np.clip(action, act_low, act_high)
+                        t_env = time.perf_counter()
+                        raw_obs, reward, terminated, truncated, final = envs.step(action)
+                        env_time += time.perf_counter() - t_env
+                        term_np[t] = terminated
+                        trunc_np[t] = truncated
+                        episode_return += reward
+                        episode_length += 1
+                        if ret_rms is not None:
+                            discounted = discounted * a.gamma + reward
+                            ret_rms.update(discounted)
+                            reward = np.clip(reward / np.sqrt(ret_rms.var + 1e-8), -10.0, 10.0)
+                        rew_np[t] = reward
+                        if final:
+                            for i, fo in final:
+                                if truncated[i] and not terminated[i]:
+                                    finals.append((t, i, normalize_obs(fo[None], False)[0]))
+                                r_i, l_i = float(episode_return[i]), int(episode_length[i])
+                                episodes.append((step0 + (t + 1) * N, r_i, l_i))
+                                latest_return = r_i
+                                episode_return[i] = 0.0
+                                episode_length[i] = 0
+                                discounted[i] = 0.0
+                        next_obs = normalize_obs(raw_obs, True).astype(np.float32)
+                global_step += B
+                t_rollout = time.perf_counter()
+                timings["env"] += env_time
+                timings["acting"] += t_rollout - t_iter - env_time
+
+                # ---------------- targets
+                with torch.no_grad():
+                    b_obs = obs_host.to(device).reshape(B, obs_dim)
+                    last = torch.from_numpy(next_obs).to(device)
+                    values_all = critic(torch.cat([b_obs, last])).view(T + 1, N)
+                    final_values = None
+                    if finals and a.bootstrap_truncation:
+                        fo = torch.from_numpy(
+                            np.stack([f for _, _, f in finals]).astype(np.float32)
+                        )
+                        final_values = critic(fo.to(device)).view(-1).cpu().numpy()
+                values_np = values_all.cpu().numpy().astype(np.float64)
+                next_values = values_np[1:].copy()
+                if final_values is not None:
+                    for (t, i, _), v in zip(finals, final_values):
+                        next_values[t, i] = v
+                adv_np, ret_np = compute_gae(
+                    rew_np,
+                    values_np[:-1],
+                    next_values,
+                    term_np,
+                    trunc_np,
+                    a.gamma,
+                    a.gae_lambda,
+                    a.bootstrap_truncation,
+                )
+                var_ret = ret_np.var()
+                explained_var = (
+                    math.nan if var_ret == 0 else 1.0 - (ret_np - values_np[:-1]).var() / var_ret
+                )
+
+                # ---------------- update
+                b_adv = torch.from_numpy(adv_np.reshape(B).astype(np.float32)).to(device)
+                if a.norm_adv:
+                    b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+                b_ret = torch.from_numpy(ret_np.reshape(B).astype(np.float32)).to(device)
+                with torch.no_grad():
+                    b_logp = (
+                        -0.5 * noise.reshape(B, act_dim).square().sum(1)
+                        - log_std.sum()
+                        - 0.5 * act_dim * LOG_2PI
+                    )
+                data = torch.cat(
+                    [
+                        b_obs,
+                        act_host.to(device).reshape(B, act_dim),
+                        b_logp[:, None],
+                        b_adv[:, None],
+                        b_ret[:, None],
+                    ],
+                    1,
+                )
+                o1, o2 = obs_dim, obs_dim + act_dim
+                stats = torch.zeros(a.update_epochs * a.num_minibatches, 4, device=device)
+                for tr in trackers.values():
+                    tr.snapshot()
+                cbp_time = 0.0
+                k = 0
+                for _ in range(a.update_epochs):
+                    perm = torch.randperm(B, generator=gen, device=device)
+                    for start in range(0, B, minibatch):
+                        d = data[perm[start : start + minibatch]]
+                        x, act, old_logp = d[:, :o1], d[:, o1:o2], d[:, o2]
+                        adv, ret = d[:, o2 + 1], d[:, o2 + 2]
+                        mean, actor_hidden = _train_forward(actor_linears, x)
+                        z = (act - mean) * torch.exp(-log_std)
+                        logp = -0.5 * z.square().sum(1) - log_std.sum() - 0.5 * act_dim * LOG_2PI
+                        log_ratio = logp - old_logp
+                        ratio = log_ratio.exp()
+                        pg_loss = torch.max(
+                            -adv * ratio, -adv * ratio.clamp(1 - a.clip_coef, 1 + a.clip_coef)
+                        ).mean()
+                        value, critic_hidden = _train_forward(critic_linears, x)
+                        v_loss = (value.view(-1) - ret).square().mean()
+                        loss = pg_loss + a.vf_coef * v_loss
+                        if a.ent_coef:
+                            loss = loss - a.ent_coef * (
+                                log_std.sum() + 0.5 * act_dim * (1.0 + LOG_2PI)
+                            )
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if a.max_grad_norm is not None:
+                            nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+                        optimizer.step()
+                        t_cbp = time.perf_counter()
+                        if a.shrink_perturb:
+                            perturb_(net_params, a.noise_std, generator=perturb_gen)
+                        if resetters:
+                            resetters["policy"].step(actor_hidden)
+                            resetters["value"].step(critic_hidden)
+                        cbp_time += time.perf_counter() - t_cbp
+                        with torch.no_grad():
+                            stats[k] = torch.stack(
+                                (
+                                    pg_loss,
+                                    v_loss,
+                                    ((ratio - 1) - log_ratio).mean(),
+                                    ((ratio - 1).abs() > a.clip_coef).float().mean(),
+                                )
+                            )
+                        k += 1
+                changes = torch.stack([tr.change() for tr in trackers.values()])
+                max_change = torch.maximum(max_change, changes)
+                means = stats.mean(0)
+                finite = bool(torch.isfinite(stats).all() & torch.isfinite(changes).all())
+                pg_m, v_m, kl_m, cf_m = means.tolist()  # the one host sync of the update
+                t_update = time.perf_counter()
+                timings["update"] += t_update - t_rollout
+                timings["cbp"] += cbp_time
+
+                if not finite:
+                    save_checkpoint(good, ckpt_file)
+                    writer.flush()
+                    raise NonFiniteLossError(
+                        f"non-finite loss in update {update} (steps {step0}-{global_step}); stopped. "
+                        f"The last good state (step {good['global_step']}) is saved in {ckpt_file}"
+                    )
+
+                # ---------------- logging
+                for s, r_ep, l_ep in episodes:
+                    writer.add_scalar("charts/episodic_return", r_ep, s)
+                    writer.add_scalar("charts/episodic_length", l_ep, s)
+                entropy = float((log_std.detach().sum() + 0.5 * act_dim * (1.0 + LOG_2PI)).cpu())
+                sps = B / (t_update - t_iter)
+                scalars = {
+                    "charts/SPS": sps,
+                    "charts/learning_rate": lr,
+                    "losses/value_loss": v_m,
+                    "losses/policy_loss": pg_m,
+                    "losses/entropy": entropy,
+                    "losses/approx_kl": kl_m,
+                    "losses/clipfrac": cf_m,
+                    "losses/explained_variance": explained_var,
+                }
+                friction = math.nan
+                if a.friction_every > 0:
+                    friction = float(envs.call("friction")[0])
+                    scalars["env/friction"] = friction
+                if a.metrics_every and update % a.metrics_every == 0:
+                    t_m = time.perf_counter()
+                    metric_tensors: dict[str, Tensor] = {}
+                    for j, (name, net) in enumerate((("policy", actor), ("value", critic))):
+                        for key, v in plasticity_metrics(net, b_obs).items():
+                            metric_tensors[f"plasticity/{name}/{key}"] = v
+                        metric_tensors[f"plasticity/{name}/max_weight_change"] = max_change[j]
+                    keys = list(metric_tensors)
+                    values = torch.stack(
+                        [metric_tensors[k].to(torch.float64) for k in keys]
+                    ).tolist()
+                    scalars.update(zip(keys, values))
+                    for name in ("policy", "value"):
+                        r = resetters.get(name)
+                        scalars[f"plasticity/{name}/units_replaced"] = (
+                            0 if r is None else r.num_replaced
+                        )
+                    max_change = torch.zeros_like(max_change)
+                    timings["metrics"] += time.perf_counter() - t_m
+                total = time.perf_counter() - t_start
+                for key in ("env", "acting", "update", "cbp", "metrics"):
+                    scalars[f"perf/{key}_fraction"] = timings[key] / total
+                for key, v in scalars.items():
+                    writer.add_scalar(key, v, global_step)
+
+                bar.update(B)
+                postfix = {"sps": f"{sps:.0f}", "return": f"{latest_return:.1f}"}
+                if a.friction_every > 0:
+                    postfix["friction"] = f"{friction:.3g}"
+                bar.set_postfix(postfix, refresh=False)
+
+                # ---------------- checkpoint
+                good = snapshot()
+                done = global_step >= a.steps
+                due = (
+                    a.checkpoint_every
+                    and global_step // a.checkpoint_every > last_ckpt_step // a.checkpoint_every
+                )
+                if due or done or stop.signum is not None:
+                    t_c = time.perf_counter()
+                    writer.flush()
+                    save_checkpoint(good, ckpt_file)
+                    last_ckpt_step = global_step
+                    timings["checkpoint"] += time.perf_counter() - t_c
+            bar.close()
+            if stop.signum is not None:
+                if last_ckpt_step != global_step:  # the signal came after this update's save check
+                    save_checkpoint(good, ckpt_file)
+                    last_ckpt_step = global_step
+                name = signal.Signals(stop.signum).name
+                print(
+                    f"{name}: stopped at step {global_step}; checkpoint saved to {ckpt_file}. "
+                    f"Continue with: python ppo_cbp/train.py --resume {run_dir}",
+                    file=sys.stderr,
+                )
+        timings["total"] = time.perf_counter() - t_start
+        return TrainResult(run_dir, global_step, update, stop.signum, timings)
+    finally:
+        if writer is not None:
+            writer.close()
+        envs.close()
+
+
+def cli() -> None:
+    """Command-line entry point: one line and exit code 2 for bad settings."""
+    args = tyro.cli(Args)
+    try:
+        result = main(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if result.interrupted_by is not None:
+        sys.exit(128 + result.interrupted_by)
+
+
+if __name__ == "__main__":
+    cli()
