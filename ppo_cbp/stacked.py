@@ -1,0 +1,504 @@
+"""S independent MLPs trained in lockstep as stacked weights ``[S, out, in + 1]``, without autograd.
+
+The supervised benchmarks train one example per step (batch 1). At that size a step of a
+PyTorch module is dominated by per-operation overhead (autograd graph, gradient tensors,
+optimizer loops); stacking S seeds turns every matrix-vector product into one batched
+``bmm`` and amortises that overhead over the seeds. The gradient is never materialised for
+SGD: the update of layer ``l`` is one in-place rank-B update
+
+    W_l <- (1 - lr * wd) * W_l - lr * delta_l^T h_{l-1}            (``baddbmm_``)
+
+which reads and writes the weights once (the memory-bound part at width 2000).
+
+Layout. Layer ``l`` is one tensor ``P_l`` of shape ``[S, n_out, n_in + 1]`` whose last column
+is the bias, and the input of every layer carries a trailing constant 1: ``z = h_aug @ P^T``.
+Weight and bias are therefore updated by the same operation. :meth:`StackedMLP.weight` and
+:meth:`StackedMLP.bias` are views into ``P_l``, and :meth:`StackedMLP.unit_layers` describes
+the hidden layers to the core's :class:`~ppo_cbp.cbp.ContinualBackprop` and
+:class:`~ppo_cbp.redo.ReDo` with those views, so the operators write into the trained tensors.
+
+Losses (means over the B examples of a step, as ``torch.nn.functional``):
+
+* ``"cross_entropy"``: ``L = -log softmax(z)_y``, ``dL/dz = softmax(z) - onehot(y)``;
+* ``"squared_error"``: ``L = (z - y)^2`` averaged also over the outputs (``F.mse_loss``),
+  ``dL/dz = 2 (z - y) / n_out``.
+
+Optimizers, all in place on ``P`` (weights and biases alike, as ``torch.optim`` does):
+
+* SGD with coupled L2 weight decay ``wd``: ``w <- w - lr (g + wd w)`` (computed as
+  ``(1 - lr wd) w - lr g``; the two differ by float rounding only);
+* Adam (Kingma and Ba) with coupled L2: ``g <- g + wd w``, ``m <- b1 m + (1 - b1) g``,
+  ``v <- b2 v + (1 - b2) g^2``, ``w <- w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``
+  (``torch.optim.Adam``'s formula);
+* Shrink & Perturb: after the step, ``w <- w + noise_std * N(0, 1)`` for every parameter.
+
+Dropout with probability ``p`` multiplies each hidden activation by ``mask / (1 - p)`` with
+``mask ~ Bernoulli(1 - p)`` (inverted dropout, as ``nn.Dropout`` in training mode).
+
+Per-seed randomness. Every random draw (initial weights, dropout masks, perturbation noise)
+comes from a generator of that seed, drawn in the same pieces whatever the number of seeds
+stacked, so seed ``s`` of a stack follows exactly the trajectory it follows alone. Dropout
+masks are drawn for :attr:`StackedTrainer.dropout_chunk` steps at once per seed, which keeps
+the per-seed loop out of the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ppo_cbp.init import sample_
+from ppo_cbp.units import UnitLayer
+
+__all__ = [
+    "ACTIVATIONS",
+    "LOSSES",
+    "OPTIMIZERS",
+    "StackedMLP",
+    "StackedTrainer",
+    "derive_seed",
+]
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "swish", "linear")
+LOSSES = ("cross_entropy", "squared_error")
+OPTIMIZERS = ("sgd", "adam")
+
+LEAKY_RELU_SLOPE = 0.01
+"""Negative slope of ``leaky_relu`` (PyTorch's default, as in the paper's code)."""
+
+# Stream tags of derive_seed: independent generators per seed for each use.
+TAG_INIT = 0
+TAG_CBP = 1
+TAG_DROPOUT = 2
+TAG_NOISE = 3
+TAG_REDO = 4
+
+
+def derive_seed(seed: int, tag: int) -> int:
+    """A 63-bit generator seed for stream ``tag`` of run ``seed`` (``numpy.random.SeedSequence``)."""
+    return int(np.random.SeedSequence([int(seed), int(tag)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+
+
+def _activate(name: str, z: Tensor, out: Tensor) -> None:
+    """``out <- f(z)`` (``out`` may be a strided view)."""
+    if name == "relu":
+        torch.clamp_min(z, 0.0, out=out)
+    elif name == "tanh":
+        torch.tanh(z, out=out)
+    elif name == "sigmoid":
+        torch.sigmoid(z, out=out)
+    elif name == "linear":
+        out.copy_(z)
+    elif name == "elu":
+        out.copy_(F.elu(z))
+    elif name == "leaky_relu":
+        out.copy_(F.leaky_relu(z, LEAKY_RELU_SLOPE))
+    else:  # swish
+        out.copy_(F.silu(z))
+
+
+def _activation_backward_(name: str, grad: Tensor, z: Tensor, h: Tensor) -> Tensor:
+    """``grad * f'(z)`` (``h = f(z)``), in place on ``grad`` where possible."""
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, h, 0.0)
+    if name == "tanh":
+        return grad.mul_(1.0 - h * h)
+    if name == "sigmoid":
+        return grad.mul_(h * (1.0 - h))
+    if name == "linear":
+        return grad
+    if name == "elu":  # alpha = 1: f' = 1 for z > 0, else exp(z) = h + 1
+        return torch.where(z > 0, grad, grad * (h + 1.0))
+    if name == "leaky_relu":
+        return torch.where(z > 0, grad, grad * LEAKY_RELU_SLOPE)
+    s = torch.sigmoid(z)  # swish: f = z s(z), f' = s (1 + z (1 - s))
+    return grad.mul_(s * (1.0 + z * (1.0 - s)))
+
+
+class StackedMLP:
+    """S multilayer perceptrons ``sizes[0] - sizes[1] - ... - sizes[-1]`` stacked along dim 0.
+
+    Args:
+        sizes: layer widths, input first, output last (at least two entries).
+        seeds: one seed per network; network ``s`` is initialised from a generator seeded
+            with ``derive_seed(seeds[s], TAG_INIT)``, layer by layer, so it equals the
+            network built alone from that seed.
+        activation: hidden nonlinearity, one of :data:`ACTIVATIONS`.
+        init: weight scheme of :mod:`ppo_cbp.init` (paper: Kaiming-uniform); the hidden layers
+            use the activation's gain, the output layer gain 1 (it is linear). Biases are 0.
+        device, dtype: of all tensors.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        seeds: Sequence[int],
+        *,
+        activation: str = "relu",
+        init: str = "kaiming_uniform",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        _check_choice("activation", activation, ACTIVATIONS)
+        sizes = [int(n) for n in sizes]
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"sizes must be >= 2 positive widths, got {sizes}")
+        if len(seeds) < 1:
+            raise ValueError("seeds is empty")
+        self.sizes = sizes
+        self.seeds = [int(s) for s in seeds]
+        self.activation = activation
+        self.init = init
+        self.device = torch.device(device)
+        self.dtype = dtype
+        S = len(self.seeds)
+        self.params: list[Tensor] = [
+            torch.zeros(S, n_out, n_in + 1, device=self.device, dtype=dtype)
+            for n_in, n_out in zip(sizes, sizes[1:])
+        ]
+        gain_of = [
+            "linear" if activation == "linear" else activation for _ in range(self.num_hidden)
+        ] + ["linear"]
+        for s, seed in enumerate(self.seeds):
+            g = torch.Generator(device=self.device).manual_seed(derive_seed(seed, TAG_INIT))
+            for layer, p in enumerate(self.params):
+                sample_(p[s, :, :-1], init, gain_of[layer], generator=g)
+
+    @property
+    def num_seeds(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def num_hidden(self) -> int:
+        return len(self.sizes) - 2
+
+    def weight(self, layer: int) -> Tensor:
+        """View of layer ``layer``'s weights ``[S, n_out, n_in]``."""
+        return self.params[layer][..., :-1]
+
+    def bias(self, layer: int) -> Tensor:
+        """View of layer ``layer``'s bias ``[S, n_out]``."""
+        return self.params[layer][..., -1]
+
+    def weights(self) -> list[Tensor]:
+        return [self.weight(i) for i in range(len(self.params))]
+
+    def unit_layers(self) -> list[UnitLayer]:
+        """The hidden layers as :class:`~ppo_cbp.units.UnitLayer` views for CBP and ReDo."""
+        nonlinearity = "linear" if self.activation == "linear" else self.activation
+        return [
+            UnitLayer(
+                self.weight(i),
+                self.bias(i),
+                out_weight=self.weight(i + 1),
+                out_bias=self.bias(i + 1),
+                init=self.init,
+                nonlinearity=nonlinearity,
+                seed_dims=1,
+                name=f"hidden{i + 1}",
+            )
+            for i in range(self.num_hidden)
+        ]
+
+    def with_ones(self, x: Tensor) -> Tensor:
+        """``[S, B, n]`` inputs with the trailing constant-1 column: ``[S, B, n + 1]``."""
+        ones = torch.ones(*x.shape[:-1], 1, device=x.device, dtype=x.dtype)
+        return torch.cat([x, ones], dim=-1)
+
+    @torch.no_grad()
+    def forward(self, x_aug: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Outputs ``[S, B, n_out]`` and hidden activations ``[S, B, units]`` (no dropout).
+
+        ``x_aug``: ``[S, B, n_in + 1]`` inputs whose last column is 1 (:meth:`with_ones`).
+        """
+        h = x_aug
+        hidden = []
+        for layer in range(self.num_hidden):
+            p = self.params[layer]
+            nxt = torch.empty(*h.shape[:-1], p.shape[1] + 1, device=h.device, dtype=h.dtype)
+            nxt[..., -1] = 1.0
+            _activate(self.activation, torch.bmm(h, p.transpose(1, 2)), nxt[..., :-1])
+            hidden.append(nxt[..., :-1])
+            h = nxt
+        return torch.bmm(h, self.params[-1].transpose(1, 2)), hidden
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": [p.clone() for p in self.params]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for dst, src in zip(self.params, state["params"], strict=True):
+            dst.copy_(src)
+
+
+class StackedTrainer:
+    """Fused forward, backward and in-place update of a :class:`StackedMLP`.
+
+    Args:
+        net: the stacked networks.
+        loss: ``"cross_entropy"`` (integer targets ``[S, B]``) or ``"squared_error"``
+            (targets ``[S, B, n_out]``).
+        optimizer: ``"sgd"`` or ``"adam"``.
+        lr: step size (> 0).
+        weight_decay: coupled L2 coefficient ``wd`` (>= 0).
+        betas, eps: Adam's.
+        noise_std: Shrink & Perturb's noise standard deviation (>= 0; 0 = off).
+        dropout: dropout probability of the hidden units, in [0, 1).
+        dropout_chunk: steps of dropout masks drawn at once per seed.
+    """
+
+    def __init__(
+        self,
+        net: StackedMLP,
+        *,
+        loss: str = "cross_entropy",
+        optimizer: str = "sgd",
+        lr: float = 0.003,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        noise_std: float = 0.0,
+        dropout: float = 0.0,
+        dropout_chunk: int = 1024,
+    ):
+        _check_choice("loss", loss, LOSSES)
+        _check_choice("optimizer", optimizer, OPTIMIZERS)
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0) or eps <= 0:
+            raise ValueError(f"Adam needs betas in [0, 1) and eps > 0, got {betas}, {eps}")
+        self.net = net
+        self.loss = loss
+        self.optimizer = optimizer
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.noise_std = float(noise_std)
+        self.dropout = float(dropout)
+        self.dropout_chunk = int(dropout_chunk)
+        self.steps = 0
+        dev, dt = net.device, net.dtype
+        self.exp_avg = [torch.zeros_like(p) for p in net.params] if optimizer == "adam" else []
+        self.exp_avg_sq = [torch.zeros_like(p) for p in net.params] if optimizer == "adam" else []
+        self._state_views: dict[int, list[Tensor]] = {}
+        self._layers: list[UnitLayer] | None = None
+        self._hidden_total = sum(net.sizes[1:-1])
+        self.dropout_generators = [
+            torch.Generator(device=dev).manual_seed(derive_seed(s, TAG_DROPOUT)) for s in net.seeds
+        ]
+        self.noise_generators = [
+            torch.Generator(device=dev).manual_seed(derive_seed(s, TAG_NOISE)) for s in net.seeds
+        ]
+        self._uniform: Tensor | None = None
+        self._uniform_pos = 0
+        self._noise = (
+            torch.empty(net.num_seeds, sum(p[0].numel() for p in net.params), device=dev, dtype=dt)
+            if self.noise_std > 0
+            else None
+        )
+        self._buffers: dict[int, list[Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------------
+    def unit_layers(self) -> list[UnitLayer]:
+        """The network's hidden layers (built once, so the Adam state lookup finds them)."""
+        if self._layers is None:
+            self._layers = self.net.unit_layers()
+            if self.optimizer == "adam":
+                for i, layer in enumerate(self._layers):
+                    m, v = self.exp_avg[i], self.exp_avg_sq[i]
+                    nm, nv = self.exp_avg[i + 1], self.exp_avg_sq[i + 1]
+                    self._state_views[id(layer.weight)] = [m[..., :-1], v[..., :-1]]
+                    self._state_views[id(layer.bias)] = [m[..., -1], v[..., -1]]
+                    self._state_views[id(layer.out_weight)] = [nm[..., :-1], nv[..., :-1]]
+        return self._layers
+
+    def state_tensors(self, param: Tensor) -> list[Tensor]:
+        """Adam's ``[m, v]`` for a tensor of :meth:`unit_layers` (empty for SGD)."""
+        return self._state_views.get(id(param), [])
+
+    def _hidden_buffers(self, batch: int) -> list[Tensor]:
+        """Per hidden layer, ``[S, B, units + 1]`` activations whose last column is 1."""
+        bufs = self._buffers.get(batch)
+        if bufs is None:
+            net = self.net
+            bufs = []
+            for units in net.sizes[1:-1]:
+                b = torch.empty(net.num_seeds, batch, units + 1, device=net.device, dtype=net.dtype)
+                b[..., -1] = 1.0
+                bufs.append(b)
+            self._buffers[batch] = bufs
+        return bufs
+
+    def new_segment(self) -> None:
+        """Discard the pre-drawn dropout masks (the next step draws fresh ones).
+
+        Called at task boundaries so that the masks of a task depend only on the generator
+        states at its start, which the checkpoint saves.
+        """
+        self._uniform = None
+        self._uniform_pos = 0
+
+    def _dropout_keep(self, batch: int) -> Tensor:
+        """``[S, B, hidden_total]`` scaled keep-masks ``1[u >= p] / (1 - p)`` for one step."""
+        if self._uniform is None or self._uniform_pos + batch > self._uniform.shape[1]:
+            net = self.net
+            rows = max(self.dropout_chunk, batch)
+            u = torch.empty(
+                net.num_seeds, rows, self._hidden_total, device=net.device, dtype=net.dtype
+            )
+            for s, g in enumerate(self.dropout_generators):
+                torch.rand(rows, self._hidden_total, generator=g, out=u[s])
+            self._uniform = (u >= self.dropout).to(net.dtype).div_(1.0 - self.dropout)
+            self._uniform_pos = 0
+        keep = self._uniform[:, self._uniform_pos : self._uniform_pos + batch]
+        self._uniform_pos += batch
+        return keep
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> list[Tensor]:
+        """One training step on ``x_aug`` (``[S, B, n_in + 1]``, last column 1).
+
+        The network's output *before* the update is written to ``out`` (``[S, B, n_out]``,
+        may be a view into a larger buffer) when given: online accuracy and error are
+        measured on it. Returns the hidden activations ``[S, B, units]`` (after the
+        nonlinearity, before dropout), which CBP and ReDo take.
+        """
+        net = self.net
+        act = net.activation
+        params = net.params
+        batch = x_aug.shape[1]
+        n_hidden = net.num_hidden
+        bufs = self._hidden_buffers(batch)
+        keep = self._dropout_keep(batch) if self.dropout > 0 else None
+
+        # forward
+        inputs = [x_aug]  # input of each layer, with its ones column
+        pre: list[Tensor | None] = []
+        masks: list[Tensor | None] = []
+        offset = 0
+        h = x_aug
+        for layer in range(n_hidden):
+            z = torch.bmm(h, params[layer].transpose(1, 2))
+            buf = bufs[layer]
+            hidden = buf[..., :-1]
+            _activate(act, z, hidden)
+            pre.append(z if act not in ("relu", "tanh", "sigmoid", "linear") else None)
+            if keep is not None:
+                units = hidden.shape[-1]
+                mask = keep[..., offset : offset + units]
+                offset += units
+                # dropout is applied on a copy: CBP and ReDo see the activations before it
+                dropped = torch.empty_like(buf)
+                dropped[..., -1] = 1.0
+                torch.mul(hidden, mask, out=dropped[..., :-1])
+                masks.append(mask)
+                h = dropped
+            else:
+                masks.append(None)
+                h = buf
+            inputs.append(h)
+        if out is None:
+            out = torch.bmm(h, params[-1].transpose(1, 2))
+        else:
+            torch.bmm(h, params[-1].transpose(1, 2), out=out)
+
+        # dL/dz of the output (mean over the batch)
+        if self.loss == "cross_entropy":
+            delta = torch.softmax(out, dim=-1)
+            delta.scatter_add_(
+                2,
+                target.view(*target.shape, 1),
+                torch.full((1, 1, 1), -1.0, device=delta.device, dtype=delta.dtype).expand(
+                    *target.shape, 1
+                ),
+            )
+            if batch > 1:
+                delta.div_(batch)
+        else:
+            delta = torch.sub(out, target).mul_(2.0 / (batch * out.shape[-1]))
+
+        # backward and update, last layer first; delta of the layer below uses the old weights
+        self.steps += 1
+        for layer in range(n_hidden, -1, -1):
+            p = params[layer]
+            below = None
+            if layer > 0:
+                below = torch.bmm(delta, p[..., :-1])
+                if masks[layer - 1] is not None:
+                    below.mul_(masks[layer - 1])
+                below = _activation_backward_(act, below, pre[layer - 1], bufs[layer - 1][..., :-1])
+            if self.optimizer == "sgd":
+                p.baddbmm_(
+                    delta.transpose(1, 2),
+                    inputs[layer],
+                    beta=1.0 - self.lr * self.weight_decay,
+                    alpha=-self.lr,
+                )
+            else:
+                self._adam_(layer, torch.bmm(delta.transpose(1, 2), inputs[layer]))
+            delta = below
+        if self._noise is not None:
+            self._perturb_()
+        return [b[..., :-1] for b in bufs]
+
+    def _adam_(self, layer: int, grad: Tensor) -> None:
+        p, m, v = self.net.params[layer], self.exp_avg[layer], self.exp_avg_sq[layer]
+        b1, b2 = self.betas
+        if self.weight_decay:
+            grad.add_(p, alpha=self.weight_decay)
+        m.lerp_(grad, 1.0 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        t = self.steps
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        denom = v.sqrt().div_(bc2**0.5).add_(self.eps)
+        p.addcdiv_(m, denom, value=-self.lr / bc1)
+
+    def _perturb_(self) -> None:
+        noise = self._noise
+        for s, g in enumerate(self.noise_generators):
+            torch.randn(noise.shape[1], generator=g, out=noise[s])
+        offset = 0
+        for p in self.net.params:
+            n = p[0].numel()
+            p.add_(noise[:, offset : offset + n].view(p.shape), alpha=self.noise_std)
+            offset += n
+
+    # ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state and generator states; loadable with ``weights_only=True``."""
+        return {
+            "steps": self.steps,
+            "exp_avg": [m.clone() for m in self.exp_avg],
+            "exp_avg_sq": [v.clone() for v in self.exp_avg_sq],
+            "dropout_generators": [g.get_state() for g in self.dropout_generators],
+            "noise_generators": [g.get_state() for g in self.noise_generators],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        for dst, src in zip(self.exp_avg, state["exp_avg"], strict=True):
+            dst.copy_(src)
+        for dst, src in zip(self.exp_avg_sq, state["exp_avg_sq"], strict=True):
+            dst.copy_(src)
+        for g, s in zip(self.dropout_generators, state["dropout_generators"], strict=True):
+            g.set_state(s)
+        for g, s in zip(self.noise_generators, state["noise_generators"], strict=True):
+            g.set_state(s)
+        self.new_segment()
