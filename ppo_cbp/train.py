@@ -518,9 +518,9 @@ class RunningMeanStd:
         batch_mean, batch_var, n = x.mean(axis=0), x.var(axis=0), x.shape[0]
         delta = batch_mean - self.mean
         total = self.count + n
-        self.mean = self.mean + delta * n / total
+        self.mean = np.asarray(self.mean + delta * n / total)
         m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-        self.var = m2 / total
+        self.var = np.asarray(m2 / total)
         self.count = total
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,391 @@
+"""End-to-end tests of the PPO trainer (ppo_cbp/train.py) on short runs."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ppo_cbp.train import Args, ConfigError, NonFiniteLossError, main, resolve_args
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "ppo_cbp" / "train.py"
+
+PLASTICITY = [
+    "dead_units",
+    "dormant_ratio",
+    "effective_rank",
+    "stable_rank",
+    "weight_magnitude/layer0",
+    "weight_magnitude/layer1",
+    "weight_magnitude/layer2",
+    "weight_magnitude/overall",
+    "max_weight_change",
+    "units_replaced",
+]
+REQUIRED = [
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/SPS",
+    "charts/learning_rate",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "env/friction",
+] + [f"plasticity/{net}/{name}" for net in ("policy", "value") for name in PLASTICITY]
+# Wall-clock scalars cannot repeat between runs.
+TIMING = ("charts/SPS", "perf/")
+
+
+def small(tmp_path: Path, **kw) -> Args:
+    """A few-update run: rollouts of 256 steps, 4 minibatches x 2 epochs."""
+    base = dict(
+        steps=1024,
+        num_steps=256,
+        num_minibatches=4,
+        update_epochs=2,
+        metrics_every=2,
+        runs_dir=str(tmp_path),
+        run_name="run",
+        progress=False,
+        device="cpu",
+    )
+    base.update(kw)
+    return Args(**base)
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def deterministic(s: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
+    return {k: v for k, v in s.items() if not k.startswith(TIMING)}
+
+
+def load(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"] and a["update"] == b["update"]
+    for net in ("actor", "critic"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs"
+    assert torch.equal(a["log_std"], b["log_std"])
+    for pid, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][k]), f"optimizer {pid}.{k} differs"
+
+
+# ------------------------------------------------------------------------------------------------
+# every method on Hopper and Ant
+# ------------------------------------------------------------------------------------------------
+
+METHODS = {
+    # Short runs: CBP's maturity threshold and ReDo's period are lowered so that both act.
+    "plain": dict(),
+    "cbp": dict(cbp=True, maturity_threshold=4, replacement_rate=0.05),
+    "redo": dict(redo=True, redo_period=2),
+    "l2": dict(l2=True),
+    "shrink_perturb": dict(shrink_perturb=True),
+    "standard_adam": dict(standard_adam=True),
+}
+# (weight decay, betas, noise std) each method must give the optimizer: the paper's values.
+EXPECTED = {
+    "plain": (0.0, (0.99, 0.99), 0.0),
+    "cbp": (1e-4, (0.99, 0.99), 0.0),
+    "redo": (1e-4, (0.99, 0.99), 0.0),
+    "l2": (1e-3, (0.99, 0.99), 0.0),
+    "shrink_perturb": (1e-4, (0.99, 0.99), 1e-5),
+    "standard_adam": (0.0, (0.9, 0.999), 0.0),
+}
+
+
+@pytest.mark.parametrize("env", ["Hopper-v4", "Ant-v4"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_run_writes_every_scalar(tmp_path, env, method):
+    result = main(small(tmp_path, env=env, **METHODS[method]))
+    assert result.global_step == 1024 and result.updates == 4
+    s = scalars(result.run_dir)
+    missing = [k for k in REQUIRED if k not in s]
+    assert not missing, f"missing scalars: {missing}"
+    assert [step for step, _ in s["charts/SPS"]] == [256, 512, 768, 1024]
+    assert [step for step, _ in s["plasticity/policy/dead_units"]] == [512, 1024]
+    assert all(v == pytest.approx(1e-4) for _, v in s["charts/learning_rate"])
+    for net in ("policy", "value"):
+        for _, v in s[f"plasticity/{net}/dead_units"] + s[f"plasticity/{net}/dormant_ratio"]:
+            assert 0.0 <= v <= 1.0
+        for _, v in s[f"plasticity/{net}/stable_rank"] + s[f"plasticity/{net}/effective_rank"]:
+            assert 1.0 <= v <= 256.0
+    replaced = [v for _, v in s["plasticity/policy/units_replaced"]]
+    if method in ("cbp", "redo"):
+        assert replaced == sorted(replaced)  # cumulative
+    else:
+        assert replaced == [0.0, 0.0]
+    if method == "cbp":
+        # 2 layers x 256 units, eligible after 4 steps, 5% per step: many replacements.
+        assert replaced[-1] > 100
+    # each episode's return is logged once, at the step where it ended
+    for _, length in s["charts/episodic_length"]:
+        assert 1 <= length <= 1000
+
+    wd, betas, noise = EXPECTED[method]
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert (
+        config["weight_decay"] == wd
+        and tuple((config["adam_beta1"], config["adam_beta2"])) == betas
+    )
+    assert config["noise_std"] == noise
+    group = load(result.run_dir)["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == wd and tuple(group["betas"]) == betas
+
+
+@pytest.mark.parametrize(
+    "env, obs_dim", [("Hopper-v5", 11), ("Walker2d-v4", 17), ("Walker2d-v5", 17), ("Ant-v5", 105)]
+)
+def test_other_envs_run_with_their_default_observation(tmp_path, env, obs_dim):
+    result = main(small(tmp_path, env=env, steps=256, metrics_every=1))
+    state = load(result.run_dir)
+    assert state["actor"]["0.weight"].shape == (256, obs_dim)
+    assert "plasticity/value/stable_rank" in scalars(result.run_dir)
+
+
+def test_paper_defaults():
+    a = resolve_args(Args())
+    assert (a.env, a.num_envs, a.num_steps, a.update_epochs, a.num_minibatches) == (
+        "Ant-v4",
+        1,
+        2048,
+        10,
+        16,
+    )
+    assert a.num_steps * a.num_envs // a.num_minibatches == 128
+    assert (a.learning_rate, a.gamma, a.gae_lambda, a.clip_coef, a.ent_coef, a.vf_coef) == (
+        1e-4,
+        0.99,
+        0.95,
+        0.2,
+        0.0,
+        1.0,
+    )
+    assert (a.adam_beta1, a.adam_beta2, a.adam_eps, a.weight_decay) == (0.99, 0.99, 1e-8, 0.0)
+    assert (
+        a.max_grad_norm is None
+        and not a.normalize_obs
+        and not a.normalize_reward
+        and not a.anneal_lr
+    )
+    assert a.hidden_sizes == (256, 256) and a.init == "lecun_uniform" and a.log_std_init == 0.0
+    assert a.bootstrap_truncation and a.friction_every == 2_000_000
+    assert (a.friction_low, a.friction_high) == (0.02, 2.0)
+    cbp = resolve_args(Args(cbp=True))
+    assert (cbp.replacement_rate, cbp.maturity_threshold, cbp.decay_rate, cbp.utility) == (
+        1e-4,
+        10_000,
+        0.99,
+        "contribution",
+    )
+    assert cbp.weight_decay == 1e-4
+    assert resolve_args(Args(cbp=True, weight_decay=0.0)).weight_decay == 0.0
+    redo = resolve_args(Args(redo=True))
+    assert (redo.redo_threshold, redo.redo_period, redo.weight_decay) == (0.1, 100, 1e-4)
+    assert resolve_args(Args(cbp=True, l2=True)).weight_decay == 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints and resume
+# ------------------------------------------------------------------------------------------------
+
+
+def _resume_kwargs(num_envs: int) -> dict:
+    # Exercise every piece of checkpointed state: CBP replacing units, both normalisations,
+    # friction changes mid-run (every 700 total steps), time-limit truncations (Hopper/Ant
+    # episodes), several envs.
+    return dict(
+        env="Hopper-v4" if num_envs == 1 else "Ant-v4",
+        num_envs=num_envs,
+        metrics_every=1,
+        cbp=True,
+        maturity_threshold=10,
+        replacement_rate=0.01,
+        normalize_obs=True,
+        normalize_reward=True,
+        friction_every=700,
+        checkpoint_every=0,
+    )
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, num_envs):
+    kw = _resume_kwargs(num_envs)
+    per_update = 256 * num_envs
+    full = main(small(tmp_path, run_name="full", steps=8 * per_update, **kw))
+
+    part = small(tmp_path, run_name="part", steps=3 * per_update, **kw)
+    run = main(part).run_dir
+    saved = tmp_path / "after3.pt"
+    shutil.copy(run / "checkpoint.pt", saved)
+    # Continue past the checkpoint, then "crash": the checkpoint goes back to update 3 while the
+    # event file keeps the scalars of updates 4 and 5, which the resumed run must purge.
+    main(Args(resume=str(run), steps=5 * per_update))
+    shutil.copy(saved, run / "checkpoint.pt")
+    resumed = main(Args(resume=str(run), steps=8 * per_update))
+    assert resumed.run_dir == run and resumed.global_step == 8 * per_update
+
+    assert_same_state(load(full.run_dir), load(run))
+    a, b = deterministic(scalars(full.run_dir)), deterministic(scalars(run))
+    assert sorted(a) == sorted(b)
+    for tag in a:
+        assert a[tag] == b[tag], tag
+    assert len({v for _, v in a["env/friction"]}) >= 2  # the friction did change
+    assert load(run)["resetters"]["policy"]["num_replaced"] > 0
+
+
+def test_sigint_checkpoints_and_resume_continues_exactly(tmp_path):
+    cmd = [sys.executable, str(TRAIN), "--env", "Hopper-v4", "--steps", "1_000_000"]
+    cmd += ["--num-steps", "256", "--num-minibatches", "1", "--update-epochs", "1"]
+    cmd += ["--metrics-every", "3", "--cbp", "--checkpoint-every", "0", "--device", "cpu"]
+    cmd += ["--runs-dir", str(tmp_path), "--run-name", "sig", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "sig"
+    deadline = time.time() + 60
+    while not (run / "config.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(2.0)  # let it train a few dozen updates
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "checkpoint saved" in err and f"--resume {run}" in err
+    state = load(run)
+    stopped = state["global_step"]
+    assert 0 < stopped < 1_000_000 and stopped % 256 == 0
+
+    common = dict(num_steps=256, num_minibatches=1, update_epochs=1, metrics_every=3, cbp=True)
+    target = stopped + 3 * 256
+    main(Args(resume=str(run), steps=target, progress=False))
+    full = main(small(tmp_path, run_name="full", steps=target, env="Hopper-v4", **common))
+    assert_same_state(load(full.run_dir), load(run))
+    assert deterministic(scalars(full.run_dir)) == deterministic(scalars(run))
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path):
+    run = main(small(tmp_path, steps=256, seed=1)).run_dir
+    with pytest.raises(ConfigError) as e:
+        main(Args(resume=str(run), seed=2, learning_rate=3e-4))
+    assert "seed (checkpoint 1, now 2)" in str(e.value)
+    assert "learning_rate (checkpoint 0.0001, now 0.0003)" in str(e.value)
+    # a flag the checkpoint agrees with is fine; the run is already complete
+    assert main(Args(resume=str(run), seed=1)).global_step == 256
+    with pytest.raises(ConfigError, match="already holds a run"):
+        main(small(tmp_path, steps=256))
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(tmp_path):
+    # Adam moves every weight by ~lr per step: with lr = 1e30 the second minibatch overflows.
+    with pytest.raises(NonFiniteLossError, match="last good state") as e:
+        main(small(tmp_path, env="Hopper-v4", learning_rate=1e30))
+    state = load(tmp_path / "run")
+    assert state["global_step"] == 0 and str(tmp_path / "run" / "checkpoint.pt") in str(e.value)
+    assert all(torch.isfinite(v).all() for v in state["actor"].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs
+# ------------------------------------------------------------------------------------------------
+
+BAD_CLI = {
+    "unknown env id 'Pong-v9'": ["--env", "Pong-v9"],
+    "--steps must be positive, got 0": ["--steps", "0"],
+    "--replacement-rate must be in [0, 1], got 1.5": ["--cbp", "--replacement-rate", "1.5"],
+    "--gamma must be in [0, 1], got -0.1": ["--gamma", "-0.1"],
+    "resume path {tmp}/nowhere does not exist": ["--resume", "{tmp}/nowhere"],
+    "--device cuda requested but no CUDA GPU is available": ["--device", "cuda"],
+    "--cbp and --redo conflict": ["--cbp", "--redo"],
+}
+
+
+def test_bad_inputs_exit_with_one_line_before_any_work(tmp_path):
+    runs = tmp_path / "runs"
+    procs = {}
+    for message, argv in BAD_CLI.items():
+        if "cuda" in message and torch.cuda.is_available():
+            continue
+        argv = [x.replace("{tmp}", str(tmp_path)) for x in argv]
+        cmd = [sys.executable, str(TRAIN), *argv, "--runs-dir", str(runs)]
+        procs[message.replace("{tmp}", str(tmp_path))] = subprocess.Popen(
+            cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    for message, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2, err
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+        assert out == ""
+    assert not runs.exists()  # nothing was created
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(standard_adam=True, adam_beta1=0.5), "--standard-adam"),
+        (dict(l2=True, weight_decay=1e-4), "--l2"),
+        (dict(noise_std=1e-3), "--noise-std only applies with --shrink-perturb"),
+        (dict(maturity_threshold=5), "--maturity-threshold only applies with --cbp"),
+        (dict(redo_threshold=0.2), "--redo-threshold only applies with --redo"),
+        (dict(num_minibatches=3), "does not divide"),
+        (dict(decay_rate=1.0, cbp=True), "--decay-rate must be < 1"),
+        (dict(learning_rate=-1.0), "--learning-rate must be positive"),
+        (dict(weight_decay=-1.0), "--weight-decay must be >= 0"),
+        (dict(env="Ant-v3"), "unknown env id 'Ant-v3'"),
+    ],
+)
+def test_conflicting_or_invalid_settings(kw, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        resolve_args(Args(**kw))
+
+
+def test_help_lists_field_docs():
+    out = subprocess.run(
+        [sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for flag in (
+        "--env",
+        "--cbp",
+        "--redo",
+        "--l2",
+        "--shrink-perturb",
+        "--standard-adam",
+        "--resume",
+        "--no-bootstrap-truncation",
+    ):
+        assert flag in text
+    assert "fraction of eligible units replaced per step" in text
+
+
+def test_running_mean_std_matches_numpy():
+    from ppo_cbp.train import RunningMeanStd
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(3.0, 2.0, size=(100, 4))
+    # a negligible pseudo-count: the statistics are those of the data alone
+    rms = RunningMeanStd((4,), epsilon=1e-300)
+    for chunk in np.split(data, [1, 7, 30, 31, 64]):
+        rms.update(chunk)
+    np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-10)
+    assert math.isclose(rms.count, 100.0)
