@@ -60,6 +60,7 @@ warm start; the replayed observation is checked against the saved one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -124,8 +125,8 @@ class Args:
     """Seed of everything: network init, action noise, minibatch order, CBP/ReDo draws, the
     friction sequence; env i is reset with seed + i."""
     num_envs: int = 1
-    """Parallel environments (gymnasium AsyncVectorEnv, one process each, when > 1). The rollout
-    has num_steps steps per env."""
+    """Parallel environments. With N > 1, env 0 steps in the trainer's process and envs 1..N-1
+    in one worker process each. The rollout has num_steps steps per env."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the networks live: auto = cuda if available, else cpu."""
     threads: int = 1
@@ -628,8 +629,15 @@ class CheckpointableEnv(gym.Wrapper):
         return obs
 
 
-def _make_env_fn(a: Args, index: int) -> Callable[[], CheckpointableEnv]:
-    def thunk() -> CheckpointableEnv:
+@dataclass
+class _EnvFactory:
+    """Builds env ``index`` of a run (a picklable stand-in for a closure, for worker processes)."""
+
+    args: Args
+    index: int
+
+    def __call__(self) -> CheckpointableEnv:
+        a = self.args
         if multiprocessing.parent_process() is not None:
             # Workers ignore Ctrl-C: the trainer checkpoints and then closes them.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -647,9 +655,11 @@ def _make_env_fn(a: Args, index: int) -> Callable[[], CheckpointableEnv]:
                 start_with_default=a.friction_start_default,
                 steps_per_step=a.num_envs,
             )
-        return CheckpointableEnv(env, index)
+        return CheckpointableEnv(env, self.index)
 
-    return thunk
+
+def _make_env_fn(a: Args, index: int) -> Callable[[], CheckpointableEnv]:
+    return _EnvFactory(a, index)
 
 
 StepResult = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]
@@ -683,30 +693,121 @@ class SingleEnv:
         self.env.close()
 
 
-class AsyncEnvs:
-    """gymnasium's AsyncVectorEnv with same-step autoreset (final observations in the info)."""
+def _env_worker(conn: Any, parent_conn: Any, fn: Callable[[], CheckpointableEnv]) -> None:
+    """Worker process of :class:`ParallelEnvs`: runs one env, answers commands on a pipe."""
+    parent_conn.close()
+    env = None
+    try:
+        env = fn()
+        while True:
+            cmd, data = conn.recv()
+            if cmd == "step":
+                obs, reward, terminated, truncated, _ = env.step(data)
+                final = None
+                if terminated or truncated:
+                    final = obs
+                    obs, _ = env.reset()
+                conn.send((obs, reward, terminated, truncated, final))
+            elif cmd == "reset":
+                conn.send(env.reset(seed=data)[0])
+            elif cmd == "call":
+                name, args = data
+                attr = env.get_wrapper_attr(name)
+                conn.send(attr(*args) if callable(attr) else attr)
+            elif cmd == "close":
+                break
+    except KeyboardInterrupt:
+        pass
+    except BaseException as e:  # report to the trainer rather than dying silently
+        import traceback
+
+        with contextlib.suppress(BrokenPipeError, OSError):
+            conn.send(_WorkerError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        if env is not None:
+            env.close()
+        conn.close()
+
+
+@dataclass
+class _WorkerError:
+    message: str
+
+
+class ParallelEnvs:
+    """``N`` envs stepped in parallel: env 0 in this process, envs 1..N-1 in one worker each.
+
+    The trainer's own process steps env 0 while the workers step theirs, so the latency of
+    waking a worker hides behind a full env step. (gymnasium's AsyncVectorEnv, where the trainer
+    only waits, was slower with 2 envs than 1 env on a 2-core machine: each step paid two
+    process wake-ups.) Same-step autoreset: an env whose episode ends is reset at once and its
+    final observation returned in the step's ``finals``.
+    """
 
     def __init__(self, fns: list[Callable[[], CheckpointableEnv]]):
-        self.vec = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        ctx = multiprocessing.get_context()
         self.num_envs = len(fns)
-        self.single_observation_space = self.vec.single_observation_space
-        self.single_action_space = self.vec.single_action_space
+        self.pipes: list[Any] = []
+        self.procs: list[Any] = []
+        for fn in fns[1:]:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_env_worker, args=(child, parent, fn), daemon=True)
+            proc.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+        self.local = SingleEnv(fns[0])
+        self.single_observation_space = self.local.single_observation_space
+        self.single_action_space = self.local.single_action_space
+        self._obs = np.zeros((self.num_envs, *self.single_observation_space.shape), np.float64)
+
+    def _recv(self, pipe: Any) -> Any:
+        out = pipe.recv()
+        if isinstance(out, _WorkerError):
+            raise RuntimeError(f"env worker failed: {out.message}")
+        return out
 
     def reset(self, seeds: list[int]) -> np.ndarray:
-        return self.vec.reset(seed=seeds)[0]
+        for pipe, seed in zip(self.pipes, seeds[1:]):
+            pipe.send(("reset", seed))
+        obs = self._obs.copy()
+        obs[0] = self.local.reset(seeds[:1])[0]
+        for i, pipe in enumerate(self.pipes, 1):
+            obs[i] = self._recv(pipe)
+        return obs
 
     def step(self, actions: np.ndarray) -> StepResult:
-        obs, reward, terminated, truncated, info = self.vec.step(actions)
-        finals = []
-        if "_final_obs" in info:
-            finals = [(int(i), info["final_obs"][i]) for i in np.flatnonzero(info["_final_obs"])]
+        for i, pipe in enumerate(self.pipes, 1):
+            pipe.send(("step", actions[i]))
+        obs0, reward0, term0, trunc0, finals = self.local.step(actions[:1])
+        obs = np.empty_like(self._obs)
+        reward = np.empty(self.num_envs, np.float64)
+        terminated = np.empty(self.num_envs, bool)
+        truncated = np.empty(self.num_envs, bool)
+        obs[0], reward[0], terminated[0], truncated[0] = obs0[0], reward0[0], term0[0], trunc0[0]
+        for i, pipe in enumerate(self.pipes, 1):
+            obs[i], reward[i], terminated[i], truncated[i], final = self._recv(pipe)
+            if final is not None:
+                finals.append((i, final))
         return obs, reward, terminated, truncated, finals
 
     def call(self, name: str, *args: Any) -> tuple[Any, ...]:
-        return self.vec.call(name, *args)
+        for pipe in self.pipes:
+            pipe.send(("call", (name, args)))
+        first = self.local.call(name, *args)
+        return first + tuple(self._recv(pipe) for pipe in self.pipes)
 
     def close(self) -> None:
-        self.vec.close()
+        for pipe in self.pipes:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                pipe.send(("close", None))
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+        for pipe in self.pipes:
+            pipe.close()
+        self.local.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -939,7 +1040,7 @@ def main(args: Args) -> TrainResult:
 
     # ---------------- environments
     fns = [_make_env_fn(a, i) for i in range(a.num_envs)]
-    envs: SingleEnv | AsyncEnvs = SingleEnv(fns[0]) if a.num_envs == 1 else AsyncEnvs(fns)
+    envs: SingleEnv | ParallelEnvs = SingleEnv(fns[0]) if a.num_envs == 1 else ParallelEnvs(fns)
     writer = None
     try:
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
