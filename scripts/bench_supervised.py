@@ -1,0 +1,169 @@
+"""Throughput of the fused stacked-seed trainer against a plain PyTorch baseline, side by side.
+
+Baseline: ``nn.Sequential`` + autograd + ``torch.optim.SGD``, batch 1, one seed (the usual way to
+write the online benchmarks). Fused: :class:`ppo_cbp.stacked.StackedTrainer` with S seeds, with
+and without continual backprop (paper's Permuted MNIST setting: adaptable contribution,
+eta 0.99, maturity 100, rho 1e-6). All cases run interleaved in rounds so that they see the
+same machine load; each number is the median over rounds. Examples/s counts every seed's
+examples (S per step).
+
+Targets (issue 4): width 100 with 8 seeds and CBP >= 6x the baseline; width 2000, one seed,
+with CBP >= 1.8x; CBP <= 15% over the same path without it; SCR with 8 seeds >= 5x.
+
+    python scripts/bench_supervised.py [--rounds 5] [--threads 1] [--out docs/bench_supervised.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppo_cbp.cbp import ContinualBackprop
+from ppo_cbp.init import init_layer_
+from ppo_cbp.stacked import StackedMLP, StackedTrainer
+
+
+def baseline(sizes: list[int], loss: str, lr: float) -> Callable[[int], float]:
+    """Returns run(steps) -> seconds for the nn.Sequential + autograd + SGD baseline."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(init_layer_(nn.Linear(a, b), "kaiming_uniform"))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    net = nn.Sequential(*layers)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    n = 512
+    x = torch.rand(n, 1, sizes[0])
+    if loss == "cross_entropy":
+        y = torch.randint(0, sizes[-1], (n, 1))
+    else:
+        y = torch.randn(n, 1, sizes[-1])
+
+    def run(steps: int) -> float:
+        t = time.perf_counter()
+        for i in range(steps):
+            out = net(x[i % n])
+            if loss == "cross_entropy":
+                value = F.cross_entropy(out, y[i % n])
+            else:
+                value = F.mse_loss(out, y[i % n])
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+        return time.perf_counter() - t
+
+    return run
+
+
+def fused(sizes: list[int], seeds: int, cbp: bool, loss: str, lr: float) -> Callable[[int], float]:
+    net = StackedMLP(sizes, list(range(seeds)))
+    trainer = StackedTrainer(net, loss=loss, lr=lr)
+    op = None
+    if cbp:
+        op = ContinualBackprop(
+            trainer.unit_layers(),
+            None,
+            replacement_rate=1e-6,
+            maturity_threshold=100,
+            decay_rate=0.99,
+            utility="adaptable_contribution",
+            seed=list(range(seeds)),
+        )
+    n = 512
+    x = net.with_ones(torch.rand(seeds, n, sizes[0]))
+    if loss == "cross_entropy":
+        y = torch.randint(0, sizes[-1], (seeds, n))
+    else:
+        y = torch.randn(seeds, n, sizes[-1])
+    out = torch.empty(seeds, n, sizes[-1])
+
+    def run(steps: int) -> float:
+        t = time.perf_counter()
+        for i in range(steps):
+            j = i % n
+            hidden = trainer.step(x[:, j : j + 1], y[:, j : j + 1], out=out[:, j : j + 1])
+            if op is not None:
+                op.step(hidden)
+        return time.perf_counter() - t
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=1.0, help="target time per measurement")
+    parser.add_argument("--out", default="docs/bench_supervised.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    mnist = lambda w: [784, w, w, w, 10]  # noqa: E731
+    scr = [20, 5, 1]
+    cases: dict[str, tuple[Callable[[int], float], int]] = {
+        "w100 baseline": (baseline(mnist(100), "cross_entropy", 0.003), 1),
+        "w100 fused S=8": (fused(mnist(100), 8, False, "cross_entropy", 0.003), 8),
+        "w100 fused S=8 +CBP": (fused(mnist(100), 8, True, "cross_entropy", 0.003), 8),
+        "w2000 baseline": (baseline(mnist(2000), "cross_entropy", 0.003), 1),
+        "w2000 fused S=1": (fused(mnist(2000), 1, False, "cross_entropy", 0.003), 1),
+        "w2000 fused S=1 +CBP": (fused(mnist(2000), 1, True, "cross_entropy", 0.003), 1),
+        "scr baseline": (baseline(scr, "squared_error", 0.01), 1),
+        "scr fused S=8": (fused(scr, 8, False, "squared_error", 0.01), 8),
+    }
+    steps = {}
+    for name, (run, _) in cases.items():  # warm up and size each measurement to ~--seconds
+        run(20)
+        per_step = run(50) / 50
+        steps[name] = max(20, int(args.seconds / per_step))
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, (run, seeds) in cases.items():
+            rates[name].append(steps[name] * seeds / run(steps[name]))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return median[a] / median[b]
+
+    checks = [
+        ("w100 S=8 +CBP / baseline", ratio("w100 fused S=8 +CBP", "w100 baseline"), 6.0, ">="),
+        ("w2000 S=1 +CBP / baseline", ratio("w2000 fused S=1 +CBP", "w2000 baseline"), 1.8, ">="),
+        ("CBP overhead w100 S=8", ratio("w100 fused S=8", "w100 fused S=8 +CBP") - 1, 0.15, "<="),
+        ("CBP overhead w2000", ratio("w2000 fused S=1", "w2000 fused S=1 +CBP") - 1, 0.15, "<="),
+        ("scr S=8 / baseline", ratio("scr fused S=8", "scr baseline"), 5.0, ">="),
+        ("w100 S=8 (no CBP) / baseline", ratio("w100 fused S=8", "w100 baseline"), None, ""),
+        ("w2000 S=1 (no CBP) / baseline", ratio("w2000 fused S=1", "w2000 baseline"), None, ""),
+    ]
+    print(f"{'case':<24} {'examples/s':>12}")
+    for name in cases:
+        print(f"{name:<24} {median[name]:>12.0f}")
+    print()
+    print(f"{'check':<32} {'value':>8} {'target':>10}  ok")
+    results = []
+    for name, value, target, op in checks:
+        ok = None if target is None else (value >= target if op == ">=" else value <= target)
+        tgt = "" if target is None else f"{op} {target:g}"
+        print(f"{name:<32} {value:>8.2f} {tgt:>10}  {'' if ok is None else ok}")
+        results.append(dict(check=name, value=value, target=target, op=op, ok=ok))
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "examples_per_second": median,
+        "all_rounds": rates,
+        "checks": results,
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
