@@ -84,8 +84,10 @@ import tyro
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):
+    # Run as a script: import the package from the repository root, and not this directory's
+    # modules (metrics, init, units, ...) as top-level modules that could shadow others.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from envs import FrictionChange  # noqa: E402
 from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
@@ -115,34 +117,25 @@ class Args:
 
     # ---- experiment
     env: str = "Ant-v4"
-    """Environment id: Ant, Hopper or Walker2d, -v4 or -v5 (any gymnasium MuJoCo id of version
-    >= 4 works). Ant-v5's default observation (105 dims) includes contact forces, Ant-v4's (27)
-    does not."""
+    """Environment id: Ant, Hopper or Walker2d, -v4 or -v5 (any gymnasium MuJoCo id of version >= 4 works). Ant-v5's default observation (105 dims) includes contact forces, Ant-v4's (27) does not."""
     steps: int = 100_000_000
-    """Total environment steps (over all envs). Training stops at the first update boundary at or
-    after this many steps."""
+    """Total environment steps (over all envs). Training stops at the first update boundary at or after this many steps."""
     seed: int = 1
-    """Seed of everything: network init, action noise, minibatch order, CBP/ReDo draws, the
-    friction sequence; env i is reset with seed + i."""
+    """Seed of everything: network init, action noise, minibatch order, CBP/ReDo draws, the friction sequence; env i is reset with seed + i."""
     num_envs: int = 1
-    """Parallel environments. With N > 1, env 0 steps in the trainer's process and envs 1..N-1
-    in one worker process each. The rollout has num_steps steps per env."""
+    """Parallel environments. With N > 1, env 0 steps in the trainer's process and envs 1..N-1 in one worker process each. The rollout has num_steps steps per env."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the networks live: auto = cuda if available, else cpu."""
     threads: int = 1
-    """torch.set_num_threads for this process. 1 is fastest for these small networks and lets
-    runs share a machine."""
+    """torch.set_num_threads for this process. 1 is fastest for these small networks and lets runs share a machine."""
     run_name: str | None = None
     """Run directory name under runs_dir; default <env>__<method>__s<seed>__<unix time>."""
     runs_dir: str = "runs"
     """Parent directory of run directories."""
     resume: str | None = None
-    """Continue the run in this directory (runs/<run_name>) from its checkpoint. Settings not
-    given on the command line are taken from the checkpoint; given ones must match it, except
-    steps, checkpoint_every, metrics_every, device, threads and progress."""
+    """Continue the run in this directory (runs/<run_name>) from its checkpoint. Settings not given on the command line are taken from the checkpoint; given ones must match it, except steps, checkpoint_every, metrics_every, device, threads and progress."""
     checkpoint_every: int = 1_000_000
-    """Write a checkpoint at the first update boundary after every this many steps (0: only at the
-    end, on SIGINT/SIGTERM and on a non-finite loss)."""
+    """Write a checkpoint at the first update boundary after every this many steps (0: only at the end, on SIGINT/SIGTERM and on a non-finite loss)."""
     metrics_every: int = 10
     """Log the plasticity metrics every this many updates (0: never)."""
     progress: bool = True
@@ -168,18 +161,15 @@ class Args:
     ent_coef: float = 0.0
     """Entropy bonus coefficient (0 in the paper)."""
     vf_coef: float = 1.0
-    """Coefficient of the value loss mean((V - R)^2) (1 in the paper; CleanRL's 0.5 * 0.5 would be
-    0.25 here)."""
+    """Coefficient of the value loss mean((V - R)^2) (1 in the paper; CleanRL's 0.5 * 0.5 would be 0.25 here)."""
     max_grad_norm: float | None = None
     """Clip the global gradient norm to this value; None (default, the paper): no clipping."""
     norm_adv: bool = True
     """Normalise advantages to mean 0, std 1 over the whole batch (the paper's code)."""
     bootstrap_truncation: bool = True
-    """Bootstrap from V(final observation) at time-limit truncations. --no-bootstrap-truncation
-    treats truncations as terminations, as the paper's code did."""
+    """Bootstrap from V(final observation) at time-limit truncations. --no-bootstrap-truncation treats truncations as terminations, as the paper's code did."""
     clip_actions: bool = False
-    """Clip actions to the action space before stepping the env (CleanRL's ClipAction). Off, as in
-    the paper: MuJoCo clamps the controls, but the control cost sees the raw Gaussian sample."""
+    """Clip actions to the action space before stepping the env (CleanRL's ClipAction). Off, as in the paper: MuJoCo clamps the controls, but the control cost sees the raw Gaussian sample."""
     normalize_obs: bool = False
     """Normalise observations with a running mean/std (clipped to +-10), checkpointed."""
     normalize_reward: bool = False
@@ -196,8 +186,7 @@ class Args:
         "xavier_uniform",
         "torch_default",
     ] = "lecun_uniform"
-    """Weight init of every layer (output layers too); biases start at 0. CBP/ReDo redraw
-    replaced units from the same distribution."""
+    """Weight init of every layer (output layers too); biases start at 0. CBP/ReDo redraw replaced units from the same distribution."""
     log_std_init: float = 0.0
     """Initial value of the state-independent log standard deviation of the policy."""
     adam_beta1: float | None = None
@@ -207,13 +196,11 @@ class Args:
     adam_eps: float = 1e-8
     """Adam epsilon."""
     weight_decay: float | None = None
-    """Adam's coupled L2 weight decay. Default 0, or 1e-4 with --cbp/--redo/--shrink-perturb,
-    1e-3 with --l2."""
+    """Adam's coupled L2 weight decay. Default 0, or 1e-4 with --cbp/--redo/--shrink-perturb, 1e-3 with --l2."""
 
     # ---- methods
     cbp: bool = False
-    """Continual backprop on both networks after every minibatch step (implies weight decay 1e-4
-    unless given)."""
+    """Continual backprop on both networks after every minibatch step (implies weight decay 1e-4 unless given)."""
     replacement_rate: float = 1e-4
     """CBP: fraction of eligible units replaced per step, in [0, 1]."""
     maturity_threshold: int = 10_000
@@ -233,8 +220,7 @@ class Args:
     l2: bool = False
     """The paper's L2 baseline: weight decay 1e-3."""
     shrink_perturb: bool = False
-    """Shrink & Perturb: weight decay (default 1e-4) plus N(0, noise_std^2) noise added to every
-    network weight and bias after each optimizer step."""
+    """Shrink & Perturb: weight decay (default 1e-4) plus N(0, noise_std^2) noise added to every network weight and bias after each optimizer step."""
     noise_std: float | None = None
     """Shrink & Perturb noise std; default 1e-5."""
     standard_adam: bool = False
