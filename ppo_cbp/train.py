@@ -850,6 +850,11 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
     * ``weight_magnitude/layer{i}`` (mean |W| of Linear layer i, output layer included) and
       ``weight_magnitude/overall`` (sum |W| / number of weights; biases excluded).
 
+    The trainer adds ``max_weight_change``, the largest, over the updates since the previous
+    log, of one update's L1 weight change ``sum |W_after - W_before|`` over the net's Linear
+    weights (biases excluded; the quantity of the paper's Extended Data Fig. 5c), and
+    ``units_replaced``, the cumulative number of units reset by CBP/ReDo (0 without them).
+
     All values are device tensors; the caller synchronises once.
     """
     acts = hidden_activations(net, states)
