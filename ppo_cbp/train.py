@@ -1048,14 +1048,17 @@ def main(args: Args) -> TrainResult:
         critic = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
         log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
         net_params = list(actor.parameters()) + list(critic.parameters())
-        optimizer = torch.optim.Adam(
-            [*actor.parameters(), log_std, *critic.parameters()],
+        adam_kwargs = dict(
             lr=a.learning_rate,
             betas=(a.adam_beta1, a.adam_beta2),
             eps=a.adam_eps,
             weight_decay=a.weight_decay,
-            fused=True,
         )
+        params = [*actor.parameters(), log_std, *critic.parameters()]
+        try:  # the fused kernel: one call per step (CPU support since torch 2.4)
+            optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
+        except (RuntimeError, ValueError):
+            optimizer = torch.optim.Adam(params, **adam_kwargs)
         resetters: dict[str, ContinualBackprop | ReDo] = {}
         for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
             if a.cbp:
@@ -1179,7 +1182,6 @@ def main(args: Args) -> TrainResult:
         actor_linears = [m for m in actor if isinstance(m, nn.Linear)]
         critic_linears = [m for m in critic if isinstance(m, nn.Linear)]
         act_low, act_high = act_space.low, act_space.high
-        params = [*actor.parameters(), log_std, *critic.parameters()]
 
         timings = dict.fromkeys(("env", "acting", "update", "cbp", "metrics", "checkpoint"), 0.0)
         t_start = time.perf_counter()
