@@ -1303,13 +1303,16 @@ def main(args: Args) -> TrainResult:
                         b_obs,
                         act_host.to(device).reshape(B, act_dim),
                         b_logp[:, None],
-                        b_adv[:, None],
+                        -b_adv[:, None],  # negated: the loss uses -A
                         b_ret[:, None],
                     ],
                     1,
                 )
                 o1, o2 = obs_dim, obs_dim + act_dim
-                stats = torch.zeros(a.update_epochs * a.num_minibatches, 4, device=device)
+                # Per-minibatch losses and log-ratios stay on the device until the update ends.
+                num_mb = a.update_epochs * a.num_minibatches
+                losses = torch.zeros(num_mb, 2, device=device)
+                log_ratios = torch.zeros(num_mb, minibatch, device=device)
                 for tr in trackers.values():
                     tr.snapshot()
                 cbp_time = 0.0
@@ -1319,14 +1322,15 @@ def main(args: Args) -> TrainResult:
                     for start in range(0, B, minibatch):
                         d = data[perm[start : start + minibatch]]
                         x, act, old_logp = d[:, :o1], d[:, o1:o2], d[:, o2]
-                        adv, ret = d[:, o2 + 1], d[:, o2 + 2]
+                        neg_adv, ret = d[:, o2 + 1], d[:, o2 + 2]
                         mean, actor_hidden = _train_forward(actor_linears, x)
                         z = (act - mean) * torch.exp(-log_std)
                         logp = -0.5 * z.square().sum(1) - log_std.sum() - 0.5 * act_dim * LOG_2PI
                         log_ratio = logp - old_logp
                         ratio = log_ratio.exp()
                         pg_loss = torch.max(
-                            -adv * ratio, -adv * ratio.clamp(1 - a.clip_coef, 1 + a.clip_coef)
+                            neg_adv * ratio,
+                            neg_adv * ratio.clamp(1 - a.clip_coef, 1 + a.clip_coef),
                         ).mean()
                         value, critic_hidden = _train_forward(critic_linears, x)
                         v_loss = (value.view(-1) - ret).square().mean()
@@ -1348,20 +1352,26 @@ def main(args: Args) -> TrainResult:
                             resetters["value"].step(critic_hidden)
                         cbp_time += time.perf_counter() - t_cbp
                         with torch.no_grad():
-                            stats[k] = torch.stack(
-                                (
-                                    pg_loss,
-                                    v_loss,
-                                    ((ratio - 1) - log_ratio).mean(),
-                                    ((ratio - 1).abs() > a.clip_coef).float().mean(),
-                                )
-                            )
+                            losses[k] = torch.stack((pg_loss, v_loss))
+                            log_ratios[k] = log_ratio
                         k += 1
                 changes = torch.stack([tr.change() for tr in trackers.values()])
                 max_change = torch.maximum(max_change, changes)
-                means = stats.mean(0)
-                finite = bool(torch.isfinite(stats).all() & torch.isfinite(changes).all())
-                pg_m, v_m, kl_m, cf_m = means.tolist()  # the one host sync of the update
+                # CleanRL's approx_kl, E[(r - 1) - log r], and the fraction of clipped ratios,
+                # averaged over all minibatches of the update.
+                ratios = log_ratios.exp()
+                stats = torch.cat(
+                    (
+                        losses.mean(0),
+                        ((ratios - 1) - log_ratios).mean().view(1),
+                        ((ratios - 1).abs() > a.clip_coef).float().mean().view(1),
+                        torch.isfinite(losses).all().view(1),
+                        torch.isfinite(log_ratios).all().view(1),
+                        torch.isfinite(changes).all().view(1),
+                    )
+                )
+                pg_m, v_m, kl_m, cf_m, *ok = stats.tolist()  # the one host sync of the update
+                finite = all(ok)
                 t_update = time.perf_counter()
                 timings["update"] += t_update - t_rollout
                 timings["cbp"] += cbp_time
