@@ -173,6 +173,7 @@ class ContinualBackprop:
         """Accumulated fractional count ``c_l`` of units to replace."""
         self._recent: list[deque[tuple[int, int]]] = [deque() for _ in self.layers]
         self._recent_total = [0] * len(self.layers)
+        self._updated_previous = False
         self.num_replaced = 0
         """Units replaced so far in each network (summed over layers; the same for all seeds)."""
 
@@ -202,7 +203,9 @@ class ContinualBackprop:
             activity, count = layer.abs_sum(h)
         else:
             activity, count = layer.abs_sum(h, self.mean_activation[i] / self._bias_correction(i))
-            activity.div_(layer.in_magnitude())
+            # the previous layer's out_magnitude this step already holds |this layer's weight|
+            previous = self.layers[i - 1] if i > 0 and self._updated_previous else None
+            activity.div_(layer.in_magnitude(previous))
         weight = (1.0 - self.decay_rate) / count
         u = self.utility[i].mul_(self.decay_rate)
         if out is None:
@@ -233,19 +236,23 @@ class ContinualBackprop:
         self.steps += 1
         eta = self.decay_rate
         replaced = 0
+        self._updated_previous = False
         for i, (layer, h) in enumerate(zip(self.layers, activations)):
             eligible = self.num_eligible(i)
             self.to_replace[i] += self.replacement_rate * eligible
             # The tolerance keeps decimal rates exact: 0.3 added ten times is 2.9999999999999996.
             k = min(int(self.to_replace[i] + 1e-9), eligible)
             if eta == 0.0 and k == 0 and not self._track_mean:
+                self._updated_previous = False
                 continue
             if self._track_mean:
                 self.mean_activation[i].lerp_(layer.mean(h), 1.0 - eta)
             self._update_utility(i, layer, h)
+            self._updated_previous = True
             if k == 0:
                 continue
             self.to_replace[i] -= k
+            self._updated_previous = False  # the replacement below changes the cached |weight|
             ages = self.ages(i)
             score = self.utility[i] / self._bias_correction(i) if eta > 0 else self.utility[i]
             score = score.masked_fill(ages <= self.maturity_threshold, float("inf"))

@@ -160,10 +160,23 @@ class UnitLayer:
             return per_column.view(self.num_seeds, self.units, self.out_group).sum(-1)
         return self.seeded(absolute.sum(dim=(sd, sd + 2, sd + 3)))
 
-    def in_magnitude(self) -> Tensor:
-        """Mean of |incoming weights| per unit, ``[S, units]``."""
-        w = self.seeded(self.weight).reshape(self.num_seeds, self.units, -1)
-        return w.abs().mean(dim=-1)
+    def in_magnitude(self, previous: UnitLayer | None = None) -> Tensor:
+        """Mean of |incoming weights| per unit, ``[S, units]``.
+
+        If ``previous`` is the layer whose consumer is this layer's weight and it computed
+        :meth:`out_magnitude` this step, its |weight| buffer is reused instead of a second pass.
+        """
+        w = self.weight
+        cached = None if previous is None else previous._abs_out
+        same = (
+            cached is not None
+            and previous.out_weight is not None
+            and previous.out_weight.data_ptr() == w.data_ptr()
+            and previous.out_weight.shape == w.shape
+            and previous.out_weight.stride() == w.stride()
+        )
+        absolute = cached if same else w.abs()
+        return self.seeded(absolute).reshape(self.num_seeds, self.units, -1).mean(dim=-1)
 
     def fresh_weights(self, rows: int, generators: Sequence[torch.Generator]) -> Tensor:
         """``rows`` new incoming weight rows per seed from the layer's init: ``[S, rows, fan_in]``."""
