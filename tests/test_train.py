@@ -389,3 +389,37 @@ def test_running_mean_std_matches_numpy():
     np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-12)
     np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-10)
     assert math.isclose(rms.count, 100.0)
+
+
+@pytest.mark.parametrize("spin", [True, False])
+def test_parallel_envs_step_like_separate_envs(spin):
+    """Env i of ParallelEnvs follows the same trajectory as the same env stepped alone."""
+    from ppo_cbp.train import ParallelEnvs, SingleEnv, _make_env_fn
+
+    a = Args(env="Hopper-v4", num_envs=3, friction_every=300)
+    envs = ParallelEnvs([_make_env_fn(a, i) for i in range(3)], spin=spin)
+    alone = [SingleEnv(_make_env_fn(a, i)) for i in range(3)]
+    try:
+        rng = np.random.default_rng(0)
+        obs = envs.reset([5, 6, 7])
+        for i, env in enumerate(alone):
+            np.testing.assert_array_equal(obs[i], env.reset([5 + i])[0])
+        ended = 0
+        for _ in range(300):
+            actions = rng.uniform(-1, 1, (3, 3)).astype(np.float32)
+            obs, reward, terminated, truncated, finals = envs.step(actions)
+            finals = dict(finals)
+            for i, env in enumerate(alone):
+                o, r, te, tr, f = env.step(actions[i : i + 1])
+                np.testing.assert_array_equal(obs[i], o[0])
+                assert (reward[i], terminated[i], truncated[i]) == (r[0], te[0], tr[0])
+                assert (i in finals) == bool(f)
+                if f:
+                    np.testing.assert_array_equal(finals[i], f[0][1])
+                    ended += 1
+        assert ended > 3  # Hopper falls quickly under random actions: resets were exercised
+        assert envs.call("friction") == tuple(env.call("friction")[0] for env in alone)
+    finally:
+        envs.close()
+        for env in alone:
+            env.close()
