@@ -54,7 +54,6 @@ from ppo_cbp.units import (
     ActivationRecorder,
     StateTensors,
     UnitLayer,
-    _no_state,
     optimizer_state_tensors,
     replace_units_,
     sequential_unit_layers,
@@ -148,12 +147,7 @@ class ContinualBackprop:
         self.decay_rate = decay_rate
         self.utility_type = utility
         self.fold_bias = fold_bias
-        if not reset_optimizer_state or optimizer is None:
-            self._state_tensors: StateTensors = _no_state
-        elif isinstance(optimizer, torch.optim.Optimizer):
-            self._state_tensors = optimizer_state_tensors(optimizer)
-        else:
-            self._state_tensors = optimizer
+        self._state_tensors = optimizer_state_tensors(optimizer, reset_optimizer_state)
         first = self.layers[0].weight
         self.num_seeds = self.layers[0].num_seeds
         self.generators = make_generators(seed, self.num_seeds, first.device)

@@ -30,7 +30,6 @@ from ppo_cbp.metrics import DORMANT_SCORE_EPS
 from ppo_cbp.units import (
     StateTensors,
     UnitLayer,
-    _no_state,
     optimizer_state_tensors,
     replace_masked_units_,
 )
@@ -78,12 +77,7 @@ class ReDo:
         self.layers, self._recorder = resolve_layers(net, init, nonlinearity)
         self.threshold = threshold
         self.period = int(period)
-        if not reset_optimizer_state or optimizer is None:
-            self._state_tensors: StateTensors = _no_state
-        elif isinstance(optimizer, torch.optim.Optimizer):
-            self._state_tensors = optimizer_state_tensors(optimizer)
-        else:
-            self._state_tensors = optimizer
+        self._state_tensors = optimizer_state_tensors(optimizer, reset_optimizer_state)
         first = self.layers[0].weight
         self.num_seeds = self.layers[0].num_seeds
         self.generators = make_generators(seed, self.num_seeds, first.device)

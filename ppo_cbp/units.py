@@ -194,20 +194,29 @@ class UnitLayer:
         )
 
 
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> StateTensors:
-    """State tensors of ``optimizer`` shaped like the parameter (Adam moments, SGD momentum)."""
+def _no_state(p: Tensor) -> list[Tensor]:
+    return []
+
+
+def optimizer_state_tensors(
+    optimizer: torch.optim.Optimizer | StateTensors | None, reset: bool = True
+) -> StateTensors:
+    """The state tensors to zero for a parameter's replaced entries.
+
+    For a torch optimizer: its per-parameter state shaped like the parameter (Adam moments,
+    SGD momentum). A function is taken as is (for hand-written optimizers). None, or
+    ``reset=False``: nothing is reset.
+    """
+    if optimizer is None or not reset:
+        return _no_state
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
 
     def tensors(p: Tensor) -> list[Tensor]:
-        if optimizer is None:
-            return []
         state = optimizer.state.get(p, {})
         return [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]
 
     return tensors
-
-
-def _no_state(p: Tensor) -> list[Tensor]:
-    return []
 
 
 @torch.no_grad()
