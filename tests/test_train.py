@@ -254,7 +254,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, num_envs):
     assert load(run)["resetters"]["policy"]["num_replaced"] > 0
 
 
-def test_sigint_checkpoints_and_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_and_resume_continues_exactly(tmp_path, signum):
     cmd = [sys.executable, str(TRAIN), "--env", "Hopper-v4", "--steps", "1_000_000"]
     cmd += ["--num-steps", "256", "--num-minibatches", "1", "--update-epochs", "1"]
     cmd += ["--metrics-every", "3", "--cbp", "--checkpoint-every", "0", "--device", "cpu"]
@@ -265,9 +266,9 @@ def test_sigint_checkpoints_and_resume_continues_exactly(tmp_path):
     while not (run / "config.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     time.sleep(2.0)  # let it train a few dozen updates
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT, err
+    assert proc.returncode == 128 + signum, err
     assert "checkpoint saved" in err and f"--resume {run}" in err
     state = load(run)
     stopped = state["global_step"]
