@@ -1287,9 +1287,9 @@ def main(args: Args) -> TrainResult:
         writer = SummaryWriter(
             str(run_dir), purge_step=global_step + 1 if ckpt is not None else None
         )
+        resolved = _args_dict(a)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
         if ckpt is None:
-            resolved = _args_dict(a)
-            (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
             table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
             writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
 
