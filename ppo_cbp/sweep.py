@@ -1,0 +1,838 @@
+"""Sweeps over seeds and hyperparameters, one Ray task per trial (driven by ``scripts/sweep.py``).
+
+A sweep runs one program (``ppo_cbp/train.py`` or a ``scripts/supervised.py`` subcommand)
+with fixed flags over the Cartesian product of a grid of flag values and a list of seeds. A
+*trial* is one configuration (one value per grid flag) and its seeds: one seed for PPO; for the
+supervised benchmarks, which train seeds in lockstep, ``seeds_per_trial`` seeds at once.
+
+Layout under ``<runs_dir>/<sweep name>/``:
+
+* ``manifest.json``: the sweep (program, fixed flags, grid, seeds) and, per trial, its
+  configuration, seeds, command, run folder, ``state`` (``pending``, ``running``, ``done``,
+  ``failed``), ``attempts`` (launches so far, over all invocations), last return code and
+  log tail, and, once done, its per-seed metrics. Written atomically (temporary file, then
+  ``os.replace``) by the driver only.
+* ``<trial id>/``: the trial's run folder (the program's own outputs) and ``trial.log``, the
+  program's stdout and stderr over all attempts, each attempt preceded by a header line.
+* ``results.csv``: one row per trial and seed (configuration, seed, metrics); ``summary.csv``:
+  per configuration, the number of seeds ``n`` and for every metric the mean over seeds and its
+  standard error ``s / sqrt(n)`` (``s`` the sample standard deviation, ``ddof = 1``; empty for
+  ``n = 1``).
+
+Metrics per seed. Supervised runs (from ``summary.json``): ``final_<m>``, the value of ``m`` in
+the last row of ``metrics.csv`` (last task or bin), and ``mean_<m>``, its mean over all rows.
+PPO runs (from the TensorBoard scalar ``charts/episodic_return``, step = environment step at
+the episode's end): ``mean_episodic_return`` over all episodes, ``final_episodic_return`` over
+the episodes that end in the last ``FINAL_FRACTION`` (10%) of the run's last logged step (at
+least the last episode), ``episodes`` and ``last_step``.
+
+Re-running a sweep skips ``done`` trials; any other trial starts again, continuing from its
+checkpoint when its folder holds one (``--resume``), otherwise from scratch after clearing the
+folder's partial outputs (``trial.log`` is kept). A trial whose program exits non-zero is
+retried up to ``max_retries`` times per invocation, then marked ``failed``.
+
+On a multi-node cluster the repository must sit at the same path on every node and
+``runs_dir`` on a shared filesystem (resuming needs the checkpoint where the trial runs); the
+metrics travel back to the driver through Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = "manifest.json"
+TRIAL_LOG = "trial.log"
+RESULTS_CSV = "results.csv"
+SUMMARY_CSV = "summary.csv"
+CHECKPOINT = "checkpoint.pt"
+STATES = ("pending", "running", "done", "failed")
+FINAL_FRACTION = 0.1
+LOG_TAIL_LINES = 20
+
+INSTALL_HINT = (
+    "Ray is not installed; sweeps run on Ray. Install it with:\n"
+    "    pip install -e '.[sweep]'      (from the repository root)"
+)
+
+# Flags the sweep sets itself for every trial.
+_MANAGED = {
+    "ppo": ("seed", "run-name", "runs-dir", "resume", "progress", "no-progress"),
+    "supervised": ("seeds", "out", "resume", "no-resume", "progress", "no-progress"),
+}
+SUPERVISED_SUBCOMMANDS = ("permuted-mnist", "slowly-changing-regression")
+# PPO's method is a set of switches; ``method=cbp`` in a grid turns on ``--cbp``.
+PPO_METHODS = {
+    "bp": (),
+    "ppo": (),
+    "cbp": ("--cbp",),
+    "redo": ("--redo",),
+    "l2": ("--l2",),
+    "snp": ("--shrink-perturb",),
+    "shrink-perturb": ("--shrink-perturb",),
+    "stdadam": ("--standard-adam",),
+    "standard-adam": ("--standard-adam",),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass(frozen=True)
+class Program:
+    """What a trial runs: ``kind`` (``ppo`` or ``supervised``), the script relative to the
+    repository root and the subcommand (supervised only)."""
+
+    kind: str
+    script: str
+    subcommand: str | None = None
+
+    def argv(self) -> list[str]:
+        """The program's words, for the manifest and messages."""
+        return [self.script] + ([self.subcommand] if self.subcommand else [])
+
+
+def parse_program(words: Sequence[str]) -> tuple[Program, list[str]]:
+    """Split ``words`` (the command line after ``sweep.py``'s own options) into the program and
+    its fixed flags. ``ppo_cbp/train.py`` (or ``train.py``, ``train``) is PPO;
+    ``scripts/supervised.py <subcommand>`` (or ``supervised.py``, ``supervised``) a supervised
+    benchmark with subcommand ``permuted-mnist`` or ``slowly-changing-regression``."""
+    if not words:
+        raise ValueError("missing the program: ppo_cbp/train.py or scripts/supervised.py <sub>")
+    name, rest = words[0], list(words[1:])
+    base = Path(name).name.removesuffix(".py")
+    if base == "train":
+        return Program("ppo", "ppo_cbp/train.py"), rest
+    if base == "supervised":
+        if not rest or rest[0] not in SUPERVISED_SUBCOMMANDS:
+            got = rest[0] if rest else "nothing"
+            raise ValueError(
+                f"scripts/supervised.py needs a subcommand ({', '.join(SUPERVISED_SUBCOMMANDS)}), "
+                f"got {got}"
+            )
+        return Program("supervised", "scripts/supervised.py", rest[0]), rest[1:]
+    raise ValueError(
+        f"unknown program {name!r}; expected ppo_cbp/train.py or scripts/supervised.py <sub>"
+    )
+
+
+def parse_seeds(specs: Sequence[str]) -> list[int]:
+    """Seeds from words like ``0-29``, ``0,1,2`` or ``3`` (ranges inclusive), in order given;
+    duplicates and negative seeds are errors."""
+    seeds: list[int] = []
+    for spec in specs:
+        for part in str(spec).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            m = re.fullmatch(r"(\d+)-(\d+)", part)
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if hi < lo:
+                    raise ValueError(f"empty seed range {part!r} (end before start)")
+                seeds.extend(range(lo, hi + 1))
+            elif re.fullmatch(r"\d+", part):
+                seeds.append(int(part))
+            else:
+                raise ValueError(f"bad seed {part!r}: expected N, N-M or N,M,...")
+    if not seeds:
+        raise ValueError("no seeds given")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"duplicate seeds in {list(specs)}")
+    return seeds
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
+    """``["method=bp,cbp", "replacement-rate=1e-4,1e-5"]`` -> ``{"method": ["bp", "cbp"], ...}``.
+
+    Keys are flag names without ``--`` (underscores become hyphens); values are kept as
+    written. ``true``/``false`` turn a switch on or off (``--flag``/``--no-flag``)."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().lstrip("-").replace("_", "-")
+        if not sep or not key:
+            raise ValueError(f"bad grid item {item!r}: expected flag=value1,value2,...")
+        vals = [v.strip() for v in values.split(",")]
+        if not all(vals):
+            raise ValueError(f"empty value in grid item {item!r}")
+        if len(set(vals)) != len(vals):
+            raise ValueError(f"duplicate values in grid item {item!r}")
+        if key in grid:
+            raise ValueError(f"grid flag {key!r} given twice")
+        grid[key] = vals
+    return grid
+
+
+def _flag_names(words: Sequence[str]) -> set[str]:
+    return {w[2:].split("=", 1)[0].replace("_", "-") for w in words if w.startswith("--")}
+
+
+def check_flags(program: Program, fixed: Sequence[str], grid: dict[str, list[str]]) -> None:
+    """Reject flags the sweep sets itself and grid flags also given as fixed flags."""
+    managed = set(_MANAGED[program.kind])
+    for name in sorted(_flag_names(fixed) | set(grid)):
+        if name in managed:
+            raise ValueError(
+                f"--{name} is set by the sweep for every trial; remove it "
+                "(seeds: --seeds; output: --runs-dir/--name)"
+            )
+    both = _flag_names(fixed) & set(grid)
+    if both:
+        raise ValueError(f"flags both fixed and in the grid: {', '.join(sorted(both))}")
+    if program.kind == "ppo" and "method" in grid:
+        bad = [v for v in grid["method"] if any(m not in PPO_METHODS for m in v.split("+"))]
+        if bad:
+            raise ValueError(
+                f"unknown PPO method {bad[0]!r}; expected one of {', '.join(PPO_METHODS)} "
+                "(combine with +, e.g. cbp+l2)"
+            )
+
+
+def config_flags(program: Program, config: dict[str, str]) -> list[str]:
+    """Command-line words for one configuration."""
+    words: list[str] = []
+    for key, value in config.items():
+        if program.kind == "ppo" and key == "method":
+            for m in value.split("+"):
+                words.extend(PPO_METHODS[m])
+        elif value.lower() == "true":
+            words.append(f"--{key}")
+        elif value.lower() == "false":
+            words.append(f"--no-{key}")
+        else:
+            words.extend([f"--{key}", value])
+    return words
+
+
+def _seed_label(seeds: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2_5``."""
+    parts = []
+    for _, run in itertools.groupby(enumerate(seeds), key=lambda p: p[1] - p[0]):
+        r = [s for _, s in run]
+        parts.append(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}")
+    return "_".join(parts)
+
+
+def trial_id(config: dict[str, str], seeds: Sequence[int]) -> str:
+    """Folder-safe trial name: ``method=cbp__replacement-rate=1e-4__s0`` (``s0-4`` for seeds
+    0..4 in one trial)."""
+    parts = [f"{k}={v}" for k, v in config.items()] + [f"s{_seed_label(seeds)}"]
+    return re.sub(r"[^A-Za-z0-9=._+-]", "_", "__".join(parts))
+
+
+@dataclass
+class Trial:
+    """One configuration and its seeds, run by one program invocation."""
+
+    id: str
+    config: dict[str, str]
+    seeds: list[int]
+    run_dir: Path
+
+
+def make_trials(
+    program: Program,
+    grid: dict[str, list[str]],
+    seeds: Sequence[int],
+    sweep_dir: Path,
+    seeds_per_trial: int = 1,
+) -> list[Trial]:
+    """Trials in grid order (first grid flag slowest), each configuration's seeds in chunks of
+    ``seeds_per_trial`` (supervised benchmarks only)."""
+    if seeds_per_trial < 1:
+        raise ValueError(f"seeds_per_trial must be >= 1, got {seeds_per_trial}")
+    if seeds_per_trial > 1 and program.kind != "supervised":
+        raise ValueError("seeds_per_trial > 1 needs a supervised benchmark (PPO runs one seed)")
+    keys = list(grid)
+    trials = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        config = dict(zip(keys, values))
+        for i in range(0, len(seeds), seeds_per_trial):
+            chunk = list(seeds[i : i + seeds_per_trial])
+            tid = trial_id(config, chunk)
+            trials.append(Trial(tid, config, chunk, Path(sweep_dir) / tid))
+    return trials
+
+
+def trial_command(program: Program, fixed: Sequence[str], trial: Trial, resume: bool) -> list[str]:
+    """The program's argument list (without the interpreter) for ``trial``."""
+    words = [str(REPO_ROOT / program.script)]
+    if program.subcommand:
+        words.append(program.subcommand)
+    words += list(fixed) + config_flags(program, trial.config)
+    run_dir = Path(trial.run_dir).resolve()
+    if program.kind == "ppo":
+        (seed,) = trial.seeds
+        words += ["--seed", str(seed), "--runs-dir", str(run_dir.parent)]
+        words += ["--run-name", run_dir.name, "--no-progress"]
+        if resume:
+            words += ["--resume", str(run_dir)]
+    else:
+        words += ["--seeds", *map(str, trial.seeds), "--out", str(run_dir), "--no-progress"]
+        if resume:
+            words.append("--resume")
+    return words
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_manifest(sweep_dir: Path) -> dict[str, Any] | None:
+    path = Path(sweep_dir) / MANIFEST
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def init_manifest(
+    sweep_dir: Path,
+    program: Program,
+    fixed: Sequence[str],
+    trials: Sequence[Trial],
+) -> dict[str, Any]:
+    """The sweep's manifest: the existing one with this invocation's new trials added, or a new
+    one. A manifest of another program or other fixed flags is an error."""
+    manifest = load_manifest(sweep_dir)
+    if manifest is None:
+        manifest = {"program": program.argv(), "fixed": list(fixed), "trials": {}}
+    elif manifest["program"] != program.argv() or manifest["fixed"] != list(fixed):
+        raise ValueError(
+            f"{Path(sweep_dir) / MANIFEST} belongs to another sweep (program "
+            f"{' '.join(manifest['program'])}, fixed flags {manifest['fixed']}); "
+            "use the same program and fixed flags, or another --name"
+        )
+    for t in trials:
+        manifest["trials"].setdefault(
+            t.id,
+            {
+                "config": t.config,
+                "seeds": t.seeds,
+                "run_dir": str(t.run_dir),
+                "state": "pending",
+                "attempts": 0,
+                "returncode": None,
+                "log_tail": None,
+                "metrics": None,
+            },
+        )
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Reading results
+
+
+def supervised_metrics(run_dir: Path, seeds: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Per seed: ``final_<m>`` and ``mean_<m>`` for every metric of ``summary.json`` (the run's
+    last row and its mean over rows; the ``task``/``bin``/``examples`` counters excluded)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no summary of the finished run: expected {path}")
+    per_seed = json.loads(path.read_text())["seeds"]
+    out: dict[int, dict[str, float]] = {}
+    for seed in seeds:
+        s = per_seed[str(seed)]
+        keys = [k for k in s["last"] if k not in ("task", "bin", "examples")]
+        out[seed] = {f"final_{k}": float(s["last"][k]) for k in keys}
+        out[seed].update({f"mean_{k}": float(s["mean"][k]) for k in keys})
+    return out
+
+
+def ppo_metrics(run_dir: Path, final_fraction: float = FINAL_FRACTION) -> dict[str, float]:
+    """Episodic-return metrics of a PPO run from its TensorBoard events (see module doc)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tag = "charts/episodic_return"
+    if tag not in acc.Tags().get("scalars", []):
+        return {"episodes": 0.0}
+    events = sorted(acc.Scalars(tag), key=lambda e: e.step)
+    steps = [e.step for e in events]
+    returns = [e.value for e in events]
+    last = steps[-1]
+    cut = last * (1.0 - final_fraction)
+    final = [r for s, r in zip(steps, returns) if s > cut] or returns[-1:]
+    return {
+        "final_episodic_return": sum(final) / len(final),
+        "mean_episodic_return": sum(returns) / len(returns),
+        "episodes": float(len(returns)),
+        "last_step": float(last),
+    }
+
+
+def trial_metrics(kind: str, run_dir: Path, seeds: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Per seed (keys are strings, as in JSON) the trial's metrics."""
+    if kind == "ppo":
+        return {str(seeds[0]): ppo_metrics(run_dir)}
+    return {str(s): m for s, m in supervised_metrics(run_dir, seeds).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray task's body
+
+
+def _die_with_parent() -> None:
+    # The program must not outlive the Ray worker (killed when the sweep's driver dies): ask
+    # Linux for SIGTERM on the worker's death, which the trainers answer with a checkpoint.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64_000))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def run_trial(
+    kind: str,
+    command: Sequence[str],
+    run_dir: str,
+    seeds: Sequence[int],
+    attempt: int,
+    resume: bool,
+    cpus: float,
+    gpus: float,
+) -> dict[str, Any]:
+    """Run one trial's program to its end (the body of the Ray task).
+
+    ``command`` excludes the interpreter: the worker's own ``sys.executable`` runs it. Output
+    goes to ``<run_dir>/trial.log`` (appended). A fresh (non-resume) attempt first clears the
+    folder's partial outputs. Returns ``returncode``, ``log_tail``, ``host``, ``seconds`` and,
+    on success, ``metrics`` (see :func:`trial_metrics`)."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for p in folder.iterdir():
+            if p.name != TRIAL_LOG:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    env = dict(os.environ)
+    threads = str(max(1, int(cpus)))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+    if gpus == 0:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU trial must not take a GPU others declared
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    argv = [sys.executable, *command]
+    log = folder / TRIAL_LOG
+    t0 = time.time()
+    with open(log, "a") as f:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"=== attempt {attempt} on {socket.gethostname()} at {stamp}")
+        f.write(f" ({'resume' if resume else 'fresh'}): {' '.join(argv)}\n")
+        f.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO_ROOT,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            rc = proc.wait()
+        finally:  # cancelled (KeyboardInterrupt in the task): let the program checkpoint
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        f.write(f"=== attempt {attempt} exited with code {rc}\n")
+    result: dict[str, Any] = {
+        "returncode": rc,
+        "host": socket.gethostname(),
+        "seconds": time.time() - t0,
+        "log_tail": _tail(log),
+        "metrics": None,
+    }
+    if rc == 0:
+        try:
+            result["metrics"] = trial_metrics(kind, folder, seeds)
+        except Exception as e:  # counted as a failure: the run finished without its outputs
+            result["returncode"] = -1
+            result["log_tail"] += f"\nreading the results failed: {e!r}"
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def result_rows(manifest: dict[str, Any], ids: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per trial and seed: ``trial``, ``state``, the configuration, ``seed``,
+    ``run_dir`` and the metrics (empty unless done)."""
+    rows = []
+    for tid in ids:
+        t = manifest["trials"][tid]
+        for seed in t["seeds"]:
+            metrics = (t.get("metrics") or {}).get(str(seed), {}) if t["state"] == "done" else {}
+            rows.append(
+                {
+                    "trial": tid,
+                    "state": t["state"],
+                    **t["config"],
+                    "seed": seed,
+                    "run_dir": t["run_dir"],
+                    **metrics,
+                }
+            )
+    return rows
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error ``s / sqrt(n)`` (``s`` with ``ddof = 1``; NaN for n = 1)."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, math.nan
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def group_rows(
+    rows: Sequence[dict[str, Any]], config_keys: Sequence[str], metric_keys: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per configuration (first-seen order), over its ``done`` rows: ``n``, and for each
+    metric ``<m>_mean`` and ``<m>_se``. Configurations without a done seed are left out."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["state"] == "done":
+            groups.setdefault(tuple(r[k] for k in config_keys), []).append(r)
+    table = []
+    for key, members in groups.items():
+        out: dict[str, Any] = dict(zip(config_keys, key))
+        out["n"] = len(members)
+        for m in metric_keys:
+            vals = [float(r[m]) for r in members if r.get(m) not in (None, "")]
+            mean, se = mean_se(vals) if vals else (math.nan, math.nan)
+            out[f"{m}_mean"], out[f"{m}_se"] = mean, se
+        table.append(out)
+    return table
+
+
+def _cell(v: Any) -> Any:
+    return "" if isinstance(v, float) and math.isnan(v) else v
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows to CSV (columns in first-seen order; NaN and missing as empty), atomically."""
+    fields: list[str] = []
+    for r in rows:
+        fields.extend(k for k in r if k not in fields)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
+    os.replace(tmp, path)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``columns`` (floats with 4 significant digits)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    cells = [list(columns)] + [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass
+class SweepOutcome:
+    """What :func:`run_sweep` returns."""
+
+    sweep_dir: Path
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return ray
+
+
+def _slots(ray: Any, cpus: float, gpus: float) -> int:
+    """Trials the cluster can run at once now (re-read every loop: clusters grow and shrink)."""
+    res = ray.cluster_resources()
+    n = math.floor(res.get("CPU", 0) / cpus) if cpus > 0 else 10**9
+    if gpus > 0:
+        n = min(n, math.floor(res.get("GPU", 0) / gpus + 1e-9))
+    return max(1, n)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def run_sweep(
+    program: Program,
+    fixed: Sequence[str],
+    grid: dict[str, list[str]],
+    seeds: Sequence[int],
+    name: str,
+    *,
+    runs_dir: str | Path = "runs",
+    seeds_per_trial: int = 1,
+    max_retries: int = 1,
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+    log: Any = print,
+) -> SweepOutcome:
+    """Run (or continue) the sweep ``name``; see the module docstring.
+
+    Ray: an already initialised Ray is used as is; otherwise ``ray.init(address=address)``
+    joins a cluster, or without ``address`` a local instance with ``num_cpus`` (default: this
+    machine's cores) is started, and shut down at the end. Each trial is a task declaring
+    ``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs (default: 1 when the cluster has GPUs,
+    else 0; fractions share a GPU). At most as many trials are submitted as the cluster's
+    resources can run at once, so that ``running`` means running.
+
+    :raises ValueError: for a bad sweep definition, before Ray is started.
+    :raises ImportError: with the install command when Ray is missing.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name or ""):
+        raise ValueError(f"bad sweep name {name!r}: use letters, digits and . _ + = -")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if cpus_per_trial <= 0:
+        raise ValueError(f"cpus_per_trial must be > 0, got {cpus_per_trial}")
+    if gpus_per_trial is not None and gpus_per_trial < 0:
+        raise ValueError(f"gpus_per_trial must be >= 0, got {gpus_per_trial}")
+    check_flags(program, fixed, grid)
+    seeds = list(seeds)
+    sweep_dir = Path(runs_dir).resolve() / name
+    trials = make_trials(program, grid, seeds, sweep_dir, seeds_per_trial)
+    ids = [t.id for t in trials]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two grid values map to the same trial folder name; rename them")
+    by_id = {t.id: t for t in trials}
+    ray = _import_ray()
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    manifest = init_manifest(sweep_dir, program, fixed, trials)
+    manifest_path = sweep_dir / MANIFEST
+
+    def save() -> None:
+        write_json_atomic(manifest_path, manifest)
+
+    save()
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        res = ray.cluster_resources()
+        gpus = (1.0 if res.get("GPU", 0) > 0 else 0.0) if gpus_per_trial is None else gpus_per_trial
+        if gpus > 0 and res.get("GPU", 0) < gpus:
+            raise ValueError(f"{gpus} GPUs per trial but the cluster has {res.get('GPU', 0)}")
+        if res.get("CPU", 0) < cpus_per_trial:
+            raise ValueError(
+                f"{cpus_per_trial} CPUs per trial but the cluster has {res.get('CPU')}"
+            )
+        entries = manifest["trials"]
+        outcome = SweepOutcome(sweep_dir)
+        outcome.skipped = [i for i in ids if entries[i]["state"] == "done"]
+        queue = [i for i in ids if entries[i]["state"] != "done"]
+        configs = math.prod(len(v) for v in grid.values())
+        log(
+            f"sweep {name}: {' '.join(program.argv())}; {_plural(len(ids), 'trial')} "
+            f"({_plural(configs, 'configuration')} x {_plural(len(seeds), 'seed')}, "
+            f"{seeds_per_trial} per trial); {len(outcome.skipped)} done before, "
+            f"{len(queue)} to run"
+        )
+        log(
+            f"resources: {cpus_per_trial:g} CPU and {gpus:g} GPU per trial; cluster "
+            f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs on "
+            f"{len(ray.nodes())} node(s): up to {_slots(ray, cpus_per_trial, gpus)} trials at once"
+        )
+        for tid in queue:
+            if entries[tid]["state"] == "running":
+                log(f"  {tid}: interrupted in an earlier run; continuing it")
+        remote = ray.remote(max_retries=0)(run_trial)
+        failures: dict[str, int] = {}
+        running: dict[Any, str] = {}
+        t_start = time.time()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), initial=len(outcome.skipped), unit="trial", desc=name)
+
+        def status() -> None:
+            if bar is not None:
+                bar.set_postfix(
+                    done=sum(entries[i]["state"] == "done" for i in ids),
+                    running=len(running),
+                    failed=len(outcome.failed),
+                )
+
+        def submit(tid: str) -> None:
+            t, e = by_id[tid], entries[tid]
+            resume = (t.run_dir / CHECKPOINT).exists()
+            e["attempts"] += 1
+            e["state"] = "running"
+            e["command"] = trial_command(program, fixed, t, resume)
+            ref = remote.options(num_cpus=cpus_per_trial, num_gpus=gpus).remote(
+                program.kind,
+                e["command"],
+                str(t.run_dir),
+                t.seeds,
+                e["attempts"],
+                resume,
+                cpus_per_trial,
+                gpus,
+            )
+            running[ref] = tid
+
+        try:
+            while queue or running:
+                free = _slots(ray, cpus_per_trial, gpus) - len(running)
+                while queue and free > 0:
+                    submit(queue.pop(0))
+                    free -= 1
+                save()
+                status()
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    tid = running.pop(ref)
+                    e = entries[tid]
+                    try:
+                        r = ray.get(ref)
+                    except Exception as exc:  # the worker or its node died
+                        r = {
+                            "returncode": None,
+                            "metrics": None,
+                            "log_tail": _tail(by_id[tid].run_dir / TRIAL_LOG) + f"\n{exc!r}",
+                        }
+                    e["returncode"], e["log_tail"] = r["returncode"], r["log_tail"]
+                    e["host"], e["seconds"] = r.get("host"), r.get("seconds")
+                    if r["returncode"] == 0:
+                        e["state"], e["metrics"] = "done", r["metrics"]
+                        outcome.done.append(tid)
+                    else:
+                        failures[tid] = failures.get(tid, 0) + 1
+                        if failures[tid] <= max_retries:
+                            e["state"] = "pending"
+                            queue.insert(0, tid)
+                            msg = f"{tid}: exit code {r['returncode']}; retry {failures[tid]}"
+                            (bar.write if bar else log)(msg + f" of {max_retries}")
+                        else:
+                            e["state"] = "failed"
+                            outcome.failed.append(tid)
+                            msg = (
+                                f"FAILED {tid} after {_plural(failures[tid], 'attempt')} "
+                                f"(exit code {r['returncode']}); log "
+                                f"{by_id[tid].run_dir / TRIAL_LOG}, last lines:\n"
+                                + "\n".join("    " + ln for ln in r["log_tail"].splitlines())
+                            )
+                            (bar.write if bar else log)(msg)
+                    if bar is not None:
+                        bar.update(1 if e["state"] in ("done", "failed") else 0)
+                save()
+                status()
+        except BaseException:
+            # Interrupted: stop the programs (they checkpoint on SIGTERM) and leave the
+            # trials pending; the next run continues them.
+            for ref in running:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
+            with contextlib.suppress(BaseException):
+                ray.wait(list(running), num_returns=len(running), timeout=30)
+            for tid in running.values():
+                entries[tid]["state"] = "pending"
+            save()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    outcome.rows = result_rows(manifest, ids)
+    config_keys = list(grid)
+    base = {"trial", "state", "seed", "run_dir", *config_keys}
+    metric_keys: list[str] = []
+    for r in outcome.rows:
+        metric_keys.extend(k for k in r if k not in base and k not in metric_keys)
+    outcome.summary = group_rows(outcome.rows, config_keys, metric_keys)
+    write_csv(sweep_dir / RESULTS_CSV, outcome.rows)
+    write_csv(sweep_dir / SUMMARY_CSV, outcome.summary)
+    elapsed = time.time() - t_start
+    log(
+        f"\n{len(outcome.done)} trials run, {len(outcome.skipped)} done before, "
+        f"{len(outcome.failed)} failed ({elapsed:.0f} s)"
+    )
+    if outcome.summary:
+        shown = [m for m in metric_keys if m.startswith("final_")] or metric_keys
+        table = [
+            dict(r, **{m: f"{_fmt(r[m + '_mean'])} +- {_fmt(r[m + '_se'])}" for m in shown})
+            for r in outcome.summary
+        ]
+        log("mean +- standard error over seeds:")
+        log(format_table(table, [*config_keys, "n", *shown]))
+    log(f"per trial: {sweep_dir / RESULTS_CSV}\nper configuration: {sweep_dir / SUMMARY_CSV}")
+    for tid in outcome.failed:
+        log(f"failed: {tid} (log: {by_id[tid].run_dir / TRIAL_LOG})")
+    return outcome
+
+
+def _fmt(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.4g}"
