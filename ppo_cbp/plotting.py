@@ -1,0 +1,871 @@
+"""Figures of the paper's kinds from run folders: reading, grouping over seeds, mean and SE.
+
+Two input kinds are read:
+
+* supervised benchmark runs (``scripts/supervised.py``): ``config.json`` plus, per seed,
+  ``seed_<s>/metrics.csv`` with one row per task (Permuted MNIST, Continual ImageNet), per
+  increment (class-incremental CIFAR) or per bin (Slowly-Changing Regression);
+* PPO runs (``ppo_cbp/train.py``): ``config.json`` plus TensorBoard event files in the folder.
+
+Every seed is one :class:`SeedRun`. Runs are grouped by their configuration with the seed,
+names, output paths, devices, logging settings and the run length removed (:func:`group_key`),
+so an unfinished run and a finished one of the same configuration fall into one group.
+
+Statistics (:func:`mean_and_se`): at each x, over the n seeds that have a value there,
+``mean = sum(y) / n`` and the standard error ``SE = s / sqrt(n)`` with ``s`` the sample standard
+deviation (``ddof = 1``); for n = 1 the SE is undefined (NaN) and no band is drawn. Within a
+group all seeds are cut to their common prefix (the shortest seed's length), with a printed
+note that also goes into the figure's title.
+
+PPO scalars are binned by environment step: bin ``b`` holds the values logged at steps
+``s`` with ``b * bin_size < s <= (b + 1) * bin_size`` (step ``s`` counts the steps taken, so an
+episode ending at step ``s`` ended within the first ``s`` steps) and is plotted at
+``x = (b + 1) * bin_size``. Only complete bins count: a run whose last logged step is ``L``
+has ``floor(L / bin_size)`` bins. Per bin and seed: the mean of the episodic returns ending in
+it (NaN if none) and of the plasticity metrics logged in it, and the maximum of
+``max_weight_change`` (the largest single-update change in the bin, as in Extended Data
+Fig. 5c). Then mean and SE over seeds as above.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Keys that do not change what is learned (or only how long): removed before grouping.
+IGNORED_KEYS = frozenset(
+    {
+        # both
+        "seed",
+        "seeds",
+        "device",
+        "resume",
+        "progress",
+        "checkpoint_every",
+        # supervised
+        "out",
+        "chunk",
+        "data_dir",
+        "download",
+        "method",  # the unresolved method flags; resolved_method holds the values used
+        "tasks",
+        "resolved_tasks",
+        "examples",
+        "bins",
+        # PPO
+        "run_name",
+        "runs_dir",
+        "threads",
+        "metrics_every",
+        "steps",
+    }
+)
+
+SUPERVISED_NAMES = {
+    "bp": "Backprop",
+    "l2": "L2",
+    "snp": "Shrink & Perturb",
+    "cbp": "CBP",
+    "redo": "ReDo",
+    "adam": "Adam",
+    "dropout": "Dropout",
+    "scratch": "Retrained from scratch",
+}
+PPO_NAMES = {
+    "standard_adam": "Standard Adam",
+    "tuned_adam": "Tuned Adam",
+    "l2": "L2",
+    "cbp": "CBP",
+    "cbp+l2": "CBP + L2",
+    "redo": "ReDo",
+    "redo+l2": "ReDo + L2",
+    "snp": "Shrink & Perturb",
+    "adam": "Adam",
+}
+# One colour per method, the same in every figure (the paper's where it names one).
+METHOD_COLOURS = {
+    "bp": "#333333",
+    "tuned_adam": "#333333",
+    "standard_adam": "tab:red",
+    "adam": "tab:cyan",
+    "l2": "tab:purple",
+    "snp": "tab:orange",
+    "cbp": "tab:blue",
+    "cbp+l2": "tab:blue",
+    "redo": "tab:green",
+    "redo+l2": "tab:green",
+    "dropout": "tab:pink",
+    "scratch": "tab:olive",
+}
+_FALLBACK_COLOURS = ["tab:brown", "tab:olive", "tab:gray", "gold", "navy", "teal", "maroon"]
+
+KIND_TITLES = {
+    "permuted_mnist": "Online Permuted MNIST",
+    "imagenet": "Continual ImageNet",
+    "scr": "Slowly-Changing Regression",
+    "cifar": "Class-incremental CIFAR-100",
+    "ppo": "PPO",
+}
+
+
+def note(message: str) -> None:
+    """Print a note about what is (not) plotted."""
+    print(f"note: {message}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class SeedRun:
+    """One seed of one run: its grouping configuration and its raw series."""
+
+    run_dir: Path
+    seed: int
+    kind: str
+    """permuted_mnist, imagenet, scr, cifar or ppo."""
+    method: str
+    """Short method id (bp, l2, snp, cbp, adam, ... / standard_adam, tuned_adam, cbp+l2, ...)."""
+    config: dict[str, Any]
+    """The configuration without :data:`IGNORED_KEYS`."""
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    """Supervised: every CSV column (float64), one value per row."""
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """PPO: TensorBoard tag -> (steps, values)."""
+    length: int = 0
+    """Supervised: rows; PPO: the last logged environment step."""
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder with ``config.json`` and either ``seed_*/metrics.csv`` or event files."""
+    if not (path / "config.json").is_file():
+        return False
+    return any(path.glob("seed_*/metrics.csv")) or any(path.glob("events.out.tfevents.*"))
+
+
+def find_run_dirs(paths: Sequence[Path | str]) -> list[Path]:
+    """Run folders among ``paths`` and below them (a run folder's subfolders are not searched).
+
+    :raises ValueError: for a path that does not exist or holds no run folder.
+    """
+    if not paths:
+        raise ValueError("no run folders given")
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ValueError(f"{p} does not exist")
+        if not p.is_dir():
+            raise ValueError(f"{p} is not a folder")
+        if is_run_dir(p):
+            found.append(p)
+            continue
+        here: list[Path] = []
+        for root, dirs, _ in os.walk(p):
+            dirs.sort()
+            r = Path(root)
+            if is_run_dir(r):
+                here.append(r)
+                dirs[:] = []
+        if not here:
+            raise ValueError(
+                f"no run folders under {p}: expected config.json with seed_<s>/metrics.csv "
+                "(supervised benchmarks) or with TensorBoard event files (PPO)"
+            )
+        found.extend(here)
+    return sorted(dict.fromkeys(found))
+
+
+def group_key(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the keys that do not define the experiment (:data:`IGNORED_KEYS`)."""
+    return {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+
+
+def ppo_method(config: dict[str, Any]) -> str:
+    """Method id of a PPO run from its resolved flags (see :data:`PPO_NAMES`)."""
+    wd = float(config.get("weight_decay") or 0.0)
+    if config.get("cbp"):
+        return "cbp+l2" if wd > 0 else "cbp"
+    if config.get("redo"):
+        return "redo+l2" if wd > 0 else "redo"
+    if config.get("shrink_perturb"):
+        return "snp"
+    if config.get("l2"):
+        return "l2"
+    if config.get("standard_adam"):
+        return "standard_adam"
+    b1, b2 = config.get("adam_beta1"), config.get("adam_beta2")
+    if b1 is not None and b1 == b2:
+        return "tuned_adam"
+    return "adam"
+
+
+def _read_csv(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {k: np.array([float(r[k]) for r in rows], dtype=np.float64) for k in rows[0]}
+
+
+def _supervised_kind(config: dict[str, Any], columns: dict[str, np.ndarray]) -> str:
+    benchmark = str(config.get("benchmark", ""))
+    if "imagenet" in benchmark:
+        return "imagenet"
+    if "cifar" in benchmark or "increment" in columns:
+        return "cifar"
+    if "squared_error" in columns or "bin_size" in config:
+        return "scr"
+    return "permuted_mnist"
+
+
+def load_supervised(run_dir: Path) -> list[SeedRun]:
+    """One :class:`SeedRun` per ``seed_<s>/metrics.csv`` with at least one row."""
+    config = json.loads((run_dir / "config.json").read_text())
+    summary_path = run_dir / "summary.json"
+    if "benchmark" not in config and summary_path.is_file():
+        config = dict(config, benchmark=json.loads(summary_path.read_text()).get("benchmark"))
+    resolved = config.get("resolved_method") or config.get("method") or {}
+    method = str(resolved.get("method", "bp")) if isinstance(resolved, dict) else str(resolved)
+    runs = []
+    for csv_path in sorted(run_dir.glob("seed_*/metrics.csv")):
+        seed = int(csv_path.parent.name.removeprefix("seed_"))
+        columns = _read_csv(csv_path)
+        if not columns:
+            note(f"{csv_path} has no rows yet; skipped")
+            continue
+        runs.append(
+            SeedRun(
+                run_dir=run_dir,
+                seed=seed,
+                kind=_supervised_kind(config, columns),
+                method=method,
+                config=group_key(config),
+                columns=columns,
+                length=len(next(iter(columns.values()))),
+            )
+        )
+    return runs
+
+
+def load_ppo(run_dir: Path) -> list[SeedRun]:
+    """The run's TensorBoard scalars (all of them, every event file in the folder)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = json.loads((run_dir / "config.json").read_text())
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    scalars = {}
+    for tag in acc.Tags().get("scalars", []):
+        events = acc.Scalars(tag)
+        steps = np.array([e.step for e in events], dtype=np.int64)
+        values = np.array([e.value for e in events], dtype=np.float64)
+        scalars[tag] = (steps, values)
+    if not scalars:
+        note(f"{run_dir} has no scalars yet; skipped")
+        return []
+    return [
+        SeedRun(
+            run_dir=run_dir,
+            seed=int(config.get("seed", 0)),
+            kind="ppo",
+            method=ppo_method(config),
+            config=group_key(config),
+            scalars=scalars,
+            length=int(max(s.max() for s, _ in scalars.values() if len(s))),
+        )
+    ]
+
+
+def load_runs(paths: Sequence[Path | str]) -> list[SeedRun]:
+    """Every seed of every run folder among and below ``paths``.
+
+    :raises ValueError: when no folder is found or none holds any data yet.
+    """
+    runs: list[SeedRun] = []
+    for d in find_run_dirs(paths):
+        runs += load_supervised(d) if any(d.glob("seed_*/metrics.csv")) else load_ppo(d)
+    if not runs:
+        raise ValueError(f"the run folders under {', '.join(map(str, paths))} hold no data yet")
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping and statistics
+
+
+@dataclass
+class Group:
+    """Seeds of one method and configuration."""
+
+    kind: str
+    method: str
+    config: dict[str, Any]
+    runs: list[SeedRun]
+    label: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+
+def _canonical(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def group_runs(runs: Sequence[SeedRun]) -> list[Group]:
+    """Runs grouped by (kind, configuration); labels made unique within each kind.
+
+    Two groups of the same method get the configuration values in which they differ appended
+    to the label, e.g. ``L2 (weight_decay=0.001)``.
+    """
+    groups: dict[tuple[str, str], Group] = {}
+    for r in runs:
+        key = (r.kind, _canonical(r.config))
+        g = groups.setdefault(key, Group(r.kind, r.method, r.config, []))
+        if r.seed in g.seeds:
+            raise ValueError(
+                f"seed {r.seed} appears twice in one configuration: {r.run_dir} and "
+                f"{g.runs[g.seeds.index(r.seed)].run_dir}"
+            )
+        g.runs.append(r)
+    out = list(groups.values())
+    for g in out:
+        g.runs.sort(key=lambda r: r.seed)
+        names = PPO_NAMES if g.kind == "ppo" else SUPERVISED_NAMES
+        g.label = names.get(g.method, g.method)
+    for kind in {g.kind for g in out}:
+        same_kind = [g for g in out if g.kind == kind]
+        for label in {g.label for g in same_kind}:
+            clash = [g for g in same_kind if g.label == label]
+            if len(clash) < 2:
+                continue
+            flat = [_flatten(g.config) for g in clash]
+            keys = sorted({k for f in flat for k in f if len({str(x.get(k)) for x in flat}) > 1})
+            for g, f in zip(clash, flat):
+                g.label += " (" + ", ".join(f"{k}={f.get(k)}" for k in keys[:3]) + ")"
+    out.sort(key=lambda g: (g.kind, g.label))
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, ""))  # resolved_method's keys read best without a prefix
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def mean_and_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds (axis 0) and its standard error, ignoring NaN entries.
+
+    For each column j with n_j finite values: ``mean_j = sum(y) / n_j`` and
+    ``se_j = std(y, ddof=1) / sqrt(n_j)``; ``se_j`` is NaN when n_j < 2 and ``mean_j`` is NaN
+    when n_j = 0. Returns ``(mean, se, n)``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"expected a [seeds, points] array, got shape {v.shape}")
+    ok = np.isfinite(v)
+    n = ok.sum(0)
+    safe = np.where(ok, v, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, safe.sum(0) / n, np.nan)
+        dev = np.where(ok, v - mean, 0.0)
+        var = np.where(n > 1, (dev**2).sum(0) / (n - 1), np.nan)
+        se = np.sqrt(var) / np.sqrt(n)
+    return mean, se, n
+
+
+def bin_by_step(
+    steps: np.ndarray, values: np.ndarray, bin_size: int, n_bins: int, reduce: str = "mean"
+) -> np.ndarray:
+    """Per bin ``b`` (steps ``b * bin_size < s <= (b + 1) * bin_size``) the mean or max of the
+    values logged there; NaN for an empty bin. Values beyond ``n_bins`` bins are dropped."""
+    if bin_size < 1:
+        raise ValueError(f"bin size must be >= 1, got {bin_size}")
+    out = np.full(n_bins, np.nan)
+    steps = np.asarray(steps, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    idx = (steps - 1) // bin_size
+    keep = (idx >= 0) & (idx < n_bins) & np.isfinite(values)
+    idx, values = idx[keep], values[keep]
+    if reduce == "mean":
+        sums = np.bincount(idx, weights=values, minlength=n_bins)
+        counts = np.bincount(idx, minlength=n_bins)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    elif reduce == "max":
+        for b, v in zip(idx, values):
+            out[b] = v if math.isnan(out[b]) else max(out[b], v)
+    else:
+        raise ValueError(f"reduce must be mean or max, got {reduce!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Panels: what each figure kind shows
+
+
+@dataclass
+class Panel:
+    """One axis: a metric extracted per seed as an array over x."""
+
+    key: str
+    ylabel: str
+    extract: Callable[[SeedRun], np.ndarray | None]
+    """The seed's values (one per row or bin) or None when the run lacks the metric."""
+
+
+def _column(name: str, scale: float = 1.0) -> Callable[[SeedRun], np.ndarray | None]:
+    def f(r: SeedRun) -> np.ndarray | None:
+        c = r.columns.get(name)
+        return None if c is None else c * scale
+
+    return f
+
+
+def _layer_sum(prefix: str) -> Callable[[SeedRun], np.ndarray | None]:
+    def f(r: SeedRun) -> np.ndarray | None:
+        cols = [
+            v for k, v in r.columns.items() if k.startswith(prefix) and k[len(prefix) :].isdigit()
+        ]
+        return None if not cols else np.sum(cols, axis=0)
+
+    return f
+
+
+def _first_column(names: Sequence[str]) -> Callable[[SeedRun], np.ndarray | None]:
+    def f(r: SeedRun) -> np.ndarray | None:
+        for n in names:
+            if n in r.columns:
+                return r.columns[n]
+        return None
+
+    return f
+
+
+def _cifar_relative(r: SeedRun) -> np.ndarray | None:
+    acc = _first_column(("test_accuracy", "accuracy"))(r)
+    ref = _first_column(("scratch_accuracy", "reference_accuracy"))(r)
+    return None if acc is None or ref is None else acc - ref
+
+
+def supervised_panels(kind: str) -> list[Panel]:
+    """Permuted MNIST / ImageNet: Extended Data Fig. 4's row (accuracy, dead units in % of
+    all hidden units, average weight magnitude, effective rank summed over the hidden layers);
+    SCR: squared error per bin and weight magnitude; CIFAR: test accuracy per increment and,
+    with a ``scratch_accuracy`` column, accuracy minus the retrained-from-scratch network's."""
+    if kind == "scr":
+        return [
+            Panel("squared_error", "Squared error", _column("squared_error")),
+            Panel("weight_magnitude", "Average weight magnitude", _column("weight_magnitude")),
+        ]
+    if kind == "cifar":
+        return [
+            Panel("accuracy", "Test accuracy", _first_column(("test_accuracy", "accuracy"))),
+            Panel("relative_accuracy", "Accuracy - retrained from scratch", _cifar_relative),
+            Panel("dead_units_pct", "Dead units (%)", _column("dead_fraction", 100.0)),
+            Panel(
+                "effective_rank", "Effective rank (sum over layers)", _layer_sum("effective_rank_")
+            ),
+        ]
+    acc_label = "Online accuracy" if kind == "permuted_mnist" else "Test accuracy"
+    return [
+        Panel("accuracy", acc_label, _first_column(("accuracy", "test_accuracy"))),
+        Panel("dead_units_pct", "Dead units (%)", _column("dead_fraction", 100.0)),
+        Panel("weight_magnitude", "Average weight magnitude", _column("weight_magnitude")),
+        Panel("effective_rank", "Effective rank (sum over layers)", _layer_sum("effective_rank_")),
+    ]
+
+
+def _scalar_binned(
+    tag: str, bin_size: int, reduce: str = "mean", scale: float = 1.0
+) -> Callable[[SeedRun], np.ndarray | None]:
+    def f(r: SeedRun) -> np.ndarray | None:
+        if tag not in r.scalars:
+            return None
+        steps, values = r.scalars[tag]
+        return bin_by_step(steps, values * scale, bin_size, r.length // bin_size, reduce)
+
+    return f
+
+
+def ppo_panels(bin_size: int, network: str = "policy") -> list[Panel]:
+    """Episodic return, then the plasticity panels of ``network`` (policy or value): dead
+    units (% of hidden units active on at most 1% of the states), stable rank of the last
+    hidden layer, average weight magnitude and the largest single-update weight change."""
+    p = f"plasticity/{network}/"
+    return [
+        Panel(
+            "episodic_return", "Episodic return", _scalar_binned("charts/episodic_return", bin_size)
+        ),
+        Panel(
+            "dead_units_pct",
+            f"Dead units (%, {network})",
+            _scalar_binned(p + "dead_units", bin_size, scale=100.0),
+        ),
+        Panel(
+            "stable_rank", f"Stable rank ({network})", _scalar_binned(p + "stable_rank", bin_size)
+        ),
+        Panel(
+            "weight_magnitude",
+            f"Weight magnitude ({network})",
+            _scalar_binned(p + "weight_magnitude/overall", bin_size),
+        ),
+        Panel(
+            "max_weight_change",
+            f"Largest weight change ({network})",
+            _scalar_binned(p + "max_weight_change", bin_size, "max"),
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Series and figures
+
+
+@dataclass
+class Series:
+    """One group's curve in one panel."""
+
+    label: str
+    method: str
+    x: np.ndarray
+    mean: np.ndarray
+    se: np.ndarray
+    n: np.ndarray
+    n_seeds: int
+
+
+def group_series(
+    group: Group, panel: Panel, x_of: Callable[[SeedRun, int], np.ndarray]
+) -> tuple[Series | None, str | None]:
+    """The group's mean and SE over its seeds' common prefix; a note when seeds differ in length
+    or some lack the metric."""
+    per_seed = [(r, panel.extract(r)) for r in group.runs]
+    have = [(r, v) for r, v in per_seed if v is not None]
+    msg = None
+    if len(have) < len(per_seed):
+        missing = [r.seed for r, v in per_seed if v is None]
+        msg = f"{group.label}: seeds {missing} lack {panel.key}"
+    if not have:
+        return None, msg
+    lengths = [len(v) for _, v in have]
+    L = min(lengths)
+    if L == 0:
+        return None, f"{group.label}: no complete point of {panel.key} yet"
+    if max(lengths) != L:
+        m = f"{group.label}: seeds have {min(lengths)}-{max(lengths)} points; common prefix of {L} plotted"
+        msg = m if msg is None else f"{msg}; {m}"
+    values = np.stack([v[:L] for _, v in have])
+    mean, se, n = mean_and_se(values)
+    x = x_of(have[0][0], L)
+    return Series(group.label, group.method, x, mean, se, n, len(have)), msg
+
+
+@dataclass
+class FigureResult:
+    """What :func:`plot_runs` wrote for one figure."""
+
+    name: str
+    kind: str
+    files: list[Path]
+    notes: list[str]
+    groups: list[Group]
+
+
+def _colour_map(groups: Sequence[Group]) -> dict[str, str]:
+    colours: dict[str, str] = {}
+    used: set[str] = set()
+    spare = iter(_FALLBACK_COLOURS * 4)
+    for g in groups:
+        c = METHOD_COLOURS.get(g.method)
+        if c is None or c in used:
+            c = next(spare)
+        colours[g.label] = c
+        used.add(c)
+    return colours
+
+
+def friction_changes(runs: Sequence[SeedRun]) -> np.ndarray:
+    """Steps at which the first run that logs ``env/friction`` logged a new value."""
+    for r in runs:
+        if "env/friction" in r.scalars:
+            steps, values = r.scalars["env/friction"]
+            order = np.argsort(steps, kind="stable")
+            steps, values = steps[order], values[order]
+            return steps[1:][values[1:] != values[:-1]]
+    return np.array([], dtype=np.int64)
+
+
+def _draw(
+    name: str,
+    kind: str,
+    title: str,
+    panel_series: list[tuple[Panel, list[Series]]],
+    out_dir: Path,
+    xlabel: str,
+    colours: dict[str, str],
+    vlines: np.ndarray | None,
+    top_panel_wide: bool,
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    k = len(panel_series)
+    if top_panel_wide and k > 1:
+        rest = k - 1
+        fig = plt.figure(figsize=(max(3.2 * rest, 7.0), 7.0), constrained_layout=True)
+        gs = fig.add_gridspec(2, rest, height_ratios=[1.3, 1.0])
+        axes = [fig.add_subplot(gs[0, :])] + [fig.add_subplot(gs[1, i]) for i in range(rest)]
+    else:
+        fig, ax_arr = plt.subplots(
+            1, k, figsize=(3.6 * k + 0.4, 3.6), constrained_layout=True, squeeze=False
+        )
+        axes = list(ax_arr[0])
+    for i, (ax, (panel, series)) in enumerate(zip(axes, panel_series)):
+        for s in series:
+            c = colours[s.label]
+            marker = "o" if len(s.x) <= 30 else None
+            ax.plot(
+                s.x,
+                s.mean,
+                color=c,
+                lw=1.4,
+                marker=marker,
+                ms=3,
+                label=f"{s.label} (n={s.n_seeds})",
+            )
+            if s.n_seeds > 1:
+                ax.fill_between(s.x, s.mean - s.se, s.mean + s.se, color=c, alpha=0.25, lw=0)
+        if i == 0 and vlines is not None:
+            x_max = max(float(np.nanmax(s.x)) for s in series)
+            for j, v in enumerate(v for v in vlines if v <= x_max):
+                ax.axvline(
+                    v, color="0.6", lw=0.6, ls=":", label="friction change" if j == 0 else None
+                )
+        ax.set_ylabel(panel.ylabel)
+        ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    files = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    fig.savefig(files[0], dpi=150)
+    fig.savefig(files[1])
+    plt.close(fig)
+    return files
+
+
+def _write_data(
+    name: str,
+    kind: str,
+    title: str,
+    notes: list[str],
+    groups: list[Group],
+    panel_series: list[tuple[Panel, list[Series]]],
+    out_dir: Path,
+) -> list[Path]:
+    """``<name>.csv`` (panel, group, n_seeds, x, mean, se, n) and ``<name>.json`` (groups,
+    notes and per panel and group the last point and the point of the highest mean)."""
+    csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}.json"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["panel", "group", "n_seeds", "x", "mean", "se", "n"])
+        for panel, series in panel_series:
+            for s in series:
+                for x, m, e, n in zip(s.x, s.mean, s.se, s.n):
+                    w.writerow([panel.key, s.label, s.n_seeds, _num(x), _num(m), _num(e), int(n)])
+
+    def point(s: Series, i: int) -> dict[str, Any]:
+        return {"x": _num(s.x[i]), "mean": _num(s.mean[i]), "se": _num(s.se[i]), "n": int(s.n[i])}
+
+    panels = {}
+    for panel, series in panel_series:
+        entry = {}
+        for s in series:
+            finite = np.flatnonzero(np.isfinite(s.mean))
+            if not len(finite):
+                continue
+            peak = int(finite[np.argmax(s.mean[finite])])
+            entry[s.label] = {"last": point(s, int(finite[-1])), "max": point(s, peak)}
+        panels[panel.key] = entry
+    data = {
+        "figure": name,
+        "kind": kind,
+        "title": title,
+        "notes": notes,
+        "groups": [
+            {
+                "label": g.label,
+                "method": g.method,
+                "n_seeds": g.n,
+                "seeds": g.seeds,
+                "runs": sorted({str(r.run_dir) for r in g.runs}),
+                "lengths": [r.length for r in g.runs],
+                "config": g.config,
+            }
+            for g in groups
+        ],
+        "panels": panels,
+    }
+    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return [csv_path, json_path]
+
+
+def _num(v: Any) -> float | int | None:
+    v = float(v)
+    if math.isnan(v):
+        return None
+    return int(v) if v.is_integer() and abs(v) < 2**53 else v
+
+
+def plot_runs(
+    paths: Sequence[Path | str],
+    out_dir: Path | str,
+    *,
+    bin_size: int = 100_000,
+    task_bin: int = 1,
+    network: str = "policy",
+    name: str | None = None,
+) -> list[FigureResult]:
+    """Read the runs among and below ``paths`` and write one figure per benchmark (per env for
+    PPO) to ``out_dir``: ``<name>.png``, ``<name>.pdf``, ``<name>.csv``, ``<name>.json``.
+
+    ``bin_size``: environment steps per PPO bin. ``task_bin``: consecutive rows (tasks, bins,
+    increments) averaged into one point for the supervised benchmarks (1 = every row).
+    ``name``: the figure's file name (with the benchmark appended when there are several).
+
+    :raises ValueError: for an empty or wrong folder, or bad settings.
+    """
+    if bin_size < 1:
+        raise ValueError(f"bin size must be >= 1, got {bin_size}")
+    if task_bin < 1:
+        raise ValueError(f"task bin must be >= 1, got {task_bin}")
+    if network not in ("policy", "value"):
+        raise ValueError(f"network must be policy or value, got {network!r}")
+    runs = load_runs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    figures: dict[str, list[Group]] = {}
+    for g in groups:
+        fig_name = f"ppo_{g.config.get('env', 'env')}" if g.kind == "ppo" else g.kind
+        figures.setdefault(fig_name, []).append(g)
+    results = []
+    for fig_name, fgroups in figures.items():
+        kind = fgroups[0].kind
+        final_name = (
+            fig_name if name is None else (name if len(figures) == 1 else f"{name}_{fig_name}")
+        )
+        results.append(_one_figure(final_name, kind, fgroups, out, bin_size, task_bin, network))
+    return results
+
+
+def _one_figure(
+    name: str,
+    kind: str,
+    groups: list[Group],
+    out: Path,
+    bin_size: int,
+    task_bin: int,
+    network: str,
+) -> FigureResult:
+    notes: list[str] = []
+    vlines = None
+    if kind == "ppo":
+        panels = ppo_panels(bin_size, network)
+        title = (
+            f"{KIND_TITLES[kind]} on {groups[0].config.get('env', '?')}, bins of {bin_size:,} steps"
+        )
+        xlabel = "Environment steps"
+
+        def x_of(r: SeedRun, L: int) -> np.ndarray:
+            return (np.arange(L) + 1.0) * bin_size
+
+        all_runs = [r for g in groups for r in g.runs]
+        vlines = friction_changes(all_runs)
+        short = [r for r in all_runs if r.length < bin_size]
+        for r in short:
+            notes.append(f"{r.run_dir}: {r.length} steps, shorter than one bin of {bin_size}")
+    else:
+        base = supervised_panels(kind)
+        panels = [Panel(p.key, p.ylabel, _row_binned(p.extract, task_bin)) for p in base]
+        unit = {"scr": "Example", "cifar": "Increment"}.get(kind, "Task")
+        title = KIND_TITLES[kind] + (f", bins of {task_bin} rows" if task_bin > 1 else "")
+        xlabel = f"{unit} number" if kind != "scr" else "Examples"
+
+        def x_of(r: SeedRun, L: int) -> np.ndarray:
+            if kind == "scr" and "examples" in r.columns:
+                ex = r.columns["examples"]
+                return ex[task_bin - 1 :: task_bin][:L]
+            return (np.arange(L) + 1.0) * task_bin
+
+    panel_series: list[tuple[Panel, list[Series]]] = []
+    for panel in panels:
+        series = []
+        for g in groups:
+            s, msg = group_series(g, panel, x_of)
+            if msg and msg not in notes:
+                notes.append(msg)
+            if s is not None:
+                series.append(s)
+        if series:
+            panel_series.append((panel, series))
+        else:
+            notes.append(f"no run has {panel.key}; panel skipped")
+    if not panel_series:
+        raise ValueError(f"{name}: none of the runs has a metric to plot yet")
+    prefix_notes = [m for m in notes if "common prefix" in m]
+    if prefix_notes:
+        title += "\n(seeds of different lengths: common prefix plotted)"
+    lengths = {g.label: min(r.length for r in g.runs) for g in groups}
+    if len(set(lengths.values())) > 1:
+        notes.append(
+            "groups differ in length: " + ", ".join(f"{k}: {v}" for k, v in lengths.items())
+        )
+    for m in notes:
+        note(f"{name}: {m}")
+    colours = _colour_map(groups)
+    files = _draw(
+        name, kind, title, panel_series, out, xlabel, colours, vlines, top_panel_wide=kind == "ppo"
+    )
+    files += _write_data(name, kind, title, notes, groups, panel_series, out)
+    return FigureResult(name, kind, files, notes, groups)
+
+
+def _row_binned(
+    extract: Callable[[SeedRun], np.ndarray | None], k: int
+) -> Callable[[SeedRun], np.ndarray | None]:
+    """Means of consecutive blocks of ``k`` rows (an incomplete last block is dropped)."""
+    if k == 1:
+        return extract
+
+    def f(r: SeedRun) -> np.ndarray | None:
+        v = extract(r)
+        if v is None:
+            return None
+        m = len(v) // k
+        return v[: m * k].reshape(m, k).mean(1)
+
+    return f

@@ -1,0 +1,298 @@
+"""scripts/plot.py and ppo_cbp.plotting on small synthetic run folders of both kinds."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ppo_cbp import plotting
+from ppo_cbp.plotting import bin_by_step, group_runs, load_runs, mean_and_se, plot_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import plot as plot_script  # noqa: E402
+
+PM_KEYS = ("task", "accuracy", "dead_units_1", "dead_units_2", "dead_fraction")
+PM_KEYS += ("effective_rank_1", "effective_rank_2", "weight_magnitude")
+
+
+def supervised_run(folder: Path, method: str, rows_per_seed: dict[int, list[dict]], **cfg):
+    """A run folder laid out as ppo_cbp.benchmarks.common.RunOutputs writes it."""
+    folder.mkdir(parents=True)
+    config = {
+        "seeds": list(rows_per_seed),
+        "method": {"method": method, "lr": None},
+        "examples_per_task": 60000,
+        "width": 100,
+        "out": str(folder),
+        "device": "cpu",
+        "progress": False,
+        "resolved_method": {"method": method, "lr": 0.003, "weight_decay": 0.0},
+        "resolved_tasks": 10,
+    }
+    config.update(cfg)
+    (folder / "config.json").write_text(json.dumps(config))
+    for seed, rows in rows_per_seed.items():
+        d = folder / f"seed_{seed}"
+        d.mkdir()
+        with open(d / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def pm_rows(acc: list[float], wm: float = 1.0) -> list[dict]:
+    return [
+        {
+            "task": t,
+            "accuracy": a,
+            "dead_units_1": 1,
+            "dead_units_2": 2,
+            "dead_fraction": 0.25 * a,
+            "effective_rank_1": 10.0 + t,
+            "effective_rank_2": 5.0 * a,
+            "weight_magnitude": wm + t,
+        }
+        for t, a in enumerate(acc)
+    ]
+
+
+def read_plotted(csv_path: Path) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    with open(csv_path) as f:
+        for r in csv.DictReader(f):
+            out.setdefault((r["panel"], r["group"]), []).append(r)
+    return out
+
+
+def num(s: str) -> float:
+    return math.nan if s == "" else float(s)
+
+
+def test_mean_and_se_by_hand():
+    v = np.array([[0.5, 1.0, np.nan], [0.7, 3.0, 2.0], [0.9, np.nan, np.nan]])
+    mean, se, n = mean_and_se(v)
+    # column 0: mean 0.7, sample std 0.2; column 1: mean 2, std sqrt(2); column 2: one value
+    assert mean[0] == pytest.approx(0.7) and se[0] == pytest.approx(0.2 / math.sqrt(3))
+    assert mean[1] == pytest.approx(2.0) and se[1] == pytest.approx(math.sqrt(2) / math.sqrt(2))
+    assert mean[2] == 2.0 and math.isnan(se[2])
+    assert n.tolist() == [3, 2, 1]
+
+
+def test_bin_by_step_by_hand():
+    steps = np.array([50, 100, 101, 150, 250, 301])
+    values = np.array([1.0, 3.0, 10.0, 20.0, 7.0, 99.0])
+    # bins (0,100], (100,200], (200,300]; step 301 is beyond 3 bins
+    np.testing.assert_array_equal(bin_by_step(steps, values, 100, 3), [2.0, 15.0, 7.0])
+    np.testing.assert_array_equal(bin_by_step(steps, values, 100, 3, "max"), [3.0, 20.0, 7.0])
+    empty = bin_by_step(np.array([350]), np.array([1.0]), 100, 4)
+    assert np.isnan(empty[:3]).all() and empty[3] == 1.0
+
+
+def test_supervised_grouping_means_and_files(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    # bp: three seeds in one folder
+    supervised_run(
+        runs / "bp",
+        "bp",
+        {0: pm_rows([0.5, 0.6]), 1: pm_rows([0.7, 0.8]), 2: pm_rows([0.9, 0.7])},
+    )
+    # cbp: the same configuration split over two folders (different --out) -> one group;
+    # seed 2 is shorter (an unfinished run)
+    supervised_run(
+        runs / "cbp_a", "cbp", {0: pm_rows([0.2, 0.4, 0.9]), 1: pm_rows([0.4, 0.2, 0.9])}
+    )
+    supervised_run(runs / "cbp_b", "cbp", {2: pm_rows([0.9, 0.3])}, seeds=[2])
+    out = tmp_path / "fig"
+    assert plot_script.main([str(runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for ext in ("png", "pdf", "csv", "json"):
+        assert (out / f"permuted_mnist.{ext}").stat().st_size > 0
+    assert "Backprop (n=3)" in printed and "CBP (n=3)" in printed
+    assert "common prefix of 2" in printed
+
+    got = read_plotted(out / "permuted_mnist.csv")
+    bp = got[("accuracy", "Backprop")]
+    assert [num(r["x"]) for r in bp] == [1.0, 2.0]
+    # task 1: (0.5, 0.7, 0.9) -> mean 0.7, SE 0.2 / sqrt 3
+    assert num(bp[0]["mean"]) == pytest.approx(0.7)
+    assert num(bp[0]["se"]) == pytest.approx(0.2 / math.sqrt(3))
+    # task 2: (0.6, 0.8, 0.7) -> mean 0.7, std 0.1
+    assert num(bp[1]["mean"]) == pytest.approx(0.7)
+    assert num(bp[1]["se"]) == pytest.approx(0.1 / math.sqrt(3))
+    cbp = got[("accuracy", "CBP")]
+    assert len(cbp) == 2  # common prefix of lengths 3, 3, 2
+    assert num(cbp[0]["mean"]) == pytest.approx(0.5)  # (0.2, 0.4, 0.9)
+    assert num(cbp[0]["se"]) == pytest.approx(math.sqrt(0.13) / math.sqrt(3))
+    # dead units in percent (dead_fraction * 100) and effective rank summed over layers
+    dead = got[("dead_units_pct", "Backprop")]
+    assert num(dead[0]["mean"]) == pytest.approx(100 * 0.25 * 0.7)
+    rank = got[("effective_rank", "Backprop")]
+    assert num(rank[1]["mean"]) == pytest.approx(11.0 + 5.0 * 0.7)
+    assert num(rank[1]["se"]) == pytest.approx(5.0 * 0.1 / math.sqrt(3))
+
+    meta = json.loads((out / "permuted_mnist.json").read_text())
+    groups = {g["label"]: g for g in meta["groups"]}
+    assert groups["CBP"]["seeds"] == [0, 1, 2] and len(groups["CBP"]["runs"]) == 2
+    assert any("common prefix" in m for m in meta["notes"])
+    assert "common prefix" in meta["title"]
+    assert meta["panels"]["accuracy"]["CBP"]["last"]["mean"] == pytest.approx(0.3)
+
+
+def test_same_method_different_config_gets_distinct_labels(tmp_path):
+    runs = tmp_path / "runs"
+    for wd in (1e-3, 1e-4):
+        supervised_run(
+            runs / f"l2_{wd}",
+            "l2",
+            {0: pm_rows([0.5])},
+            resolved_method={"method": "l2", "lr": 0.003, "weight_decay": wd},
+        )
+    groups = group_runs(load_runs([runs]))
+    assert sorted(g.label for g in groups) == [
+        "L2 (weight_decay=0.0001)",
+        "L2 (weight_decay=0.001)",
+    ]
+
+
+def test_missing_metric_skips_panel_and_one_seed_has_no_band(tmp_path, capsys):
+    run = tmp_path / "scr_bp"
+    rows = [
+        {"bin": b, "examples": (b + 1) * 40000, "squared_error": e}
+        for b, e in enumerate([2.0, 1.0])
+    ]
+    supervised_run(run, "bp", {3: rows}, bin_size=40000, examples=80000)
+    results = plot_runs([run], tmp_path / "fig", name="scr_small")
+    assert [r.name for r in results] == ["scr_small"]
+    assert (tmp_path / "fig" / "scr_small.png").exists()
+    assert (tmp_path / "fig" / "scr_small.pdf").exists()
+    got = read_plotted(tmp_path / "fig" / "scr_small.csv")
+    assert set(got) == {("squared_error", "Backprop")}  # no weight_magnitude column
+    assert [num(r["x"]) for r in got[("squared_error", "Backprop")]] == [40000, 80000]
+    assert all(math.isnan(num(r["se"])) for r in got[("squared_error", "Backprop")])
+    assert "weight_magnitude; panel skipped" in capsys.readouterr().out
+
+
+def ppo_run(folder: Path, seed: int, scalars: dict[str, list[tuple[int, float]]], **cfg):
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder.mkdir(parents=True)
+    config = {
+        "env": "Hopper-v4",
+        "steps": 300,
+        "seed": seed,
+        "run_name": folder.name,
+        "runs_dir": str(folder.parent),
+        "cbp": False,
+        "l2": False,
+        "redo": False,
+        "shrink_perturb": False,
+        "standard_adam": False,
+        "adam_beta1": 0.99,
+        "adam_beta2": 0.99,
+        "weight_decay": 0.0,
+        "friction_every": 100,
+    }
+    config.update(cfg)
+    (folder / "config.json").write_text(json.dumps(config))
+    w = SummaryWriter(str(folder))
+    for tag, points in scalars.items():
+        for step, value in points:
+            w.add_scalar(tag, value, step)
+    w.close()
+
+
+def test_ppo_tensorboard_runs_binned_by_step(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    p = "plasticity/policy/"
+    common = {
+        "env/friction": [(100, 1.0), (200, 0.5), (300, 0.5)],
+        p + "max_weight_change": [(100, 1.0), (150, 4.0), (200, 2.0), (300, 3.0)],
+        p + "dead_units": [(100, 0.1), (200, 0.2), (300, 0.3)],
+    }
+    ppo_run(
+        runs / "a_s1",
+        1,
+        {"charts/episodic_return": [(50, 10.0), (100, 20.0), (150, 30.0)], **common},
+    )
+    ppo_run(
+        runs / "a_s2",
+        2,
+        {"charts/episodic_return": [(60, 40.0), (170, 50.0), (290, 60.0)], **common},
+    )
+    # standard Adam: one seed, without plasticity scalars
+    ppo_run(
+        runs / "std_s1",
+        1,
+        {
+            "charts/episodic_return": [(100, 5.0), (200, 6.0), (300, 7.0)],
+            "env/friction": [(300, 1.0)],
+        },
+        standard_adam=True,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+    )
+    out = tmp_path / "fig"
+    assert plot_script.main([str(runs), "--out", str(out), "--bin", "100"]) == 0
+    printed = capsys.readouterr().out
+    for ext in ("png", "pdf", "csv", "json"):
+        assert (out / f"ppo_Hopper-v4.{ext}").exists()
+    assert "Tuned Adam (n=2)" in printed and "Standard Adam (n=1)" in printed
+    got = read_plotted(out / "ppo_Hopper-v4.csv")
+    tuned = got[("episodic_return", "Tuned Adam")]
+    assert [num(r["x"]) for r in tuned] == [100, 200, 300]
+    # seed 1 bins: (10+20)/2, 30, none; seed 2 bins: 40, 50, 60
+    assert num(tuned[0]["mean"]) == pytest.approx((15 + 40) / 2)
+    assert num(tuned[0]["se"]) == pytest.approx(np.std([15, 40], ddof=1) / math.sqrt(2))
+    assert num(tuned[1]["mean"]) == pytest.approx(40.0)
+    assert num(tuned[2]["mean"]) == 60.0 and int(tuned[2]["n"]) == 1
+    change = got[("max_weight_change", "Tuned Adam")]
+    assert [num(r["mean"]) for r in change] == [1.0, 4.0, 3.0]  # max per bin
+    dead = got[("dead_units_pct", "Tuned Adam")]
+    assert [num(r["mean"]) for r in dead] == pytest.approx([10.0, 20.0, 30.0])
+    assert ("dead_units_pct", "Standard Adam") not in got
+    assert not any(panel == "stable_rank" for panel, _ in got)  # nobody logs it: skipped
+    std = got[("episodic_return", "Standard Adam")]
+    assert [num(r["mean"]) for r in std] == [5.0, 6.0, 7.0]
+    groups = group_runs(load_runs([runs]))
+    assert plotting.friction_changes(groups[1].runs).tolist() == [200]
+
+
+def test_empty_or_wrong_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert plot_script.main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no run folders under") and err.count("\n") == 1
+    assert plot_script.main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="bin size"):
+        plot_runs([tmp_path / "empty"], tmp_path / "o", bin_size=0)
+    assert not (tmp_path / "o").exists()
+
+
+def test_script_runs_from_the_shell(tmp_path):
+    supervised_run(tmp_path / "r", "adam", {0: pm_rows([0.5, 0.6])})
+    ok = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/plot.py"),
+            str(tmp_path / "r"),
+            "--out",
+            str(tmp_path / "f"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "f" / "permuted_mnist.pdf").exists()
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/plot.py"), str(tmp_path / "f")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "error: no run folders under" in bad.stderr
