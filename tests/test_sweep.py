@@ -1,0 +1,311 @@
+"""Sweeps (ppo_cbp/sweep.py, scripts/sweep.py): parsing, tables by hand, and real local Ray
+sweeps of tiny Slowly-Changing Regression runs (complete, killed and re-run, failing trial)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ppo_cbp import sweep as sw
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "sweep.py"
+SCR = sw.Program("supervised", "scripts/supervised.py", "slowly-changing-regression")
+PPO = sw.Program("ppo", "ppo_cbp/train.py")
+# 2 bins of 1,000 examples: about a second of training per trial.
+TINY = ["--examples", "2000", "--bin-size", "1000", "--chunk", "1000", "--device", "cpu"]
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def test_parse_seeds_ranges_lists_and_errors():
+    assert sw.parse_seeds(["0-2", "5,7", "9"]) == [0, 1, 2, 5, 7, 9]
+    for bad in (["3-1"], ["a"], ["1", "1"], ["0-2", "2"], [""], ["-1"]):
+        with pytest.raises(ValueError):
+            sw.parse_seeds(bad)
+
+
+def test_parse_program_and_grid():
+    assert sw.parse_program(["ppo_cbp/train.py", "--env", "Hopper-v4"]) == (
+        PPO,
+        ["--env", "Hopper-v4"],
+    )
+    prog, fixed = sw.parse_program(["supervised.py", "slowly-changing-regression", "--hidden", "7"])
+    assert prog == SCR and fixed == ["--hidden", "7"]
+    with pytest.raises(ValueError, match="subcommand"):
+        sw.parse_program(["scripts/supervised.py", "--seeds", "0"])
+    with pytest.raises(ValueError, match="unknown program"):
+        sw.parse_program(["other.py"])
+    assert sw.parse_grid(["method=bp,cbp", "--replacement_rate=1e-4,1e-5"]) == {
+        "method": ["bp", "cbp"],
+        "replacement-rate": ["1e-4", "1e-5"],
+    }
+    for bad in (["method"], ["method=bp,"], ["lr=1,1"], ["lr=1", "lr=2"]):
+        with pytest.raises(ValueError):
+            sw.parse_grid(bad)
+
+
+def test_check_flags_rejects_flags_the_sweep_sets():
+    with pytest.raises(ValueError, match="--seed "):
+        sw.check_flags(PPO, ["--seed", "3"], {})
+    with pytest.raises(ValueError, match="--out "):
+        sw.check_flags(SCR, ["--out", "x"], {})
+    with pytest.raises(ValueError, match="both fixed and in the grid"):
+        sw.check_flags(SCR, ["--lr", "0.1"], {"lr": ["0.2"]})
+    with pytest.raises(ValueError, match="unknown PPO method 'foo'"):
+        sw.check_flags(PPO, [], {"method": ["cbp", "foo"]})
+    sw.check_flags(PPO, ["--steps", "10"], {"method": ["bp", "cbp+l2"]})
+
+
+def test_flags_trials_and_commands(tmp_path):
+    assert sw.config_flags(PPO, {"method": "cbp+l2", "normalize-obs": "true"}) == [
+        "--cbp",
+        "--l2",
+        "--normalize-obs",
+    ]
+    assert sw.config_flags(PPO, {"method": "bp", "norm-adv": "false", "lr": "3e-4"}) == [
+        "--no-norm-adv",
+        "--lr",
+        "3e-4",
+    ]
+    assert sw.config_flags(SCR, {"method": "cbp"}) == ["--method", "cbp"]
+
+    grid = {"method": ["bp", "cbp"], "lr": ["0.1", "0.2", "0.3"]}
+    trials = sw.make_trials(SCR, grid, [0, 1, 2, 3, 4], tmp_path, seeds_per_trial=2)
+    assert len(trials) == 2 * 3 * 3  # 6 configurations, seeds in chunks {0,1}, {2,3}, {4}
+    assert [t.seeds for t in trials[:3]] == [[0, 1], [2, 3], [4]]
+    assert trials[0].id == "method=bp__lr=0.1__s0-1" and trials[-1].id == "method=cbp__lr=0.3__s4"
+    assert len({t.id for t in trials}) == len(trials)
+    with pytest.raises(ValueError, match="supervised"):
+        sw.make_trials(PPO, grid, [0, 1], tmp_path, seeds_per_trial=2)
+
+    t = trials[0]
+    cmd = sw.trial_command(SCR, ["--hidden", "7"], t, resume=True)
+    assert cmd[0] == str(ROOT / "scripts" / "supervised.py")
+    assert cmd[1:] == [
+        "slowly-changing-regression", "--hidden", "7", "--method", "bp", "--lr", "0.1",
+        "--seeds", "0", "1", "--out", str(t.run_dir.resolve()), "--no-progress", "--resume",
+    ]  # fmt: skip
+    (p,) = sw.make_trials(PPO, {"method": ["cbp"]}, [4], tmp_path)
+    cmd = sw.trial_command(PPO, [], p, resume=False)
+    assert cmd[1:] == [
+        "--cbp", "--seed", "4", "--runs-dir", str(tmp_path.resolve()), "--run-name",
+        "method=cbp__s4", "--no-progress",
+    ]  # fmt: skip
+    assert "--resume" not in cmd
+    assert sw.trial_command(PPO, [], p, resume=True)[-2:] == ["--resume", str(p.run_dir.resolve())]
+
+
+def test_manifest_of_another_sweep_is_refused(tmp_path):
+    trials = sw.make_trials(SCR, {"lr": ["0.1"]}, [0], tmp_path)
+    sw.write_json_atomic(tmp_path / sw.MANIFEST, sw.init_manifest(tmp_path, SCR, [], trials))
+    with pytest.raises(ValueError, match="another sweep"):
+        sw.init_manifest(tmp_path, SCR, ["--hidden", "7"], trials)
+    with pytest.raises(ValueError, match="another sweep"):
+        sw.init_manifest(tmp_path, PPO, [], trials)
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def test_mean_se_and_grouping_by_hand():
+    mean, se = sw.mean_se([1.0, 2.0, 4.0])
+    # mean 7/3; deviations -4/3, -1/3, 5/3 -> s^2 = (16 + 1 + 25) / 9 / 2 = 7/3; se = sqrt(7/9)
+    assert mean == pytest.approx(7 / 3, rel=1e-15)
+    assert se == pytest.approx(math.sqrt(7 / 9), rel=1e-15)
+    assert math.isnan(sw.mean_se([5.0])[1])
+
+    rows = [
+        {"state": "done", "m": "a", "x": 1.0},
+        {"state": "done", "m": "b", "x": 10.0},
+        {"state": "done", "m": "a", "x": 3.0},
+        {"state": "failed", "m": "a"},
+        {"state": "done", "m": "b", "x": 20.0},
+        {"state": "done", "m": "b", "x": 60.0},
+    ]
+    table = sw.group_rows(rows, ["m"], ["x"])
+    assert [r["m"] for r in table] == ["a", "b"] and [r["n"] for r in table] == [2, 3]
+    assert table[0]["x_mean"] == 2.0 and table[0]["x_se"] == pytest.approx(1.0)  # s = sqrt(2)
+    assert table[1]["x_mean"] == 30.0
+    assert table[1]["x_se"] == pytest.approx(math.sqrt((400 + 100 + 900) / 2 / 3))
+
+
+def test_ppo_metrics_from_tensorboard_events(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path))
+    for step in range(10, 1001, 10):  # returns 1..100 at steps 10..1000
+        w.add_scalar("charts/episodic_return", step / 10, step)
+    w.add_scalar("charts/SPS", 5.0, 1000)
+    w.close()
+    m = sw.ppo_metrics(tmp_path)
+    # last 10% of 1000 steps: episodes ending after step 900, i.e. returns 91..100
+    assert m["final_episodic_return"] == pytest.approx(95.5)
+    assert m["mean_episodic_return"] == pytest.approx(50.5)
+    assert m["episodes"] == 100 and m["last_step"] == 1000
+
+
+# ------------------------------------------------------------------------------ real Ray
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _metrics_csv(run_dir: Path, seed: int) -> list[dict[str, str]]:
+    return _read_csv(run_dir / f"seed_{seed}" / "metrics.csv")
+
+
+def test_sweep_completes_and_writes_tables(tmp_path, ray_address):
+    out = sw.run_sweep(
+        SCR, TINY, {"lr": ["0.01", "0.05"]}, [0, 1], "scr", runs_dir=tmp_path, progress=False,
+        log=lambda *a: None,
+    )  # fmt: skip
+    sweep_dir = tmp_path / "scr"
+    assert sorted(out.done) == ["lr=0.01__s0", "lr=0.01__s1", "lr=0.05__s0", "lr=0.05__s1"]
+    assert out.failed == [] and out.skipped == []
+    manifest = json.loads((sweep_dir / sw.MANIFEST).read_text())
+    assert {t["state"] for t in manifest["trials"].values()} == {"done"}
+    assert {t["attempts"] for t in manifest["trials"].values()} == {1}
+
+    rows = _read_csv(sweep_dir / sw.RESULTS_CSV)
+    assert [(r["lr"], r["seed"]) for r in rows] == [("0.01", "0"), ("0.01", "1"), ("0.05", "0"), ("0.05", "1")]  # fmt: skip
+    for r in rows:  # each row against the trial's own per-bin CSV
+        bins = _metrics_csv(Path(r["run_dir"]), int(r["seed"]))
+        assert len(bins) == 2
+        errors = [float(b["squared_error"]) for b in bins]
+        assert float(r["final_squared_error"]) == pytest.approx(errors[-1], rel=1e-12)
+        assert float(r["mean_squared_error"]) == pytest.approx(sum(errors) / 2, rel=1e-12)
+        assert f"--lr {r['lr']} " in (Path(r["run_dir"]) / sw.TRIAL_LOG).read_text()
+    summary = _read_csv(sweep_dir / sw.SUMMARY_CSV)
+    assert [(s["lr"], s["n"]) for s in summary] == [("0.01", "2"), ("0.05", "2")]
+    for s in summary:
+        vals = [float(r["final_squared_error"]) for r in rows if r["lr"] == s["lr"]]
+        assert vals[0] != vals[1]
+        assert float(s["final_squared_error_mean"]) == pytest.approx(statistics.mean(vals))
+        se = statistics.stdev(vals) / math.sqrt(2)  # = |a - b| / 2 for two seeds
+        assert float(s["final_squared_error_se"]) == pytest.approx(se)
+        assert se == pytest.approx(abs(vals[0] - vals[1]) / 2)
+    # the two step sizes give different runs
+    assert summary[0]["final_squared_error_mean"] != summary[1]["final_squared_error_mean"]
+
+
+def test_killed_sweep_reruns_only_missing_trials(tmp_path, ray_address):
+    # One trial at a time (2 CPUs each on the 2-CPU cluster), 10 bins each so that the kill
+    # lands while a later trial runs.
+    fixed = ["--examples", "10000", *TINY[2:]]
+    cmd = [
+        sys.executable, str(SCRIPT), "scripts/supervised.py", "slowly-changing-regression",
+        *fixed, "--grid", "lr=0.01,0.05", "--seeds", "0-1", "--name", "k",
+        "--runs-dir", str(tmp_path), "--address", ray_address, "--cpus-per-trial", "2",
+        "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    manifest_path = tmp_path / "k" / sw.MANIFEST
+    done: list[str] = []
+    while not done:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+        if manifest_path.exists():
+            trials = json.loads(manifest_path.read_text())["trials"]
+            done = [i for i, t in trials.items() if t["state"] == "done"]
+    # Kill once a later trial has checkpointed, so that the re-run must resume it.
+    partial = None
+    while partial is None:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+        partial = next((i for i in trials if (tmp_path / "k" / i / "checkpoint.pt").exists()
+                        and i not in done), None)  # fmt: skip
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    trials = json.loads(manifest_path.read_text())["trials"]
+    missing = [i for i, t in trials.items() if t["state"] != "done"]
+    assert missing and len(trials) == 4
+    logs = {i: tmp_path / "k" / i / sw.TRIAL_LOG for i in done}
+    before = {i: (p.stat().st_mtime_ns, p.read_text()) for i, p in logs.items()}
+
+    out = sw.run_sweep(
+        SCR, fixed, {"lr": ["0.01", "0.05"]}, [0, 1], "k", runs_dir=tmp_path,
+        cpus_per_trial=2, progress=False, log=lambda *a: None,
+    )  # fmt: skip
+    assert sorted(out.skipped) == sorted(done)
+    assert sorted(out.done) == sorted(missing)
+    assert {i: (p.stat().st_mtime_ns, p.read_text()) for i, p in logs.items()} == before
+    trials = json.loads(manifest_path.read_text())["trials"]
+    assert all(trials[i]["attempts"] == 1 for i in done)
+    assert trials[partial]["attempts"] == 2
+    assert "=== attempt 2 " in (log := (tmp_path / "k" / partial / sw.TRIAL_LOG).read_text())
+    assert "(resume)" in log.split("=== attempt 2 ")[1].splitlines()[0]
+    assert all(t["state"] == "done" for t in trials.values())
+    rows = _read_csv(tmp_path / "k" / sw.RESULTS_CSV)
+    assert len(rows) == 4
+    for r in rows:  # every run complete: 10 bins, once each
+        assert [int(b["bin"]) for b in _metrics_csv(Path(r["run_dir"]), int(r["seed"]))] == list(range(10))  # fmt: skip
+
+
+def test_failing_trial_is_retried_then_reported(tmp_path, ray_address):
+    messages: list[str] = []
+    out = sw.run_sweep(
+        SCR, TINY, {"lr": ["0.01", "-1"]}, [0, 1], "f", runs_dir=tmp_path, seeds_per_trial=2,
+        max_retries=1, progress=False, log=messages.append,
+    )  # fmt: skip
+    assert out.done == ["lr=0.01__s0-1"] and out.failed == ["lr=-1__s0-1"]
+    trials = json.loads((tmp_path / "f" / sw.MANIFEST).read_text())["trials"]
+    bad = trials["lr=-1__s0-1"]
+    assert bad["state"] == "failed" and bad["attempts"] == 2 and bad["returncode"] != 0
+    assert "lr = -1.0 is out of range" in bad["log_tail"]
+    log = (tmp_path / "f" / "lr=-1__s0-1" / sw.TRIAL_LOG).read_text()
+    assert "=== attempt 1 " in log and "=== attempt 2 " in log
+    assert any("failed: lr=-1__s0-1" in m for m in messages)
+    rows = _read_csv(tmp_path / "f" / sw.RESULTS_CSV)
+    assert [(r["lr"], r["seed"], r["state"]) for r in rows] == [
+        ("0.01", "0", "done"), ("0.01", "1", "done"), ("-1", "0", "failed"), ("-1", "1", "failed"),
+    ]  # fmt: skip
+    assert rows[2]["final_squared_error"] == "" and rows[0]["final_squared_error"] != ""
+    summary = _read_csv(tmp_path / "f" / sw.SUMMARY_CSV)
+    assert [(s["lr"], s["n"]) for s in summary] == [("0.01", "2")]
+
+
+def test_without_ray_the_script_says_how_to_install(tmp_path):
+    fake = tmp_path / "fake" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "ppo_cbp/train.py", "--grid", "method=bp", "--seeds", "0",
+         "--name", "x", "--runs-dir", str(tmp_path / "runs")],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "pip install -e '.[sweep]'" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_arguments_exit_2_before_any_work(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "ppo_cbp/train.py", "--seed", "3", "--seeds", "0",
+         "--name", "x", "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--seed is set by the sweep" in r.stderr
+    assert not (tmp_path / "runs").exists()
