@@ -51,6 +51,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -466,7 +467,14 @@ def run_trial(
             preexec_fn=_die_with_parent,
         )
         try:
-            rc = proc.wait()
+            # Wait in short slices: Ray's cancellation is an exception raised between
+            # bytecodes, which a single blocking wait would hold off until the program ends.
+            while True:
+                try:
+                    rc = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         finally:  # cancelled (KeyboardInterrupt in the task): let the program checkpoint
             if proc.poll() is None:
                 proc.terminate()
@@ -474,6 +482,11 @@ def run_trial(
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait()
+                f.write(
+                    f"=== attempt {attempt} stopped by the sweep: program (pid {proc.pid}) "
+                    f"exited with code {proc.returncode}\n"
+                )
         f.write(f"=== attempt {attempt} exited with code {rc}\n")
     result: dict[str, Any] = {
         "returncode": rc,
@@ -612,6 +625,10 @@ def _slots(ray: Any, cpus: float, gpus: float) -> int:
     return max(1, n)
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -677,6 +694,11 @@ def run_sweep(
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # After ray.init, whose handlers would abort the driver on SIGTERM: treat it as Ctrl-C so
+    # that the trials stop with a checkpoint and the manifest is saved.
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         res = ray.cluster_resources()
         gpus = (1.0 if res.get("GPU", 0) > 0 else 0.0) if gpus_per_trial is None else gpus_per_trial
@@ -803,6 +825,8 @@ def run_sweep(
             if bar is not None:
                 bar.close()
     finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
         if started_ray:
             ray.shutdown()
 

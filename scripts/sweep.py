@@ -25,7 +25,6 @@ interrupted (Ctrl-C or SIGTERM; the trials checkpoint and continue on the next r
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -68,10 +67,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
@@ -83,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         outcome = run_sweep(
             program,

@@ -246,7 +246,7 @@ def test_killed_sweep_reruns_only_missing_trials(tmp_path, ray_address):
 
     out = sw.run_sweep(
         SCR, fixed, {"lr": ["0.01", "0.05"]}, [0, 1], "k", runs_dir=tmp_path,
-        cpus_per_trial=2, progress=False, log=lambda *a: None,
+        progress=False, log=lambda *a: None,
     )  # fmt: skip
     assert sorted(out.skipped) == sorted(done)
     assert sorted(out.done) == sorted(missing)
@@ -261,6 +261,31 @@ def test_killed_sweep_reruns_only_missing_trials(tmp_path, ray_address):
     assert len(rows) == 4
     for r in rows:  # every run complete: 10 bins, once each
         assert [int(b["bin"]) for b in _metrics_csv(Path(r["run_dir"]), int(r["seed"]))] == list(range(10))  # fmt: skip
+
+
+def test_sigterm_stops_the_programs_and_leaves_trials_pending(tmp_path, ray_address):
+    cmd = [
+        sys.executable, str(SCRIPT), "scripts/supervised.py", "slowly-changing-regression",
+        "--examples", "10000000", *TINY[2:], "--grid", "lr=0.01", "--seeds", "0", "--name", "t",
+        "--runs-dir", str(tmp_path), "--address", ray_address, "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "t" / "lr=0.01__s0"
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate()
+    assert proc.returncode == 130, output
+    trial = json.loads((tmp_path / "t" / sw.MANIFEST).read_text())["trials"]["lr=0.01__s0"]
+    assert trial["state"] == "pending" and trial["attempts"] == 1
+    last = (run_dir / sw.TRIAL_LOG).read_text().splitlines()[-1]
+    assert last.startswith("=== attempt 1 stopped by the sweep") and last.endswith(
+        f"code {-signal.SIGTERM}"
+    )
+    pid = int(last.split("(pid ")[1].split(")")[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_failing_trial_is_retried_then_reported(tmp_path, ray_address):
