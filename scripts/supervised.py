@@ -2,9 +2,11 @@
 
     python scripts/supervised.py permuted-mnist --seeds 0 1 2 --method.method cbp
     python scripts/supervised.py slowly-changing-regression --activation tanh --seeds 0 1 2 3
+    python scripts/supervised.py continual-imagenet --data-dir data/imagenet32 --method cbp
+    python scripts/supervised.py incremental-cifar --data-dir data/cifar100 --download --method cbp
 
 Defaults reproduce the paper; flags scale a run down (``--tasks``, ``--examples-per-task``,
-``--width``, ``--examples``). Outputs (per seed CSV and TensorBoard, ``summary.json``, the
+``--width``, ``--examples``, ``--epochs``, ``--images-per-class``, ``--classes-per-increment``). Outputs (per seed CSV and TensorBoard, ``summary.json``, the
 resolved ``config.json``, an atomic ``checkpoint.pt``) go to ``--out``; ``--resume`` continues
 a run exactly.
 """
@@ -16,6 +18,8 @@ from typing import Annotated, Union
 
 import tyro
 
+from ppo_cbp.benchmarks.continual_imagenet import ContinualImageNetConfig, run_continual_imagenet
+from ppo_cbp.benchmarks.incremental_cifar import IncrementalCIFARConfig, run_incremental_cifar
 from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig, run_permuted_mnist
 from ppo_cbp.benchmarks.scr import SCRConfig, run_scr
 
@@ -25,11 +29,17 @@ def main() -> None:
         Union[  # noqa: UP007 (tyro reads the subcommands from the Union)
             Annotated[PermutedMNISTConfig, tyro.conf.subcommand("permuted-mnist")],
             Annotated[SCRConfig, tyro.conf.subcommand("slowly-changing-regression")],
+            Annotated[ContinualImageNetConfig, tyro.conf.subcommand("continual-imagenet")],
+            Annotated[IncrementalCIFARConfig, tyro.conf.subcommand("incremental-cifar")],
         ],
         description=__doc__,
     )
     if isinstance(cfg, PermutedMNISTConfig):
         summary = run_permuted_mnist(cfg)
+    elif isinstance(cfg, ContinualImageNetConfig):
+        summary = run_continual_imagenet(cfg)
+    elif isinstance(cfg, IncrementalCIFARConfig):
+        summary = run_incremental_cifar(cfg)
     else:
         summary = run_scr(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "seeds"}, indent=2))

@@ -1,0 +1,507 @@
+"""Continual ImageNet (Dohare et al., 2024): a long sequence of binary tasks on ImageNet 32x32.
+
+Task ``t`` of seed ``s`` is binary classification between the two classes of
+:func:`~ppo_cbp.datasets.imagenet32.class_pairs` ``(s)[t]`` (labels 0 and 1), with 600 training
+and 100 test images per class (pixels in [0, 1], normalised per channel with the mean and
+standard deviation of all training images). At each new task the output layer's weights and
+bias are set to zero (and their SGD momentum), then the network trains for 250 epochs over
+the task's 1,200 training images in minibatches of 100, reshuffled every epoch (a per-seed
+device generator), with SGD (momentum 0.9, step size 0.01) on the cross-entropy.
+
+Network (Extended Data Table 3): conv 5x5 32, ReLU, max-pool 2; conv 3x3 64, ReLU, max-pool 2;
+conv 3x3 128, ReLU, max-pool 2; fully connected 128, ReLU; 128, ReLU; 2 outputs; PyTorch's
+default weight distribution (``torch_default``: U(+-1/sqrt(fan_in))) with zero biases. The
+``linear`` method is the paper's linear-network baseline: only the output layer on the raw
+3,072 pixels, so with the head reset it learns every task from scratch.
+
+Metrics per task and seed (one CSV row):
+
+* ``accuracy``: accuracy on the task's 200 test images after the last epoch;
+* ``train_accuracy``: accuracy on the minibatches of the last epoch (before each update);
+* at the task's start, before the head reset, on ``metric_examples`` of its training images
+  (evenly spaced over both classes; all 1,200 by default): ``dead_units_l`` (units of hidden
+  layer ``l``, a conv channel counting as one unit over all (image, position) pairs, whose
+  activation is 0 on all of them), ``dead_fraction``
+  (over all 480 hidden units), ``effective_rank`` and ``stable_rank`` of the last hidden
+  layer's ``[N, 128]`` representation, ``weight_magnitude`` (sum |w| / number of weights over
+  the weight matrices and kernels, biases excluded);
+* ``units_replaced``: units replaced by CBP/ReDo since the start of the run.
+
+Everything of a task lives on the device; per step there are no host synchronisations
+(correct counts are accumulated as tensors and read at the task's end).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ppo_cbp.augment import normalize
+from ppo_cbp.benchmarks.common import (
+    MethodConfig,
+    ResolvedMethod,
+    RunOutputs,
+    check_seeds,
+    config_dict,
+    resolve_device,
+    resolve_method,
+)
+from ppo_cbp.cbp import ContinualBackprop
+from ppo_cbp.datasets.imagenet32 import channel_stats, class_pairs, load_imagenet32
+from ppo_cbp.init import init_layer_
+from ppo_cbp.metrics import (
+    average_weight_magnitude,
+    conv_activations_as_samples,
+    dead_unit_mask,
+    feature_rank_metrics,
+    layer_weights,
+)
+from ppo_cbp.redo import ReDo
+from ppo_cbp.shrink_perturb import perturb_
+from ppo_cbp.stacked import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
+from ppo_cbp.units import hidden_activations
+
+TAG_SHUFFLE = 10
+TAG_AUGMENT = 11
+TAG_HEAD = 12
+
+IMAGENET_METHODS = ("bp", "l2", "snp", "cbp", "redo", "linear")
+
+# The paper's released configurations (SGD step size 0.01, momentum 0.9).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "bp": dict(lr=0.01),
+    "l2": dict(lr=0.01, weight_decay=3e-6),
+    "snp": dict(lr=0.01, weight_decay=1e-5, noise_std=1e-5),
+    "cbp": dict(lr=0.01, replacement_rate=3e-4, maturity_threshold=100),
+    "redo": dict(lr=0.01),
+    "linear": dict(lr=0.01),
+}
+
+
+@dataclass
+class ImageNetMethodConfig(MethodConfig):
+    """Method of Continual ImageNet: bp, l2, snp, cbp, redo, or the linear-network baseline."""
+
+    method: Literal["bp", "l2", "snp", "cbp", "redo", "linear"] = "bp"  # type: ignore[assignment]
+    """Learning method (``linear``: the linear-network baseline trained with SGD)."""
+
+
+def resolve_module_method(
+    cfg: MethodConfig, defaults: dict[str, dict[str, Any]], aliases: dict[str, str]
+) -> ResolvedMethod:
+    """:func:`~ppo_cbp.benchmarks.common.resolve_method` for methods that are variants of a core
+    method (``aliases``: name -> core method, e.g. ``linear -> bp``); keeps the variant's name."""
+    name = cfg.method
+    if name not in defaults:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(defaults)}")
+    core = aliases.get(name, name)
+    resolved = resolve_method(replace(cfg, method=core), {core: defaults[name]})
+    resolved.method = name
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Networks
+
+
+def imagenet_convnet(
+    num_classes: int = 2, generator: torch.Generator | None = None
+) -> nn.Sequential:
+    """The ConvNet of Extended Data Table 3 (for 3x32x32 inputs), ``torch_default`` init."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128 * 2 * 2, 128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+    for m in net:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            init_layer_(m, "torch_default", generator=generator)
+    return net
+
+
+def linear_network(num_classes: int = 2, generator: torch.Generator | None = None) -> nn.Sequential:
+    """The linear-network baseline: one Linear layer on the flattened 3x32x32 pixels."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
+    init_layer_(net[1], "torch_default", generator=generator)
+    return net
+
+
+# --------------------------------------------------------------------------------------------
+# One network with its optimizer and the method's operator
+
+
+class ModuleLearner:
+    """An ``nn.Module`` trained with SGD (momentum, coupled L2) plus the method's operator.
+
+    After every optimizer step: Shrink & Perturb adds ``N(0, noise_std^2)`` to every parameter,
+    CBP runs :meth:`~ppo_cbp.cbp.ContinualBackprop.step` (hooked activations of that step's
+    forward pass), ReDo :meth:`~ppo_cbp.redo.ReDo.step`. All randomness comes from per-seed
+    generators on the device.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        method: ResolvedMethod,
+        *,
+        seed: int,
+        momentum: float,
+        init: str,
+        device: torch.device,
+    ):
+        self.net = net.to(device)
+        self.method = method
+        self.device = device
+        self.opt = torch.optim.SGD(
+            self.net.parameters(), lr=method.lr, momentum=momentum, weight_decay=method.weight_decay
+        )
+        self.cbp: ContinualBackprop | None = None
+        self.redo: ReDo | None = None
+        self.noise: torch.Generator | None = None
+        if method.method == "cbp":
+            self.cbp = ContinualBackprop(
+                self.net,
+                self.opt,
+                replacement_rate=method.replacement_rate,
+                maturity_threshold=method.maturity_threshold,
+                decay_rate=method.decay_rate,
+                utility=method.utility,
+                init=init,
+                seed=derive_seed(seed, TAG_CBP),
+            )
+        elif method.method == "redo":
+            self.redo = ReDo(
+                self.net,
+                self.opt,
+                threshold=method.redo_threshold,
+                period=method.redo_period,
+                init=init,
+                seed=derive_seed(seed, TAG_REDO),
+            )
+        if method.noise_std > 0:
+            self.noise = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_NOISE))
+        self._params = [p for p in self.net.parameters()]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def step(self, x: Tensor, y: Tensor, num_logits: int | None = None) -> Tensor:
+        """One SGD step on ``(x, y)``; returns the number of correct predictions (device tensor).
+
+        ``num_logits``: only the first ``num_logits`` outputs enter the loss and the prediction
+        (the others are masked out).
+        """
+        logits = self.net(x)
+        if num_logits is not None:
+            logits = logits[:, :num_logits]
+        loss = F.cross_entropy(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.noise is not None:
+            perturb_(self._params, self.method.noise_std, self.noise)
+        if self.cbp is not None:
+            self.cbp.step()
+        elif self.redo is not None:
+            self.redo.step()
+        with torch.no_grad():
+            return (logits.argmax(1) == y).sum()
+
+    def units_replaced(self) -> int:
+        if self.cbp is not None:
+            return self.cbp.num_replaced
+        if self.redo is not None:
+            return self.redo.num_replaced
+        return 0
+
+    def momentum_buffer(self, p: Tensor) -> Tensor | None:
+        return self.opt.state.get(p, {}).get("momentum_buffer")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": copy.deepcopy(self.net.state_dict()),
+            "opt": copy.deepcopy(self.opt.state_dict()),
+            "cbp": None if self.cbp is None else self.cbp.state_dict(),
+            "redo": None if self.redo is None else self.redo.state_dict(),
+            "noise": None if self.noise is None else self.noise.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        if self.cbp is not None:
+            self.cbp.load_state_dict(state["cbp"])
+        if self.redo is not None:
+            self.redo.load_state_dict(state["redo"])
+        if self.noise is not None:
+            self.noise.set_state(state["noise"])
+
+
+@torch.no_grad()
+def reset_head_(learner: ModuleLearner, head: nn.Linear) -> None:
+    """Zero the output layer's weight and bias, and their SGD momentum."""
+    for p in (head.weight, head.bias):
+        p.zero_()
+        buf = learner.momentum_buffer(p)
+        if buf is not None:
+            buf.zero_()
+
+
+@torch.no_grad()
+def count_correct(
+    net: nn.Module, x: Tensor, y: Tensor, batch: int, num_logits: int | None = None
+) -> Tensor:
+    """Correct predictions of ``net`` (in eval mode) on ``(x, y)`` in chunks; a device tensor."""
+    was_training = net.training
+    net.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for i in range(0, x.shape[0], batch):
+        logits = net(x[i : i + batch])
+        if num_logits is not None:
+            logits = logits[:, :num_logits]
+        correct += (logits.argmax(1) == y[i : i + batch]).sum()
+    net.train(was_training)
+    return correct
+
+
+@torch.no_grad()
+def convnet_metrics(net: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
+    """Dead units per hidden layer, dead fraction, ranks of the last hidden layer, |w| (see
+    the module docstring); tensors on the device."""
+    out: dict[str, Tensor] = {}
+    if sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in net) >= 2:
+        hidden = hidden_activations(net, x)
+        dead_total, units = torch.zeros((), dtype=torch.int64, device=x.device), 0
+        for i, h in enumerate(hidden, start=1):
+            samples = conv_activations_as_samples(h) if h.dim() == 4 else h
+            dead = dead_unit_mask(samples).sum()
+            out[f"dead_units_{i}"] = dead
+            dead_total += dead
+            units += samples.shape[-1]
+        out["dead_fraction"] = dead_total.double() / units
+        ranks = feature_rank_metrics(hidden[-1])
+        out["effective_rank"] = ranks["effective_rank"]
+        out["stable_rank"] = ranks["stable_rank"]
+    out["weight_magnitude"] = average_weight_magnitude([w for _, w in layer_weights(net)])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass
+class ContinualImageNetConfig:
+    """Continual ImageNet; the defaults are the paper's."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds (one network each), trained task by task in one process."""
+    method: Annotated[ImageNetMethodConfig, tyro.conf.arg(name="")] = field(
+        default_factory=ImageNetMethodConfig
+    )
+    """Method and its hyperparameters (flags --method, --lr, --replacement-rate, ...)."""
+    tasks: int = 5000
+    """Number of binary tasks."""
+    epochs: int = 250
+    """Epochs per task."""
+    batch_size: int = 100
+    """Minibatch size."""
+    images_per_class: int = 600
+    """Training images per class (the first ones of each class)."""
+    test_images_per_class: int = 100
+    """Test images per class."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    metric_examples: int = 1200
+    """Training images of the new task on which the task-start metrics are measured."""
+    data_dir: Path = Path("data/imagenet32")
+    """Folder with train_data_batch_1..10.npz (+ val_data.npz), or classes/<id>.npy."""
+    layout: Literal["auto", "official", "per-class"] = "auto"
+    """Data layout (auto: official if train_data_batch_1.npz exists)."""
+    test_source: Literal["train", "val"] = "train"
+    """Official layout: test images from the training batches (images 600..699 of each class,
+    as the paper's per-class files) or from val_data.npz."""
+    out: Path = Path("runs/continual_imagenet")
+    """Output folder."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    resume: bool = False
+    """Continue the run saved in --out."""
+    checkpoint_every: int = 1
+    """Checkpoint every this many tasks (and at the end)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _validate(cfg: ContinualImageNetConfig) -> None:
+    for name in (
+        "tasks",
+        "epochs",
+        "batch_size",
+        "images_per_class",
+        "test_images_per_class",
+        "metric_examples",
+        "checkpoint_every",
+    ):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
+
+
+def build_imagenet_learner(
+    method: ResolvedMethod, seed: int, momentum: float, device: torch.device
+) -> tuple[ModuleLearner, nn.Linear]:
+    """The seed's network (initialised from its own generator) with its optimizer and operator."""
+    g = torch.Generator().manual_seed(derive_seed(seed, TAG_INIT))
+    net = linear_network(2, g) if method.method == "linear" else imagenet_convnet(2, g)
+    learner = ModuleLearner(
+        net, method, seed=seed, momentum=momentum, init="torch_default", device=device
+    )
+    return learner, net[-1]
+
+
+def run_continual_imagenet(
+    cfg: ContinualImageNetConfig, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Run (or resume) Continual ImageNet; returns the summary written to ``summary.json``.
+
+    ``stop_after``: return after this many tasks of this call (for interrupting in tests).
+    """
+    seeds = check_seeds(cfg.seeds)
+    method = resolve_module_method(cfg.method, DEFAULTS, {"linear": "bp"})
+    _validate(cfg)
+    device = resolve_device(cfg.device)
+    data = load_imagenet32(
+        cfg.data_dir, cfg.images_per_class, cfg.test_images_per_class, cfg.layout, cfg.test_source
+    )
+    mean, std = channel_stats(data.train, data.scale)
+    config = config_dict(cfg)
+    config.update(
+        resolved_method=config_dict(method),
+        num_classes=data.num_classes,
+        channel_mean=mean.tolist(),
+        channel_std=std.tolist(),
+    )
+    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    pairs = [class_pairs(seed, cfg.tasks, data.num_classes) for seed in seeds]
+    learners, heads, shuffles = [], [], []
+    for seed in seeds:
+        learner, head = build_imagenet_learner(method, seed, cfg.momentum, device)
+        learners.append(learner)
+        heads.append(head)
+        shuffles.append(torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_SHUFFLE)))
+
+    start_task = 0
+    state = outputs.load_checkpoint() if cfg.resume else None
+    if state is not None:
+        for learner, shuffle, s in zip(learners, shuffles, state["seeds"]):
+            learner.load_state_dict(s["learner"])
+            shuffle.set_state(s["shuffle"])
+        start_task = int(state["task"])
+    outputs.start()
+
+    mean32, std32 = mean.float().tolist(), std.float().tolist()
+
+    def on_device(images: Tensor) -> Tensor:
+        x = images.reshape(-1, 3, 32, 32).to(device, non_blocking=True).float().mul_(data.scale)
+        return normalize(x, mean32, std32)
+
+    n_train, n_test = cfg.images_per_class, cfg.test_images_per_class
+    y_train = torch.arange(2, device=device).repeat_interleave(n_train)
+    y_test = torch.arange(2, device=device).repeat_interleave(n_test)
+    steps_per_epoch = -(-2 * n_train // cfg.batch_size)
+    bar = tqdm(
+        total=cfg.tasks * len(seeds),
+        initial=start_task * len(seeds),
+        disable=not cfg.progress,
+        unit="task",
+        desc=f"continual-imagenet {method.method} x{len(seeds)}",
+    )
+    t0 = time.perf_counter()
+    done = 0
+    for task in range(start_task, cfg.tasks):
+        rows = []
+        for s, learner in enumerate(learners):
+            a, b = (int(c) for c in pairs[s][task])
+            x_train = on_device(data.train[[a, b]])
+            x_test = on_device(data.test[[a, b]])
+            m = min(cfg.metric_examples, x_train.shape[0])
+            pick = torch.linspace(0, x_train.shape[0] - 1, m, device=device).long()
+            metrics = convnet_metrics(learner.net, x_train[pick])
+            reset_head_(learner, heads[s])
+            learner.net.train()
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            for epoch in range(cfg.epochs):
+                perm = torch.randperm(x_train.shape[0], generator=shuffles[s], device=device)
+                last = epoch == cfg.epochs - 1
+                for i in range(0, x_train.shape[0], cfg.batch_size):
+                    idx = perm[i : i + cfg.batch_size]
+                    c = learner.step(x_train[idx], y_train[idx])
+                    if last:
+                        correct += c
+            test_correct = count_correct(learner.net, x_test, y_test, 1000)
+            host = {k: v.item() for k, v in metrics.items()}
+            rows.append(
+                {
+                    "task": task,
+                    "class_a": a,
+                    "class_b": b,
+                    "accuracy": test_correct.item() / x_test.shape[0],
+                    "train_accuracy": correct.item() / x_train.shape[0],
+                    **host,
+                    "units_replaced": learner.units_replaced(),
+                }
+            )
+            bar.update(1)
+        outputs.append(rows)
+        done += 1
+        last_task = task == cfg.tasks - 1
+        if (task + 1) % cfg.checkpoint_every == 0 or last_task or done == stop_after:
+            outputs.save_checkpoint(
+                {
+                    "task": task + 1,
+                    "seeds": [
+                        {"learner": lr.state_dict(), "shuffle": g.get_state()}
+                        for lr, g in zip(learners, shuffles)
+                    ],
+                }
+            )
+        if done == stop_after:
+            break
+    bar.close()
+    outputs.close()
+    elapsed = time.perf_counter() - t0
+    images = done * len(seeds) * cfg.epochs * 2 * n_train
+    return outputs.summary(
+        {
+            "benchmark": "continual_imagenet",
+            "method": method.method,
+            "tasks_completed": len(outputs.rows[0]),
+            "tasks": cfg.tasks,
+            "steps_per_task": cfg.epochs * steps_per_epoch,
+            "training_images_per_second_this_call": images / max(elapsed, 1e-9),
+        }
+    )
