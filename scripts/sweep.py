@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except ImportError as e:
-        print(str(e) if "pip install" in str(e) else INSTALL_HINT, file=sys.stderr)
+        if str(e) != INSTALL_HINT:  # not the missing Ray: a real bug, with its traceback
+            raise
+        print(INSTALL_HINT, file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
