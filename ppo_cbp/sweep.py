@@ -78,7 +78,14 @@ _MANAGED = {
     "ppo": ("seed", "run-name", "runs-dir", "resume", "progress", "no-progress"),
     "supervised": ("seeds", "out", "resume", "no-resume", "progress", "no-progress"),
 }
-SUPERVISED_SUBCOMMANDS = ("permuted-mnist", "slowly-changing-regression")
+SUPERVISED_SUBCOMMANDS = (
+    "permuted-mnist",
+    "slowly-changing-regression",
+    "continual-imagenet",
+    "incremental-cifar",
+)
+# Row counters of the benchmarks' metrics.csv, not metrics.
+COUNTERS = ("task", "bin", "examples", "increment")
 # PPO's method is a set of switches; ``method=cbp`` in a grid turns on ``--cbp``.
 PPO_METHODS = {
     "bp": (),
@@ -115,7 +122,7 @@ def parse_program(words: Sequence[str]) -> tuple[Program, list[str]]:
     """Split ``words`` (the command line after ``sweep.py``'s own options) into the program and
     its fixed flags. ``ppo_cbp/train.py`` (or ``train.py``, ``train``) is PPO;
     ``scripts/supervised.py <subcommand>`` (or ``supervised.py``, ``supervised``) a supervised
-    benchmark with subcommand ``permuted-mnist`` or ``slowly-changing-regression``."""
+    benchmark with one of :data:`SUPERVISED_SUBCOMMANDS`."""
     if not words:
         raise ValueError("missing the program: ppo_cbp/train.py or scripts/supervised.py <sub>")
     name, rest = words[0], list(words[1:])
@@ -356,7 +363,7 @@ def init_manifest(
 
 def supervised_metrics(run_dir: Path, seeds: Sequence[int]) -> dict[int, dict[str, float]]:
     """Per seed: ``final_<m>`` and ``mean_<m>`` for every metric of ``summary.json`` (the run's
-    last row and its mean over rows; the ``task``/``bin``/``examples`` counters excluded)."""
+    last row and its mean over rows; the row counters :data:`COUNTERS` excluded)."""
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         raise FileNotFoundError(f"no summary of the finished run: expected {path}")
@@ -364,7 +371,7 @@ def supervised_metrics(run_dir: Path, seeds: Sequence[int]) -> dict[int, dict[st
     out: dict[int, dict[str, float]] = {}
     for seed in seeds:
         s = per_seed[str(seed)]
-        keys = [k for k in s["last"] if k not in ("task", "bin", "examples")]
+        keys = [k for k in s["last"] if k not in COUNTERS]
         out[seed] = {f"final_{k}": float(s["last"][k]) for k in keys}
         out[seed].update({f"mean_{k}": float(s["mean"][k]) for k in keys})
     return out

@@ -56,6 +56,15 @@ def test_parse_program_and_grid():
             sw.parse_grid(bad)
 
 
+def test_known_subcommands_are_those_of_supervised_py():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "supervised.py"), "--help"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    listed = r.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert sorted(listed) == sorted(sw.SUPERVISED_SUBCOMMANDS)
+
+
 def test_check_flags_rejects_flags_the_sweep_sets():
     with pytest.raises(ValueError, match="--seed "):
         sw.check_flags(PPO, ["--seed", "3"], {})
