@@ -296,3 +296,92 @@ def test_script_runs_from_the_shell(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "error: no run folders under" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# scripts/reproduce.py: command construction, skip/resume decisions, the paper budget
+
+import reproduce  # noqa: E402
+
+
+def test_reproduce_small_commands_scale_every_length(tmp_path):
+    exps = reproduce.small_experiments(
+        tmp_path, 0.5, tmp_path / "mnist", ("scr", "permuted_mnist", "ppo")
+    )
+    by = {e.name: e for e in exps}
+    assert [e.method for e in exps if e.benchmark == "scr"] == ["bp", "l2", "snp", "cbp"]
+    assert [e.method for e in exps if e.benchmark == "permuted_mnist"] == [
+        "bp",
+        "l2",
+        "snp",
+        "cbp",
+        "adam",
+    ]
+    n_ppo = len(reproduce.PPO_METHODS) * len(reproduce.PPO_SEEDS)
+    assert sum(e.benchmark == "ppo" for e in exps) == n_ppo
+    scr = by["scr_cbp"].command
+    bins = round(reproduce.SCR_EXAMPLES // reproduce.SCR_BIN * 0.5)
+    assert scr[scr.index("--examples") + 1] == str(bins * reproduce.SCR_BIN)
+    assert scr[scr.index("--method") + 1] == "cbp" and scr[scr.index("--activation") + 1] == "relu"
+    assert scr[scr.index("--seeds") + 1 : scr.index("--seeds") + 1 + len(reproduce.SCR_SEEDS)] == [
+        str(s) for s in reproduce.SCR_SEEDS
+    ]
+    pm = by["pm_adam"].command
+    assert pm[pm.index("--tasks") + 1] == str(round(reproduce.PM_TASKS * 0.5))
+    assert pm[pm.index("--width") + 1] == str(reproduce.PM_WIDTH)
+    assert pm[pm.index("--data-dir") + 1] == str(tmp_path / "mnist")
+    ppo = {e.method: e.command for e in exps if e.benchmark == "ppo" and e.seeds == [0]}
+    assert (
+        "--standard-adam" in ppo["standard_adam"] and "--cbp" in ppo["cbp"] and "--l2" in ppo["l2"]
+    )
+    assert not {"--standard-adam", "--cbp", "--l2"} & set(ppo["tuned_adam"])
+    c = ppo["cbp"]
+    assert c[c.index("--steps") + 1] == str(round(reproduce.PPO_STEPS * 0.5))
+    assert c[c.index("--friction-every") + 1] == str(round(reproduce.PPO_FRICTION_EVERY * 0.5))
+    assert c[c.index("--env") + 1] == reproduce.PPO_ENV
+
+
+def test_reproduce_skips_finished_resumes_partial_refuses_conflict(tmp_path, capsys):
+    exps = reproduce.scr_experiments(tmp_path, 1.0)
+    bins = reproduce.SCR_EXAMPLES // reproduce.SCR_BIN
+    seeds = list(reproduce.SCR_SEEDS)
+    for e, state in zip(exps, ("finished", "partial", "conflict", "new")):
+        if state == "new":
+            continue
+        e.run_dir.mkdir()
+        cfg = {
+            "bins": bins if state != "conflict" else 3,
+            "bin_size": reproduce.SCR_BIN,
+            "seeds": seeds,
+        }
+        (e.run_dir / "config.json").write_text(json.dumps(cfg))
+        if state == "finished":
+            (e.run_dir / "summary.json").write_text(json.dumps({"bins_completed": bins}))
+        else:
+            (e.run_dir / "checkpoint.pt").write_bytes(b"")
+    assert [reproduce.run_state(e)[0] for e in exps] == ["finished", "partial", "conflict", "new"]
+    records = reproduce.run_all(exps, jobs=1, dry_run=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[skip] scr_bp")
+    assert out[1].startswith("[run] python scripts/supervised.py") and out[1].endswith("--resume")
+    assert out[2].startswith("[fail] scr_snp")
+    assert out[3].startswith("[run]") and not out[3].endswith("--resume")
+    assert [r["status"] for r in records] == ["skipped", "dry-run", "conflict", "dry-run"]
+
+
+def test_reproduce_paper_budget_prints_without_running(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert reproduce.main(["--budget", "paper", "--runs-dir", str(runs)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# Full-scale commands (not run")
+    cmds = lines[1:]
+    assert len(cmds) == 4 + 5 + len(reproduce.PPO_METHODS) * len(reproduce.PAPER_SEEDS)
+    pm = [c for c in cmds if "permuted-mnist" in c]
+    assert all(
+        "--width 2000" in c and "--tasks 800" in c and "--examples-per-task 60000" in c for c in pm
+    )
+    assert all(" 29 " in c for c in pm)  # 30 seeds
+    ppo = [c for c in cmds if "ppo_cbp/train.py" in c]
+    assert all("--env Ant-v4" in c and "--friction-every 2000000" in c for c in ppo)
+    assert not runs.exists()
+    assert reproduce.main(["--launch"]) == 2

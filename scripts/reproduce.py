@@ -1,0 +1,452 @@
+"""Reproduce the paper's loss-of-plasticity results at CPU scale, then plot them.
+
+    python scripts/reproduce.py --budget small --data-dir /path/to/mnist      # run + plot
+    python scripts/reproduce.py --budget small --scale 0.01 --runs-dir /tmp/r  # quick check
+    python scripts/reproduce.py --budget small --dry-run                       # commands only
+    python scripts/reproduce.py --budget paper                                  # print only
+    python scripts/reproduce.py --budget paper --launch                         # run full scale
+
+Experiments (sizes are the named constants below; ``--scale`` multiplies every length, not the
+seeds):
+
+1. Slowly-Changing Regression, ReLU, the paper's configuration, seeds batched in one process:
+   backprop, L2, Shrink & Perturb, CBP.
+2. Online Permuted MNIST on the real MNIST (``--data-dir``), a narrow network, seeds batched:
+   backprop, L2, Shrink & Perturb, CBP, Adam.
+3. PPO on Hopper-v4 with friction changing at a scaled-down interval: standard Adam, tuned Adam,
+   L2, CBP (+ L2, the ``--cbp`` default).
+
+Every command and its wall time is printed. A run whose folder already holds a finished run of
+the requested size is skipped (so the script can be re-run after an interruption); an
+unfinished one is resumed. The small budget then plots everything with
+:func:`ppo_cbp.plotting.plot_runs` into ``--figures`` and writes ``reproduce_small.json`` there
+(commands, scales, seeds, wall times, status).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+# ---- small budget: each experiment sized for about an hour on a 2-core CPU (one job at a time)
+SCR_METHODS = ("bp", "l2", "snp", "cbp")
+SCR_SEEDS = tuple(range(8))
+SCR_EXAMPLES = 3_000_000  # the paper's length
+SCR_BIN = 40_000  # the paper's bin
+
+PM_METHODS = ("bp", "l2", "snp", "cbp", "adam")
+PM_SEEDS = tuple(range(4))
+PM_WIDTH = 100  # narrow: the paper reports loss of plasticity is strongest in small networks
+PM_TASKS = 100
+PM_EXAMPLES_PER_TASK = 10_000  # a prefix of each task's 60,000-image pass
+
+PPO_ENV = "Hopper-v4"
+PPO_METHODS = ("standard_adam", "tuned_adam", "l2", "cbp")
+PPO_SEEDS = (0, 1)
+PPO_STEPS = 1_000_000
+PPO_FRICTION_EVERY = 250_000
+PPO_BIN = 50_000  # steps per plotted bin
+PPO_MIN_STEPS = 2048  # one rollout
+
+# ---- paper budget (Dohare et al., 2024)
+PAPER_SEEDS = tuple(range(30))
+PAPER_PM_TASKS = 800
+PAPER_PM_WIDTH = 2000
+PAPER_PPO_ENV = "Ant-v4"
+PAPER_PPO_STEPS = 50_000_000  # the official plots show the first 50M steps of Ant
+PAPER_PPO_FRICTION_EVERY = 2_000_000
+PAPER_PPO_BIN = 1_000_000
+
+PPO_FLAGS = {
+    "standard_adam": ["--standard-adam"],
+    "tuned_adam": [],
+    "l2": ["--l2"],
+    "cbp": ["--cbp"],
+}
+PPO_TAGS = {"standard_adam": "stdadam", "tuned_adam": "tuned", "l2": "l2", "cbp": "cbp"}
+
+
+@dataclass
+class Experiment:
+    """One command: a run folder, what it runs and the size it must reach to count as done."""
+
+    name: str
+    benchmark: Literal["scr", "permuted_mnist", "ppo"]
+    method: str
+    seeds: list[int]
+    run_dir: Path
+    command: list[str]
+    """argv with the script path relative to the repository root (run there)."""
+    size: dict[str, int]
+    """examples/bins (scr), tasks/examples_per_task/width (permuted_mnist), steps (ppo)."""
+    resume: list[str] = field(default_factory=list)
+    """Flags that continue an unfinished run."""
+
+    def shell(self, extra: list[str] | None = None) -> str:
+        return shlex.join(self.command + (extra or []))
+
+
+def _rel(p: Path) -> str:
+    p = Path(os.path.abspath(p))
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def _scaled(n: int, scale: float, minimum: int = 1) -> int:
+    return max(minimum, round(n * scale))
+
+
+def scr_experiments(
+    runs_dir: Path, scale: float, seeds=SCR_SEEDS, examples: int = SCR_EXAMPLES
+) -> list[Experiment]:
+    bins = _scaled(examples // SCR_BIN, scale)
+    out = []
+    for m in SCR_METHODS:
+        run_dir = runs_dir / f"scr_{m}"
+        cmd = ["python", "scripts/supervised.py", "slowly-changing-regression", "--method", m]
+        cmd += ["--activation", "relu", "--examples", str(bins * SCR_BIN)]
+        cmd += ["--bin-size", str(SCR_BIN), "--seeds", *map(str, seeds)]
+        cmd += ["--out", _rel(run_dir), "--device", "cpu", "--no-progress"]
+        size = {"examples": bins * SCR_BIN, "bins": bins}
+        out.append(Experiment(f"scr_{m}", "scr", m, list(seeds), run_dir, cmd, size, ["--resume"]))
+    return out
+
+
+def pm_experiments(
+    runs_dir: Path,
+    scale: float,
+    data_dir: Path | None,
+    seeds=PM_SEEDS,
+    tasks: int = PM_TASKS,
+    width: int = PM_WIDTH,
+    examples_per_task: int = PM_EXAMPLES_PER_TASK,
+) -> list[Experiment]:
+    tasks = _scaled(tasks, scale)
+    out = []
+    for m in PM_METHODS:
+        run_dir = runs_dir / f"pm_{m}"
+        cmd = ["python", "scripts/supervised.py", "permuted-mnist", "--method", m]
+        cmd += ["--width", str(width), "--tasks", str(tasks)]
+        cmd += ["--examples-per-task", str(examples_per_task), "--seeds", *map(str, seeds)]
+        if data_dir is not None:
+            cmd += ["--data-dir", _rel(data_dir)]
+        cmd += ["--out", _rel(run_dir), "--device", "cpu", "--no-progress"]
+        size = {"tasks": tasks, "examples_per_task": examples_per_task, "width": width}
+        out.append(
+            Experiment(
+                f"pm_{m}", "permuted_mnist", m, list(seeds), run_dir, cmd, size, ["--resume"]
+            )
+        )
+    return out
+
+
+def ppo_experiments(
+    runs_dir: Path,
+    scale: float,
+    seeds=PPO_SEEDS,
+    env: str = PPO_ENV,
+    steps: int = PPO_STEPS,
+    friction_every: int = PPO_FRICTION_EVERY,
+) -> list[Experiment]:
+    steps = _scaled(steps, scale, PPO_MIN_STEPS)
+    friction = _scaled(friction_every, scale)
+    prefix = env.split("-")[0].lower()
+    out = []
+    for m in PPO_METHODS:
+        for s in seeds:
+            name = f"{prefix}_{PPO_TAGS[m]}_s{s}"
+            run_dir = runs_dir / name
+            cmd = ["python", "ppo_cbp/train.py", "--env", env, *PPO_FLAGS[m]]
+            cmd += ["--steps", str(steps), "--friction-every", str(friction), "--seed", str(s)]
+            cmd += ["--run-name", name, "--runs-dir", _rel(runs_dir), "--no-progress"]
+            resume = ["python", "ppo_cbp/train.py", "--resume", _rel(run_dir)]
+            resume += ["--steps", str(steps), "--no-progress"]
+            size = {"steps": steps, "friction_every": friction}
+            e = Experiment(name, "ppo", m, [s], run_dir, cmd, size)
+            e.resume = resume  # the trainer's resume is a command of its own
+            out.append(e)
+    return out
+
+
+def small_experiments(
+    runs_dir: Path, scale: float, data_dir: Path | None, only: tuple[str, ...]
+) -> list[Experiment]:
+    exps: list[Experiment] = []
+    if "scr" in only:
+        exps += scr_experiments(runs_dir, scale)
+    if "permuted_mnist" in only:
+        exps += pm_experiments(runs_dir, scale, data_dir)
+    if "ppo" in only:
+        exps += ppo_experiments(runs_dir, scale)
+    return exps
+
+
+def paper_experiments(
+    runs_dir: Path, data_dir: Path | None, only: tuple[str, ...]
+) -> list[Experiment]:
+    exps: list[Experiment] = []
+    if "scr" in only:
+        exps += scr_experiments(runs_dir, 1.0, PAPER_SEEDS)
+    if "permuted_mnist" in only:
+        exps += pm_experiments(
+            runs_dir, 1.0, data_dir, PAPER_SEEDS, PAPER_PM_TASKS, PAPER_PM_WIDTH, 60_000
+        )
+    if "ppo" in only:
+        exps += ppo_experiments(
+            runs_dir, 1.0, PAPER_SEEDS, PAPER_PPO_ENV, PAPER_PPO_STEPS, PAPER_PPO_FRICTION_EVERY
+        )
+    return exps
+
+
+# --------------------------------------------------------------------------------------------
+# State of a run folder
+
+
+def run_state(e: Experiment) -> tuple[str, str]:
+    """``("new" | "finished" | "partial" | "conflict", reason)`` for ``e``'s run folder."""
+    d = e.run_dir
+    if e.benchmark == "ppo":
+        ckpt = d / "checkpoint.pt"
+        if not ckpt.exists():
+            return "new", ""
+        import torch
+
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        step = int(state["global_step"])
+        return ("finished", "") if step >= e.size["steps"] else ("partial", f"at step {step}")
+    config_path = d / "config.json"
+    if not config_path.exists():
+        return "new", ""
+    config = json.loads(config_path.read_text())
+    if e.benchmark == "scr":
+        want = {"bins": e.size["bins"], "bin_size": SCR_BIN}
+        done_key = "bins_completed"
+    else:
+        want = {
+            "resolved_tasks": e.size["tasks"],
+            "examples_per_task": e.size["examples_per_task"],
+            "width": e.size["width"],
+        }
+        done_key = "tasks_completed"
+    want["seeds"] = e.seeds
+    diff = {k: (config.get(k), v) for k, v in want.items() if config.get(k) != v}
+    if diff:
+        return "conflict", f"{d} holds a run of another size or seeds {diff} (found, wanted)"
+    summary = d / "summary.json"
+    if summary.exists():
+        done = json.loads(summary.read_text()).get(done_key)
+        target = e.size["bins"] if e.benchmark == "scr" else e.size["tasks"]
+        if done == target:
+            return "finished", ""
+    if (d / "checkpoint.pt").exists():
+        return "partial", ""
+    return "new", ""
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def _execute(e: Experiment, argv: list[str], log: Path) -> tuple[int, float]:
+    real = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(argv)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(argv)}\n")
+        f.flush()
+        rc = subprocess.run(real, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    return rc, time.perf_counter() - t0
+
+
+def run_all(exps: list[Experiment], jobs: int, dry_run: bool) -> list[dict[str, Any]]:
+    """Run (or skip, or resume) each experiment; print each command and its wall time."""
+    records: list[dict[str, Any]] = []
+
+    def one(e: Experiment) -> dict[str, Any]:
+        state, reason = run_state(e)
+        if state == "partial":
+            argv = e.resume if e.benchmark == "ppo" else e.command + e.resume
+        else:
+            argv = e.command
+        rec: dict[str, Any] = {
+            "name": e.name,
+            "benchmark": e.benchmark,
+            "method": e.method,
+            "seeds": e.seeds,
+            "size": e.size,
+            "run_dir": _rel(e.run_dir),
+            "command": e.shell(),
+            "wall_time_s": None,
+        }
+        if state == "finished":
+            print(f"[skip] {e.name}: finished run in {_rel(e.run_dir)}", flush=True)
+            return dict(rec, status="skipped")
+        if state == "conflict":
+            print(f"[fail] {e.name}: {reason}; remove it or choose another --runs-dir", flush=True)
+            return dict(rec, status="conflict", reason=reason)
+        print(f"[run] {shlex.join(argv)}", flush=True)
+        if dry_run:
+            return dict(rec, status="dry-run")
+        log = e.run_dir.parent / f"{e.name}.log"
+        rc, wall = _execute(e, argv, log)
+        status = "ran" if rc == 0 else f"failed (exit {rc}, see {_rel(log)})"
+        resumed = " (resumed)" if state == "partial" else ""
+        print(f"[done] {e.name}{resumed}: {wall:.1f} s, {status}", flush=True)
+        return dict(rec, status=status, wall_time_s=round(wall, 1), resumed=state == "partial")
+
+    if jobs <= 1 or dry_run:
+        records = [one(e) for e in exps]
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            records = list(pool.map(one, exps))
+    return records
+
+
+def make_figures(exps: list[Experiment], figures: Path, bin_size: int) -> list[str]:
+    """Plot each benchmark's runs that hold data; a benchmark without data is noted."""
+    from ppo_cbp.plotting import plot_runs
+
+    files: list[str] = []
+    for bench, name in (
+        ("scr", "small_scr"),
+        ("permuted_mnist", "small_permuted_mnist"),
+        ("ppo", "small_ppo"),
+    ):
+        dirs = [e.run_dir for e in exps if e.benchmark == bench and e.run_dir.exists()]
+        if not dirs:
+            continue
+        try:
+            for r in plot_runs(dirs, figures, bin_size=bin_size, name=name):
+                files += [_rel(f) for f in r.files]
+        except ValueError as err:
+            print(f"note: {bench} not plotted: {err}", flush=True)
+    return files
+
+
+@dataclass
+class ReproduceArgs:
+    budget: Literal["small", "paper"] = "small"
+    """small: run the CPU-scale experiments and plot; paper: print the full-scale commands."""
+    scale: float = 1.0
+    """Multiplier of every length (examples, tasks, steps, friction interval); seeds unchanged."""
+    runs_dir: Path | None = None
+    """Folder of the run folders (default runs/repro, or runs/paper with --budget paper)."""
+    figures: Path = Path("docs/figures")
+    """Folder of the figures and reproduce_small.json."""
+    data_dir: Path | None = None
+    """Folder with the four MNIST .gz files (default: the package's cache folder)."""
+    only: tuple[Literal["scr", "permuted_mnist", "ppo"], ...] = ("scr", "permuted_mnist", "ppo")
+    """Experiments to run."""
+    jobs: int = 1
+    """Commands run at once (each is single-process; 2 fills a 2-core machine)."""
+    dry_run: bool = False
+    """Print the commands without running them."""
+    launch: bool = False
+    """With --budget paper: run the full-scale commands (days of compute)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = tyro.cli(ReproduceArgs, args=argv, description=__doc__)
+    if not a.scale > 0:
+        print(f"error: --scale must be > 0, got {a.scale}", file=sys.stderr)
+        return 2
+    if a.jobs < 1:
+        print(f"error: --jobs must be >= 1, got {a.jobs}", file=sys.stderr)
+        return 2
+    if a.launch and a.budget != "paper":
+        print("error: --launch only applies to --budget paper", file=sys.stderr)
+        return 2
+    if a.data_dir is not None and not (a.data_dir / "train-images-idx3-ubyte.gz").exists():
+        if "permuted_mnist" in a.only:
+            path = a.data_dir / "train-images-idx3-ubyte.gz"
+            print(f"error: MNIST not found: {path} does not exist", file=sys.stderr)
+            return 2
+    default_runs = "runs/paper" if a.budget == "paper" else "runs/repro"
+    runs_dir = Path(os.path.abspath(a.runs_dir or default_runs))
+    data_dir = None if a.data_dir is None else Path(os.path.abspath(a.data_dir))
+    if a.budget == "paper":
+        exps = paper_experiments(runs_dir, data_dir, a.only)
+        if not a.launch:
+            print("# Full-scale commands (not run; add --launch to run them):")
+            for e in exps:
+                print(e.shell())
+            return 0
+        records = run_all(exps, a.jobs, a.dry_run)
+        return 0 if all(r["status"] in ("ran", "skipped", "dry-run") for r in records) else 1
+
+    exps = small_experiments(runs_dir, a.scale, data_dir, a.only)
+    t0 = time.perf_counter()
+    records = run_all(exps, a.jobs, a.dry_run)
+    if a.dry_run:
+        return 0
+    figures = Path(os.path.abspath(a.figures))
+    figures.mkdir(parents=True, exist_ok=True)
+    bin_size = _scaled(PPO_BIN, a.scale, PPO_MIN_STEPS)
+    files = make_figures(exps, figures, bin_size)
+    report_path = figures / "reproduce_small.json"
+    previous = {}
+    if report_path.exists():
+        previous = {
+            r["name"]: r for r in json.loads(report_path.read_text()).get("experiments", [])
+        }
+    for r in records:
+        # A skipped run keeps the wall time measured when it ran (same command).
+        old = previous.get(r["name"])
+        if r["status"] == "skipped" and old and old.get("command") == r["command"]:
+            r["wall_time_s"] = old.get("wall_time_s")
+            r["status"] = "skipped (ran earlier)"
+    report = {
+        "budget": "small",
+        "scale": a.scale,
+        "runs_dir": _rel(runs_dir),
+        "sizes": {
+            "scr": {"examples": SCR_EXAMPLES, "bin": SCR_BIN, "seeds": list(SCR_SEEDS)},
+            "permuted_mnist": {
+                "tasks": PM_TASKS,
+                "examples_per_task": PM_EXAMPLES_PER_TASK,
+                "width": PM_WIDTH,
+                "seeds": list(PM_SEEDS),
+            },
+            "ppo": {
+                "env": PPO_ENV,
+                "steps": PPO_STEPS,
+                "friction_every": PPO_FRICTION_EVERY,
+                "bin": PPO_BIN,
+                "seeds": list(PPO_SEEDS),
+            },
+        },
+        "jobs": a.jobs,
+        "experiments": records,
+        "wall_time_this_call_s": round(time.perf_counter() - t0, 1),
+        "figures": files,
+    }
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {_rel(report_path)}")
+    failed = [r["name"] for r in records if not str(r["status"]).startswith(("ran", "skipped"))]
+    if failed:
+        print(
+            f"error: {len(failed)} experiment(s) did not finish: {', '.join(failed)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
