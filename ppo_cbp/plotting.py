@@ -105,6 +105,14 @@ METHOD_COLOURS = {
     "dropout": "tab:pink",
     "scratch": "tab:olive",
 }
+# Legend order: the baselines first, the paper's method last.
+_METHOD_ORDER = {
+    m: i
+    for i, m in enumerate(
+        ("bp", "standard_adam", "tuned_adam", "adam", "dropout", "l2", "snp", "redo", "redo+l2")
+        + ("scratch", "cbp", "cbp+l2")
+    )
+}
 _FALLBACK_COLOURS = ["tab:brown", "tab:olive", "tab:gray", "gold", "navy", "teal", "maroon"]
 
 KIND_TITLES = {
@@ -356,7 +364,7 @@ def group_runs(runs: Sequence[SeedRun]) -> list[Group]:
             keys = sorted({k for f in flat for k in f if len({str(x.get(k)) for x in flat}) > 1})
             for g, f in zip(clash, flat):
                 g.label += " (" + ", ".join(f"{k}={f.get(k)}" for k in keys[:3]) + ")"
-    out.sort(key=lambda g: (g.kind, g.label))
+    out.sort(key=lambda g: (g.kind, _METHOD_ORDER.get(g.method, len(_METHOD_ORDER)), g.label))
     return out
 
 
