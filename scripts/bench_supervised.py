@@ -10,7 +10,13 @@ examples (S per step).
 Targets (issue 4): width 100 with 8 seeds and CBP >= 6x the baseline; width 2000, one seed,
 with CBP >= 1.8x; CBP <= 15% over the same path without it; SCR with 8 seeds >= 5x.
 
+Conv networks (issue 5): images/s of one training step (forward, cross-entropy, backward,
+SGD with momentum) of the Continual ImageNet ConvNet (minibatch 100) and of the CIFAR ResNet-18
+(minibatch 90), with and without continual backprop at the paper's settings (ConvNet: rho 3e-4,
+m 100, adaptable contribution; ResNet: rho 1e-5, m 1000, contribution); CBP <= 10% overhead.
+
     python scripts/bench_supervised.py [--rounds 5] [--threads 1] [--out docs/bench_supervised.json]
+    python scripts/bench_supervised.py --only-conv   # just the conv networks
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet
 from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.init import init_layer_
+from ppo_cbp.resnet import ResNet18
 from ppo_cbp.stacked import StackedMLP, StackedTrainer
 
 
@@ -97,28 +105,77 @@ def fused(sizes: list[int], seeds: int, cbp: bool, loss: str, lr: float) -> Call
     return run
 
 
+def conv_step(kind: str, cbp: bool) -> tuple[Callable[[int], float], int]:
+    """(run(steps) -> seconds, images per step) for one network's training step."""
+    torch.manual_seed(0)
+    if kind == "convnet":
+        net, batch, classes, lr, wd = imagenet_convnet(2), 100, 2, 0.01, 0.0
+        settings = dict(
+            replacement_rate=3e-4,
+            maturity_threshold=100,
+            utility="adaptable_contribution",
+            init="torch_default",
+        )
+    else:
+        net, batch, classes, lr, wd = ResNet18(100), 90, 100, 0.1, 5e-4
+        settings = dict(replacement_rate=1e-5, maturity_threshold=1000, utility="contribution")
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    op = ContinualBackprop(net, opt, decay_rate=0.99, **settings) if cbp else None
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, classes, (batch,))
+
+    def run(steps: int) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if op is not None:
+                op.step()
+        return time.perf_counter() - t
+
+    return run, batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=1.0, help="target time per measurement")
     parser.add_argument("--out", default="docs/bench_supervised.json")
+    parser.add_argument("--no-conv", action="store_true", help="skip the conv networks")
+    parser.add_argument("--only-conv", action="store_true", help="only the conv networks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     mnist = lambda w: [784, w, w, w, 10]  # noqa: E731
     scr = [20, 5, 1]
-    cases: dict[str, tuple[Callable[[int], float], int]] = {
-        "w100 baseline": (baseline(mnist(100), "cross_entropy", 0.003), 1),
-        "w100 fused S=8": (fused(mnist(100), 8, False, "cross_entropy", 0.003), 8),
-        "w100 fused S=8 +CBP": (fused(mnist(100), 8, True, "cross_entropy", 0.003), 8),
-        "w2000 baseline": (baseline(mnist(2000), "cross_entropy", 0.003), 1),
-        "w2000 fused S=1": (fused(mnist(2000), 1, False, "cross_entropy", 0.003), 1),
-        "w2000 fused S=1 +CBP": (fused(mnist(2000), 1, True, "cross_entropy", 0.003), 1),
-        "scr baseline": (baseline(scr, "squared_error", 0.01), 1),
-        "scr fused S=8": (fused(scr, 8, False, "squared_error", 0.01), 8),
-    }
+    cases: dict[str, tuple[Callable[[int], float], int]] = {}
+    if not args.only_conv:
+        cases = {
+            "w100 baseline": (baseline(mnist(100), "cross_entropy", 0.003), 1),
+            "w100 fused S=8": (fused(mnist(100), 8, False, "cross_entropy", 0.003), 8),
+            "w100 fused S=8 +CBP": (fused(mnist(100), 8, True, "cross_entropy", 0.003), 8),
+            "w2000 baseline": (baseline(mnist(2000), "cross_entropy", 0.003), 1),
+            "w2000 fused S=1": (fused(mnist(2000), 1, False, "cross_entropy", 0.003), 1),
+            "w2000 fused S=1 +CBP": (fused(mnist(2000), 1, True, "cross_entropy", 0.003), 1),
+            "scr baseline": (baseline(scr, "squared_error", 0.01), 1),
+            "scr fused S=8": (fused(scr, 8, False, "squared_error", 0.01), 8),
+        }
+    conv = (
+        []
+        if args.no_conv
+        else ["convnet b100", "convnet b100 +CBP", "resnet18 b90", "resnet18 b90 +CBP"]
+    )
+    for name in conv:
+        cases[name] = conv_step(name.split()[0], name.endswith("+CBP"))
     steps = {}
     for name, (run, _) in cases.items():  # warm up and size each measurement to ~--seconds
+        if name in conv:  # a ResNet step takes about a second on a CPU
+            run(2)
+            per_step = run(3) / 3
+            steps[name] = max(3, int(args.seconds / per_step))
+            continue
         run(20)
         per_step = run(50) / 50
         steps[name] = max(20, int(args.seconds / per_step))
@@ -131,15 +188,37 @@ def main() -> None:
     def ratio(a: str, b: str) -> float:
         return median[a] / median[b]
 
-    checks = [
-        ("w100 S=8 +CBP / baseline", ratio("w100 fused S=8 +CBP", "w100 baseline"), 6.0, ">="),
-        ("w2000 S=1 +CBP / baseline", ratio("w2000 fused S=1 +CBP", "w2000 baseline"), 1.8, ">="),
-        ("CBP overhead w100 S=8", ratio("w100 fused S=8", "w100 fused S=8 +CBP") - 1, 0.15, "<="),
-        ("CBP overhead w2000", ratio("w2000 fused S=1", "w2000 fused S=1 +CBP") - 1, 0.15, "<="),
-        ("scr S=8 / baseline", ratio("scr fused S=8", "scr baseline"), 5.0, ">="),
-        ("w100 S=8 (no CBP) / baseline", ratio("w100 fused S=8", "w100 baseline"), None, ""),
-        ("w2000 S=1 (no CBP) / baseline", ratio("w2000 fused S=1", "w2000 baseline"), None, ""),
-    ]
+    checks = []
+    if not args.only_conv:
+        checks += [
+            ("w100 S=8 +CBP / baseline", ratio("w100 fused S=8 +CBP", "w100 baseline"), 6.0, ">="),
+            (
+                "w2000 S=1 +CBP / baseline",
+                ratio("w2000 fused S=1 +CBP", "w2000 baseline"),
+                1.8,
+                ">=",
+            ),
+            (
+                "CBP overhead w100 S=8",
+                ratio("w100 fused S=8", "w100 fused S=8 +CBP") - 1,
+                0.15,
+                "<=",
+            ),
+            (
+                "CBP overhead w2000",
+                ratio("w2000 fused S=1", "w2000 fused S=1 +CBP") - 1,
+                0.15,
+                "<=",
+            ),
+            ("scr S=8 / baseline", ratio("scr fused S=8", "scr baseline"), 5.0, ">="),
+            ("w100 S=8 (no CBP) / baseline", ratio("w100 fused S=8", "w100 baseline"), None, ""),
+            ("w2000 S=1 (no CBP) / baseline", ratio("w2000 fused S=1", "w2000 baseline"), None, ""),
+        ]
+    if conv:
+        checks += [
+            ("CBP overhead convnet", ratio("convnet b100", "convnet b100 +CBP") - 1, 0.10, "<="),
+            ("CBP overhead resnet18", ratio("resnet18 b90", "resnet18 b90 +CBP") - 1, 0.10, "<="),
+        ]
     print(f"{'case':<24} {'examples/s':>12}")
     for name in cases:
         print(f"{name:<24} {median[name]:>12.0f}")
