@@ -831,15 +831,16 @@ def _one_figure(
 
     panel_series: list[tuple[Panel, list[Series]]] = []
     for panel in panels:
-        series = []
+        series, panel_notes = [], []
         for g in groups:
             s, msg = group_series(g, panel, x_of)
             if msg and msg not in notes:
-                notes.append(msg)
+                panel_notes.append(msg)
             if s is not None:
                 series.append(s)
         if series:
             panel_series.append((panel, series))
+            notes += panel_notes
         else:
             notes.append(f"no run has {panel.key}; panel skipped")
     if not panel_series:

@@ -51,7 +51,9 @@ SCR_BIN = 40_000  # the paper's bin
 PM_METHODS = ("bp", "l2", "snp", "cbp", "adam")
 PM_SEEDS = tuple(range(4))
 PM_WIDTH = 100  # narrow: the paper reports loss of plasticity is strongest in small networks
-PM_TASKS = 100
+# Measured on the shared 2-core machine (other jobs running), 4 seeds, one thread, seed-examples
+# per second: bp 16k, cbp 4.3k, adam 2.1k, snp 1.4k; 50 x 10k examples is about an hour in all.
+PM_TASKS = 50
 PM_EXAMPLES_PER_TASK = 10_000  # a prefix of each task's 60,000-image pass
 
 PPO_ENV = "Hopper-v4"
@@ -61,6 +63,10 @@ PPO_STEPS = 1_000_000
 PPO_FRICTION_EVERY = 250_000
 PPO_BIN = 50_000  # steps per plotted bin
 PPO_MIN_STEPS = 2048  # one rollout
+
+# Batch-1 training is a stream of tiny ops: torch's intra-op threads only add synchronisation
+# (30x slower measured with 2 threads on a busy 2-core machine). The PPO trainer sets --threads.
+SUPERVISED_ENV = {"OMP_NUM_THREADS": "1"}
 
 # ---- paper budget (Dohare et al., 2024)
 PAPER_SEEDS = tuple(range(30))
@@ -95,9 +101,12 @@ class Experiment:
     """examples/bins (scr), tasks/examples_per_task/width (permuted_mnist), steps (ppo)."""
     resume: list[str] = field(default_factory=list)
     """Flags that continue an unfinished run."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables set for the command (shown in front of it)."""
 
-    def shell(self, extra: list[str] | None = None) -> str:
-        return shlex.join(self.command + (extra or []))
+    def shell(self, argv: list[str] | None = None) -> str:
+        prefix = "".join(f"{k}={v} " for k, v in self.env.items())
+        return prefix + shlex.join(self.command if argv is None else argv)
 
 
 def _rel(p: Path) -> str:
@@ -124,7 +133,9 @@ def scr_experiments(
         cmd += ["--bin-size", str(SCR_BIN), "--seeds", *map(str, seeds)]
         cmd += ["--out", _rel(run_dir), "--device", "cpu", "--no-progress"]
         size = {"examples": bins * SCR_BIN, "bins": bins}
-        out.append(Experiment(f"scr_{m}", "scr", m, list(seeds), run_dir, cmd, size, ["--resume"]))
+        e = Experiment(f"scr_{m}", "scr", m, list(seeds), run_dir, cmd, size, ["--resume"])
+        e.env = dict(SUPERVISED_ENV)
+        out.append(e)
     return out
 
 
@@ -148,11 +159,11 @@ def pm_experiments(
             cmd += ["--data-dir", _rel(data_dir)]
         cmd += ["--out", _rel(run_dir), "--device", "cpu", "--no-progress"]
         size = {"tasks": tasks, "examples_per_task": examples_per_task, "width": width}
-        out.append(
-            Experiment(
-                f"pm_{m}", "permuted_mnist", m, list(seeds), run_dir, cmd, size, ["--resume"]
-            )
+        e = Experiment(
+            f"pm_{m}", "permuted_mnist", m, list(seeds), run_dir, cmd, size, ["--resume"]
         )
+        e.env = dict(SUPERVISED_ENV)
+        out.append(e)
     return out
 
 
@@ -268,9 +279,10 @@ def _execute(e: Experiment, argv: list[str], log: Path) -> tuple[int, float]:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "a") as f:
-        f.write(f"$ {shlex.join(argv)}\n")
+        f.write(f"$ {e.shell(argv)}\n")
         f.flush()
-        rc = subprocess.run(real, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        env = dict(os.environ, **e.env)
+        rc = subprocess.run(real, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     return rc, time.perf_counter() - t0
 
 
@@ -300,7 +312,7 @@ def run_all(exps: list[Experiment], jobs: int, dry_run: bool) -> list[dict[str, 
         if state == "conflict":
             print(f"[fail] {e.name}: {reason}; remove it or choose another --runs-dir", flush=True)
             return dict(rec, status="conflict", reason=reason)
-        print(f"[run] {shlex.join(argv)}", flush=True)
+        print(f"[run] {e.shell(argv)}", flush=True)
         if dry_run:
             return dict(rec, status="dry-run")
         log = e.run_dir.parent / f"{e.name}.log"
@@ -415,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget": "small",
         "scale": a.scale,
         "runs_dir": _rel(runs_dir),
-        "sizes": {
+        "sizes_at_scale_1": {
             "scr": {"examples": SCR_EXAMPLES, "bin": SCR_BIN, "seeds": list(SCR_SEEDS)},
             "permuted_mnist": {
                 "tasks": PM_TASKS,

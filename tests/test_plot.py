@@ -364,7 +364,9 @@ def test_reproduce_skips_finished_resumes_partial_refuses_conflict(tmp_path, cap
     records = reproduce.run_all(exps, jobs=1, dry_run=True)
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("[skip] scr_bp")
-    assert out[1].startswith("[run] python scripts/supervised.py") and out[1].endswith("--resume")
+    assert out[1].startswith("[run] OMP_NUM_THREADS=1 python scripts/supervised.py") and out[
+        1
+    ].endswith("--resume")
     assert out[2].startswith("[fail] scr_snp")
     assert out[3].startswith("[run]") and not out[3].endswith("--resume")
     assert [r["status"] for r in records] == ["skipped", "dry-run", "conflict", "dry-run"]
