@@ -58,7 +58,7 @@ PM_EXAMPLES_PER_TASK = 10_000  # a prefix of each task's 60,000-image pass
 
 PPO_ENV = "Hopper-v4"
 PPO_METHODS = ("standard_adam", "tuned_adam", "l2", "cbp")
-PPO_SEEDS = (0, 1)
+PPO_SEEDS = (0,)  # one seed: four 1M-step runs already take about an hour
 PPO_STEPS = 1_000_000
 PPO_FRICTION_EVERY = 250_000
 PPO_BIN = 50_000  # steps per plotted bin
