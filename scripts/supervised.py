@@ -9,13 +9,19 @@ Defaults reproduce the paper; flags scale a run down (``--tasks``, ``--examples-
 ``--width``, ``--examples``, ``--epochs``, ``--images-per-class``, ``--classes-per-increment``). Outputs (per seed CSV and TensorBoard, ``summary.json``, the
 resolved ``config.json``, an atomic ``checkpoint.pt``) go to ``--out``; ``--resume`` continues
 a run exactly.
+
+PyTorch runs on one CPU thread unless ``OMP_NUM_THREADS`` says otherwise: online (batch-1)
+training is latency-bound, and a second intra-op thread made it many times slower on a busy
+2-core machine. Run one process per core instead (``scripts/sweep.py`` does).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Union
 
+import torch
 import tyro
 
 from ppo_cbp.benchmarks.continual_imagenet import ContinualImageNetConfig, run_continual_imagenet
@@ -34,6 +40,8 @@ def main() -> None:
         ],
         description=__doc__,
     )
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
     if isinstance(cfg, PermutedMNISTConfig):
         summary = run_permuted_mnist(cfg)
     elif isinstance(cfg, ContinualImageNetConfig):
