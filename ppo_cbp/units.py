@@ -376,8 +376,9 @@ def sequential_unit_layers(
 
     ``net`` is an ``nn.Sequential`` (nested Sequentials are flattened) of Linear/Conv2d layers,
     each optionally followed by a BatchNorm/LayerNorm, an activation module and pooling,
-    flatten or dropout. ``h`` is the activation's output (before pooling); its nonlinearity
-    gives the init gain unless ``nonlinearity`` is given.
+    flatten or dropout. ``h`` is what the consumer reads: the output of the activation, or of
+    the pooling after it (before flatten and dropout); the activation's nonlinearity gives the
+    init gain unless ``nonlinearity`` is given.
     """
     leaves = _leaves(net)
     positions = [i for i, m in enumerate(leaves) if isinstance(m, _WEIGHT_LAYERS)]
@@ -389,7 +390,10 @@ def sequential_unit_layers(
         between = leaves[a + 1 : b]
         norms = [m for m in between if isinstance(m, _NORMS)]
         acts = [m for m in between if not isinstance(m, (*_NORMS, *_PASS_THROUGH))]
-        tap = (acts or norms or [layer])[-1]
+        # h is what the consumer reads: after the activation and any pooling, before the
+        # flatten (which would hide the channels) and dropout
+        readable = [m for m in between if not isinstance(m, (nn.Flatten, nn.Dropout, nn.Identity))]
+        tap = (readable or [layer])[-1]
         act_name = nonlinearity or (_NONLINEARITY.get(type(acts[-1]), "relu") if acts else "linear")
         group = 1
         if isinstance(layer, nn.Conv2d) and isinstance(consumer, nn.Linear):
