@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ppo_cbp import kernels
 from ppo_cbp.units import (
     ActivationRecorder,
     StateTensors,
@@ -168,6 +169,26 @@ class ContinualBackprop:
         self._recent: list[deque[tuple[int, int]]] = [deque() for _ in self.layers]
         self._recent_total = [0] * len(self.layers)
         self._updated_previous = False
+        self._magnitudes_checked = False
+        self._kernel_state = None
+        linear = all(layer.weight.dim() - layer.seed_dims == 2 for layer in self.layers)
+        if linear and kernels.available(*self.utility):
+            # array views of the state the CPU kernel updates in place (never reallocated)
+            full_age = kernels.full_correction_age(decay_rate, first.dtype)
+            self._kernel_state = [
+                (
+                    kernels.as_array(self.utility[i]),
+                    kernels.as_array(self.mean_activation[i])
+                    if utility == "adaptable_contribution"
+                    else None,
+                    kernels.as_array(self.birth[i]),
+                    layer.fan_in,
+                    full_age,
+                    layer.out_weight is not None,
+                    layer.seed_dims == 1,
+                )
+                for i, layer in enumerate(self.layers)
+            ]
         self.num_replaced = 0
         """Units replaced so far in each network (summed over layers; the same for all seeds)."""
 
@@ -190,16 +211,47 @@ class ContinualBackprop:
             self.decay_rate, self.ages(layer_index).to(self.utility[layer_index].dtype)
         )
 
-    def _update_utility(self, i: int, layer: UnitLayer, h: Tensor) -> None:
+    def _update_utility_kernel(self, i: int, h: Tensor, out_abs: Tensor, in_abs: Tensor) -> None:
+        """:meth:`_update_utility` on CPU with the magnitudes given: one fused kernel."""
+        utility, mean, birth, fan_in, full_age, has_out, seeded = self._kernel_state[i]
+        if not seeded:
+            h, out_abs, in_abs = h.unsqueeze(0), out_abs.unsqueeze(0), in_abs.unsqueeze(0)
+        if self._track_mean and mean is None:  # fold_bias with the contribution utility
+            self.mean_activation[i].lerp_(h.mean(1), 1.0 - self.decay_rate)
+        kernels.utility_update_(
+            utility,
+            mean,
+            birth,
+            self.steps,
+            kernels.as_array(h),
+            kernels.as_array(out_abs) if has_out else None,
+            kernels.as_array(in_abs),
+            fan_in,
+            self.decay_rate,
+            full_age,
+        )
+
+    def _update_utility(
+        self, i: int, layer: UnitLayer, h: Tensor, magnitude: tuple[Tensor, Tensor] | None
+    ) -> None:
         """``u <- eta * u + (1 - eta) * y`` with the instantaneous utility ``y`` of the module docstring."""
-        out = layer.out_magnitude()
-        if self.utility_type == "contribution":
+        adaptable = self.utility_type == "adaptable_contribution"
+        if self._track_mean:
+            self.mean_activation[i].lerp_(layer.mean(h), 1.0 - self.decay_rate)
+        if magnitude is not None:
+            out = None if layer.out_weight is None else magnitude[0]
+        else:
+            out = layer.out_magnitude()
+        if not adaptable:
             activity, count = layer.abs_sum(h)
         else:
             activity, count = layer.abs_sum(h, self.mean_activation[i] / self._bias_correction(i))
-            # the previous layer's out_magnitude this step already holds |this layer's weight|
-            previous = self.layers[i - 1] if i > 0 and self._updated_previous else None
-            activity.div_(layer.in_magnitude(previous))
+            if magnitude is not None:
+                activity.div_(magnitude[1] / layer.fan_in)
+            else:
+                # the previous layer's out_magnitude this step already holds |this layer's weight|
+                previous = self.layers[i - 1] if i > 0 and self._updated_previous else None
+                activity.div_(layer.in_magnitude(previous))
         weight = (1.0 - self.decay_rate) / count
         u = self.utility[i].mul_(self.decay_rate)
         if out is None:
@@ -208,13 +260,23 @@ class ContinualBackprop:
             u.addcmul_(activity, out, value=weight)
 
     @torch.no_grad()
-    def step(self, activations: Sequence[Tensor] | None = None) -> int:
+    def step(
+        self,
+        activations: Sequence[Tensor] | None = None,
+        magnitudes: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ) -> int:
         """One generate-and-test step; call right after the optimizer step.
 
         Args:
             activations: per hidden layer, its output ``h`` on the minibatch just used
                 (``[*seed, B, units]`` or ``[*seed, B, C, H, W]``). Omit when the network is
                 hooked: the latest forward pass is used.
+            magnitudes: per hidden layer of a Linear network, ``(sum_k |w_out[k, i]|,
+                sum_j |w_in[i, j]|)`` of the weights after the optimizer step, ``[*seed, units]``
+                each, when the trainer computed them already (as
+                :attr:`ppo_cbp.stacked.StackedTrainer.magnitudes` does while updating); the
+                weights are then not read again. On CPU the utility is then updated by one
+                fused kernel per layer (:func:`ppo_cbp.kernels.utility_update_`).
 
         Returns:
             the number of units replaced in each network by this step.
@@ -227,6 +289,8 @@ class ContinualBackprop:
             raise ValueError(
                 f"expected activations of {len(self.layers)} layers, got {len(activations)}"
             )
+        if magnitudes is not None and not self._magnitudes_checked:
+            self._check_magnitudes(magnitudes)
         self.steps += 1
         eta = self.decay_rate
         replaced = 0
@@ -239,9 +303,12 @@ class ContinualBackprop:
             if eta == 0.0 and k == 0 and not self._track_mean:
                 self._updated_previous = False
                 continue
-            if self._track_mean:
-                self.mean_activation[i].lerp_(layer.mean(h), 1.0 - eta)
-            self._update_utility(i, layer, h)
+            if magnitudes is None:
+                self._update_utility(i, layer, h, None)
+            elif self._kernel_state is not None:
+                self._update_utility_kernel(i, h, *magnitudes[i])
+            else:
+                self._update_utility(i, layer, h, tuple(map(layer.seeded, magnitudes[i])))
             self._updated_previous = True
             if k == 0:
                 continue
@@ -256,6 +323,14 @@ class ContinualBackprop:
                 mean_output = (
                     self.mean_activation[i] / self._bias_correction(i) if eta > 0 else layer.mean(h)
                 )
+            if magnitudes is not None and i + 1 < len(self.layers):
+                # the next layer's incoming magnitudes lose the outgoing weights zeroed below
+                w = layer.seeded(layer.out_weight)
+                cols = index.unsqueeze(1).expand(w.shape[0], w.shape[1], k)
+                out_abs, in_abs = magnitudes[i + 1]
+                lost = w.gather(2, cols).abs().sum(-1)
+                magnitudes = list(magnitudes)
+                magnitudes[i + 1] = (out_abs, in_abs - lost.view(in_abs.shape))
             replace_units_(layer, index, self.generators, self._state_tensors, mean_output)
             self.utility[i].scatter_(1, index, 0.0)
             if self.mean_activation is not None:
@@ -266,6 +341,25 @@ class ContinualBackprop:
             replaced += k
         self.num_replaced += replaced
         return replaced
+
+    def _check_magnitudes(self, magnitudes: Sequence[tuple[Tensor, Tensor]]) -> None:
+        if len(magnitudes) != len(self.layers):
+            raise ValueError(
+                f"expected magnitudes of {len(self.layers)} layers, got {len(magnitudes)}"
+            )
+        for i, (layer, (out_abs, in_abs)) in enumerate(zip(self.layers, magnitudes)):
+            shape = (*layer.seed_shape, layer.units)
+            chained = i + 1 == len(self.layers) or (
+                layer.out_weight is not None
+                and layer.out_weight.data_ptr() == self.layers[i + 1].weight.data_ptr()
+            )
+            linear = layer.weight.dim() - layer.seed_dims == 2 and layer.out_group == 1
+            if not (linear and chained and out_abs.shape == shape and in_abs.shape == shape):
+                raise ValueError(
+                    f"{layer.name}: magnitudes are for a chain of Linear layers, "
+                    f"[*seed, units] = {shape} per layer"
+                )
+        self._magnitudes_checked = True
 
     def remove_hooks(self) -> None:
         """Stop recording activations (the network no longer pays for the hooks)."""

@@ -8,7 +8,11 @@ SGD: the update of layer ``l`` is one in-place rank-B update
 
     W_l <- (1 - lr * wd) * W_l - lr * delta_l^T h_{l-1}            (``baddbmm_``)
 
-which reads and writes the weights once (the memory-bound part at width 2000).
+which reads and writes the weights once (the memory-bound part at width 2000). On CPU at batch
+1 with SGD, the backward product ``delta_l W_l`` (with the old weights), the update and the
+magnitudes ``sum |W_l|`` over rows and over columns that continual backprop's utility needs
+are all computed in one pass over ``W_l`` (:func:`ppo_cbp.kernels.sgd_backward_update_`), so
+the utility costs no extra read of the weights: :attr:`StackedTrainer.magnitudes`.
 
 Layout. Layer ``l`` is one tensor ``P_l`` of shape ``[S, n_out, n_in + 1]`` whose last column
 is the bias, and the input of every layer carries a trailing constant 1: ``z = h_aug @ P^T``.
@@ -52,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ppo_cbp import kernels
 from ppo_cbp.init import sample_
 from ppo_cbp.units import UnitLayer
 
@@ -313,6 +318,13 @@ class StackedTrainer:
             else None
         )
         self._buffers: dict[int, list[Tensor]] = {}
+        self._fused = optimizer == "sgd" and kernels.available(*net.params)
+        self._fused_buffers: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._fused_arrays: list[tuple[np.ndarray, ...]] = []
+        self.magnitudes: list[tuple[Tensor, Tensor]] | None = None
+        """After a fused step (CPU, SGD, batch 1, no perturbation), per hidden layer the sums
+        ``(sum_k |w_out[k, i]|, sum_j |w_in[i, j]|)`` over the updated weights, ``[S, units]``
+        each, for :meth:`ppo_cbp.cbp.ContinualBackprop.step`; else None."""
 
     # ----------------------------------------------------------------------------------------
     def unit_layers(self) -> list[UnitLayer]:
@@ -436,26 +448,50 @@ class StackedTrainer:
 
         # backward and update, last layer first; delta of the layer below uses the old weights
         self.steps += 1
+        fused = self._fused and batch == 1
+        if fused and not self._fused_buffers:
+            self._fused_buffers = [
+                (p.new_empty(S, n_in), p.new_empty(S, n_in), p.new_empty(S, n_out))
+                for p in params
+                for S, n_out, n_in in [(p.shape[0], p.shape[1], p.shape[2] - 1)]
+            ]
+            self._fused_arrays = [
+                (kernels.as_array(p), *map(kernels.as_array, bufs))
+                for p, bufs in zip(params, self._fused_buffers)
+            ]
+        beta, alpha = 1.0 - self.lr * self.weight_decay, -self.lr
         for layer in range(n_hidden, -1, -1):
             p = params[layer]
-            below = None
-            if layer > 0:
-                below = torch.bmm(delta, p[..., :-1])
+            if fused:
+                weights, grad_in, out_abs, in_abs = self._fused_arrays[layer]
+                kernels.sgd_backward_update_(
+                    weights,
+                    kernels.as_array(delta[:, 0].contiguous()),
+                    kernels.as_array(inputs[layer][:, 0].contiguous()),
+                    beta,
+                    alpha,
+                    grad_in if layer > 0 else None,
+                    out_abs if layer > 0 else None,
+                    in_abs,
+                )
+                below = self._fused_buffers[layer][0].unsqueeze(1) if layer > 0 else None
+            else:
+                below = torch.bmm(delta, p[..., :-1]) if layer > 0 else None
+                if self.optimizer == "sgd":
+                    p.baddbmm_(delta.transpose(1, 2), inputs[layer], beta=beta, alpha=alpha)
+                else:
+                    self._adam_(layer, torch.bmm(delta.transpose(1, 2), inputs[layer]))
+            if below is not None:
                 if masks[layer - 1] is not None:
                     below.mul_(masks[layer - 1])
                 below = _activation_backward_(act, below, pre[layer - 1], bufs[layer - 1][..., :-1])
-            if self.optimizer == "sgd":
-                p.baddbmm_(
-                    delta.transpose(1, 2),
-                    inputs[layer],
-                    beta=1.0 - self.lr * self.weight_decay,
-                    alpha=-self.lr,
-                )
-            else:
-                self._adam_(layer, torch.bmm(delta.transpose(1, 2), inputs[layer]))
             delta = below
+        self.magnitudes = None
         if self._noise is not None:
             self._perturb_()
+        elif fused:
+            b = self._fused_buffers
+            self.magnitudes = [(b[i + 1][1], b[i][2]) for i in range(n_hidden)]
         return [b[..., :-1] for b in bufs]
 
     def _adam_(self, layer: int, grad: Tensor) -> None:

@@ -99,7 +99,7 @@ def fused(sizes: list[int], seeds: int, cbp: bool, loss: str, lr: float) -> Call
             j = i % n
             hidden = trainer.step(x[:, j : j + 1], y[:, j : j + 1], out=out[:, j : j + 1])
             if op is not None:
-                op.step(hidden)
+                op.step(hidden, trainer.magnitudes)
         return time.perf_counter() - t
 
     return run

@@ -415,3 +415,67 @@ def test_state_dict_round_trip_continues_identically():
     assert ca.num_replaced == cb.num_replaced > 0
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def given_magnitudes(params):
+    """(sum_k |w_out[k, i]|, sum_j |w_in[i, j]|) per hidden layer, computed independently."""
+    W1, _, W2, _, W3 = (p.detach() for p in params)
+    return [
+        (W2.abs().sum(-2), W1.abs().sum(-1)),
+        (W3.abs().sum(-2), W2.abs().sum(-1)),
+    ]
+
+
+@pytest.mark.parametrize("utility", ["contribution", "adaptable_contribution"])
+@pytest.mark.parametrize("seed_dims", [0, 1])
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("fold_bias", [False, True])
+def test_given_magnitudes_equal_reading_the_weights(utility, seed_dims, kernel, fold_bias):
+    # the trainer's magnitudes (here computed independently) replace reading the weights:
+    # same utilities and the same replacements, on the fused CPU kernel and on tensor ops
+    g = torch.Generator().manual_seed(3)
+    shapes = [(6, 4), (6,), (5, 6), (5,), (2, 5)]
+    lead = (2,) if seed_dims else ()
+    params = [torch.randn(*lead, *s, generator=g, dtype=torch.float64) for s in shapes]
+    runs = []
+    for given in (False, True):
+        ps = [p.clone() for p in params]
+        cbp = ContinualBackprop(
+            stacked_layers(ps, seed_dims),
+            None,
+            replacement_rate=0.05,
+            maturity_threshold=4,
+            decay_rate=0.9,
+            utility=utility,
+            fold_bias=fold_bias,
+            seed=[5, 6] if seed_dims else 5,
+        )
+        if not kernel:
+            cbp._kernel_state = None
+        runs.append((ps, cbp, given))
+    data = torch.Generator().manual_seed(4)
+    for _ in range(40):
+        x = torch.randn(*lead, 3, 4, generator=data, dtype=torch.float64)
+        for ps, cbp, given in runs:
+            with torch.no_grad():
+                for p in ps:
+                    p.mul_(0.99)  # stands in for an optimizer step
+                _, hs = forward(ps, x)
+            cbp.step(hs, given_magnitudes(ps) if given else None)
+    (p_read, cbp_read, _), (p_given, cbp_given, _) = runs
+    assert cbp_read.num_replaced > 5 and cbp_given.num_replaced == cbp_read.num_replaced
+    for a, b in zip(cbp_read.utility, cbp_given.utility):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    for a, b in zip(p_read, p_given):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_magnitudes_of_the_wrong_shape_are_refused():
+    params = [torch.randn(*s, dtype=torch.float64) for s in [(6, 4), (6,), (5, 6), (5,), (2, 5)]]
+    cbp = ContinualBackprop(stacked_layers(params, 0), None)
+    _, hs = forward(params, torch.randn(3, 4, dtype=torch.float64))
+    good = given_magnitudes(params)
+    with pytest.raises(ValueError, match="magnitudes"):
+        cbp.step(hs, good[:1])
+    with pytest.raises(ValueError, match="h2"):
+        cbp.step(hs, [good[0], (good[1][0][:3], good[1][1])])

@@ -231,3 +231,32 @@ def test_bad_arguments(kwargs):
         StackedTrainer(StackedMLP([2, 3, 2], [0]), **kwargs)
     with pytest.raises(ValueError):
         StackedMLP([2, 3, 2], [0], activation="gelu2")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_magnitudes_are_those_of_the_updated_weights(device):
+    sizes = [5, 7, 6, 3]
+    net = StackedMLP(sizes, [1, 2], device=device, dtype=F64)
+    trainer = StackedTrainer(net, lr=0.1, weight_decay=0.01)
+    xs, ys = data(2, 1, sizes[0], sizes[-1], "cross_entropy", torch.Generator().manual_seed(3), 3)
+    for x, y in zip(xs.to(device), ys.to(device)):
+        trainer.step(net.with_ones(x), y)
+        if device != "cpu":  # the fused kernel is CPU-only; elsewhere CBP reads the weights
+            assert trainer.magnitudes is None
+            return
+        for i, (out_abs, in_abs) in enumerate(trainer.magnitudes):
+            torch.testing.assert_close(out_abs, net.weight(i + 1).abs().sum(1), rtol=1e-12, atol=0)
+            torch.testing.assert_close(in_abs, net.weight(i).abs().sum(2), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,batch",
+    [(dict(optimizer="adam"), 1), (dict(noise_std=0.01), 1), ({}, 2)],
+)
+def test_no_magnitudes_where_the_step_is_not_fused(kwargs, batch):
+    # Adam, perturbation after the update and minibatches: CBP reads the weights itself
+    net = StackedMLP([4, 5, 2], [0], dtype=F64)
+    trainer = StackedTrainer(net, lr=0.01, **kwargs)
+    xs, ys = data(1, batch, 4, 2, "cross_entropy", torch.Generator().manual_seed(0), 1)
+    trainer.step(net.with_ones(xs[0]), ys[0])
+    assert trainer.magnitudes is None

@@ -222,7 +222,7 @@ class Learner:
     def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> None:
         hidden = self.trainer.step(x_aug, target, out=out)
         if self.cbp is not None:
-            self.cbp.step(hidden)
+            self.cbp.step(hidden, self.trainer.magnitudes)
         elif self.redo is not None:
             slot = self.redo.steps % self.redo.period
             for ring, h in zip(self._ring, hidden):

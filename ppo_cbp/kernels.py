@@ -1,0 +1,235 @@
+"""Fused CPU kernels for online (batch 1) training and continual backprop's utility.
+
+At batch 1 a training step is memory-bound: every weight matrix is read by the forward pass,
+read again by the backward pass and read and written by the update. Continual backprop's
+utility needs ``sum_k |w_out[k, i]|`` (and, for the adaptable utility, ``sum_j |w_in[i, j]|``)
+of the weights *after* the update, which as separate tensor operations costs two or three
+more passes over every matrix, more than the training step itself. The kernels here compute
+those sums in the same pass that applies the update, so the utility costs only elementwise
+work on ``[S, units]`` vectors. They are compiled with numba on first use (cached on disk
+afterwards) and run on CPU tensors through zero-copy NumPy views; on other devices the
+callers use the equivalent tensor operations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+_FAST = {"reassoc", "contract"}
+"""Let LLVM vectorise the sums (reassociation) and fuse multiply-adds; no finite-math assumptions."""
+
+
+def available(*tensors: Tensor) -> bool:
+    """Whether the kernels can run on these tensors (CPU, float32 or float64)."""
+    return all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors
+    )
+
+
+def as_array(t: Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a CPU tensor: the kernels write through it into the tensor."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _sgd_backward_update(p, delta, x, beta, alpha, below, out_abs, in_abs):  # pragma: no cover
+    S, K, J1 = p.shape
+    J = J1 - 1
+    zero = beta - beta  # accumulate in the weights' precision
+    for s in range(S):
+        bl, oa, xs, ds = below[s], out_abs[s], x[s], delta[s]
+        for j in range(J):
+            bl[j] = 0.0
+            oa[j] = 0.0
+        # four rows at a time: the per-column sums then stay in registers for four rows
+        k = 0
+        while k + 4 <= K:
+            d0, d1, d2, d3 = ds[k], ds[k + 1], ds[k + 2], ds[k + 3]
+            a0, a1, a2, a3 = alpha * d0, alpha * d1, alpha * d2, alpha * d3
+            r0, r1, r2, r3 = p[s, k], p[s, k + 1], p[s, k + 2], p[s, k + 3]
+            t0 = t1 = t2 = t3 = zero
+            for j in range(J):
+                w0, w1, w2, w3 = r0[j], r1[j], r2[j], r3[j]
+                bl[j] += d0 * w0 + d1 * w1 + d2 * w2 + d3 * w3
+                xj = xs[j]
+                w0 = beta * w0 + a0 * xj
+                w1 = beta * w1 + a1 * xj
+                w2 = beta * w2 + a2 * xj
+                w3 = beta * w3 + a3 * xj
+                r0[j], r1[j], r2[j], r3[j] = w0, w1, w2, w3
+                m0, m1, m2, m3 = abs(w0), abs(w1), abs(w2), abs(w3)
+                oa[j] += m0 + m1 + m2 + m3
+                t0 += m0
+                t1 += m1
+                t2 += m2
+                t3 += m3
+            xj = xs[J]
+            r0[J] = beta * r0[J] + a0 * xj
+            r1[J] = beta * r1[J] + a1 * xj
+            r2[J] = beta * r2[J] + a2 * xj
+            r3[J] = beta * r3[J] + a3 * xj
+            in_abs[s, k], in_abs[s, k + 1], in_abs[s, k + 2], in_abs[s, k + 3] = t0, t1, t2, t3
+            k += 4
+        while k < K:
+            d = ds[k]
+            a = alpha * d
+            row = p[s, k]
+            total = zero
+            for j in range(J):
+                w = row[j]
+                bl[j] += d * w
+                w = beta * w + a * xs[j]
+                row[j] = w
+                m = abs(w)
+                oa[j] += m
+                total += m
+            row[J] = beta * row[J] + a * xs[J]
+            in_abs[s, k] = total
+            k += 1
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _sgd_update(p, delta, x, beta, alpha, in_abs):  # pragma: no cover
+    S, K, J1 = p.shape
+    J = J1 - 1
+    zero = beta - beta
+    for s in range(S):
+        xs = x[s]
+        for k in range(K):
+            a = alpha * delta[s, k]
+            row = p[s, k]
+            total = zero
+            for j in range(J):
+                w = beta * row[j] + a * xs[j]
+                row[j] = w
+                total += abs(w)
+            row[J] = beta * row[J] + a * xs[J]
+            in_abs[s, k] = total
+
+
+def sgd_backward_update_(
+    param: np.ndarray,
+    delta: np.ndarray,
+    inputs: np.ndarray,
+    beta: float,
+    alpha: float,
+    below: np.ndarray | None,
+    out_abs: np.ndarray | None,
+    in_abs: np.ndarray,
+) -> None:
+    """Backward pass, SGD update and weight magnitudes of one stacked layer, in one pass.
+
+    For ``S`` networks and one example, with ``P = [W | b]`` of shape ``[S, K, J + 1]``, the
+    gradient ``delta = dL/dz`` of the layer's output ``[S, K]`` and its input ``x = [h, 1]``
+    ``[S, J + 1]``:
+
+    * ``below[s, j] = sum_k delta[s, k] * W[s, k, j]`` with the weights before the update
+      (the gradient with respect to the layer's input);
+    * ``P <- beta * P + alpha * delta x^T`` in place (SGD with coupled L2:
+      ``beta = 1 - lr * wd``, ``alpha = -lr``), in the weights' precision as ``baddbmm_``;
+    * ``out_abs[s, j] = sum_k |W'[s, k, j]|`` and ``in_abs[s, k] = sum_j |W'[s, k, j]|`` of the
+      updated weights (bias column excluded).
+
+    ``below`` and ``out_abs`` None (the first layer, whose inputs are not units): neither is
+    computed. All arguments are arrays of one dtype (:func:`as_array` views of CPU tensors), written or
+    read in place; ``param``, ``delta`` and ``inputs`` must be C-contiguous (strided rows
+    would compile to scalar code, several times slower than copying them first).
+    """
+    scalar = param.dtype.type
+    if below is None or out_abs is None:
+        _sgd_update(param, delta, inputs, scalar(beta), scalar(alpha), in_abs)
+    else:
+        _sgd_backward_update(
+            param, delta, inputs, scalar(beta), scalar(alpha), below, out_abs, in_abs
+        )
+
+
+def full_correction_age(decay_rate: float, dtype: torch.dtype) -> float:
+    """Age beyond which ``1 - eta^age`` rounds to exactly 1 in ``dtype``: no need to compute it."""
+    if decay_rate == 0.0:
+        return math.inf
+    return float(math.ceil(math.log(torch.finfo(dtype).eps / 4) / math.log(decay_rate)))
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _utility_update(
+    utility, mean, birth, steps, h, out_abs, in_abs, fan_in, eta, full_age, adaptable, has_out
+):  # pragma: no cover
+    S, B, U = h.shape
+    keep = 1 - eta
+    weight = keep / B
+    # loops over units with no branch inside, so that they vectorise
+    center = np.zeros(U, dtype=utility.dtype)
+    activity = np.empty(U, dtype=utility.dtype)
+    for s in range(S):
+        if adaptable:
+            center[:] = 0
+            for b in range(B):
+                for i in range(U):
+                    center[i] += h[s, b, i]
+            for i in range(U):
+                f = mean[s, i]
+                f = f + keep * (center[i] / B - f)
+                mean[s, i] = f
+                center[i] = f
+            for i in range(U):  # only young units pay for the power
+                age = steps - birth[s, i]
+                if age < full_age:
+                    center[i] = center[i] / (1 - eta**age)
+        activity[:] = 0
+        for b in range(B):
+            for i in range(U):
+                activity[i] += abs(h[s, b, i] - center[i])
+        for i in range(U):
+            y = activity[i]
+            if adaptable:
+                y = y * fan_in / in_abs[s, i]
+            if has_out:
+                y = y * out_abs[s, i]
+            utility[s, i] = utility[s, i] * eta + y * weight
+
+
+def utility_update_(
+    utility: np.ndarray,
+    mean: np.ndarray | None,
+    birth: np.ndarray,
+    steps: int,
+    h: np.ndarray,
+    out_abs: np.ndarray | None,
+    in_abs: np.ndarray | None,
+    fan_in: int,
+    decay_rate: float,
+    full_age: float,
+) -> None:
+    """Continual backprop's running utility of one layer, for ``S`` networks, in one pass.
+
+    ``h`` is ``[S, B, units]``; ``out_abs``/``in_abs`` are ``sum_k |w_out[k, i]|`` and
+    ``sum_j |w_in[i, j]|`` per unit (``[S, units]``), ``birth`` the step at which each unit
+    was (re)initialised (its age is ``steps - birth``). With ``mean`` None, equation (1):
+    ``u <- eta u + (1 - eta) mean_b |h_bi| * out_abs_i``; otherwise the adaptable contribution:
+    ``f <- f + (1 - eta) (mean_b h_bi - f)``, ``hhat = f / (1 - eta^age)``,
+    ``u <- eta u + (1 - eta) mean_b |h_bi - hhat_i| * out_abs_i / (in_abs_i / fan_in)``
+    (see :mod:`ppo_cbp.cbp`). ``out_abs`` None: the unit has no outgoing weights to weigh by.
+    ``full_age`` is :func:`full_correction_age` of the utility's dtype. Arrays are
+    :func:`as_array` views, updated in place (``utility`` and ``mean``).
+    """
+    scalar = utility.dtype.type  # the arithmetic in the utility's precision, as torch's ops
+    _utility_update(
+        utility,
+        utility if mean is None else mean,
+        birth,
+        int(steps),
+        h,
+        utility if out_abs is None else out_abs,
+        utility if in_abs is None else in_abs,
+        scalar(fan_in),
+        scalar(decay_rate),
+        float(full_age),
+        mean is not None,
+        out_abs is not None,
+    )
