@@ -171,6 +171,7 @@ class ContinualBackprop:
         self._updated_previous = False
         self._magnitudes_checked = False
         self._kernel_state = None
+        self._arrays = kernels.ArrayViews()
         linear = all(layer.weight.dim() - layer.seed_dims == 2 for layer in self.layers)
         if linear and kernels.available(*self.utility):
             # array views of the state the CPU kernel updates in place (never reallocated)
@@ -223,9 +224,9 @@ class ContinualBackprop:
             mean,
             birth,
             self.steps,
-            kernels.as_array(h),
-            kernels.as_array(out_abs) if has_out else None,
-            kernels.as_array(in_abs),
+            self._arrays(h),
+            self._arrays(out_abs) if has_out else None,
+            self._arrays(in_abs),
             fan_in,
             self.decay_rate,
             full_age,

@@ -318,7 +318,10 @@ class StackedTrainer:
             else None
         )
         self._buffers: dict[int, list[Tensor]] = {}
-        self._fused = optimizer == "sgd" and kernels.available(*net.params)
+        self._hidden_views: dict[int, list[Tensor]] = {}
+        self._cpu = kernels.available(*net.params)
+        self._fused = optimizer == "sgd" and self._cpu
+        self._param_arrays: list[np.ndarray] = []
         self._fused_buffers: list[tuple[Tensor, Tensor, Tensor]] = []
         self._fused_arrays: list[tuple[np.ndarray, ...]] = []
         self.magnitudes: list[tuple[Tensor, Tensor]] | None = None
@@ -355,6 +358,8 @@ class StackedTrainer:
                 b[..., -1] = 1.0
                 bufs.append(b)
             self._buffers[batch] = bufs
+            # the same view objects every step, so that consumers can keep derived views
+            self._hidden_views[batch] = [b[..., :-1] for b in bufs]
         return bufs
 
     def new_segment(self) -> None:
@@ -407,7 +412,7 @@ class StackedTrainer:
         offset = 0
         h = x_aug
         for layer in range(n_hidden):
-            z = torch.bmm(h, params[layer].transpose(1, 2))
+            z = self._linear(layer, h)
             buf = bufs[layer]
             hidden = buf[..., :-1]
             _activate(act, z, hidden)
@@ -426,10 +431,7 @@ class StackedTrainer:
                 masks.append(None)
                 h = buf
             inputs.append(h)
-        if out is None:
-            out = torch.bmm(h, params[-1].transpose(1, 2))
-        else:
-            torch.bmm(h, params[-1].transpose(1, 2), out=out)
+        out = self._linear(n_hidden, h, out)
 
         # dL/dz of the output (mean over the batch)
         if self.loss == "cross_entropy":
@@ -492,7 +494,28 @@ class StackedTrainer:
         elif fused:
             b = self._fused_buffers
             self.magnitudes = [(b[i + 1][1], b[i][2]) for i in range(n_hidden)]
-        return [b[..., :-1] for b in bufs]
+        return list(self._hidden_views[batch])
+
+    def _linear(self, layer: int, h: Tensor, out: Tensor | None = None) -> Tensor:
+        """``h @ P_layer^T`` (``[S, B, n_out]``, into ``out`` if given)."""
+        p = self.net.params[layer]
+        if not (self._cpu and h.shape[1] == 1):
+            return torch.bmm(h, p.transpose(1, 2), out=out)
+        if not self._param_arrays:
+            self._param_arrays = [kernels.as_array(q) for q in self.net.params]
+        z = (
+            out
+            if out is not None and out.is_contiguous()
+            else h.new_empty(h.shape[0], 1, p.shape[1])
+        )
+        kernels.matvec_(
+            self._param_arrays[layer],
+            kernels.as_array(h[:, 0].contiguous()),
+            kernels.as_array(z[:, 0]),
+        )
+        if out is not None and out is not z:
+            out.copy_(z)
+        return z if out is None else out
 
     def _adam_(self, layer: int, grad: Tensor) -> None:
         p, m, v = self.net.params[layer], self.exp_avg[layer], self.exp_avg_sq[layer]

@@ -128,3 +128,28 @@ def test_full_correction_age_is_where_the_correction_rounds_to_one(dtype):
     power = torch.tensor(eta, dtype=torch.float64) ** age
     assert one - power.to(dtype) == one
     assert kernels.full_correction_age(0.0, dtype) == float("inf")
+
+
+def test_array_views_follow_the_tensor_objects():
+    views = kernels.ArrayViews(capacity=2)
+    a, b, c = torch.zeros(3), torch.ones(2), torch.full((4,), 2.0)
+    va = views(a)
+    assert views(a) is va  # remembered
+    va[1] = 5.0
+    assert a[1] == 5.0  # a view, not a copy
+    views(b)
+    vc = views(c)  # over capacity: forgets and starts again
+    assert np.array_equal(vc, c.numpy()) and views(c) is vc
+    d = torch.zeros(3, requires_grad=True)
+    assert views(d).shape == (3,)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_matvec_matches_definition(dtype, rtol):
+    g = torch.Generator().manual_seed(1)
+    P = torch.randn(3, 9, 40, generator=g, dtype=dtype)
+    x = torch.randn(3, 40, generator=g, dtype=dtype)
+    out = torch.full((3, 9), np.nan, dtype=dtype)
+    kernels.matvec_(*map(kernels.as_array, (P, x, out)))
+    expected = np.einsum("skj,sj->sk", P.double().numpy(), x.double().numpy())
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=rtol, atol=rtol)
