@@ -964,29 +964,32 @@ def _act_forward(
     return x
 
 
-def _numpy_layers(net: nn.Sequential) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(transposed weight, bias) per Linear layer of a CPU MLP, as numpy views of its memory."""
+def _numpy_layers(net: nn.Sequential) -> list[np.ndarray]:
+    """Each Linear layer of a CPU MLP as one float32 array ``[in + 1, out]``: ``W^T`` with the
+    bias as its last row (a copy, for :func:`_act_forward_np`)."""
     return [
-        (m.weight.detach().numpy().T, m.bias.detach().numpy())
+        np.concatenate([m.weight.detach().numpy().T, m.bias.detach().numpy()[None]])
         for m in net
         if isinstance(m, nn.Linear)
     ]
 
 
-def _act_forward_np(
-    layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, out: Sequence[np.ndarray]
-) -> np.ndarray:
-    """:func:`_act_forward` in numpy, into ``out`` (one ``[batch, width]`` array per layer).
+def _act_forward_np(layers: list[np.ndarray], inputs: list[np.ndarray], out: np.ndarray) -> None:
+    """:func:`_act_forward` in numpy: the acting hot path on the CPU.
 
-    The acting hot path on the CPU: between two env steps, a few small numpy calls leave more
-    of the simulator's code and data in the caches than torch's dispatcher does (the env step
-    after a torch forward took ~20 us longer on Hopper).
+    ``inputs[i]`` is layer ``i``'s input ``[batch, in + 1]`` with a last column of ones (the
+    bias term of ``layers[i]``): the caller writes the observation into ``inputs[0][:, :-1]``,
+    the hidden layers write theirs, and the output goes to ``out``. Between two env steps these
+    few numpy calls leave more of the simulator's code and data in the caches than torch's
+    dispatcher does (the env step after a torch forward took ~20 us longer on Hopper).
     """
-    for i, (wt, b) in enumerate(layers):
-        x = np.add(np.matmul(x, wt, out=out[i]), b, out=out[i])
-        if i < len(layers) - 1:
-            np.maximum(x, 0.0, out=x)
-    return x
+    for i, w in enumerate(layers):
+        if i + 1 < len(layers):
+            h = inputs[i + 1]
+            np.matmul(inputs[i], w, out=h[:, :-1])
+            np.maximum(h, 0.0, out=h)  # keeps the column of ones
+        else:
+            np.matmul(inputs[i], w, out=out)
 
 
 def _mlp_forward(layers: Sequence[nn.Linear], x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -1432,7 +1435,8 @@ def main(args: Args) -> TrainResult:
         actor_layers = _linear_layers(actor)
         widths = (*a.hidden_sizes, act_dim)
         act_out = [torch.empty(N, w, device=device) for w in widths]
-        act_out_np = [np.empty((N, w), np.float32) for w in widths]
+        act_in_np = [np.ones((N, w + 1), np.float32) for w in (obs_dim, *a.hidden_sizes)]
+        mean_np = np.empty((N, act_dim), np.float32)
         actor_linears = [m for m in actor if isinstance(m, nn.Linear)]
         critic_linears = [m for m in critic if isinstance(m, nn.Linear)]
         act_low, act_high = act_space.low, act_space.high
@@ -1468,15 +1472,14 @@ def main(args: Args) -> TrainResult:
                     noise = torch.randn((T, N, act_dim), generator=gen, device=device)
                     std = log_std.exp()
                     if on_cpu:
-                        np_layers = _numpy_layers(actor)  # views: valid until the update
-                        noise_np, std_np = noise.numpy(), std.numpy()
+                        np_layers = _numpy_layers(actor)
+                        scaled_noise = (noise * std).numpy()
                     for t in range(T):
                         obs_np[t] = next_obs
                         if on_cpu:
-                            mean = _act_forward_np(np_layers, obs_np[t], act_out_np)
-                            np.add(
-                                np.multiply(std_np, noise_np[t], out=act_np[t]), mean, out=act_np[t]
-                            )
+                            act_in_np[0][:, :-1] = next_obs
+                            _act_forward_np(np_layers, act_in_np, mean_np)
+                            np.add(mean_np, scaled_noise[t], out=act_np[t])
                         else:
                             x = obs_host[t].to(device)
                             act_host[t].copy_(

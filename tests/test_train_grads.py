@@ -2,11 +2,19 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from ppo_cbp.train import _act_forward, _linear_layers, make_mlp, ppo_loss_and_grads
+from ppo_cbp.train import (
+    _act_forward,
+    _act_forward_np,
+    _linear_layers,
+    _numpy_layers,
+    make_mlp,
+    ppo_loss_and_grads,
+)
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -136,3 +144,22 @@ def test_act_forward_with_buffers_equals_the_module():
         assert y.data_ptr() == out[-1].data_ptr()
         torch.testing.assert_close(y, net(x))
         torch.testing.assert_close(_act_forward(_linear_layers(net), x), net(x))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_numpy_act_forward_equals_the_module(batch):
+    torch.manual_seed(0)
+    net = make_mlp(5, (7, 6), 2, "lecun_uniform")
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.bias.normal_()
+    x = torch.randn(batch, 5)
+    inputs = [np.ones((batch, w + 1), np.float32) for w in (5, 7, 6)]
+    inputs[0][:, :-1] = x.numpy()
+    out = np.empty((batch, 2), np.float32)
+    _act_forward_np(_numpy_layers(net), inputs, out)
+    with torch.no_grad():
+        np.testing.assert_allclose(out, net(x).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(inputs[2][:, :-1], net[:4](x).numpy(), rtol=1e-5, atol=1e-6)
+    assert (inputs[1][:, -1] == 1).all() and (inputs[2][:, -1] == 1).all()
