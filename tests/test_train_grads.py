@@ -1,5 +1,6 @@
 """The PPO trainer's hand-written minibatch loss and gradients against autograd, in float64."""
 
+import copy
 import math
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from ppo_cbp.train import (
+    AdamStep,
     _act_forward,
     _act_forward_np,
     _linear_layers,
@@ -163,3 +165,68 @@ def test_numpy_act_forward_equals_the_module(batch):
         np.testing.assert_allclose(out, net(x).numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(inputs[2][:, :-1], net[:4](x).numpy(), rtol=1e-5, atol=1e-6)
     assert (inputs[1][:, -1] == 1).all() and (inputs[2][:, -1] == 1).all()
+
+
+def _adam_pair(fused=True, **kw):
+    torch.manual_seed(0)
+    nets = [make_mlp(4, (6,), 2, "lecun_uniform") for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [
+        torch.optim.Adam(n.parameters(), lr=1e-2, betas=(0.99, 0.99), fused=fused, **kw)
+        for n in nets
+    ]
+    return nets, opts
+
+
+def _grads(nets, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p0, p1 in zip(*(n.parameters() for n in nets)):
+        p0.grad = torch.randn(p0.shape, generator=g)
+        p1.grad = p0.grad.clone()
+
+
+def test_adam_step_is_bitwise_optimizer_step():
+    nets, (ref, opt) = _adam_pair(weight_decay=1e-3)
+    step = AdamStep(opt)
+    assert step.direct
+    for i in range(5):
+        _grads(nets, i)
+        ref.step()
+        step()
+        if i == 2:  # an in-place reset of some state entries (as CBP does) and a new lr
+            for o in (ref, opt):
+                st = o.state[next(iter(o.state))]
+                st["exp_avg"][0].zero_()
+                st["exp_avg_sq"][0].zero_()
+                o.param_groups[0]["lr"] = 3e-3
+        for p0, p1 in zip(nets[0].parameters(), nets[1].parameters()):
+            assert torch.equal(p0, p1)
+    for s0, s1 in zip(ref.state.values(), opt.state.values()):
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s0[k], s1[k])
+    # after load_state_dict the state tensors are new: the step must follow them
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # (not sharing tensors with ref)
+    for i in range(5, 8):
+        _grads(nets, i)
+        ref.step()
+        step()
+    for p0, p1 in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(p0, p1)
+    for s0, s1 in zip(ref.state.values(), opt.state.values()):
+        assert s1["step"].item() == 8
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(s0[k], s1[k])
+
+
+@pytest.mark.parametrize("kw", [dict(fused=False), dict(amsgrad=True), dict(maximize=True)])
+def test_adam_step_falls_back_to_optimizer_step(kw):
+    fused = kw.pop("fused", True)
+    nets, (ref, opt) = _adam_pair(fused=fused, **kw)
+    step = AdamStep(opt)
+    assert not step.direct
+    for i in range(3):
+        _grads(nets, i)
+        ref.step()
+        step()
+    for p0, p1 in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(p0, p1)
