@@ -117,6 +117,33 @@ def _sgd_backward_update(p, delta, x, beta, alpha, below, out_abs, in_abs):  # p
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _abs_sums(w, col, row):  # pragma: no cover
+    S, R, C = w.shape
+    zero = w[0, 0, 0] - w[0, 0, 0]
+    for s in range(S):
+        cs = col[s]
+        cs[:] = 0
+        for r in range(R):
+            ws = w[s, r]
+            total = zero
+            for c in range(C):
+                m = abs(ws[c])
+                cs[c] += m
+                total += m
+            row[s, r] = total
+
+
+def abs_sums_(weight: np.ndarray, col: np.ndarray, row: np.ndarray) -> None:
+    """``col[s, c] = sum_r |W[s, r, c]|`` and ``row[s, r] = sum_c |W[s, r, c]|`` in one pass.
+
+    ``weight`` is ``[S, R, C]`` and C-contiguous: for a consumer's weights, ``col`` holds the
+    outgoing magnitude of each input column and ``row`` the incoming magnitude of each consumer
+    unit, which CBP's adaptable utility needs for the next layer.
+    """
+    _abs_sums(weight, col, row)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
 def _matvec(p, x, out):  # pragma: no cover
     S, K, J = p.shape
     zero = p[0, 0, 0] - p[0, 0, 0]

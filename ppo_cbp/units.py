@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ppo_cbp import kernels
 from ppo_cbp.init import check_scheme, distribution, fans, sample
 
 
@@ -78,6 +79,8 @@ class UnitLayer:
     seed_dims: int = 0
     name: str = ""
     _abs_out: Tensor | None = field(default=None, init=False, repr=False)
+    _abs_rows: Tensor | None = field(default=None, init=False, repr=False)
+    _sums: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_scheme(self.init)
@@ -148,34 +151,52 @@ class UnitLayer:
         w = self.out_weight
         if w is None:
             return None
-        # |w| goes to a buffer kept across steps: cheaper than a fresh temporary every step
-        if self._abs_out is None or self._abs_out.shape != w.shape:
-            self._abs_out = torch.empty_like(w, memory_format=torch.contiguous_format)
-        absolute = torch.abs(w, out=self._abs_out)
-        sd = self.seed_dims
-        if w.dim() - sd == 2:
-            per_column = self.seeded(absolute.sum(dim=sd))
-            if self.out_group == 1:
-                return per_column
-            return per_column.view(self.num_seeds, self.units, self.out_group).sum(-1)
-        return self.seeded(absolute.sum(dim=(sd, sd + 2, sd + 3)))
+        S = self.num_seeds
+        sums = self._sums
+        if sums is None or sums[0] != w.data_ptr():
+            sums = self._sums = self._sum_buffers(w)
+        self._abs_rows = None
+        if sums[1] is not None:
+            # one pass gives both sums; the row sums are the consumer's incoming magnitudes
+            _, arrays, per_column, self._abs_rows = sums
+            kernels.abs_sums_(*arrays)
+        else:
+            flat = self.seeded(w).reshape(S, w.shape[self.seed_dims], -1)
+            # |w| goes to a buffer kept across steps: cheaper than a fresh temporary every step
+            if self._abs_out is None or self._abs_out.shape != w.shape:
+                self._abs_out = torch.empty_like(w, memory_format=torch.contiguous_format)
+            absolute = torch.abs(w, out=self._abs_out)
+            per_column = self.seeded(absolute).reshape(flat.shape).sum(dim=1)
+        group = per_column.shape[1] // self.units  # flattened positions or kernel taps
+        return per_column if group == 1 else per_column.view(S, self.units, group).sum(-1)
+
+    def _sum_buffers(self, w: Tensor) -> tuple:
+        """(data pointer, kernel arrays, column sums, row sums) for :meth:`out_magnitude`."""
+        flat = self.seeded(w).reshape(self.num_seeds, w.shape[self.seed_dims], -1)
+        if not (kernels.available(w) and flat.is_contiguous()):
+            return (w.data_ptr(), None, None, None)
+        col = w.new_empty(self.num_seeds, flat.shape[2]).detach()
+        row = w.new_empty(self.num_seeds, flat.shape[1]).detach()
+        return (w.data_ptr(), tuple(map(kernels.as_array, (flat, col, row))), col, row)
 
     def in_magnitude(self, previous: UnitLayer | None = None) -> Tensor:
         """Mean of |incoming weights| per unit, ``[S, units]``.
 
         If ``previous`` is the layer whose consumer is this layer's weight and it computed
-        :meth:`out_magnitude` this step, its |weight| buffer is reused instead of a second pass.
+        :meth:`out_magnitude` this step, the sums of that pass are reused instead of reading
+        the weights again.
         """
         w = self.weight
-        cached = None if previous is None else previous._abs_out
         same = (
-            cached is not None
+            previous is not None
             and previous.out_weight is not None
             and previous.out_weight.data_ptr() == w.data_ptr()
             and previous.out_weight.shape == w.shape
             and previous.out_weight.stride() == w.stride()
         )
-        absolute = cached if same else w.abs()
+        if same and previous._abs_rows is not None:
+            return previous._abs_rows / self.fan_in
+        absolute = previous._abs_out if same and previous._abs_out is not None else w.abs()
         return self.seeded(absolute).reshape(self.num_seeds, self.units, -1).mean(dim=-1)
 
     def fresh_weights(self, rows: int, generators: Sequence[torch.Generator]) -> Tensor:

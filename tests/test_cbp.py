@@ -479,3 +479,35 @@ def test_magnitudes_of_the_wrong_shape_are_refused():
         cbp.step(hs, good[:1])
     with pytest.raises(ValueError, match="h2"):
         cbp.step(hs, [good[0], (good[1][0][:3], good[1][1])])
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv_flatten"])
+def test_unit_magnitudes_match_definition(kind, contiguous):
+    # out_magnitude: sum of |outgoing weights| per unit (all consumer units, taps, positions);
+    # the consumer's in_magnitude reuses that pass: mean |incoming weight| per consumer unit
+    g = torch.Generator().manual_seed(7)
+    shapes = {
+        "linear": ((5, 3), (4, 5), 1),
+        "conv": ((5, 3, 3, 3), (4, 5, 3, 3), 1),
+        "conv_flatten": ((5, 3, 3, 3), (4, 5 * 6), 6),
+    }
+    w_shape, out_shape, group = shapes[kind]
+    weight = torch.randn(w_shape, generator=g, dtype=torch.float64)
+    out_weight = torch.randn(out_shape, generator=g, dtype=torch.float64)
+    if not contiguous:  # a strided view takes the tensor-op path
+        out_weight = torch.randn(*out_shape[:-1], 2 * out_shape[-1], dtype=torch.float64)[..., ::2]
+        out_weight.copy_(torch.randn(out_shape, generator=g, dtype=torch.float64))
+    layer = UnitLayer(weight, out_weight=out_weight, out_group=group)
+    consumer = UnitLayer(out_weight)
+    a = out_weight.abs().numpy()
+    if kind == "linear":
+        expected = a.sum(0)
+    elif kind == "conv":
+        expected = a.sum(axis=(0, 2, 3))
+    else:
+        expected = a.sum(0).reshape(5, 6).sum(1)
+    np.testing.assert_allclose(layer.out_magnitude()[0].numpy(), expected, rtol=1e-12)
+    expected_in = a.reshape(a.shape[0], -1).mean(1)
+    np.testing.assert_allclose(consumer.in_magnitude(layer)[0].numpy(), expected_in, rtol=1e-12)
+    np.testing.assert_allclose(consumer.in_magnitude()[0].numpy(), expected_in, rtol=1e-12)

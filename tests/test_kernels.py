@@ -153,3 +153,13 @@ def test_matvec_matches_definition(dtype, rtol):
     kernels.matvec_(*map(kernels.as_array, (P, x, out)))
     expected = np.einsum("skj,sj->sk", P.double().numpy(), x.double().numpy())
     np.testing.assert_allclose(out.double().numpy(), expected, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_abs_sums_match_definition(dtype, rtol):
+    w = torch.randn(2, 7, 13, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    col, row = torch.full((2, 13), np.nan, dtype=dtype), torch.full((2, 7), np.nan, dtype=dtype)
+    kernels.abs_sums_(*map(kernels.as_array, (w, col, row)))
+    a = np.abs(w.double().numpy())
+    np.testing.assert_allclose(col.double().numpy(), a.sum(1), rtol=rtol)
+    np.testing.assert_allclose(row.double().numpy(), a.sum(2), rtol=rtol)
