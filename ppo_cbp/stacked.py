@@ -321,9 +321,9 @@ class StackedTrainer:
         self._hidden_views: dict[int, list[Tensor]] = {}
         self._cpu = kernels.available(*net.params)
         self._fused = optimizer == "sgd" and self._cpu
-        self._param_arrays: list[np.ndarray] = []
+        self._arrays = kernels.ArrayViews()
+        self._z: list[Tensor] = []  # batch-1 pre-activations, kept across steps
         self._fused_buffers: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._fused_arrays: list[tuple[np.ndarray, ...]] = []
         self.magnitudes: list[tuple[Tensor, Tensor]] | None = None
         """After a fused step (CPU, SGD, batch 1, no perturbation), per hidden layer the sums
         ``(sum_k |w_out[k, i]|, sum_j |w_in[i, j]|)`` over the updated weights, ``[S, units]``
@@ -457,19 +457,15 @@ class StackedTrainer:
                 for p in params
                 for S, n_out, n_in in [(p.shape[0], p.shape[1], p.shape[2] - 1)]
             ]
-            self._fused_arrays = [
-                (kernels.as_array(p), *map(kernels.as_array, bufs))
-                for p, bufs in zip(params, self._fused_buffers)
-            ]
         beta, alpha = 1.0 - self.lr * self.weight_decay, -self.lr
         for layer in range(n_hidden, -1, -1):
             p = params[layer]
             if fused:
-                weights, grad_in, out_abs, in_abs = self._fused_arrays[layer]
+                grad_in, out_abs, in_abs = map(self._arrays, self._fused_buffers[layer])
                 kernels.sgd_backward_update_(
-                    weights,
-                    kernels.as_array(delta[:, 0].contiguous()),
-                    kernels.as_array(inputs[layer][:, 0].contiguous()),
+                    self._arrays(p),
+                    self._rows(delta),
+                    self._rows(inputs[layer]),
                     beta,
                     alpha,
                     grad_in if layer > 0 else None,
@@ -496,26 +492,25 @@ class StackedTrainer:
             self.magnitudes = [(b[i + 1][1], b[i][2]) for i in range(n_hidden)]
         return list(self._hidden_views[batch])
 
+    def _rows(self, h: Tensor) -> np.ndarray:
+        """A batch-1 ``[S, 1, n]`` tensor as a C-contiguous ``[S, n]`` array for the kernels."""
+        if h.is_contiguous():
+            return self._arrays(h)[:, 0]  # the trainer's buffers: the same view every step
+        return kernels.as_array(h[:, 0].contiguous())
+
     def _linear(self, layer: int, h: Tensor, out: Tensor | None = None) -> Tensor:
         """``h @ P_layer^T`` (``[S, B, n_out]``, into ``out`` if given)."""
         p = self.net.params[layer]
         if not (self._cpu and h.shape[1] == 1):
             return torch.bmm(h, p.transpose(1, 2), out=out)
-        if not self._param_arrays:
-            self._param_arrays = [kernels.as_array(q) for q in self.net.params]
-        z = (
-            out
-            if out is not None and out.is_contiguous()
-            else h.new_empty(h.shape[0], 1, p.shape[1])
-        )
-        kernels.matvec_(
-            self._param_arrays[layer],
-            kernels.as_array(h[:, 0].contiguous()),
-            kernels.as_array(z[:, 0]),
-        )
-        if out is not None and out is not z:
-            out.copy_(z)
-        return z if out is None else out
+        if not self._z:
+            self._z = [q.new_empty(q.shape[0], 1, q.shape[1]) for q in self.net.params]
+        z = self._z[layer]
+        kernels.matvec_(self._arrays(p), self._rows(h), self._rows(z))
+        if out is None:
+            return z
+        out.copy_(z)
+        return out
 
     def _adam_(self, layer: int, grad: Tensor) -> None:
         p, m, v = self.net.params[layer], self.exp_avg[layer], self.exp_avg_sq[layer]
