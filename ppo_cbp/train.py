@@ -1013,19 +1013,18 @@ def _mlp_backward_(
     """
     g = grad_out
     for i in range(len(layers) - 1, -1, -1):
-        m = layers[i]
+        w, b = layers[i].weight, layers[i].bias
         a = hidden[i - 1] if i > 0 else x
-        for p in (m.weight, m.bias):
-            if p.grad is None:
-                p.grad = torch.empty_like(p)
-        if m.in_features < 64:
+        if w.grad is None or b.grad is None:
+            w.grad, b.grad = torch.empty_like(w), torch.empty_like(b)
+        if w.shape[1] < 64:
             # MKL computes this thin product ~2x faster as [in, out] than as [out, in].
-            m.weight.grad.copy_(torch.mm(a.t(), g).t())
+            w.grad.copy_(torch.mm(a.t(), g).t())
         else:
-            torch.mm(g.t(), a, out=m.weight.grad)
-        torch.sum(g, 0, out=m.bias.grad)
+            torch.mm(g.t(), a, out=w.grad)
+        torch.sum(g, 0, out=b.grad)
         if i > 0:
-            g = torch.ops.aten.threshold_backward(torch.mm(g, m.weight), a, 0.0)
+            g = torch.ops.aten.threshold_backward(torch.mm(g, w), a, 0.0)
 
 
 @torch.no_grad()
@@ -1054,9 +1053,10 @@ def ppo_loss_and_grads(
         pg = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))),   v = mean((V(x) - ret)^2),
         H = sum(log_std) + D (1 + log(2 pi)) / 2.
 
-    Gradients, with ``G_i = (-A_i r_i / M) k_i`` where ``k_i = 1`` if the unclipped term is the
-    larger one or ``r_i`` lies in ``[1 - eps, 1 + eps]`` (where both terms are equal), else 0
-    (autograd's choice for ``max``/``clamp``):
+    Gradients, with ``G_i = (-A_i r_i / M) k_i`` where ``k_i = 1`` if the unclipped term is at
+    least the clipped one (always inside ``[1 - eps, 1 + eps]``, where both are equal), else 0;
+    this is autograd's gradient of ``max``/``clamp`` except where the two terms are equal outside
+    the range, which needs ``A_i = 0`` (then ``G_i = 0`` anyway) or a tie by rounding:
 
         dL/dmean_ij    = G_i z_ij exp(-log_std_j),
         dL/dlog_std_j  = sum_i G_i (z_ij^2 - 1) - ent_coef,
@@ -1080,11 +1080,12 @@ def ppo_loss_and_grads(
     unclipped_term = neg_adv * ratio
     clipped_term = neg_adv * clipped
     pg = torch.maximum(unclipped_term, clipped_term).mean()
-    keep = (unclipped_term > clipped_term).logical_or_(clipped == ratio)
-    g = unclipped_term.mul_(keep).mul_(1.0 / m)  # dL/dlog_ratio
+    g = unclipped_term.mul_(unclipped_term >= clipped_term).mul_(1.0 / m)  # dL/dlog_ratio
     if log_std.grad is None:
         log_std.grad = torch.empty_like(log_std)
-    torch.mv(z2.t(), g, out=log_std.grad).sub_(g.sum() + ent_coef)
+    torch.mv(z2.sub_(1.0).t(), g, out=log_std.grad)
+    if ent_coef:
+        log_std.grad.sub_(ent_coef)
     err = value.view(-1) - ret
     v = err.square().mean()
     _mlp_backward_(actor, x, actor_hidden, z.mul_(g[:, None]).mul_(inv_std))

@@ -20,6 +20,11 @@ For each env, in one process run:
 * PPO+CBP with ``--num-envs 2`` (env 0 in the trainer's process, env 1 in a worker) and its
   speedup over one env.
 
+Before the timed runs, two untimed one-update runs (CBP and ReDo, 256 steps) pay the costs
+that come once per process: loading the numba kernels of CBP's utility update (~0.3 s, which
+would otherwise count as CBP time in the first timed configuration) and first calls of MKL and
+numpy. Per-step costs in microseconds (``us_per_step``) are recorded next to the shares.
+
 It prints a table and the issue's targets (PPO+CBP >= 50% of the raw rate on Ant-v4, >= 33% on
 Hopper-v4; CBP <= 5% of wall time; 2 envs >= 1.4x one env), and writes everything to JSON
 together with the machine's load average (other processes on the machine slow every number).
@@ -71,6 +76,26 @@ def raw_env_rate(env_id: str, steps: int, seed: int = 0) -> float:
     return rate
 
 
+def warm_up(env_id: str, runs_dir: str) -> None:
+    """Untimed one-update runs with CBP and with ReDo: once-per-process costs (numba kernels)."""
+    for kw in ({"cbp": True}, {"redo": True}):
+        main(
+            Args(
+                env=env_id,
+                steps=256,
+                num_steps=256,
+                num_minibatches=2,
+                update_epochs=1,
+                metrics_every=1,
+                runs_dir=runs_dir,
+                run_name=f"warmup_{env_id}_{'_'.join(kw)}",
+                progress=False,
+                device="cpu",
+                **kw,
+            )
+        )
+
+
 def run_trainer(env_id: str, updates: int, runs_dir: str, num_envs: int = 1, **kw) -> dict:
     steps = updates * 2048 * num_envs
     name = f"bench_{env_id}_{'_'.join(kw) or 'ppo'}_{num_envs}"
@@ -88,10 +113,19 @@ def run_trainer(env_id: str, updates: int, runs_dir: str, num_envs: int = 1, **k
     )
     t = result.timings
     total = t["total"]
+    n = result.global_step
     return {
-        "steps": result.global_step,
+        "steps": n,
         "seconds": total,
-        "sps": result.global_step / total,
+        "sps": n / total,
+        "us_per_step": {
+            "total": 1e6 * total / n,
+            "env": 1e6 * t["env"] / n,
+            "acting": 1e6 * t["acting"] / n,
+            "update_excl_cbp": 1e6 * (t["update"] - t["cbp"]) / n,
+            "cbp": 1e6 * t["cbp"] / n,
+            "metrics": 1e6 * t["metrics"] / n,
+        },
         "share": {
             "env": t["env"] / total,
             "acting": t["acting"] / total,
@@ -133,6 +167,7 @@ def main_bench() -> None:
         for env_id in opts.envs:
             # The raw rate is measured before, between and after the trainer runs; the ratios use
             # the fastest of them (other processes on a shared machine only slow things down).
+            warm_up(env_id, runs_dir)
             raw = [raw_env_rate(env_id, opts.raw_steps)]
             entry: dict = {}
             for method, kw in METHODS.items():
