@@ -212,11 +212,27 @@ class ContinualBackprop:
             self.decay_rate, self.ages(layer_index).to(self.utility[layer_index].dtype)
         )
 
-    def _update_utility_kernel(self, i: int, h: Tensor, out_abs: Tensor, in_abs: Tensor) -> None:
-        """:meth:`_update_utility` on CPU with the magnitudes given: one fused kernel."""
+    def _update_utility_kernel(
+        self, i: int, layer: UnitLayer, h: Tensor, magnitude: tuple[Tensor, Tensor] | None
+    ) -> None:
+        """:meth:`_update_utility` on CPU for a Linear layer: one fused pass over its units.
+
+        ``magnitude``: the given ``(sum |w_out|, sum |w_in|)`` per unit, or None to read the
+        weights (one pass over the consumer's weights, whose row sums the next layer reuses).
+        Single-threaded: on tensors of this size a multi-threaded reduction costs several times
+        more than one thread.
+        """
         utility, mean, birth, fan_in, full_age, has_out, seeded = self._kernel_state[i]
-        if not seeded:
-            h, out_abs, in_abs = h.unsqueeze(0), out_abs.unsqueeze(0), in_abs.unsqueeze(0)
+        h = h if seeded else h.unsqueeze(0)
+        in_abs = None
+        if magnitude is not None:
+            out_abs, in_abs = (m if seeded else m.unsqueeze(0) for m in magnitude)
+            out_abs = out_abs if has_out else None
+        else:
+            out_abs = layer.out_magnitude()
+            if mean is not None:
+                previous = self.layers[i - 1] if i > 0 and self._updated_previous else None
+                in_abs, fan_in = layer.in_magnitude(previous), 1  # already the mean
         if self._track_mean and mean is None:  # fold_bias with the contribution utility
             self.mean_activation[i].lerp_(h.mean(1), 1.0 - self.decay_rate)
         kernels.utility_update_(
@@ -225,8 +241,8 @@ class ContinualBackprop:
             birth,
             self.steps,
             self._arrays(h),
-            self._arrays(out_abs) if has_out else None,
-            self._arrays(in_abs),
+            None if out_abs is None else self._arrays(out_abs),
+            None if in_abs is None else self._arrays(in_abs),
             fan_in,
             self.decay_rate,
             full_age,
@@ -304,12 +320,13 @@ class ContinualBackprop:
             if eta == 0.0 and k == 0 and not self._track_mean:
                 self._updated_previous = False
                 continue
-            if magnitudes is None:
-                self._update_utility(i, layer, h, None)
-            elif self._kernel_state is not None:
-                self._update_utility_kernel(i, h, *magnitudes[i])
+            magnitude = None if magnitudes is None else magnitudes[i]
+            if self._kernel_state is not None:
+                self._update_utility_kernel(i, layer, h, magnitude)
             else:
-                self._update_utility(i, layer, h, tuple(map(layer.seeded, magnitudes[i])))
+                if magnitude is not None:
+                    magnitude = (layer.seeded(magnitude[0]), layer.seeded(magnitude[1]))
+                self._update_utility(i, layer, h, magnitude)
             self._updated_previous = True
             if k == 0:
                 continue

@@ -135,8 +135,8 @@ class Args:
     """Parallel environments. With N > 1, env 0 steps in the trainer's process and envs 1..N-1 in one worker process each. The rollout has num_steps steps per env."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the networks live: auto = cuda if available, else cpu."""
-    threads: int = 1
-    """torch.set_num_threads for this process. 1 is fastest for these small networks and lets runs share a machine."""
+    threads: int | None = None
+    """torch threads of this process (the minibatch update). Default: one per env, up to the cores this process may use: the update runs while the env workers sleep, so their cores are free; with one env, 1 thread is fastest for these small networks and lets runs share a machine."""
     run_name: str | None = None
     """Run directory name under runs_dir; default <env>__<method>__s<seed>__<unix time>."""
     runs_dir: str = "runs"
@@ -311,7 +311,7 @@ def resolve_args(args: Args) -> Args:
         raise ConfigError(f"--seed must be >= 0, got {a.seed}")
     positive = ("steps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
     for name in positive:
-        if getattr(a, name) <= 0:
+        if getattr(a, name) is not None and getattr(a, name) <= 0:
             raise ConfigError(f"{_flag(name)} must be positive, got {getattr(a, name)}")
     for name in ("checkpoint_every", "metrics_every", "friction_every", "maturity_threshold"):
         if getattr(a, name) < 0:
@@ -375,12 +375,15 @@ def resolve_args(args: Args) -> Args:
     else:
         weight_decay = 0.0
     betas = (0.9, 0.999) if a.standard_adam else (0.99, 0.99)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = a.threads or min(a.num_envs, cores or 1)
     return dataclasses.replace(
         a,
         adam_beta1=betas[0] if a.adam_beta1 is None else a.adam_beta1,
         adam_beta2=betas[1] if a.adam_beta2 is None else a.adam_beta2,
         weight_decay=weight_decay,
         noise_std=(1e-5 if a.noise_std is None else a.noise_std) if a.shrink_perturb else 0.0,
+        threads=threads,
     )
 
 
@@ -1348,7 +1351,7 @@ def main(args: Args) -> TrainResult:
         else "cpu"
     )
     on_cpu = device.type == "cpu"
-    torch.set_num_threads(a.threads)
+    caller_threads = torch.get_num_threads()
 
     # ---------------- seeding
     random.seed(a.seed)
@@ -1364,6 +1367,7 @@ def main(args: Args) -> TrainResult:
     envs: SingleEnv | ParallelEnvs = SingleEnv(fns[0]) if a.num_envs == 1 else ParallelEnvs(fns)
     writer = None
     try:
+        torch.set_num_threads(a.threads)  # restored when the run ends
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
         if not isinstance(act_space, gym.spaces.Box) or len(obs_space.shape) != 1:
             raise ConfigError(f"{a.env}: need a flat Box observation and a Box action space")
@@ -1799,6 +1803,7 @@ def main(args: Args) -> TrainResult:
         if writer is not None:
             writer.close()
         envs.close()
+        torch.set_num_threads(caller_threads)
 
 
 def cli() -> None:

@@ -428,17 +428,20 @@ def given_magnitudes(params):
 
 @pytest.mark.parametrize("utility", ["contribution", "adaptable_contribution"])
 @pytest.mark.parametrize("seed_dims", [0, 1])
-@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("kernel,given", [(False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("fold_bias", [False, True])
-def test_given_magnitudes_equal_reading_the_weights(utility, seed_dims, kernel, fold_bias):
-    # the trainer's magnitudes (here computed independently) replace reading the weights:
-    # same utilities and the same replacements, on the fused CPU kernel and on tensor ops
+def test_cpu_kernels_and_given_magnitudes_equal_tensor_ops(
+    utility, seed_dims, kernel, given, fold_bias
+):
+    # against the tensor-op path that reads the weights (the path on GPUs): the fused CPU
+    # kernel and/or the trainer's magnitudes (here computed independently) give the same
+    # utilities and the same replacements
     g = torch.Generator().manual_seed(3)
     shapes = [(6, 4), (6,), (5, 6), (5,), (2, 5)]
     lead = (2,) if seed_dims else ()
     params = [torch.randn(*lead, *s, generator=g, dtype=torch.float64) for s in shapes]
     runs = []
-    for given in (False, True):
+    for use_kernel, use_given in ((False, False), (kernel, given)):
         ps = [p.clone() for p in params]
         cbp = ContinualBackprop(
             stacked_layers(ps, seed_dims),
@@ -450,23 +453,24 @@ def test_given_magnitudes_equal_reading_the_weights(utility, seed_dims, kernel, 
             fold_bias=fold_bias,
             seed=[5, 6] if seed_dims else 5,
         )
-        if not kernel:
+        assert cbp._kernel_state is not None  # CPU, Linear layers
+        if not use_kernel:
             cbp._kernel_state = None
-        runs.append((ps, cbp, given))
+        runs.append((ps, cbp, use_given))
     data = torch.Generator().manual_seed(4)
     for _ in range(40):
         x = torch.randn(*lead, 3, 4, generator=data, dtype=torch.float64)
-        for ps, cbp, given in runs:
+        for ps, cbp, use_given in runs:
             with torch.no_grad():
                 for p in ps:
                     p.mul_(0.99)  # stands in for an optimizer step
                 _, hs = forward(ps, x)
-            cbp.step(hs, given_magnitudes(ps) if given else None)
-    (p_read, cbp_read, _), (p_given, cbp_given, _) = runs
-    assert cbp_read.num_replaced > 5 and cbp_given.num_replaced == cbp_read.num_replaced
-    for a, b in zip(cbp_read.utility, cbp_given.utility):
+            cbp.step(hs, given_magnitudes(ps) if use_given else None)
+    (p_ref, cbp_ref, _), (p_other, cbp_other, _) = runs
+    assert cbp_ref.num_replaced > 5 and cbp_other.num_replaced == cbp_ref.num_replaced
+    for a, b in zip(cbp_ref.utility, cbp_other.utility):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
-    for a, b in zip(p_read, p_given):
+    for a, b in zip(p_ref, p_other):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -205,6 +205,20 @@ def test_paper_defaults():
     assert resolve_args(Args(cbp=True, l2=True)).weight_decay == 1e-3
 
 
+def test_threads_default_to_one_per_env_up_to_the_cores(tmp_path):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_args(Args()).threads == 1
+    assert resolve_args(Args(num_envs=2)).threads == min(2, cores)
+    assert resolve_args(Args(num_envs=64)).threads == cores
+    assert resolve_args(Args(num_envs=2, threads=1)).threads == 1
+    # the run sets its own thread count and gives the caller's back when it ends
+    before = torch.get_num_threads()
+    main(small(tmp_path, env="Hopper-v4", steps=256, threads=before + 1))
+    assert torch.get_num_threads() == before
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints and resume
 # ------------------------------------------------------------------------------------------------
