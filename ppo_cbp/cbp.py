@@ -175,16 +175,17 @@ class ContinualBackprop:
         linear = all(layer.weight.dim() - layer.seed_dims == 2 for layer in self.layers)
         if linear and kernels.available(*self.utility):
             # array views of the state the CPU kernel updates in place (never reallocated)
-            full_age = kernels.full_correction_age(decay_rate, first.dtype)
             self._kernel_state = [
                 (
-                    kernels.as_array(self.utility[i]),
-                    kernels.as_array(self.mean_activation[i])
-                    if utility == "adaptable_contribution"
-                    else None,
-                    kernels.as_array(self.birth[i]),
-                    layer.fan_in,
-                    full_age,
+                    kernels.UtilityUpdate(
+                        kernels.as_array(self.utility[i]),
+                        kernels.as_array(self.mean_activation[i])
+                        if utility == "adaptable_contribution"
+                        else None,
+                        kernels.as_array(self.birth[i]),
+                        layer.fan_in,
+                        decay_rate,
+                    ),
                     layer.out_weight is not None,
                     layer.seed_dims == 1,
                 )
@@ -222,30 +223,26 @@ class ContinualBackprop:
         Single-threaded: on tensors of this size a multi-threaded reduction costs several times
         more than one thread.
         """
-        utility, mean, birth, fan_in, full_age, has_out, seeded = self._kernel_state[i]
+        update, has_out, seeded = self._kernel_state[i]
         h = h if seeded else h.unsqueeze(0)
-        in_abs = None
+        in_abs, fan_in = None, None
         if magnitude is not None:
             out_abs, in_abs = (m if seeded else m.unsqueeze(0) for m in magnitude)
             out_abs = out_abs if has_out else None
         else:
             out_abs = layer.out_magnitude()
-            if mean is not None:
+            if update.mean is not None:
                 previous = self.layers[i - 1] if i > 0 and self._updated_previous else None
                 in_abs, fan_in = layer.in_magnitude(previous), 1  # already the mean
-        if self._track_mean and mean is None:  # fold_bias with the contribution utility
+        if self._track_mean and update.mean is None:  # fold_bias with the contribution utility
             self.mean_activation[i].lerp_(h.mean(1), 1.0 - self.decay_rate)
-        kernels.utility_update_(
-            utility,
-            mean,
-            birth,
+        arrays = self._arrays
+        update(
             self.steps,
-            self._arrays(h),
-            None if out_abs is None else self._arrays(out_abs),
-            None if in_abs is None else self._arrays(in_abs),
+            arrays(h),
+            None if out_abs is None else arrays(out_abs),
+            None if in_abs is None else arrays(in_abs),
             fan_in,
-            self.decay_rate,
-            full_age,
         )
 
     def _update_utility(
@@ -293,7 +290,7 @@ class ContinualBackprop:
                 each, when the trainer computed them already (as
                 :attr:`ppo_cbp.stacked.StackedTrainer.magnitudes` does while updating); the
                 weights are then not read again. On CPU the utility is then updated by one
-                fused kernel per layer (:func:`ppo_cbp.kernels.utility_update_`).
+                fused kernel per layer (:class:`ppo_cbp.kernels.UtilityUpdate`).
 
         Returns:
             the number of units replaced in each network by this step.

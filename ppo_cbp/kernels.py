@@ -224,11 +224,11 @@ def sgd_backward_update_(
         )
 
 
-def full_correction_age(decay_rate: float, dtype: torch.dtype) -> float:
+def full_correction_age(decay_rate: float, dtype: np.dtype) -> float:
     """Age beyond which ``1 - eta^age`` rounds to exactly 1 in ``dtype``: no need to compute it."""
     if decay_rate == 0.0:
         return math.inf
-    return float(math.ceil(math.log(torch.finfo(dtype).eps / 4) / math.log(decay_rate)))
+    return float(math.ceil(math.log(np.finfo(dtype).eps / 4) / math.log(decay_rate)))
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
@@ -269,42 +269,56 @@ def _utility_update(
             utility[s, i] = utility[s, i] * eta + y * weight
 
 
-def utility_update_(
-    utility: np.ndarray,
-    mean: np.ndarray | None,
-    birth: np.ndarray,
-    steps: int,
-    h: np.ndarray,
-    out_abs: np.ndarray | None,
-    in_abs: np.ndarray | None,
-    fan_in: int,
-    decay_rate: float,
-    full_age: float,
-) -> None:
+class UtilityUpdate:
     """Continual backprop's running utility of one layer, for ``S`` networks, in one pass.
 
-    ``h`` is ``[S, B, units]``; ``out_abs``/``in_abs`` are ``sum_k |w_out[k, i]|`` and
-    ``sum_j |w_in[i, j]|`` per unit (``[S, units]``), ``birth`` the step at which each unit
-    was (re)initialised (its age is ``steps - birth``). With ``mean`` None, equation (1):
+    Bound once to the layer's state arrays (:func:`as_array` views, updated in place):
+    ``utility`` ``u`` and, for the adaptable contribution, the running mean activation
+    ``mean`` ``f`` (``[S, units]``), and ``birth``, the step at which each unit was
+    (re)initialised (its age is ``steps - birth``). Each call takes the activations ``h``
+    (``[S, B, units]``) and ``out_abs``/``in_abs``, ``sum_k |w_out[k, i]|`` and
+    ``sum_j |w_in[i, j]|`` per unit (``[S, units]``). With ``mean`` None, equation (1):
     ``u <- eta u + (1 - eta) mean_b |h_bi| * out_abs_i``; otherwise the adaptable contribution:
     ``f <- f + (1 - eta) (mean_b h_bi - f)``, ``hhat = f / (1 - eta^age)``,
     ``u <- eta u + (1 - eta) mean_b |h_bi - hhat_i| * out_abs_i / (in_abs_i / fan_in)``
     (see :mod:`ppo_cbp.cbp`). ``out_abs`` None: the unit has no outgoing weights to weigh by.
-    ``full_age`` is :func:`full_correction_age` of the utility's dtype. Arrays are
-    :func:`as_array` views, updated in place (``utility`` and ``mean``).
+    Arithmetic is in the utility's precision, as the tensor ops'.
     """
-    scalar = utility.dtype.type  # the arithmetic in the utility's precision, as torch's ops
-    _utility_update(
-        utility,
-        utility if mean is None else mean,
-        birth,
-        int(steps),
-        h,
-        utility if out_abs is None else out_abs,
-        utility if in_abs is None else in_abs,
-        scalar(fan_in),
-        scalar(decay_rate),
-        float(full_age),
-        mean is not None,
-        out_abs is not None,
-    )
+
+    def __init__(
+        self,
+        utility: np.ndarray,
+        mean: np.ndarray | None,
+        birth: np.ndarray,
+        fan_in: int,
+        decay_rate: float,
+    ):
+        scalar = utility.dtype.type
+        self.utility, self.mean, self.birth = utility, mean, birth
+        self.fan_in, self.decay_rate = scalar(fan_in), scalar(decay_rate)
+        self.full_age = full_correction_age(decay_rate, utility.dtype)
+
+    def __call__(
+        self,
+        steps: int,
+        h: np.ndarray,
+        out_abs: np.ndarray | None,
+        in_abs: np.ndarray | None,
+        fan_in: float | None = None,
+    ) -> None:
+        """One step's update; ``fan_in`` overrides the layer's (1 when ``in_abs`` is a mean)."""
+        u = self.utility
+        _utility_update(
+            u,
+            u if self.mean is None else self.mean,
+            self.birth,
+            steps,
+            h,
+            u if out_abs is None else out_abs,
+            u if in_abs is None else in_abs,
+            self.fan_in if fan_in is None else u.dtype.type(fan_in),
+            self.decay_rate,
+            self.full_age,
+            self.mean is not None,
+            out_abs is not None,
+        )

@@ -89,17 +89,18 @@ def test_utility_update_matches_definition(dtype, rtol, adaptable, has_out, B):
     t = {k: torch.tensor(v, dtype=dtype) for k, v in arrays.items()}
     exact = {k: t[k].double().numpy().copy() for k in t}  # the values the kernel sees
     birth_t = torch.tensor(birth, dtype=torch.int64)
-    kernels.utility_update_(
+    update = kernels.UtilityUpdate(
         kernels.as_array(t["u"]),
         kernels.as_array(t["f"]) if adaptable else None,
         kernels.as_array(birth_t),
+        fan_in,
+        eta,
+    )
+    update(
         steps,
         kernels.as_array(t["h"]),
         kernels.as_array(t["out_abs"]) if has_out else None,
         kernels.as_array(t["in_abs"]),
-        fan_in,
-        eta,
-        kernels.full_correction_age(eta, dtype),
     )
     u, f = reference_utility(
         exact["u"],
@@ -123,11 +124,11 @@ def test_utility_update_matches_definition(dtype, rtol, adaptable, has_out, B):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_full_correction_age_is_where_the_correction_rounds_to_one(dtype):
     eta = 0.99
-    age = int(kernels.full_correction_age(eta, dtype))
+    age = int(kernels.full_correction_age(eta, torch.empty(0, dtype=dtype).numpy().dtype))
     one = torch.tensor(1.0, dtype=dtype)
     power = torch.tensor(eta, dtype=torch.float64) ** age
     assert one - power.to(dtype) == one
-    assert kernels.full_correction_age(0.0, dtype) == float("inf")
+    assert kernels.full_correction_age(0.0, np.float32) == float("inf")
 
 
 def test_array_views_follow_the_tensor_objects():
