@@ -176,18 +176,14 @@ class ContinualBackprop:
         if linear and kernels.available(*self.utility):
             # array views of the state the CPU kernel updates in place (never reallocated)
             self._kernel_state = [
-                (
-                    kernels.UtilityUpdate(
-                        kernels.as_array(self.utility[i]),
-                        kernels.as_array(self.mean_activation[i])
-                        if utility == "adaptable_contribution"
-                        else None,
-                        kernels.as_array(self.birth[i]),
-                        layer.fan_in,
-                        decay_rate,
-                    ),
-                    layer.out_weight is not None,
-                    layer.seed_dims == 1,
+                kernels.UtilityUpdate(
+                    kernels.as_array(self.utility[i]),
+                    kernels.as_array(self.mean_activation[i])
+                    if utility == "adaptable_contribution"
+                    else None,
+                    kernels.as_array(self.birth[i]),
+                    layer.fan_in,
+                    decay_rate,
                 )
                 for i, layer in enumerate(self.layers)
             ]
@@ -223,12 +219,14 @@ class ContinualBackprop:
         Single-threaded: on tensors of this size a multi-threaded reduction costs several times
         more than one thread.
         """
-        update, has_out, seeded = self._kernel_state[i]
-        h = h if seeded else h.unsqueeze(0)
+        update = self._kernel_state[i]
+        h = layer.seeded(h)
         in_abs, fan_in = None, None
+        # the trainer hands the same tensors every step: their array views are kept
+        arrays = kernels.as_array if magnitude is None else self._arrays
         if magnitude is not None:
-            out_abs, in_abs = (m if seeded else m.unsqueeze(0) for m in magnitude)
-            out_abs = out_abs if has_out else None
+            out_abs, in_abs = magnitude
+            out_abs = None if layer.out_weight is None else out_abs
         else:
             out_abs = layer.out_magnitude()
             if update.mean is not None:
@@ -236,7 +234,6 @@ class ContinualBackprop:
                 in_abs, fan_in = layer.in_magnitude(previous), 1  # already the mean
         if self._track_mean and update.mean is None:  # fold_bias with the contribution utility
             self.mean_activation[i].lerp_(h.mean(1), 1.0 - self.decay_rate)
-        arrays = self._arrays
         update(
             self.steps,
             arrays(h),
@@ -317,12 +314,12 @@ class ContinualBackprop:
             if eta == 0.0 and k == 0 and not self._track_mean:
                 self._updated_previous = False
                 continue
-            magnitude = None if magnitudes is None else magnitudes[i]
+            magnitude = None
+            if magnitudes is not None:
+                magnitude = (layer.seeded(magnitudes[i][0]), layer.seeded(magnitudes[i][1]))
             if self._kernel_state is not None:
                 self._update_utility_kernel(i, layer, h, magnitude)
             else:
-                if magnitude is not None:
-                    magnitude = (layer.seeded(magnitude[0]), layer.seeded(magnitude[1]))
                 self._update_utility(i, layer, h, magnitude)
             self._updated_previous = True
             if k == 0:

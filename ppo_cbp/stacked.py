@@ -321,8 +321,9 @@ class StackedTrainer:
         self._hidden_views: dict[int, list[Tensor]] = {}
         self._cpu = kernels.available(*net.params)
         self._fused = optimizer == "sgd" and self._cpu
-        self._arrays = kernels.ArrayViews()
+        self._arrays = kernels.ArrayViews()  # of the parameters and the fused buffers
         self._z: list[Tensor] = []  # batch-1 pre-activations, kept across steps
+        self._own_rows: dict[int, np.ndarray] = {}  # [S, n] rows of the batch-1 buffers
         self._fused_buffers: list[tuple[Tensor, Tensor, Tensor]] = []
         self.magnitudes: list[tuple[Tensor, Tensor]] | None = None
         """After a fused step (CPU, SGD, batch 1, no perturbation), per hidden layer the sums
@@ -360,6 +361,8 @@ class StackedTrainer:
             self._buffers[batch] = bufs
             # the same view objects every step, so that consumers can keep derived views
             self._hidden_views[batch] = [b[..., :-1] for b in bufs]
+            if batch == 1 and self._cpu:
+                self._own_rows.update((id(b), kernels.as_array(b[:, 0])) for b in bufs)
         return bufs
 
     def new_segment(self) -> None:
@@ -494,9 +497,8 @@ class StackedTrainer:
 
     def _rows(self, h: Tensor) -> np.ndarray:
         """A batch-1 ``[S, 1, n]`` tensor as a C-contiguous ``[S, n]`` array for the kernels."""
-        if h.is_contiguous():
-            return self._arrays(h)[:, 0]  # the trainer's buffers: the same view every step
-        return kernels.as_array(h[:, 0].contiguous())
+        rows = self._own_rows.get(id(h))  # the trainer's buffers: views made once
+        return rows if rows is not None else kernels.as_array(h[:, 0].contiguous())
 
     def _linear(self, layer: int, h: Tensor, out: Tensor | None = None) -> Tensor:
         """``h @ P_layer^T`` (``[S, B, n_out]``, into ``out`` if given)."""
@@ -505,6 +507,7 @@ class StackedTrainer:
             return torch.bmm(h, p.transpose(1, 2), out=out)
         if not self._z:
             self._z = [q.new_empty(q.shape[0], 1, q.shape[1]) for q in self.net.params]
+            self._own_rows.update((id(z), kernels.as_array(z[:, 0])) for z in self._z)
         z = self._z[layer]
         kernels.matvec_(self._arrays(p), self._rows(h), self._rows(z))
         if out is None:

@@ -79,7 +79,6 @@ class UnitLayer:
     seed_dims: int = 0
     name: str = ""
     _abs_out: Tensor | None = field(default=None, init=False, repr=False)
-    _abs_rows: Tensor | None = field(default=None, init=False, repr=False)
     _sums: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -155,10 +154,9 @@ class UnitLayer:
         sums = self._sums
         if sums is None or sums[0] != w.data_ptr():
             sums = self._sums = self._sum_buffers(w)
-        self._abs_rows = None
         if sums[1] is not None:
             # one pass gives both sums; the row sums are the consumer's incoming magnitudes
-            _, arrays, per_column, self._abs_rows = sums
+            _, arrays, per_column, _ = sums
             kernels.abs_sums_(*arrays)
         else:
             flat = self.seeded(w).reshape(S, w.shape[self.seed_dims], -1)
@@ -194,8 +192,8 @@ class UnitLayer:
             and previous.out_weight.shape == w.shape
             and previous.out_weight.stride() == w.stride()
         )
-        if same and previous._abs_rows is not None:
-            return previous._abs_rows / self.fan_in
+        if same and previous._sums is not None and previous._sums[3] is not None:
+            return previous._sums[3] / self.fan_in
         absolute = previous._abs_out if same and previous._abs_out is not None else w.abs()
         return self.seeded(absolute).reshape(self.num_seeds, self.units, -1).mean(dim=-1)
 
