@@ -1,10 +1,15 @@
 """Online Normalization (Chiley et al., "Online Normalization for Training Neural Networks",
 NeurIPS 2019) for S stacked layers, with its forward and backward written out by hand.
 
-The loss-of-plasticity paper runs it on Online Permuted MNIST (Extended Data Fig. 4, green)
-after every hidden linear layer, before the activation:
+The loss-of-plasticity paper runs it on Online Permuted MNIST (Extended Data Fig. 4, green).
+Here (:class:`~ppo_cbp.stacked.StackedMLP`) it sits after every hidden linear layer, before the
+activation, as in the Online Normalization authors' MLP (the paper's methods text does not
+say where):
 
     h_l = f(OnlineNorm_l(W_l h_{l-1} + b_l))
+
+The linear layers keep their biases (the authors' MLP drops them); the running mean absorbs a
+constant shift, so ``b_l`` acts only while ``mu`` catches up with it.
 
 One layer normalizes each of its ``n`` features separately. Every example is one time step
 ``t`` (the examples of a minibatch are taken in order, one after the other). Feature by
@@ -55,14 +60,23 @@ Evaluation (:meth:`OnlineNorm.infer`) normalizes with the current statistics ``m
 ``sigma^2_t`` and changes no state. Gain and bias are trained by the caller with the network's
 optimizer (:meth:`OnlineNorm.sgd_`). All state is ``[S, n]`` per layer; nothing is random, so
 seed ``s`` of a stack computes what it computes alone.
+
+At batch 1 on the CPU each of forward, backward and update is one numba loop over the
+``[S, n]`` state (:mod:`ppo_cbp.kernels`' compilation settings): as some thirty small tensor
+operations per layer they cost more than the rest of a width-100 training step. Elsewhere
+(other devices, minibatches, evaluation) the same equations run as tensor operations.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numba
 import torch
 from torch import Tensor
+
+from ppo_cbp import kernels
 
 __all__ = ["EPS", "EPS_LAYER_SCALING", "OnlineNorm"]
 
@@ -70,6 +84,65 @@ EPS = 1e-5
 """Added to the running variance under the square root."""
 EPS_LAYER_SCALING = 1e-5
 """Added to the mean square of layer scaling."""
+
+
+@numba.njit(cache=True, nogil=True, fastmath=kernels._FAST)
+def _forward(x, mean, var, gain, bias, af, y, scale, z, r):  # pragma: no cover
+    S, n = mean.shape
+    for s in range(S):
+        total = 0.0
+        for i in range(n):
+            sc = math.sqrt(var[s, i] + EPS)
+            d = x[s, i] - mean[s, i]
+            yi = d / sc
+            y[s, i] = yi
+            scale[s, i] = sc
+            mean[s, i] += (1.0 - af) * d
+            var[s, i] = af * var[s, i] + af * (1.0 - af) * d * d
+            a = gain[s, i] * yi + bias[s, i]
+            z[s, i] = a
+            total += a * a
+        rs = math.sqrt(total / n + EPS_LAYER_SCALING)
+        r[s] = rs
+        for i in range(n):
+            z[s, i] /= rs
+
+
+@numba.njit(cache=True, nogil=True, fastmath=kernels._FAST)
+def _backward(
+    grad, y, scale, z, r, gain, err_y, err_1, c, out, grad_gain, grad_bias
+):  # pragma: no cover
+    S, n = y.shape
+    for s in range(S):
+        dot = 0.0
+        for i in range(n):
+            dot += grad[s, i] * z[s, i]
+        m = dot / n
+        rs = r[s]
+        for i in range(n):
+            ga = (grad[s, i] - m * z[s, i]) / rs
+            yi = y[s, i]
+            grad_gain[s, i] = ga * yi
+            grad_bias[s, i] = ga
+            g = gain[s, i] * ga - c * err_y[s, i] * yi
+            err_y[s, i] += g * yi
+            xp = g / scale[s, i] - c * err_1[s, i]
+            err_1[s, i] += xp
+            out[s, i] = xp
+
+
+@numba.njit(cache=True, nogil=True, fastmath=kernels._FAST)
+def _sgd(gain, bias, grad_gain, grad_bias, beta, alpha):  # pragma: no cover
+    S, n = gain.shape
+    for s in range(S):
+        for i in range(n):
+            gain[s, i] = beta * gain[s, i] + alpha * grad_gain[s, i]
+            bias[s, i] = beta * bias[s, i] + alpha * grad_bias[s, i]
+
+
+def use_kernels(*tensors: Tensor) -> bool:
+    """Whether the batch-1 numba path runs on these tensors (CPU, float32 or float64)."""
+    return kernels.available(*tensors)
 
 
 class OnlineNorm:
@@ -113,8 +186,24 @@ class OnlineNorm:
         self.bias = torch.zeros(shape, **kw)
         """Learned bias ``beta`` ``[S, n]``."""
         self.grad_gain: Tensor | None = None
+        """``dL/dgamma`` of the last :meth:`backward`, summed over its examples ``[S, n]``."""
         self.grad_bias: Tensor | None = None
+        """``dL/dbeta`` of the last :meth:`backward` ``[S, n]``."""
         self._cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._kernel_step = False  # whether the last forward ran the kernels
+        self._buffers: list[Tensor] = []  # batch 1: y, scale, z, x' [S, 1, n]; r [S]; gamma', beta'
+        self._np: dict[str, Any] = {}  # [S, n] / [S] arrays of the state and buffers, made once
+
+    def _kernel_arrays(self, x: Tensor) -> dict[str, Any]:
+        if not self._np:
+            self._buffers = [torch.empty_like(x) for _ in range(4)] + [x.new_empty(x.shape[0])]
+            self._buffers += [torch.empty_like(self.gain), torch.empty_like(self.gain)]
+            names = ("mean", "var", "err_y", "err_1", "gain", "bias")
+            self._np = {k: kernels.as_array(getattr(self, k)) for k in names}
+            buffers = ("y", "scale", "z", "out", "r", "grad_gain", "grad_bias")
+            for k, t in zip(buffers, self._buffers):
+                self._np[k] = kernels.as_array(t[:, 0] if t.dim() == 3 else t)
+        return self._np
 
     def _scale(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Affine map and layer scaling: ``(z, r)``."""
@@ -125,8 +214,27 @@ class OnlineNorm:
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
         """Training forward of ``x`` ``[S, B, n]``: returns ``z``, updates ``mu`` and ``sigma^2``
-        once per example, and keeps what :meth:`backward` needs."""
+        once per example, and keeps what :meth:`backward` needs. At batch 1 on the CPU ``z``
+        is a buffer of this layer that the next call overwrites."""
         af = self.alpha_f
+        self._kernel_step = x.shape[1] == 1 and use_kernels(x, self.mean)
+        if self._kernel_step:
+            a = self._kernel_arrays(x)
+            _forward(
+                kernels.as_array(x)[:, 0],
+                a["mean"],
+                a["var"],
+                a["gain"],
+                a["bias"],
+                af,
+                a["y"],
+                a["scale"],
+                a["z"],
+                a["r"],
+            )
+            y, scale, z, _, r = self._buffers[:5]
+            self._cache = (y, scale, z, r)
+            return z
         y = torch.empty_like(x)
         scale = torch.empty_like(x)
         for b in range(x.shape[1]):
@@ -149,17 +257,36 @@ class OnlineNorm:
     def backward(self, grad: Tensor) -> Tensor:
         """``dL/dx`` ``[S, B, n]`` from ``grad = dL/dz`` of the last :meth:`__call__`; sets
         :attr:`grad_gain` and :attr:`grad_bias` (summed over the B examples) and advances the
-        control processes once per example, in order."""
+        control processes once per example, in order. (At batch 1 on the CPU the result is a
+        buffer of this layer, as in :meth:`__call__`.)"""
         if self._cache is None:
             raise RuntimeError("backward without a forward")
         y, scale, z, r = self._cache
         self._cache = None
+        c = 1.0 - self.alpha_b
+        if self._kernel_step:
+            a = self._np
+            _backward(
+                kernels.as_array(grad.contiguous())[:, 0],
+                a["y"],
+                a["scale"],
+                a["z"],
+                a["r"],
+                a["gain"],
+                a["err_y"],
+                a["err_1"],
+                c,
+                a["out"],
+                a["grad_gain"],
+                a["grad_bias"],
+            )
+            self.grad_gain, self.grad_bias = self._buffers[5:]
+            return self._buffers[3]
         ga = (grad * z).sum(-1, keepdim=True).div_(-z.shape[-1])
         ga = torch.addcmul(grad, ga, z).div_(r)  # a'
         self.grad_gain = (ga * y).sum(1)
         self.grad_bias = ga.sum(1)
         gy = ga.mul_(self.gain.unsqueeze(1))  # y'
-        c = 1.0 - self.alpha_b
         out = torch.empty_like(gy)
         for b in range(gy.shape[1]):
             yb = y[:, b]
@@ -174,6 +301,10 @@ class OnlineNorm:
     def sgd_(self, beta: float, alpha: float) -> None:
         """``p <- beta p + alpha grad`` for gain and bias (SGD: ``beta = 1 - lr wd``,
         ``alpha = -lr``), with the gradients of the last :meth:`backward`."""
+        if self._kernel_step:
+            a = self._np
+            _sgd(a["gain"], a["bias"], a["grad_gain"], a["grad_bias"], beta, alpha)
+            return
         self.gain.mul_(beta).add_(self.grad_gain, alpha=alpha)
         self.bias.mul_(beta).add_(self.grad_bias, alpha=alpha)
 

@@ -1,7 +1,9 @@
 """Online normalization against a float64 reference of the paper's equations, written here
 feature by feature and step by step, alone and inside the stacked trainer."""
 
+import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cbp.benchmarks import MethodConfig
+from ppo_cbp import online_norm
+from ppo_cbp.benchmarks import MethodConfig, PermutedMNISTConfig
 from ppo_cbp.benchmarks.common import resolve_method
 from ppo_cbp.benchmarks.permuted_mnist import DEFAULTS as PM_DEFAULTS
+from ppo_cbp.benchmarks.permuted_mnist import run_permuted_mnist
 from ppo_cbp.online_norm import OnlineNorm
 from ppo_cbp.stacked import StackedMLP, StackedTrainer
 
@@ -89,9 +93,17 @@ def ref_state(ref):
     return [ref.mu, ref.var, ref.ey, ref.e1, ref.g, ref.b]
 
 
+@pytest.fixture(params=["kernels", "tensor_ops"])
+def path(request, monkeypatch):
+    """Batch 1 on the CPU runs numba loops; force the tensor operations of other devices too."""
+    if request.param == "tensor_ops":
+        monkeypatch.setattr(online_norm, "use_kernels", lambda *t: False)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_forward_backward_and_statistics_match_the_equations(device, batch):
+def test_forward_backward_and_statistics_match_the_equations(device, batch, path):
     S, n, af, ab, lr = 2, 5, 0.9, 0.8, 0.3
     norm = OnlineNorm(S, n, alpha_f=af, alpha_b=ab, device=device, dtype=F64)
     refs = [RefNorm(n, af, ab) for _ in range(S)]
@@ -190,7 +202,7 @@ def reference_network_steps(params, refs, xs, ys, lr, wd):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch,wd", [(1, 0.0), (1, 0.01), (2, 0.0)])
-def test_trainer_step_matches_a_reference_network(device, batch, wd):
+def test_trainer_step_matches_a_reference_network(device, batch, wd, path):
     S, sizes, lr, af, ab, steps = 2, [6, 5, 4, 3], 0.2, 0.7, 0.6, 5
     net = StackedMLP(sizes, [3, 8], norm_decays=(af, ab), device=device, dtype=F64)
     params = [
@@ -238,7 +250,7 @@ def run_stack(seeds, steps=60):
     return net
 
 
-def test_stacked_equals_alone():
+def test_stacked_equals_alone(path):
     seeds = [4, 7, 11]
     stack = run_stack(seeds)
     for s, seed in enumerate(seeds):
@@ -269,3 +281,62 @@ def test_command_line_decays(tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: alpha_"), bad.stderr
         assert not out.exists()
+
+
+MNIST_DIR = Path(os.environ.get("PPO_CBP_MNIST_DIR", ROOT.parent / "shared/data/mnist"))
+needs_mnist = pytest.mark.skipif(
+    not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists(), reason="real MNIST not available"
+)
+
+
+def read_rows(out, seed):
+    with open(out / f"seed_{seed}" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@needs_mnist
+def test_permuted_mnist_command_line_run(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, str(ROOT / "scripts/supervised.py"), "permuted-mnist"]
+    cmd += ["--method", "online_norm", "--alpha-f", "0.99", "--alpha-b", "0.9", "--seeds", "0", "2"]
+    cmd += ["--tasks", "2", "--examples-per-task", "300", "--width", "16", "--metric-examples"]
+    cmd += ["100", "--data-dir", str(MNIST_DIR), "--device", "cpu", "--no-progress"]
+    subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert '"alpha_f": 0.99' in state["config"] and '"alpha_b": 0.9' in state["config"]
+    norms = state["learner"]["net"]["norms"]
+    assert len(norms) == 3 and all(n["mean"].shape == (2, 16) for n in norms)
+    assert all(n["mean"].abs().min() > 0 and n["err_1"].abs().min() > 0 for n in norms)
+    assert len(read_rows(out, 2)) == 2
+
+
+@needs_mnist
+def test_permuted_mnist_resume_equals_uninterrupted(tmp_path):
+    def config(name):
+        return PermutedMNISTConfig(
+            seeds=[0, 3],
+            method=MethodConfig(method="online_norm"),
+            tasks=3,
+            examples_per_task=300,
+            width=16,
+            metric_examples=100,
+            data_dir=MNIST_DIR,
+            out=tmp_path / name,
+            device="cpu",
+            progress=False,
+            chunk=128,
+        )
+
+    full = config("full")
+    run_permuted_mnist(full)
+    part = config("part")
+    run_permuted_mnist(part, stop_after=1)
+    part.resume = True
+    run_permuted_mnist(part)
+    for seed in (0, 3):
+        assert read_rows(part.out, seed) == read_rows(full.out, seed)
+    a = torch.load(full.out / "checkpoint.pt", weights_only=True)["learner"]["net"]
+    b = torch.load(part.out / "checkpoint.pt", weights_only=True)["learner"]["net"]
+    for na, nb in zip(a["norms"], b["norms"], strict=True):
+        for key in na:
+            assert torch.equal(na[key], nb[key]), key
