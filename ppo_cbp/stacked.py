@@ -36,6 +36,11 @@ Optimizers, all in place on ``P`` (weights and biases alike, as ``torch.optim`` 
   (``torch.optim.Adam``'s formula);
 * Shrink & Perturb: after the step, ``w <- w + noise_std * N(0, 1)`` for every parameter.
 
+Online normalization (``norm_decays``): every hidden layer's pre-activation passes through a
+:class:`~ppo_cbp.online_norm.OnlineNorm` before the activation, ``h_l = f(N_l(z_l))``; its
+backward sits between the activation's derivative and the linear layer's update, and its gain
+and bias take the same SGD step as the weights.
+
 Dropout with probability ``p`` multiplies each hidden activation by ``mask / (1 - p)`` with
 ``mask ~ Bernoulli(1 - p)`` (inverted dropout, as ``nn.Dropout`` in training mode).
 
@@ -58,6 +63,7 @@ from torch import Tensor
 
 from ppo_cbp import kernels
 from ppo_cbp.init import sample_
+from ppo_cbp.online_norm import OnlineNorm
 from ppo_cbp.units import UnitLayer
 
 __all__ = [
@@ -141,6 +147,8 @@ class StackedMLP:
         activation: hidden nonlinearity, one of :data:`ACTIVATIONS`.
         init: weight scheme of :mod:`ppo_cbp.init` (paper: Kaiming-uniform); the hidden layers
             use the activation's gain, the output layer gain 1 (it is linear). Biases are 0.
+        norm_decays: ``(alpha_f, alpha_b)``: put an :class:`~ppo_cbp.online_norm.OnlineNorm`
+            after every hidden linear layer, before the activation (:attr:`norms`).
         device, dtype: of all tensors.
     """
 
@@ -151,6 +159,7 @@ class StackedMLP:
         *,
         activation: str = "relu",
         init: str = "kaiming_uniform",
+        norm_decays: tuple[float, float] | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
@@ -178,6 +187,13 @@ class StackedMLP:
             g = torch.Generator(device=self.device).manual_seed(derive_seed(seed, TAG_INIT))
             for layer, p in enumerate(self.params):
                 sample_(p[s, :, :-1], init, gain_of[layer], generator=g)
+        self.norms: list[OnlineNorm] = []
+        if norm_decays is not None:
+            alpha_f, alpha_b = norm_decays
+            self.norms = [
+                OnlineNorm(S, n, alpha_f=alpha_f, alpha_b=alpha_b, device=self.device, dtype=dtype)
+                for n in sizes[1:-1]
+            ]
 
     @property
     def num_seeds(self) -> int:
@@ -222,7 +238,8 @@ class StackedMLP:
 
     @torch.no_grad()
     def forward(self, x_aug: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Outputs ``[S, B, n_out]`` and hidden activations ``[S, B, units]`` (no dropout).
+        """Outputs ``[S, B, n_out]`` and hidden activations ``[S, B, units]`` (no dropout;
+        online normalization with its current statistics, which it does not update).
 
         ``x_aug``: ``[S, B, n_in + 1]`` inputs whose last column is 1 (:meth:`with_ones`).
         """
@@ -232,17 +249,25 @@ class StackedMLP:
             p = self.params[layer]
             nxt = torch.empty(*h.shape[:-1], p.shape[1] + 1, device=h.device, dtype=h.dtype)
             nxt[..., -1] = 1.0
-            _activate(self.activation, torch.bmm(h, p.transpose(1, 2)), nxt[..., :-1])
+            z = torch.bmm(h, p.transpose(1, 2))
+            if self.norms:
+                z = self.norms[layer].infer(z)
+            _activate(self.activation, z, nxt[..., :-1])
             hidden.append(nxt[..., :-1])
             h = nxt
         return torch.bmm(h, self.params[-1].transpose(1, 2)), hidden
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": [p.clone() for p in self.params]}
+        return {
+            "params": [p.clone() for p in self.params],
+            "norms": [n.state_dict() for n in self.norms],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for dst, src in zip(self.params, state["params"], strict=True):
             dst.copy_(src)
+        for norm, src in zip(self.norms, state.get("norms", []), strict=True):
+            norm.load_state_dict(src)
 
 
 class StackedTrainer:
@@ -287,6 +312,8 @@ class StackedTrainer:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0) or eps <= 0:
             raise ValueError(f"Adam needs betas in [0, 1) and eps > 0, got {betas}, {eps}")
+        if net.norms and (optimizer != "sgd" or noise_std > 0):
+            raise ValueError("online normalization is trained with plain SGD (no Adam, no noise)")
         self.net = net
         self.loss = loss
         self.optimizer = optimizer
@@ -408,6 +435,7 @@ class StackedTrainer:
         bufs = self._hidden_buffers(batch)
         keep = self._dropout_keep(batch) if self.dropout > 0 else None
 
+        norms = net.norms
         # forward
         inputs = [x_aug]  # input of each layer, with its ones column
         pre: list[Tensor | None] = []
@@ -416,6 +444,8 @@ class StackedTrainer:
         h = x_aug
         for layer in range(n_hidden):
             z = self._linear(layer, h)
+            if norms:
+                z = norms[layer](z)
             buf = bufs[layer]
             hidden = buf[..., :-1]
             _activate(act, z, hidden)
@@ -486,6 +516,9 @@ class StackedTrainer:
                 if masks[layer - 1] is not None:
                     below.mul_(masks[layer - 1])
                 below = _activation_backward_(act, below, pre[layer - 1], bufs[layer - 1][..., :-1])
+                if norms:
+                    below = norms[layer - 1].backward(below)
+                    norms[layer - 1].sgd_(beta, alpha)
             delta = below
         self.magnitudes = None
         if self._noise is not None:

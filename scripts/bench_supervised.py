@@ -7,6 +7,9 @@ eta 0.99, maturity 100, rho 1e-6). All cases run interleaved in rounds so that t
 same machine load; each number is the median over rounds. Examples/s counts every seed's
 examples (S per step).
 
+Online normalization (``--method online_norm``, alpha_f 0.999, alpha_b 0.99) is measured on
+the same fused path beside backprop without it; its rows have no target.
+
 Targets (issue 4): width 100 with 8 seeds and CBP >= 6x the baseline; width 2000, one seed,
 with CBP >= 1.8x; CBP <= 15% over the same path without it; SCR with 8 seeds >= 5x.
 
@@ -71,8 +74,10 @@ def baseline(sizes: list[int], loss: str, lr: float) -> Callable[[int], float]:
     return run
 
 
-def fused(sizes: list[int], seeds: int, cbp: bool, loss: str, lr: float) -> Callable[[int], float]:
-    net = StackedMLP(sizes, list(range(seeds)))
+def fused(
+    sizes: list[int], seeds: int, cbp: bool, loss: str, lr: float, online_norm: bool = False
+) -> Callable[[int], float]:
+    net = StackedMLP(sizes, list(range(seeds)), norm_decays=(0.999, 0.99) if online_norm else None)
     trainer = StackedTrainer(net, loss=loss, lr=lr)
     op = None
     if cbp:
@@ -156,9 +161,17 @@ def main() -> None:
             "w100 baseline": (baseline(mnist(100), "cross_entropy", 0.003), 1),
             "w100 fused S=8": (fused(mnist(100), 8, False, "cross_entropy", 0.003), 8),
             "w100 fused S=8 +CBP": (fused(mnist(100), 8, True, "cross_entropy", 0.003), 8),
+            "w100 fused S=8 +online_norm": (
+                fused(mnist(100), 8, False, "cross_entropy", 0.003, True),
+                8,
+            ),
             "w2000 baseline": (baseline(mnist(2000), "cross_entropy", 0.003), 1),
             "w2000 fused S=1": (fused(mnist(2000), 1, False, "cross_entropy", 0.003), 1),
             "w2000 fused S=1 +CBP": (fused(mnist(2000), 1, True, "cross_entropy", 0.003), 1),
+            "w2000 fused S=1 +online_norm": (
+                fused(mnist(2000), 1, False, "cross_entropy", 0.003, True),
+                1,
+            ),
             "scr baseline": (baseline(scr, "squared_error", 0.01), 1),
             "scr fused S=8": (fused(scr, 8, False, "squared_error", 0.01), 8),
         }
@@ -213,15 +226,27 @@ def main() -> None:
             ("scr S=8 / baseline", ratio("scr fused S=8", "scr baseline"), 5.0, ">="),
             ("w100 S=8 (no CBP) / baseline", ratio("w100 fused S=8", "w100 baseline"), None, ""),
             ("w2000 S=1 (no CBP) / baseline", ratio("w2000 fused S=1", "w2000 baseline"), None, ""),
+            (
+                "online_norm / bp w100 S=8",
+                ratio("w100 fused S=8 +online_norm", "w100 fused S=8"),
+                None,
+                "",
+            ),
+            (
+                "online_norm / bp w2000 S=1",
+                ratio("w2000 fused S=1 +online_norm", "w2000 fused S=1"),
+                None,
+                "",
+            ),
         ]
     if conv:
         checks += [
             ("CBP overhead convnet", ratio("convnet b100", "convnet b100 +CBP") - 1, 0.10, "<="),
             ("CBP overhead resnet18", ratio("resnet18 b90", "resnet18 b90 +CBP") - 1, 0.10, "<="),
         ]
-    print(f"{'case':<24} {'examples/s':>12}")
+    print(f"{'case':<28} {'examples/s':>12}")
     for name in cases:
-        print(f"{name:<24} {median[name]:>12.0f}")
+        print(f"{name:<28} {median[name]:>12.0f}")
     print()
     print(f"{'check':<32} {'value':>8} {'target':>10}  ok")
     results = []

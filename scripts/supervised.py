@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Annotated, Union
 
 import torch
@@ -42,14 +43,18 @@ def main() -> None:
     )
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
-    if isinstance(cfg, PermutedMNISTConfig):
-        summary = run_permuted_mnist(cfg)
-    elif isinstance(cfg, ContinualImageNetConfig):
-        summary = run_continual_imagenet(cfg)
-    elif isinstance(cfg, IncrementalCIFARConfig):
-        summary = run_incremental_cifar(cfg)
-    else:
-        summary = run_scr(cfg)
+    try:
+        if isinstance(cfg, PermutedMNISTConfig):
+            summary = run_permuted_mnist(cfg)
+        elif isinstance(cfg, ContinualImageNetConfig):
+            summary = run_continual_imagenet(cfg)
+        elif isinstance(cfg, IncrementalCIFARConfig):
+            summary = run_incremental_cifar(cfg)
+        else:
+            summary = run_scr(cfg)
+    except ValueError as e:  # bad settings, found before any training
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({k: v for k, v in summary.items() if k != "seeds"}, indent=2))
 
 

@@ -29,8 +29,8 @@ from ppo_cbp.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.redo import ReDo
 from ppo_cbp.stacked import TAG_CBP, TAG_REDO, StackedMLP, StackedTrainer, derive_seed
 
-METHODS = ("bp", "l2", "snp", "cbp", "redo", "adam", "dropout")
-Method = Literal["bp", "l2", "snp", "cbp", "redo", "adam", "dropout"]
+METHODS = ("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm")
+Method = Literal["bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm"]
 
 
 @dataclass
@@ -39,7 +39,9 @@ class MethodConfig:
 
     Methods: ``bp`` (SGD), ``l2`` (SGD + coupled L2), ``snp`` (Shrink & Perturb: SGD + L2 +
     Gaussian noise after every step), ``cbp`` (SGD + continual backprop), ``redo`` (SGD +
-    ReDo), ``adam`` (Adam), ``dropout`` (SGD + dropout on every hidden layer).
+    ReDo), ``adam`` (Adam), ``dropout`` (SGD + dropout on every hidden layer), ``online_norm``
+    (SGD + online normalization after every hidden linear layer, before the activation;
+    :mod:`ppo_cbp.online_norm`; Permuted MNIST only).
     """
 
     method: Method = "bp"
@@ -68,6 +70,13 @@ class MethodConfig:
     """Adam's (beta1, beta2)."""
     adam_eps: float = 1e-8
     """Adam's epsilon."""
+    alpha_f: float | None = None
+    """Online normalization's forward decay alpha_f (running mean and variance), in (0, 1);
+    default 0.999, the authors' recommended value (the loss-of-plasticity paper does not state
+    its own)."""
+    alpha_b: float | None = None
+    """Online normalization's backward decay alpha_b (the two gradient control processes), in
+    (0, 1); default 0.99, the authors' recommended value."""
 
 
 @dataclass
@@ -86,13 +95,15 @@ class ResolvedMethod:
     redo_period: int = 100
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    alpha_f: float = 0.999
+    alpha_b: float = 0.99
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> ResolvedMethod:
     """Fill ``cfg``'s unset values from ``defaults[method]`` and check every value."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; expected one of {', '.join(METHODS)}")
+    if cfg.method not in METHODS or cfg.method not in defaults:
+        raise ValueError(f"unknown method {cfg.method!r}; expected one of {', '.join(defaults)}")
     d = defaults[cfg.method]
 
     def pick(name: str, fallback: Any) -> Any:
@@ -114,6 +125,8 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         redo_period=cfg.redo_period,
         adam_betas=tuple(cfg.adam_betas),
         adam_eps=cfg.adam_eps,
+        alpha_f=float(pick("alpha_f", 0.999)),
+        alpha_b=float(pick("alpha_b", 0.99)),
     )
     checks = [
         ("lr", r.lr > 0),
@@ -125,6 +138,8 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         ("decay_rate", 0 <= r.decay_rate < 1),
         ("redo_threshold", r.redo_threshold >= 0),
         ("redo_period", r.redo_period >= 1),
+        ("alpha_f", 0 < r.alpha_f < 1),
+        ("alpha_b", 0 < r.alpha_b < 1),
     ]
     for name, ok in checks:
         if not ok or (isinstance(getattr(r, name), float) and math.isnan(getattr(r, name))):
@@ -177,11 +192,14 @@ class Learner:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        if method.method in ("cbp", "redo", "dropout") and len(sizes) < 3:
+        if method.method in ("cbp", "redo", "dropout", "online_norm") and len(sizes) < 3:
             raise ValueError(f"method {method.method} needs at least one hidden layer")
         self.seeds = list(seeds)
         self.method = method
-        self.net = StackedMLP(sizes, seeds, activation=activation, device=device, dtype=dtype)
+        norm = (method.alpha_f, method.alpha_b) if method.method == "online_norm" else None
+        self.net = StackedMLP(
+            sizes, seeds, activation=activation, norm_decays=norm, device=device, dtype=dtype
+        )
         self.trainer = StackedTrainer(
             self.net,
             loss=loss,

@@ -18,6 +18,9 @@ Metrics per task and seed (one CSV row):
   matrices / number of weights, biases excluded);
 * ``units_replaced``: total units replaced by CBP/ReDo since the start of the run (at the
   end of the task).
+
+With ``online_norm`` the hidden activations of these metrics are the activations after the
+normalization with the statistics of the task's start, which measuring does not update.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "redo": dict(lr=0.003),
     "adam": dict(lr=1e-4),
     "dropout": dict(lr=0.003, dropout=0.1),
+    # the paper does not state its decays: the Online Normalization authors' recommended values
+    "online_norm": dict(lr=0.003, alpha_f=0.999, alpha_b=0.99),
 }
 
 
