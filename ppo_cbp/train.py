@@ -5,6 +5,7 @@ Usage::
     python ppo_cbp/train.py --env Ant-v4 --cbp --steps 100_000_000
     python ppo_cbp/train.py --help                      # every option, with its docstring
     python ppo_cbp/train.py --resume runs/<run_name>    # continue an interrupted run
+    python ppo_cbp/train.py --resume runs/<run_name> --steps 200_000_000   # extend a finished one
     tensorboard --logdir runs
 
 The defaults reproduce the PPO of Dohare et al., "Loss of plasticity in deep continual learning"
@@ -41,9 +42,13 @@ default observation has 105 dims because it includes the contact forces, while A
 (``use_contact_forces=False``); contact forces change with friction, so the two are different
 problems. The paper used gym's Ant-v3.
 
-Outputs go to ``runs/<run_name>/``: TensorBoard event files, ``config.json`` (the resolved
-settings) and ``checkpoint.pt``. Scalars: ``charts/episodic_return``, ``charts/episodic_length``,
-``charts/SPS`` (steps per second over the last update), ``charts/learning_rate``,
+Outputs go to ``runs/<run_name>/`` (printed at the start; the default name ends with the start
+date and time): TensorBoard event files, ``config.json`` (the resolved settings) and
+``checkpoint.pt``. At the end a summary is printed: steps, wall time, steps/s, the mean return of
+the last 100 episodes, the units replaced and the ``tensorboard --logdir`` command.
+
+Scalars: ``charts/episodic_return``, ``charts/episodic_length``, ``charts/SPS`` (steps per
+second over the last update), ``charts/learning_rate``,
 ``losses/{value_loss,policy_loss,entropy,approx_kl,clipfrac,explained_variance}`` (losses and
 KL/clip statistics are means over the update's minibatches), ``env/friction`` (env 0's current
 coefficient at the end of the rollout), ``perf/*`` (share of wall time per phase), and every
@@ -55,7 +60,9 @@ They hold everything needed to continue exactly: on CPU an interrupted and resum
 the same weights and metrics as an uninterrupted one. The environments' mid-episode state is
 restored by replaying the current episode from its reset (same seed or generator state, same
 friction state, same actions), which reproduces MuJoCo's state bit for bit including the solver
-warm start; the replayed observation is checked against the saved one.
+warm start; the replayed observation is checked against the saved one. A resumed run opens its
+TensorBoard writer with ``purge_step`` = the checkpoint's step + 1, so the points a crashed
+process logged after its last checkpoint are dropped rather than drawn twice.
 """
 
 from __future__ import annotations
@@ -146,13 +153,13 @@ class Args:
     runs_dir: str = "runs"
     """Parent directory of run directories."""
     resume: str | None = None
-    """Continue the run in this directory (runs/<run_name>) from its checkpoint. Settings not given on the command line are taken from the checkpoint; given ones must match it, except steps, checkpoint_every, metrics_every, device, threads and progress."""
+    """Continue the run in this directory (runs/<run_name>) from its checkpoint. Settings not given on the command line are taken from the checkpoint; given ones must match it, except steps, checkpoint_every, metrics_every, device, threads and progress. A finished run continues with a larger --steps."""
     checkpoint_every: int = 1_000_000
     """Write a checkpoint at the first update boundary after every this many steps (0: only at the end, on SIGINT/SIGTERM and on a non-finite loss)."""
     metrics_every: int = 10
     """Log the plasticity metrics every this many updates (0: never)."""
     progress: bool = True
-    """Show a progress bar (steps, SPS, latest return, friction)."""
+    """Show a progress bar on a terminal (percentage, steps, rate, ETA, latest return, friction); none when stderr is not a terminal."""
 
     # ---- PPO
     num_steps: int = 2048
@@ -1309,7 +1316,9 @@ def _find_checkpoint(resume: str) -> Path:
         raise ConfigError(f"resume path {resume} does not exist")
     path = p if p.is_file() else p / CHECKPOINT_NAME
     if not path.is_file():
-        raise ConfigError(f"no checkpoint to resume from: {path} does not exist")
+        runs = sorted(str(c.parent) for c in p.glob(f"*/{CHECKPOINT_NAME}"))
+        hint = f" (runs in {p}: {', '.join(runs[:3])}{', ...' * (len(runs) > 3)})" if runs else ""
+        raise ConfigError(f"no checkpoint to resume from: {path} does not exist{hint}")
     return path
 
 
@@ -1321,6 +1330,11 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Args]:
     try:
         state = load_checkpoint(path)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        if "Weights only load failed" in str(e):  # a whole, readable file of someone else's
+            raise ConfigError(
+                f"{path} is not a checkpoint of this trainer (it holds Python objects, not only "
+                "tensors and plain values)"
+            ) from None
         if isinstance(e, OSError):
             reason = e.strerror or str(e)
         elif path.stat().st_size == 0:

@@ -129,7 +129,13 @@ def test_not_a_checkpoint_of_this_trainer(tmp_path):
     torch.save([1, 2], run / "checkpoint.pt")
     with pytest.raises(ConfigError, match="not a checkpoint of this trainer"):
         main(Args(resume=str(run)))
+    torch.save({"format": 1, "args": Path("x")}, run / "checkpoint.pt")  # not weights-only
+    with pytest.raises(ConfigError, match="not a checkpoint of this trainer"):
+        main(Args(resume=str(run)))
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
+    # the parent of run folders: the message names the runs it holds
+    with pytest.raises(ConfigError, match=f"runs in {tmp_path}: {run}"):
+        main(Args(resume=str(tmp_path)))
 
 
 def test_resuming_a_finished_run_checks_settings_and_writes_nothing(tmp_path):
