@@ -5,6 +5,7 @@ Usage::
     python ppo_cbp/train.py --env Ant-v4 --cbp --steps 100_000_000
     python ppo_cbp/train.py --help                      # every option, with its docstring
     python ppo_cbp/train.py --resume runs/<run_name>    # continue an interrupted run
+    python ppo_cbp/train.py --resume runs/<run_name> --steps 200_000_000   # extend a finished one
     tensorboard --logdir runs
 
 The defaults reproduce the PPO of Dohare et al., "Loss of plasticity in deep continual learning"
@@ -41,9 +42,13 @@ default observation has 105 dims because it includes the contact forces, while A
 (``use_contact_forces=False``); contact forces change with friction, so the two are different
 problems. The paper used gym's Ant-v3.
 
-Outputs go to ``runs/<run_name>/``: TensorBoard event files, ``config.json`` (the resolved
-settings) and ``checkpoint.pt``. Scalars: ``charts/episodic_return``, ``charts/episodic_length``,
-``charts/SPS`` (steps per second over the last update), ``charts/learning_rate``,
+Outputs go to ``runs/<run_name>/`` (printed at the start; the default name ends with the start
+date and time): TensorBoard event files, ``config.json`` (the resolved settings) and
+``checkpoint.pt``. At the end a summary is printed: steps, wall time, steps/s, the mean return of
+the last 100 episodes, the units replaced and the ``tensorboard --logdir`` command.
+
+Scalars: ``charts/episodic_return``, ``charts/episodic_length``, ``charts/SPS`` (steps per
+second over the last update), ``charts/learning_rate``,
 ``losses/{value_loss,policy_loss,entropy,approx_kl,clipfrac,explained_variance}`` (losses and
 KL/clip statistics are means over the update's minibatches), ``env/friction`` (env 0's current
 coefficient at the end of the rollout), ``perf/*`` (share of wall time per phase), and every
@@ -55,7 +60,9 @@ They hold everything needed to continue exactly: on CPU an interrupted and resum
 the same weights and metrics as an uninterrupted one. The environments' mid-episode state is
 restored by replaying the current episode from its reset (same seed or generator state, same
 friction state, same actions), which reproduces MuJoCo's state bit for bit including the solver
-warm start; the replayed observation is checked against the saved one.
+warm start; the replayed observation is checked against the saved one. A resumed run opens its
+TensorBoard writer with ``purge_step`` = the checkpoint's step + 1, so the points a crashed
+process logged after its last checkpoint are dropped rather than drawn twice.
 """
 
 from __future__ import annotations
@@ -66,13 +73,16 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import platform
 import random
+import shlex
 import signal
 import sys
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +127,7 @@ __all__ = [
 TESTED_ENVS = tuple(f"{name}-v{v}" for name in ("Ant", "Hopper", "Walker2d") for v in (4, 5))
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+SUMMARY_EPISODES = 100  # the closing summary's return is the mean over this many last episodes
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -138,17 +149,17 @@ class Args:
     threads: int | None = None
     """torch threads of this process (the minibatch update). Default: one per env, up to the cores this process may use: the update runs while the env workers sleep, so their cores are free; with one env, 1 thread is fastest for these small networks and lets runs share a machine."""
     run_name: str | None = None
-    """Run directory name under runs_dir; default <env>__<method>__s<seed>__<unix time>."""
+    """Run directory name under runs_dir; default <env>__<method>__s<seed>__<YYYYmmdd-HHMMSS> (local start time)."""
     runs_dir: str = "runs"
     """Parent directory of run directories."""
     resume: str | None = None
-    """Continue the run in this directory (runs/<run_name>) from its checkpoint. Settings not given on the command line are taken from the checkpoint; given ones must match it, except steps, checkpoint_every, metrics_every, device, threads and progress."""
+    """Continue the run in this directory (runs/<run_name>) from its checkpoint. Settings not given on the command line are taken from the checkpoint; given ones must match it, except steps, checkpoint_every, metrics_every, device, threads and progress. A finished run continues with a larger --steps."""
     checkpoint_every: int = 1_000_000
     """Write a checkpoint at the first update boundary after every this many steps (0: only at the end, on SIGINT/SIGTERM and on a non-finite loss)."""
     metrics_every: int = 10
     """Log the plasticity metrics every this many updates (0: never)."""
     progress: bool = True
-    """Show a progress bar (steps, SPS, latest return, friction)."""
+    """Show a progress bar on a terminal (percentage, steps, rate, ETA, latest return, friction); none when stderr is not a terminal."""
 
     # ---- PPO
     num_steps: int = 2048
@@ -268,6 +279,10 @@ class TrainResult:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     """Wall-time seconds spent in env, acting, update, cbp (CBP/ReDo/S&P steps; part of update),
     metrics, checkpoint and total, in this process."""
+    recent_returns: list[float] = dataclasses.field(default_factory=list)
+    """Returns of the last ``SUMMARY_EPISODES`` (100) episodes that ended, oldest first."""
+    units_replaced: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Units CBP/ReDo replaced over the whole run, per network; empty without either."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,16 +421,38 @@ def _args_from_dict(d: dict[str, Any]) -> Args:
     return Args(**d)
 
 
-def _merge_resume(args: Args, saved: Args) -> Args:
-    """Settings for a resumed run: the checkpoint's, with the command line's where it is given."""
+def given_fields(argv: Sequence[str]) -> set[str]:
+    """The ``Args`` fields named on a command line: ``--name``, ``--name=value`` or ``--no-name``.
+
+    A flag given with its default value counts as given (``--env Ant-v4`` on a resumed Hopper
+    run is a conflict, not a no-op); values are never mistaken for flags, as no value of these
+    fields starts with ``--``."""
+    names = {f.name for f in dataclasses.fields(Args)}
+    given = set()
+    for word in argv:
+        if not word.startswith("--"):
+            continue
+        name = word[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no_") and name[3:] in names:
+            name = name[3:]
+        if name in names:
+            given.add(name)
+    return given
+
+
+def _merge_resume(args: Args, saved: Args, given: set[str] | None = None) -> Args:
+    """Settings for a resumed run: the checkpoint's, with the command line's where it is given.
+
+    ``given`` names the fields set on the command line (:func:`given_fields`); None (a call from
+    Python) counts a field as given when it differs from its default."""
     merged: dict[str, Any] = {}
     conflicts = []
     for f in dataclasses.fields(Args):
         name, now, then = f.name, getattr(args, f.name), getattr(saved, f.name)
-        default = getattr(_DEFAULTS, name)
+        explicit = now != getattr(_DEFAULTS, name) if given is None else name in given
         if name in _RESUME_IGNORED:
             merged[name] = now
-        elif now == default or now == then:
+        elif not explicit or now == then:
             merged[name] = then
         elif name in _RESUME_FREE and not (name == "steps" and saved.anneal_lr):
             merged[name] = now
@@ -1279,8 +1316,69 @@ def _find_checkpoint(resume: str) -> Path:
         raise ConfigError(f"resume path {resume} does not exist")
     path = p if p.is_file() else p / CHECKPOINT_NAME
     if not path.is_file():
-        raise ConfigError(f"no checkpoint to resume from: {path} does not exist")
+        runs = sorted(str(c.parent) for c in p.glob(f"*/{CHECKPOINT_NAME}"))
+        hint = f" (runs in {p}: {', '.join(runs[:3])}{', ...' * (len(runs) > 3)})" if runs else ""
+        raise ConfigError(f"no checkpoint to resume from: {path} does not exist{hint}")
     return path
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Args]:
+    """The checkpoint at ``path`` and the settings it was written with.
+
+    :raises ConfigError: if the file cannot be read (empty, truncated, corrupt, no permission)
+        or was not written by this trainer; the message says what to do instead."""
+    try:
+        state = load_checkpoint(path)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        if "Weights only load failed" in str(e):  # a whole, readable file of someone else's
+            raise ConfigError(
+                f"{path} is not a checkpoint of this trainer (it holds Python objects, not only "
+                "tensors and plain values)"
+            ) from None
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+        elif path.stat().st_size == 0:
+            reason = "the file is empty"
+        else:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        older = sorted(p for p in path.parent.glob("*.pt") if p.name != path.name)
+        advice = (
+            f"resume from an older checkpoint with --resume {older[-1]}"
+            if older
+            else "no older checkpoint is kept: start the run over without --resume "
+            f"(remove {path.parent} first to reuse its name)"
+        )
+        raise ConfigError(
+            f"cannot resume: {path} is unreadable, truncated or corrupt ({reason}); {advice}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{path} is not a checkpoint of this trainer (format {found})")
+    try:
+        saved = _args_from_dict(state["args"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} holds settings this version of the trainer does not know ({e})"
+        ) from None
+    return state, saved
+
+
+def _check_writable(run_dir: Path) -> None:
+    """:raises ConfigError: unless ``run_dir`` is, or can be created as, a writable folder."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create the run folder {run_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the run folder {run_dir}: {existing} is not writable")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class _StopSignal:
@@ -1316,35 +1414,46 @@ class _StopSignal:
 # ------------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> TrainResult:
+def main(args: Args, given: set[str] | None = None) -> TrainResult:
     """Train PPO as configured by ``args``; see the module docstring.
 
-    :raises ConfigError: for bad settings, before any work.
+    ``given``: the fields set on the command line (:func:`given_fields`), which a resumed run's
+    settings must agree with; None counts the fields that differ from their defaults.
+
+    :raises ConfigError: for bad settings, before anything is created or written.
     :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    # ---------------- settings (all checks before any work)
+    t_begin = time.perf_counter()
+    # ---------------- settings (all checks before anything is created)
     raw = args
     ckpt: dict[str, Any] | None = None
     if raw.resume is not None:
         ckpt_path = _find_checkpoint(raw.resume)
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(
-                f"{ckpt_path} is not a checkpoint of this trainer (format {ckpt.get('format')})"
-            )
-        raw = _merge_resume(raw, _args_from_dict(ckpt["args"]))
+        ckpt, saved = _read_checkpoint(ckpt_path)
+        raw = _merge_resume(raw, saved, given)
         run_dir = ckpt_path.parent
     a = resolve_args(raw)
-    if ckpt is None:
-        run_name = a.run_name or f"{a.env}__{_method_tag(a)}__s{a.seed}__{int(time.time())}"
+    if ckpt is not None:
+        reached = int(ckpt["global_step"])
+        if reached >= a.steps:
+            advice = (
+                "it anneals the learning rate over --steps, so it cannot be extended"
+                if a.anneal_lr
+                else "pass a larger --steps to extend it"
+            )
+            raise ConfigError(f"{run_dir}: run already finished at step {reached}; {advice}")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_name = a.run_name or f"{a.env}__{_method_tag(a)}__s{a.seed}__{stamp}"
         run_dir = Path(a.runs_dir) / run_name
         if (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
+    _check_writable(run_dir)
     device = torch.device(
         "cuda"
         if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
@@ -1431,6 +1540,7 @@ def main(args: Args) -> TrainResult:
         episode_length = np.zeros(N, np.int64)
         max_change = torch.zeros(2, dtype=torch.float64, device=device)
         latest_return = math.nan
+        recent_returns: deque[float] = deque(maxlen=SUMMARY_EPISODES)
 
         def normalize_obs(o: np.ndarray, update_stats: bool) -> np.ndarray:
             if obs_rms is None:
@@ -1461,6 +1571,7 @@ def main(args: Args) -> TrainResult:
             episode_length = ckpt["episode_length"].numpy().copy()
             max_change = ckpt["max_change"].to(device)
             latest_return = float(ckpt["latest_return"])
+            recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
             envs.call("restore_state", ckpt["envs"])
             next_obs = ckpt["next_obs"].numpy().copy()
             _set_rng_states(ckpt["rng"], generators)
@@ -1486,21 +1597,30 @@ def main(args: Args) -> TrainResult:
                     "episode_length": torch.from_numpy(episode_length.copy()),
                     "max_change": max_change,
                     "latest_return": latest_return,
+                    "recent_returns": torch.tensor(list(recent_returns), dtype=torch.float64),
                     "next_obs": torch.from_numpy(next_obs.copy()),
                     "envs": list(envs.call("checkpoint_state")),
                     "rng": _rng_states(generators),
                 }
             )
 
-        # ---------------- logging
+        # ---------------- logging (the first thing written: every check has passed)
+        if ckpt is None:
+            print(f"writing to {run_dir} (TensorBoard events, config.json, {CHECKPOINT_NAME})")
+        else:
+            print(f"resuming {run_dir} at step {global_step:,} of {a.steps:,}")
+        sys.stdout.flush()
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_file = run_dir / CHECKPOINT_NAME
-        # On resume, events after the checkpoint (logged before the interruption) are purged.
+        # On resume, the points a crashed process logged after its last checkpoint are dropped:
+        # readers discard every event at a step >= purge_step from the older event files. The
+        # checkpoint's own step keeps its points (logged and flushed before the checkpoint was
+        # written), hence + 1.
         writer = SummaryWriter(
             str(run_dir), purge_step=global_step + 1 if ckpt is not None else None
         )
         resolved = _args_dict(a)
-        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        _write_atomic(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
         if ckpt is None:
             table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
             writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
@@ -1526,12 +1646,14 @@ def main(args: Args) -> TrainResult:
         t_start = time.perf_counter()
         good = snapshot()
         last_ckpt_step = global_step
+        steps_before = global_step
         bar = tqdm(
             total=a.steps,
             initial=global_step,
             unit="step",
+            unit_scale=True,
             dynamic_ncols=True,
-            disable=not a.progress,
+            disable=None if a.progress else True,  # None: only on a terminal
         )
         with _StopSignal() as stop:
             while global_step < a.steps and stop.signum is None:
@@ -1588,6 +1710,7 @@ def main(args: Args) -> TrainResult:
                                 r_i, l_i = float(episode_return[i]), int(episode_length[i])
                                 episodes.append((step0 + (t + 1) * N, r_i, l_i))
                                 latest_return = r_i
+                                recent_returns.append(r_i)
                                 episode_return[i] = 0.0
                                 episode_length[i] = 0
                                 discounted[i] = 0.0
@@ -1767,11 +1890,12 @@ def main(args: Args) -> TrainResult:
                 for key, v in scalars.items():
                     writer.add_scalar(key, v, global_step)
 
-                bar.update(B)
-                postfix = {"sps": f"{sps:.0f}", "return": f"{latest_return:.1f}"}
+                # tqdm shows the rate itself; the postfix is set first so that it is current.
+                postfix = f"return {latest_return:.1f}"
                 if a.friction_every > 0:
-                    postfix["friction"] = f"{friction:.3g}"
-                bar.set_postfix(postfix, refresh=False)
+                    postfix += f", friction {friction:.3g}"
+                bar.set_postfix_str(postfix, refresh=False)
+                bar.update(B)
 
                 # ---------------- checkpoint
                 good = snapshot()
@@ -1798,7 +1922,17 @@ def main(args: Args) -> TrainResult:
                     file=sys.stderr,
                 )
         timings["total"] = time.perf_counter() - t_start
-        return TrainResult(run_dir, global_step, update, stop.signum, timings)
+        result = TrainResult(
+            run_dir,
+            global_step,
+            update,
+            stop.signum,
+            timings,
+            recent_returns=list(recent_returns),
+            units_replaced={k: int(r.num_replaced) for k, r in resetters.items()},
+        )
+        print(_summary(result, a.steps, global_step - steps_before, time.perf_counter() - t_begin))
+        return result
     finally:
         if writer is not None:
             writer.close()
@@ -1806,11 +1940,45 @@ def main(args: Args) -> TrainResult:
         torch.set_num_threads(caller_threads)
 
 
+def _duration(seconds: float) -> str:
+    """``42.1s``, ``3m07s`` or ``5h02m09s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _summary(result: TrainResult, total: int, steps: int, seconds: float) -> str:
+    """The closing lines: how far the run got, at what speed, its return and replacements, and
+    where its outputs are."""
+    state = "stopped" if result.interrupted_by is not None else "finished"
+    lines = [
+        f"{state} at step {result.global_step:,} of {total:,}: {steps:,} steps in "
+        f"{_duration(seconds)} ({steps / max(seconds, 1e-9):,.0f} steps/s)"
+    ]
+    returns = result.recent_returns
+    if returns:
+        n = len(returns)
+        mean = sum(returns) / n
+        lines.append(f"episodic return: {mean:.1f} (mean of the last {n} episode{'s' * (n > 1)})")
+    else:
+        lines.append("episodic return: no episode has ended yet")
+    if result.units_replaced:
+        parts = ", ".join(f"{k} {v:,}" for k, v in result.units_replaced.items())
+        lines.append(f"units replaced: {sum(result.units_replaced.values()):,} ({parts})")
+    else:
+        lines.append("units replaced: none (no --cbp or --redo)")
+    logdir = shlex.quote(str(result.run_dir))
+    lines += [f"run folder: {result.run_dir}", f"curves: tensorboard --logdir {logdir}"]
+    return "\n".join(lines)
+
+
 def cli() -> None:
     """Command-line entry point: one line and exit code 2 for bad settings."""
     args = tyro.cli(Args)
     try:
-        result = main(args)
+        result = main(args, given_fields(sys.argv[1:]))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
