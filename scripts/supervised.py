@@ -61,6 +61,13 @@ def main(args: Sequence[str] | None = None) -> None:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: {cfg.out} holds the run up to its last checkpoint; the same command "
+            "with --resume continues it",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     print(closing_summary(summary, cfg.out))
 
 
