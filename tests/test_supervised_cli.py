@@ -125,7 +125,8 @@ def test_missing_and_corrupt_data_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "subcommand", ["permuted-mnist", "slowly-changing-regression", "continual-imagenet"]
+    "subcommand",
+    ["permuted-mnist", "slowly-changing-regression", "continual-imagenet", "incremental-cifar"],
 )
 def test_out_holding_a_run_needs_resume(tmp_path, capsys, subcommand):
     out = tmp_path / "run"
