@@ -20,7 +20,8 @@ Layout under ``<runs_dir>/<sweep name>/``:
   ``n = 1``).
 
 Metrics per seed. Supervised runs (from ``summary.json``): ``final_<m>``, the value of ``m`` in
-the last row of ``metrics.csv`` (last task or bin), and ``mean_<m>``, its mean over all rows.
+the last row of ``metrics.csv`` (last task or bin), and ``mean_<m>``, its mean over all rows
+(for measured metrics only, not for labels such as class ids or the cumulative units replaced).
 PPO runs (from the TensorBoard scalar ``charts/episodic_return``, step = environment step at
 the episode's end): ``mean_episodic_return`` over all episodes, ``final_episodic_return`` over
 the episodes that end in the last ``FINAL_FRACTION`` (10%) of the run's last logged step (at
@@ -362,8 +363,9 @@ def init_manifest(
 
 
 def supervised_metrics(run_dir: Path, seeds: Sequence[int]) -> dict[int, dict[str, float]]:
-    """Per seed: ``final_<m>`` and ``mean_<m>`` for every metric of ``summary.json`` (the run's
-    last row and its mean over rows; the row counters :data:`COUNTERS` excluded)."""
+    """Per seed, from ``summary.json``: ``final_<m>`` for every column of the run's last row
+    (the row counters :data:`COUNTERS` excluded) and ``mean_<m>`` for every metric averaged
+    over the rows (``mean_over_rows``: no labels, no cumulative counts)."""
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         raise FileNotFoundError(f"no summary of the finished run: expected {path}")
@@ -373,7 +375,7 @@ def supervised_metrics(run_dir: Path, seeds: Sequence[int]) -> dict[int, dict[st
         s = per_seed[str(seed)]
         keys = [k for k in s["last"] if k not in COUNTERS]
         out[seed] = {f"final_{k}": float(s["last"][k]) for k in keys}
-        out[seed].update({f"mean_{k}": float(s["mean"][k]) for k in keys})
+        out[seed].update({f"mean_{k}": float(v) for k, v in s["mean_over_rows"].items()})
     return out
 
 

@@ -1,14 +1,14 @@
 """Supervised continual-learning benchmarks, all seeds of a run in one process.
 
-    python scripts/supervised.py permuted-mnist --seeds 0 1 2 --method.method cbp
+    python scripts/supervised.py permuted-mnist --seeds 0 1 2 --method cbp --data-dir ~/data/mnist --download
     python scripts/supervised.py slowly-changing-regression --activation tanh --seeds 0 1 2 3
     python scripts/supervised.py continual-imagenet --data-dir data/imagenet32 --method cbp
     python scripts/supervised.py incremental-cifar --data-dir data/cifar100 --download --method cbp
 
 Defaults reproduce the paper; flags scale a run down (``--tasks``, ``--examples-per-task``,
-``--width``, ``--examples``, ``--epochs``, ``--images-per-class``, ``--classes-per-increment``). Outputs (per seed CSV and TensorBoard, ``summary.json``, the
-resolved ``config.json``, an atomic ``checkpoint.pt``) go to ``--out``; ``--resume`` continues
-a run exactly.
+``--width``, ``--examples``, ``--epochs``, ``--images-per-class``, ``--classes-per-increment``).
+Outputs (per seed CSV and TensorBoard, ``summary.json``, the resolved ``config.json``, an atomic
+``checkpoint.pt``) go to ``--out``; ``--resume`` continues a run exactly.
 
 PyTorch runs on one CPU thread unless ``OMP_NUM_THREADS`` says otherwise: online (batch-1)
 training is latency-bound, and a second intra-op thread made it many times slower on a busy
@@ -17,45 +17,58 @@ training is latency-bound, and a second intra-op thread made it many times slowe
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from typing import Annotated, Union
+from collections.abc import Sequence
+from typing import Annotated, Any, Union
 
 import torch
 import tyro
 
+from ppo_cbp.benchmarks.common import closing_summary
 from ppo_cbp.benchmarks.continual_imagenet import ContinualImageNetConfig, run_continual_imagenet
 from ppo_cbp.benchmarks.incremental_cifar import IncrementalCIFARConfig, run_incremental_cifar
 from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig, run_permuted_mnist
 from ppo_cbp.benchmarks.scr import SCRConfig, run_scr
+from ppo_cbp.errors import UsageError
+
+Config = Union[  # noqa: UP007 (tyro reads the subcommands from the Union)
+    Annotated[PermutedMNISTConfig, tyro.conf.subcommand("permuted-mnist")],
+    Annotated[SCRConfig, tyro.conf.subcommand("slowly-changing-regression")],
+    Annotated[ContinualImageNetConfig, tyro.conf.subcommand("continual-imagenet")],
+    Annotated[IncrementalCIFARConfig, tyro.conf.subcommand("incremental-cifar")],
+]
+
+RUNS = {
+    PermutedMNISTConfig: run_permuted_mnist,
+    SCRConfig: run_scr,
+    ContinualImageNetConfig: run_continual_imagenet,
+    IncrementalCIFARConfig: run_incremental_cifar,
+}
 
 
-def main() -> None:
-    cfg = tyro.cli(
-        Union[  # noqa: UP007 (tyro reads the subcommands from the Union)
-            Annotated[PermutedMNISTConfig, tyro.conf.subcommand("permuted-mnist")],
-            Annotated[SCRConfig, tyro.conf.subcommand("slowly-changing-regression")],
-            Annotated[ContinualImageNetConfig, tyro.conf.subcommand("continual-imagenet")],
-            Annotated[IncrementalCIFARConfig, tyro.conf.subcommand("incremental-cifar")],
-        ],
-        description=__doc__,
-    )
+def parse(args: Sequence[str] | None = None) -> Any:
+    """The configuration of a command line (``args`` without the program name)."""
+    return tyro.cli(Config, args=args, description=__doc__)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    cfg = parse(args)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     try:
-        if isinstance(cfg, PermutedMNISTConfig):
-            summary = run_permuted_mnist(cfg)
-        elif isinstance(cfg, ContinualImageNetConfig):
-            summary = run_continual_imagenet(cfg)
-        elif isinstance(cfg, IncrementalCIFARConfig):
-            summary = run_incremental_cifar(cfg)
-        else:
-            summary = run_scr(cfg)
-    except ValueError as e:  # bad settings, found before any training
+        summary = RUNS[type(cfg)](cfg)
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({k: v for k, v in summary.items() if k != "seeds"}, indent=2))
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: {cfg.out} holds the run up to its last checkpoint; the same command "
+            "with --resume continues it",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    print(closing_summary(summary, cfg.out))
 
 
 if __name__ == "__main__":

@@ -418,6 +418,6 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="class .* has 16 images, need 20"):
         run_incremental_cifar(cifar_cfg(tmp_path, "z", images_per_class=18))
     write_imagenet(tmp_path / "inet")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         run_continual_imagenet(imagenet_cfg(tmp_path, "w", batch_size=0))
     assert not Path(tmp_path / "w").exists()

@@ -5,7 +5,9 @@ A run trains S seeds in lockstep (:mod:`ppo_cbp.stacked`) and writes, under ``ou
 * ``config.json``: the resolved configuration (every default filled in);
 * ``seed_<seed>/metrics.csv``: one row per task (or bin), every metric a column;
 * ``seed_<seed>/tb/``: the same metrics as TensorBoard scalars, step = task (or bin) index;
-* ``summary.json``: per seed, the mean of each metric over the run and its last value;
+* ``summary.json``: per seed the last row, each metric's mean over the rows and the units
+  replaced so far; over seeds the mean and standard error of each metric's last value; the
+  speed of this call, per seed and for all seeds (:meth:`RunOutputs.summary`);
 * ``checkpoint.pt``: everything needed to continue exactly (written atomically at task
   boundaries, ``torch.save`` to a temporary file then ``os.replace``; read with
   ``weights_only=True``).
@@ -14,18 +16,22 @@ A run trains S seeds in lockstep (:mod:`ppo_cbp.stacked`) and writes, under ``ou
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+import tyro
 from torch import Tensor
 
 from ppo_cbp.cbp import UTILITIES, ContinualBackprop
+from ppo_cbp.errors import UsageError
 from ppo_cbp.redo import ReDo
 from ppo_cbp.stacked import TAG_CBP, TAG_REDO, StackedMLP, StackedTrainer, derive_seed
 
@@ -47,9 +53,9 @@ class MethodConfig:
     method: Method = "bp"
     """Learning method."""
     lr: float | None = None
-    """Step size (SGD or Adam)."""
+    """Step size."""
     weight_decay: float | None = None
-    """Coupled L2 coefficient (l2, snp; 0 otherwise unless set)."""
+    """Coupled L2 coefficient."""
     noise_std: float | None = None
     """Shrink & Perturb's noise standard deviation."""
     replacement_rate: float | None = None
@@ -79,6 +85,71 @@ class MethodConfig:
     (0, 1); default 0.99, the authors' recommended value."""
 
 
+# The core method that uses a method flag; the flags of methods a benchmark lacks are hidden.
+USED_BY = {
+    "noise_std": "snp",
+    "replacement_rate": "cbp",
+    "maturity_threshold": "cbp",
+    "decay_rate": "cbp",
+    "utility": "cbp",
+    "redo_threshold": "redo",
+    "redo_period": "redo",
+    "dropout": "dropout",
+    "adam_betas": "adam",
+    "adam_eps": "adam",
+    "alpha_f": "online_norm",
+    "alpha_b": "online_norm",
+}
+# What :func:`resolve_method` takes for a flag that neither the user nor ``defaults`` sets.
+FALLBACK = {"weight_decay": 0.0}
+
+
+def default_hint(defaults: dict[str, dict[str, Any]], name: str) -> str:
+    """The ``--help`` note on the default of method flag ``name``: its value per method, as
+    :func:`resolve_method` picks it from ``defaults``, e.g. ``(default per method: bp/l2 0.01,
+    adam 0.001)``; methods that do not use the flag are left out."""
+    groups: dict[Any, list[str]] = {}
+    for method, d in defaults.items():
+        if name in d:
+            groups.setdefault(d[name], []).append(method)
+        elif name in FALLBACK:
+            groups.setdefault(FALLBACK[name], []).append(method)
+    return "(default per method: {})".format(
+        ", ".join(f"{'/'.join(ms)} {v:g}" for v, ms in groups.items())
+    )
+
+
+def method_flags(defaults: dict[str, dict[str, Any]]):
+    """Class decorator: a subclass of a :class:`MethodConfig` whose ``--help`` tells the truth
+    for a benchmark with method defaults ``defaults``. A flag left ``None`` states each
+    method's default (:func:`default_hint`); a flag whose core method (:data:`USED_BY`) the
+    benchmark lacks is hidden (it keeps its default). Fields and values are unchanged."""
+
+    def wrap(cls: type[MethodConfig]) -> type[MethodConfig]:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        fields = []
+        for f in dataclasses.fields(cls):
+            user = USED_BY.get(f.name)
+            if user is not None and user not in defaults:
+                note: Any = tyro.conf.Suppress
+            elif f.default is None:
+                note = tyro.conf.arg(help_behavior_hint=default_hint(defaults, f.name))
+            else:
+                continue
+            kept = dataclasses.field(default=f.default, default_factory=f.default_factory)
+            fields.append((f.name, Annotated[hints[f.name], note], kept))
+        new = dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,))
+        # the original's name and module: tyro finds the field docstrings in its source
+        new.__module__, new.__qualname__, new.__doc__ = (
+            cls.__module__,
+            cls.__qualname__,
+            cls.__doc__,
+        )
+        return new
+
+    return wrap
+
+
 @dataclass
 class ResolvedMethod:
     method: str
@@ -103,7 +174,7 @@ class ResolvedMethod:
 def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> ResolvedMethod:
     """Fill ``cfg``'s unset values from ``defaults[method]`` and check every value."""
     if cfg.method not in METHODS or cfg.method not in defaults:
-        raise ValueError(f"unknown method {cfg.method!r}; expected one of {', '.join(defaults)}")
+        raise UsageError(f"unknown method {cfg.method!r}; expected one of {', '.join(defaults)}")
     d = defaults[cfg.method]
 
     def pick(name: str, fallback: Any) -> Any:
@@ -143,9 +214,9 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
     ]
     for name, ok in checks:
         if not ok or (isinstance(getattr(r, name), float) and math.isnan(getattr(r, name))):
-            raise ValueError(f"{name} = {getattr(r, name)} is out of range for {r.method}")
+            raise UsageError(f"{name} = {getattr(r, name)} is out of range for {r.method}")
     if r.utility not in UTILITIES:
-        raise ValueError(f"unknown utility {r.utility!r}; expected one of {', '.join(UTILITIES)}")
+        raise UsageError(f"unknown utility {r.utility!r}; expected one of {', '.join(UTILITIES)}")
     return r
 
 
@@ -154,22 +225,22 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise UsageError(f"--device {device} requested but CUDA is not available")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        raise UsageError(f"--dtype must be float32 or float64, got {dtype!r}")
     return getattr(torch, dtype)
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
     seeds = [int(s) for s in seeds]
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
+        raise UsageError(f"--seeds must be distinct non-negative integers, got {seeds}")
     return seeds
 
 
@@ -193,7 +264,7 @@ class Learner:
         dtype: torch.dtype,
     ):
         if method.method in ("cbp", "redo", "dropout", "online_norm") and len(sizes) < 3:
-            raise ValueError(f"method {method.method} needs at least one hidden layer")
+            raise UsageError(f"method {method.method} needs at least one hidden layer")
         self.seeds = list(seeds)
         self.method = method
         norm = (method.alpha_f, method.alpha_b) if method.method == "online_norm" else None
@@ -299,8 +370,29 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return _jsonable(asdict(cfg))
 
 
+# Row columns that index or label a row rather than measure the network: not averaged over rows.
+# ``units_replaced`` is cumulative (its last value is the run's total).
+ROW_LABELS = ("task", "bin", "examples", "increment", "classes", "class_a", "class_b")
+CUMULATIVE = ("units_replaced",)
+
+
+def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean of ``values`` and its standard error ``s / sqrt(n)``, ``s`` the sample standard
+    deviation (``ddof = 1``); the standard error is ``None`` for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
 class RunOutputs:
-    """Per-seed CSV and TensorBoard writers plus the run's checkpoint and summary files."""
+    """Per-seed CSV and TensorBoard writers plus the run's checkpoint and summary files.
+
+    Nothing is written before :meth:`start`: a run that fails while it checks its inputs
+    leaves ``out`` as it was.
+    """
 
     CHECKPOINT = "checkpoint.pt"
 
@@ -308,13 +400,16 @@ class RunOutputs:
         self.out = Path(out)
         self.seeds = list(seeds)
         self.config = config
-        ckpt = self.out / self.CHECKPOINT
-        if ckpt.exists() and not resume:
-            raise ValueError(
-                f"{self.out} already holds a run ({ckpt}); pass --resume to continue it or "
-                "choose another --out"
+        self.resume = resume
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} is a file, not a folder")
+        # Without a checkpoint a folder holds nothing that --resume would keep: a run that
+        # stopped before its first checkpoint starts over.
+        if self.checkpoint_path.exists() and not resume:
+            raise UsageError(
+                f"--out {self.out} already holds a run ({self.checkpoint_path}); pass --resume "
+                "to continue it or choose another --out"
             )
-        self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[list[dict[str, float]]] = [[] for _ in self.seeds]
         self._writers: list[Any] | None = None
 
@@ -324,10 +419,18 @@ class RunOutputs:
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The saved state, after checking that it belongs to the same configuration."""
-        if not self.checkpoint_path.exists():
+        path = self.checkpoint_path
+        if not path.exists():
             return None
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        saved = json.loads(state["config"])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = json.loads(state["config"])
+            rows = state["rows"]
+        except Exception as e:  # a truncated, empty or foreign file: torch raises many kinds
+            raise UsageError(
+                f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete the folder "
+                "to start over, or choose another --out"
+            ) from e
         ignored = {"resume", "progress", "out", "device"}
         diff = {
             k: (saved.get(k), v)
@@ -335,8 +438,8 @@ class RunOutputs:
             if k not in ignored and saved.get(k) != v
         }
         if diff:
-            raise ValueError(f"--resume with a different configuration: {diff} (saved, given)")
-        self.rows = state["rows"]
+            raise UsageError(f"--resume with a different configuration: {diff} (saved, given)")
+        self.rows = rows
         return state
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
@@ -345,10 +448,18 @@ class RunOutputs:
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
 
-    def start(self) -> None:
-        """Write the config, rewrite each CSV from the rows kept so far, open TensorBoard."""
+    def start(self, what: str = "") -> None:
+        """Write the config, rewrite each CSV from the rows kept so far, open TensorBoard, and
+        say where the run writes (``what``: e.g. ``"permuted_mnist cbp"``).
+
+        The rows kept so far are those of the last checkpoint, so rows that a killed run wrote
+        after it are dropped from the CSVs, and TensorBoard's ``purge_step`` drops their
+        scalars from the event files written before.
+        """
         from torch.utils.tensorboard import SummaryWriter
 
+        done = len(self.rows[0])
+        self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "config.json", self.config)
         self._writers = []
         for s, seed in enumerate(self.seeds):
@@ -361,6 +472,12 @@ class RunOutputs:
                     w.writeheader()
                     w.writerows(rows)
             self._writers.append(SummaryWriter(str(folder / "tb"), purge_step=len(rows)))
+        resumed = f", resuming after row {done}" if done else ""
+        print(
+            f"{what + ': ' if what else ''}writing to {self.out}/ (config.json, summary.json, "
+            f"seed_<seed>/metrics.csv, TensorBoard in seed_<seed>/tb){resumed}",
+            flush=True,
+        )
 
     def append(self, rows: Sequence[dict[str, float]]) -> None:
         """One row per seed (same keys for every seed and every row)."""
@@ -378,21 +495,95 @@ class RunOutputs:
                 self._writers[s].add_scalar(key, value, step)
             self._writers[s].flush()
 
-    def summary(self, extra: dict[str, Any]) -> dict[str, Any]:
+    def summary(
+        self, extra: dict[str, Any], metric: str, work: float, unit: str, seconds: float
+    ) -> dict[str, Any]:
+        """Write and return ``summary.json``: ``extra``, then
+
+        * ``metric``: the benchmark's main metric (a CSV column);
+        * ``seconds_this_call``; ``<unit>_per_second_all_seeds``: ``work`` (``unit``s of
+          all seeds done in this call) / seconds; ``<unit>_per_second_per_seed``: that / S;
+        * ``final_over_seeds``: per metric of the last row (labels excluded), the mean over
+          seeds of each seed's last value and its standard error, and ``seeds`` (how many);
+        * ``seeds``: per seed ``rows`` (CSV rows so far), ``last`` (the last row as written),
+          ``mean_over_rows`` (each metric's mean over the rows; labels and the cumulative
+          ``units_replaced`` excluded) and ``units_replaced`` (the total so far).
+        """
         per_seed = {}
         for seed, rows in zip(self.seeds, self.rows):
             if not rows:
                 continue
-            keys = list(rows[0])
+            keys = [k for k in rows[0] if k not in ROW_LABELS + CUMULATIVE]
             per_seed[str(seed)] = {
                 "rows": len(rows),
-                "mean": {k: sum(r[k] for r in rows) / len(rows) for k in keys},
                 "last": dict(rows[-1]),
+                "mean_over_rows": {k: sum(r[k] for r in rows) / len(rows) for k in keys},
+                "units_replaced": rows[-1].get("units_replaced", 0),
             }
-        summary = dict(extra, seeds=per_seed)
+        final = {}
+        if per_seed:
+            lasts = [s["last"] for s in per_seed.values()]
+            for k in lasts[0]:
+                if k not in ROW_LABELS:
+                    mean, se = mean_and_standard_error([float(r[k]) for r in lasts])
+                    final[k] = {"mean": mean, "standard_error": se}
+        rate = work / max(seconds, 1e-9)
+        summary = dict(
+            extra,
+            metric=metric,
+            seconds_this_call=seconds,
+            **{
+                f"{unit}_per_second_all_seeds": rate,
+                f"{unit}_per_second_per_seed": rate / len(self.seeds),
+            },
+            final_over_seeds=dict(final, seeds=len(per_seed)),
+            seeds=per_seed,
+        )
         write_json(self.out / "summary.json", summary)
         return summary
 
     def close(self) -> None:
         for w in self._writers or []:
             w.close()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    h, m = divmod(s, 3600)
+    m, s = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def closing_summary(summary: dict[str, Any], out: Path) -> str:
+    """The lines printed at the end of a run: progress, time and speed, the main metric's last
+    value per seed with its mean +- standard error over seeds, units replaced, where the files
+    are."""
+    metric = summary["metric"]
+    done = [k for k in summary if k.endswith("_completed")]
+    progress = ""
+    if done:
+        name = done[0].removesuffix("_completed")
+        progress = f"{summary[done[0]]}/{summary[name]} {name}, "
+    rate = next(k for k in summary if k.endswith("_per_second_per_seed"))
+    unit = rate.removesuffix("_per_second_per_seed").replace("_", " ")
+    seeds = summary["seeds"]
+    lines = [
+        f"{summary['benchmark']} {summary['method']}: {progress}"
+        f"{_duration(summary['seconds_this_call'])} in this call, "
+        f"{summary[rate]:,.0f} {unit}/s per seed ({len(seeds)} seed(s))"
+    ]
+    if seeds:
+        values = ", ".join(f"seed {s} {v['last'][metric]:.4g}" for s, v in seeds.items())
+        lines.append(f"final {metric}: {values}")
+        f = summary["final_over_seeds"][metric]
+        se = "" if f["standard_error"] is None else f" +- {f['standard_error']:.2g}"
+        lines.append(f"final {metric}, mean over {len(seeds)} seed(s): {f['mean']:.4g}{se}")
+        replaced = {v["units_replaced"] for v in seeds.values()}
+        if replaced != {0}:
+            counts = ", ".join(f"seed {s} {v['units_replaced']}" for s, v in seeds.items())
+            lines.append(f"units replaced: {counts}")
+    lines += [
+        f"per-seed CSVs: {out}/seed_<seed>/metrics.csv; summary: {out}/summary.json",
+        f"tensorboard --logdir {out}",
+    ]
+    return "\n".join(lines)

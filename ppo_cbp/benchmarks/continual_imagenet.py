@@ -52,11 +52,13 @@ from ppo_cbp.benchmarks.common import (
     RunOutputs,
     check_seeds,
     config_dict,
+    method_flags,
     resolve_device,
     resolve_method,
 )
 from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.datasets.imagenet32 import channel_stats, class_pairs, load_imagenet32
+from ppo_cbp.errors import UsageError
 from ppo_cbp.init import init_layer_
 from ppo_cbp.metrics import (
     average_weight_magnitude,
@@ -87,6 +89,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+@method_flags(DEFAULTS)
 @dataclass
 class ImageNetMethodConfig(MethodConfig):
     """Method of Continual ImageNet: bp, l2, snp, cbp, redo, or the linear-network baseline."""
@@ -102,7 +105,7 @@ def resolve_module_method(
     method (``aliases``: name -> core method, e.g. ``linear -> bp``); keeps the variant's name."""
     name = cfg.method
     if name not in defaults:
-        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(defaults)}")
+        raise UsageError(f"unknown method {name!r}; expected one of {', '.join(defaults)}")
     core = aliases.get(name, name)
     resolved = resolve_method(replace(cfg, method=core), {core: defaults[name]})
     resolved.method = name
@@ -366,9 +369,9 @@ def _validate(cfg: ContinualImageNetConfig) -> None:
         "checkpoint_every",
     ):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not 0 <= cfg.momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
+        raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
 
 
 def build_imagenet_learner(
@@ -394,18 +397,18 @@ def run_continual_imagenet(
     method = resolve_module_method(cfg.method, DEFAULTS, {"linear": "bp"})
     _validate(cfg)
     device = resolve_device(cfg.device)
+    config = config_dict(cfg)
+    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
     data = load_imagenet32(
         cfg.data_dir, cfg.images_per_class, cfg.test_images_per_class, cfg.layout, cfg.test_source
     )
     mean, std = channel_stats(data.train, data.scale)
-    config = config_dict(cfg)
     config.update(
         resolved_method=config_dict(method),
         num_classes=data.num_classes,
         channel_mean=mean.tolist(),
         channel_std=std.tolist(),
     )
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
     pairs = [class_pairs(seed, cfg.tasks, data.num_classes) for seed in seeds]
     learners, heads, shuffles = [], [], []
     for seed in seeds:
@@ -421,7 +424,8 @@ def run_continual_imagenet(
             learner.load_state_dict(s["learner"])
             shuffle.set_state(s["shuffle"])
         start_task = int(state["task"])
-    outputs.start()
+    S = len(seeds)
+    outputs.start(f"continual_imagenet {method.method}, {S} seed(s)")
 
     mean32, std32 = mean.float().tolist(), std.float().tolist()
 
@@ -434,11 +438,11 @@ def run_continual_imagenet(
     y_test = torch.arange(2, device=device).repeat_interleave(n_test)
     steps_per_epoch = -(-2 * n_train // cfg.batch_size)
     bar = tqdm(
-        total=cfg.tasks * len(seeds),
-        initial=start_task * len(seeds),
+        total=cfg.tasks * S,
+        initial=start_task * S,
         disable=not cfg.progress,
         unit="task",
-        desc=f"continual-imagenet {method.method} x{len(seeds)}",
+        desc=f"continual-imagenet {method.method}, tasks of {S} seed(s)",
     )
     t0 = time.perf_counter()
     done = 0
@@ -493,8 +497,6 @@ def run_continual_imagenet(
             break
     bar.close()
     outputs.close()
-    elapsed = time.perf_counter() - t0
-    images = done * len(seeds) * cfg.epochs * 2 * n_train
     return outputs.summary(
         {
             "benchmark": "continual_imagenet",
@@ -502,6 +504,9 @@ def run_continual_imagenet(
             "tasks_completed": len(outputs.rows[0]),
             "tasks": cfg.tasks,
             "steps_per_task": cfg.epochs * steps_per_epoch,
-            "training_images_per_second_this_call": images / max(elapsed, 1e-9),
-        }
+        },
+        metric="accuracy",
+        work=done * S * cfg.epochs * 2 * n_train,
+        unit="training_images",
+        seconds=time.perf_counter() - t0,
     )

@@ -64,6 +64,7 @@ from ppo_cbp.benchmarks.common import (
     RunOutputs,
     check_seeds,
     config_dict,
+    method_flags,
     resolve_device,
 )
 from ppo_cbp.benchmarks.continual_imagenet import (
@@ -76,6 +77,7 @@ from ppo_cbp.benchmarks.continual_imagenet import (
 )
 from ppo_cbp.datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, load_cifar100, per_class_split
 from ppo_cbp.datasets.mnist import task_rng
+from ppo_cbp.errors import UsageError
 from ppo_cbp.metrics import (
     average_weight_magnitude,
     conv_activations_as_samples,
@@ -100,6 +102,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 _ALIASES = {"base": "bp", "head_reset": "bp", "retrained": "bp"}
 
 
+@method_flags(DEFAULTS)
 @dataclass
 class CIFARMethodConfig(MethodConfig):
     """Method of class-incremental CIFAR-100."""
@@ -244,8 +247,11 @@ class IncrementalCIFARConfig:
     """Method and its hyperparameters (flags --method, --lr, --replacement-rate, ...)."""
     classes_per_increment: int = 5
     """Classes added per increment (and trained on in the first)."""
-    increments: int | None = None
-    """Number of increments (default: all classes, 100 / classes_per_increment)."""
+    increments: Annotated[
+        int | None,
+        tyro.conf.arg(help_behavior_hint="(default: all classes, 100 / classes_per_increment)"),
+    ] = None
+    """Number of increments."""
     epochs: int = 200
     """Epochs per increment."""
     images_per_class: int = 450
@@ -292,14 +298,15 @@ def _validate(cfg: IncrementalCIFARConfig) -> None:
         "metric_examples",
     ):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.increments is not None and cfg.increments < 1:
-        raise ValueError(f"increments must be >= 1, got {cfg.increments}")
+        raise UsageError(f"--increments must be >= 1, got {cfg.increments}")
     if not 0 <= cfg.momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
+        raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if not all(0 < m < 1 for m in cfg.lr_milestones) or not 0 < cfg.lr_factor <= 1:
-        raise ValueError(
-            f"lr_milestones must lie in (0, 1) and lr_factor in (0, 1], got {cfg.lr_milestones}, {cfg.lr_factor}"
+        raise UsageError(
+            "--lr-milestones must lie in (0, 1) and --lr-factor in (0, 1], got "
+            f"{cfg.lr_milestones}, {cfg.lr_factor}"
         )
 
 
@@ -371,13 +378,15 @@ def run_incremental_cifar(
     method = resolve_module_method(cfg.method, DEFAULTS, _ALIASES)
     _validate(cfg)
     device = resolve_device(cfg.device)
+    config = config_dict(cfg)
+    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
     data = load_cifar100(cfg.data_dir, download=cfg.download)
     classes = np.unique(data.train_labels)
     increments = (
         cfg.increments if cfg.increments is not None else len(classes) // cfg.classes_per_increment
     )
     if increments * cfg.classes_per_increment > len(classes) or increments < 1:
-        raise ValueError(
+        raise UsageError(
             f"{increments} increments of {cfg.classes_per_increment} classes need "
             f"{increments * cfg.classes_per_increment} classes; the data has {len(classes)}"
         )
@@ -400,9 +409,7 @@ def run_incremental_cifar(
     x_test, y_test = on_device(data.test_images[test_idx], data.test_labels[test_idx])
     del data
 
-    config = config_dict(cfg)
     config.update(resolved_method=config_dict(method), resolved_increments=increments)
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
     start = 0
     state = outputs.load_checkpoint() if cfg.resume else None
     if state is not None:
@@ -411,7 +418,8 @@ def run_incremental_cifar(
     if state is not None:
         for run, s in zip(runs, state["seeds"]):
             run.load_state_dict(s)
-    outputs.start()
+    S = len(seeds)
+    outputs.start(f"incremental_cifar {method.method}, {S} seed(s)")
     # rank[s][c]: position of class c in seed s's order (its output unit); 100 = unused
     ranks = []
     for seed in seeds:
@@ -420,11 +428,11 @@ def run_incremental_cifar(
         ranks.append(r.to(device))
 
     bar = tqdm(
-        total=increments * cfg.epochs * len(seeds),
-        initial=start * cfg.epochs * len(seeds),
+        total=increments * cfg.epochs * S,
+        initial=start * cfg.epochs * S,
         disable=not cfg.progress,
         unit="epoch",
-        desc=f"incremental-cifar {method.method} x{len(seeds)}",
+        desc=f"incremental-cifar {method.method}, epochs of {S} seed(s)",
     )
     t0 = time.perf_counter()
     done, trained_images = 0, 0
@@ -486,13 +494,15 @@ def run_incremental_cifar(
             break
     bar.close()
     outputs.close()
-    elapsed = time.perf_counter() - t0
     return outputs.summary(
         {
             "benchmark": "incremental_cifar",
             "method": method.method,
             "increments_completed": len(outputs.rows[0]),
             "increments": increments,
-            "training_images_per_second_this_call": trained_images / max(elapsed, 1e-9),
-        }
+        },
+        metric="accuracy",
+        work=trained_images,
+        unit="training_images",
+        seconds=time.perf_counter() - t0,
     )

@@ -40,11 +40,13 @@ from ppo_cbp.benchmarks.common import (
     RunOutputs,
     check_seeds,
     config_dict,
+    method_flags,
     resolve_device,
     resolve_dtype,
     resolve_method,
 )
 from ppo_cbp.datasets.mnist import example_indices, load_mnist, permuted_mnist_task
+from ppo_cbp.errors import UsageError
 from ppo_cbp.metrics import average_weight_magnitude, dead_unit_mask, feature_rank_metrics
 
 # Method defaults of the paper's released Permuted MNIST configurations (step size 0.003).
@@ -61,30 +63,50 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+@method_flags(DEFAULTS)
+@dataclass
+class PermutedMNISTMethodConfig(MethodConfig):
+    """Method of Online Permuted MNIST."""
+
+
 @dataclass
 class PermutedMNISTConfig:
     """Online Permuted MNIST; the defaults are the paper's."""
 
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds trained together in one process (stacked)."""
-    method: Annotated[MethodConfig, tyro.conf.arg(name="")] = field(default_factory=MethodConfig)
+    method: Annotated[PermutedMNISTMethodConfig, tyro.conf.arg(name="")] = field(
+        default_factory=PermutedMNISTMethodConfig
+    )
     """Method and its hyperparameters (flags --method, --lr, --replacement-rate, ...)."""
-    tasks: int | None = None
-    """Number of tasks (default 800, or 48M / change_every with --change-every)."""
+    tasks: Annotated[
+        int | None,
+        tyro.conf.arg(help_behavior_hint="(default: 800; with --change-every, 48M / change_every)"),
+    ] = None
+    """Number of tasks."""
     examples_per_task: int = 60_000
     """Examples per task (a prefix of the task's shuffled pass when below 60,000)."""
-    change_every: int | None = None
+    change_every: Annotated[
+        int | None, tyro.conf.arg(help_behavior_hint="(default: off, a task is one pass)")
+    ] = None
     """Variant: a new task every this many examples, sampled with replacement."""
     width: int = 2000
     """Units per hidden layer."""
     depth: int = 3
     """Number of hidden layers."""
-    hidden_sizes: list[int] | None = None
+    hidden_sizes: Annotated[
+        list[int] | None, tyro.conf.arg(help_behavior_hint="(default: --depth x --width)")
+    ] = None
     """Explicit hidden widths (overrides --width and --depth)."""
     metric_examples: int = 2000
     """Examples at each task start on which dead units and ranks are measured."""
-    data_dir: Path | None = None
-    """Folder with the four MNIST .gz files (default: the cache folder)."""
+    data_dir: Annotated[
+        Path | None,
+        tyro.conf.arg(
+            help_behavior_hint="(default: $PPO_CBP_DATA if set, else ~/.cache/ppo_cbp/mnist)"
+        ),
+    ] = None
+    """Folder with the four MNIST .gz files."""
     download: bool = False
     """Download MNIST into --data-dir if missing (MD5-verified)."""
     out: Path = Path("runs/permuted_mnist")
@@ -112,21 +134,23 @@ def hidden_sizes(cfg: PermutedMNISTConfig) -> list[int]:
 def _validate(cfg: PermutedMNISTConfig) -> tuple[int, int]:
     change = cfg.change_every
     if change is not None and change < 1:
-        raise ValueError(f"change_every must be >= 1, got {change}")
+        raise UsageError(f"--change-every must be >= 1, got {change}")
     n = change if change is not None else cfg.examples_per_task
     if n < 1:
-        raise ValueError(f"examples_per_task must be >= 1, got {cfg.examples_per_task}")
+        raise UsageError(f"--examples-per-task must be >= 1, got {cfg.examples_per_task}")
     tasks = cfg.tasks
     if tasks is None:
         tasks = 800 if change is None else max(1, 48_000_000 // change)
     if tasks < 1:
-        raise ValueError(f"tasks must be >= 1, got {tasks}")
+        raise UsageError(f"--tasks must be >= 1, got {tasks}")
     sizes = hidden_sizes(cfg)
     if not sizes or min(sizes) < 1:
-        raise ValueError(f"hidden sizes must be positive, got {sizes}")
+        raise UsageError(
+            f"hidden sizes (--width, --depth, --hidden-sizes) must be positive, got {sizes}"
+        )
     for name in ("metric_examples", "checkpoint_every", "chunk"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     return tasks, n
 
 
@@ -201,15 +225,15 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     if state is not None:
         learner.load_state_dict(state["learner"])
         start_task = int(state["task"])
-    outputs.start()
     S = len(seeds)
+    outputs.start(f"permuted_mnist {method.method}, {S} seed(s)")
     bar = tqdm(
-        total=tasks * n,
-        initial=start_task * n,
+        total=tasks * n * S,
+        initial=start_task * n * S,
         disable=not cfg.progress,
         unit="ex",
         unit_scale=True,
-        desc=f"permuted-mnist {method.method} x{S}",
+        desc=f"permuted-mnist {method.method}, examples of {S} seed(s)",
     )
     t0 = time.perf_counter()
     done = 0
@@ -228,7 +252,7 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
             for j in range(C):
                 learner.step(x_aug[:, j : j + 1], y[:, j : j + 1], out=logits[:, j : j + 1])
             correct += (logits.argmax(-1) == y).sum(1)
-            bar.update(C)
+            bar.update(C * S)
         accuracy = (correct.double() / n).cpu().tolist()
         replaced = learner.units_replaced().tolist()
         outputs.append(
@@ -245,13 +269,15 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
             break
     bar.close()
     outputs.close()
-    elapsed = time.perf_counter() - t0
     return outputs.summary(
         {
             "benchmark": "permuted_mnist",
             "method": method.method,
             "tasks_completed": len(outputs.rows[0]),
             "tasks": tasks,
-            "examples_per_second_this_call": done * n * S / max(elapsed, 1e-9),
-        }
+        },
+        metric="accuracy",
+        work=done * n * S,
+        unit="examples",
+        seconds=time.perf_counter() - t0,
     )

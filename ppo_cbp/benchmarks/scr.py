@@ -32,11 +32,13 @@ from ppo_cbp.benchmarks.common import (
     RunOutputs,
     check_seeds,
     config_dict,
+    method_flags,
     resolve_device,
     resolve_dtype,
     resolve_method,
 )
 from ppo_cbp.datasets.scr import SlowlyChangingRegressionBatch
+from ppo_cbp.errors import UsageError
 from ppo_cbp.metrics import average_weight_magnitude
 from ppo_cbp.stacked import ACTIVATIONS
 
@@ -56,13 +58,21 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 Activation = Literal["relu", "tanh", "sigmoid", "elu", "leaky_relu", "swish", "linear"]
 
 
+@method_flags(DEFAULTS)
+@dataclass
+class SCRMethodConfig(MethodConfig):
+    """Method of Slowly-Changing Regression."""
+
+
 @dataclass
 class SCRConfig:
     """Slowly-Changing Regression; the defaults are the paper's text."""
 
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds trained together in one process (stacked)."""
-    method: Annotated[MethodConfig, tyro.conf.arg(name="")] = field(default_factory=MethodConfig)
+    method: Annotated[SCRMethodConfig, tyro.conf.arg(name="")] = field(
+        default_factory=SCRMethodConfig
+    )
     """Method and its hyperparameters (flags --method, --lr, --replacement-rate, ...)."""
     activation: Activation = "relu"
     """Learner's hidden activation; linear = the linear baseline (no hidden layer)."""
@@ -102,14 +112,19 @@ class SCRConfig:
 
 def _validate(cfg: SCRConfig) -> int:
     if cfg.activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {cfg.activation!r}; expected one of {ACTIVATIONS}")
-    for name in ("examples", "bin_size", "hidden", "checkpoint_every", "chunk"):
+        raise UsageError(f"unknown activation {cfg.activation!r}; expected one of {ACTIVATIONS}")
+    names = ("examples", "bin_size", "hidden", "n_inputs", "target_hidden", "change_every")
+    for name in (*names, "checkpoint_every", "chunk"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.examples % cfg.bin_size:
-        raise ValueError(
-            f"examples ({cfg.examples}) must be a multiple of bin_size ({cfg.bin_size})"
+        raise UsageError(
+            f"--examples {cfg.examples} must be a multiple of --bin-size {cfg.bin_size}"
         )
+    if not 0 <= cfg.n_slow <= cfg.n_inputs:
+        raise UsageError(f"--n-slow must lie in 0..--n-inputs ({cfg.n_inputs}), got {cfg.n_slow}")
+    if not 0 < cfg.beta <= 1:
+        raise UsageError(f"--beta must lie in (0, 1], got {cfg.beta}")
     return cfg.examples // cfg.bin_size
 
 
@@ -154,15 +169,15 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
     if state is not None:
         learner.load_state_dict(state["learner"])
         start_bin = int(state["bin"])
-    outputs.start()
     S = len(seeds)
+    outputs.start(f"slowly_changing_regression {cfg.activation} {method.method}, {S} seed(s)")
     bar = tqdm(
-        total=cfg.examples,
-        initial=start_bin * cfg.bin_size,
+        total=cfg.examples * S,
+        initial=start_bin * cfg.bin_size * S,
         disable=not cfg.progress,
         unit="ex",
         unit_scale=True,
-        desc=f"scr {cfg.activation} {method.method} x{S}",
+        desc=f"scr {cfg.activation} {method.method}, examples of {S} seed(s)",
     )
     t0 = time.perf_counter()
     done = 0
@@ -177,7 +192,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
             for j in range(C):
                 learner.step(x_aug[:, j : j + 1], y[:, j : j + 1], out=pred[:, j : j + 1])
             error += (pred - y).double().square().sum(dim=(1, 2))
-            bar.update(C)
+            bar.update(C * S)
         mse = (error / cfg.bin_size).cpu().tolist()
         magnitude = average_weight_magnitude(learner.net.weights(), seed_dims=1).cpu().tolist()
         replaced = learner.units_replaced().tolist()
@@ -200,7 +215,6 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
             break
     bar.close()
     outputs.close()
-    elapsed = time.perf_counter() - t0
     return outputs.summary(
         {
             "benchmark": "slowly_changing_regression",
@@ -208,6 +222,9 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
             "method": method.method,
             "bins_completed": len(outputs.rows[0]),
             "bins": bins,
-            "examples_per_second_this_call": done * cfg.bin_size * S / max(elapsed, 1e-9),
-        }
+        },
+        metric="squared_error",
+        work=done * cfg.bin_size * S,
+        unit="examples",
+        seconds=time.perf_counter() - t0,
     )

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ppo_cbp.datasets.mnist import fetch_url, file_md5
+from ppo_cbp.errors import MissingFileError, UsageError
 
 __all__ = [
     "CIFAR100_MD5",
@@ -161,7 +162,7 @@ def download_cifar100(
         fetch(url, tmp)
         actual = file_md5(tmp)
         if actual != md5.lower():
-            raise ValueError(f"MD5 of {url} is {actual}, expected {md5}")
+            raise UsageError(f"MD5 of {url} is {actual}, expected {md5}")
         with tarfile.open(tmp, "r:gz") as tar:
             tar.extractall(data_dir, members=_safe_members(tar))
     finally:
@@ -184,26 +185,29 @@ class CIFAR100Data:
 
 def _read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"missing CIFAR-100 file {path}; {_FORMAT}. Pass --download to fetch {CIFAR100_URL}"
         )
-    obj = safe_unpickle(path)
+    try:
+        obj = safe_unpickle(path)
+    except (EOFError, pickle.UnpicklingError) as e:  # truncated, or holds more than arrays
+        raise UsageError(f"{path} is unreadable ({type(e).__name__}: {e}); {_FORMAT}") from e
     if not isinstance(obj, dict) or b"data" not in obj or b"fine_labels" not in obj:
-        raise ValueError(f"{path}: {_FORMAT}")
+        raise UsageError(f"{path}: {_FORMAT}")
     data = obj[b"data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         kind = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"{path}: b'data' must be a uint8 array, got {kind}; {_FORMAT}")
+        raise UsageError(f"{path}: b'data' must be a uint8 array, got {kind}; {_FORMAT}")
     if data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: b'data' has shape {data.shape}, expected [N, 3072]; {_FORMAT}")
+        raise UsageError(f"{path}: b'data' has shape {data.shape}, expected [N, 3072]; {_FORMAT}")
     labels = np.asarray(obj[b"fine_labels"])
     if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
+        raise UsageError(
             f"{path}: b'fine_labels' must be {data.shape[0]} integers, got shape {labels.shape} "
             f"dtype {labels.dtype}"
         )
     if labels.size and (labels.min() < 0 or labels.max() > 99):
-        raise ValueError(
+        raise UsageError(
             f"{path}: fine labels out of range 0..99 (min {labels.min()}, max {labels.max()})"
         )
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
@@ -228,13 +232,13 @@ def load_cifar100(
     test_images, test_labels = _read_split(folder / "test")
     meta_path = folder / "meta"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"missing CIFAR-100 file {meta_path}; {_FORMAT}")
+        raise MissingFileError(f"missing CIFAR-100 file {meta_path}; {_FORMAT}")
     meta = safe_unpickle(meta_path)
     if not isinstance(meta, dict) or b"fine_label_names" not in meta:
-        raise ValueError(f"{meta_path}: expected a dict with b'fine_label_names'")
+        raise UsageError(f"{meta_path}: expected a dict with b'fine_label_names'")
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"fine_label_names"]]
     if len(names) != 100:
-        raise ValueError(f"{meta_path}: expected 100 fine label names, got {len(names)}")
+        raise UsageError(f"{meta_path}: expected 100 fine label names, got {len(names)}")
     return CIFAR100Data(train_images, train_labels, test_images, test_labels, names)
 
 
@@ -252,7 +256,7 @@ def per_class_split(
     for c in classes:
         idx = np.flatnonzero(labels == c)
         if idx.size < need:
-            raise ValueError(
+            raise UsageError(
                 f"{what}: class {int(c)} has {idx.size} images, need {need} ({' + '.join(map(str, counts))})"
             )
         start = 0

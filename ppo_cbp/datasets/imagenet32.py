@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from ppo_cbp.datasets.mnist import task_rng
+from ppo_cbp.errors import MissingFileError, UsageError
 
 __all__ = [
     "IMAGENET32_TRAIN_FILES",
@@ -86,7 +88,7 @@ def detect_layout(data_dir: Path) -> Literal["official", "per-class"]:
         return "official"
     if _per_class_folder(data_dir) is not None:
         return "per-class"
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no ImageNet 32x32 data in {data_dir}: {_OFFICIAL_FORMAT}; or {data_dir}/classes/ "
         f"with {_PER_CLASS_FORMAT}"
     )
@@ -101,17 +103,24 @@ def _per_class_folder(data_dir: Path) -> Path | None:
 
 def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise FileNotFoundError(f"missing {path}; {_OFFICIAL_FORMAT}")
-    with np.load(path, allow_pickle=False) as f:
-        if "data" not in f.files or "labels" not in f.files:
-            raise ValueError(f"{path} has keys {f.files}; {_OFFICIAL_FORMAT}")
-        data, labels = f["data"], np.asarray(f["labels"])
+        raise MissingFileError(f"missing {path}; {_OFFICIAL_FORMAT}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "data" not in f.files or "labels" not in f.files:
+                raise UsageError(f"{path} has keys {f.files}; {_OFFICIAL_FORMAT}")
+            data, labels = f["data"], np.asarray(f["labels"])
+    except UsageError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # truncated, not an npz
+        raise UsageError(
+            f"{path} is unreadable ({type(e).__name__}: {e}); {_OFFICIAL_FORMAT}"
+        ) from e
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: 'data' is {data.dtype} {data.shape}; {_OFFICIAL_FORMAT}")
+        raise UsageError(f"{path}: 'data' is {data.dtype} {data.shape}; {_OFFICIAL_FORMAT}")
     if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: 'labels' is {labels.dtype} {labels.shape}; {_OFFICIAL_FORMAT}")
+        raise UsageError(f"{path}: 'labels' is {labels.dtype} {labels.shape}; {_OFFICIAL_FORMAT}")
     if labels.size and (labels.min() < 1 or labels.max() > 1000):
-        raise ValueError(
+        raise UsageError(
             f"{path}: labels out of range 1..1000 (min {labels.min()}, max {labels.max()}); "
             "the official labels are 1-based"
         )
@@ -138,7 +147,7 @@ def _take_per_class(
     short = [int(k) for k in present if count[k] < need]
     if short:
         k = short[0]
-        raise ValueError(
+        raise UsageError(
             f"{what}: class {k} (label {k + 1}) has {count[k]} images, need {need} "
             f"({len(short)} classes short)"
         )
@@ -149,9 +158,12 @@ def _load_official(
     data_dir: Path, n_train: int, n_test: int, test_source: str
 ) -> tuple[np.ndarray, np.ndarray]:
     files = [data_dir / name for name in IMAGENET32_TRAIN_FILES]
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"missing {path}; {_OFFICIAL_FORMAT}")
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise MissingFileError(
+            f"{data_dir} lacks {len(missing)} of the 10 training batches: {', '.join(missing)} "
+            f"(expected in {data_dir}/); {_OFFICIAL_FORMAT}"
+        )
     if test_source == "train":
         kept, present = _take_per_class(files, n_train + n_test, "training batches")
         both = np.stack([np.concatenate(kept[k]) for k in present]).reshape(
@@ -163,7 +175,7 @@ def _load_official(
         [data_dir / _VAL_FILE], n_test, str(data_dir / _VAL_FILE)
     )
     if not np.array_equal(present, present_val):
-        raise ValueError(
+        raise UsageError(
             f"{data_dir / _VAL_FILE} does not hold the classes of the training batches"
         )
     train = np.stack([np.concatenate(kept[k]) for k in present]).reshape(-1, n_train, 3, 32, 32)
@@ -182,25 +194,25 @@ def _load_per_class(
     for path in files:
         a = np.load(path, allow_pickle=False, mmap_mode="r")
         if a.ndim != 4 or a.shape[1:] != (3, 32, 32):
-            raise ValueError(f"{path} has shape {a.shape}; {_PER_CLASS_FORMAT}")
+            raise UsageError(f"{path} has shape {a.shape}; {_PER_CLASS_FORMAT}")
         if a.shape[0] < n_train + n_test:
-            raise ValueError(
+            raise UsageError(
                 f"{path} has {a.shape[0]} images, need {n_train + n_test} ({n_train} train + {n_test} test)"
             )
         if dtype is None:
             dtype = a.dtype
         if a.dtype != dtype:
-            raise ValueError(f"{path} is {a.dtype} but the first class file is {dtype}")
+            raise UsageError(f"{path} is {a.dtype} but the first class file is {dtype}")
         if a.dtype == np.uint8:
             scale = 1.0 / 255.0
         elif np.issubdtype(a.dtype, np.floating):
             lo, hi = float(np.min(a)), float(np.max(a))
             if lo < 0 or hi > 1:
-                raise ValueError(
+                raise UsageError(
                     f"{path}: float pixels in [{lo}, {hi}], expected [0, 1] (or store uint8 0..255)"
                 )
         else:
-            raise ValueError(f"{path} has dtype {a.dtype}; {_PER_CLASS_FORMAT}")
+            raise UsageError(f"{path} has dtype {a.dtype}; {_PER_CLASS_FORMAT}")
         # the paper's files: the first 600 images train, the last 100 test
         trains.append(np.asarray(a[:n_train]))
         tests.append(np.asarray(a[a.shape[0] - n_test :]))
@@ -237,12 +249,12 @@ def load_imagenet32(
     elif layout == "per-class":
         folder = _per_class_folder(data_dir)
         if folder is None:
-            raise FileNotFoundError(f"no <class_id>.npy files in {data_dir}/classes or {data_dir}")
+            raise MissingFileError(f"no <class_id>.npy files in {data_dir}/classes or {data_dir}")
         train, test, scale = _load_per_class(folder, train_per_class, test_per_class)
     else:
         raise ValueError(f"layout must be auto, official or per-class, got {layout!r}")
     if train.shape[0] < 2:
-        raise ValueError(f"{data_dir}: need at least 2 classes, found {train.shape[0]}")
+        raise UsageError(f"{data_dir}: need at least 2 classes, found {train.shape[0]}")
     return ImageNet32Data(torch.from_numpy(train), torch.from_numpy(test), scale)
 
 

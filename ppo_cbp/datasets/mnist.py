@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ppo_cbp.errors import MissingFileError, UsageError
+
 __all__ = [
     "MNIST_FILES",
     "MNIST_MD5",
@@ -151,12 +153,12 @@ def _verify_one(path: Path, checksums: Mapping[str, str]) -> None:
     if expected is None:
         raise ValueError(f"no checksum given for {path.name} (checksums has {sorted(checksums)})")
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"MNIST file missing: expected {path} (md5 {expected}). {_DOWNLOAD_HINT}"
         )
     actual = file_md5(path)
     if actual != expected.lower():
-        raise ValueError(
+        raise UsageError(
             f"MNIST file corrupt: {path} has md5 {actual}, expected {expected}. "
             f"Delete it and download it again, or use `--data-dir` to point at a good copy."
         )
@@ -176,22 +178,22 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: not a readable gzip file ({e})") from e
+        raise UsageError(f"{path}: not a readable gzip file ({e})") from e
     if len(raw) < 4:
-        raise ValueError(f"{path}: IDX header truncated ({len(raw)} bytes)")
+        raise UsageError(f"{path}: IDX header truncated ({len(raw)} bytes)")
     magic = int.from_bytes(raw[:4], "big")
     if magic != expected_magic:
-        raise ValueError(f"{path}: IDX magic number is {magic}, expected {expected_magic}")
+        raise UsageError(f"{path}: IDX magic number is {magic}, expected {expected_magic}")
     if raw[2] != 0x08:
-        raise ValueError(f"{path}: IDX data type code {raw[2]:#04x}, expected 0x08 (unsigned byte)")
+        raise UsageError(f"{path}: IDX data type code {raw[2]:#04x}, expected 0x08 (unsigned byte)")
     ndim = raw[3]
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise ValueError(f"{path}: IDX header truncated ({len(raw)} bytes, {ndim} dimensions)")
+        raise UsageError(f"{path}: IDX header truncated ({len(raw)} bytes, {ndim} dimensions)")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     n_payload = int(np.prod(dims, dtype=np.int64))
     if len(raw) - header_len != n_payload:
-        raise ValueError(
+        raise UsageError(
             f"{path}: IDX payload has {len(raw) - header_len} bytes, dimensions {dims} need "
             f"{n_payload}"
         )
@@ -233,19 +235,19 @@ def load_mnist(
         if checksums is not None:
             _verify_one(path, checksums)
         elif not path.is_file():
-            raise FileNotFoundError(f"MNIST file missing: expected {path}. {_DOWNLOAD_HINT}")
+            raise MissingFileError(f"MNIST file missing: expected {path}. {_DOWNLOAD_HINT}")
 
     images = read_idx(images_path, _IMAGES_MAGIC)
     labels = read_idx(labels_path, _LABELS_MAGIC)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(f"{images_path}: images have shape {images.shape}, expected (N, 28, 28)")
+        raise UsageError(f"{images_path}: images have shape {images.shape}, expected (N, 28, 28)")
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"{labels_path} has {labels.shape[0]} labels but {images_path} has "
             f"{images.shape[0]} images"
         )
     if labels.size and int(labels.max()) > 9:
-        raise ValueError(f"{labels_path}: label {int(labels.max())} outside 0..9")
+        raise UsageError(f"{labels_path}: label {int(labels.max())} outside 0..9")
 
     x = torch.from_numpy(images.reshape(images.shape[0], MNIST_N_PIXELS).copy()).to(device)
     if dtype != torch.uint8:
