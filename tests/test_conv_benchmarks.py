@@ -254,7 +254,8 @@ def test_best_weights_restores_the_best_epoch():
 
 def test_cbp_on_the_resnet_keeps_outputs_at_replacement():
     """CBP inside the CIFAR learner: replaced channels leave the network's function equal to
-    the old network with those channels pruned, and their momentum is reset."""
+    the old network with those channels pruned (the stem's: its weighted path pruned and the new
+    unit in its place in the residual stream), and their momentum is reset."""
     method = resolve_module_method(
         CIFARMethodConfig(method="cbp", replacement_rate=1.0, maturity_threshold=0),
         CIFAR_DEFAULTS,
@@ -277,8 +278,11 @@ def test_cbp_on_the_resnet_keeps_outputs_at_replacement():
     pruned = build_resnet(0).double()
     pruned.load_state_dict(old)
     with torch.no_grad():
-        pruned.stem[1].weight[picked[0]] = 0
-        pruned.stem[1].bias[picked[0]] = 0
+        for name in ("stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"):
+            pruned.get_parameter(name)[picked[0]] = model.get_parameter(name)[picked[0]]
+        for name in ("stem.1.running_mean", "stem.1.running_var"):
+            pruned.get_buffer(name)[picked[0]] = model.get_buffer(name)[picked[0]]
+        pruned.blocks[0].conv1.weight[:, picked[0]] = 0
         for b, block in enumerate(pruned.blocks):
             block.conv2.weight[:, picked[1 + 2 * b]] = 0
             block.bn2.weight[picked[2 + 2 * b]] = 0
@@ -289,6 +293,7 @@ def test_cbp_on_the_resnet_keeps_outputs_at_replacement():
         torch.testing.assert_close(model(x), pruned(x), rtol=1e-12, atol=1e-12)
     mom = learner.momentum_buffer(model.blocks[0].conv1.weight)
     assert (mom[c] == 0).all() and (old_momentum[c] != 0).any() and mom.abs().sum() > 0
+    assert (mom[:, picked[0]] == 0).all()  # the stem unit's outgoing weights
 
 
 # ----------------------------------------------------------------------------------------
