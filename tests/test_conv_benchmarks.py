@@ -128,11 +128,59 @@ def test_convnet_architecture_and_unit_layers():
     linears = [m for m in net if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 128), (128, 128), (128, 2)]
     assert net(torch.zeros(3, 3, 32, 32)).shape == (3, 2)
-    # PyTorch's default weight bound 1/sqrt(fan_in), biases 0
-    assert convs[0].weight.abs().max() <= 1 / math.sqrt(75) and convs[0].bias.abs().sum() == 0
     cbp = ContinualBackprop(net, None, init="torch_default")
     assert [layer.units for layer in cbp.layers] == [32, 64, 128, 128, 128]
     assert cbp.layers[2].out_group == 4  # 128 channels x 2x2 positions feed the first Linear
+
+
+def test_convnet_starts_with_pytorch_default_weights_and_biases():
+    """Weights and biases of every layer from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's
+    default: within the bound, spread over it (the pooled values' std is bound/sqrt(3) per
+    layer), and the draws those of a generator with the same seed, weight then bias."""
+    net = imagenet_convnet(2, torch.Generator().manual_seed(5))
+    layers = [m for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    fan_ins = [75, 288, 576, 512, 128, 128]
+    g = torch.Generator().manual_seed(5)
+    for layer, fan_in in zip(layers, fan_ins):
+        bound = 1 / math.sqrt(fan_in)
+        w, b = layer.weight.detach().double(), layer.bias.detach().double()
+        for t in (w, b):
+            assert t.abs().max() <= bound
+        # U(-c, c) from the generator: 2c * u - c, in float64 from the same uniform draws
+        expected_w = torch.rand(w.shape, generator=g).double() * 2 * bound - bound
+        expected_b = torch.rand(b.shape, generator=g).double() * 2 * bound - bound
+        torch.testing.assert_close(w, expected_w, rtol=0, atol=1e-7)
+        torch.testing.assert_close(b, expected_b, rtol=0, atol=1e-7)
+        both = torch.cat([w.flatten(), b])
+        assert both.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.25)
+        assert (b != 0).all() and (b.numel() < 32 or b.abs().max() > bound / 2)
+    linear = build_imagenet_learner(
+        resolve_module_method(
+            ImageNetMethodConfig(method="linear"), IMAGENET_DEFAULTS, {"linear": "bp"}
+        ),
+        0,
+        0.9,
+        CPU,
+    )[1]
+    bound = 1 / math.sqrt(3072)
+    assert linear.bias.abs().max() <= bound and (linear.bias != 0).all()
+
+
+def test_convnet_units_created_by_cbp_start_with_zero_bias():
+    """Algorithm 1: a replaced unit's bias is 0; the others keep their default-drawn biases."""
+    net = imagenet_convnet(2, torch.Generator().manual_seed(0))
+    cbp = ContinualBackprop(
+        net, None, replacement_rate=0.0, maturity_threshold=0, init="torch_default"
+    )
+    old = [layer.bias.clone() for layer in cbp.layers]
+    net(torch.randn(4, 3, 32, 32))
+    cbp.to_replace = [3.0] * len(cbp.layers)
+    assert cbp.step() == 3 * len(cbp.layers)
+    for layer, before, birth in zip(cbp.layers, old, cbp.birth):
+        new = birth[0] == 1
+        assert int(new.sum()) == 3
+        assert (layer.bias[new] == 0).all()
+        assert torch.equal(layer.bias[~new], before[~new]) and (before != 0).all()
 
 
 def test_method_defaults():
@@ -143,6 +191,9 @@ def test_method_defaults():
         for m in ("bp", "cbp", "snp", "linear")
     }
     assert all(r.lr == 0.01 for r in imagenet.values())
+    # the released l2.json: step size 0.03, weight decay 3e-6
+    l2 = resolve_module_method(ImageNetMethodConfig(method="l2"), IMAGENET_DEFAULTS, {})
+    assert (l2.lr, l2.weight_decay) == (0.03, 3e-6)
     assert imagenet["cbp"].replacement_rate == 3e-4 and imagenet["cbp"].maturity_threshold == 100
     assert imagenet["linear"].method == "linear" and imagenet["linear"].weight_decay == 0
     cifar = {
