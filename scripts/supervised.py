@@ -29,17 +29,21 @@ from ppo_cbp.benchmarks.incremental_cifar import IncrementalCIFARConfig, run_inc
 from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig, run_permuted_mnist
 from ppo_cbp.benchmarks.scr import SCRConfig, run_scr
 
+Config = Union[  # noqa: UP007 (tyro reads the subcommands from the Union)
+    Annotated[PermutedMNISTConfig, tyro.conf.subcommand("permuted-mnist")],
+    Annotated[SCRConfig, tyro.conf.subcommand("slowly-changing-regression")],
+    Annotated[ContinualImageNetConfig, tyro.conf.subcommand("continual-imagenet")],
+    Annotated[IncrementalCIFARConfig, tyro.conf.subcommand("incremental-cifar")],
+]
+
+
+def parse(args: list[str] | None = None) -> Config:
+    """The benchmark's settings from the command line (``args``, default ``sys.argv``)."""
+    return tyro.cli(Config, args=args, description=__doc__)
+
 
 def main() -> None:
-    cfg = tyro.cli(
-        Union[  # noqa: UP007 (tyro reads the subcommands from the Union)
-            Annotated[PermutedMNISTConfig, tyro.conf.subcommand("permuted-mnist")],
-            Annotated[SCRConfig, tyro.conf.subcommand("slowly-changing-regression")],
-            Annotated[ContinualImageNetConfig, tyro.conf.subcommand("continual-imagenet")],
-            Annotated[IncrementalCIFARConfig, tyro.conf.subcommand("incremental-cifar")],
-        ],
-        description=__doc__,
-    )
+    cfg = parse()
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     if isinstance(cfg, PermutedMNISTConfig):
