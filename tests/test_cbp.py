@@ -1,6 +1,7 @@
 """Continual backprop against Algorithm 1 and equation (1), computed independently."""
 
 import copy
+import io
 import math
 
 import numpy as np
@@ -275,6 +276,70 @@ def test_conv_flatten_batchnorm_units():
     assert torch.equal(net[1].running_mean[keep], old[1].running_mean[keep])
     m = opt.state[params["0.weight"]]["momentum_buffer"]
     assert (m[c0] == 0).all() and torch.equal(m[keep], old_momentum["0.weight"][keep])
+
+
+def test_released_count_rule_draws_one_unit_with_probability_rho_times_eligible():
+    """accumulate=False (the paper's PPO code): each step and layer, with E eligible units,
+    one unit is replaced with probability rho * E when rho * E < 1 (a host draw from
+    numpy's default_rng(seed), in layer order), floor(rho * E) units otherwise; nothing carries
+    over between steps."""
+    net = mlp([3, 10, 10, 1], seed=4)
+    cbp = ContinualBackprop(
+        net, None, replacement_rate=0.02, maturity_threshold=0, accumulate=False, seed=11
+    )
+    net(torch.randn(5, 3, dtype=torch.float64))
+    rng = np.random.default_rng(11)
+    counts = []
+    for _ in range(500):
+        expected = sum(int(rng.random() < 0.02 * 10) for _ in range(2))  # E = 10 per layer
+        counts.append(cbp.step())
+        assert counts[-1] == expected
+    assert 100 < sum(counts) < 300  # 2 layers x 500 steps x 0.2 = 200 in expectation
+    assert max(counts) <= 2
+
+    # rho * E >= 1: floor(0.25 * 10) = 2 per layer every step, where Algorithm 1's
+    # accumulated count gives 2, 3, 2, 3
+    h = [torch.rand(5, 10, dtype=torch.float64)] * 2
+    totals = {}
+    for accumulate in (False, True):
+        op = ContinualBackprop(
+            mlp([3, 10, 10, 1], seed=4),
+            None,
+            replacement_rate=0.25,
+            maturity_threshold=0,
+            accumulate=accumulate,
+        )
+        totals[accumulate] = [op.step(h) for _ in range(4)]
+    assert totals == {False: [4, 4, 4, 4], True: [4, 6, 4, 6]}
+    shapes = [(2, 6, 4), (2, 6), (2, 5, 6), (2, 5), (2, 2, 5)]
+    two = stacked_layers([torch.zeros(s, dtype=torch.float64) for s in shapes], 1)
+    with pytest.raises(ValueError, match="one network only"):
+        ContinualBackprop(two, None, accumulate=False, seed=[0, 1])
+
+
+def test_released_count_rule_resumes_exactly():
+    def run(cbp, n):
+        return [cbp.step() for _ in range(n)]
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    a_net = mlp([3, 10, 10, 1], seed=4)
+    a = ContinualBackprop(
+        a_net, None, replacement_rate=0.03, maturity_threshold=2, accumulate=False
+    )
+    a_net(x)
+    run(a, 50)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)  # as the trainers checkpoint it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    rest = run(a, 200)
+    b_net = mlp([3, 10, 10, 1], seed=4)
+    b = ContinualBackprop(
+        b_net, None, replacement_rate=0.03, maturity_threshold=2, accumulate=False
+    )
+    b_net(x)
+    b.load_state_dict(saved)
+    assert run(b, 200) == rest and sum(rest) > 0
 
 
 def test_resnet_replaces_channels_everywhere_and_keeps_outputs():
