@@ -440,7 +440,48 @@ def test_incremental_cifar_learns(tmp_path):
     assert row["classes"] == 2
     assert row["accuracy"] >= 0.85  # chance is 0.5, 8 test images
     assert row["best_validation_accuracy"] >= 0.85 and row["best_epoch"] > 0
+    # the restored weights are those of one of the epochs the maximum runs over
+    assert row["accuracy"] <= row["max_test_accuracy_over_epochs"] <= 1
     assert 0 <= row["dead_percentage"] <= 100 and 1 <= row["stable_rank"] <= 8
+
+
+def test_incremental_cifar_reports_the_max_test_accuracy_over_epochs(tmp_path, monkeypatch):
+    """``max_test_accuracy_over_epochs`` is the largest of the test accuracies measured after
+    the epochs: the evaluation is wrapped so that after each epoch it returns scripted counts
+    of correct test images, peaking in the middle, while ``accuracy`` stays the real accuracy
+    of the restored weights."""
+    from ppo_cbp.benchmarks import incremental_cifar
+
+    write_cifar(tmp_path / "cifar" / "cifar-100-python", classes=(0, 1), train_per_class=8)
+    cfg = cifar_cfg(
+        tmp_path,
+        "max",
+        images_per_class=4,
+        validation_per_class=4,
+        test_per_class=3,  # 6 test images, told apart from the 8 validation images by number
+        epochs=4,
+        batch_size=8,
+    )
+    scripted = [1, 5, 2, 3]  # correct test images after each epoch
+    calls, real = [], []
+    evaluate = incremental_cifar.count_correct
+
+    def scripted_test(net, x, y, batch, num_logits=None):
+        correct = evaluate(net, x, y, batch, num_logits)
+        if x.shape[0] != 6:
+            return correct
+        calls.append(x.shape[0])
+        if len(calls) <= len(scripted):
+            return torch.tensor(scripted[len(calls) - 1])
+        real.append(correct.item() / 6)
+        return correct
+
+    monkeypatch.setattr(incremental_cifar, "count_correct", scripted_test)
+    run_incremental_cifar(cfg)
+    (row,) = read_rows(cfg.out, 0)
+    assert len(calls) == cfg.epochs + 1 and len(real) == 1
+    assert row["max_test_accuracy_over_epochs"] == 5 / 6
+    assert row["accuracy"] == real[0]
 
 
 def test_incremental_cifar_resume_is_exact(tmp_path):
