@@ -278,16 +278,17 @@ def test_conv_flatten_batchnorm_units():
     assert (m[c0] == 0).all() and torch.equal(m[keep], old_momentum["0.weight"][keep])
 
 
-def test_released_count_rule_draws_one_unit_with_probability_rho_times_eligible():
+@pytest.mark.parametrize("device", DEVICES)
+def test_released_count_rule_draws_one_unit_with_probability_rho_times_eligible(device):
     """accumulate=False (the paper's PPO code): each step and layer, with E eligible units,
     one unit is replaced with probability rho * E when rho * E < 1 (a host draw from
     numpy's default_rng(seed), in layer order), floor(rho * E) units otherwise; nothing carries
     over between steps."""
-    net = mlp([3, 10, 10, 1], seed=4)
+    net = mlp([3, 10, 10, 1], device, seed=4)
     cbp = ContinualBackprop(
         net, None, replacement_rate=0.02, maturity_threshold=0, accumulate=False, seed=11
     )
-    net(torch.randn(5, 3, dtype=torch.float64))
+    net(torch.randn(5, 3, dtype=torch.float64, device=device))
     rng = np.random.default_rng(11)
     counts = []
     for _ in range(500):
@@ -299,11 +300,11 @@ def test_released_count_rule_draws_one_unit_with_probability_rho_times_eligible(
 
     # rho * E >= 1: floor(0.25 * 10) = 2 per layer every step, where Algorithm 1's
     # accumulated count gives 2, 3, 2, 3
-    h = [torch.rand(5, 10, dtype=torch.float64)] * 2
+    h = [torch.rand(5, 10, dtype=torch.float64, device=device)] * 2
     totals = {}
     for accumulate in (False, True):
         op = ContinualBackprop(
-            mlp([3, 10, 10, 1], seed=4),
+            mlp([3, 10, 10, 1], device, seed=4),
             None,
             replacement_rate=0.25,
             maturity_threshold=0,
@@ -428,9 +429,10 @@ def test_resnet_stem_consumer_sees_the_old_unit_pruned():
 
 
 def _resnet_sgd(model, opt, generator, steps, size=16):
+    device = next(model.parameters()).device
     for _ in range(steps):
-        x = torch.randn(8, 3, size, size, generator=generator)
-        y = torch.randint(0, 10, (8,), generator=generator)
+        x = torch.randn(8, 3, size, size, generator=generator).to(device)
+        y = torch.randint(0, 10, (8,), generator=generator).to(device)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
@@ -442,10 +444,11 @@ def _unit_gradients(layer, i):
     return [layer.weight.grad[i].abs().sum()] + [t.grad[i].abs() for t in norm]
 
 
-def test_resnet_stem_replacement_starts_alive_and_learns():
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet_stem_replacement_starts_alive_and_learns(device):
     torch.manual_seed(2)
     g = torch.Generator().manual_seed(0)
-    model = ResNet18(num_classes=10)
+    model = ResNet18(num_classes=10).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     cbp = ContinualBackprop(model, opt, replacement_rate=0.0, maturity_threshold=0)
     _resnet_sgd(model, opt, g, 1)
@@ -465,7 +468,8 @@ def test_resnet_stem_replacement_starts_alive_and_learns():
     assert (h[:, s] > 0).any()
 
 
-def test_resnet_every_unit_layer_replaced_units_learn_and_stay_while_immature():
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet_every_unit_layer_replaced_units_learn_and_stay_while_immature(device):
     """All 17 unit layers: a replaced unit's output and the gradients of its incoming weights
     and BatchNorm affine pair are non-zero after a few SGD steps; and with one replacement per
     layer at every step, no unit is chosen again while its age is <= the maturity threshold.
@@ -473,7 +477,7 @@ def test_resnet_every_unit_layer_replaced_units_learn_and_stay_while_immature():
     BatchNorm subtracts the batch mean.)"""
     torch.manual_seed(3)
     g = torch.Generator().manual_seed(1)
-    model = ResNet18(num_classes=10)
+    model = ResNet18(num_classes=10).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     m = 3
     cbp = ContinualBackprop(model, opt, replacement_rate=0.0, maturity_threshold=m)
