@@ -32,8 +32,9 @@ which only matters for units whose age is close to the maturity threshold.
 
 The count ``c_l`` accumulates fractions of a unit across steps (the paper's Algorithm 1), so
 over ``n`` steps a layer with ``E`` eligible units replaces ``floor(rho * E * n)`` units. The
-paper's PPO code instead replaced one unit with probability ``rho * E`` each step; the
-expected number is the same.
+paper's PPO code instead replaced, each step, one unit with probability ``rho * E`` when
+``rho * E < 1`` and ``floor(rho * E)`` units otherwise (``accumulate=False``); the expected
+number is the same.
 
 Cost: with ``eta > 0`` a step is a handful of tensor ops per layer (one read of the outgoing
 weights); with ``eta = 0`` nothing is computed on steps that replace nothing. Eligible counts
@@ -47,6 +48,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -114,6 +116,8 @@ class ContinualBackprop:
             released code did not).
         fold_bias: add a replaced unit's bias-corrected mean output times its outgoing weights
             to the consumer's bias, preserving the function in expectation (off in the paper).
+        accumulate: count units to replace as Algorithm 1 (True), or draw each step's count as
+            the paper's PPO code did (False; one network only, host draws from ``seed``).
         seed: seed of the generator that draws new weights; one per network when stacked.
     """
 
@@ -130,6 +134,7 @@ class ContinualBackprop:
         nonlinearity: str | None = None,
         reset_optimizer_state: bool = True,
         fold_bias: bool = False,
+        accumulate: bool = True,
         seed: int | Sequence[int] = 0,
     ):
         if not 0.0 <= replacement_rate <= 1.0:
@@ -152,6 +157,12 @@ class ContinualBackprop:
         first = self.layers[0].weight
         self.num_seeds = self.layers[0].num_seeds
         self.generators = make_generators(seed, self.num_seeds, first.device)
+        self._count_rng = None
+        if not accumulate:
+            if self.num_seeds != 1:
+                raise ValueError("accumulate=False draws one count per step: one network only")
+            # on the host, so drawing a count never waits for the device
+            self._count_rng = np.random.default_rng(int(seed if isinstance(seed, int) else seed[0]))
         self._track_mean = utility == "adaptable_contribution" or fold_bias
 
         def zeros(layer: UnitLayer, dtype: torch.dtype = first.dtype) -> Tensor:
@@ -308,7 +319,13 @@ class ContinualBackprop:
         self._updated_previous = False
         for i, (layer, h) in enumerate(zip(self.layers, activations)):
             eligible = self.num_eligible(i)
-            self.to_replace[i] += self.replacement_rate * eligible
+            expected = self.replacement_rate * eligible
+            if self._count_rng is not None:
+                draw = expected > 0 and self._count_rng.random() < expected
+                k = int(expected) if expected >= 1 else int(draw)
+                self.to_replace[i] = float(k)  # nothing carries over to the next step
+            else:
+                self.to_replace[i] += expected
             # The tolerance keeps decimal rates exact: 0.3 added ten times is 2.9999999999999996.
             k = min(int(self.to_replace[i] + 1e-9), eligible)
             if eta == 0.0 and k == 0 and not self._track_mean:
@@ -392,6 +409,9 @@ class ContinualBackprop:
             "recent": [[list(e) for e in r] for r in self._recent],
             "num_replaced": self.num_replaced,
             "generators": [g.get_state() for g in self.generators],
+            "count_rng": None
+            if self._count_rng is None
+            else _plain(self._count_rng.bit_generator.state),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -409,3 +429,13 @@ class ContinualBackprop:
         self.num_replaced = int(state["num_replaced"])
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s)
+        if self._count_rng is not None:
+            self._count_rng.bit_generator.state = state["count_rng"]
+
+
+def _plain(state: dict[str, Any]) -> dict[str, Any]:
+    """A numpy bit generator's state with Python ints only (loadable with weights_only)."""
+    return {
+        k: _plain(v) if isinstance(v, dict) else (int(v) if isinstance(v, np.integer) else v)
+        for k, v in state.items()
+    }

@@ -16,12 +16,15 @@ Schemes, for a weight of fan-in ``n_in`` and fan-out ``n_out`` (fan = channels x
 ==================  ============================================================
 
 ``gain`` is :func:`torch.nn.init.calculate_gain` of the layer's nonlinearity; ELU, SiLU/swish
-and GELU use the ReLU gain, as in the paper's code. Biases are always initialised to zero.
+and GELU use the ReLU gain, as in the paper's code. A network's biases start at zero unless its
+builder asks :func:`init_layer_` for PyTorch's default bias, U(-1/sqrt(n_in), 1/sqrt(n_in));
+the units that continual backprop and ReDo create always start with a zero bias.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -121,11 +124,32 @@ def init_layer_(
     scheme: str = "kaiming_uniform",
     nonlinearity: str = "relu",
     generator: torch.Generator | None = None,
+    bias: Literal["zero", "torch_default"] = "zero",
 ) -> nn.Module:
-    """Initialise a Linear or Conv layer: weight from ``scheme``, bias zero."""
+    """Initialise a Linear or Conv layer: weight from ``scheme``, then the bias.
+
+    ``bias="zero"``: 0. ``bias="torch_default"``: U(-1/sqrt(n_in), 1/sqrt(n_in)), PyTorch's
+    default for Linear and Conv biases, drawn from ``generator`` after the weight.
+    """
     sample_(layer.weight, scheme, nonlinearity, generator=generator)
     if getattr(layer, "bias", None) is not None:
-        nn.init.zeros_(layer.bias)
+        if bias == "torch_default":
+            bound = 1.0 / math.sqrt(fans(layer.weight.shape)[0])
+            with torch.no_grad():
+                layer.bias.copy_(
+                    sample(
+                        tuple(layer.bias.shape),
+                        "uniform",
+                        bound,
+                        generator=generator,
+                        device=layer.bias.device,
+                        dtype=layer.bias.dtype,
+                    )
+                )
+        elif bias == "zero":
+            nn.init.zeros_(layer.bias)
+        else:
+            raise ValueError(f"unknown bias init {bias!r}; expected 'zero' or 'torch_default'")
     return layer
 
 

@@ -76,19 +76,39 @@ def resnet_unit_layers(model: ResNet18) -> tuple[list[UnitLayer], list[nn.Module
 
     * Inside a block, channel ``i`` of ``conv1`` is an ordinary unit: its outgoing weights are
       input channel ``i`` of ``conv2``, zeroed on replacement, with ``bn1`` reset to (1, 0).
-    * The stem and each block's ``conv2`` write into the residual stream, which reaches many
-      later layers through identity shortcuts, so no single consumer weight carries them. Their
-      BatchNorm's affine pair is the unit's outgoing path: it is reset to (0, 0), silencing the
-      new unit until its scale is learned, just as zero outgoing weights do. ``h`` is the
-      branch's contribution to the stream (the BatchNorm output; the ReLU output for the stem).
+      Right after a replacement the block computes exactly what it did with the old unit
+      pruned.
+    * Each block's ``conv2`` writes into the residual stream, which reaches many later layers
+      through identity shortcuts, so no single consumer weight carries it. Its BatchNorm's
+      affine pair is the unit's outgoing path: it is reset to (0, 0), which silences the new
+      unit exactly as zero outgoing weights do (the old unit pruned). The unit still learns:
+      the shortcut is added before ``relu2``, so the BatchNorm scale gets a gradient. ``h`` is
+      the BatchNorm output, the branch's contribution to the stream.
+    * The stem is followed directly by a ReLU, so a (0, 0) reset would leave its channel at
+      ReLU(0) = 0 with zero gradient forever (PyTorch's ReLU'(0) = 0): a dead unit that CBP
+      would pick again at every later stem replacement. Its BatchNorm is reset to (1, 0)
+      instead, as in the paper's code, and its one weighted consumer, ``blocks[0].conv1``,
+      gets zero weights from it (the outgoing weights that enter its utility; ``h`` is the ReLU
+      output). The stem's output also enters the residual stream through ``blocks[0]``'s
+      identity shortcut, a fixed path with no weight to zero: a unit that is alive there
+      cannot also be absent. So right after a stem replacement the network computes what it
+      did with the old unit's weighted path pruned and, in the residual stream, the old unit's
+      channel replaced by the new unit's output: ``ReLU(BN(conv_new(x)))`` with BatchNorm
+      (1, 0) and running statistics (0, 1), i.e. the standardised response of freshly drawn
+      filters in training mode.
 
-    The downsample shortcuts are never replaced. In both cases the network right after a
-    replacement computes exactly what it did with the old unit pruned.
+    The downsample shortcuts are never replaced.
     """
     conv, bn, relu = model.stem
     layers = [
         UnitLayer(
-            conv.weight, conv.bias, norm=norm_resets(bn, 0.0), init="kaiming_normal", name="stem"
+            conv.weight,
+            conv.bias,
+            out_weight=model.blocks[0].conv1.weight,
+            out_bias=model.blocks[0].conv1.bias,
+            norm=norm_resets(bn),
+            init="kaiming_normal",
+            name="stem",
         )
     ]
     taps: list[nn.Module] = [relu]

@@ -19,14 +19,24 @@ weights (output layers included) and zero biases; a state-independent log-std st
 Friction changes as in the paper (see :mod:`envs.friction`): log-uniform on [0.02, 2.0], at the
 first episode boundary after every 2M steps.
 
-Two deliberate differences from the official code, both switchable:
+Three deliberate differences from the official code (its ``ppo.py``, ``gnt.py`` and
+``run_ppo.py``); ``--paper-exact`` restores the official behaviour for all three:
 
 * ``--bootstrap-truncation`` (default on): at a time-limit truncation the GAE target bootstraps
-  from the value of the final observation. The paper's code, like old CleanRL, treats a
-  truncation as a termination; ``--no-bootstrap-truncation`` reproduces that.
+  from the value of the final observation, since the episode did not end there. The paper's
+  code, like old CleanRL, treats a truncation as a termination (``--no-bootstrap-truncation``).
 * CBP and ReDo zero the Adam moments of the entries they reset (``--reset-optimizer-state``,
-  the core's default); the paper's code used plain Adam and reset nothing
-  (``--no-reset-optimizer-state``).
+  the core's default), so a new unit's first steps are not driven by its predecessor's
+  gradients; the paper's code used plain Adam and reset nothing (``--no-reset-optimizer-state``).
+* CBP counts the units to replace as Algorithm 1 does, carrying fractions of a unit from step to
+  step; the paper's PPO code replaced one unit with probability ``rho * E`` each step
+  (``rho * E`` = 0.0256 for 256 eligible units). The expected number is the same.
+
+What remains different with ``--paper-exact``: gymnasium's v4/v5 environments on MuJoCo 3 in
+place of gym's v3 on mujoco-py (see below), the friction set on every geom rather than through
+the XML default (which every geom of Ant inherits), a friction change already due when exactly
+2M steps have passed (the paper's code waits for more than 2M), and the 1e-8 added to the
+advantages' standard deviation.
 
 Method flags: ``--cbp`` (replacement rate 1e-4, maturity threshold 10,000, decay 0.99,
 contribution utility, applied to both networks after every minibatch step; weight decay 1e-4
@@ -245,6 +255,8 @@ class Args:
     """Shrink & Perturb noise std; default 1e-5."""
     standard_adam: bool = False
     """Standard Adam betas (0.9, 0.999): the paper's failing baseline."""
+    paper_exact: bool = False
+    """The released code's behaviour where the defaults deliberately differ: no bootstrap at time-limit truncations, no optimizer-state reset by CBP/ReDo, and CBP replacing one unit with probability rho * (eligible units) per step instead of accumulating the count (overrides --bootstrap-truncation and --reset-optimizer-state)."""
 
     # ---- friction
     friction_every: int = 2_000_000
@@ -394,6 +406,8 @@ def resolve_args(args: Args) -> Args:
     threads = a.threads or min(a.num_envs, cores or 1)
     return dataclasses.replace(
         a,
+        bootstrap_truncation=a.bootstrap_truncation and not a.paper_exact,
+        reset_optimizer_state=a.reset_optimizer_state and not a.paper_exact,
         adam_beta1=betas[0] if a.adam_beta1 is None else a.adam_beta1,
         adam_beta2=betas[1] if a.adam_beta2 is None else a.adam_beta2,
         weight_decay=weight_decay,
@@ -406,6 +420,7 @@ def _method_tag(a: Args) -> str:
     tags = [t for t, on in (("cbp", a.cbp), ("redo", a.redo), ("l2", a.l2)) if on]
     tags += ["snp"] if a.shrink_perturb else []
     tags += ["stdadam"] if a.standard_adam else []
+    tags += ["exact"] if a.paper_exact else []
     return "+".join(tags) or "ppo"
 
 
@@ -1514,6 +1529,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                     utility=a.utility,
                     init=a.init,
                     reset_optimizer_state=a.reset_optimizer_state,
+                    accumulate=not a.paper_exact,
                     seed=int(seeds[2 + k] % 2**63),
                 )
             elif a.redo:

@@ -1,6 +1,7 @@
 """Continual backprop against Algorithm 1 and equation (1), computed independently."""
 
 import copy
+import io
 import math
 
 import numpy as np
@@ -277,6 +278,71 @@ def test_conv_flatten_batchnorm_units():
     assert (m[c0] == 0).all() and torch.equal(m[keep], old_momentum["0.weight"][keep])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_released_count_rule_draws_one_unit_with_probability_rho_times_eligible(device):
+    """accumulate=False (the paper's PPO code): each step and layer, with E eligible units,
+    one unit is replaced with probability rho * E when rho * E < 1 (a host draw from
+    numpy's default_rng(seed), in layer order), floor(rho * E) units otherwise; nothing carries
+    over between steps."""
+    net = mlp([3, 10, 10, 1], device, seed=4)
+    cbp = ContinualBackprop(
+        net, None, replacement_rate=0.02, maturity_threshold=0, accumulate=False, seed=11
+    )
+    net(torch.randn(5, 3, dtype=torch.float64, device=device))
+    rng = np.random.default_rng(11)
+    counts = []
+    for _ in range(500):
+        expected = sum(int(rng.random() < 0.02 * 10) for _ in range(2))  # E = 10 per layer
+        counts.append(cbp.step())
+        assert counts[-1] == expected
+    assert 100 < sum(counts) < 300  # 2 layers x 500 steps x 0.2 = 200 in expectation
+    assert max(counts) <= 2
+
+    # rho * E >= 1: floor(0.25 * 10) = 2 per layer every step, where Algorithm 1's
+    # accumulated count gives 2, 3, 2, 3
+    h = [torch.rand(5, 10, dtype=torch.float64, device=device)] * 2
+    totals = {}
+    for accumulate in (False, True):
+        op = ContinualBackprop(
+            mlp([3, 10, 10, 1], device, seed=4),
+            None,
+            replacement_rate=0.25,
+            maturity_threshold=0,
+            accumulate=accumulate,
+        )
+        totals[accumulate] = [op.step(h) for _ in range(4)]
+    assert totals == {False: [4, 4, 4, 4], True: [4, 6, 4, 6]}
+    shapes = [(2, 6, 4), (2, 6), (2, 5, 6), (2, 5), (2, 2, 5)]
+    two = stacked_layers([torch.zeros(s, dtype=torch.float64) for s in shapes], 1)
+    with pytest.raises(ValueError, match="one network only"):
+        ContinualBackprop(two, None, accumulate=False, seed=[0, 1])
+
+
+def test_released_count_rule_resumes_exactly():
+    def run(cbp, n):
+        return [cbp.step() for _ in range(n)]
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    a_net = mlp([3, 10, 10, 1], seed=4)
+    a = ContinualBackprop(
+        a_net, None, replacement_rate=0.03, maturity_threshold=2, accumulate=False
+    )
+    a_net(x)
+    run(a, 50)
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)  # as the trainers checkpoint it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    rest = run(a, 200)
+    b_net = mlp([3, 10, 10, 1], seed=4)
+    b = ContinualBackprop(
+        b_net, None, replacement_rate=0.03, maturity_threshold=2, accumulate=False
+    )
+    b_net(x)
+    b.load_state_dict(saved)
+    assert run(b, 200) == rest and sum(rest) > 0
+
+
 def test_resnet_replaces_channels_everywhere_and_keeps_outputs():
     torch.manual_seed(0)
     model = ResNet18(num_classes=10).double()
@@ -292,9 +358,24 @@ def test_resnet_replaces_channels_everywhere_and_keeps_outputs():
     picked = [torch.nonzero(b[0] == 1).flatten() for b in cbp.birth]
     blocks = list(model.blocks)
     with torch.no_grad():
-        conv, bn, _ = pruned.stem
-        bn.weight[picked[0]] = 0
-        bn.bias[picked[0]] = 0
+        # The stem unit: fresh filters, zero bias, BatchNorm (1, 0) with statistics (0, 1), and
+        # zero weights into blocks[0].conv1; the identity shortcut carries the new unit.
+        conv, bn, _ = model.stem
+        s = picked[0]
+        assert not torch.equal(conv.weight[s], old.stem[0].weight[s])
+        assert (conv.bias[s] == 0).all() and (bn.weight[s] == 1).all() and (bn.bias[s] == 0).all()
+        assert (bn.running_mean[s] == 0).all() and (bn.running_var[s] == 1).all()
+        rows = [r for r in range(64) if r not in picked[1].tolist()]  # not redrawn themselves
+        assert (blocks[0].conv1.weight[rows][:, s] == 0).all()
+        # the reference: the old network with the new stem unit in place of the old one and its
+        # weighted path pruned
+        pconv, pbn, _ = pruned.stem
+        for mine, ref in zip(
+            (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
+            (pconv.weight, pconv.bias, pbn.weight, pbn.bias, pbn.running_mean, pbn.running_var),
+        ):
+            ref[s] = mine[s]
+        pruned.blocks[0].conv1.weight[:, s] = 0
         for b, (block, pblock) in enumerate(zip(blocks, pruned.blocks)):
             mid, out = picked[1 + 2 * b], picked[2 + 2 * b]
             rows = [r for r in range(block.conv2.out_channels) if r not in out.tolist()]
@@ -315,6 +396,115 @@ def test_resnet_replaces_channels_everywhere_and_keeps_outputs():
         model.train()
         pruned.train()
         torch.testing.assert_close(model(x), pruned(x), rtol=1e-12, atol=1e-12)
+
+
+def test_resnet_stem_consumer_sees_the_old_unit_pruned():
+    """Right after a stem replacement, blocks[0]'s residual branch computes exactly what the
+    old network's did with the old stem unit silenced (its output set to 0), while the stream
+    itself carries the new unit's output in that channel and the old outputs elsewhere."""
+    torch.manual_seed(1)
+    model = ResNet18(num_classes=10).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    cbp = ContinualBackprop(model, None, replacement_rate=0.0, maturity_threshold=0)
+    model(x)
+    old = copy.deepcopy(model)
+    cbp.to_replace = [1.0] + [0.0] * 16  # one stem unit
+    assert cbp.step() == 1
+    (s,) = torch.nonzero(cbp.birth[0][0] == 1).flatten().tolist()
+    silenced = copy.deepcopy(old)
+    with torch.no_grad():
+        silenced.stem[1].weight[s] = 0  # BatchNorm (0, 0): the old unit's output is 0
+        silenced.stem[1].bias[s] = 0
+    for mode in ("train", "eval"):
+        for net in (model, old, silenced):
+            net.train(mode == "train")
+        with torch.no_grad():
+            stream, stream_old = model.stem(x), old.stem(x)
+            keep = [c for c in range(64) if c != s]
+            torch.testing.assert_close(stream[:, keep], stream_old[:, keep], rtol=0, atol=0)
+            assert (stream[:, s] > 0).any()  # the new unit is alive
+            branch = model.blocks[0].conv1(stream)
+            reference = silenced.blocks[0].conv1(silenced.stem(x))
+            torch.testing.assert_close(branch, reference, rtol=1e-12, atol=1e-12)
+
+
+def _resnet_sgd(model, opt, generator, steps, size=16):
+    device = next(model.parameters()).device
+    for _ in range(steps):
+        x = torch.randn(8, 3, size, size, generator=generator).to(device)
+        y = torch.randint(0, 10, (8,), generator=generator).to(device)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _unit_gradients(layer, i):
+    """|gradient| of the unit's incoming weights and of its BatchNorm scale and shift."""
+    norm = [t for t, _ in layer.norm if t.requires_grad]
+    return [layer.weight.grad[i].abs().sum()] + [t.grad[i].abs() for t in norm]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet_stem_replacement_starts_alive_and_learns(device):
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(0)
+    model = ResNet18(num_classes=10).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cbp = ContinualBackprop(model, opt, replacement_rate=0.0, maturity_threshold=0)
+    _resnet_sgd(model, opt, g, 1)
+    cbp.to_replace = [1.0] + [0.0] * 16
+    assert cbp.step() == 1
+    (s,) = torch.nonzero(cbp.birth[0][0] == 1).flatten().tolist()
+    stem = cbp.layers[0]
+    before = [t[s].clone() for t in (stem.weight, model.stem[1].weight, model.stem[1].bias)]
+    for _ in range(3):
+        _resnet_sgd(model, opt, g, 1)
+        # from the first step on the new unit gets a gradient (through the identity shortcut)
+        assert all(v > 0 for v in _unit_gradients(stem, s))
+    after = [t[s] for t in (stem.weight, model.stem[1].weight, model.stem[1].bias)]
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))
+    assert (model.blocks[0].conv1.weight[:, s] != 0).any()  # its consumer learned to read it
+    h = cbp._recorder.latest()[0]
+    assert (h[:, s] > 0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resnet_every_unit_layer_replaced_units_learn_and_stay_while_immature(device):
+    """All 17 unit layers: a replaced unit's output and the gradients of its incoming weights
+    and BatchNorm affine pair are non-zero after a few SGD steps; and with one replacement per
+    layer at every step, no unit is chosen again while its age is <= the maturity threshold.
+    (The conv bias before a BatchNorm gets no gradient in training mode, for any channel: the
+    BatchNorm subtracts the batch mean.)"""
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(1)
+    model = ResNet18(num_classes=10).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    m = 3
+    cbp = ContinualBackprop(model, opt, replacement_rate=0.0, maturity_threshold=m)
+    assert [layer.name for layer in cbp.layers][:3] == ["stem", "block0.conv1", "block0.conv2"]
+    _resnet_sgd(model, opt, g, m + 1)
+    for _ in range(m + 1):
+        cbp.step()  # ages reach m + 1: every unit is eligible
+    cbp.to_replace = [1.0] * 17
+    assert cbp.step() == 17
+    born = cbp.steps
+    new = [int(torch.nonzero(b[0] == born).flatten()) for b in cbp.birth]
+    _resnet_sgd(model, opt, g, 3)
+    h = cbp._recorder.latest()
+    for i, (layer, unit) in enumerate(zip(cbp.layers, new)):
+        assert (h[i][:, unit] != 0).any(), layer.name
+        assert all(v > 0 for v in _unit_gradients(layer, unit)), layer.name
+
+    # one replacement per layer per step: the units born in the last m steps are never picked
+    for _ in range(2 * m + 2):
+        previous = [b.clone() for b in cbp.birth]
+        cbp.to_replace = [1.0] * 17
+        assert cbp.step() == 17
+        for i, b in enumerate(cbp.birth):
+            (picked,) = torch.nonzero(b[0] == cbp.steps).flatten().tolist()
+            age = cbp.steps - int(previous[i][0, picked])
+            assert age > m, (cbp.layers[i].name, age)
+        _resnet_sgd(model, opt, g, 1)
 
 
 def stacked_layers(params, seed_dims):

@@ -128,11 +128,59 @@ def test_convnet_architecture_and_unit_layers():
     linears = [m for m in net if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 128), (128, 128), (128, 2)]
     assert net(torch.zeros(3, 3, 32, 32)).shape == (3, 2)
-    # PyTorch's default weight bound 1/sqrt(fan_in), biases 0
-    assert convs[0].weight.abs().max() <= 1 / math.sqrt(75) and convs[0].bias.abs().sum() == 0
     cbp = ContinualBackprop(net, None, init="torch_default")
     assert [layer.units for layer in cbp.layers] == [32, 64, 128, 128, 128]
     assert cbp.layers[2].out_group == 4  # 128 channels x 2x2 positions feed the first Linear
+
+
+def test_convnet_starts_with_pytorch_default_weights_and_biases():
+    """Weights and biases of every layer from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's
+    default: within the bound, spread over it (the pooled values' std is bound/sqrt(3) per
+    layer), and the draws those of a generator with the same seed, weight then bias."""
+    net = imagenet_convnet(2, torch.Generator().manual_seed(5))
+    layers = [m for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    fan_ins = [75, 288, 576, 512, 128, 128]
+    g = torch.Generator().manual_seed(5)
+    for layer, fan_in in zip(layers, fan_ins):
+        bound = 1 / math.sqrt(fan_in)
+        w, b = layer.weight.detach().double(), layer.bias.detach().double()
+        for t in (w, b):
+            assert t.abs().max() <= bound
+        # U(-c, c) from the generator: 2c * u - c, in float64 from the same uniform draws
+        expected_w = torch.rand(w.shape, generator=g).double() * 2 * bound - bound
+        expected_b = torch.rand(b.shape, generator=g).double() * 2 * bound - bound
+        torch.testing.assert_close(w, expected_w, rtol=0, atol=1e-7)
+        torch.testing.assert_close(b, expected_b, rtol=0, atol=1e-7)
+        both = torch.cat([w.flatten(), b])
+        assert both.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.25)
+        assert (b != 0).all() and (b.numel() < 32 or b.abs().max() > bound / 2)
+    linear = build_imagenet_learner(
+        resolve_module_method(
+            ImageNetMethodConfig(method="linear"), IMAGENET_DEFAULTS, {"linear": "bp"}
+        ),
+        0,
+        0.9,
+        CPU,
+    )[1]
+    bound = 1 / math.sqrt(3072)
+    assert linear.bias.abs().max() <= bound and (linear.bias != 0).all()
+
+
+def test_convnet_units_created_by_cbp_start_with_zero_bias():
+    """Algorithm 1: a replaced unit's bias is 0; the others keep their default-drawn biases."""
+    net = imagenet_convnet(2, torch.Generator().manual_seed(0))
+    cbp = ContinualBackprop(
+        net, None, replacement_rate=0.0, maturity_threshold=0, init="torch_default"
+    )
+    old = [layer.bias.clone() for layer in cbp.layers]
+    net(torch.randn(4, 3, 32, 32))
+    cbp.to_replace = [3.0] * len(cbp.layers)
+    assert cbp.step() == 3 * len(cbp.layers)
+    for layer, before, birth in zip(cbp.layers, old, cbp.birth):
+        new = birth[0] == 1
+        assert int(new.sum()) == 3
+        assert (layer.bias[new] == 0).all()
+        assert torch.equal(layer.bias[~new], before[~new]) and (before != 0).all()
 
 
 def test_method_defaults():
@@ -143,6 +191,9 @@ def test_method_defaults():
         for m in ("bp", "cbp", "snp", "linear")
     }
     assert all(r.lr == 0.01 for r in imagenet.values())
+    # the released l2.json: step size 0.03, weight decay 3e-6
+    l2 = resolve_module_method(ImageNetMethodConfig(method="l2"), IMAGENET_DEFAULTS, {})
+    assert (l2.lr, l2.weight_decay) == (0.03, 3e-6)
     assert imagenet["cbp"].replacement_rate == 3e-4 and imagenet["cbp"].maturity_threshold == 100
     assert imagenet["linear"].method == "linear" and imagenet["linear"].weight_decay == 0
     cifar = {
@@ -254,7 +305,8 @@ def test_best_weights_restores_the_best_epoch():
 
 def test_cbp_on_the_resnet_keeps_outputs_at_replacement():
     """CBP inside the CIFAR learner: replaced channels leave the network's function equal to
-    the old network with those channels pruned, and their momentum is reset."""
+    the old network with those channels pruned (the stem's: its weighted path pruned and the new
+    unit in its place in the residual stream), and their momentum is reset."""
     method = resolve_module_method(
         CIFARMethodConfig(method="cbp", replacement_rate=1.0, maturity_threshold=0),
         CIFAR_DEFAULTS,
@@ -277,8 +329,11 @@ def test_cbp_on_the_resnet_keeps_outputs_at_replacement():
     pruned = build_resnet(0).double()
     pruned.load_state_dict(old)
     with torch.no_grad():
-        pruned.stem[1].weight[picked[0]] = 0
-        pruned.stem[1].bias[picked[0]] = 0
+        for name in ("stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"):
+            pruned.get_parameter(name)[picked[0]] = model.get_parameter(name)[picked[0]]
+        for name in ("stem.1.running_mean", "stem.1.running_var"):
+            pruned.get_buffer(name)[picked[0]] = model.get_buffer(name)[picked[0]]
+        pruned.blocks[0].conv1.weight[:, picked[0]] = 0
         for b, block in enumerate(pruned.blocks):
             block.conv2.weight[:, picked[1 + 2 * b]] = 0
             block.bn2.weight[picked[2 + 2 * b]] = 0
@@ -289,6 +344,7 @@ def test_cbp_on_the_resnet_keeps_outputs_at_replacement():
         torch.testing.assert_close(model(x), pruned(x), rtol=1e-12, atol=1e-12)
     mom = learner.momentum_buffer(model.blocks[0].conv1.weight)
     assert (mom[c] == 0).all() and (old_momentum[c] != 0).any() and mom.abs().sum() > 0
+    assert (mom[:, picked[0]] == 0).all()  # the stem unit's outgoing weights
 
 
 # ----------------------------------------------------------------------------------------
@@ -384,7 +440,48 @@ def test_incremental_cifar_learns(tmp_path):
     assert row["classes"] == 2
     assert row["accuracy"] >= 0.85  # chance is 0.5, 8 test images
     assert row["best_validation_accuracy"] >= 0.85 and row["best_epoch"] > 0
+    # the restored weights are those of one of the epochs the maximum runs over
+    assert row["accuracy"] <= row["max_test_accuracy_over_epochs"] <= 1
     assert 0 <= row["dead_percentage"] <= 100 and 1 <= row["stable_rank"] <= 8
+
+
+def test_incremental_cifar_reports_the_max_test_accuracy_over_epochs(tmp_path, monkeypatch):
+    """``max_test_accuracy_over_epochs`` is the largest of the test accuracies measured after
+    the epochs: the evaluation is wrapped so that after each epoch it returns scripted counts
+    of correct test images, peaking in the middle, while ``accuracy`` stays the real accuracy
+    of the restored weights."""
+    from ppo_cbp.benchmarks import incremental_cifar
+
+    write_cifar(tmp_path / "cifar" / "cifar-100-python", classes=(0, 1), train_per_class=8)
+    cfg = cifar_cfg(
+        tmp_path,
+        "max",
+        images_per_class=4,
+        validation_per_class=4,
+        test_per_class=3,  # 6 test images, told apart from the 8 validation images by number
+        epochs=4,
+        batch_size=8,
+    )
+    scripted = [1, 5, 2, 3]  # correct test images after each epoch
+    calls, real = [], []
+    evaluate = incremental_cifar.count_correct
+
+    def scripted_test(net, x, y, batch, num_logits=None):
+        correct = evaluate(net, x, y, batch, num_logits)
+        if x.shape[0] != 6:
+            return correct
+        calls.append(x.shape[0])
+        if len(calls) <= len(scripted):
+            return torch.tensor(scripted[len(calls) - 1])
+        real.append(correct.item() / 6)
+        return correct
+
+    monkeypatch.setattr(incremental_cifar, "count_correct", scripted_test)
+    run_incremental_cifar(cfg)
+    (row,) = read_rows(cfg.out, 0)
+    assert len(calls) == cfg.epochs + 1 and len(real) == 1
+    assert row["max_test_accuracy_over_epochs"] == 5 / 6
+    assert row["accuracy"] == real[0]
 
 
 def test_incremental_cifar_resume_is_exact(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tyro
 
 from ppo_cbp import plotting
 from ppo_cbp.plotting import bin_by_step, group_runs, load_runs, mean_and_se, plot_runs
@@ -373,18 +374,76 @@ def test_reproduce_skips_finished_resumes_partial_refuses_conflict(tmp_path, cap
 
 
 def test_reproduce_paper_budget_prints_without_running(tmp_path, capsys):
+    """The printed commands parse with the trainers' own parsers and carry the paper's
+    protocols: Ant with friction changes every 2M steps, Hopper and Walker2d stationary for 100M
+    steps (Extended Data Fig. 5a), each group under a line that names it."""
+    import shlex
+
+    import supervised
+
+    from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig
+    from ppo_cbp.benchmarks.scr import SCRConfig
+    from ppo_cbp.train import Args, resolve_args
+
     runs = tmp_path / "runs"
     assert reproduce.main(["--budget", "paper", "--runs-dir", str(runs)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# Full-scale commands (not run")
-    cmds = lines[1:]
-    assert len(cmds) == 4 + 5 + len(reproduce.PPO_METHODS) * len(reproduce.PAPER_SEEDS)
-    pm = [c for c in cmds if "permuted-mnist" in c]
-    assert all(
-        "--width 2000" in c and "--tasks 800" in c and "--examples-per-task 60000" in c for c in pm
-    )
-    assert all(" 29 " in c for c in pm)  # 30 seeds
-    ppo = [c for c in cmds if "ppo_cbp/train.py" in c]
-    assert all("--env Ant-v4" in c and "--friction-every 2000000" in c for c in ppo)
+    groups: dict[str, list[list[str]]] = {}
+    for line in lines[1:]:
+        if line.startswith("# "):
+            title = line[2:]
+            groups[title] = []
+            continue
+        argv = shlex.split(line)
+        while "=" in argv[0]:  # environment variables in front of the command
+            argv.pop(0)
+        assert argv[0] == "python"
+        groups[title].append(argv[1:])
+    titles = list(groups)
+    assert len(titles) == 5
+    scr, pm, ant, hopper, walker = (groups[t] for t in titles)
+    assert "Slowly-Changing Regression" in titles[0] and "Permuted MNIST" in titles[1]
+    assert "Ant" in titles[2] and "every 2M steps" in titles[2]
+    for t in titles[3:]:
+        assert "without friction changes" in t and "Extended Data Fig. 5a" in t
+    assert "Hopper" in titles[3] and "Walker2d" in titles[4]
+
+    for argv in scr + pm:
+        assert argv[0] == "scripts/supervised.py"
+        cfg = supervised.parse(argv[1:])
+        assert cfg.seeds == list(range(30))
+        if argv in scr:
+            assert isinstance(cfg, SCRConfig) and cfg.examples == 3_000_000
+        else:
+            assert isinstance(cfg, PermutedMNISTConfig)
+            assert (cfg.tasks, cfg.width, cfg.examples_per_task) == (800, 2000, 60_000)
+    assert len(scr) == 4 and len(pm) == 5
+
+    def ppo(argvs):
+        out = []
+        for argv in argvs:
+            assert argv[0] == "ppo_cbp/train.py"
+            out.append(resolve_args(tyro.cli(Args, args=argv[1:])))
+        return out
+
+    n = len(reproduce.PPO_METHODS)
+    assert len(ant) == n * 100 and len(hopper) == len(walker) == n * 30
+    for a in ppo(ant):
+        assert (a.env, a.steps, a.friction_every) == ("Ant-v4", 20_000_000, 2_000_000)
+        assert a.friction_at_episode_boundary and 0 <= a.seed < 100
+    for env, argvs in (("Hopper-v4", hopper), ("Walker2d-v4", walker)):
+        parsed = ppo(argvs)
+        assert all((a.env, a.steps, a.friction_every) == (env, 100_000_000, 0) for a in parsed)
+        assert sorted({a.seed for a in parsed}) == list(range(30))
+        methods = {(a.cbp, a.l2, a.standard_adam) for a in parsed}
+        assert methods == {
+            (False, False, True),
+            (False, False, False),
+            (False, True, False),
+            (True, False, False),
+        }
+    names = [a.run_name for a in ppo(ant + hopper + walker)]
+    assert len(set(names)) == len(names)  # one folder per run
     assert not runs.exists()
     assert reproduce.main(["--launch"]) == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ppo_cbp.train import Args, ConfigError, NonFiniteLossError, main, resolve_args
@@ -205,6 +206,49 @@ def test_paper_defaults():
     assert resolve_args(Args(cbp=True, l2=True)).weight_decay == 1e-3
 
 
+def test_paper_exact_sets_the_released_behaviour():
+    default = resolve_args(Args(cbp=True))
+    assert not default.paper_exact
+    assert default.bootstrap_truncation and default.reset_optimizer_state
+    exact = resolve_args(tyro.cli(Args, args=["--cbp", "--paper-exact"]))
+    assert exact.paper_exact
+    assert not exact.bootstrap_truncation and not exact.reset_optimizer_state
+    # the rest stays the paper's configuration
+    same = {f for f in Args.__dataclass_fields__} - {
+        "paper_exact",
+        "bootstrap_truncation",
+        "reset_optimizer_state",
+    }
+    assert all(getattr(exact, f) == getattr(default, f) for f in same)
+    # each part is also reachable on its own
+    one = resolve_args(Args(cbp=True, bootstrap_truncation=False))
+    assert not one.bootstrap_truncation and one.reset_optimizer_state and not one.paper_exact
+
+
+@pytest.mark.parametrize("paper_exact", [False, True])
+def test_paper_exact_run_keeps_adam_state_and_draws_cbp_counts(tmp_path, paper_exact):
+    """One update of one minibatch, so the run ends right after a CBP step that replaced
+    floor(0.01 * 256) = 2 units per layer: with --paper-exact their Adam moments are left as
+    the step made them (non-zero), by default they are zero; the released count rule keeps its
+    generator in the checkpoint."""
+    kw = dict(cbp=True, maturity_threshold=0, replacement_rate=0.01, paper_exact=paper_exact)
+    kw.update(steps=256, num_minibatches=1, update_epochs=1, env="Hopper-v4")
+    result = main(small(tmp_path, **kw))
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["paper_exact"] is paper_exact
+    assert config["bootstrap_truncation"] is config["reset_optimizer_state"] is (not paper_exact)
+    state = load(result.run_dir)
+    policy = state["resetters"]["policy"]
+    assert (policy["count_rng"] is not None) is paper_exact
+    replaced = torch.nonzero(policy["birth"][0][0] == policy["steps"]).flatten()
+    assert len(replaced) == 2
+    moments = state["optimizer"]["state"][0]  # the policy's first weight matrix
+    for name in ("exp_avg", "exp_avg_sq"):
+        rows = moments[name][replaced]
+        assert (rows.abs().sum(1) > 0).all() if paper_exact else (rows == 0).all()
+        assert moments[name].abs().sum() > 0
+
+
 def test_threads_default_to_one_per_env_up_to_the_cores(tmp_path):
     import os
 
@@ -387,6 +431,7 @@ def test_help_lists_field_docs():
         "--standard-adam",
         "--resume",
         "--no-bootstrap-truncation",
+        "--paper-exact",
     ):
         assert flag in text
     assert "fraction of eligible units replaced per step" in text
