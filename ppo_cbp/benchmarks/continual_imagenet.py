@@ -27,7 +27,10 @@ Metrics per task and seed (one CSV row):
   the weight matrices and kernels, biases excluded);
 * ``units_replaced``: units replaced by CBP/ReDo since the start of the run.
 
-Everything of a task lives on the device; per step there are no host synchronisations
+All seeds of a run train together as one stacked network (:class:`StackedLearner`, S ConvNets
+as grouped convolutions and batched matmuls): each seed keeps its own class pairs, data order,
+initial weights and CBP/ReDo/Shrink & Perturb randomness, and follows the trajectory it follows
+alone. Everything of a task lives on the device; per step there are no host synchronisations
 (correct counts are accumulated as tensors and read at the task's end).
 """
 
@@ -609,12 +612,15 @@ def run_continual_imagenet(
         metrics = convnet_metrics(learner.net, x_train[pick])
         reset_head_(learner)
         correct = torch.zeros(S, dtype=torch.int64, device=device)
+        x_rows = x_train.view(n * S, 3, 32, 32)  # row j * S + s: image j of seed s
         for epoch in range(cfg.epochs):
             perm = torch.stack([torch.randperm(n, generator=g, device=device) for g in shuffles])
+            # one index_select a step gathers every seed's minibatch, seed s's in [:, s]
+            rows = (perm.T * S + seed_index).contiguous()
             last = epoch == cfg.epochs - 1
             for i in range(0, n, cfg.batch_size):
-                idx = perm[:, i : i + cfg.batch_size]
-                c = learner.step(x_train[idx.T, seed_index], y_train[idx])
+                x = x_rows.index_select(0, rows[i : i + cfg.batch_size].view(-1))
+                c = learner.step(x.view(-1, S, 3, 32, 32), y_train[perm[:, i : i + cfg.batch_size]])
                 if last:
                     correct += c
         test_correct = count_correct_per_seed(learner.net, x_test, y_test, 1000).tolist()
