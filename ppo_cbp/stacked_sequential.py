@@ -111,7 +111,7 @@ class StackedSequential(nn.Module):
                 stacked = torch.stack([getattr(ls[i], name).detach() for ls in leaves])
                 index[id(p)] = len(self.params)
                 slots.append(len(self.params))
-                self.params.append(nn.Parameter(stacked.clone()))
+                self.params.append(nn.Parameter(stacked))
             self._layer_params.append((slots[0], slots[1]))
         if len(self.weights()) >= 2:
             units, taps = sequential_unit_layers(nets[0], "torch_default")
@@ -129,8 +129,6 @@ class StackedSequential(nn.Module):
             )
             for u in units
         ]
-        if any(u.norm for u in units):  # pragma: no cover (no norms pass the check above)
-            raise ValueError("normalisation layers are not supported")
 
     def weights(self) -> list[Tensor]:
         """The weight of every Conv2d and Linear layer, ``[S, ...]`` each (biases excluded)."""
