@@ -251,19 +251,21 @@ def test_class_order_and_increments():
 
 def test_head_reset_zeroes_head_and_its_momentum_only():
     method = resolve_module_method(ImageNetMethodConfig(method="bp"), IMAGENET_DEFAULTS, {})
-    learner, head = build_imagenet_learner(method, seed=0, momentum=0.9, device=CPU)
-    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)
+    learner = build_imagenet_learner(method, seeds=[0, 1], momentum=0.9, device=CPU)
+    x, y = torch.randn(8, 2, 3, 32, 32), torch.tensor([[0, 1] * 4, [1, 0] * 4])
     learner.step(x, y)
     before = copy.deepcopy(learner.net.state_dict())
-    reset_head_(learner, head)
-    assert (head.weight == 0).all() and (head.bias == 0).all()
-    assert (learner.momentum_buffer(head.weight) == 0).all()
-    assert (learner.momentum_buffer(head.bias) == 0).all()
-    for name, value in learner.net.state_dict().items():
-        if not name.startswith("14."):
-            assert torch.equal(value, before[name]), name
-    assert (learner.net(x) == 0).all()
-    assert learner.momentum_buffer(learner.net[0].weight).abs().sum() > 0
+    reset_head_(learner)
+    head = learner.net.head()
+    assert all((p == 0).all() for p in head)
+    assert all((learner.momentum_buffer(p) == 0).all() for p in head)
+    head_ids = {id(p) for p in head}
+    for name, p in learner.net.named_parameters():
+        if id(p) not in head_ids:
+            assert torch.equal(p, before[name]), name
+            assert learner.momentum_buffer(p).abs().sum() > 0, name
+    logits, _ = learner.net(x)
+    assert (logits == 0).all()
 
 
 def test_new_head_rows_are_redrawn_like_the_init():

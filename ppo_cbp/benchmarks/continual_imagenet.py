@@ -29,7 +29,10 @@ Metrics per task and seed (one CSV row):
   the weight matrices and kernels, biases excluded);
 * ``units_replaced``: units replaced by CBP/ReDo since the start of the run.
 
-Everything of a task lives on the device; per step there are no host synchronisations
+All seeds of a run train together as one stacked network (:class:`StackedLearner`, S ConvNets
+as grouped convolutions and batched matmuls): each seed keeps its own class pairs, data order,
+initial weights and CBP/ReDo/Shrink & Perturb randomness, and follows the trajectory it follows
+alone. Everything of a task lives on the device; per step there are no host synchronisations
 (correct counts are accumulated as tensors and read at the task's end).
 """
 
@@ -56,6 +59,7 @@ from ppo_cbp.benchmarks.common import (
     config_dict,
     method_flags,
     resolve_device,
+    resolve_dtype,
     resolve_method,
 )
 from ppo_cbp.cbp import ContinualBackprop
@@ -67,12 +71,11 @@ from ppo_cbp.metrics import (
     conv_activations_as_samples,
     dead_unit_mask,
     feature_rank_metrics,
-    layer_weights,
 )
 from ppo_cbp.redo import ReDo
 from ppo_cbp.shrink_perturb import perturb_
 from ppo_cbp.stacked import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
-from ppo_cbp.units import hidden_activations
+from ppo_cbp.stacked_sequential import StackedSequential
 
 TAG_SHUFFLE = 10
 TAG_AUGMENT = 11
@@ -266,16 +269,6 @@ class ModuleLearner:
 
 
 @torch.no_grad()
-def reset_head_(learner: ModuleLearner, head: nn.Linear) -> None:
-    """Zero the output layer's weight and bias, and their SGD momentum."""
-    for p in (head.weight, head.bias):
-        p.zero_()
-        buf = learner.momentum_buffer(p)
-        if buf is not None:
-            buf.zero_()
-
-
-@torch.no_grad()
 def count_correct(
     net: nn.Module, x: Tensor, y: Tensor, batch: int, num_logits: int | None = None
 ) -> Tensor:
@@ -292,25 +285,168 @@ def count_correct(
     return correct
 
 
+class StackedLearner:
+    """S seeds' networks as one :class:`~ppo_cbp.stacked_sequential.StackedSequential`, trained
+    with SGD (momentum, coupled L2) plus the method's operator.
+
+    A step is :meth:`ModuleLearner.step` for every seed at once: the loss is the sum over seeds
+    of each seed's mean cross-entropy on its own minibatch, so every seed's slice of the
+    parameters and of the momentum follows the trajectory of its network trained alone. After
+    the optimizer step, Shrink & Perturb adds ``N(0, noise_std^2)`` to every parameter (seed
+    ``s``'s noise drawn from its own generator, parameter by parameter in the order of the
+    network's ``parameters()``, as :func:`~ppo_cbp.shrink_perturb.perturb_` draws it alone);
+    CBP and ReDo run on the hidden activations of the step's forward pass with one generator
+    per seed.
+    """
+
+    def __init__(
+        self,
+        nets: list[nn.Module],
+        method: ResolvedMethod,
+        *,
+        seeds: list[int],
+        momentum: float,
+        init: str,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if len(nets) != len(seeds):
+            raise ValueError(f"{len(seeds)} seeds need {len(seeds)} networks, got {len(nets)}")
+        self.net = StackedSequential(nets).to(device=device, dtype=dtype)
+        self.seeds = list(seeds)
+        self.method = method
+        self.device = device
+        self._params = list(self.net.parameters())
+        self.opt = torch.optim.SGD(
+            self._params, lr=method.lr, momentum=momentum, weight_decay=method.weight_decay
+        )
+        self.cbp: ContinualBackprop | None = None
+        self.redo: ReDo | None = None
+        if method.method == "cbp":
+            self.cbp = ContinualBackprop(
+                self.net.unit_layers(init),
+                self.opt,
+                replacement_rate=method.replacement_rate,
+                maturity_threshold=method.maturity_threshold,
+                decay_rate=method.decay_rate,
+                utility=method.utility,
+                init=init,
+                seed=[derive_seed(s, TAG_CBP) for s in seeds],
+            )
+        elif method.method == "redo":
+            self.redo = ReDo(
+                self.net.unit_layers(init),
+                self.opt,
+                threshold=method.redo_threshold,
+                period=method.redo_period,
+                init=init,
+                seed=[derive_seed(s, TAG_REDO) for s in seeds],
+            )
+        self.noise: list[torch.Generator] = []
+        self._noise: list[Tensor] = []
+        if method.noise_std > 0:
+            self.noise = [
+                torch.Generator(device=device).manual_seed(derive_seed(s, TAG_NOISE)) for s in seeds
+            ]
+            self._noise = [torch.empty_like(p) for p in self._params]
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One SGD step of every seed on its minibatch; returns the correct predictions per seed.
+
+        ``x``: ``[B, S, 3, 32, 32]`` (seed ``s``'s images in ``x[:, s]``), ``y``: ``[S, B]``.
+        The counts (``[S]``, int64) stay on the device.
+        """
+        logits, hidden = self.net(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            if self.noise:
+                # seed by seed, in each network's own parameter order: its draws alone
+                for s, g in enumerate(self.noise):
+                    for buf in self._noise:
+                        buf[s].normal_(generator=g)
+                torch._foreach_add_(self._params, self._noise, alpha=self.method.noise_std)
+            if self.cbp is not None:
+                self.cbp.step(hidden)
+            elif self.redo is not None:
+                self.redo.step(hidden)
+            return (logits.argmax(-1) == y).sum(1)
+
+    def units_replaced(self) -> list[int]:
+        """Units replaced so far by CBP or ReDo, per seed (a host read)."""
+        if self.cbp is not None:
+            return [self.cbp.num_replaced] * len(self.seeds)
+        if self.redo is not None:
+            return self.redo.replaced.tolist()
+        return [0] * len(self.seeds)
+
+    def momentum_buffer(self, p: Tensor) -> Tensor | None:
+        return self.opt.state.get(p, {}).get("momentum_buffer")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": copy.deepcopy(self.net.state_dict()),
+            "opt": copy.deepcopy(self.opt.state_dict()),
+            "cbp": None if self.cbp is None else self.cbp.state_dict(),
+            "redo": None if self.redo is None else self.redo.state_dict(),
+            "noise": [g.get_state() for g in self.noise],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        if self.cbp is not None:
+            self.cbp.load_state_dict(state["cbp"])
+        if self.redo is not None:
+            self.redo.load_state_dict(state["redo"])
+        for g, s in zip(self.noise, state["noise"], strict=True):
+            g.set_state(s)
+
+
 @torch.no_grad()
-def convnet_metrics(net: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
+def reset_head_(learner: StackedLearner) -> None:
+    """Zero the output layer's weight and bias, and their SGD momentum, in every seed."""
+    for p in learner.net.head():
+        if p is None:
+            continue
+        p.zero_()
+        buf = learner.momentum_buffer(p)
+        if buf is not None:
+            buf.zero_()
+
+
+@torch.no_grad()
+def count_correct_per_seed(net: StackedSequential, x: Tensor, y: Tensor, batch: int) -> Tensor:
+    """Correct predictions per seed (``[S]``, on the device) of ``net`` on ``x``
+    (``[N, S, ...]``) with labels ``y`` (``[N]``, the same for every seed), in chunks."""
+    correct = torch.zeros(net.num_seeds, dtype=torch.int64, device=x.device)
+    for i in range(0, x.shape[0], batch):
+        logits, _ = net(x[i : i + batch])
+        correct += (logits.argmax(-1) == y[i : i + batch]).sum(1)
+    return correct
+
+
+@torch.no_grad()
+def convnet_metrics(net: StackedSequential, x: Tensor) -> dict[str, Tensor]:
     """Dead units per hidden layer, dead fraction, ranks of the last hidden layer, |w| (see
-    the module docstring); tensors on the device."""
+    the module docstring) on ``x`` (``[N, S, ...]``); ``[S]`` tensors on the device."""
     out: dict[str, Tensor] = {}
-    if sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in net) >= 2:
-        hidden = hidden_activations(net, x)
-        dead_total, units = torch.zeros((), dtype=torch.int64, device=x.device), 0
+    _, hidden = net(x)
+    if hidden:
+        dead_total, units = 0, 0
         for i, h in enumerate(hidden, start=1):
-            samples = conv_activations_as_samples(h) if h.dim() == 4 else h
-            dead = dead_unit_mask(samples).sum()
+            samples = conv_activations_as_samples(h) if h.dim() == 5 else h
+            dead = dead_unit_mask(samples).sum(-1)
             out[f"dead_units_{i}"] = dead
-            dead_total += dead
+            dead_total = dead_total + dead
             units += samples.shape[-1]
         out["dead_fraction"] = dead_total.double() / units
         ranks = feature_rank_metrics(hidden[-1])
         out["effective_rank"] = ranks["effective_rank"]
         out["stable_rank"] = ranks["stable_rank"]
-    out["weight_magnitude"] = average_weight_magnitude([w for _, w in layer_weights(net)])
+    out["weight_magnitude"] = average_weight_magnitude(net.weights(), seed_dims=1)
     return out
 
 
@@ -323,7 +459,7 @@ class ContinualImageNetConfig:
     """Continual ImageNet; the defaults are the paper's."""
 
     seeds: list[int] = field(default_factory=lambda: [0])
-    """Seeds (one network each), trained task by task in one process."""
+    """Seeds (one network each), trained together as one stacked network."""
     method: Annotated[ImageNetMethodConfig, tyro.conf.arg(name="")] = field(
         default_factory=ImageNetMethodConfig
     )
@@ -353,6 +489,8 @@ class ContinualImageNetConfig:
     """Output folder."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Floating dtype of the networks and images."""
     resume: bool = False
     """Continue the run saved in --out."""
     checkpoint_every: int = 1
@@ -378,15 +516,27 @@ def _validate(cfg: ContinualImageNetConfig) -> None:
 
 
 def build_imagenet_learner(
-    method: ResolvedMethod, seed: int, momentum: float, device: torch.device
-) -> tuple[ModuleLearner, nn.Linear]:
-    """The seed's network (initialised from its own generator) with its optimizer and operator."""
-    g = torch.Generator().manual_seed(derive_seed(seed, TAG_INIT))
-    net = linear_network(2, g) if method.method == "linear" else imagenet_convnet(2, g)
-    learner = ModuleLearner(
-        net, method, seed=seed, momentum=momentum, init="torch_default", device=device
+    method: ResolvedMethod,
+    seeds: list[int],
+    momentum: float,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> StackedLearner:
+    """The seeds' networks, each initialised from its own generator as if alone, stacked, with
+    their optimizer and operator."""
+    nets = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(derive_seed(seed, TAG_INIT))
+        nets.append(linear_network(2, g) if method.method == "linear" else imagenet_convnet(2, g))
+    return StackedLearner(
+        nets,
+        method,
+        seeds=seeds,
+        momentum=momentum,
+        init="torch_default",
+        device=device,
+        dtype=dtype,
     )
-    return learner, net[-1]
 
 
 def run_continual_imagenet(
@@ -394,12 +544,15 @@ def run_continual_imagenet(
 ) -> dict[str, Any]:
     """Run (or resume) Continual ImageNet; returns the summary written to ``summary.json``.
 
-    ``stop_after``: return after this many tasks of this call (for interrupting in tests).
+    All seeds train together as one stacked network (:class:`StackedLearner`), each on its own
+    class pairs and data order. ``stop_after``: return after this many tasks of this call (for
+    interrupting in tests).
     """
     seeds = check_seeds(cfg.seeds)
     method = resolve_module_method(cfg.method, DEFAULTS, {"linear": "bp"})
     _validate(cfg)
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
     outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
     data = load_imagenet32(
@@ -413,32 +566,36 @@ def run_continual_imagenet(
         channel_std=std.tolist(),
     )
     pairs = [class_pairs(seed, cfg.tasks, data.num_classes) for seed in seeds]
-    learners, heads, shuffles = [], [], []
-    for seed in seeds:
-        learner, head = build_imagenet_learner(method, seed, cfg.momentum, device)
-        learners.append(learner)
-        heads.append(head)
-        shuffles.append(torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_SHUFFLE)))
+    learner = build_imagenet_learner(method, seeds, cfg.momentum, device, dtype)
+    shuffles = [
+        torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_SHUFFLE)) for seed in seeds
+    ]
 
     start_task = 0
     state = outputs.load_checkpoint() if cfg.resume else None
     if state is not None:
-        for learner, shuffle, s in zip(learners, shuffles, state["seeds"]):
-            learner.load_state_dict(s["learner"])
-            shuffle.set_state(s["shuffle"])
+        learner.load_state_dict(state["learner"])
+        for shuffle, s in zip(shuffles, state["shuffles"], strict=True):
+            shuffle.set_state(s)
         start_task = int(state["task"])
     S = len(seeds)
     outputs.start(f"continual_imagenet {method.method}, {S} seed(s)")
 
+    # float32 statistics, also for float64 networks: the same inputs whatever the dtype
     mean32, std32 = mean.float().tolist(), std.float().tolist()
 
     def on_device(images: Tensor) -> Tensor:
-        x = images.reshape(-1, 3, 32, 32).to(device, non_blocking=True).float().mul_(data.scale)
+        x = images.reshape(-1, 3, 32, 32).to(device, non_blocking=True).to(dtype).mul_(data.scale)
         return normalize(x, mean32, std32)
+
+    def both_classes(split: Tensor, task: int) -> Tensor:
+        """The task's images of every seed, ``[N, S, 3, 32, 32]``, seed ``s``'s in ``[:, s]``."""
+        return torch.stack([on_device(split[list(map(int, p[task]))]) for p in pairs], dim=1)
 
     n_train, n_test = cfg.images_per_class, cfg.test_images_per_class
     y_train = torch.arange(2, device=device).repeat_interleave(n_train)
     y_test = torch.arange(2, device=device).repeat_interleave(n_test)
+    seed_index = torch.arange(S, device=device)
     steps_per_epoch = -(-2 * n_train // cfg.batch_size)
     bar = tqdm(
         total=cfg.tasks * S,
@@ -450,39 +607,44 @@ def run_continual_imagenet(
     t0 = time.perf_counter()
     done = 0
     for task in range(start_task, cfg.tasks):
+        x_train = both_classes(data.train, task)
+        x_test = both_classes(data.test, task)
+        n = x_train.shape[0]
+        m = min(cfg.metric_examples, n)
+        pick = torch.linspace(0, n - 1, m, device=device).long()
+        metrics = convnet_metrics(learner.net, x_train[pick])
+        reset_head_(learner)
+        correct = torch.zeros(S, dtype=torch.int64, device=device)
+        x_rows = x_train.view(n * S, 3, 32, 32)  # row j * S + s: image j of seed s
+        for epoch in range(cfg.epochs):
+            perm = torch.stack([torch.randperm(n, generator=g, device=device) for g in shuffles])
+            # one index_select a step gathers every seed's minibatch, seed s's in [:, s]
+            rows = (perm.T * S + seed_index).contiguous()
+            last = epoch == cfg.epochs - 1
+            for i in range(0, n, cfg.batch_size):
+                x = x_rows.index_select(0, rows[i : i + cfg.batch_size].view(-1))
+                c = learner.step(x.view(-1, S, 3, 32, 32), y_train[perm[:, i : i + cfg.batch_size]])
+                if last:
+                    correct += c
+        test_correct = count_correct_per_seed(learner.net, x_test, y_test, 1000).tolist()
+        train_correct = correct.tolist()
+        host = {k: v.tolist() for k, v in metrics.items()}
+        replaced = learner.units_replaced()
         rows = []
-        for s, learner in enumerate(learners):
+        for s in range(S):
             a, b = (int(c) for c in pairs[s][task])
-            x_train = on_device(data.train[[a, b]])
-            x_test = on_device(data.test[[a, b]])
-            m = min(cfg.metric_examples, x_train.shape[0])
-            pick = torch.linspace(0, x_train.shape[0] - 1, m, device=device).long()
-            metrics = convnet_metrics(learner.net, x_train[pick])
-            reset_head_(learner, heads[s])
-            learner.net.train()
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            for epoch in range(cfg.epochs):
-                perm = torch.randperm(x_train.shape[0], generator=shuffles[s], device=device)
-                last = epoch == cfg.epochs - 1
-                for i in range(0, x_train.shape[0], cfg.batch_size):
-                    idx = perm[i : i + cfg.batch_size]
-                    c = learner.step(x_train[idx], y_train[idx])
-                    if last:
-                        correct += c
-            test_correct = count_correct(learner.net, x_test, y_test, 1000)
-            host = {k: v.item() for k, v in metrics.items()}
             rows.append(
                 {
                     "task": task,
                     "class_a": a,
                     "class_b": b,
-                    "accuracy": test_correct.item() / x_test.shape[0],
-                    "train_accuracy": correct.item() / x_train.shape[0],
-                    **host,
-                    "units_replaced": learner.units_replaced(),
+                    "accuracy": test_correct[s] / x_test.shape[0],
+                    "train_accuracy": train_correct[s] / n,
+                    **{k: v[s] for k, v in host.items()},
+                    "units_replaced": replaced[s],
                 }
             )
-            bar.update(1)
+        bar.update(S)
         outputs.append(rows)
         done += 1
         last_task = task == cfg.tasks - 1
@@ -490,10 +652,8 @@ def run_continual_imagenet(
             outputs.save_checkpoint(
                 {
                     "task": task + 1,
-                    "seeds": [
-                        {"learner": lr.state_dict(), "shuffle": g.get_state()}
-                        for lr, g in zip(learners, shuffles)
-                    ],
+                    "learner": learner.state_dict(),
+                    "shuffles": [g.get_state() for g in shuffles],
                 }
             )
         if done == stop_after:

@@ -1,0 +1,208 @@
+"""S copies of a small ``nn.Sequential`` network trained in lockstep as one stacked network.
+
+On a GPU a small network's step costs what its kernel launches cost, whatever the batch, so S
+seeds stacked into one network train S times as many images per launch. Every parameter of
+:class:`StackedSequential` carries a leading seed dimension, and seed ``s``'s slice ``[s]``
+holds exactly the tensor of its network alone:
+
+* a Conv2d's weight ``[S, C_out, C_in, kh, kw]`` and bias ``[S, C_out]`` run as one grouped
+  convolution (``groups=S``) on the seed-major channel layout ``[B, S * C, H, W]``: channel
+  ``s * C + c`` is channel ``c`` of seed ``s``, and group ``s`` reads only seed ``s``'s
+  channels, so ``weight.view(S * C_out, C_in, kh, kw)`` is the grouped kernel;
+* a Linear's weight ``[S, out, in]`` and bias ``[S, out]`` run as one batched matmul
+  ``z = b + h W^T`` on ``[S, B, in]``;
+* elementwise activations and pooling act per channel and are applied as they are;
+* a channel-major Flatten of ``[B, S * C, H, W]`` is ``view(B, S, C * H * W)`` with the seed
+  moved first: each seed's features in the order of its own flatten.
+
+The loss of the stacked network is the sum of the seeds' losses, so the gradient of seed
+``s``'s slice is its own gradient, and any elementwise optimizer (``torch.optim.SGD`` with
+momentum and weight decay) updates each slice exactly as it updates the network alone.
+
+The hidden layers are :class:`~ppo_cbp.units.UnitLayer` views with ``seed_dims=1`` of the
+stacked parameters themselves (so the optimizer's state is found by parameter), and
+:meth:`StackedSequential.forward` returns their activations ``[S, B, C, H, W]`` or
+``[S, B, units]`` for :class:`~ppo_cbp.cbp.ContinualBackprop` and :class:`~ppo_cbp.redo.ReDo`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ppo_cbp.units import UnitLayer, _leaves, sequential_unit_layers
+
+__all__ = ["StackedSequential"]
+
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SiLU,
+    nn.GELU,
+    nn.SELU,
+    nn.Identity,
+)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _signature(m: nn.Module) -> tuple:
+    """What must agree between the stacked networks' modules at one position."""
+    shapes = tuple(tuple(p.shape) for p in m.parameters(recurse=False))
+    return (type(m), repr(m), shapes)
+
+
+class StackedSequential(nn.Module):
+    """S networks of the same architecture as one network (see the module docstring).
+
+    Args:
+        nets: the S networks, each an ``nn.Sequential`` (nested ones are flattened) of
+            Conv2d (no groups or dilation, zero padding), Linear, elementwise activations,
+            max or average pooling and ``Flatten()``, ending in a Linear. Their parameters
+            are copied (stacked); the networks themselves are not kept.
+    """
+
+    def __init__(self, nets: Sequence[nn.Module]):
+        super().__init__()
+        if not nets:
+            raise ValueError("no networks to stack")
+        leaves = [_leaves(net) for net in nets]
+        first = leaves[0]
+        for other in leaves[1:]:
+            if [_signature(m) for m in other] != [_signature(m) for m in first]:
+                raise ValueError("the stacked networks must have the same architecture")
+        for m in first:
+            if isinstance(m, nn.Conv2d):
+                if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros":
+                    raise ValueError(f"unsupported convolution {m}")
+            elif isinstance(m, nn.Flatten):
+                if (m.start_dim, m.end_dim) != (1, -1):
+                    raise ValueError(f"unsupported {m}: only Flatten() of whole examples")
+            elif not isinstance(m, (nn.Linear, *_ELEMENTWISE, *_POOLS)):
+                raise ValueError(f"unsupported module {type(m).__name__} in a stacked network")
+        if not isinstance(first[-1], nn.Linear):
+            raise ValueError("the stacked networks must end in a Linear layer")
+        self.num_seeds = len(nets)
+        # the stateless modules of the first network run as they are
+        self._stateless = [m if isinstance(m, (*_ELEMENTWISE, *_POOLS)) else None for m in first]
+        self._kinds = [type(m) for m in first]
+        self._conv_args = [
+            (m.stride, m.padding) if isinstance(m, nn.Conv2d) else None for m in first
+        ]
+        # parameters in the order of the networks' own parameters(): weight, bias per layer
+        self.params = nn.ParameterList()
+        index: dict[int, int] = {}
+        self._layer_params: list[tuple[int, int | None] | None] = []
+        for i, m in enumerate(first):
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                self._layer_params.append(None)
+                continue
+            slots = []
+            for name in ("weight", "bias"):
+                p = getattr(m, name)
+                if p is None:
+                    slots.append(None)
+                    continue
+                stacked = torch.stack([getattr(ls[i], name).detach() for ls in leaves])
+                index[id(p)] = len(self.params)
+                slots.append(len(self.params))
+                self.params.append(nn.Parameter(stacked))
+            self._layer_params.append((slots[0], slots[1]))
+        if len(self.weights()) >= 2:
+            units, taps = sequential_unit_layers(nets[0], "torch_default")
+        else:
+            units, taps = [], []
+        self._taps = [next(i for i, m in enumerate(first) if m is t) for t in taps]
+        self._units = [
+            (
+                index[id(u.weight)],
+                None if u.bias is None else index[id(u.bias)],
+                index[id(u.out_weight)],
+                None if u.out_bias is None else index[id(u.out_bias)],
+                u.out_group,
+                u.nonlinearity,
+            )
+            for u in units
+        ]
+
+    def weights(self) -> list[Tensor]:
+        """The weight of every Conv2d and Linear layer, ``[S, ...]`` each (biases excluded)."""
+        return [self.params[slots[0]] for slots in self._layer_params if slots is not None]
+
+    def head(self) -> tuple[Tensor, Tensor | None]:
+        """The output layer's weight ``[S, out, in]`` and bias ``[S, out]``."""
+        w, b = self._layer_params[-1]
+        return self.params[w], None if b is None else self.params[b]
+
+    def unit_layers(self, init: str) -> list[UnitLayer]:
+        """The hidden layers as seeded :class:`~ppo_cbp.units.UnitLayer` of the stacked
+        parameters; ``init`` is the scheme the networks were initialised with."""
+        p = self.params
+
+        def opt(i: int | None) -> Tensor | None:
+            return None if i is None else p[i]
+
+        return [
+            UnitLayer(
+                weight=p[w],
+                bias=opt(b),
+                out_weight=p[ow],
+                out_group=group,
+                out_bias=opt(ob),
+                init=init,
+                nonlinearity=nonlinearity,
+                seed_dims=1,
+                name=f"layer{i}",
+            )
+            for i, (w, b, ow, ob, group, nonlinearity) in enumerate(self._units)
+        ]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Outputs ``[S, B, out]`` and the hidden activations of every unit layer.
+
+        ``x``: ``[B, S, *example]``, seed ``s``'s examples in ``x[:, s]`` (this layout makes
+        the seed-major channels of the grouped convolutions a view). The hidden activations
+        are ``[S, B, C, H, W]`` (conv) or ``[S, B, units]`` (Linear) views, detached.
+        """
+        S, B = self.num_seeds, x.shape[0]
+        if x.dim() == 5:  # images: seed-major channels
+            h = x.reshape(B, S * x.shape[2], *x.shape[3:])
+            seed_first = False
+        else:
+            h = x.transpose(0, 1)
+            seed_first = True
+        hidden: list[Tensor] = []
+        taps = iter(self._taps)
+        tap = next(taps, None)
+        p = self.params
+        for i, kind in enumerate(self._kinds):
+            slots = self._layer_params[i]
+            if kind is nn.Conv2d:
+                w = p[slots[0]]
+                bias = None if slots[1] is None else p[slots[1]].reshape(-1)
+                stride, padding = self._conv_args[i]
+                h = F.conv2d(h, w.view(-1, *w.shape[2:]), bias, stride, padding, groups=S)
+            elif kind is nn.Linear:
+                w = p[slots[0]].transpose(1, 2)
+                if slots[1] is None:
+                    h = torch.bmm(h, w)
+                else:
+                    h = torch.baddbmm(p[slots[1]].unsqueeze(1), h, w)
+            elif kind is nn.Flatten:
+                if not seed_first:
+                    h = h.reshape(B, S, -1).transpose(0, 1)
+                    seed_first = True
+                else:
+                    h = h.flatten(2)
+            else:
+                h = self._stateless[i](h)
+            if i == tap:
+                d = h.detach()
+                hidden.append(d if seed_first else d.view(B, S, -1, *d.shape[2:]).transpose(0, 1))
+                tap = next(taps, None)
+        return h, hidden
