@@ -154,16 +154,20 @@ def test_convnet_starts_with_pytorch_default_weights_and_biases():
         both = torch.cat([w.flatten(), b])
         assert both.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.25)
         assert (b != 0).all() and (b.numel() < 32 or b.abs().max() > bound / 2)
-    linear = build_imagenet_learner(
+    learner = build_imagenet_learner(
         resolve_module_method(
             ImageNetMethodConfig(method="linear"), IMAGENET_DEFAULTS, {"linear": "bp"}
         ),
-        0,
+        [0, 1],
         0.9,
         CPU,
-    )[1]
+    )
     bound = 1 / math.sqrt(3072)
-    assert linear.bias.abs().max() <= bound and (linear.bias != 0).all()
+    biases = [p for p in learner.net.parameters() if p.dim() == 2]  # [S, classes]
+    assert len(biases) == 1
+    bias = biases[0].detach()
+    assert bias.abs().max() <= bound and (bias != 0).all()
+    assert not torch.equal(bias[0], bias[1])  # each seed draws its own
 
 
 def test_convnet_units_created_by_cbp_start_with_zero_bias():
