@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ppo_cbp import kernels
 from ppo_cbp.units import (
     ActivationRecorder,
+    FlatUnits,
     StateTensors,
     UnitLayer,
     optimizer_state_tensors,
@@ -154,15 +155,21 @@ class ContinualBackprop:
         self.generators = make_generators(seed, self.num_seeds, first.device)
         self._track_mean = utility == "adaptable_contribution" or fold_bias
 
-        def zeros(layer: UnitLayer, dtype: torch.dtype = first.dtype) -> Tensor:
-            return torch.zeros(self.num_seeds, layer.units, device=first.device, dtype=dtype)
+        # one flat buffer per quantity, each layer's [S, units] block a view of it
+        self._flat = FlatUnits(self.layers)
 
-        self.utility = [zeros(layer) for layer in self.layers]
+        def zeros(dtype: torch.dtype = first.dtype) -> Tensor:
+            return torch.zeros(self._flat.size, device=first.device, dtype=dtype)
+
+        self._utility, self._birth = zeros(), zeros(torch.int64)
+        self._mean = zeros() if self._track_mean else None
+        self.utility = self._flat.views(self._utility)
         """Running utility ``u`` of every unit, ``[S, units]`` per layer."""
-        self.mean_activation = [zeros(layer) for layer in self.layers] if self._track_mean else None
+        self.mean_activation = None if self._mean is None else self._flat.views(self._mean)
         """Running mean activation ``f`` (before bias correction), when it is needed."""
-        self.birth = [zeros(layer, torch.int64) for layer in self.layers]
+        self.birth = self._flat.views(self._birth)
         """Step at which each unit was last (re)initialised; its age is ``steps - birth``."""
+        self._fused: dict[str, Any] | None = None
         self.steps = 0
         self.to_replace = [0.0] * len(self.layers)
         """Accumulated fractional count ``c_l`` of units to replace."""
@@ -304,13 +311,21 @@ class ContinualBackprop:
             self._check_magnitudes(magnitudes)
         self.steps += 1
         eta = self.decay_rate
-        replaced = 0
-        self._updated_previous = False
-        for i, (layer, h) in enumerate(zip(self.layers, activations)):
+        counts = []
+        for i in range(len(self.layers)):
             eligible = self.num_eligible(i)
             self.to_replace[i] += self.replacement_rate * eligible
             # The tolerance keeps decimal rates exact: 0.3 added ten times is 2.9999999999999996.
-            k = min(int(self.to_replace[i] + 1e-9), eligible)
+            counts.append(min(int(self.to_replace[i] + 1e-9), eligible))
+        if not any(counts) and self._kernel_state is None:
+            # nothing to replace: every layer's update at once, in a fixed number of ops
+            if eta > 0.0 or self._track_mean:
+                self._fused_update(activations, magnitudes)
+            return 0
+        replaced = 0
+        self._updated_previous = False
+        for i, (layer, h) in enumerate(zip(self.layers, activations)):
+            k = counts[i]
             if eta == 0.0 and k == 0 and not self._track_mean:
                 self._updated_previous = False
                 continue
@@ -353,6 +368,73 @@ class ContinualBackprop:
             replaced += k
         self.num_replaced += replaced
         return replaced
+
+    def _fused_update(
+        self, activations: Sequence[Tensor], magnitudes: Sequence[tuple[Tensor, Tensor]] | None
+    ) -> None:
+        """:meth:`_update_utility` of every layer at once, on the flat buffers.
+
+        With ``a_i = sum_b mean_p |h - hhat|`` (:meth:`FlatUnits.abs_sums`, ``hhat = 0`` for the
+        contribution utility), ``o_i = sum_k |w_out[k, i]|`` (1 without a consumer) and
+        ``n_i = sum_j |w_in[i, j]|``: ``u <- eta u + (1 - eta) / B * a o`` (contribution) or
+        ``u <- eta u + (1 - eta) fan_in / B * a o / n`` (adaptable contribution), and
+        ``f <- eta f + (1 - eta) / B * sum_b mean_p h``; the same values as the per-layer
+        update up to rounding.
+        """
+        flat, eta = self._flat, self.decay_rate
+        batch, _ = flat.batch_and_positions(activations)
+        state = self._fused
+        if state is None or state["batch"] != batch:
+            state = self._fused = self._fused_state(batch)
+        adaptable = self.utility_type == "adaptable_contribution"
+        out, inc = state["out"], state["in"]
+        if magnitudes is None:
+            flat.out_sums(state["out_blocks"])
+            if adaptable:
+                flat.in_sums(state["in_blocks"])
+        else:
+            given = [(t if t.dim() == 1 else t.reshape(-1)) for pair in magnitudes for t in pair]
+            torch.cat(
+                [g if self.layers[i // 2].out_weight is not None else state["ones"][i // 2]
+                 for i, g in enumerate(given) if i % 2 == 0],
+                out=out,
+            )  # fmt: skip
+            if adaptable:
+                torch.cat(given[1::2], out=inc)
+        x = flat.concat(activations)
+        eta_t = state["eta"]
+        if self._track_mean:
+            self._mean.mul_(eta_t).add_(flat.sums(x), alpha=(1.0 - eta) / batch)
+        center = None
+        if adaptable:
+            age = torch.rsub(self._birth, self.steps)
+            center = self._mean / torch.pow(eta_t, age).neg_().add_(state["one"])
+        product = flat.abs_sums(x, center).mul_(out)
+        if adaptable:
+            self._utility.mul_(eta_t).addcmul_(product.div_(inc), state["coef"])
+        else:
+            self._utility.mul_(eta_t).add_(product, alpha=(1.0 - eta) / batch)
+
+    def _fused_state(self, batch: int) -> dict[str, Any]:
+        """Buffers and constants of :meth:`_fused_update` for minibatches of ``batch``."""
+        flat, u = self._flat, self._utility
+        fan_in = [layer.fan_in for layer in self.layers]
+        ones = [
+            torch.ones(flat.num_seeds * layer.units, dtype=u.dtype, device=u.device)
+            for layer in self.layers
+        ]
+        out, inc = torch.ones_like(u), torch.ones_like(u)  # out stays 1 without a consumer
+        return {
+            "batch": batch,
+            "out": out,
+            "in": inc,
+            "out_blocks": flat.destinations(out),
+            "in_blocks": flat.destinations(inc),
+            "ones": ones,
+            "one": torch.ones((), dtype=u.dtype, device=u.device),
+            "coef": flat.per_layer([(1.0 - self.decay_rate) * n / batch for n in fan_in], u.dtype),
+            "eta": torch.tensor(self.decay_rate, dtype=u.dtype, device=u.device),
+        }
 
     def _check_magnitudes(self, magnitudes: Sequence[tuple[Tensor, Tensor]]) -> None:
         if len(magnitudes) != len(self.layers):
