@@ -170,6 +170,10 @@ class ContinualBackprop:
         self.birth = self._flat.views(self._birth)
         """Step at which each unit was last (re)initialised; its age is ``steps - birth``."""
         self._fused: dict[str, Any] | None = None
+        self._correction: Tensor | None = None
+        self._constants: dict[str, Tensor] | None = None
+        """``1 - eta^age`` of every unit, kept step by step where the adaptable utility needs it
+        on every step (tensor ops); else computed from the ages when units are selected."""
         self.steps = 0
         self.to_replace = [0.0] * len(self.layers)
         """Accumulated fractional count ``c_l`` of units to replace."""
@@ -211,7 +215,36 @@ class ContinualBackprop:
             self._recent_total[layer_index] -= recent.popleft()[1]
         return self.layers[layer_index].units - self._recent_total[layer_index]
 
+    def _keeps_correction(self) -> bool:
+        return (
+            self._kernel_state is None
+            and self.utility_type == "adaptable_contribution"
+            and self.decay_rate > 0.0
+        )
+
+    def _advance_correction(self) -> None:
+        """``1 - eta^age`` one step older: ``c <- c + (1 - eta) (1 - c)``; from the ages at first."""
+        if self._correction is None:
+            eta = torch.tensor(
+                self.decay_rate, dtype=self._utility.dtype, device=self._birth.device
+            )
+            self._correction = torch.pow(eta, torch.rsub(self._birth, self.steps)).neg_().add_(1.0)
+            self._correction_views = self._flat.views(self._correction)
+        else:
+            self._correction.lerp_(self._fused_constants()["one"], 1.0 - self.decay_rate)
+
+    def _fused_constants(self) -> dict[str, Tensor]:
+        if self._constants is None:
+            u = self._utility
+            self._constants = {
+                "one": torch.ones((), dtype=u.dtype, device=u.device),
+                "eta": torch.tensor(self.decay_rate, dtype=u.dtype, device=u.device),
+            }
+        return self._constants
+
     def _bias_correction(self, layer_index: int) -> Tensor:
+        if self._correction is not None:
+            return self._correction_views[layer_index]
         return 1.0 - torch.pow(
             self.decay_rate, self.ages(layer_index).to(self.utility[layer_index].dtype)
         )
@@ -317,6 +350,8 @@ class ContinualBackprop:
             self.to_replace[i] += self.replacement_rate * eligible
             # The tolerance keeps decimal rates exact: 0.3 added ten times is 2.9999999999999996.
             counts.append(min(int(self.to_replace[i] + 1e-9), eligible))
+        if self._keeps_correction():
+            self._advance_correction()
         if not any(counts) and self._kernel_state is None:
             # nothing to replace: every layer's update at once, in a fixed number of ops
             if eta > 0.0 or self._track_mean:
@@ -363,6 +398,8 @@ class ContinualBackprop:
             if self.mean_activation is not None:
                 self.mean_activation[i].scatter_(1, index, 0.0)
             self.birth[i].scatter_(1, index, self.steps)
+            if self._correction is not None:
+                self._correction_views[i].scatter_(1, index, 0.0)
             self._recent[i].append((self.steps, k))
             self._recent_total[i] += k
             replaced += k
@@ -402,13 +439,10 @@ class ContinualBackprop:
             if adaptable:
                 torch.cat(given[1::2], out=inc)
         x = flat.concat(activations)
-        eta_t = state["eta"]
+        eta_t = self._fused_constants()["eta"]
         if self._track_mean:
             self._mean.mul_(eta_t).add_(flat.sums(x), alpha=(1.0 - eta) / batch)
-        center = None
-        if adaptable:
-            age = torch.rsub(self._birth, self.steps)
-            center = self._mean / torch.pow(eta_t, age).neg_().add_(state["one"])
+        center = self._mean / self._correction if adaptable else None
         product = flat.abs_sums(x, center).mul_(out)
         if adaptable:
             self._utility.mul_(eta_t).addcmul_(product.div_(inc), state["coef"])
@@ -431,9 +465,7 @@ class ContinualBackprop:
             "out_blocks": flat.destinations(out),
             "in_blocks": flat.destinations(inc),
             "ones": ones,
-            "one": torch.ones((), dtype=u.dtype, device=u.device),
             "coef": flat.per_layer([(1.0 - self.decay_rate) * n / batch for n in fan_in], u.dtype),
-            "eta": torch.tensor(self.decay_rate, dtype=u.dtype, device=u.device),
         }
 
     def _check_magnitudes(self, magnitudes: Sequence[tuple[Tensor, Tensor]]) -> None:
@@ -474,6 +506,7 @@ class ContinualBackprop:
             "recent": [[list(e) for e in r] for r in self._recent],
             "num_replaced": self.num_replaced,
             "generators": [g.get_state() for g in self.generators],
+            "correction": None if self._correction is None else self._correction.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -491,3 +524,8 @@ class ContinualBackprop:
         self.num_replaced = int(state["num_replaced"])
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s)
+        # recomputed from the ages at the next step if the state has none
+        self._correction = None
+        if state.get("correction") is not None and self._keeps_correction():
+            self._correction = state["correction"].to(self._utility.device, self._utility.dtype)
+            self._correction_views = self._flat.views(self._correction)
