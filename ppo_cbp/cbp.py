@@ -428,7 +428,7 @@ class ContinualBackprop:
         if magnitudes is None:
             flat.out_sums(state["out_blocks"])
             if adaptable:
-                flat.in_sums(state["in_blocks"])
+                inc = flat.in_sums(inc, state["in_blocks"])
         else:
             given = [(t if t.dim() == 1 else t.reshape(-1)) for pair in magnitudes for t in pair]
             torch.cat(

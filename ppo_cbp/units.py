@@ -237,6 +237,9 @@ class FlatUnits:
       ``vector_norm`` per layer written into the layer's block.
     """
 
+    GATHER_LIMIT = 1 << 20
+    """Most weight entries :meth:`in_sums` copies to reduce them in one op."""
+
     def __init__(self, layers: Sequence[UnitLayer]):
         self.layers = list(layers)
         self.num_seeds = self.layers[0].num_seeds
@@ -253,6 +256,7 @@ class FlatUnits:
         self._expand: Tensor | None = None
         self._permute: Tensor | None = None
         self._weight_args: dict[tuple[str, int], tuple] = {}
+        self._rows: tuple | None = None
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Each layer's ``[S, units]`` block of a flat buffer."""
@@ -316,7 +320,13 @@ class FlatUnits:
         """The activations of all layers as one ``[*seed, B, N]`` tensor, for :meth:`sums`."""
         self._layout(hs)
         d = self.seed_dims
-        flat = [h if h.dim() == d + 2 else h.reshape(*h.shape[: d + 1], -1) for h in hs]
+        # view, not reshape: one dispatch instead of two (reshape copies only if it must)
+        flat = [
+            h
+            if h.dim() == d + 2
+            else (h.view if h.is_contiguous() else h.reshape)(*h.shape[: d + 1], -1)
+            for h in hs
+        ]
         return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
 
     def _per_unit(self, per_position: Tensor) -> Tensor:
@@ -380,11 +390,39 @@ class FlatUnits:
             if args is not None:
                 torch.linalg.vector_norm(args[0], 1, dim=args[1], out=dst)
 
-    def in_sums(self, out: Sequence[Tensor]) -> None:
-        """``out[l]`` (:meth:`destinations` of a flat buffer) <- ``sum_j |w_in[i, j]|``."""
-        for i, dst in enumerate(out):
+    def in_sums(self, out: Tensor, blocks: Sequence[Tensor]) -> Tensor:
+        """``sum_j |w_in[i, j]|`` of every unit, a flat buffer.
+
+        Small networks (incoming weights of at most :attr:`GATHER_LIMIT` entries in all, each
+        contiguous): one ``cat`` of the weights, ``abs_`` and a segment sum over each unit's row,
+        a new buffer. Otherwise one ``vector_norm`` per layer into ``blocks``
+        (:meth:`destinations` of ``out``), and ``out`` is returned: copying large weights costs
+        more memory traffic than the launches it saves.
+        """
+        weights = [layer.weight for layer in self.layers]
+        key = tuple(w.data_ptr() for w in weights)
+        if self._rows is None or self._rows[0] != key:
+            rows = None
+            if sum(w.numel() for w in weights) <= self.GATHER_LIMIT and all(
+                w.is_contiguous() for w in weights
+            ):
+                lengths = torch.tensor(
+                    [
+                        layer.fan_in
+                        for layer in self.layers
+                        for _ in range(self.num_seeds * layer.units)
+                    ]
+                )
+                offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+                rows = ([w.view(-1) for w in weights], offsets.to(self.device))
+            self._rows = (key, rows)
+        rows = self._rows[1]
+        if rows is not None:
+            return torch.segment_reduce(torch.cat(rows[0]).abs_(), "sum", offsets=rows[1])
+        for i, dst in enumerate(blocks):
             view, dims = self._args("in", i)
             torch.linalg.vector_norm(view, 1, dim=dims, out=dst)
+        return out
 
 
 def _no_state(p: Tensor) -> list[Tensor]:
