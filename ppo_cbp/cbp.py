@@ -161,8 +161,13 @@ class ContinualBackprop:
         def zeros(dtype: torch.dtype = first.dtype) -> Tensor:
             return torch.zeros(self._flat.size, device=first.device, dtype=dtype)
 
-        self._utility, self._birth = zeros(), zeros(torch.int64)
-        self._mean = zeros() if self._track_mean else None
+        # the running averages side by side: one op decays both
+        n = self._flat.size
+        self._decaying = torch.zeros(
+            2 * n if self._track_mean else n, device=first.device, dtype=first.dtype
+        )
+        self._utility, self._birth = self._decaying[:n], zeros(torch.int64)
+        self._mean = self._decaying[n:] if self._track_mean else None
         self.utility = self._flat.views(self._utility)
         """Running utility ``u`` of every unit, ``[S, units]`` per layer."""
         self.mean_activation = None if self._mean is None else self._flat.views(self._mean)
@@ -440,14 +445,15 @@ class ContinualBackprop:
                 torch.cat(given[1::2], out=inc)
         x = flat.concat(activations)
         eta_t = self._fused_constants()["eta"]
+        self._decaying.mul_(eta_t)
         if self._track_mean:
-            self._mean.mul_(eta_t).add_(flat.sums(x), alpha=(1.0 - eta) / batch)
+            self._mean.add_(flat.sums(x), alpha=(1.0 - eta) / batch)
         center = self._mean / self._correction if adaptable else None
         product = flat.abs_sums(x, center).mul_(out)
         if adaptable:
-            self._utility.mul_(eta_t).addcmul_(product.div_(inc), state["coef"])
+            self._utility.addcmul_(product.div_(inc), state["coef"])
         else:
-            self._utility.mul_(eta_t).add_(product, alpha=(1.0 - eta) / batch)
+            self._utility.add_(product, alpha=(1.0 - eta) / batch)
 
     def _fused_state(self, batch: int) -> dict[str, Any]:
         """Buffers and constants of :meth:`_fused_update` for minibatches of ``batch``."""
