@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from ppo_cbp import kernels
 from ppo_cbp.units import (
     ActivationRecorder,
+    FlatUnits,
     StateTensors,
     UnitLayer,
     optimizer_state_tensors,
@@ -165,15 +166,30 @@ class ContinualBackprop:
             self._count_rng = np.random.default_rng(int(seed if isinstance(seed, int) else seed[0]))
         self._track_mean = utility == "adaptable_contribution" or fold_bias
 
-        def zeros(layer: UnitLayer, dtype: torch.dtype = first.dtype) -> Tensor:
-            return torch.zeros(self.num_seeds, layer.units, device=first.device, dtype=dtype)
+        # one flat buffer per quantity, each layer's [S, units] block a view of it
+        self._flat = FlatUnits(self.layers)
 
-        self.utility = [zeros(layer) for layer in self.layers]
+        def zeros(dtype: torch.dtype = first.dtype) -> Tensor:
+            return torch.zeros(self._flat.size, device=first.device, dtype=dtype)
+
+        # the running averages side by side: one op decays both
+        n = self._flat.size
+        self._decaying = torch.zeros(
+            2 * n if self._track_mean else n, device=first.device, dtype=first.dtype
+        )
+        self._utility, self._birth = self._decaying[:n], zeros(torch.int64)
+        self._mean = self._decaying[n:] if self._track_mean else None
+        self.utility = self._flat.views(self._utility)
         """Running utility ``u`` of every unit, ``[S, units]`` per layer."""
-        self.mean_activation = [zeros(layer) for layer in self.layers] if self._track_mean else None
+        self.mean_activation = None if self._mean is None else self._flat.views(self._mean)
         """Running mean activation ``f`` (before bias correction), when it is needed."""
-        self.birth = [zeros(layer, torch.int64) for layer in self.layers]
+        self.birth = self._flat.views(self._birth)
         """Step at which each unit was last (re)initialised; its age is ``steps - birth``."""
+        self._fused: dict[str, Any] | None = None
+        self._correction: Tensor | None = None
+        self._constants: dict[str, Tensor] | None = None
+        """``1 - eta^age`` of every unit, kept step by step where the adaptable utility needs it
+        on every step (tensor ops); else computed from the ages when units are selected."""
         self.steps = 0
         self.to_replace = [0.0] * len(self.layers)
         """Accumulated fractional count ``c_l`` of units to replace."""
@@ -215,7 +231,36 @@ class ContinualBackprop:
             self._recent_total[layer_index] -= recent.popleft()[1]
         return self.layers[layer_index].units - self._recent_total[layer_index]
 
+    def _keeps_correction(self) -> bool:
+        return (
+            self._kernel_state is None
+            and self.utility_type == "adaptable_contribution"
+            and self.decay_rate > 0.0
+        )
+
+    def _advance_correction(self) -> None:
+        """``1 - eta^age`` one step older: ``c <- c + (1 - eta) (1 - c)``; from the ages at first."""
+        if self._correction is None:
+            eta = torch.tensor(
+                self.decay_rate, dtype=self._utility.dtype, device=self._birth.device
+            )
+            self._correction = torch.pow(eta, torch.rsub(self._birth, self.steps)).neg_().add_(1.0)
+            self._correction_views = self._flat.views(self._correction)
+        else:
+            self._correction.lerp_(self._fused_constants()["one"], 1.0 - self.decay_rate)
+
+    def _fused_constants(self) -> dict[str, Tensor]:
+        if self._constants is None:
+            u = self._utility
+            self._constants = {
+                "one": torch.ones((), dtype=u.dtype, device=u.device),
+                "eta": torch.tensor(self.decay_rate, dtype=u.dtype, device=u.device),
+            }
+        return self._constants
+
     def _bias_correction(self, layer_index: int) -> Tensor:
+        if self._correction is not None:
+            return self._correction_views[layer_index]
         return 1.0 - torch.pow(
             self.decay_rate, self.ages(layer_index).to(self.utility[layer_index].dtype)
         )
@@ -315,9 +360,8 @@ class ContinualBackprop:
             self._check_magnitudes(magnitudes)
         self.steps += 1
         eta = self.decay_rate
-        replaced = 0
-        self._updated_previous = False
-        for i, (layer, h) in enumerate(zip(self.layers, activations)):
+        counts = []
+        for i in range(len(self.layers)):
             eligible = self.num_eligible(i)
             expected = self.replacement_rate * eligible
             if self._count_rng is not None:
@@ -327,7 +371,18 @@ class ContinualBackprop:
             else:
                 self.to_replace[i] += expected
             # The tolerance keeps decimal rates exact: 0.3 added ten times is 2.9999999999999996.
-            k = min(int(self.to_replace[i] + 1e-9), eligible)
+            counts.append(min(int(self.to_replace[i] + 1e-9), eligible))
+        if self._keeps_correction():
+            self._advance_correction()
+        if not any(counts) and self._kernel_state is None:
+            # nothing to replace: every layer's update at once, in a fixed number of ops
+            if eta > 0.0 or self._track_mean:
+                self._fused_update(activations, magnitudes)
+            return 0
+        replaced = 0
+        self._updated_previous = False
+        for i, (layer, h) in enumerate(zip(self.layers, activations)):
+            k = counts[i]
             if eta == 0.0 and k == 0 and not self._track_mean:
                 self._updated_previous = False
                 continue
@@ -365,11 +420,76 @@ class ContinualBackprop:
             if self.mean_activation is not None:
                 self.mean_activation[i].scatter_(1, index, 0.0)
             self.birth[i].scatter_(1, index, self.steps)
+            if self._correction is not None:
+                self._correction_views[i].scatter_(1, index, 0.0)
             self._recent[i].append((self.steps, k))
             self._recent_total[i] += k
             replaced += k
         self.num_replaced += replaced
         return replaced
+
+    def _fused_update(
+        self, activations: Sequence[Tensor], magnitudes: Sequence[tuple[Tensor, Tensor]] | None
+    ) -> None:
+        """:meth:`_update_utility` of every layer at once, on the flat buffers.
+
+        With ``a_i = sum_b mean_p |h - hhat|`` (:meth:`FlatUnits.abs_sums`, ``hhat = 0`` for the
+        contribution utility), ``o_i = sum_k |w_out[k, i]|`` (1 without a consumer) and
+        ``n_i = sum_j |w_in[i, j]|``: ``u <- eta u + (1 - eta) / B * a o`` (contribution) or
+        ``u <- eta u + (1 - eta) fan_in / B * a o / n`` (adaptable contribution), and
+        ``f <- eta f + (1 - eta) / B * sum_b mean_p h``; the same values as the per-layer
+        update up to rounding.
+        """
+        flat, eta = self._flat, self.decay_rate
+        batch, _ = flat.batch_and_positions(activations)
+        state = self._fused
+        if state is None or state["batch"] != batch:
+            state = self._fused = self._fused_state(batch)
+        adaptable = self.utility_type == "adaptable_contribution"
+        out, inc = state["out"], state["in"]
+        if magnitudes is None:
+            flat.out_sums(state["out_blocks"])
+            if adaptable:
+                inc = flat.in_sums(inc, state["in_blocks"])
+        else:
+            given = [(t if t.dim() == 1 else t.reshape(-1)) for pair in magnitudes for t in pair]
+            torch.cat(
+                [g if self.layers[i // 2].out_weight is not None else state["ones"][i // 2]
+                 for i, g in enumerate(given) if i % 2 == 0],
+                out=out,
+            )  # fmt: skip
+            if adaptable:
+                torch.cat(given[1::2], out=inc)
+        x = flat.concat(activations)
+        eta_t = self._fused_constants()["eta"]
+        self._decaying.mul_(eta_t)
+        if self._track_mean:
+            self._mean.add_(flat.sums(x), alpha=(1.0 - eta) / batch)
+        center = self._mean / self._correction if adaptable else None
+        product = flat.abs_sums(x, center).mul_(out)
+        if adaptable:
+            self._utility.addcmul_(product.div_(inc), state["coef"])
+        else:
+            self._utility.add_(product, alpha=(1.0 - eta) / batch)
+
+    def _fused_state(self, batch: int) -> dict[str, Any]:
+        """Buffers and constants of :meth:`_fused_update` for minibatches of ``batch``."""
+        flat, u = self._flat, self._utility
+        fan_in = [layer.fan_in for layer in self.layers]
+        ones = [
+            torch.ones(flat.num_seeds * layer.units, dtype=u.dtype, device=u.device)
+            for layer in self.layers
+        ]
+        out, inc = torch.ones_like(u), torch.ones_like(u)  # out stays 1 without a consumer
+        return {
+            "batch": batch,
+            "out": out,
+            "in": inc,
+            "out_blocks": flat.destinations(out),
+            "in_blocks": flat.destinations(inc),
+            "ones": ones,
+            "coef": flat.per_layer([(1.0 - self.decay_rate) * n / batch for n in fan_in], u.dtype),
+        }
 
     def _check_magnitudes(self, magnitudes: Sequence[tuple[Tensor, Tensor]]) -> None:
         if len(magnitudes) != len(self.layers):
@@ -412,6 +532,7 @@ class ContinualBackprop:
             "count_rng": None
             if self._count_rng is None
             else _plain(self._count_rng.bit_generator.state),
+            "correction": None if self._correction is None else self._correction.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -431,6 +552,11 @@ class ContinualBackprop:
             g.set_state(s)
         if self._count_rng is not None:
             self._count_rng.bit_generator.state = state["count_rng"]
+        # recomputed from the ages at the next step if the state has none
+        self._correction = None
+        if state.get("correction") is not None and self._keeps_correction():
+            self._correction = state["correction"].to(self._utility.device, self._utility.dtype)
+            self._correction_views = self._flat.views(self._correction)
 
 
 def _plain(state: dict[str, Any]) -> dict[str, Any]:

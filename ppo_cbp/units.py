@@ -22,6 +22,7 @@ the same as if it ran alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -211,6 +212,217 @@ class UnitLayer:
                 for g in generators
             ]
         )
+
+
+class FlatUnits:
+    """The units of several layers as one index space, for ops over a whole network at once.
+
+    A per-unit quantity of every layer lives in one flat buffer of ``S * T`` entries (``S``
+    networks, ``T`` units per network), layer after layer: layer ``l``'s block is a contiguous
+    ``[S, units_l]`` view (:meth:`views`), so per-layer code and the CPU kernels see ordinary
+    tensors while an update of the whole network is one elementwise op on the buffer.
+
+    The reductions write into that layout with a number of ops that does not grow with the
+    number of layers, except for one ``vector_norm`` per weight matrix:
+
+    * :meth:`sums` and :meth:`abs_sums`: ``sum_b mean_p h`` and ``sum_b mean_p |h - c|`` per
+      unit, the sum over the ``B`` examples of the minibatch and the mean over the ``P`` spatial
+      positions of a conv channel (``P = 1`` for a Linear unit): one ``cat`` of the activations
+      viewed as ``[*seed, B, n_l]``, one reduction over the batch, one segment mean over each
+      channel's positions (only if some layer has ``P > 1``), one gather of ``c`` onto the
+      positions (only if some layer has ``P > 1`` or ``S > 1``) and one permutation back to the
+      layer-major layout (only if ``S > 1``: the concatenation is seed-major).
+    * :meth:`out_sums` and :meth:`in_sums`: ``sum_k |w_out[k, i]|`` (every outgoing weight: all
+      consumer units, kernel taps and flattened positions) and ``sum_j |w_in[i, j]|``: one
+      ``vector_norm`` per layer written into the layer's block.
+    """
+
+    GATHER_LIMIT = 1 << 20
+    """Most weight entries :meth:`in_sums` copies to reduce them in one op."""
+
+    def __init__(self, layers: Sequence[UnitLayer]):
+        self.layers = list(layers)
+        self.num_seeds = self.layers[0].num_seeds
+        self.seed_dims = self.layers[0].seed_dims
+        if any(layer.seed_dims != self.seed_dims for layer in self.layers):
+            raise ValueError("all layers must have the same seed dimensions")
+        self.units = [layer.units for layer in self.layers]
+        S = self.num_seeds
+        self.starts = [S * sum(self.units[:i]) for i in range(len(self.units))]
+        self.size = S * sum(self.units)
+        self.device = self.layers[0].weight.device
+        self._layout_key: tuple | None = None
+        self._offsets: Tensor | None = None
+        self._expand: Tensor | None = None
+        self._permute: Tensor | None = None
+        self._weight_args: dict[tuple[str, int], tuple] = {}
+        self._rows: tuple | None = None
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Each layer's ``[S, units]`` block of a flat buffer."""
+        S = self.num_seeds
+        return [flat[a : a + S * u].view(S, u) for a, u in zip(self.starts, self.units)]
+
+    def per_layer(self, values: Sequence[float], dtype: torch.dtype) -> Tensor:
+        """A flat buffer holding ``values[l]`` in every entry of layer ``l``."""
+        return torch.cat(
+            [
+                torch.full((self.num_seeds * u,), float(v), dtype=dtype, device=self.device)
+                for v, u in zip(values, self.units)
+            ]
+        )
+
+    # ----------------------------------------------------------------------------------------
+    def batch_and_positions(self, hs: Sequence[Tensor]) -> tuple[int, list[int]]:
+        """Minibatch size and spatial positions per unit of each layer's activations."""
+        d = self.seed_dims
+        batch = hs[0].shape[d]
+        positions = []
+        for layer, h in zip(self.layers, hs):
+            if h.shape[d] != batch or h.shape[d + 1] != layer.units:
+                raise ValueError(
+                    f"{layer.name}: activations of shape {tuple(h.shape)}, expected "
+                    f"[*seed, {batch}, {layer.units}, ...]"
+                )
+            positions.append(math.prod(h.shape[d + 2 :]))
+        return batch, positions
+
+    def _layout(self, hs: Sequence[Tensor]) -> None:
+        """Index tensors for activations of these shapes (rebuilt only when the shapes change)."""
+        key = tuple(tuple(h.shape) for h in hs)
+        if key == self._layout_key:
+            return
+        _, positions = self.batch_and_positions(hs)
+        S, T = self.num_seeds, sum(self.units)
+        # storage index of every unit in seed-major order (the order of a concatenation)
+        storage = torch.cat(
+            [a + torch.arange(S * u).view(S, u) for a, u in zip(self.starts, self.units)],
+            dim=1,
+        )  # [S, T]
+        per_position = torch.cat(
+            [torch.full((u,), p, dtype=torch.int64) for u, p in zip(self.units, positions)]
+        )
+        self._offsets = self._expand = self._permute = None
+        if any(p > 1 for p in positions):
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), per_position.cumsum(0)])
+            if self.seed_dims:
+                offsets = offsets.expand(S, T + 1).contiguous()
+            self._offsets = offsets.to(self.device)
+        if self._offsets is not None or S > 1:
+            self._expand = (
+                storage.repeat_interleave(per_position, dim=1).reshape(-1).to(self.device)
+            )
+        if S > 1:
+            self._permute = torch.argsort(storage.reshape(-1)).to(self.device)
+        self._layout_key = key
+
+    def concat(self, hs: Sequence[Tensor]) -> Tensor:
+        """The activations of all layers as one ``[*seed, B, N]`` tensor, for :meth:`sums`."""
+        self._layout(hs)
+        d = self.seed_dims
+        # view, not reshape: one dispatch instead of two (reshape copies only if it must)
+        flat = [
+            h
+            if h.dim() == d + 2
+            else (h.view if h.is_contiguous() else h.reshape)(*h.shape[: d + 1], -1)
+            for h in hs
+        ]
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
+
+    def _per_unit(self, per_position: Tensor) -> Tensor:
+        """``[*seed, N]`` sums over the batch -> flat buffer of per-unit means over positions."""
+        out = per_position
+        if self._offsets is not None:
+            out = torch.segment_reduce(out, "mean", offsets=self._offsets, axis=-1)
+        if self.seed_dims:
+            out = out.view(-1)
+            if self._permute is not None:
+                out = out.index_select(0, self._permute)
+        return out
+
+    def sums(self, x: Tensor) -> Tensor:
+        """``sum_b mean_p h[b, i, p]`` for every unit of ``x = concat(hs)``: a flat buffer."""
+        return self._per_unit(x.sum(-2))
+
+    def abs_sums(self, x: Tensor, center: Tensor | None = None) -> Tensor:
+        """``sum_b mean_p |h[b, i, p] - center[i]|`` for every unit (``center`` a flat buffer)."""
+        if center is not None:
+            if self._expand is not None:
+                center = center.index_select(0, self._expand)
+                if self.seed_dims:
+                    center = center.view(self.num_seeds, 1, -1)
+            x = x - center
+        return self._per_unit(torch.linalg.vector_norm(x, 1, dim=-2))
+
+    # ----------------------------------------------------------------------------------------
+    def destinations(self, flat: Tensor) -> list[Tensor]:
+        """Each layer's block of a flat buffer shaped as a reduction over its weights returns it."""
+        return [v if self.seed_dims else v[0] for v in self.views(flat)]
+
+    def _args(self, kind: str, i: int) -> tuple | None:
+        """(weight view, reduced dims) for :meth:`out_sums`/:meth:`in_sums`, kept per weight."""
+        layer = self.layers[i]
+        w = layer.out_weight if kind == "out" else layer.weight
+        if w is None:
+            return None
+        cached = self._weight_args.get((kind, i))
+        if cached is not None and cached[0] == w.data_ptr():
+            return cached[1:]
+        d = layer.seed_dims
+        if kind == "in":
+            view, dims = w, tuple(range(d + 1, w.dim()))
+        elif w.dim() - d == 2 and layer.out_group > 1:
+            # channel-major flatten: unit i owns columns i*g .. i*g + g - 1
+            view = w.reshape(*w.shape[: d + 1], layer.units, layer.out_group)
+            dims = (d, d + 2)
+            if view.data_ptr() != w.data_ptr() or not w.is_contiguous():
+                return view, dims  # a copy: made again at every call
+        else:
+            view, dims = w, (d, *range(d + 2, w.dim()))
+        self._weight_args[(kind, i)] = (w.data_ptr(), view, dims)
+        return view, dims
+
+    def out_sums(self, out: Sequence[Tensor]) -> None:
+        """``out[l]`` (:meth:`destinations` of a flat buffer) <- ``sum_k |w_out[k, i]|`` for the
+        layers with a consumer; the others are left as they are."""
+        for i, dst in enumerate(out):
+            args = self._args("out", i)
+            if args is not None:
+                torch.linalg.vector_norm(args[0], 1, dim=args[1], out=dst)
+
+    def in_sums(self, out: Tensor, blocks: Sequence[Tensor]) -> Tensor:
+        """``sum_j |w_in[i, j]|`` of every unit, a flat buffer.
+
+        Small networks (incoming weights of at most :attr:`GATHER_LIMIT` entries in all, each
+        contiguous): one ``cat`` of the weights, ``abs_`` and a segment sum over each unit's row,
+        a new buffer. Otherwise one ``vector_norm`` per layer into ``blocks``
+        (:meth:`destinations` of ``out``), and ``out`` is returned: copying large weights costs
+        more memory traffic than the launches it saves.
+        """
+        weights = [layer.weight for layer in self.layers]
+        key = tuple(w.data_ptr() for w in weights)
+        if self._rows is None or self._rows[0] != key:
+            rows = None
+            if sum(w.numel() for w in weights) <= self.GATHER_LIMIT and all(
+                w.is_contiguous() for w in weights
+            ):
+                lengths = torch.tensor(
+                    [
+                        layer.fan_in
+                        for layer in self.layers
+                        for _ in range(self.num_seeds * layer.units)
+                    ]
+                )
+                offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+                rows = ([w.view(-1) for w in weights], offsets.to(self.device))
+            self._rows = (key, rows)
+        rows = self._rows[1]
+        if rows is not None:
+            return torch.segment_reduce(torch.cat(rows[0]).abs_(), "sum", offsets=rows[1])
+        for i, dst in enumerate(blocks):
+            view, dims = self._args("in", i)
+            torch.linalg.vector_norm(view, 1, dim=dims, out=dst)
+        return out
 
 
 def _no_state(p: Tensor) -> list[Tensor]:
@@ -441,7 +653,12 @@ def sequential_unit_layers(
 
 
 class ActivationRecorder:
-    """Forward hooks that keep the latest output of each given module (detached, no copy)."""
+    """Forward hooks that keep the latest output of each given module (no copy, no op).
+
+    The outputs are kept as they are (still attached to the autograd graph, which the backward
+    pass frees): a ``detach`` per layer would add an op to every forward pass. Read them under
+    ``torch.no_grad()``, as the operators do.
+    """
 
     def __init__(self, modules: Sequence[nn.Module]):
         self.outputs: list[Tensor | None] = [None] * len(modules)
@@ -449,7 +666,7 @@ class ActivationRecorder:
 
     def _hook(self, i: int):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            self.outputs[i] = output.detach()
+            self.outputs[i] = output
 
         return hook
 

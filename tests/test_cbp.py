@@ -705,3 +705,157 @@ def test_unit_magnitudes_match_definition(kind, contiguous):
     expected_in = a.reshape(a.shape[0], -1).mean(1)
     np.testing.assert_allclose(consumer.in_magnitude(layer)[0].numpy(), expected_in, rtol=1e-12)
     np.testing.assert_allclose(consumer.in_magnitude()[0].numpy(), expected_in, rtol=1e-12)
+
+
+class ReferenceCBP:
+    """Algorithm 1 layer by layer in float64, written out plainly: the per-layer definition that
+    the whole-network update must reproduce (same generators, so the same fresh weights)."""
+
+    def __init__(self, layers, rate, maturity, eta, utility, seed):
+        self.layers, self.rate, self.m, self.eta, self.kind = layers, rate, maturity, eta, utility
+        S = layers[0].num_seeds
+        self.u = [torch.zeros(S, layer.units, dtype=torch.float64) for layer in layers]
+        self.f = [torch.zeros(S, layer.units, dtype=torch.float64) for layer in layers]
+        self.birth = [torch.zeros(S, layer.units, dtype=torch.int64) for layer in layers]
+        self.count = [0.0] * len(layers)
+        self.steps = 0
+        seeds = [seed] if isinstance(seed, int) else seed
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def step(self, hs):
+        from ppo_cbp.units import replace_units_
+
+        self.steps += 1
+        eta = self.eta
+        for i, (layer, h) in enumerate(zip(self.layers, hs)):
+            h = layer.seeded(h)
+            dims = (1,) if h.dim() == 3 else (1, 3, 4)
+            age = (self.steps - self.birth[i]).double()
+            corr = 1 - eta**age
+            if self.kind == "adaptable_contribution":
+                self.f[i] = eta * self.f[i] + (1 - eta) * h.mean(dims)
+                shape = (h.shape[0], 1, -1) if h.dim() == 3 else (h.shape[0], 1, -1, 1, 1)
+                act = (h - (self.f[i] / corr).view(shape)).abs().mean(dims)
+                w_in = layer.seeded(layer.weight)
+                act = act / w_in.abs().reshape(*w_in.shape[:2], -1).mean(-1)
+            else:
+                act = h.abs().mean(dims)
+            if layer.out_weight is not None:
+                w = layer.seeded(layer.out_weight).abs()
+                if w.dim() == 3:
+                    out = w.sum(1).view(w.shape[0], layer.units, -1).sum(-1)
+                else:
+                    out = w.sum((1, 3, 4))
+                act = act * out
+            self.u[i] = eta * self.u[i] + (1 - eta) * act
+            eligible = int((age[0] > self.m).sum())
+            self.count[i] += self.rate * eligible
+            k = min(int(self.count[i] + 1e-9), eligible)
+            if k == 0:
+                continue
+            self.count[i] -= k
+            score = (self.u[i] / corr).masked_fill(age <= self.m, float("inf"))
+            index = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
+            replace_units_(layer, index, self.gens)
+            for t in (self.u[i], self.f[i]):
+                t.scatter_(1, index, 0.0)
+            self.birth[i].scatter_(1, index, self.steps)
+
+
+def conv_params(g, lead):
+    shapes = [(4, 2, 3, 3), (4,), (5, 4, 3, 3), (5,), (6, 5 * 4), (6,), (3, 6)]
+    return [torch.randn(*lead, *s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def conv_layers(params, seed_dims):
+    K1, c1, K2, c2, W3, b3, W4 = params
+    return [
+        UnitLayer(K1, c1, out_weight=K2, seed_dims=seed_dims, name="conv1"),
+        UnitLayer(K2, c2, out_weight=W3, out_group=4, seed_dims=seed_dims, name="conv2"),
+        UnitLayer(W3, b3, out_weight=W4, seed_dims=seed_dims, name="fc"),
+    ]
+
+
+def conv_forward(params, x, seed_dims):
+    """x: [*seed, B, 2, 6, 6]; conv 3x3 -> relu -> conv 3x3 (padding 1 -> 4x4 -> pool 2x2) ..."""
+    import torch.nn.functional as F
+
+    K1, c1, K2, c2, W3, b3, W4 = params
+    if seed_dims:
+        alone = [conv_forward([p[s] for p in params], x[s], 0) for s in range(x.shape[0])]
+        return [torch.stack(z) for z in zip(*alone)]
+    h1 = torch.relu(F.conv2d(x, K1, c1))  # 4x4
+    h2 = F.max_pool2d(torch.tanh(F.conv2d(h1, K2, c2, padding=1)), 2)  # 2x2
+    h3 = torch.relu(h2.flatten(1) @ W3.T + b3)
+    return h1, h2, h3
+
+
+@pytest.mark.parametrize("utility", ["contribution", "adaptable_contribution"])
+@pytest.mark.parametrize("seed_dims", [0, 1])
+def test_whole_network_update_equals_per_layer_reference(utility, seed_dims):
+    # conv, conv -> flatten -> Linear and Linear layers; replacements in every layer over 120
+    # steps; the one-op-per-quantity update runs on the steps that replace nothing
+    g = torch.Generator().manual_seed(11)
+    lead = (3,) if seed_dims else ()
+    params = conv_params(g, lead)
+    seeds = [4, 5, 6] if seed_dims else 4
+    kw = dict(replacement_rate=0.02, maturity_threshold=5, decay_rate=0.9, utility=utility)
+    ours_p = [p.clone() for p in params]
+    ref_p = [p.clone() for p in params]
+    cbp = ContinualBackprop(conv_layers(ours_p, seed_dims), None, seed=seeds, **kw)
+    ref = ReferenceCBP(conv_layers(ref_p, seed_dims), 0.02, 5, 0.9, utility, seeds)
+    assert cbp._kernel_state is None  # conv layers: the tensor-op path
+    data = torch.Generator().manual_seed(12)
+    fused_steps = 0
+    for _ in range(120):
+        x = torch.randn(*lead, 7, 2, 6, 6, generator=data, dtype=torch.float64)
+        for ps in (ours_p, ref_p):
+            with torch.no_grad():
+                for p in ps:
+                    p.mul_(0.995)  # stands in for an optimizer step
+        before = cbp.num_replaced
+        cbp.step(conv_forward(ours_p, x, seed_dims))
+        ref.step(conv_forward(ref_p, x, seed_dims))
+        fused_steps += cbp.num_replaced == before
+        for i in range(3):
+            # to 1e-12 of the layer's largest value: |h - hhat| cancels where h is close to hhat
+            scale = float(ref.u[i].abs().max())
+            torch.testing.assert_close(cbp.utility[i], ref.u[i], rtol=1e-12, atol=1e-12 * scale)
+            assert torch.equal(cbp.birth[i], ref.birth[i])
+            if utility == "adaptable_contribution":
+                scale = float(ref.f[i].abs().max())
+                torch.testing.assert_close(
+                    cbp.mean_activation[i], ref.f[i], rtol=1e-12, atol=1e-12 * scale
+                )
+        for a, b in zip(ours_p, ref_p):
+            assert torch.equal(a, b)  # the same units replaced with the same fresh weights
+    assert cbp.num_replaced >= 10 and fused_steps >= 60
+    assert cbp.to_replace == pytest.approx(ref.count, abs=1e-12)
+
+
+@pytest.mark.parametrize("utility", ["contribution", "adaptable_contribution"])
+def test_whole_network_update_state_dict_round_trip_is_exact(utility):
+    def run(split):
+        g = torch.Generator().manual_seed(3)
+        params = conv_params(g, ())
+        kw = dict(replacement_rate=0.02, maturity_threshold=5, decay_rate=0.9, utility=utility)
+        cbp = ContinualBackprop(conv_layers(params, 0), None, seed=1, **kw)
+        data = torch.Generator().manual_seed(4)
+        for t in range(80):
+            if t == split:
+                state = copy.deepcopy(cbp.state_dict())
+                cbp = ContinualBackprop(conv_layers(params, 0), None, seed=99, **kw)
+                cbp.load_state_dict(state)
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(0.995)
+            x = torch.randn(7, 2, 6, 6, generator=data, dtype=torch.float64)
+            cbp.step(conv_forward(params, x, 0))
+        return params, cbp
+
+    (pa, ca), (pb, cb) = run(-1), run(37)
+    assert ca.num_replaced == cb.num_replaced > 0
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    for a, b in zip(ca.utility + ca.birth, cb.utility + cb.birth):
+        assert torch.equal(a, b)
