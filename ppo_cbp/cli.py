@@ -26,7 +26,7 @@ class UsageError(ValueError):
     """Input the user can fix (a value, a path, a run folder's contents): shown as one line."""
 
 
-def report(error: BaseException) -> int:
+def report_error(error: BaseException) -> int:
     """Print ``error: <message>`` (one line) to stderr and return the exit code 2."""
     message = " ".join(str(error).split())
     print(f"error: {message}", file=sys.stderr, flush=True)

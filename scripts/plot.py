@@ -30,7 +30,7 @@ import tyro
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppo_cbp.cli import UsageError, parse, report  # noqa: E402
+from ppo_cbp.cli import UsageError, parse, report_error  # noqa: E402
 from ppo_cbp.plotting import plot_runs  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
         )
     except UsageError as e:
-        return report(e)
+        return report_error(e)
     for r in results:
         groups = ", ".join(f"{g.label} (n={g.n})" for g in r.groups)
         print(f"{r.name}: {groups}")

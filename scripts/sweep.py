@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppo_cbp.cli import UsageError, report  # noqa: E402
+from ppo_cbp.cli import UsageError, report_error  # noqa: E402
 from ppo_cbp.sweep import parse_grid, parse_program, parse_seeds, run_sweep  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except UsageError as e:
-        return report(e)
+        return report_error(e)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130

@@ -554,3 +554,49 @@ def test_unreadable_run_files_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{run / 'config.json'} is unreadable" in err
     assert not (tmp_path / "runs" / "figures").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--budget", "huge"], "'huge'"),
+        (["--scale", "0"], "--scale must be a positive number, got 0.0"),
+        (["--scale", "abc"], "'abc'"),
+        (["--budget", "paper", "--scale", "0.5"], "--scale 0.5 applies to --budget small"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--launch"], "--launch only applies to --budget paper"),
+        (["--only", "mnist"], "'mnist'"),
+        (["--data-dir", "NOPE"], "NOPE/train-images-idx3-ubyte.gz does not exist"),
+        (["--runs-dir", "FILE"], "--runs-dir FILE is a file"),
+        (["--figures", "FILE"], "--figures FILE is a file"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_reproduce_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, names):
+    (tmp_path / "file").write_text("")
+    subs = {"NOPE": str(tmp_path / "nope"), "FILE": str(tmp_path / "file")}
+    argv = [subs.get(a, a) for a in argv] + (
+        ["--dry-run"] if "--runs-dir" in argv or "--figures" in argv else []
+    )
+    argv += [] if "--runs-dir" in argv else ["--runs-dir", str(tmp_path / "runs")]
+    assert reproduce.main(argv) == 2
+    err = capsys.readouterr().err
+    for k, v in subs.items():
+        names = names.replace(k, v)
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_reproduce_unreadable_checkpoint_fails_that_run_only(tmp_path, capsys):
+    exps = reproduce.ppo_experiments(tmp_path, 0.01)
+    bad, good = exps[0], exps[1]
+    bad.run_dir.mkdir()
+    (bad.run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    state, reason = reproduce.run_state(bad)
+    assert state == "conflict" and str(bad.run_dir / "checkpoint.pt") in reason
+    (bad.run_dir / "checkpoint.pt").write_bytes(b"")
+    assert reproduce.run_state(bad)[0] == "conflict"
+    records = reproduce.run_all([bad, good], jobs=1, dry_run=True)
+    assert [r["status"] for r in records] == ["conflict", "dry-run"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"[fail] {bad.name}: ") and "is unreadable" in out[0]
