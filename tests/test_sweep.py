@@ -364,12 +364,26 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path):
         (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--address", "nohost"], "'nohost'"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, words, names):
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, no_ray, words, names):
     sweep_script = _sweep_script()
     assert sweep_script.main([*words, "--runs-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray as if not started (an earlier test's local instance would take the sweep, address
+    or not); starting it fails the test: bad input must be refused before."""
+    ray = pytest.importorskip("ray")
+
+    def init(**kwargs):
+        raise AssertionError(f"ray.init({kwargs}) called for bad input")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    return ray
 
 
 def _sweep_script():
@@ -381,7 +395,7 @@ def _sweep_script():
     return sweep_script
 
 
-def test_unreachable_address_fails_fast_in_one_line(tmp_path, capsys):
+def test_unreachable_address_fails_fast_in_one_line(tmp_path, capsys, no_ray):
     import socket
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
@@ -415,7 +429,7 @@ def test_cluster_asking_for_a_token_is_one_line_naming_what_to_set(
 ):
     import socket
 
-    ray = pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")  # is_initialized and init patched below
     if auth_mode is None:
         monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     else:
