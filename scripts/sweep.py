@@ -13,8 +13,8 @@ snp,redo,stdadam``, combined with ``+``). Seeds: ``0-29``, ``0,3,7`` or several 
 Without ``--address`` a local Ray instance uses this machine's cores (``--num-cpus`` to
 limit it); ``--address <host:port>`` (or ``auto``) joins a running cluster:
 
-    ray start --head --port 6379                      # on the head machine
-    ray start --address HEAD:6379                     # on each worker (token: see below)
+    ray start --head --port 6379                           # on the head machine
+    RAY_AUTH_MODE=token ray start --address HEAD:6379      # on each worker
     RAY_AUTH_MODE=token python scripts/sweep.py ... --address HEAD:6379
 
 Ray 2.60's ``ray start --head`` turns on token authentication: every machine that joins needs
