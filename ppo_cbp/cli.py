@@ -1,9 +1,10 @@
-"""One-line answers to bad input for the command lines.
+"""How the command lines show bad input: one line, exit code 2, no traceback.
 
-A user's mistake (a bad value, a missing file, a clash with what is on disk) is reported as one
-line ``error: <message>`` on stderr with exit code 2, before any work starts and without a
-traceback. The library raises :class:`UsageError` for such input; the scripts catch only it, so
-any other exception, a programming error, keeps its traceback.
+A user's mistake (a bad value, a missing file, a clash with what is on disk) is raised by the
+library as :class:`ppo_cbp.errors.UsageError` and shown as one line ``error: <message>`` on
+stderr with exit code 2, before any work starts; the scripts catch only it, so any other
+exception, a programming error, keeps its traceback. tyro's parse errors, which it draws as a
+box, become such a line too (:func:`parse`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from ppo_cbp.errors import UsageError
+
+__all__ = ["UsageError", "parse", "report_error", "tyro_message"]
+
 T = TypeVar("T")
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _BORDER = "│╭╮╰╯─┃━┏┓┗┛ "
-
-
-class UsageError(ValueError):
-    """Input the user can fix (a value, a path, a run folder's contents): shown as one line."""
 
 
 def report_error(error: BaseException) -> int:

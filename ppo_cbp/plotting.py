@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ppo_cbp.cli import UsageError
+from ppo_cbp.errors import UsageError
 
 # Keys that do not change what is learned (or only how long): removed before grouping.
 IGNORED_KEYS = frozenset(
@@ -265,17 +265,30 @@ def ppo_method(config: dict[str, Any]) -> str:
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
+    """Every column as float64. A last row with a missing or unparsable value is dropped with a
+    note (a running benchmark may be writing it); such a row elsewhere is an error."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        if not rows:
-            return {}
-        return {k: np.array([float(r[k]) for r in rows], dtype=np.float64) for k in rows[0]}
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
-        # TypeError: a short row gives None for the missing fields
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UsageError(
             f"{path} is unreadable ({e}); remove that run folder or fix the file"
         ) from e
+    values: list[list[float]] = []
+    for i, r in enumerate(rows):
+        try:
+            values.append([float(r[k]) for k in rows[0]])
+        except (ValueError, TypeError) as e:  # TypeError: a short row has None for its tail
+            if i == len(rows) - 1:
+                note(f"{path}: last row incomplete (still being written?); skipped")
+                break
+            raise UsageError(
+                f"{path} is unreadable (row {i + 1}: {e}); remove that run folder or fix the file"
+            ) from e
+    if not values:
+        return {}
+    table = np.array(values, dtype=np.float64)
+    return {k: table[:, j] for j, k in enumerate(rows[0])}
 
 
 def _supervised_kind(config: dict[str, Any], columns: dict[str, np.ndarray]) -> str:

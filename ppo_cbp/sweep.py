@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ppo_cbp.cli import UsageError
+from ppo_cbp.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
