@@ -21,15 +21,23 @@ PPO scalars are binned by environment step: bin ``b`` holds the values logged at
 ``s`` with ``b * bin_size < s <= (b + 1) * bin_size`` (step ``s`` counts the steps taken, so an
 episode ending at step ``s`` ended within the first ``s`` steps) and is plotted at
 ``x = (b + 1) * bin_size``. Only complete bins count: a run whose last logged step is ``L``
-has ``floor(L / bin_size)`` bins. Per bin and seed: the mean of the episodic returns ending in
+has ``floor(L / bin_size)`` bins. Without a given ``bin_size`` each figure takes
+:func:`readable_bin` of the shortest of its runs: about 100 bins over the steps all runs cover,
+rounded to 1, 2 or 5 times a power of ten. Per bin and seed: the mean of the episodic returns ending in
 it (NaN if none) and of the plasticity metrics logged in it, and the maximum of
 ``max_weight_change`` (the largest single-update change in the bin, as in Extended Data
 Fig. 5c). Then mean and SE over seeds as above.
+
+A point without data (an empty bin: metrics are logged every few updates, episodes end
+irregularly) is left out of the curve, whose line joins the points on either side; the
+written CSV keeps it with an empty mean. Figures go to ``out_dir``, by default
+``<the run folders' common parent>/figures`` (:func:`default_out_dir`).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
@@ -39,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ppo_cbp.errors import UsageError
 
 # Keys that do not change what is learned (or only how long): removed before grouping.
 IGNORED_KEYS = frozenset(
@@ -160,19 +170,38 @@ def is_run_dir(path: Path) -> bool:
     return any(path.glob("seed_*/metrics.csv")) or any(path.glob("events.out.tfevents.*"))
 
 
-def find_run_dirs(paths: Sequence[Path | str]) -> list[Path]:
-    """Run folders among ``paths`` and below them (a run folder's subfolders are not searched).
+def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
+    """``paths`` with each glob pattern (``*``, ``?``, ``[...]``) that names no existing path
+    replaced by its matches, sorted (a quoted pattern reaches us unexpanded).
 
-    :raises ValueError: for a path that does not exist or holds no run folder.
+    :raises UsageError: for a pattern that matches nothing.
+    """
+    out: list[Path] = []
+    for p in map(str, paths):
+        if glob.has_magic(p) and not os.path.exists(p):
+            matches = sorted(glob.glob(os.path.expanduser(p)))
+            if not matches:
+                raise UsageError(f"no path matches {p}")
+            out += map(Path, matches)
+        else:
+            out.append(Path(p).expanduser())
+    return out
+
+
+def find_run_dirs(paths: Sequence[Path | str]) -> list[Path]:
+    """Run folders among ``paths`` (folders or glob patterns) and below them (a run folder's
+    subfolders are not searched).
+
+    :raises UsageError: for a path that does not exist or holds no run folder.
     """
     if not paths:
-        raise ValueError("no run folders given")
+        raise UsageError("no run folders given")
     found: list[Path] = []
-    for p in map(Path, paths):
+    for p in expand_paths(paths):
         if not p.exists():
-            raise ValueError(f"{p} does not exist")
+            raise UsageError(f"{p} does not exist")
         if not p.is_dir():
-            raise ValueError(f"{p} is not a folder")
+            raise UsageError(f"{p} is not a folder")
         if is_run_dir(p):
             found.append(p)
             continue
@@ -184,12 +213,31 @@ def find_run_dirs(paths: Sequence[Path | str]) -> list[Path]:
                 here.append(r)
                 dirs[:] = []
         if not here:
-            raise ValueError(
+            raise UsageError(
                 f"no run folders under {p}: expected config.json with seed_<s>/metrics.csv "
                 "(supervised benchmarks) or with TensorBoard event files (PPO)"
             )
         found.extend(here)
     return sorted(dict.fromkeys(found))
+
+
+def default_out_dir(run_dirs: Sequence[Path]) -> Path:
+    """``figures`` in the deepest folder that holds all of ``run_dirs`` (a run folder's parent
+    for one run, the sweep's folder for a sweep's trials), beside the runs, not in the code."""
+    parents = [os.path.abspath(Path(d).parent) for d in run_dirs]
+    return Path(os.path.commonpath(parents)) / "figures"
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(
+            f"{path} is unreadable ({e}); remove that run folder or fix the file"
+        ) from e
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is not a JSON object; remove that run folder or fix the file")
+    return config
 
 
 def group_key(config: dict[str, Any]) -> dict[str, Any]:
@@ -217,11 +265,30 @@ def ppo_method(config: dict[str, Any]) -> str:
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
+    """Every column as float64. A last row with a missing or unparsable value is dropped with a
+    note (a running benchmark may be writing it); such a row elsewhere is an error."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(
+            f"{path} is unreadable ({e}); remove that run folder or fix the file"
+        ) from e
+    values: list[list[float]] = []
+    for i, r in enumerate(rows):
+        try:
+            values.append([float(r[k]) for k in rows[0]])
+        except (ValueError, TypeError) as e:  # TypeError: a short row has None for its tail
+            if i == len(rows) - 1:
+                note(f"{path}: last row incomplete (still being written?); skipped")
+                break
+            raise UsageError(
+                f"{path} is unreadable (row {i + 1}: {e}); remove that run folder or fix the file"
+            ) from e
+    if not values:
         return {}
-    return {k: np.array([float(r[k]) for r in rows], dtype=np.float64) for k in rows[0]}
+    table = np.array(values, dtype=np.float64)
+    return {k: table[:, j] for j, k in enumerate(rows[0])}
 
 
 def _supervised_kind(config: dict[str, Any], columns: dict[str, np.ndarray]) -> str:
@@ -237,10 +304,10 @@ def _supervised_kind(config: dict[str, Any], columns: dict[str, np.ndarray]) -> 
 
 def load_supervised(run_dir: Path) -> list[SeedRun]:
     """One :class:`SeedRun` per ``seed_<s>/metrics.csv`` with at least one row."""
-    config = json.loads((run_dir / "config.json").read_text())
+    config = _read_config(run_dir / "config.json")
     summary_path = run_dir / "summary.json"
     if "benchmark" not in config and summary_path.is_file():
-        config = dict(config, benchmark=json.loads(summary_path.read_text()).get("benchmark"))
+        config = dict(config, benchmark=_read_config(summary_path).get("benchmark"))
     resolved = config.get("resolved_method") or config.get("method") or {}
     method = str(resolved.get("method", "bp")) if isinstance(resolved, dict) else str(resolved)
     runs = []
@@ -268,7 +335,7 @@ def load_ppo(run_dir: Path) -> list[SeedRun]:
     """The run's TensorBoard scalars (all of them, every event file in the folder)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = json.loads((run_dir / "config.json").read_text())
+    config = _read_config(run_dir / "config.json")
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     scalars = {}
@@ -296,13 +363,13 @@ def load_ppo(run_dir: Path) -> list[SeedRun]:
 def load_runs(paths: Sequence[Path | str]) -> list[SeedRun]:
     """Every seed of every run folder among and below ``paths``.
 
-    :raises ValueError: when no folder is found or none holds any data yet.
+    :raises UsageError: when no folder is found, a file is unreadable or no run holds data.
     """
     runs: list[SeedRun] = []
     for d in find_run_dirs(paths):
         runs += load_supervised(d) if any(d.glob("seed_*/metrics.csv")) else load_ppo(d)
     if not runs:
-        raise ValueError(f"the run folders under {', '.join(map(str, paths))} hold no data yet")
+        raise UsageError(f"the run folders under {', '.join(map(str, paths))} hold no data yet")
     return runs
 
 
@@ -338,17 +405,26 @@ def group_runs(runs: Sequence[SeedRun]) -> list[Group]:
 
     Two groups of the same method get the configuration values in which they differ appended
     to the label, e.g. ``L2 (weight_decay=0.001)``.
+
+    :raises UsageError: when run folders hold the same seed of one configuration (naming them
+        all: the figure would count that seed twice).
     """
     groups: dict[tuple[str, str], Group] = {}
+    folders: dict[tuple[str, str, int], list[Path]] = {}
     for r in runs:
         key = (r.kind, _canonical(r.config))
-        g = groups.setdefault(key, Group(r.kind, r.method, r.config, []))
-        if r.seed in g.seeds:
-            raise ValueError(
-                f"seed {r.seed} appears twice in one configuration: {r.run_dir} and "
-                f"{g.runs[g.seeds.index(r.seed)].run_dir}"
-            )
-        g.runs.append(r)
+        groups.setdefault(key, Group(r.kind, r.method, r.config, [])).runs.append(r)
+        folders.setdefault((*key, r.seed), []).append(r.run_dir)
+    twice = {k: v for k, v in folders.items() if len(v) > 1}
+    if twice:
+        where = "; ".join(
+            f"seed {seed} in {' and '.join(map(str, dirs))}" for (_, _, seed), dirs in twice.items()
+        )
+        example = next(iter(twice.values()))[-1]
+        raise UsageError(
+            f"run folders repeat a seed of one configuration: {where}; pass only the folders "
+            f"to plot, by their paths or a quoted glob (e.g. {example}), not a folder above them"
+        )
     out = list(groups.values())
     for g in out:
         g.runs.sort(key=lambda r: r.seed)
@@ -621,6 +697,15 @@ def friction_changes(runs: Sequence[SeedRun]) -> np.ndarray:
     return np.array([], dtype=np.int64)
 
 
+def drawn_points(s: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The points of ``s`` that a curve joins: ``(x, mean, mean - se, mean + se)`` at the x
+    with a finite mean (points without data are skipped, so the line runs across them rather
+    than breaking into dots); the band's ends are NaN where the SE is (one seed there)."""
+    keep = np.isfinite(s.mean)
+    x, mean, se = s.x[keep], s.mean[keep], s.se[keep]
+    return x, mean, mean - se, mean + se
+
+
 def _draw(
     name: str,
     kind: str,
@@ -652,18 +737,13 @@ def _draw(
     for i, (ax, (panel, series)) in enumerate(zip(axes, panel_series)):
         for s in series:
             c = colours[s.label]
-            marker = "o" if len(s.x) <= 30 else None
+            x, mean, lo, hi = drawn_points(s)
+            marker = "o" if len(x) <= 30 else None
             ax.plot(
-                s.x,
-                s.mean,
-                color=c,
-                lw=1.4,
-                marker=marker,
-                ms=3,
-                label=f"{s.label} (n={s.n_seeds})",
+                x, mean, color=c, lw=1.4, marker=marker, ms=3, label=f"{s.label} (n={s.n_seeds})"
             )
             if s.n_seeds > 1:
-                ax.fill_between(s.x, s.mean - s.se, s.mean + s.se, color=c, alpha=0.25, lw=0)
+                ax.fill_between(x, lo, hi, where=np.isfinite(lo), color=c, alpha=0.25, lw=0)
         if i == 0 and vlines is not None:
             x_max = max(float(np.nanmax(s.x)) for s in series)
             for j, v in enumerate(v for v in vlines if v <= x_max):
@@ -748,74 +828,121 @@ def _num(v: Any) -> float | int | None:
     return int(v) if v.is_integer() and abs(v) < 2**53 else v
 
 
+def readable_bin(span: int, points: int = 100) -> int:
+    """Steps per bin for about ``points`` bins over ``span`` steps: of the numbers 1, 2 and 5
+    times a power of ten, the one nearest to ``span / points`` on a log scale (at least 1).
+    E.g. 200,000 steps -> 2,000; 3,000,000 -> 20,000 (150 bins, nearer than 50,000's 60)."""
+    target = span / points
+    if target <= 1:
+        return 1
+    k = math.floor(math.log10(target))
+    candidates = [m * 10**e for e in (k - 1, k, k + 1) for m in (1, 2, 5)]
+    return min(candidates, key=lambda c: abs(math.log(c / target)))
+
+
+@dataclass
+class _Figure:
+    """One figure's numbers, computed before anything is written."""
+
+    name: str
+    kind: str
+    title: str
+    xlabel: str
+    groups: list[Group]
+    panel_series: list[tuple[Panel, list[Series]]]
+    notes: list[str]
+    vlines: np.ndarray | None
+
+
 def plot_runs(
     paths: Sequence[Path | str],
-    out_dir: Path | str,
+    out_dir: Path | str | None = None,
     *,
-    bin_size: int = 100_000,
+    bin_size: int | None = None,
     task_bin: int = 1,
     network: str = "policy",
     name: str | None = None,
 ) -> list[FigureResult]:
-    """Read the runs among and below ``paths`` and write one figure per benchmark (per env for
-    PPO) to ``out_dir``: ``<name>.png``, ``<name>.pdf``, ``<name>.csv``, ``<name>.json``.
+    """Read the runs among and below ``paths`` (folders or glob patterns) and write one figure
+    per benchmark (per env for PPO) to ``out_dir`` (default :func:`default_out_dir`):
+    ``<name>.png``, ``<name>.pdf``, ``<name>.csv``, ``<name>.json``.
 
-    ``bin_size``: environment steps per PPO bin. ``task_bin``: consecutive rows (tasks, bins,
-    increments) averaged into one point for the supervised benchmarks (1 = every row).
-    ``name``: the figure's file name (with the benchmark appended when there are several).
+    ``bin_size``: environment steps per PPO bin (default: :func:`readable_bin` of the shortest
+    run in the figure). ``task_bin``: consecutive rows (tasks, bins, increments) averaged into
+    one point for the supervised benchmarks (1 = every row). ``name``: the figure's file name
+    (with the benchmark appended when there are several).
 
-    :raises ValueError: for an empty or wrong folder, or bad settings.
+    Every figure is computed before the first file is written, so bad input writes nothing.
+
+    :raises UsageError: for an empty or wrong folder, repeated seeds, or bad settings.
     """
-    if bin_size < 1:
-        raise ValueError(f"bin size must be >= 1, got {bin_size}")
+    if bin_size is not None and bin_size < 1:
+        raise UsageError(f"bin size must be >= 1, got {bin_size}")
     if task_bin < 1:
-        raise ValueError(f"task bin must be >= 1, got {task_bin}")
+        raise UsageError(f"task bin must be >= 1, got {task_bin}")
     if network not in ("policy", "value"):
-        raise ValueError(f"network must be policy or value, got {network!r}")
+        raise UsageError(f"network must be policy or value, got {network!r}")
     runs = load_runs(paths)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = default_out_dir([r.run_dir for r in runs]) if out_dir is None else Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
     groups = group_runs(runs)
-    figures: dict[str, list[Group]] = {}
+    by_name: dict[str, list[Group]] = {}
     for g in groups:
         fig_name = f"ppo_{g.config.get('env', 'env')}" if g.kind == "ppo" else g.kind
-        figures.setdefault(fig_name, []).append(g)
-    results = []
-    for fig_name, fgroups in figures.items():
-        kind = fgroups[0].kind
+        by_name.setdefault(fig_name, []).append(g)
+    figures = []
+    for fig_name, fgroups in by_name.items():
         final_name = (
-            fig_name if name is None else (name if len(figures) == 1 else f"{name}_{fig_name}")
+            fig_name if name is None else (name if len(by_name) == 1 else f"{name}_{fig_name}")
         )
-        results.append(_one_figure(final_name, kind, fgroups, out, bin_size, task_bin, network))
+        figures.append(_figure(final_name, fgroups[0].kind, fgroups, bin_size, task_bin, network))
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for f in figures:
+        for m in f.notes:
+            note(f"{f.name}: {m}")
+        colours = _colour_map(f.groups)
+        files = _draw(
+            f.name, f.kind, f.title, f.panel_series, out, f.xlabel, colours, f.vlines,
+            top_panel_wide=f.kind == "ppo",
+        )  # fmt: skip
+        files += _write_data(f.name, f.kind, f.title, f.notes, f.groups, f.panel_series, out)
+        results.append(FigureResult(f.name, f.kind, files, f.notes, f.groups))
     return results
 
 
-def _one_figure(
+def _figure(
     name: str,
     kind: str,
     groups: list[Group],
-    out: Path,
-    bin_size: int,
+    bin_size: int | None,
     task_bin: int,
     network: str,
-) -> FigureResult:
+) -> _Figure:
     notes: list[str] = []
     vlines = None
     if kind == "ppo":
-        panels = ppo_panels(bin_size, network)
-        title = (
-            f"{KIND_TITLES[kind]} on {groups[0].config.get('env', '?')}, bins of {bin_size:,} steps"
-        )
+        all_runs = [r for g in groups for r in g.runs]
+        if bin_size is None:
+            span = min(r.length for r in all_runs)
+            bin_size = readable_bin(span)
+            notes.append(
+                f"bins of {bin_size:,} steps, about 100 over the {span:,} steps every run "
+                "covers (--bin sets them)"
+            )
+        step = bin_size
+        panels = ppo_panels(step, network)
+        title = f"{KIND_TITLES[kind]} on {groups[0].config.get('env', '?')}, bins of {step:,} steps"
         xlabel = "Environment steps"
 
         def x_of(r: SeedRun, L: int) -> np.ndarray:
-            return (np.arange(L) + 1.0) * bin_size
+            return (np.arange(L) + 1.0) * step
 
-        all_runs = [r for g in groups for r in g.runs]
         vlines = friction_changes(all_runs)
-        short = [r for r in all_runs if r.length < bin_size]
-        for r in short:
-            notes.append(f"{r.run_dir}: {r.length} steps, shorter than one bin of {bin_size}")
+        for r in all_runs:
+            if r.length < step:
+                notes.append(f"{r.run_dir}: {r.length} steps, shorter than one bin of {step}")
     else:
         base = supervised_panels(kind)
         panels = [Panel(p.key, p.ylabel, _row_binned(p.extract, task_bin)) for p in base]
@@ -844,7 +971,7 @@ def _one_figure(
         else:
             notes.append(f"no run has {panel.key}; panel skipped")
     if not panel_series:
-        raise ValueError(f"{name}: none of the runs has a metric to plot yet")
+        raise UsageError(f"{name}: none of the runs has a metric to plot yet")
     prefix_notes = [m for m in notes if "common prefix" in m]
     if prefix_notes:
         title += "\n(seeds of different lengths: common prefix plotted)"
@@ -853,14 +980,7 @@ def _one_figure(
         notes.append(
             "groups differ in length: " + ", ".join(f"{k}: {v}" for k, v in lengths.items())
         )
-    for m in notes:
-        note(f"{name}: {m}")
-    colours = _colour_map(groups)
-    files = _draw(
-        name, kind, title, panel_series, out, xlabel, colours, vlines, top_panel_wide=kind == "ppo"
-    )
-    files += _write_data(name, kind, title, notes, groups, panel_series, out)
-    return FigureResult(name, kind, files, notes, groups)
+    return _Figure(name, kind, title, xlabel, groups, panel_series, notes, vlines)
 
 
 def _row_binned(

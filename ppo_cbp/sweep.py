@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ppo_cbp.errors import UsageError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
 TRIAL_LOG = "trial.log"
@@ -69,9 +71,15 @@ STATES = ("pending", "running", "done", "failed")
 FINAL_FRACTION = 0.1
 LOG_TAIL_LINES = 20
 
-INSTALL_HINT = (
-    "Ray is not installed; sweeps run on Ray. Install it with:\n"
-    "    pip install -e '.[sweep]'      (from the repository root)"
+INSTALL_HINT = "sweeps run on Ray: pip install -e '.[sweep]' (from the repository root)"
+TOKEN_HINT = (
+    "the Ray cluster at {address} uses token authentication (Ray 2.60's `ray start "
+    "--head` turns it on): run the sweep with RAY_AUTH_MODE=token set, and with the head's "
+    "token in ~/.ray/auth_token on this machine (or in RAY_AUTH_TOKEN)"
+)
+TOKEN_MISMATCH_HINT = (
+    "the Ray cluster at {address} refused this machine's token: copy the head's "
+    "~/.ray/auth_token here (or set RAY_AUTH_TOKEN to it)"
 )
 
 # Flags the sweep sets itself for every trial.
@@ -125,7 +133,7 @@ def parse_program(words: Sequence[str]) -> tuple[Program, list[str]]:
     ``scripts/supervised.py <subcommand>`` (or ``supervised.py``, ``supervised``) a supervised
     benchmark with one of :data:`SUPERVISED_SUBCOMMANDS`."""
     if not words:
-        raise ValueError("missing the program: ppo_cbp/train.py or scripts/supervised.py <sub>")
+        raise UsageError("missing the program: ppo_cbp/train.py or scripts/supervised.py <sub>")
     name, rest = words[0], list(words[1:])
     base = Path(name).name.removesuffix(".py")
     if base == "train":
@@ -133,12 +141,12 @@ def parse_program(words: Sequence[str]) -> tuple[Program, list[str]]:
     if base == "supervised":
         if not rest or rest[0] not in SUPERVISED_SUBCOMMANDS:
             got = rest[0] if rest else "nothing"
-            raise ValueError(
+            raise UsageError(
                 f"scripts/supervised.py needs a subcommand ({', '.join(SUPERVISED_SUBCOMMANDS)}), "
                 f"got {got}"
             )
         return Program("supervised", "scripts/supervised.py", rest[0]), rest[1:]
-    raise ValueError(
+    raise UsageError(
         f"unknown program {name!r}; expected ppo_cbp/train.py or scripts/supervised.py <sub>"
     )
 
@@ -156,16 +164,16 @@ def parse_seeds(specs: Sequence[str]) -> list[int]:
             if m:
                 lo, hi = int(m.group(1)), int(m.group(2))
                 if hi < lo:
-                    raise ValueError(f"empty seed range {part!r} (end before start)")
+                    raise UsageError(f"empty seed range {part!r} (end before start)")
                 seeds.extend(range(lo, hi + 1))
             elif re.fullmatch(r"\d+", part):
                 seeds.append(int(part))
             else:
-                raise ValueError(f"bad seed {part!r}: expected N, N-M or N,M,...")
+                raise UsageError(f"bad seed {part!r}: expected N, N-M or N,M,...")
     if not seeds:
-        raise ValueError("no seeds given")
+        raise UsageError("no seeds given")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"duplicate seeds in {list(specs)}")
+        raise UsageError(f"duplicate seeds in {list(specs)}")
     return seeds
 
 
@@ -179,14 +187,14 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
         key, sep, values = item.partition("=")
         key = key.strip().lstrip("-").replace("_", "-")
         if not sep or not key:
-            raise ValueError(f"bad grid item {item!r}: expected flag=value1,value2,...")
+            raise UsageError(f"bad grid item {item!r}: expected flag=value1,value2,...")
         vals = [v.strip() for v in values.split(",")]
         if not all(vals):
-            raise ValueError(f"empty value in grid item {item!r}")
+            raise UsageError(f"empty value in grid item {item!r}")
         if len(set(vals)) != len(vals):
-            raise ValueError(f"duplicate values in grid item {item!r}")
+            raise UsageError(f"duplicate values in grid item {item!r}")
         if key in grid:
-            raise ValueError(f"grid flag {key!r} given twice")
+            raise UsageError(f"grid flag {key!r} given twice")
         grid[key] = vals
     return grid
 
@@ -200,17 +208,17 @@ def check_flags(program: Program, fixed: Sequence[str], grid: dict[str, list[str
     managed = set(_MANAGED[program.kind])
     for name in sorted(_flag_names(fixed) | set(grid)):
         if name in managed:
-            raise ValueError(
+            raise UsageError(
                 f"--{name} is set by the sweep for every trial; remove it "
                 "(seeds: --seeds; output: --runs-dir/--name)"
             )
     both = _flag_names(fixed) & set(grid)
     if both:
-        raise ValueError(f"flags both fixed and in the grid: {', '.join(sorted(both))}")
+        raise UsageError(f"flags both fixed and in the grid: {', '.join(sorted(both))}")
     if program.kind == "ppo" and "method" in grid:
         bad = [v for v in grid["method"] if any(m not in PPO_METHODS for m in v.split("+"))]
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"unknown PPO method {bad[0]!r}; expected one of {', '.join(PPO_METHODS)} "
                 "(combine with +, e.g. cbp+l2)"
             )
@@ -268,9 +276,11 @@ def make_trials(
     """Trials in grid order (first grid flag slowest), each configuration's seeds in chunks of
     ``seeds_per_trial`` (supervised benchmarks only)."""
     if seeds_per_trial < 1:
-        raise ValueError(f"seeds_per_trial must be >= 1, got {seeds_per_trial}")
+        raise UsageError(f"--seeds-per-trial must be >= 1, got {seeds_per_trial}")
     if seeds_per_trial > 1 and program.kind != "supervised":
-        raise ValueError("seeds_per_trial > 1 needs a supervised benchmark (PPO runs one seed)")
+        raise UsageError(
+            "--seeds-per-trial > 1 needs a supervised benchmark (PPO runs one seed per trial)"
+        )
     keys = list(grid)
     trials = []
     for values in itertools.product(*(grid[k] for k in keys)):
@@ -320,8 +330,16 @@ def load_manifest(sweep_dir: Path) -> dict[str, Any] | None:
     path = Path(sweep_dir) / MANIFEST
     if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest.get("trials"), dict):
+            raise ValueError("no trials in it")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise UsageError(
+            f"{path} is unreadable ({e}); remove it to start the sweep over, or use another --name"
+        ) from e
+    return manifest
 
 
 def init_manifest(
@@ -336,7 +354,7 @@ def init_manifest(
     if manifest is None:
         manifest = {"program": program.argv(), "fixed": list(fixed), "trials": {}}
     elif manifest["program"] != program.argv() or manifest["fixed"] != list(fixed):
-        raise ValueError(
+        raise UsageError(
             f"{Path(sweep_dir) / MANIFEST} belongs to another sweep (program "
             f"{' '.join(manifest['program'])}, fixed flags {manifest['fixed']}); "
             "use the same program and fixed flags, or another --name"
@@ -621,8 +639,59 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError as e:
-        raise ImportError(INSTALL_HINT) from e
+        raise UsageError(f"Ray is not installed ({e}); {INSTALL_HINT}") from e
     return ray
+
+
+def _needs_token(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it came from is Ray's refusal of a missing or wrong
+    token (Ray 2.60 wraps it in a ConnectionError whose cause quotes it as text)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "AuthenticationError" or any(
+            s in str(e) for s in ("AuthenticationError", "InvalidAuthToken", "Unauthenticated")
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at ``host:port`` (Ray itself would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"bad --address {address!r}: expected host:port (the head's) or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(
+            f"nothing answers at --address {address} ({e}): start the head there with "
+            f"`ray start --head --port {port}`, or check the address"
+        ) from e
+
+
+def join_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
+    """``ray.init``: a local instance with ``num_cpus`` CPUs, or the cluster at ``address``.
+
+    :raises UsageError: when the cluster cannot be reached or asks for a token we lack.
+    """
+    if not address:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        return
+    if address != "auto" and "://" not in address:
+        _check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as e:
+        if _needs_token(e):
+            token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+            hint = TOKEN_MISMATCH_HINT if token_mode else TOKEN_HINT
+            raise UsageError(hint.format(address=address)) from None
+        if isinstance(e, ConnectionError):
+            raise UsageError(f"cannot join the Ray cluster at {address}: {e}") from None
+        raise
 
 
 def _slots(ray: Any, cpus: float, gpus: float) -> int:
@@ -668,41 +737,42 @@ def run_sweep(
     else 0; fractions share a GPU). At most as many trials are submitted as the cluster's
     resources can run at once, so that ``running`` means running.
 
-    :raises ValueError: for a bad sweep definition, before Ray is started.
-    :raises ImportError: with the install command when Ray is missing.
+    Nothing is written before Ray is up and the cluster can run a trial.
+
+    :raises UsageError: for a bad sweep definition (before Ray is started), a cluster that
+        cannot be joined or is too small, or a missing Ray.
     """
     if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name or ""):
-        raise ValueError(f"bad sweep name {name!r}: use letters, digits and . _ + = -")
+        raise UsageError(f"bad sweep name {name!r}: use letters, digits and . _ + = -")
     if max_retries < 0:
-        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        raise UsageError(f"--max-retries must be >= 0, got {max_retries}")
     if cpus_per_trial <= 0:
-        raise ValueError(f"cpus_per_trial must be > 0, got {cpus_per_trial}")
+        raise UsageError(f"--cpus-per-trial must be > 0, got {cpus_per_trial}")
     if gpus_per_trial is not None and gpus_per_trial < 0:
-        raise ValueError(f"gpus_per_trial must be >= 0, got {gpus_per_trial}")
+        raise UsageError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial}")
+    if num_cpus is not None and num_cpus < 1:
+        raise UsageError(f"--num-cpus must be >= 1, got {num_cpus}")
     check_flags(program, fixed, grid)
     seeds = list(seeds)
+    for folder in (Path(runs_dir), Path(runs_dir) / name):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file, not a folder: choose another --runs-dir/--name")
     sweep_dir = Path(runs_dir).resolve() / name
     trials = make_trials(program, grid, seeds, sweep_dir, seeds_per_trial)
     ids = [t.id for t in trials]
     if len(set(ids)) != len(ids):
-        raise ValueError("two grid values map to the same trial folder name; rename them")
+        raise UsageError("two grid values map to the same trial folder name; rename them")
     by_id = {t.id: t for t in trials}
-    ray = _import_ray()
-
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    manifest = init_manifest(sweep_dir, program, fixed, trials)
+    manifest = init_manifest(sweep_dir, program, fixed, trials)  # checks; written below
     manifest_path = sweep_dir / MANIFEST
+    ray = _import_ray()
 
     def save() -> None:
         write_json_atomic(manifest_path, manifest)
 
-    save()
     started_ray = not ray.is_initialized()
     if started_ray:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        join_ray(ray, address, num_cpus)
     # After ray.init, whose handlers would abort the driver on SIGTERM: treat it as Ctrl-C so
     # that the trials stop with a checkpoint and the manifest is saved.
     old_handler = None
@@ -712,11 +782,15 @@ def run_sweep(
         res = ray.cluster_resources()
         gpus = (1.0 if res.get("GPU", 0) > 0 else 0.0) if gpus_per_trial is None else gpus_per_trial
         if gpus > 0 and res.get("GPU", 0) < gpus:
-            raise ValueError(f"{gpus} GPUs per trial but the cluster has {res.get('GPU', 0)}")
-        if res.get("CPU", 0) < cpus_per_trial:
-            raise ValueError(
-                f"{cpus_per_trial} CPUs per trial but the cluster has {res.get('CPU')}"
+            raise UsageError(
+                f"--gpus-per-trial {gpus:g} but the cluster has {res.get('GPU', 0):g} GPUs"
             )
+        if res.get("CPU", 0) < cpus_per_trial:
+            raise UsageError(
+                f"--cpus-per-trial {cpus_per_trial:g} but the cluster has {res.get('CPU', 0):g} CPUs"
+            )
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        save()
         entries = manifest["trials"]
         outcome = SweepOutcome(sweep_dir)
         outcome.skipped = [i for i in ids if entries[i]["state"] == "done"]

@@ -1,15 +1,21 @@
 """Figures of the paper's kinds from run folders, written with matplotlib (PNG and PDF).
 
-    python scripts/plot.py runs/repro/scr_bp runs/repro/scr_cbp --out docs/figures
-    python scripts/plot.py runs/hopper --bin 100000 --out docs/figures --name hopper
+    python scripts/plot.py runs                          # every run below runs/ -> runs/figures
+    python scripts/plot.py runs/repro/scr_bp runs/repro/scr_cbp --out /tmp/figures
+    python scripts/plot.py 'runs/Hopper-v4__cbp__*' --bin 100000 --name hopper
 
 Each path is a run folder (``config.json`` with ``seed_<s>/metrics.csv`` from
-``scripts/supervised.py``, or with TensorBoard event files from ``ppo_cbp/train.py``) or a
-folder searched for them. Runs are grouped by method and configuration (seed, names, output
-paths and run length ignored); each group is drawn as the mean over its seeds with a band of
-one standard error (sample std with ddof = 1 over sqrt(n); no band for one seed). One figure
-per benchmark (per env for PPO): ``<name>.png``, ``<name>.pdf``, and the plotted numbers in
-``<name>.csv`` and ``<name>.json``. See :mod:`ppo_cbp.plotting` for the exact definitions.
+``scripts/supervised.py``, or with TensorBoard event files from ``ppo_cbp/train.py``), a folder
+searched for them, or a quoted glob pattern of either. Runs are grouped by method and
+configuration (seed, names, output paths and run length ignored); two folders with the same
+seed of one configuration are refused (name only the folders to plot). Each group is drawn as
+the mean over its seeds with a band of one standard error (sample std with ddof = 1 over
+sqrt(n); no band for one seed). PPO curves are binned by environment step: by default about 100
+bins over the steps every run covers, rounded to 1, 2 or 5 times a power of ten (200,000 steps
+give bins of 2,000). One figure per benchmark (per env for PPO), by default in ``figures/``
+beside the runs (in the deepest folder holding them all): ``<name>.png``, ``<name>.pdf``, and
+the plotted numbers in ``<name>.csv`` and ``<name>.json``. See :mod:`ppo_cbp.plotting` for the
+exact definitions.
 """
 
 from __future__ import annotations
@@ -17,35 +23,57 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ppo_cbp.cli import UsageError, parse, report_error  # noqa: E402
 from ppo_cbp.plotting import plot_runs  # noqa: E402
 
 
 @dataclass
 class PlotArgs:
-    paths: tyro.conf.Positional[list[Path]]
-    """Run folders, or folders containing them."""
-    out: Path = Path("docs/figures")
+    paths: Annotated[
+        tyro.conf.Positional[list[str]], tyro.conf.arg(metavar="PATH", help_behavior_hint="")
+    ]
+    """Run folders, folders containing them, or quoted glob patterns."""
+    out: Annotated[
+        Path | None,
+        tyro.conf.arg(
+            metavar="PATH",
+            help_behavior_hint="(default: figures/ in the deepest folder holding all the runs)",
+        ),
+    ] = None
     """Output folder."""
-    bin: int = 100_000
+    bin: Annotated[
+        int | None,
+        tyro.conf.arg(
+            metavar="INT",
+            help_behavior_hint="(default: about 100 bins over the steps every run covers, "
+            "rounded to 1, 2 or 5 times a power of ten)",
+        ),
+    ] = None
     """PPO: environment steps per bin."""
     task_bin: int = 1
     """Supervised: consecutive tasks (rows) averaged into one point."""
     network: Literal["policy", "value"] = "policy"
     """PPO: network whose plasticity metrics are shown."""
-    name: str | None = None
-    """File name of the figure (default: the benchmark, or ppo_<env>)."""
+    name: Annotated[
+        str | None,
+        tyro.conf.arg(metavar="STR", help_behavior_hint="(default: the benchmark, or ppo_<env>)"),
+    ] = None
+    """File name of the figure."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = tyro.cli(PlotArgs, args=argv, description=__doc__)
     try:
+        args = parse(PlotArgs, argv, __doc__)
+        for flag, value in (("--bin", args.bin), ("--task-bin", args.task_bin)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be >= 1, got {value}")
         results = plot_runs(
             args.paths,
             args.out,
@@ -54,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             network=args.network,
             name=args.name,
         )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return report_error(e)
     for r in results:
         groups = ", ".join(f"{g.label} (n={g.n})" for g in r.groups)
         print(f"{r.name}: {groups}")

@@ -34,7 +34,9 @@ unfinished one is resumed. The small budget then plots everything with
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import shlex
 import subprocess
 import sys
@@ -44,11 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tyro
-
 ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
+
+from ppo_cbp.cli import UsageError, parse, report_error  # noqa: E402
 
 # ---- small budget: each experiment sized for about an hour on a 2-core CPU (one job at a time)
 SCR_METHODS = ("bp", "l2", "snp", "cbp")
@@ -270,6 +272,11 @@ def paper_experiments(
 # State of a run folder
 
 
+# What reading a damaged run file raises (a truncated checkpoint: RuntimeError or EOFError).
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError)
+_UNREADABLE += (pickle.UnpicklingError,)
+
+
 def run_state(e: Experiment) -> tuple[str, str]:
     """``("new" | "finished" | "partial" | "conflict", reason)`` for ``e``'s run folder."""
     d = e.run_dir
@@ -279,13 +286,20 @@ def run_state(e: Experiment) -> tuple[str, str]:
             return "new", ""
         import torch
 
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        step = int(state["global_step"])
+        try:
+            step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+        except _UNREADABLE as err:
+            return "conflict", f"{ckpt} is unreadable ({type(err).__name__}: {err})"
         return ("finished", "") if step >= e.size["steps"] else ("partial", f"at step {step}")
     config_path = d / "config.json"
     if not config_path.exists():
         return "new", ""
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except _UNREADABLE as err:
+        return "conflict", f"{config_path} is unreadable ({type(err).__name__}: {err})"
+    if not isinstance(config, dict):
+        return "conflict", f"{config_path} is not a JSON object"
     if e.benchmark == "scr":
         want = {"bins": e.size["bins"], "bin_size": SCR_BIN}
         done_key = "bins_completed"
@@ -302,7 +316,10 @@ def run_state(e: Experiment) -> tuple[str, str]:
         return "conflict", f"{d} holds a run of another size or seeds {diff} (found, wanted)"
     summary = d / "summary.json"
     if summary.exists():
-        done = json.loads(summary.read_text()).get(done_key)
+        try:
+            done = json.loads(summary.read_text()).get(done_key)
+        except _UNREADABLE:
+            done = None  # half-written: the run is not known to be finished
         target = e.size["bins"] if e.benchmark == "scr" else e.size["tasks"]
         if done == target:
             return "finished", ""
@@ -414,22 +431,38 @@ class ReproduceArgs:
     """With --budget paper: run the full-scale commands (days of compute)."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = tyro.cli(ReproduceArgs, args=argv, description=__doc__)
-    if not a.scale > 0:
-        print(f"error: --scale must be > 0, got {a.scale}", file=sys.stderr)
-        return 2
+def check_args(a: ReproduceArgs) -> None:
+    """Reject settings that would fail later or be silently ignored.
+
+    :raises UsageError: naming the flag and the bad value.
+    """
+    if not (a.scale > 0 and math.isfinite(a.scale)):
+        raise UsageError(f"--scale must be a positive number, got {a.scale}")
+    if a.budget == "paper" and a.scale != 1.0:
+        raise UsageError(
+            f"--scale {a.scale:g} applies to --budget small; the paper's sizes are fixed"
+        )
     if a.jobs < 1:
-        print(f"error: --jobs must be >= 1, got {a.jobs}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--jobs must be >= 1, got {a.jobs}")
     if a.launch and a.budget != "paper":
-        print("error: --launch only applies to --budget paper", file=sys.stderr)
-        return 2
-    if a.data_dir is not None and not (a.data_dir / "train-images-idx3-ubyte.gz").exists():
-        if "permuted_mnist" in a.only:
-            path = a.data_dir / "train-images-idx3-ubyte.gz"
-            print(f"error: MNIST not found: {path} does not exist", file=sys.stderr)
-            return 2
+        raise UsageError("--launch only applies to --budget paper")
+    if not a.only:
+        raise UsageError("--only needs at least one of scr, permuted_mnist, ppo")
+    for flag, folder in (("--runs-dir", a.runs_dir), ("--figures", a.figures)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise UsageError(f"{flag} {folder} is a file, not a folder")
+    if a.data_dir is not None and "permuted_mnist" in a.only:
+        path = a.data_dir / "train-images-idx3-ubyte.gz"
+        if not path.exists():
+            raise UsageError(f"--data-dir: MNIST not found: {path} does not exist")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        a = parse(ReproduceArgs, argv, __doc__)
+        check_args(a)
+    except UsageError as e:
+        return report_error(e)
     default_runs = "runs/paper" if a.budget == "paper" else "runs/repro"
     runs_dir = Path(os.path.abspath(a.runs_dir or default_runs))
     data_dir = None if a.data_dir is None else Path(os.path.abspath(a.data_dir))

@@ -11,15 +11,24 @@ is ``flag=value1,value2,...`` (``true``/``false`` for switches; for PPO ``method
 snp,redo,stdadam``, combined with ``+``). Seeds: ``0-29``, ``0,3,7`` or several words.
 
 Without ``--address`` a local Ray instance uses this machine's cores (``--num-cpus`` to
-limit it); ``--address <host:port>`` (or ``auto``) joins a running cluster (``ray start
---head`` on one machine, ``ray start --address ...`` on the others). Everything goes to
+limit it); ``--address <host:port>`` (or ``auto``) joins a running cluster:
+
+    ray start --head --port 6379                           # on the head machine
+    RAY_AUTH_MODE=token ray start --address HEAD:6379      # on each worker
+    RAY_AUTH_MODE=token python scripts/sweep.py ... --address HEAD:6379
+
+Ray 2.60's ``ray start --head`` turns on token authentication: every machine that joins needs
+the head's ``~/.ray/auth_token`` (copy it, or set ``RAY_AUTH_TOKEN``) and ``RAY_AUTH_MODE=token``
+in its environment. The repository must sit at the same path on every machine and
+``--runs-dir`` on a shared filesystem. Everything goes to
 ``<runs-dir>/<name>/``: ``manifest.json``, one folder per trial with its ``trial.log``,
 ``results.csv`` (per trial and seed) and ``summary.csv`` (mean and standard error over seeds
 per configuration). Running the same command again skips finished trials and continues
 interrupted ones from their checkpoints. See :mod:`ppo_cbp.sweep` for the exact definitions.
 
-Exit codes: 0 all trials done, 1 some trial failed, 2 bad arguments or Ray missing, 130 when
-interrupted (Ctrl-C or SIGTERM; the trials checkpoint and continue on the next run).
+Exit codes: 0 all trials done, 1 some trial failed, 2 bad input (one ``error:`` line, nothing
+written: bad arguments, Ray missing, a cluster that cannot be joined), 130 when interrupted
+(Ctrl-C or SIGTERM; the trials checkpoint and continue on the next run).
 """
 
 from __future__ import annotations
@@ -30,11 +39,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppo_cbp.sweep import INSTALL_HINT, parse_grid, parse_program, parse_seeds, run_sweep  # noqa: E402
+from ppo_cbp.cli import UsageError, report_error  # noqa: E402
+from ppo_cbp.sweep import parse_grid, parse_program, parse_seeds, run_sweep  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of argparse's usage and exit
+        raise UsageError(f"{message} (see sweep.py --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         usage="sweep.py PROGRAM [SUBCOMMAND] [fixed flags...] --grid FLAG=V1,V2 ... "
         "--seeds 0-29 --name NAME [options]",
         description=__doc__,
@@ -68,22 +83,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args, rest = parser.parse_known_args(argv)
     try:
+        args, rest = _parser().parse_known_args(argv)
         program, fixed = parse_program(rest)
-        seeds = parse_seeds(args.seeds)
-        grid = parse_grid(args.grid)
-    except ValueError as e:
-        parser.print_usage(sys.stderr)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         outcome = run_sweep(
             program,
             fixed,
-            grid,
-            seeds,
+            parse_grid(args.grid),
+            parse_seeds(args.seeds),
             args.name,
             runs_dir=args.runs_dir,
             seeds_per_trial=args.seeds_per_trial,
@@ -94,14 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             num_cpus=args.num_cpus,
             progress=not args.no_progress,
         )
-    except ImportError as e:
-        if str(e) != INSTALL_HINT:  # not the missing Ray: a real bug, with its traceback
-            raise
-        print(INSTALL_HINT, file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return report_error(e)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130

@@ -447,3 +447,222 @@ def test_reproduce_paper_budget_prints_without_running(tmp_path, capsys):
     assert len(set(names)) == len(names)  # one folder per run
     assert not runs.exists()
     assert reproduce.main(["--launch"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults a user meets first: bins from the data, curves across empty bins, figures beside
+# the runs, repeated seeds, one-line errors
+
+
+def test_readable_bin_by_hand():
+    # nearest of 1, 2, 5 x 10^k to span / 100 on a log scale
+    assert plotting.readable_bin(200_000) == 2_000
+    assert plotting.readable_bin(200_704) == 2_000
+    assert plotting.readable_bin(1_000_000) == 10_000
+    # 30,000 wanted: 20,000 is a factor 1.5 away, 50,000 a factor 1.67
+    assert plotting.readable_bin(3_000_000) == 20_000
+    # 70 wanted: 50 is a factor 1.4 away, 100 a factor 1.43
+    assert plotting.readable_bin(7_000) == 50
+    assert plotting.readable_bin(50) == 1
+
+
+def _close_recorder(monkeypatch) -> list:
+    """Figures as plot_runs hands them to plt.close (after saving them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+
+    def close(fig=None):
+        figures.append(fig)
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", close)
+    return figures
+
+
+def test_ppo_bins_from_the_data_and_lines_across_empty_bins(tmp_path, monkeypatch, capsys):
+    # The README's run length: 200,000 steps; episodes end every 1,000 steps, the plasticity
+    # metrics come every 10 updates of 2,048 steps, so most 2,000-step bins hold none.
+    p = "plasticity/policy/"
+    metric_steps = list(range(20_480, 200_001, 20_480))  # 9 points
+    ppo_run(
+        tmp_path / "runs" / "Hopper-v4__cbp__s1__1",
+        1,
+        {
+            "charts/episodic_return": [(s, s / 1000.0) for s in range(1000, 200_001, 1000)],
+            p + "dead_units": [(s, 0.01 * i) for i, s in enumerate(metric_steps)],
+        },
+        steps=200_000,
+        cbp=True,
+    )
+    figures = _close_recorder(monkeypatch)
+    assert plot_script.main([str(tmp_path / "runs")]) == 0
+    assert "bins of 2,000 steps" in capsys.readouterr().out
+    out = tmp_path / "runs" / "figures"  # beside the runs, not in the repository
+    got = read_plotted(out / "ppo_Hopper-v4.csv")
+    ret = got[("episodic_return", "CBP")]
+    assert [num(r["x"]) for r in ret] == [2000.0 * (b + 1) for b in range(100)]
+    # bin b holds the episodes ending at 2000b + 1000 and 2000b + 2000: mean 2b + 1.5
+    assert [num(r["mean"]) for r in ret] == pytest.approx([2 * b + 1.5 for b in range(100)])
+    dead = got[("dead_units_pct", "CBP")]
+    assert len(dead) == 100 and sum(r["mean"] != "" for r in dead) == 9
+
+    (fig,) = figures
+    ax_dead = next(ax for ax in fig.axes if ax.get_ylabel().startswith("Dead units"))
+    (line,) = ax_dead.get_lines()
+    x, y = line.get_xdata(), line.get_ydata()
+    # one line through the 9 bins that hold a value (each at its bin's right edge), no gaps
+    want_x = [2000.0 * ((s - 1) // 2000 + 1) for s in metric_steps]
+    assert list(x) == want_x
+    assert list(y) == pytest.approx([100 * 0.01 * i for i in range(9)])
+    assert line.get_marker() == "o"  # few points: each is marked
+
+
+def test_drawn_points_skip_empty_bins_and_keep_band_gaps():
+    s = plotting.Series(
+        "CBP", "cbp", x=np.array([1.0, 2.0, 3.0, 4.0]),
+        mean=np.array([1.0, np.nan, 3.0, 5.0]), se=np.array([0.5, np.nan, np.nan, 1.0]),
+        n=np.array([2, 0, 1, 2]), n_seeds=2,
+    )  # fmt: skip
+    x, mean, lo, hi = plotting.drawn_points(s)
+    assert x.tolist() == [1.0, 3.0, 4.0] and mean.tolist() == [1.0, 3.0, 5.0]
+    assert lo[0] == 0.5 and hi[0] == 1.5 and lo[2] == 4.0 and hi[2] == 6.0
+    assert np.isnan(lo[1]) and np.isnan(hi[1])  # one seed there: no band
+
+
+def test_figures_default_to_the_runs_common_parent(tmp_path, capsys):
+    sweep = tmp_path / "runs" / "scr"
+    supervised_run(sweep / "lr=0.01__s0", "bp", {0: pm_rows([0.5, 0.6])})
+    supervised_run(sweep / "lr=0.01__s1", "bp", {1: pm_rows([0.7, 0.8])})
+    assert plot_script.main([str(sweep)]) == 0
+    assert (sweep / "figures" / "permuted_mnist.png").exists()
+    # from a folder above: the same deepest common folder; figures/ is no run folder
+    assert plot_script.main([str(tmp_path)]) == 0
+    assert f"wrote {sweep / 'figures' / 'permuted_mnist.png'}" in capsys.readouterr().out
+    assert not (tmp_path / "figures").exists()
+    # one run folder: figures beside it
+    supervised_run(tmp_path / "runs" / "pm", "adam", {0: pm_rows([0.5])})
+    assert plot_script.main([str(tmp_path / "runs" / "pm")]) == 0
+    assert (tmp_path / "runs" / "figures" / "permuted_mnist.png").exists()
+    assert plotting.default_out_dir([sweep / "a", tmp_path / "runs" / "b"]) == (
+        tmp_path / "runs" / "figures"
+    )
+
+
+def test_repeated_seed_is_named_and_folders_or_a_glob_pick_one(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for stamp in ("100", "200"):
+        ppo_run(
+            runs / f"Hopper-v4__cbp__s1__{stamp}", 1,
+            {"charts/episodic_return": [(100, 1.0), (200, 2.0)]}, cbp=True,
+        )  # fmt: skip
+    ppo_run(runs / "Hopper-v4__cbp__s2__300", 2, {"charts/episodic_return": [(100, 3.0)]}, cbp=True)
+    assert plot_script.main([str(runs), "--bin", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: run folders repeat a seed")
+    assert "seed 1 in" in err and "__s1__100" in err and "__s1__200" in err
+    assert "__s2__" not in err and "quoted glob" in err
+    assert not (runs / "figures").exists()  # nothing written
+    # a glob (as a quoted pattern reaches the script) picks the later run and seed 2
+    assert plot_script.main([str(runs / "Hopper-v4__cbp__s[12]__[23]00"), "--bin", "100"]) == 0
+    meta = json.loads((runs / "figures" / "ppo_Hopper-v4.json").read_text())
+    (group,) = meta["groups"]
+    assert group["seeds"] == [1, 2] and all("__100" not in r for r in group["runs"])
+    # or the folders themselves
+    assert plot_script.main([str(runs / "Hopper-v4__cbp__s1__100"), "--bin", "100"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["RUNS", "--bin", "0"], "--bin must be >= 1, got 0"),
+        (["RUNS", "--bin", "-5"], "got -5"),
+        (["RUNS", "--task-bin", "0"], "--task-bin must be >= 1, got 0"),
+        (["RUNS", "--bin", "abc"], "'abc'"),
+        (["RUNS", "--network", "critic"], "'critic'"),
+        (["RUNS/nope"], "nope does not exist"),
+        (["RUNS/zz*"], "no path matches"),
+        ([], "no run folders given"),
+        (["RUNS", "--out", "RUNS/r/config.json"], "is a file"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, names):
+    runs = tmp_path / "runs"
+    supervised_run(runs / "r", "bp", {0: pm_rows([0.5])})
+    before = sorted(p for p in tmp_path.rglob("*"))
+    argv = [a.replace("RUNS", str(runs)) for a in argv]
+    assert plot_script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_unreadable_run_files_are_named(tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    supervised_run(run, "bp", {0: pm_rows([0.5, 0.6])})
+    csv_path = run / "seed_0" / "metrics.csv"
+    csv_path.write_text("task,accuracy\n0,0.5\n1,\n2,0.7\n")
+    assert plot_script.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{csv_path} is unreadable (row 2: " in err
+    # a last row cut short, as a running benchmark may leave it: dropped with a note
+    csv_path.write_text("task,accuracy\n0,0.5\n1,0.6\n2")
+    assert plot_script.main([str(run), "--out", str(tmp_path / "f")]) == 0
+    assert "last row incomplete" in capsys.readouterr().out
+    got = read_plotted(tmp_path / "f" / "permuted_mnist.csv")
+    assert [num(r["mean"]) for r in got[("accuracy", "Backprop")]] == [0.5, 0.6]
+    (run / "config.json").write_text('{"seeds": [0')
+    assert plot_script.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run / 'config.json'} is unreadable" in err
+    assert not (tmp_path / "runs" / "figures").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--budget", "huge"], "'huge'"),
+        (["--scale", "0"], "--scale must be a positive number, got 0.0"),
+        (["--scale", "abc"], "'abc'"),
+        (["--budget", "paper", "--scale", "0.5"], "--scale 0.5 applies to --budget small"),
+        (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+        (["--launch"], "--launch only applies to --budget paper"),
+        (["--only", "mnist"], "'mnist'"),
+        (["--data-dir", "NOPE"], "NOPE/train-images-idx3-ubyte.gz does not exist"),
+        (["--runs-dir", "FILE"], "--runs-dir FILE is a file"),
+        (["--figures", "FILE"], "--figures FILE is a file"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_reproduce_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, names):
+    (tmp_path / "file").write_text("")
+    subs = {"NOPE": str(tmp_path / "nope"), "FILE": str(tmp_path / "file")}
+    argv = [subs.get(a, a) for a in argv] + (
+        ["--dry-run"] if "--runs-dir" in argv or "--figures" in argv else []
+    )
+    argv += [] if "--runs-dir" in argv else ["--runs-dir", str(tmp_path / "runs")]
+    assert reproduce.main(argv) == 2
+    err = capsys.readouterr().err
+    for k, v in subs.items():
+        names = names.replace(k, v)
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_reproduce_unreadable_checkpoint_fails_that_run_only(tmp_path, capsys):
+    exps = reproduce.ppo_experiments(tmp_path, 0.01)
+    bad, good = exps[0], exps[1]
+    bad.run_dir.mkdir()
+    (bad.run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    state, reason = reproduce.run_state(bad)
+    assert state == "conflict" and str(bad.run_dir / "checkpoint.pt") in reason
+    (bad.run_dir / "checkpoint.pt").write_bytes(b"")
+    assert reproduce.run_state(bad)[0] == "conflict"
+    records = reproduce.run_all([bad, good], jobs=1, dry_run=True)
+    assert [r["status"] for r in records] == ["conflict", "dry-run"]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"[fail] {bad.name}: ") and "is unreadable" in out[0]

@@ -330,8 +330,11 @@ def test_without_ray_the_script_says_how_to_install(tmp_path):
          "--name", "x", "--runs-dir", str(tmp_path / "runs")],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
-    assert r.returncode != 0
-    assert "pip install -e '.[sweep]'" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert (
+        r.stderr.startswith("error: Ray is not installed")
+        and "pip install -e '.[sweep]'" in r.stderr
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -343,3 +346,117 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path):
     )  # fmt: skip
     assert r.returncode == 2 and "--seed is set by the sweep" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "words, names",
+    [
+        (["foo.py", "--seeds", "0", "--name", "x"], "unknown program 'foo.py'"),
+        (["scripts/supervised.py", "mnist", "--seeds", "0", "--name", "x"], "got mnist"),
+        (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--grid", "lr"], "bad grid item 'lr'"),
+        (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--grid", "lr=1,"], "'lr=1,'"),
+        (["ppo_cbp/train.py", "--seeds", "0-x", "--name", "x"], "bad seed '0-x'"),
+        (["ppo_cbp/train.py", "--name", "x"], "required: --seeds"),
+        (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--max-retries", "two"], "'two'"),
+        (["ppo_cbp/train.py", "--seeds", "0", "--name", "a/b"], "bad sweep name 'a/b'"),
+        (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--num-cpus", "0"], "got 0"),
+        (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--grid", "method=sgd"], "'sgd'"),
+        (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--address", "nohost"], "'nohost'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, no_ray, words, names):
+    sweep_script = _sweep_script()
+    assert sweep_script.main([*words, "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray as if not started (an earlier test's local instance would take the sweep, address
+    or not); starting it fails the test: bad input must be refused before."""
+    ray = pytest.importorskip("ray")
+
+    def init(**kwargs):
+        raise AssertionError(f"ray.init({kwargs}) called for bad input")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    return ray
+
+
+def _sweep_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import sweep as sweep_script
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return sweep_script
+
+
+def test_unreachable_address_fails_fast_in_one_line(tmp_path, capsys, no_ray):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--runs-dir", str(tmp_path / "r")]
+    assert _sweep_script().main([*argv, "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"nothing answers at --address 127.0.0.1:{port}" in err
+    assert not (tmp_path / "r").exists()
+
+
+def _auth_failure(address: str) -> ConnectionError:
+    """What ray.init raises in Ray 2.60 when the head wants a token: a ConnectionError whose
+    cause quotes the AuthenticationError's traceback as text."""
+    cause = RuntimeError(
+        "Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+        '  File "python/ray/includes/common.pxi", line 119, in ray._raylet.check_status\n'
+        "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token "
+        "is missing or incorrect. Note: RAY_AUTH_MODE is currently 'disabled' (not 'token')."
+    )
+    try:
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}") from cause
+    except ConnectionError as e:
+        return e
+
+
+@pytest.mark.parametrize("auth_mode", [None, "token"])
+def test_cluster_asking_for_a_token_is_one_line_naming_what_to_set(
+    tmp_path, capsys, monkeypatch, auth_mode
+):
+    import socket
+
+    ray = pytest.importorskip("ray")  # is_initialized and init patched below
+    if auth_mode is None:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_MODE", auth_mode)
+    with socket.socket() as head:  # the head's port answers; the handshake is refused
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        calls = []
+
+        def init(**kwargs):
+            calls.append(kwargs)
+            raise _auth_failure(address)
+
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", init)
+        argv = ["scripts/supervised.py", "slowly-changing-regression", "--grid", "lr=0.1"]
+        argv += ["--seeds", "0", "--name", "x", "--runs-dir", str(tmp_path / "r")]
+        assert _sweep_script().main([*argv, "--address", address]) == 2
+    assert calls and calls[0]["address"] == address
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the Ray cluster at {address} ") and err.count("\n") == 1
+    if auth_mode is None:
+        assert "RAY_AUTH_MODE=token" in err and "~/.ray/auth_token" in err
+    else:  # the mode is set: the token itself is wrong or missing
+        assert "refused this machine's token" in err and "~/.ray/auth_token" in err
+    assert not (tmp_path / "r").exists()
+    # a real AuthenticationError raised directly is recognised too; other errors are not
+    assert sw._needs_token(ray.exceptions.AuthenticationError("RPC error"))
+    assert not sw._needs_token(ConnectionError("Failed to connect to Ray cluster at x:1"))
