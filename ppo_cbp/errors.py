@@ -9,7 +9,16 @@ keep working.
 
 from __future__ import annotations
 
-__all__ = ["MissingFileError", "UsageError"]
+__all__ = ["ALREADY_FINISHED", "MissingFileError", "UsageError", "already_finished"]
+
+ALREADY_FINISHED = "run already finished at step"
+"""The words of the refusal to resume a finished run; ``scripts/sweep.py`` recognises a trial
+that finished before the sweep could record it by them."""
+
+
+def already_finished(where: object, step: int, advice: str) -> str:
+    """The message refusing to resume the finished run at ``where``."""
+    return f"{where}: {ALREADY_FINISHED} {step}; {advice}"
 
 
 class UsageError(ValueError):

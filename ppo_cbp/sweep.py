@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ppo_cbp.errors import UsageError
+from ppo_cbp.errors import ALREADY_FINISHED, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
@@ -449,6 +449,17 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _finished_before(log: Path, attempt: int) -> bool:
+    """Whether attempt ``attempt``'s program refused to resume because its run had already
+    finished (:data:`ppo_cbp.errors.ALREADY_FINISHED`): the sweep died between the program's
+    end and recording it."""
+    text = _tail(log, lines=LOG_TAIL_LINES)
+    _, _, output = text.rpartition(f"=== attempt {attempt} on ")
+    return any(
+        line.startswith("error: ") and ALREADY_FINISHED in line for line in output.splitlines()
+    )
+
+
 def run_trial(
     kind: str,
     command: Sequence[str],
@@ -515,6 +526,8 @@ def run_trial(
                     f"exited with code {proc.returncode}\n"
                 )
         f.write(f"=== attempt {attempt} exited with code {rc}\n")
+    if rc == 2 and resume and _finished_before(log, attempt):
+        rc = 0  # the program had finished before the sweep could record it
     result: dict[str, Any] = {
         "returncode": rc,
         "host": socket.gethostname(),

@@ -111,6 +111,7 @@ if __package__ in (None, ""):
 
 from envs import FrictionChange  # noqa: E402
 from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
+from ppo_cbp.errors import already_finished  # noqa: E402
 from ppo_cbp.init import init_linear_  # noqa: E402
 from ppo_cbp.metrics import (  # noqa: E402
     WeightChangeTracker,
@@ -1459,7 +1460,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                 if a.anneal_lr
                 else "pass a larger --steps to extend it"
             )
-            raise ConfigError(f"{run_dir}: run already finished at step {reached}; {advice}")
+            raise ConfigError(already_finished(run_dir, reached, advice))
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_name = a.run_name or f"{a.env}__{_method_tag(a)}__s{a.seed}__{stamp}"

@@ -165,6 +165,29 @@ def test_ppo_metrics_from_tensorboard_events(tmp_path):
     assert m["episodes"] == 100 and m["last_step"] == 1000
 
 
+def test_trial_that_finished_before_the_sweep_recorded_it_counts_as_done(tmp_path):
+    """The sweep died between a PPO trial's end and recording it: the next attempt resumes the
+    finished run, the trainer refuses with its one 'already finished' line, and the trial is
+    done with the run's own metrics; any other refusal stays a failure."""
+    (t,) = sw.make_trials(PPO, {"method": ["bp"]}, [0], tmp_path)
+    fixed = ["--env", "Hopper-v4", "--steps", "256", "--num-steps", "128", "--friction-every", "0"]
+    fresh = sw.trial_command(PPO, fixed, t, resume=False)
+    first = sw.run_trial("ppo", fresh, str(t.run_dir), t.seeds, 1, False, 1, 0)
+    assert first["returncode"] == 0, first["log_tail"]
+
+    again = sw.trial_command(PPO, fixed, t, resume=True)
+    second = sw.run_trial("ppo", again, str(t.run_dir), t.seeds, 2, True, 1, 0)
+    log = (t.run_dir / sw.TRIAL_LOG).read_text()
+    assert "=== attempt 2" in log and "exited with code 2" in log
+    assert "run already finished at step 256" in log
+    assert second["returncode"] == 0
+    assert second["metrics"] == first["metrics"] == {"0": sw.ppo_metrics(t.run_dir)}
+
+    other = sw.trial_command(PPO, [*fixed[:-4], "--env", "Ant-v4", *fixed[-4:]], t, resume=True)
+    third = sw.run_trial("ppo", other, str(t.run_dir), t.seeds, 3, True, 1, 0)
+    assert third["returncode"] == 2 and third["metrics"] is None
+
+
 # ------------------------------------------------------------------------------ real Ray
 
 
