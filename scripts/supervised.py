@@ -25,6 +25,7 @@ from typing import Annotated, Any, Union
 import torch
 import tyro
 
+from ppo_cbp import cli
 from ppo_cbp.benchmarks.common import closing_summary
 from ppo_cbp.benchmarks.continual_imagenet import ContinualImageNetConfig, run_continual_imagenet
 from ppo_cbp.benchmarks.incremental_cifar import IncrementalCIFARConfig, run_incremental_cifar
@@ -48,12 +49,16 @@ RUNS = {
 
 
 def parse(args: Sequence[str] | None = None) -> Any:
-    """The configuration of a command line (``args`` without the program name)."""
-    return tyro.cli(Config, args=args, description=__doc__)
+    """The configuration of a command line (``args`` without the program name); a value that
+    does not parse is a :class:`UsageError` of one line."""
+    return cli.parse(Config, args, description=__doc__)
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    cfg = parse(args)
+    try:
+        cfg = parse(args)
+    except UsageError as e:
+        sys.exit(cli.report_error(e))
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     try:

@@ -89,6 +89,20 @@ def test_bad_values_give_one_error_line_and_write_nothing(tmp_path, capsys):
         assert not out.exists(), args
 
 
+def test_values_that_do_not_parse_give_one_error_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    cases = [
+        (["permuted-mnist", "--tasks", "abc"], "--tasks", "abc"),
+        (["slowly-changing-regression", "--method", "sgd"], "--method", "sgd"),
+        (["slowly-changing-regression", "--no-such-flag", "1"], "--no-such-flag"),
+        (["no-such-benchmark"], "no-such-benchmark"),
+    ]
+    for args, *needles in cases:
+        code, _, err = run_main([*args, "--out", out], capsys)
+        assert_one_error(code, err, *needles)
+        assert not out.exists(), args
+
+
 def test_missing_and_corrupt_data_files(tmp_path, capsys):
     out = tmp_path / "run"
     empty = tmp_path / "empty"
