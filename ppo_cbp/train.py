@@ -116,6 +116,15 @@ from ppo_cbp.metrics import (  # noqa: E402
     feature_rank_metrics,
     weight_magnitudes,
 )
+from ppo_cbp.ppo_numerics import (  # noqa: E402
+    LOG_2PI,
+    AdamStep,
+    act_forward,
+    act_forward_np,
+    linear_layers,
+    numpy_layers,
+    ppo_loss_and_grads,
+)
 from ppo_cbp.redo import ReDo  # noqa: E402
 from ppo_cbp.shrink_perturb import perturb_  # noqa: E402
 from ppo_cbp.units import hidden_activations  # noqa: E402
@@ -135,7 +144,6 @@ TESTED_ENVS = tuple(f"{name}-v{v}" for name in ("Ant", "Hopper", "Walker2d") for
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 SUMMARY_EPISODES = 100  # the closing summary's return is the mean over this many last episodes
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass
@@ -624,154 +632,6 @@ def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, init: str) -> nn.
     return net
 
 
-def _linear_layers(net: nn.Sequential) -> list[tuple[Tensor, Tensor]]:
-    """(transposed weight view, bias) per Linear layer; views follow in-place weight updates."""
-    return [(m.weight.t(), m.bias) for m in net if isinstance(m, nn.Linear)]
-
-
-def _act_forward(
-    layers: list[tuple[Tensor, Tensor]], x: Tensor, out: Sequence[Tensor] | None = None
-) -> Tensor:
-    """The MLP's forward without module calls or hooks (the acting hot path on a GPU).
-
-    ``out``: optional preallocated outputs, one ``[batch, width]`` tensor per layer (no
-    allocation per call; only outside autograd, e.g. under ``torch.inference_mode``).
-    """
-    for i, (wt, b) in enumerate(layers):
-        x = torch.addmm(b, x, wt) if out is None else torch.addmm(b, x, wt, out=out[i])
-        if i < len(layers) - 1:
-            x.relu_()
-    return x
-
-
-def _numpy_layers(net: nn.Sequential) -> list[np.ndarray]:
-    """Each Linear layer of a CPU MLP as one float32 array ``[in + 1, out]``: ``W^T`` with the
-    bias as its last row (a copy, for :func:`_act_forward_np`)."""
-    return [
-        np.concatenate([m.weight.detach().numpy().T, m.bias.detach().numpy()[None]])
-        for m in net
-        if isinstance(m, nn.Linear)
-    ]
-
-
-def _act_forward_np(layers: list[np.ndarray], inputs: list[np.ndarray], out: np.ndarray) -> None:
-    """:func:`_act_forward` in numpy: the acting hot path on the CPU.
-
-    ``inputs[i]`` is layer ``i``'s input ``[batch, in + 1]`` with a last column of ones (the
-    bias term of ``layers[i]``): the caller writes the observation into ``inputs[0][:, :-1]``,
-    the hidden layers write theirs, and the output goes to ``out``. Between two env steps these
-    few numpy calls leave more of the simulator's code and data in the caches than torch's
-    dispatcher does (the env step after a torch forward took ~20 us longer on Hopper).
-    """
-    for i, w in enumerate(layers):
-        if i + 1 < len(layers):
-            h = inputs[i + 1]
-            np.matmul(inputs[i], w, out=h[:, :-1])
-            np.maximum(h, 0.0, out=h)  # keeps the column of ones
-        else:
-            np.matmul(inputs[i], w, out=out)
-
-
-def _mlp_forward(layers: Sequence[nn.Linear], x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The MLP's output and its hidden (post-ReLU) activations, outside autograd."""
-    hidden = []
-    for m in layers[:-1]:
-        x = torch.addmm(m.bias, x, m.weight.t()).relu_()
-        hidden.append(x)
-    return torch.addmm(layers[-1].bias, x, layers[-1].weight.t()), hidden
-
-
-def _mlp_backward_(
-    layers: Sequence[nn.Linear], x: Tensor, hidden: Sequence[Tensor], grad_out: Tensor
-) -> None:
-    """Backprop ``grad_out = dL/d(output)`` through the MLP into each layer's ``.grad``.
-
-    For layer ``l`` with input ``a`` (``x`` or the previous hidden activation) and output
-    gradient ``g``: ``dW = g^T a``, ``db = sum_rows g`` and, below it, ``dL/da = (g W) * [a > 0]``
-    (ReLU's derivative read off its output). The ``.grad`` tensors are overwritten, not added to.
-    """
-    g = grad_out
-    for i in range(len(layers) - 1, -1, -1):
-        w, b = layers[i].weight, layers[i].bias
-        a = hidden[i - 1] if i > 0 else x
-        if w.grad is None or b.grad is None:
-            w.grad, b.grad = torch.empty_like(w), torch.empty_like(b)
-        if w.shape[1] < 64:
-            # MKL computes this thin product ~2x faster as [in, out] than as [out, in].
-            w.grad.copy_(torch.mm(a.t(), g).t())
-        else:
-            torch.mm(g.t(), a, out=w.grad)
-        torch.sum(g, 0, out=b.grad)
-        if i > 0:
-            g = torch.ops.aten.threshold_backward(torch.mm(g, w), a, 0.0)
-
-
-@torch.no_grad()
-def ppo_loss_and_grads(
-    actor: Sequence[nn.Linear],
-    critic: Sequence[nn.Linear],
-    log_std: Tensor,
-    x: Tensor,
-    act: Tensor,
-    old_logp: Tensor,
-    neg_adv: Tensor,
-    ret: Tensor,
-    clip_coef: float,
-    vf_coef: float,
-    ent_coef: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
-    """PPO's minibatch loss and its gradient, by hand (no autograd graph).
-
-    The policy is ``N(mean(x), diag(exp(log_std))^2)`` with ``mean`` the ``actor`` MLP (its
-    Linear layers, ReLU between them) and ``V(x)`` the ``critic`` MLP. With ``M`` samples,
-    ``z = (act - mean) * exp(-log_std)``, ``log r = log pi(act) - old_logp`` where
-    ``log pi = -z.z/2 - sum(log_std) - D log(2 pi)/2``, ``r = exp(log r)``, ``A = -neg_adv``
-    and ``eps = clip_coef``, the loss is
-
-        L = pg + vf_coef * v - ent_coef * H,
-        pg = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))),   v = mean((V(x) - ret)^2),
-        H = sum(log_std) + D (1 + log(2 pi)) / 2.
-
-    Gradients, with ``G_i = (-A_i r_i / M) k_i`` where ``k_i = 1`` if the unclipped term is at
-    least the clipped one (always inside ``[1 - eps, 1 + eps]``, where both are equal), else 0;
-    this is autograd's gradient of ``max``/``clamp`` except where the two terms are equal outside
-    the range, which needs ``A_i = 0`` (then ``G_i = 0`` anyway) or a tie by rounding:
-
-        dL/dmean_ij    = G_i z_ij exp(-log_std_j),
-        dL/dlog_std_j  = sum_i G_i (z_ij^2 - 1) - ent_coef,
-        dL/dV_i        = 2 vf_coef (V_i - ret_i) / M,
-
-    then backpropagated through both MLPs by :func:`_mlp_backward_`. Every parameter's
-    ``.grad`` (allocated on first use) is overwritten, as after ``zero_grad`` and ``backward``.
-
-    :return: ``(pg, v, log_ratio, actor_hidden, critic_hidden)``: the two loss terms (0-dim),
-        ``log r`` per sample and each MLP's hidden activations on ``x`` (for CBP/ReDo).
-    """
-    m, d = act.shape
-    mean, actor_hidden = _mlp_forward(actor, x)
-    value, critic_hidden = _mlp_forward(critic, x)
-    inv_std = torch.exp(-log_std)
-    z = (act - mean).mul_(inv_std)
-    z2 = z.square()
-    log_ratio = z2.sum(1).mul_(-0.5).sub_(old_logp).sub_(log_std.sum() + 0.5 * d * LOG_2PI)
-    ratio = log_ratio.exp()
-    clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)
-    unclipped_term = neg_adv * ratio
-    clipped_term = neg_adv * clipped
-    pg = torch.maximum(unclipped_term, clipped_term).mean()
-    g = unclipped_term.mul_(unclipped_term >= clipped_term).mul_(1.0 / m)  # dL/dlog_ratio
-    if log_std.grad is None:
-        log_std.grad = torch.empty_like(log_std)
-    torch.mv(z2.sub_(1.0).t(), g, out=log_std.grad)
-    if ent_coef:
-        log_std.grad.sub_(ent_coef)
-    err = value.view(-1) - ret
-    v = err.square().mean()
-    _mlp_backward_(actor, x, actor_hidden, z.mul_(g[:, None]).mul_(inv_std))
-    _mlp_backward_(critic, x, critic_hidden, err.mul_(2.0 * vf_coef / m)[:, None])
-    return pg, v, log_ratio, actor_hidden, critic_hidden
-
-
 @torch.no_grad()
 def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
     """Plasticity metrics of ``net`` on ``states`` (the last rollout's observations).
@@ -808,80 +668,6 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
         out[f"weight_magnitude/layer{i}"] = mags[key]
     out["weight_magnitude/overall"] = mags["overall"]
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# optimizer
-# ------------------------------------------------------------------------------------------------
-
-
-class AdamStep:
-    """``optimizer.step()`` of a fused, single-group ``torch.optim.Adam``, with less Python.
-
-    Between the update's matrix products, ``Optimizer.step`` spent ~130 us per call in Python
-    (grouping parameters, looking up state, hooks) on top of its ~130 us kernel. This calls
-    the two ops that torch's fused Adam runs, ``torch._foreach_add_(steps, 1)`` and
-    ``torch._fused_adam_``, on the optimizer's own state tensors with the group's current
-    settings, so the result is bitwise that of ``optimizer.step()`` and ``state_dict``,
-    ``load_state_dict`` and in-place state resets (CBP/ReDo) keep working. Any other optimizer
-    (not fused, amsgrad, maximize, several groups, a torch without the op), the first step
-    (which creates the state) and a step after the state tensors were replaced go through
-    ``optimizer.step()``. Parameters without a gradient are not expected.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        groups = optimizer.param_groups
-        g = groups[0]
-        self.direct = (
-            isinstance(optimizer, torch.optim.Adam)
-            and len(groups) == 1
-            and bool(g.get("fused"))
-            and not any(g.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable"))
-            and not g.get("decoupled_weight_decay", False)
-            and hasattr(torch, "_fused_adam_")
-        )
-        self.params: list[Tensor] = list(g["params"])
-        self._state: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
-
-    def _lookup(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
-        state = self.optimizer.state
-        if not all(p in state for p in self.params):
-            return None
-        return (
-            [state[p]["exp_avg"] for p in self.params],
-            [state[p]["exp_avg_sq"] for p in self.params],
-            [state[p]["step"] for p in self.params],
-        )
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        if self.direct:
-            s = self._state
-            first = self.params[0]
-            if s is None or self.optimizer.state.get(first, {}).get("exp_avg") is not s[0][0]:
-                s = self._state = self._lookup()
-            if s is not None:
-                g = self.optimizer.param_groups[0]
-                beta1, beta2 = g["betas"]
-                torch._foreach_add_(s[2], 1)
-                torch._fused_adam_(
-                    self.params,
-                    [p.grad for p in self.params],
-                    s[0],
-                    s[1],
-                    [],
-                    s[2],
-                    amsgrad=False,
-                    lr=g["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=g["weight_decay"],
-                    eps=g["eps"],
-                    maximize=False,
-                )
-                return
-        self.optimizer.step()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1272,7 +1058,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         trunc_np = np.zeros((T, N), bool)
         obs_host, act_host = torch.from_numpy(obs_np), torch.from_numpy(act_np)
         adam_step = AdamStep(optimizer)
-        actor_layers = _linear_layers(actor)
+        actor_layers = linear_layers(actor)
         widths = (*a.hidden_sizes, act_dim)
         act_out = [torch.empty(N, w, device=device) for w in widths]
         act_in_np = [np.ones((N, w + 1), np.float32) for w in (obs_dim, *a.hidden_sizes)]
@@ -1313,18 +1099,18 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                     noise = torch.randn((T, N, act_dim), generator=gen, device=device)
                     std = log_std.exp()
                     if on_cpu:
-                        np_layers = _numpy_layers(actor)
+                        np_layers = numpy_layers(actor)
                         scaled_noise = (noise * std).numpy()
                     for t in range(T):
                         obs_np[t] = next_obs
                         if on_cpu:
                             act_in_np[0][:, :-1] = next_obs
-                            _act_forward_np(np_layers, act_in_np, mean_np)
+                            act_forward_np(np_layers, act_in_np, mean_np)
                             np.add(mean_np, scaled_noise[t], out=act_np[t])
                         else:
                             x = obs_host[t].to(device)
                             act_host[t].copy_(
-                                torch.addcmul(_act_forward(actor_layers, x, act_out), std, noise[t])
+                                torch.addcmul(act_forward(actor_layers, x, act_out), std, noise[t])
                             )
                         action = act_np[t]
                         if a.clip_actions:
