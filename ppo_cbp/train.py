@@ -78,15 +78,10 @@ process logged after its last checkpoint are dropped rather than drawn twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import pickle
 import random
-import shlex
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -107,7 +102,9 @@ if __package__ in (None, ""):
 
 import envs.vector as vector_env  # noqa: E402
 from envs.vector import EnvFactory  # noqa: E402
+from ppo_cbp import run_folder  # noqa: E402
 from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
+from ppo_cbp.errors import UsageError  # noqa: E402
 from ppo_cbp.init import init_linear_  # noqa: E402
 from ppo_cbp.metrics import (  # noqa: E402
     WeightChangeTracker,
@@ -125,6 +122,16 @@ from ppo_cbp.ppo_numerics import (  # noqa: E402
     numpy_layers,
     ppo_loss_and_grads,
 )
+from ppo_cbp.ppo_settings import (  # noqa: E402
+    CHECKPOINT_FORMAT,
+    args_dict,
+    find_checkpoint,
+    merge_resume,
+    method_tag,
+    read_checkpoint,
+    resolve_args,
+)
+from ppo_cbp.ppo_settings import given_fields as _given_fields  # noqa: E402
 from ppo_cbp.redo import ReDo  # noqa: E402
 from ppo_cbp.shrink_perturb import perturb_  # noqa: E402
 from ppo_cbp.units import hidden_activations  # noqa: E402
@@ -140,9 +147,7 @@ __all__ = [
     "ppo_loss_and_grads",
 ]
 
-TESTED_ENVS = tuple(f"{name}-v{v}" for name in ("Ant", "Hopper", "Walker2d") for v in (4, 5))
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = run_folder.CHECKPOINT_NAME
 SUMMARY_EPISODES = 100  # the closing summary's return is the mean over this many last episodes
 
 
@@ -276,8 +281,8 @@ class Args:
     """Run the first segment with the model's default friction instead of the first sample."""
 
 
-class ConfigError(ValueError):
-    """Bad settings, found before any work starts."""
+ConfigError = UsageError
+"""Bad settings, found before any work starts (the package's one usage-error class)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -300,190 +305,6 @@ class TrainResult:
     """Returns of the last ``SUMMARY_EPISODES`` (100) episodes that ended, oldest first."""
     units_replaced: dict[str, int] = dataclasses.field(default_factory=dict)
     """Units CBP/ReDo replaced over the whole run, per network; empty without either."""
-
-
-# ------------------------------------------------------------------------------------------------
-# settings
-# ------------------------------------------------------------------------------------------------
-
-_DEFAULTS = Args()
-# Fields that may differ from the checkpoint when resuming: they do not change the training.
-# (steps only without --anneal-lr, whose schedule depends on it.)
-_RESUME_FREE = {"steps", "checkpoint_every", "metrics_every", "device", "threads", "progress"}
-_RESUME_IGNORED = {"resume", "run_name", "runs_dir"}
-_CBP_FIELDS = ("replacement_rate", "maturity_threshold", "decay_rate", "utility")
-_REDO_FIELDS = ("redo_threshold", "redo_period")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _check_env_id(env_id: str) -> None:
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error:
-        spec = None
-    entry = str(getattr(spec, "entry_point", ""))
-    if spec is None or "envs.mujoco" not in entry or (spec.version or 0) < 4:
-        raise ConfigError(
-            f"unknown env id {env_id!r}: expected one of {', '.join(TESTED_ENVS)} "
-            "(or another gymnasium MuJoCo env of version >= 4)"
-        )
-
-
-def resolve_args(args: Args) -> Args:
-    """Validate ``args`` and return a copy with the presets applied (no ``None`` left).
-
-    :raises ConfigError: naming the bad value or the conflicting flags.
-    """
-    a = args
-    _check_env_id(a.env)
-    if a.seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {a.seed}")
-    positive = ("steps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
-    for name in positive:
-        if getattr(a, name) is not None and getattr(a, name) <= 0:
-            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(a, name)}")
-    for name in ("checkpoint_every", "metrics_every", "friction_every", "maturity_threshold"):
-        if getattr(a, name) < 0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
-    if a.redo_period <= 0:
-        raise ConfigError(f"--redo-period must be positive, got {a.redo_period}")
-    rates = ["replacement_rate", "decay_rate", "gamma", "gae_lambda", "clip_coef"]
-    rates += [n for n in ("adam_beta1", "adam_beta2") if getattr(a, n) is not None]
-    for name in rates:
-        value = getattr(a, name)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {value}")
-    for name in ("adam_beta1", "adam_beta2", "decay_rate"):
-        if getattr(a, name) is not None and getattr(a, name) >= 1.0:
-            raise ConfigError(f"{_flag(name)} must be < 1, got {getattr(a, name)}")
-    if not a.learning_rate > 0 or not math.isfinite(a.learning_rate):
-        raise ConfigError(f"--learning-rate must be positive, got {a.learning_rate}")
-    nonneg = ["adam_eps", "ent_coef", "vf_coef", "redo_threshold"]
-    nonneg += [
-        n for n in ("weight_decay", "noise_std", "max_grad_norm") if getattr(a, n) is not None
-    ]
-    for name in nonneg:
-        if not getattr(a, name) >= 0.0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
-    if not 0.0 < a.friction_low <= a.friction_high:
-        raise ConfigError(
-            f"need 0 < --friction-low <= --friction-high, got {a.friction_low}, {a.friction_high}"
-        )
-    if not a.hidden_sizes or min(a.hidden_sizes) <= 0:
-        raise ConfigError(f"--hidden-sizes must be positive widths, got {a.hidden_sizes}")
-    batch = a.num_steps * a.num_envs
-    if batch % a.num_minibatches:
-        raise ConfigError(
-            f"--num-minibatches {a.num_minibatches} does not divide the batch of "
-            f"num_steps * num_envs = {batch}"
-        )
-
-    # conflicts
-    if a.cbp and a.redo:
-        raise ConfigError("--cbp and --redo conflict: choose one unit-reset method")
-    if a.standard_adam and (a.adam_beta1 is not None or a.adam_beta2 is not None):
-        raise ConfigError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
-    if a.l2 and a.weight_decay is not None:
-        raise ConfigError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
-    if a.noise_std is not None and not a.shrink_perturb:
-        raise ConfigError("--noise-std only applies with --shrink-perturb")
-    for method, fields in (("cbp", _CBP_FIELDS), ("redo", _REDO_FIELDS)):
-        if not getattr(a, method):
-            for name in fields:
-                if getattr(a, name) != getattr(_DEFAULTS, name):
-                    raise ConfigError(f"{_flag(name)} only applies with {_flag(method)}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA GPU is available")
-
-    if a.weight_decay is not None:
-        weight_decay = a.weight_decay
-    elif a.l2:
-        weight_decay = 1e-3
-    elif a.cbp or a.redo or a.shrink_perturb:
-        weight_decay = 1e-4
-    else:
-        weight_decay = 0.0
-    betas = (0.9, 0.999) if a.standard_adam else (0.99, 0.99)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = a.threads or min(a.num_envs, cores or 1)
-    return dataclasses.replace(
-        a,
-        bootstrap_truncation=a.bootstrap_truncation and not a.paper_exact,
-        reset_optimizer_state=a.reset_optimizer_state and not a.paper_exact,
-        adam_beta1=betas[0] if a.adam_beta1 is None else a.adam_beta1,
-        adam_beta2=betas[1] if a.adam_beta2 is None else a.adam_beta2,
-        weight_decay=weight_decay,
-        noise_std=(1e-5 if a.noise_std is None else a.noise_std) if a.shrink_perturb else 0.0,
-        threads=threads,
-    )
-
-
-def _method_tag(a: Args) -> str:
-    tags = [t for t, on in (("cbp", a.cbp), ("redo", a.redo), ("l2", a.l2)) if on]
-    tags += ["snp"] if a.shrink_perturb else []
-    tags += ["stdadam"] if a.standard_adam else []
-    tags += ["exact"] if a.paper_exact else []
-    return "+".join(tags) or "ppo"
-
-
-def _args_dict(a: Args) -> dict[str, Any]:
-    d = dataclasses.asdict(a)
-    d["hidden_sizes"] = list(a.hidden_sizes)
-    return d
-
-
-def _args_from_dict(d: dict[str, Any]) -> Args:
-    d = dict(d)
-    d["hidden_sizes"] = tuple(d["hidden_sizes"])
-    return Args(**d)
-
-
-def given_fields(argv: Sequence[str]) -> set[str]:
-    """The ``Args`` fields named on a command line: ``--name``, ``--name=value`` or ``--no-name``.
-
-    A flag given with its default value counts as given (``--env Ant-v4`` on a resumed Hopper
-    run is a conflict, not a no-op); values are never mistaken for flags, as no value of these
-    fields starts with ``--``."""
-    names = {f.name for f in dataclasses.fields(Args)}
-    given = set()
-    for word in argv:
-        if not word.startswith("--"):
-            continue
-        name = word[2:].split("=", 1)[0].replace("-", "_")
-        if name not in names and name.startswith("no_") and name[3:] in names:
-            name = name[3:]
-        if name in names:
-            given.add(name)
-    return given
-
-
-def _merge_resume(args: Args, saved: Args, given: set[str] | None = None) -> Args:
-    """Settings for a resumed run: the checkpoint's, with the command line's where it is given.
-
-    ``given`` names the fields set on the command line (:func:`given_fields`); None (a call from
-    Python) counts a field as given when it differs from its default."""
-    merged: dict[str, Any] = {}
-    conflicts = []
-    for f in dataclasses.fields(Args):
-        name, now, then = f.name, getattr(args, f.name), getattr(saved, f.name)
-        explicit = now != getattr(_DEFAULTS, name) if given is None else name in given
-        if name in _RESUME_IGNORED:
-            merged[name] = now
-        elif not explicit or now == then:
-            merged[name] = then
-        elif name in _RESUME_FREE and not (name == "steps" and saved.anneal_lr):
-            merged[name] = now
-        else:
-            conflicts.append(f"{name} (checkpoint {then!r}, now {now!r})")
-    if conflicts:
-        raise ConfigError(
-            f"the checkpoint in {args.resume} was written with different settings: "
-            + "; ".join(conflicts)
-        )
-    return Args(**merged)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -671,170 +492,6 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints
-# ------------------------------------------------------------------------------------------------
-
-
-def _clone(obj: Any) -> Any:
-    """Deep copy of nested dicts/lists/tuples, cloning tensors (state snapshots)."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone(v) for v in obj)
-    return obj
-
-
-def _rng_states(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    version, mt, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": {"version": version, "state": list(mt), "gauss": gauss},
-        "numpy": {
-            "kind": str(np_state[0]),
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": {k: g.get_state() for k, g in generators.items()},
-    }
-
-
-def _set_rng_states(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-
-
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync,
-    then ``os.replace`` (a crash leaves either the old or the new checkpoint, never half)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (it can never execute code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _find_checkpoint(resume: str) -> Path:
-    p = Path(resume)
-    if not p.exists():
-        raise ConfigError(f"resume path {resume} does not exist")
-    path = p if p.is_file() else p / CHECKPOINT_NAME
-    if not path.is_file():
-        runs = sorted(str(c.parent) for c in p.glob(f"*/{CHECKPOINT_NAME}"))
-        hint = f" (runs in {p}: {', '.join(runs[:3])}{', ...' * (len(runs) > 3)})" if runs else ""
-        raise ConfigError(f"no checkpoint to resume from: {path} does not exist{hint}")
-    return path
-
-
-def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Args]:
-    """The checkpoint at ``path`` and the settings it was written with.
-
-    :raises ConfigError: if the file cannot be read (empty, truncated, corrupt, no permission)
-        or was not written by this trainer; the message says what to do instead."""
-    try:
-        state = load_checkpoint(path)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
-        if "Weights only load failed" in str(e):  # a whole, readable file of someone else's
-            raise ConfigError(
-                f"{path} is not a checkpoint of this trainer (it holds Python objects, not only "
-                "tensors and plain values)"
-            ) from None
-        if isinstance(e, OSError):
-            reason = e.strerror or str(e)
-        elif path.stat().st_size == 0:
-            reason = "the file is empty"
-        else:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        older = sorted(p for p in path.parent.glob("*.pt") if p.name != path.name)
-        advice = (
-            f"resume from an older checkpoint with --resume {older[-1]}"
-            if older
-            else "no older checkpoint is kept: start the run over without --resume "
-            f"(remove {path.parent} first to reuse its name)"
-        )
-        raise ConfigError(
-            f"cannot resume: {path} is unreadable, truncated or corrupt ({reason}); {advice}"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f"{path} is not a checkpoint of this trainer (format {found})")
-    try:
-        saved = _args_from_dict(state["args"])
-    except (KeyError, TypeError) as e:
-        raise ConfigError(
-            f"{path} holds settings this version of the trainer does not know ({e})"
-        ) from None
-    return state, saved
-
-
-def _check_writable(run_dir: Path) -> None:
-    """:raises ConfigError: unless ``run_dir`` is, or can be created as, a writable folder."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"cannot create the run folder {run_dir}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write the run folder {run_dir}: {existing} is not writable")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class _StopSignal:
-    """SIGINT/SIGTERM set a flag checked at update boundaries; a second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
-        print(
-            f"\n{name} received: stopping at the end of this update (SIGINT again: abort)",
-            file=sys.stderr,
-        )
-
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-# ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
 
@@ -848,7 +505,6 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
     :raises ConfigError: for bad settings, before anything is created or written.
     :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
     """
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     t_begin = time.perf_counter()
@@ -856,29 +512,27 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
     raw = args
     ckpt: dict[str, Any] | None = None
     if raw.resume is not None:
-        ckpt_path = _find_checkpoint(raw.resume)
-        ckpt, saved = _read_checkpoint(ckpt_path)
-        raw = _merge_resume(raw, saved, given)
+        ckpt_path = find_checkpoint(raw.resume)
+        ckpt, saved = read_checkpoint(Args, ckpt_path)
+        raw = merge_resume(raw, saved, given)
         run_dir = ckpt_path.parent
     a = resolve_args(raw)
     if ckpt is not None:
-        reached = int(ckpt["global_step"])
-        if reached >= a.steps:
-            advice = (
-                "it anneals the learning rate over --steps, so it cannot be extended"
-                if a.anneal_lr
-                else "pass a larger --steps to extend it"
-            )
-            raise ConfigError(f"{run_dir}: run already finished at step {reached}; {advice}")
+        advice = (
+            "it anneals the learning rate over --steps, so it cannot be extended"
+            if a.anneal_lr
+            else "pass a larger --steps to extend it"
+        )
+        run_folder.refuse_finished(run_dir, "step", int(ckpt["global_step"]), a.steps, advice)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_name = a.run_name or f"{a.env}__{_method_tag(a)}__s{a.seed}__{stamp}"
+        run_name = a.run_name or f"{a.env}__{method_tag(a)}__s{a.seed}__{stamp}"
         run_dir = Path(a.runs_dir) / run_name
         if (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
-    _check_writable(run_dir)
+    run_folder.check_writable(run_dir)
     device = torch.device(
         "cuda"
         if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
@@ -999,15 +653,15 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
             recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
             envs.restore_state(ckpt["envs"])
             next_obs = ckpt["next_obs"].numpy().copy()
-            _set_rng_states(ckpt["rng"], generators)
+            run_folder.set_rng_states(ckpt["rng"], generators)
 
         def snapshot() -> dict[str, Any]:
             """The full training state at this update boundary (cloned, device tensors)."""
-            return _clone(
+            return run_folder.clone(
                 {
                     "format": CHECKPOINT_FORMAT,
-                    "args": _args_dict(raw),
-                    "resolved": _args_dict(a),
+                    "args": args_dict(raw),
+                    "resolved": args_dict(a),
                     "global_step": global_step,
                     "update": update,
                     "actor": actor.state_dict(),
@@ -1025,7 +679,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                     "recent_returns": torch.tensor(list(recent_returns), dtype=torch.float64),
                     "next_obs": torch.from_numpy(next_obs.copy()),
                     "envs": envs.checkpoint_state(),
-                    "rng": _rng_states(generators),
+                    "rng": run_folder.rng_states(generators),
                 }
             )
 
@@ -1041,11 +695,9 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         # readers discard every event at a step >= purge_step from the older event files. The
         # checkpoint's own step keeps its points (logged and flushed before the checkpoint was
         # written), hence + 1.
-        writer = SummaryWriter(
-            str(run_dir), purge_step=global_step + 1 if ckpt is not None else None
-        )
-        resolved = _args_dict(a)
-        _write_atomic(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
+        writer = run_folder.open_writer(run_dir, global_step + 1 if ckpt is not None else None)
+        resolved = args_dict(a)
+        run_folder.write_json(run_dir / "config.json", resolved)
         if ckpt is None:
             table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
             writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
@@ -1080,7 +732,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
             dynamic_ncols=True,
             disable=None if a.progress else True,  # None: only on a terminal
         )
-        with _StopSignal() as stop:
+        with run_folder.StopSignal() as stop:
             while global_step < a.steps and stop.signum is None:
                 update += 1
                 t_iter = time.perf_counter()
@@ -1262,7 +914,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                 timings["cbp"] += cbp_time
 
                 if not finite:
-                    save_checkpoint(good, ckpt_file)
+                    run_folder.save_checkpoint(good, ckpt_file)
                     writer.flush()
                     raise NonFiniteLossError(
                         f"non-finite loss in update {update} (steps {step0}-{global_step}); stopped. "
@@ -1331,13 +983,13 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                 if due or done or stop.signum is not None:
                     t_c = time.perf_counter()
                     writer.flush()
-                    save_checkpoint(good, ckpt_file)
+                    run_folder.save_checkpoint(good, ckpt_file)
                     last_ckpt_step = global_step
                     timings["checkpoint"] += time.perf_counter() - t_c
             bar.close()
             if stop.signum is not None:
                 if last_ckpt_step != global_step:  # the signal came after this update's save check
-                    save_checkpoint(good, ckpt_file)
+                    run_folder.save_checkpoint(good, ckpt_file)
                     last_ckpt_step = global_step
                 name = signal.Signals(stop.signum).name
                 print(
@@ -1364,22 +1016,13 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         torch.set_num_threads(caller_threads)
 
 
-def _duration(seconds: float) -> str:
-    """``42.1s``, ``3m07s`` or ``5h02m09s``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def _summary(result: TrainResult, total: int, steps: int, seconds: float) -> str:
     """The closing lines: how far the run got, at what speed, its return and replacements, and
     where its outputs are."""
     state = "stopped" if result.interrupted_by is not None else "finished"
     lines = [
         f"{state} at step {result.global_step:,} of {total:,}: {steps:,} steps in "
-        f"{_duration(seconds)} ({steps / max(seconds, 1e-9):,.0f} steps/s)"
+        f"{run_folder.duration(seconds)} ({steps / max(seconds, 1e-9):,.0f} steps/s)"
     ]
     returns = result.recent_returns
     if returns:
@@ -1393,9 +1036,13 @@ def _summary(result: TrainResult, total: int, steps: int, seconds: float) -> str
         lines.append(f"units replaced: {sum(result.units_replaced.values()):,} ({parts})")
     else:
         lines.append("units replaced: none (no --cbp or --redo)")
-    logdir = shlex.quote(str(result.run_dir))
-    lines += [f"run folder: {result.run_dir}", f"curves: tensorboard --logdir {logdir}"]
+    lines += run_folder.where_lines(result.run_dir)
     return "\n".join(lines)
+
+
+def given_fields(argv: Sequence[str]) -> set[str]:
+    """The ``Args`` fields named on a command line (see :func:`ppo_settings.given_fields`)."""
+    return _given_fields(Args, argv)
 
 
 def cli() -> None:
@@ -1403,7 +1050,7 @@ def cli() -> None:
     args = tyro.cli(Args)
     try:
         result = main(args, given_fields(sys.argv[1:]))
-    except ConfigError as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as e:
