@@ -1,4 +1,4 @@
-"""PPO with continual backprop on friction-changing MuJoCo: one flat, CleanRL-style file.
+"""PPO with continual backprop on friction-changing MuJoCo, in the order of CleanRL's file.
 
 Usage::
 
@@ -492,6 +492,425 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
+# agent
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Agent:
+    """The policy ``N(actor(s), exp(log_std)^2)``, the value ``critic(s)``, their Adam and the
+    unit-reset method (CBP or ReDo) of each network."""
+
+    actor: nn.Sequential
+    critic: nn.Sequential
+    log_std: nn.Parameter
+    optimizer: torch.optim.Adam
+    resetters: dict[str, ContinualBackprop | ReDo]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [*self.actor.parameters(), self.log_std, *self.critic.parameters()]
+
+    def nets(self) -> tuple[tuple[str, nn.Sequential], ...]:
+        return (("policy", self.actor), ("value", self.critic))
+
+
+def make_agent(
+    a: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: list[int]
+) -> Agent:
+    """Both MLPs, the log-std, one Adam over all of them and CBP/ReDo on each MLP."""
+    actor = make_mlp(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
+    critic = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
+    log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
+    adam_kwargs = dict(
+        lr=a.learning_rate,
+        betas=(a.adam_beta1, a.adam_beta2),
+        eps=a.adam_eps,
+        weight_decay=a.weight_decay,
+    )
+    params = [*actor.parameters(), log_std, *critic.parameters()]
+    try:  # the fused kernel: one call per step (CPU support since torch 2.4)
+        optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
+    except (RuntimeError, ValueError):
+        optimizer = torch.optim.Adam(params, **adam_kwargs)
+    resetters: dict[str, ContinualBackprop | ReDo] = {}
+    for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
+        if a.cbp:
+            resetters[name] = ContinualBackprop(
+                net,
+                optimizer,
+                replacement_rate=a.replacement_rate,
+                maturity_threshold=a.maturity_threshold,
+                decay_rate=a.decay_rate,
+                utility=a.utility,
+                init=a.init,
+                reset_optimizer_state=a.reset_optimizer_state,
+                accumulate=not a.paper_exact,
+                seed=int(seeds[2 + k] % 2**63),
+            )
+        elif a.redo:
+            resetters[name] = ReDo(
+                net,
+                optimizer,
+                threshold=a.redo_threshold,
+                period=a.redo_period,
+                init=a.init,
+                reset_optimizer_state=a.reset_optimizer_state,
+                seed=int(seeds[2 + k] % 2**63),
+            )
+    for r in resetters.values():
+        # The update passes each minibatch's activations explicitly: no hooks on the hot path.
+        r.remove_hooks()
+    return Agent(actor, critic, log_std, optimizer, resetters)
+
+
+@dataclass
+class RunState:
+    """What checkpoints carry besides the agent: counters, episode statistics, the optional
+    normalisers' statistics and the next observation."""
+
+    num_envs: int
+    obs_rms: RunningMeanStd | None
+    ret_rms: RunningMeanStd | None
+    max_change: Tensor
+    global_step: int = 0
+    update: int = 0
+    latest_return: float = math.nan
+    next_obs: np.ndarray | None = None
+    recent_returns: deque[float] = dataclasses.field(
+        default_factory=lambda: deque(maxlen=SUMMARY_EPISODES)
+    )
+
+    def __post_init__(self) -> None:
+        self.episode_return = np.zeros(self.num_envs, np.float64)
+        self.episode_length = np.zeros(self.num_envs, np.int64)
+        self.discounted = np.zeros(self.num_envs, np.float64)
+
+    def normalize_obs(self, o: np.ndarray, update_stats: bool) -> np.ndarray:
+        if self.obs_rms is None:
+            return o
+        if update_stats:
+            self.obs_rms.update(o)
+        return np.clip((o - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -10.0, 10.0)
+
+
+def snapshot(raw: Args, a: Args, agent: Agent, st: RunState, envs: Any, generators: dict) -> dict:
+    """The full training state at this update boundary (cloned, device tensors)."""
+    return run_folder.clone(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "args": args_dict(raw),
+            "resolved": args_dict(a),
+            "global_step": st.global_step,
+            "update": st.update,
+            "actor": agent.actor.state_dict(),
+            "critic": agent.critic.state_dict(),
+            "log_std": agent.log_std.detach(),
+            "optimizer": agent.optimizer.state_dict(),
+            "resetters": {k: r.state_dict() for k, r in agent.resetters.items()},
+            "obs_rms": None if st.obs_rms is None else st.obs_rms.state_dict(),
+            "ret_rms": None if st.ret_rms is None else st.ret_rms.state_dict(),
+            "discounted": torch.from_numpy(st.discounted.copy()),
+            "episode_return": torch.from_numpy(st.episode_return.copy()),
+            "episode_length": torch.from_numpy(st.episode_length.copy()),
+            "max_change": st.max_change,
+            "latest_return": st.latest_return,
+            "recent_returns": torch.tensor(list(st.recent_returns), dtype=torch.float64),
+            "next_obs": torch.from_numpy(st.next_obs.copy()),
+            "envs": envs.checkpoint_state(),
+            "rng": run_folder.rng_states(generators),
+        }
+    )
+
+
+def restore(ckpt: dict, agent: Agent, st: RunState, envs: Any, generators: dict) -> None:
+    """Load what :func:`snapshot` saved into ``agent``, ``st``, the envs and the generators."""
+    agent.actor.load_state_dict(ckpt["actor"])
+    agent.critic.load_state_dict(ckpt["critic"])
+    with torch.no_grad():
+        agent.log_std.copy_(ckpt["log_std"])
+    agent.optimizer.load_state_dict(ckpt["optimizer"])
+    for name, r in agent.resetters.items():
+        r.load_state_dict(ckpt["resetters"][name])
+    if st.obs_rms is not None:
+        st.obs_rms.load_state_dict(ckpt["obs_rms"])
+    if st.ret_rms is not None:
+        st.ret_rms.load_state_dict(ckpt["ret_rms"])
+    st.discounted = ckpt["discounted"].numpy().copy()
+    st.global_step, st.update = int(ckpt["global_step"]), int(ckpt["update"])
+    st.episode_return = ckpt["episode_return"].numpy().copy()
+    st.episode_length = ckpt["episode_length"].numpy().copy()
+    st.max_change = ckpt["max_change"].to(st.max_change.device)
+    st.latest_return = float(ckpt["latest_return"])
+    st.recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
+    envs.restore_state(ckpt["envs"])
+    st.next_obs = ckpt["next_obs"].numpy().copy()
+    run_folder.set_rng_states(ckpt["rng"], generators)
+
+
+# ------------------------------------------------------------------------------------------------
+# rollout
+# ------------------------------------------------------------------------------------------------
+
+
+class Rollout:
+    """The rollout's buffers ``[T, N, ...]`` (numpy, with torch views) and acting scratch space."""
+
+    def __init__(self, a: Args, obs_dim: int, act_dim: int, device: torch.device, agent: Agent):
+        T, N = a.num_steps, a.num_envs
+        self.obs = np.zeros((T, N, obs_dim), np.float32)
+        self.act = np.zeros((T, N, act_dim), np.float32)
+        self.rew = np.zeros((T, N), np.float64)
+        self.term = np.zeros((T, N), bool)
+        self.trunc = np.zeros((T, N), bool)
+        self.obs_host, self.act_host = torch.from_numpy(self.obs), torch.from_numpy(self.act)
+        self.actor_layers = linear_layers(agent.actor)
+        widths = (*a.hidden_sizes, act_dim)
+        self.act_out = [torch.empty(N, w, device=device) for w in widths]
+        self.act_in_np = [np.ones((N, w + 1), np.float32) for w in (obs_dim, *a.hidden_sizes)]
+        self.mean_np = np.empty((N, act_dim), np.float32)
+        self.noise: Tensor | None = None
+        self.finals: list[tuple[int, int, np.ndarray]] = []  # (t, env, final obs) at truncations
+        self.episodes: list[tuple[int, float, int]] = []  # (step, return, length) of ended ones
+        self.env_time = 0.0
+
+
+def collect_rollout(
+    a: Args, envs: Any, agent: Agent, st: RunState, ro: Rollout, gen: torch.Generator
+) -> None:
+    """Step the envs ``num_steps`` times with the current policy into ``ro``.
+
+    Gaussian noise for the whole rollout is drawn at once; on the CPU the policy mean is
+    computed in numpy (:func:`act_forward_np`), elsewhere by :func:`act_forward`."""
+    T, N = a.num_steps, a.num_envs
+    step0 = st.global_step
+    ro.finals, ro.episodes, ro.env_time = [], [], 0.0
+    on_cpu = agent.log_std.device.type == "cpu"
+    envs.wake()
+    with torch.inference_mode():
+        ro.noise = noise = torch.randn(
+            (T, N, ro.act.shape[2]), generator=gen, device=agent.log_std.device
+        )
+        std = agent.log_std.exp()
+        if on_cpu:
+            np_layers = numpy_layers(agent.actor)
+            scaled_noise = (noise * std).numpy()
+        for t in range(T):
+            ro.obs[t] = st.next_obs
+            if on_cpu:
+                ro.act_in_np[0][:, :-1] = st.next_obs
+                act_forward_np(np_layers, ro.act_in_np, ro.mean_np)
+                np.add(ro.mean_np, scaled_noise[t], out=ro.act[t])
+            else:
+                x = ro.obs_host[t].to(std.device)
+                mean = act_forward(ro.actor_layers, x, ro.act_out)
+                ro.act_host[t].copy_(torch.addcmul(mean, std, noise[t]))
+            action = ro.act[t]
+            if a.clip_actions:
+                action = np.clip(
+                    action, envs.single_action_space.low, envs.single_action_space.high
+                )
+            t_env = time.perf_counter()
+            raw_obs, reward, terminated, truncated, final = envs.step(action)
+            ro.env_time += time.perf_counter() - t_env
+            ro.term[t] = terminated
+            ro.trunc[t] = truncated
+            st.episode_return += reward
+            st.episode_length += 1
+            if st.ret_rms is not None:
+                st.discounted = st.discounted * a.gamma + reward
+                st.ret_rms.update(st.discounted)
+                reward = np.clip(reward / np.sqrt(st.ret_rms.var + 1e-8), -10.0, 10.0)
+            ro.rew[t] = reward
+            for i, fo in final:
+                if truncated[i] and not terminated[i]:
+                    ro.finals.append((t, i, st.normalize_obs(fo[None], False)[0]))
+                r_i, l_i = float(st.episode_return[i]), int(st.episode_length[i])
+                ro.episodes.append((step0 + (t + 1) * N, r_i, l_i))
+                st.latest_return = r_i
+                st.recent_returns.append(r_i)
+                st.episode_return[i] = 0.0
+                st.episode_length[i] = 0
+                st.discounted[i] = 0.0
+            st.next_obs = st.normalize_obs(raw_obs, True).astype(np.float32)
+    st.global_step += T * N
+
+
+# ------------------------------------------------------------------------------------------------
+# GAE targets
+# ------------------------------------------------------------------------------------------------
+
+
+def rollout_targets(
+    a: Args, agent: Agent, st: RunState, ro: Rollout
+) -> tuple[Tensor, np.ndarray, np.ndarray, float]:
+    """The rollout's states on the device ``[T * N, obs_dim]``, GAE advantages and returns
+    ``[T, N]`` (:func:`compute_gae`) and the explained variance of the returns by the values."""
+    T, N = a.num_steps, a.num_envs
+    device = agent.log_std.device
+    with torch.no_grad():
+        b_obs = ro.obs_host.to(device).reshape(T * N, -1)
+        last = torch.from_numpy(st.next_obs).to(device)
+        values_all = agent.critic(torch.cat([b_obs, last])).view(T + 1, N)
+        final_values = None
+        if ro.finals and a.bootstrap_truncation:
+            fo = torch.from_numpy(np.stack([f for _, _, f in ro.finals]).astype(np.float32))
+            final_values = agent.critic(fo.to(device)).view(-1).cpu().numpy()
+    values_np = values_all.cpu().numpy().astype(np.float64)
+    next_values = values_np[1:].copy()
+    if final_values is not None:
+        for (t, i, _), v in zip(ro.finals, final_values):
+            next_values[t, i] = v
+    adv_np, ret_np = compute_gae(
+        ro.rew,
+        values_np[:-1],
+        next_values,
+        ro.term,
+        ro.trunc,
+        a.gamma,
+        a.gae_lambda,
+        a.bootstrap_truncation,
+    )
+    var_ret = ret_np.var()
+    explained_var = math.nan if var_ret == 0 else 1.0 - (ret_np - values_np[:-1]).var() / var_ret
+    return b_obs, adv_np, ret_np, explained_var
+
+
+# ------------------------------------------------------------------------------------------------
+# PPO update
+# ------------------------------------------------------------------------------------------------
+
+
+def ppo_update(
+    a: Args,
+    agent: Agent,
+    adam_step: AdamStep,
+    ro: Rollout,
+    b_obs: Tensor,
+    adv_np: np.ndarray,
+    ret_np: np.ndarray,
+    generators: dict[str, torch.Generator],
+) -> tuple[Tensor, Tensor, float]:
+    """``update_epochs`` passes of ``num_minibatches`` minibatch steps over the rollout: the
+    hand-written loss gradient (:func:`ppo_loss_and_grads`), Adam, Shrink & Perturb's noise,
+    then CBP/ReDo on the minibatch's hidden activations.
+
+    :return: the device tensors ``[losses (pg, v) per minibatch, log-ratios per minibatch]``
+        and the seconds spent in S&P and CBP/ReDo."""
+    B, act_dim = b_obs.shape[0], ro.act.shape[2]
+    device = b_obs.device
+    minibatch = B // a.num_minibatches
+    b_adv = torch.from_numpy(adv_np.reshape(B).astype(np.float32)).to(device)
+    if a.norm_adv:
+        b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+    b_ret = torch.from_numpy(ret_np.reshape(B).astype(np.float32)).to(device)
+    log_std = agent.log_std
+    with torch.no_grad():
+        b_logp = (
+            -0.5 * ro.noise.reshape(B, act_dim).square().sum(1)
+            - log_std.sum()
+            - 0.5 * act_dim * LOG_2PI
+        )
+    data = torch.cat(
+        [
+            b_obs,
+            ro.act_host.to(device).reshape(B, act_dim),
+            b_logp[:, None],
+            -b_adv[:, None],  # negated: the loss uses -A
+            b_ret[:, None],
+        ],
+        1,
+    )
+    o1, o2 = b_obs.shape[1], b_obs.shape[1] + act_dim
+    actor = [m for m in agent.actor if isinstance(m, nn.Linear)]
+    critic = [m for m in agent.critic if isinstance(m, nn.Linear)]
+    params, net_params = agent.params, [*agent.actor.parameters(), *agent.critic.parameters()]
+    # Per-minibatch losses and log-ratios stay on the device until the update ends.
+    num_mb = a.update_epochs * a.num_minibatches
+    losses = torch.zeros(num_mb, 2, device=device)
+    log_ratios = torch.zeros(num_mb, minibatch, device=device)
+    cbp_time = 0.0
+    k = 0
+    with torch.no_grad():
+        for _ in range(a.update_epochs):
+            # One gather per epoch; each minibatch is then a contiguous slice.
+            shuffled = data[torch.randperm(B, generator=generators["main"], device=device)]
+            for start in range(0, B, minibatch):
+                d = shuffled[start : start + minibatch]
+                pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_and_grads(
+                    actor,
+                    critic,
+                    log_std,
+                    d[:, :o1],
+                    d[:, o1:o2],
+                    d[:, o2],
+                    d[:, o2 + 1],
+                    d[:, o2 + 2],
+                    a.clip_coef,
+                    a.vf_coef,
+                    a.ent_coef,
+                )
+                if a.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+                adam_step()
+                t_cbp = time.perf_counter()
+                if a.shrink_perturb:
+                    perturb_(net_params, a.noise_std, generator=generators["perturb"])
+                if agent.resetters:
+                    agent.resetters["policy"].step(actor_hidden)
+                    agent.resetters["value"].step(critic_hidden)
+                cbp_time += time.perf_counter() - t_cbp
+                losses[k, 0] = pg_loss
+                losses[k, 1] = v_loss
+                log_ratios[k] = log_ratio
+                k += 1
+    return losses, log_ratios, cbp_time
+
+
+def update_statistics(
+    a: Args, losses: Tensor, log_ratios: Tensor, changes: Tensor
+) -> tuple[float, float, float, float, bool]:
+    """Mean policy and value losses, CleanRL's approx_kl ``E[(r - 1) - log r]`` and the clip
+    fraction over the update's minibatches, and whether all were finite: one host sync."""
+    ratios = log_ratios.exp()
+    stats = torch.cat(
+        (
+            losses.mean(0),
+            ((ratios - 1) - log_ratios).mean().view(1),
+            ((ratios - 1).abs() > a.clip_coef).float().mean().view(1),
+            torch.isfinite(losses).all().view(1),
+            torch.isfinite(log_ratios).all().view(1),
+            torch.isfinite(changes).all().view(1),
+        )
+    )
+    pg_m, v_m, kl_m, cf_m, *ok = stats.tolist()
+    return pg_m, v_m, kl_m, cf_m, all(ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# logging
+# ------------------------------------------------------------------------------------------------
+
+
+def plasticity_scalars(agent: Agent, st: RunState, b_obs: Tensor) -> dict[str, float]:
+    """``plasticity/{policy,value}/...`` on the rollout's states (:func:`plasticity_metrics`),
+    the largest weight change since the last log and the units replaced so far."""
+    metric_tensors: dict[str, Tensor] = {}
+    for j, (name, net) in enumerate(agent.nets()):
+        for key, v in plasticity_metrics(net, b_obs).items():
+            metric_tensors[f"plasticity/{name}/{key}"] = v
+        metric_tensors[f"plasticity/{name}/max_weight_change"] = st.max_change[j]
+    keys = list(metric_tensors)
+    values = torch.stack([metric_tensors[k].to(torch.float64) for k in keys]).tolist()
+    scalars = dict(zip(keys, values))
+    for name, _ in agent.nets():
+        r = agent.resetters.get(name)
+        scalars[f"plasticity/{name}/units_replaced"] = 0 if r is None else r.num_replaced
+    st.max_change = torch.zeros_like(st.max_change)
+    return scalars
+
+
+# ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
 
@@ -509,8 +928,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
 
     t_begin = time.perf_counter()
     # ---------------- settings (all checks before anything is created)
-    raw = args
-    ckpt: dict[str, Any] | None = None
+    raw, ckpt = args, None
     if raw.resume is not None:
         ckpt_path = find_checkpoint(raw.resume)
         ckpt, saved = read_checkpoint(Args, ckpt_path)
@@ -533,12 +951,8 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
     run_folder.check_writable(run_dir)
-    device = torch.device(
-        "cuda"
-        if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    on_cpu = device.type == "cpu"
+    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     caller_threads = torch.get_num_threads()
 
     # ---------------- seeding
@@ -546,9 +960,10 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
     seeds = np.random.SeedSequence(a.seed).generate_state(4, dtype=np.uint64).tolist()
-    gen = torch.Generator(device=device).manual_seed(seeds[0] % 2**63)  # noise, minibatches
-    perturb_gen = torch.Generator(device=device).manual_seed(seeds[1] % 2**63)
-    generators = {"main": gen, "perturb": perturb_gen}
+    generators = {  # "main": action noise and minibatch order; "perturb": Shrink & Perturb
+        "main": torch.Generator(device=device).manual_seed(seeds[0] % 2**63),
+        "perturb": torch.Generator(device=device).manual_seed(seeds[1] % 2**63),
+    }
 
     # ---------------- environments
     envs = vector_env.make([make_env(a, i) for i in range(a.num_envs)])
@@ -559,376 +974,99 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         if not isinstance(act_space, gym.spaces.Box) or len(obs_space.shape) != 1:
             raise ConfigError(f"{a.env}: need a flat Box observation and a Box action space")
         obs_dim, act_dim = int(obs_space.shape[0]), int(act_space.shape[0])
-        N, T = a.num_envs, a.num_steps
-        B = N * T
-        minibatch = B // a.num_minibatches
+        B = a.num_envs * a.num_steps
         num_updates = -(-a.steps // B)
 
-        # ---------------- agent
-        actor = make_mlp(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
-        critic = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
-        log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
-        net_params = list(actor.parameters()) + list(critic.parameters())
-        adam_kwargs = dict(
-            lr=a.learning_rate,
-            betas=(a.adam_beta1, a.adam_beta2),
-            eps=a.adam_eps,
-            weight_decay=a.weight_decay,
+        # ---------------- agent and the state that checkpoints carry
+        agent = make_agent(a, obs_dim, act_dim, device, seeds)
+        trackers = [WeightChangeTracker(net) for _, net in agent.nets()]
+        st = RunState(
+            a.num_envs,
+            obs_rms=RunningMeanStd((obs_dim,)) if a.normalize_obs else None,
+            ret_rms=RunningMeanStd(()) if a.normalize_reward else None,
+            max_change=torch.zeros(2, dtype=torch.float64, device=device),
         )
-        params = [*actor.parameters(), log_std, *critic.parameters()]
-        try:  # the fused kernel: one call per step (CPU support since torch 2.4)
-            optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
-        except (RuntimeError, ValueError):
-            optimizer = torch.optim.Adam(params, **adam_kwargs)
-        resetters: dict[str, ContinualBackprop | ReDo] = {}
-        for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
-            if a.cbp:
-                resetters[name] = ContinualBackprop(
-                    net,
-                    optimizer,
-                    replacement_rate=a.replacement_rate,
-                    maturity_threshold=a.maturity_threshold,
-                    decay_rate=a.decay_rate,
-                    utility=a.utility,
-                    init=a.init,
-                    reset_optimizer_state=a.reset_optimizer_state,
-                    accumulate=not a.paper_exact,
-                    seed=int(seeds[2 + k] % 2**63),
-                )
-            elif a.redo:
-                resetters[name] = ReDo(
-                    net,
-                    optimizer,
-                    threshold=a.redo_threshold,
-                    period=a.redo_period,
-                    init=a.init,
-                    reset_optimizer_state=a.reset_optimizer_state,
-                    seed=int(seeds[2 + k] % 2**63),
-                )
-        for r in resetters.values():
-            # The update passes each minibatch's activations explicitly: no hooks on the hot path.
-            r.remove_hooks()
-        trackers = {"policy": WeightChangeTracker(actor), "value": WeightChangeTracker(critic)}
-        obs_rms = RunningMeanStd((obs_dim,)) if a.normalize_obs else None
-        ret_rms = RunningMeanStd(()) if a.normalize_reward else None
-        discounted = np.zeros(N, np.float64)
-
-        # ---------------- state that checkpoints carry
-        global_step, update = 0, 0
-        episode_return = np.zeros(N, np.float64)
-        episode_length = np.zeros(N, np.int64)
-        max_change = torch.zeros(2, dtype=torch.float64, device=device)
-        latest_return = math.nan
-        recent_returns: deque[float] = deque(maxlen=SUMMARY_EPISODES)
-
-        def normalize_obs(o: np.ndarray, update_stats: bool) -> np.ndarray:
-            if obs_rms is None:
-                return o
-            if update_stats:
-                obs_rms.update(o)
-            return np.clip((o - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -10.0, 10.0)
-
         if ckpt is None:
-            next_obs = normalize_obs(envs.reset([a.seed + i for i in range(N)]), True).astype(
-                np.float32
-            )
+            seeded = envs.reset([a.seed + i for i in range(a.num_envs)])
+            st.next_obs = st.normalize_obs(seeded, True).astype(np.float32)
         else:
-            actor.load_state_dict(ckpt["actor"])
-            critic.load_state_dict(ckpt["critic"])
-            with torch.no_grad():
-                log_std.copy_(ckpt["log_std"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for name, r in resetters.items():
-                r.load_state_dict(ckpt["resetters"][name])
-            if obs_rms is not None:
-                obs_rms.load_state_dict(ckpt["obs_rms"])
-            if ret_rms is not None:
-                ret_rms.load_state_dict(ckpt["ret_rms"])
-            discounted = ckpt["discounted"].numpy().copy()
-            global_step, update = int(ckpt["global_step"]), int(ckpt["update"])
-            episode_return = ckpt["episode_return"].numpy().copy()
-            episode_length = ckpt["episode_length"].numpy().copy()
-            max_change = ckpt["max_change"].to(device)
-            latest_return = float(ckpt["latest_return"])
-            recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
-            envs.restore_state(ckpt["envs"])
-            next_obs = ckpt["next_obs"].numpy().copy()
-            run_folder.set_rng_states(ckpt["rng"], generators)
-
-        def snapshot() -> dict[str, Any]:
-            """The full training state at this update boundary (cloned, device tensors)."""
-            return run_folder.clone(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "args": args_dict(raw),
-                    "resolved": args_dict(a),
-                    "global_step": global_step,
-                    "update": update,
-                    "actor": actor.state_dict(),
-                    "critic": critic.state_dict(),
-                    "log_std": log_std.detach(),
-                    "optimizer": optimizer.state_dict(),
-                    "resetters": {k: r.state_dict() for k, r in resetters.items()},
-                    "obs_rms": None if obs_rms is None else obs_rms.state_dict(),
-                    "ret_rms": None if ret_rms is None else ret_rms.state_dict(),
-                    "discounted": torch.from_numpy(discounted.copy()),
-                    "episode_return": torch.from_numpy(episode_return.copy()),
-                    "episode_length": torch.from_numpy(episode_length.copy()),
-                    "max_change": max_change,
-                    "latest_return": latest_return,
-                    "recent_returns": torch.tensor(list(recent_returns), dtype=torch.float64),
-                    "next_obs": torch.from_numpy(next_obs.copy()),
-                    "envs": envs.checkpoint_state(),
-                    "rng": run_folder.rng_states(generators),
-                }
-            )
+            restore(ckpt, agent, st, envs, generators)
 
         # ---------------- logging (the first thing written: every check has passed)
         if ckpt is None:
             print(f"writing to {run_dir} (TensorBoard events, config.json, {CHECKPOINT_NAME})")
         else:
-            print(f"resuming {run_dir} at step {global_step:,} of {a.steps:,}")
+            print(f"resuming {run_dir} at step {st.global_step:,} of {a.steps:,}")
         sys.stdout.flush()
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_file = run_dir / CHECKPOINT_NAME
-        # On resume, the points a crashed process logged after its last checkpoint are dropped:
-        # readers discard every event at a step >= purge_step from the older event files. The
-        # checkpoint's own step keeps its points (logged and flushed before the checkpoint was
-        # written), hence + 1.
-        writer = run_folder.open_writer(run_dir, global_step + 1 if ckpt is not None else None)
+        # The checkpoint's own step keeps its points (logged and flushed before the checkpoint
+        # was written), hence + 1.
+        writer = run_folder.open_writer(run_dir, st.global_step + 1 if ckpt is not None else None)
         resolved = args_dict(a)
         run_folder.write_json(run_dir / "config.json", resolved)
         if ckpt is None:
             table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
             writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
 
-        # ---------------- buffers
-        obs_np = np.zeros((T, N, obs_dim), np.float32)
-        act_np = np.zeros((T, N, act_dim), np.float32)
-        rew_np = np.zeros((T, N), np.float64)
-        term_np = np.zeros((T, N), bool)
-        trunc_np = np.zeros((T, N), bool)
-        obs_host, act_host = torch.from_numpy(obs_np), torch.from_numpy(act_np)
-        adam_step = AdamStep(optimizer)
-        actor_layers = linear_layers(actor)
-        widths = (*a.hidden_sizes, act_dim)
-        act_out = [torch.empty(N, w, device=device) for w in widths]
-        act_in_np = [np.ones((N, w + 1), np.float32) for w in (obs_dim, *a.hidden_sizes)]
-        mean_np = np.empty((N, act_dim), np.float32)
-        actor_linears = [m for m in actor if isinstance(m, nn.Linear)]
-        critic_linears = [m for m in critic if isinstance(m, nn.Linear)]
-        act_low, act_high = act_space.low, act_space.high
-
+        ro = Rollout(a, obs_dim, act_dim, device, agent)
+        adam_step = AdamStep(agent.optimizer)
         timings = dict.fromkeys(("env", "acting", "update", "cbp", "metrics", "checkpoint"), 0.0)
         t_start = time.perf_counter()
-        good = snapshot()
-        last_ckpt_step = global_step
-        steps_before = global_step
+        good = snapshot(raw, a, agent, st, envs, generators)
+        last_ckpt_step = steps_before = st.global_step
         bar = tqdm(
             total=a.steps,
-            initial=global_step,
+            initial=st.global_step,
             unit="step",
             unit_scale=True,
             dynamic_ncols=True,
             disable=None if a.progress else True,  # None: only on a terminal
         )
         with run_folder.StopSignal() as stop:
-            while global_step < a.steps and stop.signum is None:
-                update += 1
+            while st.global_step < a.steps and stop.signum is None:
+                st.update += 1
                 t_iter = time.perf_counter()
                 if a.anneal_lr:
-                    frac = 1.0 - (update - 1.0) / num_updates
-                    optimizer.param_groups[0]["lr"] = frac * a.learning_rate
-                lr = optimizer.param_groups[0]["lr"]
+                    frac = 1.0 - (st.update - 1.0) / num_updates
+                    agent.optimizer.param_groups[0]["lr"] = frac * a.learning_rate
+                lr = agent.optimizer.param_groups[0]["lr"]
 
-                # ---------------- rollout
-                step0 = global_step
-                finals: list[tuple[int, int, np.ndarray]] = []
-                episodes: list[tuple[int, float, int]] = []
-                env_time = 0.0
-                envs.wake()
-                with torch.inference_mode():
-                    noise = torch.randn((T, N, act_dim), generator=gen, device=device)
-                    std = log_std.exp()
-                    if on_cpu:
-                        np_layers = numpy_layers(actor)
-                        scaled_noise = (noise * std).numpy()
-                    for t in range(T):
-                        obs_np[t] = next_obs
-                        if on_cpu:
-                            act_in_np[0][:, :-1] = next_obs
-                            act_forward_np(np_layers, act_in_np, mean_np)
-                            np.add(mean_np, scaled_noise[t], out=act_np[t])
-                        else:
-                            x = obs_host[t].to(device)
-                            act_host[t].copy_(
-                                torch.addcmul(act_forward(actor_layers, x, act_out), std, noise[t])
-                            )
-                        action = act_np[t]
-                        if a.clip_actions:
-                            action = np.clip(action, act_low, act_high)
-                        t_env = time.perf_counter()
-                        raw_obs, reward, terminated, truncated, final = envs.step(action)
-                        env_time += time.perf_counter() - t_env
-                        term_np[t] = terminated
-                        trunc_np[t] = truncated
-                        episode_return += reward
-                        episode_length += 1
-                        if ret_rms is not None:
-                            discounted = discounted * a.gamma + reward
-                            ret_rms.update(discounted)
-                            reward = np.clip(reward / np.sqrt(ret_rms.var + 1e-8), -10.0, 10.0)
-                        rew_np[t] = reward
-                        if final:
-                            for i, fo in final:
-                                if truncated[i] and not terminated[i]:
-                                    finals.append((t, i, normalize_obs(fo[None], False)[0]))
-                                r_i, l_i = float(episode_return[i]), int(episode_length[i])
-                                episodes.append((step0 + (t + 1) * N, r_i, l_i))
-                                latest_return = r_i
-                                recent_returns.append(r_i)
-                                episode_return[i] = 0.0
-                                episode_length[i] = 0
-                                discounted[i] = 0.0
-                        next_obs = normalize_obs(raw_obs, True).astype(np.float32)
-                global_step += B
+                collect_rollout(a, envs, agent, st, ro, generators["main"])
                 t_rollout = time.perf_counter()
-                timings["env"] += env_time
-                timings["acting"] += t_rollout - t_iter - env_time
+                timings["env"] += ro.env_time
+                timings["acting"] += t_rollout - t_iter - ro.env_time
 
-                # ---------------- targets
-                with torch.no_grad():
-                    b_obs = obs_host.to(device).reshape(B, obs_dim)
-                    last = torch.from_numpy(next_obs).to(device)
-                    values_all = critic(torch.cat([b_obs, last])).view(T + 1, N)
-                    final_values = None
-                    if finals and a.bootstrap_truncation:
-                        fo = torch.from_numpy(
-                            np.stack([f for _, _, f in finals]).astype(np.float32)
-                        )
-                        final_values = critic(fo.to(device)).view(-1).cpu().numpy()
-                values_np = values_all.cpu().numpy().astype(np.float64)
-                next_values = values_np[1:].copy()
-                if final_values is not None:
-                    for (t, i, _), v in zip(finals, final_values):
-                        next_values[t, i] = v
-                adv_np, ret_np = compute_gae(
-                    rew_np,
-                    values_np[:-1],
-                    next_values,
-                    term_np,
-                    trunc_np,
-                    a.gamma,
-                    a.gae_lambda,
-                    a.bootstrap_truncation,
-                )
-                var_ret = ret_np.var()
-                explained_var = (
-                    math.nan if var_ret == 0 else 1.0 - (ret_np - values_np[:-1]).var() / var_ret
-                )
+                b_obs, adv_np, ret_np, explained_var = rollout_targets(a, agent, st, ro)
 
-                # ---------------- update
-                b_adv = torch.from_numpy(adv_np.reshape(B).astype(np.float32)).to(device)
-                if a.norm_adv:
-                    b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
-                b_ret = torch.from_numpy(ret_np.reshape(B).astype(np.float32)).to(device)
-                with torch.no_grad():
-                    b_logp = (
-                        -0.5 * noise.reshape(B, act_dim).square().sum(1)
-                        - log_std.sum()
-                        - 0.5 * act_dim * LOG_2PI
-                    )
-                data = torch.cat(
-                    [
-                        b_obs,
-                        act_host.to(device).reshape(B, act_dim),
-                        b_logp[:, None],
-                        -b_adv[:, None],  # negated: the loss uses -A
-                        b_ret[:, None],
-                    ],
-                    1,
-                )
-                o1, o2 = obs_dim, obs_dim + act_dim
-                # Per-minibatch losses and log-ratios stay on the device until the update ends.
-                num_mb = a.update_epochs * a.num_minibatches
-                losses = torch.zeros(num_mb, 2, device=device)
-                log_ratios = torch.zeros(num_mb, minibatch, device=device)
-                for tr in trackers.values():
+                for tr in trackers:
                     tr.snapshot()
-                cbp_time = 0.0
-                k = 0
-                with torch.no_grad():
-                    for _ in range(a.update_epochs):
-                        # One gather per epoch; each minibatch is then a contiguous slice.
-                        shuffled = data[torch.randperm(B, generator=gen, device=device)]
-                        for start in range(0, B, minibatch):
-                            d = shuffled[start : start + minibatch]
-                            pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = (
-                                ppo_loss_and_grads(
-                                    actor_linears,
-                                    critic_linears,
-                                    log_std,
-                                    d[:, :o1],
-                                    d[:, o1:o2],
-                                    d[:, o2],
-                                    d[:, o2 + 1],
-                                    d[:, o2 + 2],
-                                    a.clip_coef,
-                                    a.vf_coef,
-                                    a.ent_coef,
-                                )
-                            )
-                            if a.max_grad_norm is not None:
-                                nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-                            adam_step()
-                            t_cbp = time.perf_counter()
-                            if a.shrink_perturb:
-                                perturb_(net_params, a.noise_std, generator=perturb_gen)
-                            if resetters:
-                                resetters["policy"].step(actor_hidden)
-                                resetters["value"].step(critic_hidden)
-                            cbp_time += time.perf_counter() - t_cbp
-                            losses[k, 0] = pg_loss
-                            losses[k, 1] = v_loss
-                            log_ratios[k] = log_ratio
-                            k += 1
-                changes = torch.stack([tr.change() for tr in trackers.values()])
-                max_change = torch.maximum(max_change, changes)
-                # CleanRL's approx_kl, E[(r - 1) - log r], and the fraction of clipped ratios,
-                # averaged over all minibatches of the update.
-                ratios = log_ratios.exp()
-                stats = torch.cat(
-                    (
-                        losses.mean(0),
-                        ((ratios - 1) - log_ratios).mean().view(1),
-                        ((ratios - 1).abs() > a.clip_coef).float().mean().view(1),
-                        torch.isfinite(losses).all().view(1),
-                        torch.isfinite(log_ratios).all().view(1),
-                        torch.isfinite(changes).all().view(1),
-                    )
+                losses, log_ratios, cbp_time = ppo_update(
+                    a, agent, adam_step, ro, b_obs, adv_np, ret_np, generators
                 )
-                pg_m, v_m, kl_m, cf_m, *ok = stats.tolist()  # the one host sync of the update
-                finite = all(ok)
+                changes = torch.stack([tr.change() for tr in trackers])
+                st.max_change = torch.maximum(st.max_change, changes)
+                pg_m, v_m, kl_m, cf_m, finite = update_statistics(a, losses, log_ratios, changes)
                 t_update = time.perf_counter()
                 timings["update"] += t_update - t_rollout
                 timings["cbp"] += cbp_time
-
                 if not finite:
                     run_folder.save_checkpoint(good, ckpt_file)
                     writer.flush()
                     raise NonFiniteLossError(
-                        f"non-finite loss in update {update} (steps {step0}-{global_step}); stopped. "
-                        f"The last good state (step {good['global_step']}) is saved in {ckpt_file}"
+                        f"non-finite loss in update {st.update} (steps {st.global_step - B}-"
+                        f"{st.global_step}); stopped. The last good state (step "
+                        f"{good['global_step']}) is saved in {ckpt_file}"
                     )
 
                 # ---------------- logging
-                for s, r_ep, l_ep in episodes:
+                for s, r_ep, l_ep in ro.episodes:
                     writer.add_scalar("charts/episodic_return", r_ep, s)
                     writer.add_scalar("charts/episodic_length", l_ep, s)
-                entropy = float((log_std.detach().sum() + 0.5 * act_dim * (1.0 + LOG_2PI)).cpu())
-                sps = B / (t_update - t_iter)
+                log_std = agent.log_std.detach()
+                entropy = float((log_std.sum() + 0.5 * act_dim * (1.0 + LOG_2PI)).cpu())
                 scalars = {
-                    "charts/SPS": sps,
+                    "charts/SPS": B / (t_update - t_iter),
                     "charts/learning_rate": lr,
                     "losses/value_loss": v_m,
                     "losses/policy_loss": pg_m,
@@ -941,73 +1079,56 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                 if a.friction_every > 0:
                     friction = float(envs.call("friction")[0])
                     scalars["env/friction"] = friction
-                if a.metrics_every and update % a.metrics_every == 0:
+                if a.metrics_every and st.update % a.metrics_every == 0:
                     t_m = time.perf_counter()
-                    metric_tensors: dict[str, Tensor] = {}
-                    for j, (name, net) in enumerate((("policy", actor), ("value", critic))):
-                        for key, v in plasticity_metrics(net, b_obs).items():
-                            metric_tensors[f"plasticity/{name}/{key}"] = v
-                        metric_tensors[f"plasticity/{name}/max_weight_change"] = max_change[j]
-                    keys = list(metric_tensors)
-                    values = torch.stack(
-                        [metric_tensors[k].to(torch.float64) for k in keys]
-                    ).tolist()
-                    scalars.update(zip(keys, values))
-                    for name in ("policy", "value"):
-                        r = resetters.get(name)
-                        scalars[f"plasticity/{name}/units_replaced"] = (
-                            0 if r is None else r.num_replaced
-                        )
-                    max_change = torch.zeros_like(max_change)
+                    scalars.update(plasticity_scalars(agent, st, b_obs))
                     timings["metrics"] += time.perf_counter() - t_m
                 total = time.perf_counter() - t_start
                 for key in ("env", "acting", "update", "cbp", "metrics"):
                     scalars[f"perf/{key}_fraction"] = timings[key] / total
                 for key, v in scalars.items():
-                    writer.add_scalar(key, v, global_step)
-
+                    writer.add_scalar(key, v, st.global_step)
                 # tqdm shows the rate itself; the postfix is set first so that it is current.
-                postfix = f"return {latest_return:.1f}"
+                postfix = f"return {st.latest_return:.1f}"
                 if a.friction_every > 0:
                     postfix += f", friction {friction:.3g}"
                 bar.set_postfix_str(postfix, refresh=False)
                 bar.update(B)
 
                 # ---------------- checkpoint
-                good = snapshot()
-                done = global_step >= a.steps
-                due = (
-                    a.checkpoint_every
-                    and global_step // a.checkpoint_every > last_ckpt_step // a.checkpoint_every
-                )
+                good = snapshot(raw, a, agent, st, envs, generators)
+                done = st.global_step >= a.steps
+                every = a.checkpoint_every
+                due = every and st.global_step // every > last_ckpt_step // every
                 if due or done or stop.signum is not None:
                     t_c = time.perf_counter()
                     writer.flush()
                     run_folder.save_checkpoint(good, ckpt_file)
-                    last_ckpt_step = global_step
+                    last_ckpt_step = st.global_step
                     timings["checkpoint"] += time.perf_counter() - t_c
             bar.close()
             if stop.signum is not None:
-                if last_ckpt_step != global_step:  # the signal came after this update's save check
+                if last_ckpt_step != st.global_step:  # the signal came after the save check
                     run_folder.save_checkpoint(good, ckpt_file)
-                    last_ckpt_step = global_step
+                    last_ckpt_step = st.global_step
                 name = signal.Signals(stop.signum).name
                 print(
-                    f"{name}: stopped at step {global_step}; checkpoint saved to {ckpt_file}. "
+                    f"{name}: stopped at step {st.global_step}; checkpoint saved to {ckpt_file}. "
                     f"Continue with: python ppo_cbp/train.py --resume {run_dir}",
                     file=sys.stderr,
                 )
         timings["total"] = time.perf_counter() - t_start
         result = TrainResult(
             run_dir,
-            global_step,
-            update,
+            st.global_step,
+            st.update,
             stop.signum,
             timings,
-            recent_returns=list(recent_returns),
-            units_replaced={k: int(r.num_replaced) for k, r in resetters.items()},
+            recent_returns=list(st.recent_returns),
+            units_replaced={k: int(r.num_replaced) for k, r in agent.resetters.items()},
         )
-        print(_summary(result, a.steps, global_step - steps_before, time.perf_counter() - t_begin))
+        seconds = time.perf_counter() - t_begin
+        print(_summary(result, a.steps, st.global_step - steps_before, seconds))
         return result
     finally:
         if writer is not None:
