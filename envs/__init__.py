@@ -1,5 +1,9 @@
-"""Non-stationary environments for the continual reinforcement-learning experiments."""
+"""The environment side of the experiments: non-stationary MuJoCo and checkpointable vector envs.
+
+Imports nothing from ``ppo_cbp``.
+"""
 
 from envs.friction import FrictionChange, sample_frictions
+from envs.vector import EnvFactory, ParallelEnvs, SingleEnv, make
 
-__all__ = ["FrictionChange", "sample_frictions"]
+__all__ = ["EnvFactory", "FrictionChange", "ParallelEnvs", "SingleEnv", "make", "sample_frictions"]

@@ -9,16 +9,11 @@ keep working.
 
 from __future__ import annotations
 
-__all__ = ["ALREADY_FINISHED", "MissingFileError", "UsageError", "already_finished"]
+__all__ = ["ALREADY_FINISHED", "MissingFileError", "UsageError"]
 
-ALREADY_FINISHED = "run already finished at step"
-"""The words of the refusal to resume a finished run; ``scripts/sweep.py`` recognises a trial
-that finished before the sweep could record it by them."""
-
-
-def already_finished(where: object, step: int, advice: str) -> str:
-    """The message refusing to resume the finished run at ``where``."""
-    return f"{where}: {ALREADY_FINISHED} {step}; {advice}"
+ALREADY_FINISHED = "run already finished at"
+"""The words of the refusal to resume a finished run (:func:`ppo_cbp.run_folder.refuse_finished`);
+``scripts/sweep.py`` recognises by them a trial that finished before the sweep recorded it."""
 
 
 class UsageError(ValueError):

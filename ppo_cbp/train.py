@@ -1,4 +1,4 @@
-"""PPO with continual backprop on friction-changing MuJoCo: one flat, CleanRL-style file.
+"""PPO with continual backprop on friction-changing MuJoCo, in the order of CleanRL's file.
 
 Usage::
 
@@ -77,23 +77,14 @@ process logged after its last checkpoint are dropped rather than drawn twice.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import multiprocessing
-import os
-import pickle
-import platform
 import random
-import shlex
 import signal
 import sys
-import threading
 import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -101,7 +92,6 @@ from typing import Any, Literal
 import gymnasium as gym
 import numpy as np
 import torch
-import tyro
 from torch import Tensor, nn
 
 if __package__ in (None, ""):
@@ -109,9 +99,13 @@ if __package__ in (None, ""):
     # modules (metrics, init, units, ...) as top-level modules that could shadow others.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from envs import FrictionChange  # noqa: E402
+import envs.vector as vector_env  # noqa: E402
+from envs.vector import EnvFactory  # noqa: E402
+from ppo_cbp import run_folder  # noqa: E402
 from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
-from ppo_cbp.errors import already_finished  # noqa: E402
+from ppo_cbp.cli import parse as cli_parse  # noqa: E402
+from ppo_cbp.cli import report_error  # noqa: E402
+from ppo_cbp.errors import UsageError  # noqa: E402
 from ppo_cbp.init import init_linear_  # noqa: E402
 from ppo_cbp.metrics import (  # noqa: E402
     WeightChangeTracker,
@@ -120,6 +114,25 @@ from ppo_cbp.metrics import (  # noqa: E402
     feature_rank_metrics,
     weight_magnitudes,
 )
+from ppo_cbp.ppo_numerics import (  # noqa: E402
+    LOG_2PI,
+    AdamStep,
+    act_forward,
+    act_forward_np,
+    linear_layers,
+    numpy_layers,
+    ppo_loss_and_grads,
+)
+from ppo_cbp.ppo_settings import (  # noqa: E402
+    CHECKPOINT_FORMAT,
+    args_dict,
+    find_checkpoint,
+    merge_resume,
+    method_tag,
+    read_checkpoint,
+    resolve_args,
+)
+from ppo_cbp.ppo_settings import given_fields as _given_fields  # noqa: E402
 from ppo_cbp.redo import ReDo  # noqa: E402
 from ppo_cbp.shrink_perturb import perturb_  # noqa: E402
 from ppo_cbp.units import hidden_activations  # noqa: E402
@@ -135,11 +148,8 @@ __all__ = [
     "ppo_loss_and_grads",
 ]
 
-TESTED_ENVS = tuple(f"{name}-v{v}" for name in ("Ant", "Hopper", "Walker2d") for v in (4, 5))
-CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAME = run_folder.CHECKPOINT_NAME
 SUMMARY_EPISODES = 100  # the closing summary's return is the mean over this many last episodes
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass
@@ -272,8 +282,8 @@ class Args:
     """Run the first segment with the model's default friction instead of the first sample."""
 
 
-class ConfigError(ValueError):
-    """Bad settings, found before any work starts."""
+ConfigError = UsageError
+"""Bad settings, found before any work starts (the package's one usage-error class)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -296,190 +306,6 @@ class TrainResult:
     """Returns of the last ``SUMMARY_EPISODES`` (100) episodes that ended, oldest first."""
     units_replaced: dict[str, int] = dataclasses.field(default_factory=dict)
     """Units CBP/ReDo replaced over the whole run, per network; empty without either."""
-
-
-# ------------------------------------------------------------------------------------------------
-# settings
-# ------------------------------------------------------------------------------------------------
-
-_DEFAULTS = Args()
-# Fields that may differ from the checkpoint when resuming: they do not change the training.
-# (steps only without --anneal-lr, whose schedule depends on it.)
-_RESUME_FREE = {"steps", "checkpoint_every", "metrics_every", "device", "threads", "progress"}
-_RESUME_IGNORED = {"resume", "run_name", "runs_dir"}
-_CBP_FIELDS = ("replacement_rate", "maturity_threshold", "decay_rate", "utility")
-_REDO_FIELDS = ("redo_threshold", "redo_period")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _check_env_id(env_id: str) -> None:
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error:
-        spec = None
-    entry = str(getattr(spec, "entry_point", ""))
-    if spec is None or "envs.mujoco" not in entry or (spec.version or 0) < 4:
-        raise ConfigError(
-            f"unknown env id {env_id!r}: expected one of {', '.join(TESTED_ENVS)} "
-            "(or another gymnasium MuJoCo env of version >= 4)"
-        )
-
-
-def resolve_args(args: Args) -> Args:
-    """Validate ``args`` and return a copy with the presets applied (no ``None`` left).
-
-    :raises ConfigError: naming the bad value or the conflicting flags.
-    """
-    a = args
-    _check_env_id(a.env)
-    if a.seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {a.seed}")
-    positive = ("steps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
-    for name in positive:
-        if getattr(a, name) is not None and getattr(a, name) <= 0:
-            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(a, name)}")
-    for name in ("checkpoint_every", "metrics_every", "friction_every", "maturity_threshold"):
-        if getattr(a, name) < 0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
-    if a.redo_period <= 0:
-        raise ConfigError(f"--redo-period must be positive, got {a.redo_period}")
-    rates = ["replacement_rate", "decay_rate", "gamma", "gae_lambda", "clip_coef"]
-    rates += [n for n in ("adam_beta1", "adam_beta2") if getattr(a, n) is not None]
-    for name in rates:
-        value = getattr(a, name)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {value}")
-    for name in ("adam_beta1", "adam_beta2", "decay_rate"):
-        if getattr(a, name) is not None and getattr(a, name) >= 1.0:
-            raise ConfigError(f"{_flag(name)} must be < 1, got {getattr(a, name)}")
-    if not a.learning_rate > 0 or not math.isfinite(a.learning_rate):
-        raise ConfigError(f"--learning-rate must be positive, got {a.learning_rate}")
-    nonneg = ["adam_eps", "ent_coef", "vf_coef", "redo_threshold"]
-    nonneg += [
-        n for n in ("weight_decay", "noise_std", "max_grad_norm") if getattr(a, n) is not None
-    ]
-    for name in nonneg:
-        if not getattr(a, name) >= 0.0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
-    if not 0.0 < a.friction_low <= a.friction_high:
-        raise ConfigError(
-            f"need 0 < --friction-low <= --friction-high, got {a.friction_low}, {a.friction_high}"
-        )
-    if not a.hidden_sizes or min(a.hidden_sizes) <= 0:
-        raise ConfigError(f"--hidden-sizes must be positive widths, got {a.hidden_sizes}")
-    batch = a.num_steps * a.num_envs
-    if batch % a.num_minibatches:
-        raise ConfigError(
-            f"--num-minibatches {a.num_minibatches} does not divide the batch of "
-            f"num_steps * num_envs = {batch}"
-        )
-
-    # conflicts
-    if a.cbp and a.redo:
-        raise ConfigError("--cbp and --redo conflict: choose one unit-reset method")
-    if a.standard_adam and (a.adam_beta1 is not None or a.adam_beta2 is not None):
-        raise ConfigError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
-    if a.l2 and a.weight_decay is not None:
-        raise ConfigError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
-    if a.noise_std is not None and not a.shrink_perturb:
-        raise ConfigError("--noise-std only applies with --shrink-perturb")
-    for method, fields in (("cbp", _CBP_FIELDS), ("redo", _REDO_FIELDS)):
-        if not getattr(a, method):
-            for name in fields:
-                if getattr(a, name) != getattr(_DEFAULTS, name):
-                    raise ConfigError(f"{_flag(name)} only applies with {_flag(method)}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA GPU is available")
-
-    if a.weight_decay is not None:
-        weight_decay = a.weight_decay
-    elif a.l2:
-        weight_decay = 1e-3
-    elif a.cbp or a.redo or a.shrink_perturb:
-        weight_decay = 1e-4
-    else:
-        weight_decay = 0.0
-    betas = (0.9, 0.999) if a.standard_adam else (0.99, 0.99)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = a.threads or min(a.num_envs, cores or 1)
-    return dataclasses.replace(
-        a,
-        bootstrap_truncation=a.bootstrap_truncation and not a.paper_exact,
-        reset_optimizer_state=a.reset_optimizer_state and not a.paper_exact,
-        adam_beta1=betas[0] if a.adam_beta1 is None else a.adam_beta1,
-        adam_beta2=betas[1] if a.adam_beta2 is None else a.adam_beta2,
-        weight_decay=weight_decay,
-        noise_std=(1e-5 if a.noise_std is None else a.noise_std) if a.shrink_perturb else 0.0,
-        threads=threads,
-    )
-
-
-def _method_tag(a: Args) -> str:
-    tags = [t for t, on in (("cbp", a.cbp), ("redo", a.redo), ("l2", a.l2)) if on]
-    tags += ["snp"] if a.shrink_perturb else []
-    tags += ["stdadam"] if a.standard_adam else []
-    tags += ["exact"] if a.paper_exact else []
-    return "+".join(tags) or "ppo"
-
-
-def _args_dict(a: Args) -> dict[str, Any]:
-    d = dataclasses.asdict(a)
-    d["hidden_sizes"] = list(a.hidden_sizes)
-    return d
-
-
-def _args_from_dict(d: dict[str, Any]) -> Args:
-    d = dict(d)
-    d["hidden_sizes"] = tuple(d["hidden_sizes"])
-    return Args(**d)
-
-
-def given_fields(argv: Sequence[str]) -> set[str]:
-    """The ``Args`` fields named on a command line: ``--name``, ``--name=value`` or ``--no-name``.
-
-    A flag given with its default value counts as given (``--env Ant-v4`` on a resumed Hopper
-    run is a conflict, not a no-op); values are never mistaken for flags, as no value of these
-    fields starts with ``--``."""
-    names = {f.name for f in dataclasses.fields(Args)}
-    given = set()
-    for word in argv:
-        if not word.startswith("--"):
-            continue
-        name = word[2:].split("=", 1)[0].replace("-", "_")
-        if name not in names and name.startswith("no_") and name[3:] in names:
-            name = name[3:]
-        if name in names:
-            given.add(name)
-    return given
-
-
-def _merge_resume(args: Args, saved: Args, given: set[str] | None = None) -> Args:
-    """Settings for a resumed run: the checkpoint's, with the command line's where it is given.
-
-    ``given`` names the fields set on the command line (:func:`given_fields`); None (a call from
-    Python) counts a field as given when it differs from its default."""
-    merged: dict[str, Any] = {}
-    conflicts = []
-    for f in dataclasses.fields(Args):
-        name, now, then = f.name, getattr(args, f.name), getattr(saved, f.name)
-        explicit = now != getattr(_DEFAULTS, name) if given is None else name in given
-        if name in _RESUME_IGNORED:
-            merged[name] = now
-        elif not explicit or now == then:
-            merged[name] = then
-        elif name in _RESUME_FREE and not (name == "steps" and saved.anneal_lr):
-            merged[name] = now
-        else:
-            conflicts.append(f"{name} (checkpoint {then!r}, now {now!r})")
-    if conflicts:
-        raise ConfigError(
-            f"the checkpoint in {args.resume} was written with different settings: "
-            + "; ".join(conflicts)
-        )
-    return Args(**merged)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,393 +419,20 @@ class RunningMeanStd:
 # ------------------------------------------------------------------------------------------------
 
 
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    state = rng.bit_generator.state
-    return {
-        k: ({kk: int(vv) for kk, vv in v.items()} if isinstance(v, dict) else v)
-        for k, v in state.items()
-    }
-
-
-class CheckpointableEnv(gym.Wrapper):
-    """Records what is needed to rebuild the current episode bit for bit: replay.
-
-    At each ``reset`` it stores the seed, the env's generator state and the friction wrapper's
-    state from just before the reset; at each ``step`` the action. :meth:`restore_state` redoes
-    the reset and replays the actions, which reproduces MuJoCo's full state (including the
-    derived quantities and the solver's warm start that ``qpos``/``qvel`` alone would miss), the
-    time limit's step counter and the friction schedule. The replayed observation is compared
-    with the saved one.
-    """
-
-    def __init__(self, env: gym.Env, index: int):
-        super().__init__(env)
-        self.index = index
-        self._friction: FrictionChange | None = None
-        e = env
-        while isinstance(e, gym.Wrapper):
-            if isinstance(e, FrictionChange):
-                self._friction = e
-                break
-            e = e.env
-        self._episode: dict[str, Any] | None = None
-        self._actions: list[np.ndarray] = []
-        self._last_obs: np.ndarray | None = None
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        rng = self.unwrapped._np_random
-        self._episode = {
-            "seed": seed,
-            "rng": None if rng is None else _rng_state(rng),
-            "friction": None if self._friction is None else self._friction.state_dict(),
-        }
-        self._actions = []
-        obs, info = self.env.reset(seed=seed, options=options)
-        self._last_obs = obs
-        return obs, info
-
-    def step(self, action):
-        self._actions.append(np.array(action, copy=True))
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self._last_obs = obs
-        return obs, reward, terminated, truncated, info
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The current episode's reset inputs, actions and last observation (torch-loadable)."""
-        if self._episode is None or self._last_obs is None:
-            raise RuntimeError("the env has not been reset yet")
-        shape = (0, *self.action_space.shape)
-        actions = np.stack(self._actions) if self._actions else np.zeros(shape, np.float32)
-        return {
-            "episode": self._episode,
-            "actions": torch.from_numpy(actions),
-            "obs": torch.from_numpy(np.array(self._last_obs, copy=True)),
-        }
-
-    def restore_state(self, states: Sequence[dict[str, Any]]) -> np.ndarray:
-        """Rebuild the episode saved in ``states[self.index]``; returns its last observation."""
-        state = states[self.index]
-        episode = state["episode"]
-        if self._friction is not None:
-            self._friction.load_state_dict(episode["friction"])
-        if episode["rng"] is not None:
-            rng = np.random.Generator(np.random.PCG64())
-            rng.bit_generator.state = episode["rng"]
-            self.unwrapped.np_random = rng
-        obs, _ = self.reset(seed=episode["seed"])
-        for action in state["actions"].numpy():
-            obs, _, terminated, truncated, _ = self.step(action)
-            if terminated or truncated:
-                raise RuntimeError(f"env {self.index}: the replayed episode ended early")
-        saved = state["obs"].numpy()
-        if obs.shape != saved.shape or not np.array_equal(obs, saved):
-            raise RuntimeError(
-                f"env {self.index}: replaying the saved episode did not reproduce its observation "
-                "(different MuJoCo/gymnasium version?)"
-            )
-        return obs
-
-
-@dataclass
-class _EnvFactory:
-    """Builds env ``index`` of a run (a picklable stand-in for a closure, for worker processes)."""
-
-    args: Args
-    index: int
-
-    def __call__(self) -> CheckpointableEnv:
-        a = self.args
-        if multiprocessing.parent_process() is not None:
-            # Workers ignore Ctrl-C: the trainer checkpoints and then closes them.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is out of date.*")
-            env = gym.make(a.env)
-        if a.friction_every > 0:
-            env = FrictionChange(
-                env,
-                every=a.friction_every,
-                low=a.friction_low,
-                high=a.friction_high,
-                seed=a.seed,
-                at_episode_boundary=a.friction_at_episode_boundary,
-                start_with_default=a.friction_start_default,
-                steps_per_step=a.num_envs,
-            )
-        return CheckpointableEnv(env, self.index)
-
-
-def _make_env_fn(a: Args, index: int) -> Callable[[], CheckpointableEnv]:
-    return _EnvFactory(a, index)
-
-
-StepResult = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]
-
-
-class SingleEnv:
-    """One env in this process, with the vector-env interface the trainer needs (no overhead)."""
-
-    def __init__(self, fn: Callable[[], CheckpointableEnv]):
-        self.env = fn()
-        self.num_envs = 1
-        self.single_observation_space = self.env.observation_space
-        self.single_action_space = self.env.action_space
-
-    def reset(self, seeds: list[int]) -> np.ndarray:
-        return self.env.reset(seed=seeds[0])[0][None]
-
-    def step(self, actions: np.ndarray) -> StepResult:
-        obs, reward, terminated, truncated, _ = self.env.step(actions[0])
-        finals = []
-        if terminated or truncated:
-            finals.append((0, obs))
-            obs, _ = self.env.reset()
-        return obs[None], np.array([reward]), np.array([terminated]), np.array([truncated]), finals
-
-    def call(self, name: str, *args: Any) -> tuple[Any, ...]:
-        attr = self.env.get_wrapper_attr(name)
-        return (attr(*args) if callable(attr) else attr,)
-
-    def close(self) -> None:
-        self.env.close()
-
-
-# Step hand-off between the trainer and a worker through shared memory with busy-waiting.
-# Waking a sleeping process through a pipe costs ~100 us per step on small VMs (the env step
-# itself is ~100-250 us), which made 2 envs slower than 1. Spinning on a shared counter hands
-# a step over in < 1 us. This relies on x86's total store order (data written before the
-# counter is seen before it); elsewhere the pipe is used for steps too.
-_SPIN = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
-_SPIN_SECONDS = 2e-3  # a worker sleeps on its pipe after this long without a step
-
-
-class _SharedStep:
-    """Shared-memory buffers of one worker: counters, action and step results."""
-
-    def __init__(self, obs_dim: int, act_dim: int, ctx: Any):
-        self.dims = (obs_dim, act_dim)
-        # ctrl: [step requested, step done]; flags: [terminated, truncated, has final obs]
-        self.raw = (
-            ctx.RawArray("q", 2),
-            ctx.RawArray("f", act_dim),
-            ctx.RawArray("d", 2 * obs_dim + 1),
-            ctx.RawArray("q", 3),
+def make_env(a: Args, index: int) -> EnvFactory:
+    """The factory of env ``index`` of a run: its MuJoCo env with the run's friction changes."""
+    friction = None
+    if a.friction_every > 0:
+        friction = dict(
+            every=a.friction_every,
+            low=a.friction_low,
+            high=a.friction_high,
+            seed=a.seed,
+            at_episode_boundary=a.friction_at_episode_boundary,
+            start_with_default=a.friction_start_default,
+            steps_per_step=a.num_envs,
         )
-        self.views()
-
-    def views(self) -> None:
-        obs_dim, _ = self.dims
-        ctrl, action, data, flags = self.raw
-        self.ctrl = np.frombuffer(ctrl, np.int64)
-        self.action = np.frombuffer(action, np.float32)
-        data = np.frombuffer(data, np.float64)
-        self.obs, self.final, self.reward = data[:obs_dim], data[obs_dim:-1], data[-1:]
-        self.flags = np.frombuffer(flags, np.int64)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"dims": self.dims, "raw": self.raw}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.dims, self.raw = state["dims"], state["raw"]
-        self.views()
-
-
-def _worker_step(env: CheckpointableEnv, action: np.ndarray) -> tuple:
-    obs, reward, terminated, truncated, _ = env.step(action)
-    final = None
-    if terminated or truncated:
-        final = obs
-        obs, _ = env.reset()
-    return obs, reward, terminated, truncated, final
-
-
-def _env_worker(
-    conn: Any, parent_conn: Any, fn: Callable[[], CheckpointableEnv], shared: _SharedStep | None
-) -> None:
-    """Worker process of :class:`ParallelEnvs`: runs one env.
-
-    Steps arrive through ``shared`` (busy-waiting, see ``_SPIN``) or the pipe; resets, calls,
-    wake-ups and close through the pipe.
-    """
-    parent_conn.close()
-    env = None
-    try:
-        env = fn()
-        done = 0
-        while True:
-            if shared is not None:
-                ctrl = shared.ctrl
-                deadline = time.perf_counter() + _SPIN_SECONDS
-                spins = 0
-                while ctrl[0] == done:
-                    spins += 1
-                    if spins % 1024 == 0 and (conn.poll(0) or time.perf_counter() > deadline):
-                        break
-                if ctrl[0] != done:
-                    obs, reward, terminated, truncated, final = _worker_step(
-                        env, shared.action.copy()
-                    )
-                    shared.obs[:] = obs
-                    shared.reward[0] = reward
-                    if final is not None:
-                        shared.final[:] = final
-                    shared.flags[:] = (terminated, truncated, final is not None)
-                    done = int(ctrl[0])
-                    ctrl[1] = done  # written last: the trainer reads the results after seeing it
-                    continue
-            cmd, data = conn.recv()  # sleeps until the trainer sends something
-            if cmd == "step":
-                conn.send(_worker_step(env, data))
-            elif cmd == "reset":
-                conn.send(env.reset(seed=data)[0])
-            elif cmd == "call":
-                name, args = data
-                attr = env.get_wrapper_attr(name)
-                conn.send(attr(*args) if callable(attr) else attr)
-            elif cmd == "close":
-                break
-            # "wake": back to spinning
-    except KeyboardInterrupt:
-        pass
-    except BaseException as e:  # report to the trainer rather than dying silently
-        import traceback
-
-        with contextlib.suppress(BrokenPipeError, OSError):
-            conn.send(_WorkerError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    finally:
-        if env is not None:
-            env.close()
-        conn.close()
-
-
-@dataclass
-class _WorkerError:
-    message: str
-
-
-class ParallelEnvs:
-    """``N`` envs stepped in parallel: env 0 in this process, envs 1..N-1 in one worker each.
-
-    The trainer's own process steps env 0 while the workers step theirs. Steps are handed over
-    through shared memory with busy-waiting on x86 (see ``_SPIN``): a worker spins for up to
-    2 ms after each step, so during a rollout it answers within a microsecond, and sleeps
-    during the update. Same-step autoreset: an env whose episode ends is reset at once and its
-    final observation returned in the step's ``finals``.
-    """
-
-    def __init__(self, fns: list[Callable[[], CheckpointableEnv]], spin: bool = _SPIN):
-        ctx = multiprocessing.get_context()
-        self.num_envs = len(fns)
-        self.local = SingleEnv(fns[0])
-        self.single_observation_space = self.local.single_observation_space
-        self.single_action_space = self.local.single_action_space
-        obs_dim = int(np.prod(self.single_observation_space.shape))
-        act_dim = int(np.prod(self.single_action_space.shape))
-        self.pipes: list[Any] = []
-        self.procs: list[Any] = []
-        self.shared: list[_SharedStep] = []
-        self.spin = spin
-        self._requested = 0
-        for fn in fns[1:]:
-            parent, child = ctx.Pipe()
-            shared = _SharedStep(obs_dim, act_dim, ctx) if spin else None
-            proc = ctx.Process(target=_env_worker, args=(child, parent, fn, shared), daemon=True)
-            proc.start()
-            child.close()
-            self.pipes.append(parent)
-            self.procs.append(proc)
-            if shared is not None:
-                self.shared.append(shared)
-        self._obs = np.zeros((self.num_envs, obs_dim), np.float64)
-
-    def _recv(self, pipe: Any) -> Any:
-        out = pipe.recv()
-        if isinstance(out, _WorkerError):
-            raise RuntimeError(f"env worker failed: {out.message}")
-        return out
-
-    def _wait(self, i: int) -> None:
-        """Spin until worker ``i`` has finished the requested step (waking it if it slept)."""
-        ctrl, pipe, proc = self.shared[i].ctrl, self.pipes[i], self.procs[i]
-        spins = 0
-        woken = False
-        start = time.perf_counter()
-        while ctrl[1] != self._requested:
-            spins += 1
-            if spins % 4096 == 0:
-                if pipe.poll(0):
-                    self._recv(pipe)  # only an error report can arrive here
-                waited = time.perf_counter() - start
-                if not woken and waited > 2 * _SPIN_SECONDS:
-                    # it went to sleep just before the request: wake it
-                    pipe.send(("wake", None))
-                    woken = True
-                if waited > 1.0 and not proc.is_alive():
-                    raise RuntimeError(f"env worker {i + 1} died (exit code {proc.exitcode})")
-
-    def reset(self, seeds: list[int]) -> np.ndarray:
-        for pipe, seed in zip(self.pipes, seeds[1:]):
-            pipe.send(("reset", seed))
-        obs = self._obs.copy()
-        obs[0] = self.local.reset(seeds[:1])[0]
-        for i, pipe in enumerate(self.pipes, 1):
-            obs[i] = self._recv(pipe)
-        return obs
-
-    def wake(self) -> None:
-        """Tell sleeping workers that steps are coming (call before a rollout)."""
-        if self.spin:
-            for pipe in self.pipes:
-                pipe.send(("wake", None))
-
-    def step(self, actions: np.ndarray) -> StepResult:
-        n = self.num_envs
-        if self.spin:
-            self._requested += 1
-            for i, shared in enumerate(self.shared, 1):
-                shared.action[:] = actions[i]
-                shared.ctrl[0] = self._requested
-        else:
-            for i, pipe in enumerate(self.pipes, 1):
-                pipe.send(("step", actions[i]))
-        obs0, reward0, term0, trunc0, finals = self.local.step(actions[:1])
-        obs = np.empty_like(self._obs)
-        reward = np.empty(n, np.float64)
-        terminated = np.empty(n, bool)
-        truncated = np.empty(n, bool)
-        obs[0], reward[0], terminated[0], truncated[0] = obs0[0], reward0[0], term0[0], trunc0[0]
-        for i in range(1, n):
-            if self.spin:
-                self._wait(i - 1)
-                shared = self.shared[i - 1]
-                obs[i], reward[i] = shared.obs, shared.reward[0]
-                terminated[i], truncated[i], has_final = shared.flags
-                final = shared.final.copy() if has_final else None
-            else:
-                obs[i], reward[i], terminated[i], truncated[i], final = self._recv(
-                    self.pipes[i - 1]
-                )
-            if final is not None:
-                finals.append((i, final))
-        return obs, reward, terminated, truncated, finals
-
-    def call(self, name: str, *args: Any) -> tuple[Any, ...]:
-        for pipe in self.pipes:
-            pipe.send(("call", (name, args)))
-        first = self.local.call(name, *args)
-        return first + tuple(self._recv(pipe) for pipe in self.pipes)
-
-    def close(self) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                pipe.send(("close", None))
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-        for pipe in self.pipes:
-            pipe.close()
-        self.local.close()
+    return EnvFactory(a.env, index, friction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -999,154 +452,6 @@ def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, init: str) -> nn.
         if isinstance(m, nn.Linear):
             init_linear_(m, init, "relu")
     return net
-
-
-def _linear_layers(net: nn.Sequential) -> list[tuple[Tensor, Tensor]]:
-    """(transposed weight view, bias) per Linear layer; views follow in-place weight updates."""
-    return [(m.weight.t(), m.bias) for m in net if isinstance(m, nn.Linear)]
-
-
-def _act_forward(
-    layers: list[tuple[Tensor, Tensor]], x: Tensor, out: Sequence[Tensor] | None = None
-) -> Tensor:
-    """The MLP's forward without module calls or hooks (the acting hot path on a GPU).
-
-    ``out``: optional preallocated outputs, one ``[batch, width]`` tensor per layer (no
-    allocation per call; only outside autograd, e.g. under ``torch.inference_mode``).
-    """
-    for i, (wt, b) in enumerate(layers):
-        x = torch.addmm(b, x, wt) if out is None else torch.addmm(b, x, wt, out=out[i])
-        if i < len(layers) - 1:
-            x.relu_()
-    return x
-
-
-def _numpy_layers(net: nn.Sequential) -> list[np.ndarray]:
-    """Each Linear layer of a CPU MLP as one float32 array ``[in + 1, out]``: ``W^T`` with the
-    bias as its last row (a copy, for :func:`_act_forward_np`)."""
-    return [
-        np.concatenate([m.weight.detach().numpy().T, m.bias.detach().numpy()[None]])
-        for m in net
-        if isinstance(m, nn.Linear)
-    ]
-
-
-def _act_forward_np(layers: list[np.ndarray], inputs: list[np.ndarray], out: np.ndarray) -> None:
-    """:func:`_act_forward` in numpy: the acting hot path on the CPU.
-
-    ``inputs[i]`` is layer ``i``'s input ``[batch, in + 1]`` with a last column of ones (the
-    bias term of ``layers[i]``): the caller writes the observation into ``inputs[0][:, :-1]``,
-    the hidden layers write theirs, and the output goes to ``out``. Between two env steps these
-    few numpy calls leave more of the simulator's code and data in the caches than torch's
-    dispatcher does (the env step after a torch forward took ~20 us longer on Hopper).
-    """
-    for i, w in enumerate(layers):
-        if i + 1 < len(layers):
-            h = inputs[i + 1]
-            np.matmul(inputs[i], w, out=h[:, :-1])
-            np.maximum(h, 0.0, out=h)  # keeps the column of ones
-        else:
-            np.matmul(inputs[i], w, out=out)
-
-
-def _mlp_forward(layers: Sequence[nn.Linear], x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The MLP's output and its hidden (post-ReLU) activations, outside autograd."""
-    hidden = []
-    for m in layers[:-1]:
-        x = torch.addmm(m.bias, x, m.weight.t()).relu_()
-        hidden.append(x)
-    return torch.addmm(layers[-1].bias, x, layers[-1].weight.t()), hidden
-
-
-def _mlp_backward_(
-    layers: Sequence[nn.Linear], x: Tensor, hidden: Sequence[Tensor], grad_out: Tensor
-) -> None:
-    """Backprop ``grad_out = dL/d(output)`` through the MLP into each layer's ``.grad``.
-
-    For layer ``l`` with input ``a`` (``x`` or the previous hidden activation) and output
-    gradient ``g``: ``dW = g^T a``, ``db = sum_rows g`` and, below it, ``dL/da = (g W) * [a > 0]``
-    (ReLU's derivative read off its output). The ``.grad`` tensors are overwritten, not added to.
-    """
-    g = grad_out
-    for i in range(len(layers) - 1, -1, -1):
-        w, b = layers[i].weight, layers[i].bias
-        a = hidden[i - 1] if i > 0 else x
-        if w.grad is None or b.grad is None:
-            w.grad, b.grad = torch.empty_like(w), torch.empty_like(b)
-        if w.shape[1] < 64:
-            # MKL computes this thin product ~2x faster as [in, out] than as [out, in].
-            w.grad.copy_(torch.mm(a.t(), g).t())
-        else:
-            torch.mm(g.t(), a, out=w.grad)
-        torch.sum(g, 0, out=b.grad)
-        if i > 0:
-            g = torch.ops.aten.threshold_backward(torch.mm(g, w), a, 0.0)
-
-
-@torch.no_grad()
-def ppo_loss_and_grads(
-    actor: Sequence[nn.Linear],
-    critic: Sequence[nn.Linear],
-    log_std: Tensor,
-    x: Tensor,
-    act: Tensor,
-    old_logp: Tensor,
-    neg_adv: Tensor,
-    ret: Tensor,
-    clip_coef: float,
-    vf_coef: float,
-    ent_coef: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
-    """PPO's minibatch loss and its gradient, by hand (no autograd graph).
-
-    The policy is ``N(mean(x), diag(exp(log_std))^2)`` with ``mean`` the ``actor`` MLP (its
-    Linear layers, ReLU between them) and ``V(x)`` the ``critic`` MLP. With ``M`` samples,
-    ``z = (act - mean) * exp(-log_std)``, ``log r = log pi(act) - old_logp`` where
-    ``log pi = -z.z/2 - sum(log_std) - D log(2 pi)/2``, ``r = exp(log r)``, ``A = -neg_adv``
-    and ``eps = clip_coef``, the loss is
-
-        L = pg + vf_coef * v - ent_coef * H,
-        pg = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))),   v = mean((V(x) - ret)^2),
-        H = sum(log_std) + D (1 + log(2 pi)) / 2.
-
-    Gradients, with ``G_i = (-A_i r_i / M) k_i`` where ``k_i = 1`` if the unclipped term is at
-    least the clipped one (always inside ``[1 - eps, 1 + eps]``, where both are equal), else 0;
-    this is autograd's gradient of ``max``/``clamp`` except where the two terms are equal outside
-    the range, which needs ``A_i = 0`` (then ``G_i = 0`` anyway) or a tie by rounding:
-
-        dL/dmean_ij    = G_i z_ij exp(-log_std_j),
-        dL/dlog_std_j  = sum_i G_i (z_ij^2 - 1) - ent_coef,
-        dL/dV_i        = 2 vf_coef (V_i - ret_i) / M,
-
-    then backpropagated through both MLPs by :func:`_mlp_backward_`. Every parameter's
-    ``.grad`` (allocated on first use) is overwritten, as after ``zero_grad`` and ``backward``.
-
-    :return: ``(pg, v, log_ratio, actor_hidden, critic_hidden)``: the two loss terms (0-dim),
-        ``log r`` per sample and each MLP's hidden activations on ``x`` (for CBP/ReDo).
-    """
-    m, d = act.shape
-    mean, actor_hidden = _mlp_forward(actor, x)
-    value, critic_hidden = _mlp_forward(critic, x)
-    inv_std = torch.exp(-log_std)
-    z = (act - mean).mul_(inv_std)
-    z2 = z.square()
-    log_ratio = z2.sum(1).mul_(-0.5).sub_(old_logp).sub_(log_std.sum() + 0.5 * d * LOG_2PI)
-    ratio = log_ratio.exp()
-    clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)
-    unclipped_term = neg_adv * ratio
-    clipped_term = neg_adv * clipped
-    pg = torch.maximum(unclipped_term, clipped_term).mean()
-    g = unclipped_term.mul_(unclipped_term >= clipped_term).mul_(1.0 / m)  # dL/dlog_ratio
-    if log_std.grad is None:
-        log_std.grad = torch.empty_like(log_std)
-    torch.mv(z2.sub_(1.0).t(), g, out=log_std.grad)
-    if ent_coef:
-        log_std.grad.sub_(ent_coef)
-    err = value.view(-1) - ret
-    v = err.square().mean()
-    _mlp_backward_(actor, x, actor_hidden, z.mul_(g[:, None]).mul_(inv_std))
-    _mlp_backward_(critic, x, critic_hidden, err.mul_(2.0 * vf_coef / m)[:, None])
-    return pg, v, log_ratio, actor_hidden, critic_hidden
 
 
 @torch.no_grad()
@@ -1188,241 +493,422 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
-# optimizer
+# agent
 # ------------------------------------------------------------------------------------------------
 
 
-class AdamStep:
-    """``optimizer.step()`` of a fused, single-group ``torch.optim.Adam``, with less Python.
+@dataclass
+class Agent:
+    """The policy ``N(actor(s), exp(log_std)^2)``, the value ``critic(s)``, their Adam and the
+    unit-reset method (CBP or ReDo) of each network."""
 
-    Between the update's matrix products, ``Optimizer.step`` spent ~130 us per call in Python
-    (grouping parameters, looking up state, hooks) on top of its ~130 us kernel. This calls
-    the two ops that torch's fused Adam runs, ``torch._foreach_add_(steps, 1)`` and
-    ``torch._fused_adam_``, on the optimizer's own state tensors with the group's current
-    settings, so the result is bitwise that of ``optimizer.step()`` and ``state_dict``,
-    ``load_state_dict`` and in-place state resets (CBP/ReDo) keep working. Any other optimizer
-    (not fused, amsgrad, maximize, several groups, a torch without the op), the first step
-    (which creates the state) and a step after the state tensors were replaced go through
-    ``optimizer.step()``. Parameters without a gradient are not expected.
-    """
+    actor: nn.Sequential
+    critic: nn.Sequential
+    log_std: nn.Parameter
+    optimizer: torch.optim.Adam
+    resetters: dict[str, ContinualBackprop | ReDo]
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        groups = optimizer.param_groups
-        g = groups[0]
-        self.direct = (
-            isinstance(optimizer, torch.optim.Adam)
-            and len(groups) == 1
-            and bool(g.get("fused"))
-            and not any(g.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable"))
-            and not g.get("decoupled_weight_decay", False)
-            and hasattr(torch, "_fused_adam_")
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [*self.actor.parameters(), self.log_std, *self.critic.parameters()]
+
+    def nets(self) -> tuple[tuple[str, nn.Sequential], ...]:
+        return (("policy", self.actor), ("value", self.critic))
+
+
+def make_agent(
+    a: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: list[int]
+) -> Agent:
+    """Both MLPs, the log-std, one Adam over all of them and CBP/ReDo on each MLP."""
+    actor = make_mlp(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
+    critic = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
+    log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
+    adam_kwargs = dict(
+        lr=a.learning_rate,
+        betas=(a.adam_beta1, a.adam_beta2),
+        eps=a.adam_eps,
+        weight_decay=a.weight_decay,
+    )
+    params = [*actor.parameters(), log_std, *critic.parameters()]
+    try:  # the fused kernel: one call per step (CPU support since torch 2.4)
+        optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
+    except (RuntimeError, ValueError):
+        optimizer = torch.optim.Adam(params, **adam_kwargs)
+    resetters: dict[str, ContinualBackprop | ReDo] = {}
+    for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
+        if a.cbp:
+            resetters[name] = ContinualBackprop(
+                net,
+                optimizer,
+                replacement_rate=a.replacement_rate,
+                maturity_threshold=a.maturity_threshold,
+                decay_rate=a.decay_rate,
+                utility=a.utility,
+                init=a.init,
+                reset_optimizer_state=a.reset_optimizer_state,
+                accumulate=not a.paper_exact,
+                seed=int(seeds[2 + k] % 2**63),
+            )
+        elif a.redo:
+            resetters[name] = ReDo(
+                net,
+                optimizer,
+                threshold=a.redo_threshold,
+                period=a.redo_period,
+                init=a.init,
+                reset_optimizer_state=a.reset_optimizer_state,
+                seed=int(seeds[2 + k] % 2**63),
+            )
+    for r in resetters.values():
+        # The update passes each minibatch's activations explicitly: no hooks on the hot path.
+        r.remove_hooks()
+    return Agent(actor, critic, log_std, optimizer, resetters)
+
+
+@dataclass
+class RunState:
+    """What checkpoints carry besides the agent: counters, episode statistics, the optional
+    normalisers' statistics and the next observation."""
+
+    num_envs: int
+    obs_rms: RunningMeanStd | None
+    ret_rms: RunningMeanStd | None
+    max_change: Tensor
+    global_step: int = 0
+    update: int = 0
+    latest_return: float = math.nan
+    next_obs: np.ndarray | None = None
+    recent_returns: deque[float] = dataclasses.field(
+        default_factory=lambda: deque(maxlen=SUMMARY_EPISODES)
+    )
+
+    def __post_init__(self) -> None:
+        self.episode_return = np.zeros(self.num_envs, np.float64)
+        self.episode_length = np.zeros(self.num_envs, np.int64)
+        self.discounted = np.zeros(self.num_envs, np.float64)
+
+    def normalize_obs(self, o: np.ndarray, update_stats: bool) -> np.ndarray:
+        if self.obs_rms is None:
+            return o
+        if update_stats:
+            self.obs_rms.update(o)
+        return np.clip((o - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -10.0, 10.0)
+
+
+def snapshot(raw: Args, a: Args, agent: Agent, st: RunState, envs: Any, generators: dict) -> dict:
+    """The full training state at this update boundary (cloned, device tensors)."""
+    return run_folder.clone(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "args": args_dict(raw),
+            "resolved": args_dict(a),
+            "global_step": st.global_step,
+            "update": st.update,
+            "actor": agent.actor.state_dict(),
+            "critic": agent.critic.state_dict(),
+            "log_std": agent.log_std.detach(),
+            "optimizer": agent.optimizer.state_dict(),
+            "resetters": {k: r.state_dict() for k, r in agent.resetters.items()},
+            "obs_rms": None if st.obs_rms is None else st.obs_rms.state_dict(),
+            "ret_rms": None if st.ret_rms is None else st.ret_rms.state_dict(),
+            "discounted": torch.from_numpy(st.discounted.copy()),
+            "episode_return": torch.from_numpy(st.episode_return.copy()),
+            "episode_length": torch.from_numpy(st.episode_length.copy()),
+            "max_change": st.max_change,
+            "latest_return": st.latest_return,
+            "recent_returns": torch.tensor(list(st.recent_returns), dtype=torch.float64),
+            "next_obs": torch.from_numpy(st.next_obs.copy()),
+            "envs": envs.checkpoint_state(),
+            "rng": run_folder.rng_states(generators),
+        }
+    )
+
+
+def restore(ckpt: dict, agent: Agent, st: RunState, envs: Any, generators: dict) -> None:
+    """Load what :func:`snapshot` saved into ``agent``, ``st``, the envs and the generators."""
+    agent.actor.load_state_dict(ckpt["actor"])
+    agent.critic.load_state_dict(ckpt["critic"])
+    with torch.no_grad():
+        agent.log_std.copy_(ckpt["log_std"])
+    agent.optimizer.load_state_dict(ckpt["optimizer"])
+    for name, r in agent.resetters.items():
+        r.load_state_dict(ckpt["resetters"][name])
+    if st.obs_rms is not None:
+        st.obs_rms.load_state_dict(ckpt["obs_rms"])
+    if st.ret_rms is not None:
+        st.ret_rms.load_state_dict(ckpt["ret_rms"])
+    st.discounted = ckpt["discounted"].numpy().copy()
+    st.global_step, st.update = int(ckpt["global_step"]), int(ckpt["update"])
+    st.episode_return = ckpt["episode_return"].numpy().copy()
+    st.episode_length = ckpt["episode_length"].numpy().copy()
+    st.max_change = ckpt["max_change"].to(st.max_change.device)
+    st.latest_return = float(ckpt["latest_return"])
+    st.recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
+    envs.restore_state(ckpt["envs"])
+    st.next_obs = ckpt["next_obs"].numpy().copy()
+    run_folder.set_rng_states(ckpt["rng"], generators)
+
+
+# ------------------------------------------------------------------------------------------------
+# rollout
+# ------------------------------------------------------------------------------------------------
+
+
+class Rollout:
+    """The rollout's buffers ``[T, N, ...]`` (numpy, with torch views) and acting scratch space."""
+
+    def __init__(self, a: Args, obs_dim: int, act_dim: int, device: torch.device, agent: Agent):
+        T, N = a.num_steps, a.num_envs
+        self.obs = np.zeros((T, N, obs_dim), np.float32)
+        self.act = np.zeros((T, N, act_dim), np.float32)
+        self.rew = np.zeros((T, N), np.float64)
+        self.term = np.zeros((T, N), bool)
+        self.trunc = np.zeros((T, N), bool)
+        self.obs_host, self.act_host = torch.from_numpy(self.obs), torch.from_numpy(self.act)
+        self.actor_layers = linear_layers(agent.actor)
+        widths = (*a.hidden_sizes, act_dim)
+        self.act_out = [torch.empty(N, w, device=device) for w in widths]
+        self.act_in_np = [np.ones((N, w + 1), np.float32) for w in (obs_dim, *a.hidden_sizes)]
+        self.mean_np = np.empty((N, act_dim), np.float32)
+        self.noise: Tensor | None = None
+        self.finals: list[tuple[int, int, np.ndarray]] = []  # (t, env, final obs) at truncations
+        self.episodes: list[tuple[int, float, int]] = []  # (step, return, length) of ended ones
+        self.env_time = 0.0
+
+
+def collect_rollout(
+    a: Args, envs: Any, agent: Agent, st: RunState, ro: Rollout, gen: torch.Generator
+) -> None:
+    """Step the envs ``num_steps`` times with the current policy into ``ro``.
+
+    Gaussian noise for the whole rollout is drawn at once; on the CPU the policy mean is
+    computed in numpy (:func:`act_forward_np`), elsewhere by :func:`act_forward`."""
+    T, N = a.num_steps, a.num_envs
+    step0 = st.global_step
+    ro.finals, ro.episodes, ro.env_time = [], [], 0.0
+    on_cpu = agent.log_std.device.type == "cpu"
+    envs.wake()
+    with torch.inference_mode():
+        ro.noise = noise = torch.randn(
+            (T, N, ro.act.shape[2]), generator=gen, device=agent.log_std.device
         )
-        self.params: list[Tensor] = list(g["params"])
-        self._state: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
-
-    def _lookup(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
-        state = self.optimizer.state
-        if not all(p in state for p in self.params):
-            return None
-        return (
-            [state[p]["exp_avg"] for p in self.params],
-            [state[p]["exp_avg_sq"] for p in self.params],
-            [state[p]["step"] for p in self.params],
-        )
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        if self.direct:
-            s = self._state
-            first = self.params[0]
-            if s is None or self.optimizer.state.get(first, {}).get("exp_avg") is not s[0][0]:
-                s = self._state = self._lookup()
-            if s is not None:
-                g = self.optimizer.param_groups[0]
-                beta1, beta2 = g["betas"]
-                torch._foreach_add_(s[2], 1)
-                torch._fused_adam_(
-                    self.params,
-                    [p.grad for p in self.params],
-                    s[0],
-                    s[1],
-                    [],
-                    s[2],
-                    amsgrad=False,
-                    lr=g["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=g["weight_decay"],
-                    eps=g["eps"],
-                    maximize=False,
+        std = agent.log_std.exp()
+        if on_cpu:
+            np_layers = numpy_layers(agent.actor)
+            scaled_noise = (noise * std).numpy()
+        for t in range(T):
+            ro.obs[t] = st.next_obs
+            if on_cpu:
+                ro.act_in_np[0][:, :-1] = st.next_obs
+                act_forward_np(np_layers, ro.act_in_np, ro.mean_np)
+                np.add(ro.mean_np, scaled_noise[t], out=ro.act[t])
+            else:
+                x = ro.obs_host[t].to(std.device)
+                mean = act_forward(ro.actor_layers, x, ro.act_out)
+                ro.act_host[t].copy_(torch.addcmul(mean, std, noise[t]))
+            action = ro.act[t]
+            if a.clip_actions:
+                action = np.clip(
+                    action, envs.single_action_space.low, envs.single_action_space.high
                 )
-                return
-        self.optimizer.step()
+            t_env = time.perf_counter()
+            raw_obs, reward, terminated, truncated, final = envs.step(action)
+            ro.env_time += time.perf_counter() - t_env
+            ro.term[t] = terminated
+            ro.trunc[t] = truncated
+            st.episode_return += reward
+            st.episode_length += 1
+            if st.ret_rms is not None:
+                st.discounted = st.discounted * a.gamma + reward
+                st.ret_rms.update(st.discounted)
+                reward = np.clip(reward / np.sqrt(st.ret_rms.var + 1e-8), -10.0, 10.0)
+            ro.rew[t] = reward
+            for i, fo in final:
+                if truncated[i] and not terminated[i]:
+                    ro.finals.append((t, i, st.normalize_obs(fo[None], False)[0]))
+                r_i, l_i = float(st.episode_return[i]), int(st.episode_length[i])
+                ro.episodes.append((step0 + (t + 1) * N, r_i, l_i))
+                st.latest_return = r_i
+                st.recent_returns.append(r_i)
+                st.episode_return[i] = 0.0
+                st.episode_length[i] = 0
+                st.discounted[i] = 0.0
+            st.next_obs = st.normalize_obs(raw_obs, True).astype(np.float32)
+    st.global_step += T * N
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints
+# GAE targets
 # ------------------------------------------------------------------------------------------------
 
 
-def _clone(obj: Any) -> Any:
-    """Deep copy of nested dicts/lists/tuples, cloning tensors (state snapshots)."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_clone(v) for v in obj)
-    return obj
+def rollout_targets(
+    a: Args, agent: Agent, st: RunState, ro: Rollout
+) -> tuple[Tensor, np.ndarray, np.ndarray, float]:
+    """The rollout's states on the device ``[T * N, obs_dim]``, GAE advantages and returns
+    ``[T, N]`` (:func:`compute_gae`) and the explained variance of the returns by the values."""
+    T, N = a.num_steps, a.num_envs
+    device = agent.log_std.device
+    with torch.no_grad():
+        b_obs = ro.obs_host.to(device).reshape(T * N, -1)
+        last = torch.from_numpy(st.next_obs).to(device)
+        values_all = agent.critic(torch.cat([b_obs, last])).view(T + 1, N)
+        final_values = None
+        if ro.finals and a.bootstrap_truncation:
+            fo = torch.from_numpy(np.stack([f for _, _, f in ro.finals]).astype(np.float32))
+            final_values = agent.critic(fo.to(device)).view(-1).cpu().numpy()
+    values_np = values_all.cpu().numpy().astype(np.float64)
+    next_values = values_np[1:].copy()
+    if final_values is not None:
+        for (t, i, _), v in zip(ro.finals, final_values):
+            next_values[t, i] = v
+    adv_np, ret_np = compute_gae(
+        ro.rew,
+        values_np[:-1],
+        next_values,
+        ro.term,
+        ro.trunc,
+        a.gamma,
+        a.gae_lambda,
+        a.bootstrap_truncation,
+    )
+    var_ret = ret_np.var()
+    explained_var = math.nan if var_ret == 0 else 1.0 - (ret_np - values_np[:-1]).var() / var_ret
+    return b_obs, adv_np, ret_np, explained_var
 
 
-def _rng_states(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    version, mt, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": {"version": version, "state": list(mt), "gauss": gauss},
-        "numpy": {
-            "kind": str(np_state[0]),
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": {k: g.get_state() for k, g in generators.items()},
-    }
+# ------------------------------------------------------------------------------------------------
+# PPO update
+# ------------------------------------------------------------------------------------------------
 
 
-def _set_rng_states(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
+def ppo_update(
+    a: Args,
+    agent: Agent,
+    adam_step: AdamStep,
+    ro: Rollout,
+    b_obs: Tensor,
+    adv_np: np.ndarray,
+    ret_np: np.ndarray,
+    generators: dict[str, torch.Generator],
+) -> tuple[Tensor, Tensor, float]:
+    """``update_epochs`` passes of ``num_minibatches`` minibatch steps over the rollout: the
+    hand-written loss gradient (:func:`ppo_loss_and_grads`), Adam, Shrink & Perturb's noise,
+    then CBP/ReDo on the minibatch's hidden activations.
 
-
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync,
-    then ``os.replace`` (a crash leaves either the old or the new checkpoint, never half)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (it can never execute code)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _find_checkpoint(resume: str) -> Path:
-    p = Path(resume)
-    if not p.exists():
-        raise ConfigError(f"resume path {resume} does not exist")
-    path = p if p.is_file() else p / CHECKPOINT_NAME
-    if not path.is_file():
-        runs = sorted(str(c.parent) for c in p.glob(f"*/{CHECKPOINT_NAME}"))
-        hint = f" (runs in {p}: {', '.join(runs[:3])}{', ...' * (len(runs) > 3)})" if runs else ""
-        raise ConfigError(f"no checkpoint to resume from: {path} does not exist{hint}")
-    return path
-
-
-def _read_checkpoint(path: Path) -> tuple[dict[str, Any], Args]:
-    """The checkpoint at ``path`` and the settings it was written with.
-
-    :raises ConfigError: if the file cannot be read (empty, truncated, corrupt, no permission)
-        or was not written by this trainer; the message says what to do instead."""
-    try:
-        state = load_checkpoint(path)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
-        if "Weights only load failed" in str(e):  # a whole, readable file of someone else's
-            raise ConfigError(
-                f"{path} is not a checkpoint of this trainer (it holds Python objects, not only "
-                "tensors and plain values)"
-            ) from None
-        if isinstance(e, OSError):
-            reason = e.strerror or str(e)
-        elif path.stat().st_size == 0:
-            reason = "the file is empty"
-        else:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        older = sorted(p for p in path.parent.glob("*.pt") if p.name != path.name)
-        advice = (
-            f"resume from an older checkpoint with --resume {older[-1]}"
-            if older
-            else "no older checkpoint is kept: start the run over without --resume "
-            f"(remove {path.parent} first to reuse its name)"
+    :return: the device tensors ``[losses (pg, v) per minibatch, log-ratios per minibatch]``
+        and the seconds spent in S&P and CBP/ReDo."""
+    B, act_dim = b_obs.shape[0], ro.act.shape[2]
+    device = b_obs.device
+    minibatch = B // a.num_minibatches
+    b_adv = torch.from_numpy(adv_np.reshape(B).astype(np.float32)).to(device)
+    if a.norm_adv:
+        b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+    b_ret = torch.from_numpy(ret_np.reshape(B).astype(np.float32)).to(device)
+    log_std = agent.log_std
+    with torch.no_grad():
+        b_logp = (
+            -0.5 * ro.noise.reshape(B, act_dim).square().sum(1)
+            - log_std.sum()
+            - 0.5 * act_dim * LOG_2PI
         )
-        raise ConfigError(
-            f"cannot resume: {path} is unreadable, truncated or corrupt ({reason}); {advice}"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f"{path} is not a checkpoint of this trainer (format {found})")
-    try:
-        saved = _args_from_dict(state["args"])
-    except (KeyError, TypeError) as e:
-        raise ConfigError(
-            f"{path} holds settings this version of the trainer does not know ({e})"
-        ) from None
-    return state, saved
+    data = torch.cat(
+        [
+            b_obs,
+            ro.act_host.to(device).reshape(B, act_dim),
+            b_logp[:, None],
+            -b_adv[:, None],  # negated: the loss uses -A
+            b_ret[:, None],
+        ],
+        1,
+    )
+    o1, o2 = b_obs.shape[1], b_obs.shape[1] + act_dim
+    actor = [m for m in agent.actor if isinstance(m, nn.Linear)]
+    critic = [m for m in agent.critic if isinstance(m, nn.Linear)]
+    params, net_params = agent.params, [*agent.actor.parameters(), *agent.critic.parameters()]
+    # Per-minibatch losses and log-ratios stay on the device until the update ends.
+    num_mb = a.update_epochs * a.num_minibatches
+    losses = torch.zeros(num_mb, 2, device=device)
+    log_ratios = torch.zeros(num_mb, minibatch, device=device)
+    cbp_time = 0.0
+    k = 0
+    with torch.no_grad():
+        for _ in range(a.update_epochs):
+            # One gather per epoch; each minibatch is then a contiguous slice.
+            shuffled = data[torch.randperm(B, generator=generators["main"], device=device)]
+            for start in range(0, B, minibatch):
+                d = shuffled[start : start + minibatch]
+                pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_and_grads(
+                    actor,
+                    critic,
+                    log_std,
+                    d[:, :o1],
+                    d[:, o1:o2],
+                    d[:, o2],
+                    d[:, o2 + 1],
+                    d[:, o2 + 2],
+                    a.clip_coef,
+                    a.vf_coef,
+                    a.ent_coef,
+                )
+                if a.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+                adam_step()
+                t_cbp = time.perf_counter()
+                if a.shrink_perturb:
+                    perturb_(net_params, a.noise_std, generator=generators["perturb"])
+                if agent.resetters:
+                    agent.resetters["policy"].step(actor_hidden)
+                    agent.resetters["value"].step(critic_hidden)
+                cbp_time += time.perf_counter() - t_cbp
+                losses[k, 0] = pg_loss
+                losses[k, 1] = v_loss
+                log_ratios[k] = log_ratio
+                k += 1
+    return losses, log_ratios, cbp_time
 
 
-def _check_writable(run_dir: Path) -> None:
-    """:raises ConfigError: unless ``run_dir`` is, or can be created as, a writable folder."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"cannot create the run folder {run_dir}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write the run folder {run_dir}: {existing} is not writable")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class _StopSignal:
-    """SIGINT/SIGTERM set a flag checked at update boundaries; a second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
-        print(
-            f"\n{name} received: stopping at the end of this update (SIGINT again: abort)",
-            file=sys.stderr,
+def update_statistics(
+    a: Args, losses: Tensor, log_ratios: Tensor, changes: Tensor
+) -> tuple[float, float, float, float, bool]:
+    """Mean policy and value losses, CleanRL's approx_kl ``E[(r - 1) - log r]`` and the clip
+    fraction over the update's minibatches, and whether all were finite: one host sync."""
+    ratios = log_ratios.exp()
+    stats = torch.cat(
+        (
+            losses.mean(0),
+            ((ratios - 1) - log_ratios).mean().view(1),
+            ((ratios - 1).abs() > a.clip_coef).float().mean().view(1),
+            torch.isfinite(losses).all().view(1),
+            torch.isfinite(log_ratios).all().view(1),
+            torch.isfinite(changes).all().view(1),
         )
+    )
+    pg_m, v_m, kl_m, cf_m, *ok = stats.tolist()
+    return pg_m, v_m, kl_m, cf_m, all(ok)
 
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+# ------------------------------------------------------------------------------------------------
+# logging
+# ------------------------------------------------------------------------------------------------
+
+
+def plasticity_scalars(agent: Agent, st: RunState, b_obs: Tensor) -> dict[str, float]:
+    """``plasticity/{policy,value}/...`` on the rollout's states (:func:`plasticity_metrics`),
+    the largest weight change since the last log and the units replaced so far."""
+    metric_tensors: dict[str, Tensor] = {}
+    for j, (name, net) in enumerate(agent.nets()):
+        for key, v in plasticity_metrics(net, b_obs).items():
+            metric_tensors[f"plasticity/{name}/{key}"] = v
+        metric_tensors[f"plasticity/{name}/max_weight_change"] = st.max_change[j]
+    keys = list(metric_tensors)
+    values = torch.stack([metric_tensors[k].to(torch.float64) for k in keys]).tolist()
+    scalars = dict(zip(keys, values))
+    for name, _ in agent.nets():
+        r = agent.resetters.get(name)
+        scalars[f"plasticity/{name}/units_replaced"] = 0 if r is None else r.num_replaced
+    st.max_change = torch.zeros_like(st.max_change)
+    return scalars
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1439,43 +925,35 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
     :raises ConfigError: for bad settings, before anything is created or written.
     :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
     """
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     t_begin = time.perf_counter()
     # ---------------- settings (all checks before anything is created)
-    raw = args
-    ckpt: dict[str, Any] | None = None
+    raw, ckpt = args, None
     if raw.resume is not None:
-        ckpt_path = _find_checkpoint(raw.resume)
-        ckpt, saved = _read_checkpoint(ckpt_path)
-        raw = _merge_resume(raw, saved, given)
+        ckpt_path = find_checkpoint(raw.resume)
+        ckpt, saved = read_checkpoint(Args, ckpt_path)
+        raw = merge_resume(raw, saved, given)
         run_dir = ckpt_path.parent
     a = resolve_args(raw)
     if ckpt is not None:
-        reached = int(ckpt["global_step"])
-        if reached >= a.steps:
-            advice = (
-                "it anneals the learning rate over --steps, so it cannot be extended"
-                if a.anneal_lr
-                else "pass a larger --steps to extend it"
-            )
-            raise ConfigError(already_finished(run_dir, reached, advice))
+        advice = (
+            "it anneals the learning rate over --steps, so it cannot be extended"
+            if a.anneal_lr
+            else "pass a larger --steps to extend it"
+        )
+        run_folder.refuse_finished(run_dir, "step", int(ckpt["global_step"]), a.steps, advice)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_name = a.run_name or f"{a.env}__{_method_tag(a)}__s{a.seed}__{stamp}"
+        run_name = a.run_name or f"{a.env}__{method_tag(a)}__s{a.seed}__{stamp}"
         run_dir = Path(a.runs_dir) / run_name
         if (run_dir / CHECKPOINT_NAME).exists():
             raise ConfigError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
-    _check_writable(run_dir)
-    device = torch.device(
-        "cuda"
-        if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    on_cpu = device.type == "cpu"
+    run_folder.check_writable(run_dir)
+    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     caller_threads = torch.get_num_threads()
 
     # ---------------- seeding
@@ -1483,13 +961,13 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
     np.random.seed(a.seed)
     torch.manual_seed(a.seed)
     seeds = np.random.SeedSequence(a.seed).generate_state(4, dtype=np.uint64).tolist()
-    gen = torch.Generator(device=device).manual_seed(seeds[0] % 2**63)  # noise, minibatches
-    perturb_gen = torch.Generator(device=device).manual_seed(seeds[1] % 2**63)
-    generators = {"main": gen, "perturb": perturb_gen}
+    generators = {  # "main": action noise and minibatch order; "perturb": Shrink & Perturb
+        "main": torch.Generator(device=device).manual_seed(seeds[0] % 2**63),
+        "perturb": torch.Generator(device=device).manual_seed(seeds[1] % 2**63),
+    }
 
     # ---------------- environments
-    fns = [_make_env_fn(a, i) for i in range(a.num_envs)]
-    envs: SingleEnv | ParallelEnvs = SingleEnv(fns[0]) if a.num_envs == 1 else ParallelEnvs(fns)
+    envs = vector_env.make([make_env(a, i) for i in range(a.num_envs)])
     writer = None
     try:
         torch.set_num_threads(a.threads)  # restored when the run ends
@@ -1497,379 +975,99 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         if not isinstance(act_space, gym.spaces.Box) or len(obs_space.shape) != 1:
             raise ConfigError(f"{a.env}: need a flat Box observation and a Box action space")
         obs_dim, act_dim = int(obs_space.shape[0]), int(act_space.shape[0])
-        N, T = a.num_envs, a.num_steps
-        B = N * T
-        minibatch = B // a.num_minibatches
+        B = a.num_envs * a.num_steps
         num_updates = -(-a.steps // B)
 
-        # ---------------- agent
-        actor = make_mlp(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
-        critic = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
-        log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
-        net_params = list(actor.parameters()) + list(critic.parameters())
-        adam_kwargs = dict(
-            lr=a.learning_rate,
-            betas=(a.adam_beta1, a.adam_beta2),
-            eps=a.adam_eps,
-            weight_decay=a.weight_decay,
+        # ---------------- agent and the state that checkpoints carry
+        agent = make_agent(a, obs_dim, act_dim, device, seeds)
+        trackers = [WeightChangeTracker(net) for _, net in agent.nets()]
+        st = RunState(
+            a.num_envs,
+            obs_rms=RunningMeanStd((obs_dim,)) if a.normalize_obs else None,
+            ret_rms=RunningMeanStd(()) if a.normalize_reward else None,
+            max_change=torch.zeros(2, dtype=torch.float64, device=device),
         )
-        params = [*actor.parameters(), log_std, *critic.parameters()]
-        try:  # the fused kernel: one call per step (CPU support since torch 2.4)
-            optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
-        except (RuntimeError, ValueError):
-            optimizer = torch.optim.Adam(params, **adam_kwargs)
-        resetters: dict[str, ContinualBackprop | ReDo] = {}
-        for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
-            if a.cbp:
-                resetters[name] = ContinualBackprop(
-                    net,
-                    optimizer,
-                    replacement_rate=a.replacement_rate,
-                    maturity_threshold=a.maturity_threshold,
-                    decay_rate=a.decay_rate,
-                    utility=a.utility,
-                    init=a.init,
-                    reset_optimizer_state=a.reset_optimizer_state,
-                    accumulate=not a.paper_exact,
-                    seed=int(seeds[2 + k] % 2**63),
-                )
-            elif a.redo:
-                resetters[name] = ReDo(
-                    net,
-                    optimizer,
-                    threshold=a.redo_threshold,
-                    period=a.redo_period,
-                    init=a.init,
-                    reset_optimizer_state=a.reset_optimizer_state,
-                    seed=int(seeds[2 + k] % 2**63),
-                )
-        for r in resetters.values():
-            # The update passes each minibatch's activations explicitly: no hooks on the hot path.
-            r.remove_hooks()
-        trackers = {"policy": WeightChangeTracker(actor), "value": WeightChangeTracker(critic)}
-        obs_rms = RunningMeanStd((obs_dim,)) if a.normalize_obs else None
-        ret_rms = RunningMeanStd(()) if a.normalize_reward else None
-        discounted = np.zeros(N, np.float64)
-
-        # ---------------- state that checkpoints carry
-        global_step, update = 0, 0
-        episode_return = np.zeros(N, np.float64)
-        episode_length = np.zeros(N, np.int64)
-        max_change = torch.zeros(2, dtype=torch.float64, device=device)
-        latest_return = math.nan
-        recent_returns: deque[float] = deque(maxlen=SUMMARY_EPISODES)
-
-        def normalize_obs(o: np.ndarray, update_stats: bool) -> np.ndarray:
-            if obs_rms is None:
-                return o
-            if update_stats:
-                obs_rms.update(o)
-            return np.clip((o - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -10.0, 10.0)
-
         if ckpt is None:
-            next_obs = normalize_obs(envs.reset([a.seed + i for i in range(N)]), True).astype(
-                np.float32
-            )
+            seeded = envs.reset([a.seed + i for i in range(a.num_envs)])
+            st.next_obs = st.normalize_obs(seeded, True).astype(np.float32)
         else:
-            actor.load_state_dict(ckpt["actor"])
-            critic.load_state_dict(ckpt["critic"])
-            with torch.no_grad():
-                log_std.copy_(ckpt["log_std"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for name, r in resetters.items():
-                r.load_state_dict(ckpt["resetters"][name])
-            if obs_rms is not None:
-                obs_rms.load_state_dict(ckpt["obs_rms"])
-            if ret_rms is not None:
-                ret_rms.load_state_dict(ckpt["ret_rms"])
-            discounted = ckpt["discounted"].numpy().copy()
-            global_step, update = int(ckpt["global_step"]), int(ckpt["update"])
-            episode_return = ckpt["episode_return"].numpy().copy()
-            episode_length = ckpt["episode_length"].numpy().copy()
-            max_change = ckpt["max_change"].to(device)
-            latest_return = float(ckpt["latest_return"])
-            recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
-            envs.call("restore_state", ckpt["envs"])
-            next_obs = ckpt["next_obs"].numpy().copy()
-            _set_rng_states(ckpt["rng"], generators)
-
-        def snapshot() -> dict[str, Any]:
-            """The full training state at this update boundary (cloned, device tensors)."""
-            return _clone(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "args": _args_dict(raw),
-                    "resolved": _args_dict(a),
-                    "global_step": global_step,
-                    "update": update,
-                    "actor": actor.state_dict(),
-                    "critic": critic.state_dict(),
-                    "log_std": log_std.detach(),
-                    "optimizer": optimizer.state_dict(),
-                    "resetters": {k: r.state_dict() for k, r in resetters.items()},
-                    "obs_rms": None if obs_rms is None else obs_rms.state_dict(),
-                    "ret_rms": None if ret_rms is None else ret_rms.state_dict(),
-                    "discounted": torch.from_numpy(discounted.copy()),
-                    "episode_return": torch.from_numpy(episode_return.copy()),
-                    "episode_length": torch.from_numpy(episode_length.copy()),
-                    "max_change": max_change,
-                    "latest_return": latest_return,
-                    "recent_returns": torch.tensor(list(recent_returns), dtype=torch.float64),
-                    "next_obs": torch.from_numpy(next_obs.copy()),
-                    "envs": list(envs.call("checkpoint_state")),
-                    "rng": _rng_states(generators),
-                }
-            )
+            restore(ckpt, agent, st, envs, generators)
 
         # ---------------- logging (the first thing written: every check has passed)
         if ckpt is None:
             print(f"writing to {run_dir} (TensorBoard events, config.json, {CHECKPOINT_NAME})")
         else:
-            print(f"resuming {run_dir} at step {global_step:,} of {a.steps:,}")
+            print(f"resuming {run_dir} at step {st.global_step:,} of {a.steps:,}")
         sys.stdout.flush()
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_file = run_dir / CHECKPOINT_NAME
-        # On resume, the points a crashed process logged after its last checkpoint are dropped:
-        # readers discard every event at a step >= purge_step from the older event files. The
-        # checkpoint's own step keeps its points (logged and flushed before the checkpoint was
-        # written), hence + 1.
-        writer = SummaryWriter(
-            str(run_dir), purge_step=global_step + 1 if ckpt is not None else None
-        )
-        resolved = _args_dict(a)
-        _write_atomic(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
+        # The checkpoint's own step keeps its points (logged and flushed before the checkpoint
+        # was written), hence + 1.
+        writer = run_folder.open_writer(run_dir, st.global_step + 1 if ckpt is not None else None)
+        resolved = args_dict(a)
+        run_folder.write_json(run_dir / "config.json", resolved)
         if ckpt is None:
             table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
             writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
 
-        # ---------------- buffers
-        obs_np = np.zeros((T, N, obs_dim), np.float32)
-        act_np = np.zeros((T, N, act_dim), np.float32)
-        rew_np = np.zeros((T, N), np.float64)
-        term_np = np.zeros((T, N), bool)
-        trunc_np = np.zeros((T, N), bool)
-        obs_host, act_host = torch.from_numpy(obs_np), torch.from_numpy(act_np)
-        adam_step = AdamStep(optimizer)
-        actor_layers = _linear_layers(actor)
-        widths = (*a.hidden_sizes, act_dim)
-        act_out = [torch.empty(N, w, device=device) for w in widths]
-        act_in_np = [np.ones((N, w + 1), np.float32) for w in (obs_dim, *a.hidden_sizes)]
-        mean_np = np.empty((N, act_dim), np.float32)
-        actor_linears = [m for m in actor if isinstance(m, nn.Linear)]
-        critic_linears = [m for m in critic if isinstance(m, nn.Linear)]
-        act_low, act_high = act_space.low, act_space.high
-
+        ro = Rollout(a, obs_dim, act_dim, device, agent)
+        adam_step = AdamStep(agent.optimizer)
         timings = dict.fromkeys(("env", "acting", "update", "cbp", "metrics", "checkpoint"), 0.0)
         t_start = time.perf_counter()
-        good = snapshot()
-        last_ckpt_step = global_step
-        steps_before = global_step
+        good = snapshot(raw, a, agent, st, envs, generators)
+        last_ckpt_step = steps_before = st.global_step
         bar = tqdm(
             total=a.steps,
-            initial=global_step,
+            initial=st.global_step,
             unit="step",
             unit_scale=True,
             dynamic_ncols=True,
             disable=None if a.progress else True,  # None: only on a terminal
         )
-        with _StopSignal() as stop:
-            while global_step < a.steps and stop.signum is None:
-                update += 1
+        with run_folder.StopSignal() as stop:
+            while st.global_step < a.steps and stop.signum is None:
+                st.update += 1
                 t_iter = time.perf_counter()
                 if a.anneal_lr:
-                    frac = 1.0 - (update - 1.0) / num_updates
-                    optimizer.param_groups[0]["lr"] = frac * a.learning_rate
-                lr = optimizer.param_groups[0]["lr"]
+                    frac = 1.0 - (st.update - 1.0) / num_updates
+                    agent.optimizer.param_groups[0]["lr"] = frac * a.learning_rate
+                lr = agent.optimizer.param_groups[0]["lr"]
 
-                # ---------------- rollout
-                step0 = global_step
-                finals: list[tuple[int, int, np.ndarray]] = []
-                episodes: list[tuple[int, float, int]] = []
-                env_time = 0.0
-                if isinstance(envs, ParallelEnvs):
-                    envs.wake()
-                with torch.inference_mode():
-                    noise = torch.randn((T, N, act_dim), generator=gen, device=device)
-                    std = log_std.exp()
-                    if on_cpu:
-                        np_layers = _numpy_layers(actor)
-                        scaled_noise = (noise * std).numpy()
-                    for t in range(T):
-                        obs_np[t] = next_obs
-                        if on_cpu:
-                            act_in_np[0][:, :-1] = next_obs
-                            _act_forward_np(np_layers, act_in_np, mean_np)
-                            np.add(mean_np, scaled_noise[t], out=act_np[t])
-                        else:
-                            x = obs_host[t].to(device)
-                            act_host[t].copy_(
-                                torch.addcmul(_act_forward(actor_layers, x, act_out), std, noise[t])
-                            )
-                        action = act_np[t]
-                        if a.clip_actions:
-                            action = np.clip(action, act_low, act_high)
-                        t_env = time.perf_counter()
-                        raw_obs, reward, terminated, truncated, final = envs.step(action)
-                        env_time += time.perf_counter() - t_env
-                        term_np[t] = terminated
-                        trunc_np[t] = truncated
-                        episode_return += reward
-                        episode_length += 1
-                        if ret_rms is not None:
-                            discounted = discounted * a.gamma + reward
-                            ret_rms.update(discounted)
-                            reward = np.clip(reward / np.sqrt(ret_rms.var + 1e-8), -10.0, 10.0)
-                        rew_np[t] = reward
-                        if final:
-                            for i, fo in final:
-                                if truncated[i] and not terminated[i]:
-                                    finals.append((t, i, normalize_obs(fo[None], False)[0]))
-                                r_i, l_i = float(episode_return[i]), int(episode_length[i])
-                                episodes.append((step0 + (t + 1) * N, r_i, l_i))
-                                latest_return = r_i
-                                recent_returns.append(r_i)
-                                episode_return[i] = 0.0
-                                episode_length[i] = 0
-                                discounted[i] = 0.0
-                        next_obs = normalize_obs(raw_obs, True).astype(np.float32)
-                global_step += B
+                collect_rollout(a, envs, agent, st, ro, generators["main"])
                 t_rollout = time.perf_counter()
-                timings["env"] += env_time
-                timings["acting"] += t_rollout - t_iter - env_time
+                timings["env"] += ro.env_time
+                timings["acting"] += t_rollout - t_iter - ro.env_time
 
-                # ---------------- targets
-                with torch.no_grad():
-                    b_obs = obs_host.to(device).reshape(B, obs_dim)
-                    last = torch.from_numpy(next_obs).to(device)
-                    values_all = critic(torch.cat([b_obs, last])).view(T + 1, N)
-                    final_values = None
-                    if finals and a.bootstrap_truncation:
-                        fo = torch.from_numpy(
-                            np.stack([f for _, _, f in finals]).astype(np.float32)
-                        )
-                        final_values = critic(fo.to(device)).view(-1).cpu().numpy()
-                values_np = values_all.cpu().numpy().astype(np.float64)
-                next_values = values_np[1:].copy()
-                if final_values is not None:
-                    for (t, i, _), v in zip(finals, final_values):
-                        next_values[t, i] = v
-                adv_np, ret_np = compute_gae(
-                    rew_np,
-                    values_np[:-1],
-                    next_values,
-                    term_np,
-                    trunc_np,
-                    a.gamma,
-                    a.gae_lambda,
-                    a.bootstrap_truncation,
-                )
-                var_ret = ret_np.var()
-                explained_var = (
-                    math.nan if var_ret == 0 else 1.0 - (ret_np - values_np[:-1]).var() / var_ret
-                )
+                b_obs, adv_np, ret_np, explained_var = rollout_targets(a, agent, st, ro)
 
-                # ---------------- update
-                b_adv = torch.from_numpy(adv_np.reshape(B).astype(np.float32)).to(device)
-                if a.norm_adv:
-                    b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
-                b_ret = torch.from_numpy(ret_np.reshape(B).astype(np.float32)).to(device)
-                with torch.no_grad():
-                    b_logp = (
-                        -0.5 * noise.reshape(B, act_dim).square().sum(1)
-                        - log_std.sum()
-                        - 0.5 * act_dim * LOG_2PI
-                    )
-                data = torch.cat(
-                    [
-                        b_obs,
-                        act_host.to(device).reshape(B, act_dim),
-                        b_logp[:, None],
-                        -b_adv[:, None],  # negated: the loss uses -A
-                        b_ret[:, None],
-                    ],
-                    1,
-                )
-                o1, o2 = obs_dim, obs_dim + act_dim
-                # Per-minibatch losses and log-ratios stay on the device until the update ends.
-                num_mb = a.update_epochs * a.num_minibatches
-                losses = torch.zeros(num_mb, 2, device=device)
-                log_ratios = torch.zeros(num_mb, minibatch, device=device)
-                for tr in trackers.values():
+                for tr in trackers:
                     tr.snapshot()
-                cbp_time = 0.0
-                k = 0
-                with torch.no_grad():
-                    for _ in range(a.update_epochs):
-                        # One gather per epoch; each minibatch is then a contiguous slice.
-                        shuffled = data[torch.randperm(B, generator=gen, device=device)]
-                        for start in range(0, B, minibatch):
-                            d = shuffled[start : start + minibatch]
-                            pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = (
-                                ppo_loss_and_grads(
-                                    actor_linears,
-                                    critic_linears,
-                                    log_std,
-                                    d[:, :o1],
-                                    d[:, o1:o2],
-                                    d[:, o2],
-                                    d[:, o2 + 1],
-                                    d[:, o2 + 2],
-                                    a.clip_coef,
-                                    a.vf_coef,
-                                    a.ent_coef,
-                                )
-                            )
-                            if a.max_grad_norm is not None:
-                                nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-                            adam_step()
-                            t_cbp = time.perf_counter()
-                            if a.shrink_perturb:
-                                perturb_(net_params, a.noise_std, generator=perturb_gen)
-                            if resetters:
-                                resetters["policy"].step(actor_hidden)
-                                resetters["value"].step(critic_hidden)
-                            cbp_time += time.perf_counter() - t_cbp
-                            losses[k, 0] = pg_loss
-                            losses[k, 1] = v_loss
-                            log_ratios[k] = log_ratio
-                            k += 1
-                changes = torch.stack([tr.change() for tr in trackers.values()])
-                max_change = torch.maximum(max_change, changes)
-                # CleanRL's approx_kl, E[(r - 1) - log r], and the fraction of clipped ratios,
-                # averaged over all minibatches of the update.
-                ratios = log_ratios.exp()
-                stats = torch.cat(
-                    (
-                        losses.mean(0),
-                        ((ratios - 1) - log_ratios).mean().view(1),
-                        ((ratios - 1).abs() > a.clip_coef).float().mean().view(1),
-                        torch.isfinite(losses).all().view(1),
-                        torch.isfinite(log_ratios).all().view(1),
-                        torch.isfinite(changes).all().view(1),
-                    )
+                losses, log_ratios, cbp_time = ppo_update(
+                    a, agent, adam_step, ro, b_obs, adv_np, ret_np, generators
                 )
-                pg_m, v_m, kl_m, cf_m, *ok = stats.tolist()  # the one host sync of the update
-                finite = all(ok)
+                changes = torch.stack([tr.change() for tr in trackers])
+                st.max_change = torch.maximum(st.max_change, changes)
+                pg_m, v_m, kl_m, cf_m, finite = update_statistics(a, losses, log_ratios, changes)
                 t_update = time.perf_counter()
                 timings["update"] += t_update - t_rollout
                 timings["cbp"] += cbp_time
-
                 if not finite:
-                    save_checkpoint(good, ckpt_file)
+                    run_folder.save_checkpoint(good, ckpt_file)
                     writer.flush()
                     raise NonFiniteLossError(
-                        f"non-finite loss in update {update} (steps {step0}-{global_step}); stopped. "
-                        f"The last good state (step {good['global_step']}) is saved in {ckpt_file}"
+                        f"non-finite loss in update {st.update} (steps {st.global_step - B}-"
+                        f"{st.global_step}); stopped. The last good state (step "
+                        f"{good['global_step']}) is saved in {ckpt_file}"
                     )
 
                 # ---------------- logging
-                for s, r_ep, l_ep in episodes:
+                for s, r_ep, l_ep in ro.episodes:
                     writer.add_scalar("charts/episodic_return", r_ep, s)
                     writer.add_scalar("charts/episodic_length", l_ep, s)
-                entropy = float((log_std.detach().sum() + 0.5 * act_dim * (1.0 + LOG_2PI)).cpu())
-                sps = B / (t_update - t_iter)
+                log_std = agent.log_std.detach()
+                entropy = float((log_std.sum() + 0.5 * act_dim * (1.0 + LOG_2PI)).cpu())
                 scalars = {
-                    "charts/SPS": sps,
+                    "charts/SPS": B / (t_update - t_iter),
                     "charts/learning_rate": lr,
                     "losses/value_loss": v_m,
                     "losses/policy_loss": pg_m,
@@ -1882,73 +1080,56 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                 if a.friction_every > 0:
                     friction = float(envs.call("friction")[0])
                     scalars["env/friction"] = friction
-                if a.metrics_every and update % a.metrics_every == 0:
+                if a.metrics_every and st.update % a.metrics_every == 0:
                     t_m = time.perf_counter()
-                    metric_tensors: dict[str, Tensor] = {}
-                    for j, (name, net) in enumerate((("policy", actor), ("value", critic))):
-                        for key, v in plasticity_metrics(net, b_obs).items():
-                            metric_tensors[f"plasticity/{name}/{key}"] = v
-                        metric_tensors[f"plasticity/{name}/max_weight_change"] = max_change[j]
-                    keys = list(metric_tensors)
-                    values = torch.stack(
-                        [metric_tensors[k].to(torch.float64) for k in keys]
-                    ).tolist()
-                    scalars.update(zip(keys, values))
-                    for name in ("policy", "value"):
-                        r = resetters.get(name)
-                        scalars[f"plasticity/{name}/units_replaced"] = (
-                            0 if r is None else r.num_replaced
-                        )
-                    max_change = torch.zeros_like(max_change)
+                    scalars.update(plasticity_scalars(agent, st, b_obs))
                     timings["metrics"] += time.perf_counter() - t_m
                 total = time.perf_counter() - t_start
                 for key in ("env", "acting", "update", "cbp", "metrics"):
                     scalars[f"perf/{key}_fraction"] = timings[key] / total
                 for key, v in scalars.items():
-                    writer.add_scalar(key, v, global_step)
-
+                    writer.add_scalar(key, v, st.global_step)
                 # tqdm shows the rate itself; the postfix is set first so that it is current.
-                postfix = f"return {latest_return:.1f}"
+                postfix = f"return {st.latest_return:.1f}"
                 if a.friction_every > 0:
                     postfix += f", friction {friction:.3g}"
                 bar.set_postfix_str(postfix, refresh=False)
                 bar.update(B)
 
                 # ---------------- checkpoint
-                good = snapshot()
-                done = global_step >= a.steps
-                due = (
-                    a.checkpoint_every
-                    and global_step // a.checkpoint_every > last_ckpt_step // a.checkpoint_every
-                )
+                good = snapshot(raw, a, agent, st, envs, generators)
+                done = st.global_step >= a.steps
+                every = a.checkpoint_every
+                due = every and st.global_step // every > last_ckpt_step // every
                 if due or done or stop.signum is not None:
                     t_c = time.perf_counter()
                     writer.flush()
-                    save_checkpoint(good, ckpt_file)
-                    last_ckpt_step = global_step
+                    run_folder.save_checkpoint(good, ckpt_file)
+                    last_ckpt_step = st.global_step
                     timings["checkpoint"] += time.perf_counter() - t_c
             bar.close()
             if stop.signum is not None:
-                if last_ckpt_step != global_step:  # the signal came after this update's save check
-                    save_checkpoint(good, ckpt_file)
-                    last_ckpt_step = global_step
+                if last_ckpt_step != st.global_step:  # the signal came after the save check
+                    run_folder.save_checkpoint(good, ckpt_file)
+                    last_ckpt_step = st.global_step
                 name = signal.Signals(stop.signum).name
                 print(
-                    f"{name}: stopped at step {global_step}; checkpoint saved to {ckpt_file}. "
+                    f"{name}: stopped at step {st.global_step}; checkpoint saved to {ckpt_file}. "
                     f"Continue with: python ppo_cbp/train.py --resume {run_dir}",
                     file=sys.stderr,
                 )
         timings["total"] = time.perf_counter() - t_start
         result = TrainResult(
             run_dir,
-            global_step,
-            update,
+            st.global_step,
+            st.update,
             stop.signum,
             timings,
-            recent_returns=list(recent_returns),
-            units_replaced={k: int(r.num_replaced) for k, r in resetters.items()},
+            recent_returns=list(st.recent_returns),
+            units_replaced={k: int(r.num_replaced) for k, r in agent.resetters.items()},
         )
-        print(_summary(result, a.steps, global_step - steps_before, time.perf_counter() - t_begin))
+        seconds = time.perf_counter() - t_begin
+        print(_summary(result, a.steps, st.global_step - steps_before, seconds))
         return result
     finally:
         if writer is not None:
@@ -1957,22 +1138,13 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         torch.set_num_threads(caller_threads)
 
 
-def _duration(seconds: float) -> str:
-    """``42.1s``, ``3m07s`` or ``5h02m09s``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def _summary(result: TrainResult, total: int, steps: int, seconds: float) -> str:
     """The closing lines: how far the run got, at what speed, its return and replacements, and
     where its outputs are."""
     state = "stopped" if result.interrupted_by is not None else "finished"
     lines = [
         f"{state} at step {result.global_step:,} of {total:,}: {steps:,} steps in "
-        f"{_duration(seconds)} ({steps / max(seconds, 1e-9):,.0f} steps/s)"
+        f"{run_folder.duration(seconds)} ({steps / max(seconds, 1e-9):,.0f} steps/s)"
     ]
     returns = result.recent_returns
     if returns:
@@ -1986,19 +1158,22 @@ def _summary(result: TrainResult, total: int, steps: int, seconds: float) -> str
         lines.append(f"units replaced: {sum(result.units_replaced.values()):,} ({parts})")
     else:
         lines.append("units replaced: none (no --cbp or --redo)")
-    logdir = shlex.quote(str(result.run_dir))
-    lines += [f"run folder: {result.run_dir}", f"curves: tensorboard --logdir {logdir}"]
+    lines += run_folder.where_lines(result.run_dir)
     return "\n".join(lines)
+
+
+def given_fields(argv: Sequence[str]) -> set[str]:
+    """The ``Args`` fields named on a command line (see :func:`ppo_settings.given_fields`)."""
+    return _given_fields(Args, argv)
 
 
 def cli() -> None:
     """Command-line entry point: one line and exit code 2 for bad settings."""
-    args = tyro.cli(Args)
     try:
+        args = cli_parse(Args, sys.argv[1:])
         result = main(args, given_fields(sys.argv[1:]))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UsageError as e:
+        sys.exit(report_error(e))
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

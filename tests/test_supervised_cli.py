@@ -168,6 +168,21 @@ def test_resume_with_other_settings_keeps_the_run(tmp_path, capsys):
     assert snapshot(out) == before
 
 
+def test_resume_of_a_finished_run_is_refused_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
+    capsys.readouterr()
+    before = snapshot(out)
+    events = sorted(p.name for p in out.rglob("events.out.tfevents.*"))
+    assert len(events) == 1  # one seed, one writer
+    # 40 examples in bins of 20: the run ends after bin index 1, i.e. 2 rows
+    code, _, err = run_main(
+        ["slowly-changing-regression", *SCR_SMALL, "--out", out, "--resume"], capsys
+    )
+    assert_one_error(code, err, out, "run already finished at bin 2", "another --out")
+    assert snapshot(out) == before  # no new events file, config.json and CSVs untouched
+
+
 def test_error_in_a_real_process_has_no_traceback(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), "slowly-changing-regression", "--examples", "0"]

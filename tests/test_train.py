@@ -454,7 +454,8 @@ def test_running_mean_std_matches_numpy():
 @pytest.mark.parametrize("spin", [True, False])
 def test_parallel_envs_step_like_separate_envs(spin):
     """Env i of ParallelEnvs follows the same trajectory as the same env stepped alone."""
-    from ppo_cbp.train import ParallelEnvs, SingleEnv, _make_env_fn
+    from envs.vector import ParallelEnvs, SingleEnv
+    from ppo_cbp.train import make_env as _make_env_fn
 
     a = Args(env="Hopper-v4", num_envs=3, friction_every=300)
     envs = ParallelEnvs([_make_env_fn(a, i) for i in range(3)], spin=spin)

@@ -97,6 +97,21 @@ def test_given_fields_reads_flags_as_tyro_writes_them():
     assert given_fields(argv) == expected
 
 
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--steps", "abc"], ["--steps", "abc"]),
+        (["--no-such-flag"], ["--no-such-flag"]),
+        (["--env", "Foo-v1"], ["Foo-v1"]),
+    ],
+)
+def test_values_that_do_not_parse_are_one_line(tmp_path, argv, needles):
+    assert_one_error_line(
+        train_cli([*argv, "--runs-dir", str(tmp_path / "runs")], tmp_path), *needles
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "truncated_with_older"])
 def test_unreadable_checkpoint_is_one_line_and_changes_nothing(tmp_path, damage):
     run = main(small(tmp_path, steps=256)).run_dir

@@ -9,8 +9,8 @@ A run trains S seeds in lockstep (:mod:`ppo_cbp.stacked`) and writes, under ``ou
   replaced so far; over seeds the mean and standard error of each metric's last value; the
   speed of this call, per seed and for all seeds (:meth:`RunOutputs.summary`);
 * ``checkpoint.pt``: everything needed to continue exactly (written atomically at task
-  boundaries, ``torch.save`` to a temporary file then ``os.replace``; read with
-  ``weights_only=True``).
+  boundaries and read with ``weights_only=True``, by :mod:`ppo_cbp.run_folder`, as are
+  ``config.json``, ``summary.json``, the resume checks and the TensorBoard writers).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import torch
 import tyro
 from torch import Tensor
 
+from ppo_cbp import run_folder
 from ppo_cbp.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.errors import UsageError
 from ppo_cbp.redo import ReDo
@@ -350,24 +350,8 @@ class Learner:
 # Outputs and checkpoints
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def config_dict(cfg: Any) -> dict[str, Any]:
-    return _jsonable(asdict(cfg))
+    return json.loads(json.dumps(asdict(cfg), default=str))
 
 
 # Row columns that index or label a row rather than measure the network: not averaged over rows.
@@ -417,36 +401,49 @@ class RunOutputs:
     def checkpoint_path(self) -> Path:
         return self.out / self.CHECKPOINT
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """The saved state, after checking that it belongs to the same configuration."""
+    def load_checkpoint(self, total: int, unit: str) -> dict[str, Any] | None:
+        """The saved state, after checking that it belongs to the same configuration and has
+        rows left to do (``total``: the run's number of ``unit``s, one row each).
+
+        :raises UsageError: if the checkpoint is unreadable, was written with another
+            configuration or already holds all ``total`` rows; nothing is written then.
+        """
         path = self.checkpoint_path
         if not path.exists():
             return None
+        start_over = f"start over in another --out (or delete {self.out})"
+        state = run_folder.load_checkpoint(path, "these benchmarks", start_over)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             saved = json.loads(state["config"])
             rows = state["rows"]
-        except Exception as e:  # a truncated, empty or foreign file: torch raises many kinds
+        except (KeyError, TypeError, ValueError) as e:
             raise UsageError(
-                f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete the folder "
-                "to start over, or choose another --out"
-            ) from e
+                f"checkpoint {path} is unreadable: not a checkpoint of these benchmarks "
+                f"({type(e).__name__}: {e}); {start_over}"
+            ) from None
         ignored = {"resume", "progress", "out", "device"}
-        diff = {
-            k: (saved.get(k), v)
-            for k, v in self.config.items()
-            if k not in ignored and saved.get(k) != v
-        }
-        if diff:
-            raise UsageError(f"--resume with a different configuration: {diff} (saved, given)")
+        run_folder.check_settings(
+            path,
+            [
+                (k, saved.get(k), v)
+                for k, v in self.config.items()
+                if k not in ignored and saved.get(k) != v
+            ],
+        )
+        run_folder.refuse_finished(
+            self.out,
+            unit,
+            len(rows[0]),
+            total,
+            f"nothing to do (its results are in {self.out / 'summary.json'}); choose another "
+            "--out for a new run",
+        )
         self.rows = rows
         return state
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         state = dict(state, config=json.dumps(self.config), rows=self.rows)
-        tmp = self.out / (self.CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        run_folder.save_checkpoint(state, self.checkpoint_path)
 
     def start(self, what: str = "") -> None:
         """Write the config, rewrite each CSV from the rows kept so far, open TensorBoard, and
@@ -456,11 +453,9 @@ class RunOutputs:
         after it are dropped from the CSVs, and TensorBoard's ``purge_step`` drops their
         scalars from the event files written before.
         """
-        from torch.utils.tensorboard import SummaryWriter
-
         done = len(self.rows[0])
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "config.json", self.config)
+        run_folder.write_json(self.out / "config.json", self.config)
         self._writers = []
         for s, seed in enumerate(self.seeds):
             folder = self.out / f"seed_{seed}"
@@ -471,7 +466,7 @@ class RunOutputs:
                     w = csv.DictWriter(f, fieldnames=list(rows[0]))
                     w.writeheader()
                     w.writerows(rows)
-            self._writers.append(SummaryWriter(str(folder / "tb"), purge_step=len(rows)))
+            self._writers.append(run_folder.open_writer(folder / "tb", len(rows)))
         resumed = f", resuming after row {done}" if done else ""
         print(
             f"{what + ': ' if what else ''}writing to {self.out}/ (config.json, summary.json, "
@@ -539,19 +534,12 @@ class RunOutputs:
             final_over_seeds=dict(final, seeds=len(per_seed)),
             seeds=per_seed,
         )
-        write_json(self.out / "summary.json", summary)
+        run_folder.write_json(self.out / "summary.json", summary)
         return summary
 
     def close(self) -> None:
         for w in self._writers or []:
             w.close()
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    h, m = divmod(s, 3600)
-    m, s = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
 def closing_summary(summary: dict[str, Any], out: Path) -> str:
@@ -569,7 +557,7 @@ def closing_summary(summary: dict[str, Any], out: Path) -> str:
     seeds = summary["seeds"]
     lines = [
         f"{summary['benchmark']} {summary['method']}: {progress}"
-        f"{_duration(summary['seconds_this_call'])} in this call, "
+        f"{run_folder.duration(summary['seconds_this_call'])} in this call, "
         f"{summary[rate]:,.0f} {unit}/s per seed ({len(seeds)} seed(s))"
     ]
     if seeds:

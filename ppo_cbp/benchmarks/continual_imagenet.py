@@ -572,7 +572,7 @@ def run_continual_imagenet(
     ]
 
     start_task = 0
-    state = outputs.load_checkpoint() if cfg.resume else None
+    state = outputs.load_checkpoint(cfg.tasks, "task") if cfg.resume else None
     if state is not None:
         learner.load_state_dict(state["learner"])
         for shuffle, s in zip(shuffles, state["shuffles"], strict=True):

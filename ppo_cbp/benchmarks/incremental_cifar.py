@@ -416,7 +416,7 @@ def run_incremental_cifar(
 
     config.update(resolved_method=config_dict(method), resolved_increments=increments)
     start = 0
-    state = outputs.load_checkpoint() if cfg.resume else None
+    state = outputs.load_checkpoint(increments, "increment") if cfg.resume else None
     if state is not None:
         start = int(state["increment"])
     runs = [_Seed(seed, cfg, method, device, max(start - 1, 0)) for seed in seeds]

@@ -221,7 +221,7 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     learner = Learner(sizes, seeds, method, loss="cross_entropy", device=device, dtype=dtype)
 
     start_task = 0
-    state = outputs.load_checkpoint() if cfg.resume else None
+    state = outputs.load_checkpoint(tasks, "task") if cfg.resume else None
     if state is not None:
         learner.load_state_dict(state["learner"])
         start_task = int(state["task"])

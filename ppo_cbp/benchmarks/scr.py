@@ -165,7 +165,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
         dtype=dtype,
     )
     start_bin = 0
-    state = outputs.load_checkpoint() if cfg.resume else None
+    state = outputs.load_checkpoint(bins, "bin") if cfg.resume else None
     if state is not None:
         learner.load_state_dict(state["learner"])
         start_bin = int(state["bin"])

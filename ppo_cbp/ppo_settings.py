@@ -1,0 +1,254 @@
+"""The PPO trainer's settings: checks and presets of its ``Args``, and those of a resumed run.
+
+:func:`resolve_args` checks every value and conflict before any work starts (one
+:class:`~ppo_cbp.errors.UsageError` naming the flag) and fills in the presets (``--cbp``,
+``--l2``, ``--standard-adam``, ``--paper-exact``, ...), so that no ``None`` is left. A resumed
+run takes its settings from its checkpoint (:func:`read_checkpoint`), with the command line's
+where it gives them (:func:`given_fields`), and refuses those that would change the training
+(:func:`merge_resume`). ``Args`` is the dataclass of ``ppo_cbp/train.py``; these functions take
+it (or its class) as an argument, so that running that file as a script works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import torch
+
+from ppo_cbp import run_folder
+from ppo_cbp.errors import UsageError as ConfigError
+
+if TYPE_CHECKING:
+    from ppo_cbp.train import Args
+
+__all__ = [
+    "args_dict",
+    "find_checkpoint",
+    "given_fields",
+    "merge_resume",
+    "method_tag",
+    "read_checkpoint",
+    "resolve_args",
+]
+
+TESTED_ENVS = tuple(f"{name}-v{v}" for name in ("Ant", "Hopper", "Walker2d") for v in (4, 5))
+CHECKPOINT_NAME = run_folder.CHECKPOINT_NAME
+CHECKPOINT_FORMAT = 1
+
+# Fields that may differ from the checkpoint when resuming: they do not change the training.
+# (steps only without --anneal-lr, whose schedule depends on it.)
+_RESUME_FREE = {"steps", "checkpoint_every", "metrics_every", "device", "threads", "progress"}
+_RESUME_IGNORED = {"resume", "run_name", "runs_dir"}
+_CBP_FIELDS = ("replacement_rate", "maturity_threshold", "decay_rate", "utility")
+_REDO_FIELDS = ("redo_threshold", "redo_period")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_env_id(env_id: str) -> None:
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error:
+        spec = None
+    entry = str(getattr(spec, "entry_point", ""))
+    if spec is None or "envs.mujoco" not in entry or (spec.version or 0) < 4:
+        raise ConfigError(
+            f"unknown env id {env_id!r}: expected one of {', '.join(TESTED_ENVS)} "
+            "(or another gymnasium MuJoCo env of version >= 4)"
+        )
+
+
+def resolve_args(args: Args) -> Args:
+    """Validate ``args`` and return a copy with the presets applied (no ``None`` left).
+
+    :raises ConfigError: naming the bad value or the conflicting flags.
+    """
+    a = args
+    defaults = type(a)()
+    check_env_id(a.env)
+    if a.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {a.seed}")
+    positive = ("steps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
+    for name in positive:
+        if getattr(a, name) is not None and getattr(a, name) <= 0:
+            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(a, name)}")
+    for name in ("checkpoint_every", "metrics_every", "friction_every", "maturity_threshold"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+    if a.redo_period <= 0:
+        raise ConfigError(f"--redo-period must be positive, got {a.redo_period}")
+    rates = ["replacement_rate", "decay_rate", "gamma", "gae_lambda", "clip_coef"]
+    rates += [n for n in ("adam_beta1", "adam_beta2") if getattr(a, n) is not None]
+    for name in rates:
+        value = getattr(a, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {value}")
+    for name in ("adam_beta1", "adam_beta2", "decay_rate"):
+        if getattr(a, name) is not None and getattr(a, name) >= 1.0:
+            raise ConfigError(f"{_flag(name)} must be < 1, got {getattr(a, name)}")
+    if not a.learning_rate > 0 or not math.isfinite(a.learning_rate):
+        raise ConfigError(f"--learning-rate must be positive, got {a.learning_rate}")
+    nonneg = ["adam_eps", "ent_coef", "vf_coef", "redo_threshold"]
+    nonneg += [
+        n for n in ("weight_decay", "noise_std", "max_grad_norm") if getattr(a, n) is not None
+    ]
+    for name in nonneg:
+        if not getattr(a, name) >= 0.0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+    if not 0.0 < a.friction_low <= a.friction_high:
+        raise ConfigError(
+            f"need 0 < --friction-low <= --friction-high, got {a.friction_low}, {a.friction_high}"
+        )
+    if not a.hidden_sizes or min(a.hidden_sizes) <= 0:
+        raise ConfigError(f"--hidden-sizes must be positive widths, got {a.hidden_sizes}")
+    batch = a.num_steps * a.num_envs
+    if batch % a.num_minibatches:
+        raise ConfigError(
+            f"--num-minibatches {a.num_minibatches} does not divide the batch of "
+            f"num_steps * num_envs = {batch}"
+        )
+
+    # conflicts
+    if a.cbp and a.redo:
+        raise ConfigError("--cbp and --redo conflict: choose one unit-reset method")
+    if a.standard_adam and (a.adam_beta1 is not None or a.adam_beta2 is not None):
+        raise ConfigError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
+    if a.l2 and a.weight_decay is not None:
+        raise ConfigError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
+    if a.noise_std is not None and not a.shrink_perturb:
+        raise ConfigError("--noise-std only applies with --shrink-perturb")
+    for method, fields in (("cbp", _CBP_FIELDS), ("redo", _REDO_FIELDS)):
+        if not getattr(a, method):
+            for name in fields:
+                if getattr(a, name) != getattr(defaults, name):
+                    raise ConfigError(f"{_flag(name)} only applies with {_flag(method)}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but no CUDA GPU is available")
+
+    if a.weight_decay is not None:
+        weight_decay = a.weight_decay
+    elif a.l2:
+        weight_decay = 1e-3
+    elif a.cbp or a.redo or a.shrink_perturb:
+        weight_decay = 1e-4
+    else:
+        weight_decay = 0.0
+    betas = (0.9, 0.999) if a.standard_adam else (0.99, 0.99)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = a.threads or min(a.num_envs, cores or 1)
+    return dataclasses.replace(
+        a,
+        bootstrap_truncation=a.bootstrap_truncation and not a.paper_exact,
+        reset_optimizer_state=a.reset_optimizer_state and not a.paper_exact,
+        adam_beta1=betas[0] if a.adam_beta1 is None else a.adam_beta1,
+        adam_beta2=betas[1] if a.adam_beta2 is None else a.adam_beta2,
+        weight_decay=weight_decay,
+        noise_std=(1e-5 if a.noise_std is None else a.noise_std) if a.shrink_perturb else 0.0,
+        threads=threads,
+    )
+
+
+def method_tag(a: Args) -> str:
+    tags = [t for t, on in (("cbp", a.cbp), ("redo", a.redo), ("l2", a.l2)) if on]
+    tags += ["snp"] if a.shrink_perturb else []
+    tags += ["stdadam"] if a.standard_adam else []
+    tags += ["exact"] if a.paper_exact else []
+    return "+".join(tags) or "ppo"
+
+
+def args_dict(a: Args) -> dict[str, Any]:
+    d = dataclasses.asdict(a)
+    d["hidden_sizes"] = list(a.hidden_sizes)
+    return d
+
+
+def args_from_dict(cls: type[Args], d: dict[str, Any]) -> Args:
+    d = dict(d)
+    d["hidden_sizes"] = tuple(d["hidden_sizes"])
+    return cls(**d)
+
+
+def given_fields(cls: type[Args], argv: Sequence[str]) -> set[str]:
+    """The ``Args`` fields named on a command line: ``--name``, ``--name=value`` or ``--no-name``.
+
+    A flag given with its default value counts as given (``--env Ant-v4`` on a resumed Hopper
+    run is a conflict, not a no-op); values are never mistaken for flags, as no value of these
+    fields starts with ``--``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = set()
+    for word in argv:
+        if not word.startswith("--"):
+            continue
+        name = word[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no_") and name[3:] in names:
+            name = name[3:]
+        if name in names:
+            given.add(name)
+    return given
+
+
+def merge_resume(args: Args, saved: Args, given: set[str] | None = None) -> Args:
+    """Settings for a resumed run: the checkpoint's, with the command line's where it is given.
+
+    ``given`` names the fields set on the command line (:func:`given_fields`); None (a call from
+    Python) counts a field as given when it differs from its default."""
+    defaults = type(args)()
+    merged: dict[str, Any] = {}
+    conflicts = []
+    for f in dataclasses.fields(args):
+        name, now, then = f.name, getattr(args, f.name), getattr(saved, f.name)
+        explicit = now != getattr(defaults, name) if given is None else name in given
+        if name in _RESUME_IGNORED:
+            merged[name] = now
+        elif not explicit or now == then:
+            merged[name] = then
+        elif name in _RESUME_FREE and not (name == "steps" and saved.anneal_lr):
+            merged[name] = now
+        else:
+            conflicts.append((name, then, now))
+    run_folder.check_settings(Path(args.resume), conflicts)
+    return type(args)(**merged)
+
+
+def find_checkpoint(resume: str) -> Path:
+    p = Path(resume)
+    if not p.exists():
+        raise ConfigError(f"resume path {resume} does not exist")
+    path = p if p.is_file() else p / CHECKPOINT_NAME
+    if not path.is_file():
+        runs = sorted(str(c.parent) for c in p.glob(f"*/{CHECKPOINT_NAME}"))
+        hint = f" (runs in {p}: {', '.join(runs[:3])}{', ...' * (len(runs) > 3)})" if runs else ""
+        raise ConfigError(f"no checkpoint to resume from: {path} does not exist{hint}")
+    return path
+
+
+def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
+    """The checkpoint at ``path`` and the settings it was written with.
+
+    :raises ConfigError: if the file cannot be read (empty, truncated, corrupt, no permission)
+        or was not written by this trainer; the message says what to do instead."""
+    state = run_folder.load_checkpoint(
+        path,
+        "this trainer",
+        "no older checkpoint is kept: start the run over without --resume "
+        f"(remove {path.parent} first to reuse its name)",
+        older="resume from an older checkpoint with --resume {path}",
+    )
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{path} is not a checkpoint of this trainer (format {found})")
+    try:
+        saved = args_from_dict(cls, state["args"])
+    except (KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} holds settings this version of the trainer does not know ({e})"
+        ) from None
+    return state, saved

@@ -1,0 +1,282 @@
+"""A run's folder: what every training command writes and how it resumes.
+
+Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
+(:class:`ppo_cbp.benchmarks.common.RunOutputs`) alike, so a fix lands once:
+
+* the folder: :func:`check_writable` before any work, ``config.json`` written atomically
+  (:func:`write_json`), every other file too (:func:`write_atomic`);
+* the checkpoint: :func:`save_checkpoint` (a temporary file, fsync, ``os.replace``: a crash
+  leaves the old or the new checkpoint, never half of one) and :func:`load_checkpoint`
+  (``weights_only=True``: it can never execute code; an empty, truncated, corrupt or foreign
+  file is one :class:`~ppo_cbp.errors.UsageError` line that names the file and what to do);
+  :func:`clone` for snapshots of a state, :func:`rng_states` / :func:`set_rng_states` for the
+  Python, numpy, torch, CUDA and named generators' states;
+* resuming: :func:`check_settings` (a resumed run must keep its configuration: every conflict
+  is named with both values) and :func:`refuse_finished` (a run that already reached its end is
+  left untouched: nothing rewritten, no new event file);
+* :func:`open_writer`: TensorBoard's writer, with ``purge_step`` on resume so that the points a
+  killed process logged after its last checkpoint are dropped instead of drawn twice;
+* :class:`StopSignal`: SIGINT/SIGTERM set a flag that the loop checks at its next boundary (it
+  then checkpoints and stops); a second SIGINT aborts;
+* the closing summary's shared parts: :func:`duration` and :func:`where_lines`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ppo_cbp.errors import ALREADY_FINISHED, UsageError
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "StopSignal",
+    "check_settings",
+    "check_writable",
+    "clone",
+    "duration",
+    "load_checkpoint",
+    "open_writer",
+    "refuse_finished",
+    "rng_states",
+    "save_checkpoint",
+    "set_rng_states",
+    "where_lines",
+    "write_atomic",
+    "write_json",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+
+
+def check_writable(folder: Path) -> None:
+    """:raises UsageError: unless ``folder`` is, or can be created as, a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot create the run folder {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the run folder {folder}: {existing} is not writable")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON (paths as strings, tuples as lists), written atomically."""
+    write_atomic(path, json.dumps(_jsonable(data), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def clone(obj: Any) -> Any:
+    """Deep copy of nested dicts/lists/tuples, cloning tensors (state snapshots)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clone(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(clone(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync,
+    then ``os.replace`` (a crash leaves either the old or the new checkpoint, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, owner: str, start_over: str, older: str | None = None) -> Any:
+    """The checkpoint at ``path``, loaded with ``weights_only=True`` (it can never execute code).
+
+    :param owner: what writes such checkpoints, for the message on a foreign file
+        (``"this trainer"``).
+    :param start_over: what to do when the file is damaged (and no older checkpoint is kept).
+    :param older: how to resume from an older checkpoint, with ``{path}`` for its path
+        (``"resume from it with --resume {path}"``); ``None``: the program cannot.
+    :raises UsageError: if the file cannot be read (empty, truncated, corrupt, no permission)
+        or holds Python objects (not a checkpoint of ``owner``); one line that names the file
+        and says what to do: ``older`` with the newest other ``*.pt`` beside it if there is
+        one, else ``start_over``.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file makes torch's unpickler raise many kinds
+        if "Weights only load failed" in str(e):  # a whole, readable file of someone else's
+            raise UsageError(
+                f"{path} is not a checkpoint of {owner} (it holds Python objects, not only "
+                "tensors and plain values)"
+            ) from None
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+        elif path.stat().st_size == 0:
+            reason = "the file is empty"
+        else:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        kept = sorted(p for p in path.parent.glob("*.pt") if p.name != path.name)
+        advice = older.format(path=kept[-1]) if older and kept else start_over
+        raise UsageError(
+            f"cannot resume: {path} is unreadable, truncated or corrupt ({reason}); {advice}"
+        ) from None
+
+
+def rng_states(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
+    """The states of Python's, numpy's, torch's (CPU and every CUDA device) global generators
+    and of ``generators``, as tensors and plain values (loadable with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {
+            "kind": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+
+
+def set_rng_states(state: dict[str, Any], generators: Mapping[str, torch.Generator]) -> None:
+    """Restore what :func:`rng_states` returned (CUDA's only where CUDA is available)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+
+
+# ------------------------------------------------------------------------------------------------
+# resuming
+
+
+def check_settings(path: Path, conflicts: Iterable[tuple[str, Any, Any]]) -> None:
+    """:raises UsageError: naming every ``(setting, checkpoint's value, value now)`` in
+    ``conflicts``, if there is any: a resumed run keeps the configuration it started with."""
+    conflicts = list(conflicts)
+    if conflicts:
+        raise UsageError(
+            f"{path} was written with a different configuration: "
+            + "; ".join(
+                f"{name} (checkpoint {then!r}, now {now!r})" for name, then, now in conflicts
+            )
+        )
+
+
+def refuse_finished(folder: Path, unit: str, reached: int, total: int, advice: str) -> None:
+    """:raises UsageError: ``run already finished at <unit> <reached>; <advice>`` when a resumed
+    run has nothing left to do (``reached >= total``), before anything in ``folder`` changes."""
+    if reached >= total:
+        raise UsageError(f"{folder}: {ALREADY_FINISHED} {unit} {reached}; {advice}")
+
+
+def open_writer(folder: Path, resumed_at: int | None) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``folder``.
+
+    ``resumed_at``: the first step that a resumed run logs (its checkpoint's step + 1 when the
+    checkpoint's own step was logged before it was written), or ``None`` for a new run. On
+    resume TensorBoard's readers then discard every event at a step >= ``resumed_at`` from the
+    older event files: the points a killed process logged after its last checkpoint.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder), purge_step=resumed_at)
+
+
+# ------------------------------------------------------------------------------------------------
+# signals
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set ``signum``, checked by the loop at its next boundary; a second SIGINT
+    aborts (``KeyboardInterrupt``). Handlers are installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name} received: stopping at the end of this update (SIGINT again: abort)",
+            file=sys.stderr,
+        )
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------------
+# closing summary
+
+
+def duration(seconds: float) -> str:
+    """``42.1s``, ``3m07s`` or ``5h02m09s``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def where_lines(folder: Path) -> list[str]:
+    """The summary's last lines: the run folder and the command that draws its curves."""
+    return [f"run folder: {folder}", f"curves: tensorboard --logdir {shlex.quote(str(folder))}"]
