@@ -388,6 +388,10 @@ class StackedLearner:
                 self.redo.step(hidden)
             return (logits.argmax(-1) == y).sum(1)
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
     def units_replaced(self) -> list[int]:
         """Units replaced so far by CBP or ReDo, per seed (a host read)."""
         if self.cbp is not None:
