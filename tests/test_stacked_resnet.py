@@ -4,6 +4,7 @@ SGD, Shrink & Perturb and CBP replacements, all in float64."""
 
 import pytest
 import torch
+from test_conv_benchmarks import read_rows, write_cifar
 
 from ppo_cbp.benchmarks.continual_imagenet import (
     ModuleLearner,
@@ -14,8 +15,10 @@ from ppo_cbp.benchmarks.incremental_cifar import (
     _ALIASES,
     DEFAULTS,
     CIFARMethodConfig,
+    IncrementalCIFARConfig,
     build_resnet,
     resnet_feature_taps,
+    run_incremental_cifar,
 )
 from ppo_cbp.resnet import ResNet18
 from ppo_cbp.stacked_resnet import StackedResNet18
@@ -138,3 +141,89 @@ def test_stacked_resnet_checks_its_networks():
         StackedResNet18([ResNet18(10), ResNet18(100)])
     with pytest.raises(ValueError, match="no networks"):
         StackedResNet18([])
+
+
+# ----------------------------------------------------------------------------------------
+# A stacked run against one run per seed
+
+RUN_METHODS = {
+    "base": {},
+    "head_reset": {},
+    "retrained": {},
+    "snp": dict(noise_std=1e-3),
+    "cbp": dict(replacement_rate=0.01, maturity_threshold=1),
+}
+
+
+def run_cfg(tmp_path, name, method, seeds, **kw):
+    base = dict(
+        seeds=seeds,
+        method=CIFARMethodConfig(method=method, **RUN_METHODS[method]),
+        classes_per_increment=2,
+        increments=2,
+        epochs=2,
+        images_per_class=3,
+        validation_per_class=2,
+        test_per_class=3,
+        batch_size=4,
+        metric_examples=5,
+        data_dir=tmp_path / "cifar",
+        out=tmp_path / name,
+        device="cpu",
+        dtype="float64",
+        progress=False,
+    )
+    base.update(kw)
+    return IncrementalCIFARConfig(**base)
+
+
+def checkpoint(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("method", list(RUN_METHODS))
+def test_stacked_run_equals_runs_alone(tmp_path, method):
+    """Seeds 0 and 1 trained as one stacked network write the CSV rows and end with the
+    weights, BatchNorm statistics and momentum of each seed's run alone."""
+    write_cifar(tmp_path / "cifar" / "cifar-100-python", classes=(0, 1, 2, 3))
+    seeds = [0, 1]
+    run_incremental_cifar(run_cfg(tmp_path, "stacked", method, seeds))
+    stacked_rows = {s: read_rows(tmp_path / "stacked", s) for s in seeds}
+    stacked_state = checkpoint(tmp_path / "stacked")["learner"]
+    for i, s in enumerate(seeds):
+        run_incremental_cifar(run_cfg(tmp_path, f"alone{s}", method, [s]))
+        rows = read_rows(tmp_path / f"alone{s}", s)
+        assert len(rows) == len(stacked_rows[s]) == 2
+        for got, want in zip(stacked_rows[s], rows):
+            assert list(got) == list(want)
+            assert got == pytest.approx(want, rel=1e-10, abs=1e-10)
+        state = checkpoint(tmp_path / f"alone{s}")["learner"]
+        for name, p in state["net"].items():
+            torch.testing.assert_close(stacked_state["net"][name][i], p[0], **TOL)
+        for k, buf in state["opt"]["state"].items():
+            torch.testing.assert_close(
+                stacked_state["opt"]["state"][k]["momentum_buffer"][i],
+                buf["momentum_buffer"][0],
+                **TOL,
+            )
+    # the seeds differ (their own class orders, data orders and initial weights)
+    assert stacked_rows[0] != stacked_rows[1]
+    if method == "cbp":
+        assert all(rows[-1]["units_replaced"] > 0 for rows in stacked_rows.values())
+
+
+@pytest.mark.parametrize("method", ["snp", "cbp"])
+def test_stacked_resume_is_exact(tmp_path, method):
+    write_cifar(tmp_path / "cifar" / "cifar-100-python", classes=(0, 1, 2, 3))
+    seeds = [4, 7]
+    run_incremental_cifar(run_cfg(tmp_path, "full", method, seeds))
+    part = run_cfg(tmp_path, "part", method, seeds)
+    run_incremental_cifar(part, stop_after=1)
+    assert [len(read_rows(part.out, s)) for s in seeds] == [1, 1]
+    part.resume = True
+    run_incremental_cifar(part)
+    for s in seeds:
+        assert read_rows(part.out, s) == read_rows(tmp_path / "full", s)
+    full, done = checkpoint(tmp_path / "full")["learner"], checkpoint(part.out)["learner"]
+    for name, p in full["net"].items():
+        assert torch.equal(done["net"][name], p)
