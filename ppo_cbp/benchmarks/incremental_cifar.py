@@ -48,6 +48,13 @@ Metrics per increment and seed (one CSV row), after restoring the best weights:
   non-zero on at most 1% of the (image, position) pairs; ``stable_rank`` and
   ``effective_rank`` of the ``[N, 512]`` penultimate (pooled) representation;
 * ``weight_magnitude`` (mean |w| over conv and linear weights), ``units_replaced``.
+
+All seeds of a run train together as one stacked network
+(:class:`~ppo_cbp.stacked_resnet.StackedResNet18` in a
+:class:`~ppo_cbp.benchmarks.continual_imagenet.StackedLearner`): each seed keeps its own class
+order, data order, head rows, augmentation draws (:func:`~ppo_cbp.augment.augment_seeds`),
+best-validation epoch and CBP/Shrink & Perturb randomness, and follows the trajectory it follows
+alone. One seed is the case S = 1.
 """
 
 from __future__ import annotations
