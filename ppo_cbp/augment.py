@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["augment", "normalize", "random_crop", "random_flip", "random_rotation", "rotate"]
+__all__ = [
+    "augment",
+    "augment_seeds",
+    "normalize",
+    "random_crop",
+    "random_flip",
+    "random_rotation",
+    "rotate",
+]
 
 
 def _check(x: Tensor) -> None:
@@ -64,10 +72,14 @@ def random_crop(
         raise ValueError(f"mode must be reflect or zeros, got {mode!r}")
     if padding == 0:
         return x.clone()
+    dy = torch.randint(0, 2 * padding + 1, (x.shape[0],), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (x.shape[0],), generator=generator, device=x.device)
+    return _crop(x, padding, mode, dy, dx)
+
+
+def _crop(x: Tensor, padding: int, mode: str, dy: Tensor, dx: Tensor) -> Tensor:
     n, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
     rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
     cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
     batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
@@ -117,3 +129,45 @@ def augment(
     x = random_flip(x, generator, flip)
     x = random_crop(x, generator, padding, pad_mode)
     return random_rotation(x, generator, max_degrees)
+
+
+def augment_seeds(
+    x: Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    flip: float = 0.5,
+    padding: int = 4,
+    pad_mode: str = "reflect",
+    max_degrees: float = 15.0,
+) -> Tensor:
+    """:func:`augment` of every seed's images with the seed's own generator, in one pass.
+
+    ``x``: ``[B, S, C, H, W]``, seed ``s``'s images in ``x[:, s]``. Generator ``s`` draws what
+    ``augment(x[:, s], generators[s])`` draws, in the same order, so ``out[:, s]`` is that
+    call's result; the images are then transformed together.
+    """
+    if x.dim() != 5 or x.shape[1] != len(generators):
+        raise ValueError(
+            f"expected images [B, {len(generators)}, C, H, W], got shape {tuple(x.shape)}"
+        )
+    if padding < 0 or max_degrees < 0 or pad_mode not in ("reflect", "zeros"):
+        raise ValueError(f"bad augmentation settings {padding=}, {max_degrees=}, {pad_mode=}")
+    B, S = x.shape[:2]
+    dev = x.device
+    draws: list[list[Tensor]] = [[], [], [], []]  # flip, dy, dx, angle; [B] per seed
+    for g in generators:
+        draws[0].append(torch.rand(B, generator=g, device=dev) < flip)
+        if padding > 0:
+            for d in draws[1:3]:
+                d.append(torch.randint(0, 2 * padding + 1, (B,), generator=g, device=dev))
+        if max_degrees > 0:
+            draws[3].append(torch.rand(B, generator=g, device=dev, dtype=x.dtype))
+    # image b of seed s is row b * S + s
+    f, dy, dx, u = (torch.stack(d, 1).view(-1) if d else None for d in draws)
+    h = x.reshape(B * S, *x.shape[2:])
+    h = torch.where(f.view(-1, 1, 1, 1), h.flip(-1), h)
+    if dy is not None:
+        h = _crop(h, padding, pad_mode, dy, dx)
+    if u is not None:
+        h = rotate(h, u * max_degrees)
+    return h.view(x.shape)

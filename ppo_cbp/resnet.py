@@ -71,8 +71,13 @@ class ResNet18(nn.Module):
         return resnet_unit_layers(self)
 
 
-def resnet_unit_layers(model: ResNet18) -> tuple[list[UnitLayer], list[nn.Module]]:
+def resnet_unit_layers(
+    model: ResNet18, seed_dims: int = 0
+) -> tuple[list[UnitLayer], list[nn.Module]]:
     """The 17 CBP unit layers of the ResNet-18 and the module whose output is each ``h``.
+
+    ``seed_dims=1`` for a :class:`~ppo_cbp.stacked_resnet.StackedResNet18`, whose parameters
+    and BatchNorm statistics (same names) carry a leading seed dimension.
 
     * Inside a block, channel ``i`` of ``conv1`` is an ordinary unit: its outgoing weights are
       input channel ``i`` of ``conv2``, zeroed on replacement, with ``bn1`` reset to (1, 0).
@@ -108,6 +113,7 @@ def resnet_unit_layers(model: ResNet18) -> tuple[list[UnitLayer], list[nn.Module
             out_bias=model.blocks[0].conv1.bias,
             norm=norm_resets(bn),
             init="kaiming_normal",
+            seed_dims=seed_dims,
             name="stem",
         )
     ]
@@ -121,6 +127,7 @@ def resnet_unit_layers(model: ResNet18) -> tuple[list[UnitLayer], list[nn.Module
                 out_bias=block.conv2.bias,
                 norm=norm_resets(block.bn1),
                 init="kaiming_normal",
+                seed_dims=seed_dims,
                 name=f"block{b}.conv1",
             )
         )
@@ -131,6 +138,7 @@ def resnet_unit_layers(model: ResNet18) -> tuple[list[UnitLayer], list[nn.Module
                 block.conv2.bias,
                 norm=norm_resets(block.bn2, 0.0),
                 init="kaiming_normal",
+                seed_dims=seed_dims,
                 name=f"block{b}.conv2",
             )
         )

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cbp.augment import augment, normalize, random_crop, random_flip, random_rotation, rotate
+from ppo_cbp.augment import (
+    augment,
+    augment_seeds,
+    normalize,
+    random_crop,
+    random_flip,
+    random_rotation,
+    rotate,
+)
 
 DEVICES = [
     "cpu",
@@ -119,3 +127,26 @@ def test_normalize_and_augment_shapes():
     with pytest.raises(ValueError, match="N, C, H, W"):
         augment(torch.zeros(3, 32, 32))
     assert math.isfinite(out.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "settings", [{}, dict(padding=0), dict(max_degrees=0.0, pad_mode="zeros"), dict(flip=1.0)]
+)
+def test_augment_seeds_is_augment_of_each_seed_with_its_generator(device, settings):
+    """Seed s's images come out as augment(x[:, s], generator s) and its generator ends in the
+    same state; the seeds' draws differ."""
+    S, B = 3, 10
+    x = known_images(B * S, device).view(B, S, 3, 32, 32)
+    gens = [torch.Generator(device=device).manual_seed(s) for s in (4, 9, 2)]
+    out = augment_seeds(x, gens, **settings)
+    assert out.shape == x.shape
+    for s, seed in enumerate((4, 9, 2)):
+        alone = torch.Generator(device=device).manual_seed(seed)
+        want = augment(x[:, s], alone, **settings)
+        torch.testing.assert_close(out[:, s], want, rtol=1e-12, atol=1e-9)
+        assert torch.equal(alone.get_state(), gens[s].get_state())
+    if settings.get("max_degrees", 1) > 0:
+        assert not torch.equal(out[:, 0] - x[:, 0], out[:, 1] - x[:, 1])
+    with pytest.raises(ValueError, match="expected images"):
+        augment_seeds(x[:, :2], gens)

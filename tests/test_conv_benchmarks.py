@@ -18,6 +18,8 @@ from ppo_cbp.benchmarks.continual_imagenet import (
 from ppo_cbp.benchmarks.continual_imagenet import (
     ContinualImageNetConfig,
     ImageNetMethodConfig,
+    ModuleLearner,
+    StackedLearner,
     build_imagenet_learner,
     imagenet_convnet,
     reset_head_,
@@ -29,7 +31,6 @@ from ppo_cbp.benchmarks.incremental_cifar import (
     BestWeights,
     CIFARMethodConfig,
     IncrementalCIFARConfig,
-    ModuleLearner,
     build_resnet,
     class_order,
     learning_rate,
@@ -273,24 +274,35 @@ def test_head_reset_zeroes_head_and_its_momentum_only():
 
 
 def test_new_head_rows_are_redrawn_like_the_init():
+    """Every seed's new rows are redrawn from its own generator, the others keep their weights
+    and momentum."""
     method = resolve_module_method(CIFARMethodConfig(method="base"), CIFAR_DEFAULTS, _ALIASES)
-    head = nn.Linear(512, 100)
-    learner = ModuleLearner(
-        nn.Sequential(head), method, seed=0, momentum=0.9, init="kaiming_normal", device=CPU
-    )
-    learner.step(torch.randn(4, 512), torch.tensor([0, 1, 2, 3]), num_logits=5)
-    old = head.weight.detach().clone()
-    reinit_head_rows_(learner, head, slice(5, 10), torch.Generator().manual_seed(0))
-    assert torch.equal(head.weight[:5], old[:5]) and torch.equal(head.weight[10:], old[10:])
-    assert not torch.equal(head.weight[5:10], old[5:10])
-    assert (head.bias[5:10] == 0).all()
-    assert (learner.momentum_buffer(head.weight)[5:10] == 0).all()
-    assert learner.momentum_buffer(head.weight)[:5].abs().sum() > 0
-    big = nn.Linear(512, 2000)
-    reinit_head_rows_(learner, big, slice(0, None), torch.Generator().manual_seed(1))
+
+    def learner(out):
+        heads = [nn.Sequential(nn.Linear(512, out)) for _ in range(2)]
+        return StackedLearner(
+            heads, method, seeds=[0, 1], momentum=0.9, init="kaiming_normal", device=CPU
+        )
+
+    stacked = learner(100)
+    stacked.step(torch.randn(4, 2, 512), torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1]]), num_logits=5)
+    w, b = stacked.net.head()
+    old = w.detach().clone()
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(7)]
+    reinit_head_rows_(stacked, slice(5, 10), gens)
+    assert torch.equal(w[:, :5], old[:, :5]) and torch.equal(w[:, 10:], old[:, 10:])
+    for s, seed in enumerate([0, 7]):
+        want = torch.randn(5, 512, generator=torch.Generator().manual_seed(seed)) / 512**0.5
+        assert torch.equal(w[s, 5:10], want)
+    assert (b[:, 5:10] == 0).all()
+    assert (stacked.momentum_buffer(w)[:, 5:10] == 0).all()
+    assert stacked.momentum_buffer(w)[:, :5].abs().sum() > 0
+    big = learner(2000)
+    reinit_head_rows_(big, slice(0, None), gens)
     # Kaiming normal with linear gain: std 1/sqrt(512)
-    assert big.weight.std().item() == pytest.approx(1 / math.sqrt(512), rel=0.01)
-    assert big.weight.mean().abs().item() < 3e-4
+    big_w = big.net.head()[0][0]
+    assert big_w.std().item() == pytest.approx(1 / math.sqrt(512), rel=0.01)
+    assert big_w.mean().abs().item() < 3e-4
 
 
 def test_best_weights_restores_the_best_epoch():
@@ -472,13 +484,13 @@ def test_incremental_cifar_reports_the_max_test_accuracy_over_epochs(tmp_path, m
     calls, real = [], []
     evaluate = incremental_cifar.count_correct
 
-    def scripted_test(net, x, y, batch, num_logits=None):
-        correct = evaluate(net, x, y, batch, num_logits)
-        if x.shape[0] != 6:
+    def scripted_test(net, x, sel, y, batch, num_logits):
+        correct = evaluate(net, x, sel, y, batch, num_logits)
+        if sel.shape[1] != 6:
             return correct
-        calls.append(x.shape[0])
+        calls.append(sel.shape[1])
         if len(calls) <= len(scripted):
-            return torch.tensor(scripted[len(calls) - 1])
+            return torch.tensor([scripted[len(calls) - 1]])
         real.append(correct.item() / 6)
         return correct
 

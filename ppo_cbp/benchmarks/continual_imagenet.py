@@ -73,8 +73,10 @@ from ppo_cbp.metrics import (
     feature_rank_metrics,
 )
 from ppo_cbp.redo import ReDo
+from ppo_cbp.resnet import ResNet18
 from ppo_cbp.shrink_perturb import perturb_
 from ppo_cbp.stacked import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
+from ppo_cbp.stacked_resnet import StackedResNet18
 from ppo_cbp.stacked_sequential import StackedSequential
 
 TAG_SHUFFLE = 10
@@ -285,9 +287,18 @@ def count_correct(
     return correct
 
 
+def stack_networks(nets: list[nn.Module]) -> StackedSequential | StackedResNet18:
+    """S networks of one architecture as one stacked network: ResNet-18s as a
+    :class:`~ppo_cbp.stacked_resnet.StackedResNet18`, ``nn.Sequential`` networks as a
+    :class:`~ppo_cbp.stacked_sequential.StackedSequential`."""
+    if nets and all(isinstance(net, ResNet18) for net in nets):
+        return StackedResNet18(nets)
+    return StackedSequential(nets)
+
+
 class StackedLearner:
-    """S seeds' networks as one :class:`~ppo_cbp.stacked_sequential.StackedSequential`, trained
-    with SGD (momentum, coupled L2) plus the method's operator.
+    """S seeds' networks as one stacked network (:func:`stack_networks`), trained with SGD
+    (momentum, coupled L2) plus the method's operator.
 
     A step is :meth:`ModuleLearner.step` for every seed at once: the loss is the sum over seeds
     of each seed's mean cross-entropy on its own minibatch, so every seed's slice of the
@@ -312,7 +323,7 @@ class StackedLearner:
     ):
         if len(nets) != len(seeds):
             raise ValueError(f"{len(seeds)} seeds need {len(seeds)} networks, got {len(nets)}")
-        self.net = StackedSequential(nets).to(device=device, dtype=dtype)
+        self.net = stack_networks(nets).to(device=device, dtype=dtype)
         self.seeds = list(seeds)
         self.method = method
         self.device = device
@@ -350,13 +361,16 @@ class StackedLearner:
             ]
             self._noise = [torch.empty_like(p) for p in self._params]
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
+    def step(self, x: Tensor, y: Tensor, num_logits: int | None = None) -> Tensor:
         """One SGD step of every seed on its minibatch; returns the correct predictions per seed.
 
         ``x``: ``[B, S, 3, 32, 32]`` (seed ``s``'s images in ``x[:, s]``), ``y``: ``[S, B]``.
+        ``num_logits``: only the first ``num_logits`` outputs enter the loss and the prediction.
         The counts (``[S]``, int64) stay on the device.
         """
         logits, hidden = self.net(x)
+        if num_logits is not None:
+            logits = logits[..., :num_logits]
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -373,6 +387,10 @@ class StackedLearner:
             elif self.redo is not None:
                 self.redo.step(hidden)
             return (logits.argmax(-1) == y).sum(1)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     def units_replaced(self) -> list[int]:
         """Units replaced so far by CBP or ReDo, per seed (a host read)."""

@@ -48,11 +48,19 @@ Metrics per increment and seed (one CSV row), after restoring the best weights:
   non-zero on at most 1% of the (image, position) pairs; ``stable_rank`` and
   ``effective_rank`` of the ``[N, 512]`` penultimate (pooled) representation;
 * ``weight_magnitude`` (mean |w| over conv and linear weights), ``units_replaced``.
+
+All seeds of a run train together as one stacked network
+(:class:`~ppo_cbp.stacked_resnet.StackedResNet18` in a
+:class:`~ppo_cbp.benchmarks.continual_imagenet.StackedLearner`): each seed keeps its own class
+order, data order, head rows, augmentation draws (:func:`~ppo_cbp.augment.augment_seeds`),
+best-validation epoch and CBP/Shrink & Perturb randomness, and follows the trajectory it follows
+alone. One seed is the case S = 1.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,7 +71,7 @@ import tyro
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ppo_cbp.augment import augment, normalize
+from ppo_cbp.augment import augment_seeds, normalize
 from ppo_cbp.benchmarks.common import (
     MethodConfig,
     RunOutputs,
@@ -71,13 +79,13 @@ from ppo_cbp.benchmarks.common import (
     config_dict,
     method_flags,
     resolve_device,
+    resolve_dtype,
 )
 from ppo_cbp.benchmarks.continual_imagenet import (
     TAG_AUGMENT,
     TAG_HEAD,
     TAG_SHUFFLE,
-    ModuleLearner,
-    count_correct,
+    StackedLearner,
     resolve_module_method,
 )
 from ppo_cbp.datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, load_cifar100, per_class_split
@@ -92,6 +100,7 @@ from ppo_cbp.metrics import (
 )
 from ppo_cbp.resnet import ResNet18
 from ppo_cbp.stacked import TAG_INIT, derive_seed
+from ppo_cbp.stacked_resnet import StackedResNet18
 
 CIFAR_METHODS = ("base", "head_reset", "retrained", "snp", "cbp")
 _TAG_ORDER = 8
@@ -147,11 +156,13 @@ def seen_classes(order: np.ndarray, increment: int, classes_per_increment: int) 
 
 
 class BestWeights:
-    """The module's state (parameters and buffers) at the epoch with the best validation score.
+    """Per seed, the module's state (parameters and buffers) at the epoch with its best
+    validation score.
 
-    :meth:`update` keeps a copy on the device when ``score`` (a device tensor) is strictly
-    larger than every earlier one, without reading the score on the host; :meth:`restore`
-    loads it back.
+    ``score`` is a device tensor, ``[S]`` for a stacked module whose every state entry has a
+    leading seed dimension (a scalar for one network). :meth:`update` keeps, for every seed
+    whose score is strictly larger than its every earlier one, a copy of its slice of the
+    state, without reading the scores on the host; :meth:`restore` loads the kept state back.
     """
 
     def __init__(self, module: nn.Module):
@@ -165,7 +176,8 @@ class BestWeights:
     def update(self, score: Tensor, epoch: int) -> None:
         better = score > self.score
         for k, v in self.module.state_dict().items():
-            self.state[k].copy_(torch.where(better, v, self.state[k]))
+            b = better.view(better.shape + (1,) * (v.dim() - better.dim()))
+            self.state[k].copy_(torch.where(b, v, self.state[k]))
         self.score = torch.where(better, score, self.score)
         self.epoch = torch.where(better, torch.full_like(self.epoch, epoch), self.epoch)
 
@@ -175,19 +187,21 @@ class BestWeights:
 
 @torch.no_grad()
 def reinit_head_rows_(
-    learner: ModuleLearner, head: nn.Linear, rows: slice, generator: torch.Generator
+    learner: StackedLearner, rows: slice, generators: Sequence[torch.Generator]
 ) -> None:
-    """Redraw ``head`` rows like its initialisation (Kaiming normal, linear gain), bias and
-    momentum of those rows 0."""
-    w = head.weight
-    n = len(range(*rows.indices(w.shape[0])))
-    fresh = torch.randn(n, w.shape[1], generator=generator, device=generator.device, dtype=w.dtype)
-    w[rows] = fresh.to(w.device) / w.shape[1] ** 0.5
-    head.bias[rows] = 0.0
-    for p in (head.weight, head.bias):
+    """Redraw ``rows`` of every seed's head like its initialisation (Kaiming normal, linear
+    gain; seed ``s``'s rows from ``generators[s]``), bias and momentum of those rows 0."""
+    w, b = learner.net.head()
+    n = len(range(*rows.indices(w.shape[1])))
+    for s, g in enumerate(generators):
+        fresh = torch.randn(n, w.shape[2], generator=g, device=g.device, dtype=w.dtype)
+        w[s, rows] = fresh.to(w.device) / w.shape[2] ** 0.5
+    for p in (w, b):
+        if p is b:
+            p[:, rows] = 0.0
         buf = learner.momentum_buffer(p)
         if buf is not None:
-            buf[rows] = 0.0
+            buf[:, rows] = 0.0
 
 
 def resnet_feature_taps(model: ResNet18) -> list[nn.Module]:
@@ -199,44 +213,53 @@ def resnet_feature_taps(model: ResNet18) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def resnet_metrics(model: ResNet18, x: Tensor, batch: int = 250) -> dict[str, Tensor]:
-    """``dead_percentage``, ranks of the pooled features and weight magnitude on ``x`` (see the
-    module docstring); the network is evaluated in eval mode in chunks of ``batch``."""
-    taps = resnet_feature_taps(model)
-    active = [torch.zeros(0)] * len(taps)
-    counts = [0] * len(taps)
-    store: list[Tensor | None] = [None] * len(taps)
-    handles = [
-        m.register_forward_hook(lambda mod, args, out, i=i: store.__setitem__(i, out))
-        for i, m in enumerate(taps)
-    ]
-    was_training = model.training
-    model.eval()
-    features = []
+def count_correct(
+    net: StackedResNet18, x: Tensor, sel: Tensor, y: Tensor, batch: int, num_logits: int
+) -> Tensor:
+    """Correct predictions per seed (``[S]``, on the device) of ``net`` in eval mode on the
+    images ``x[sel[s]]`` with labels ``y[s]`` (``sel``, ``y``: ``[S, N]``), in chunks."""
+    was_training = net.training
+    net.eval()
+    correct = torch.zeros(sel.shape[0], dtype=torch.int64, device=x.device)
+    for i in range(0, sel.shape[1], batch):
+        logits, _ = net(x[sel[:, i : i + batch].T])
+        correct += (logits[..., :num_logits].argmax(-1) == y[:, i : i + batch]).sum(1)
+    net.train(was_training)
+    return correct
+
+
+@torch.no_grad()
+def resnet_metrics(net: StackedResNet18, x: Tensor, batch: int = 250) -> dict[str, Tensor]:
+    """``dead_percentage``, ranks of the pooled features and weight magnitude per seed (see the
+    module docstring) on ``x`` (``[N, S, 3, H, W]``), ``[S]`` tensors; the network is
+    evaluated in eval mode in chunks of ``batch``."""
+    was_training = net.training
+    net.eval()
+    features: list[Tensor] = []
+    active: list[Tensor] = []  # per layer, [S, units]: (image, position) pairs where non-zero
+    counts: list[int] = []  # per layer: (image, position) pairs
     try:
         for i in range(0, x.shape[0], batch):
-            f = model.features(x[i : i + batch])
+            f, relus = net.features(x[i : i + batch])
             features.append(f)
             # the last block's output enters the head through the global pool
-            layers = [*store[:-1], f]
-            for j, h in enumerate(layers):
-                samples = conv_activations_as_samples(h) if h.dim() == 4 else h
-                n = samples.shape[0]
-                a = unit_activity(samples) * n
-                active[j] = a if counts[j] == 0 else active[j] + a
-                counts[j] += n
+            layers = [conv_activations_as_samples(h) for h in relus[:-1]] + [f]
+            a = [unit_activity(h) * h.shape[1] for h in layers]
+            n = [h.shape[1] for h in layers]
+            active = a if not active else [u + v for u, v in zip(active, a)]
+            counts = n if not counts else [u + v for u, v in zip(counts, n)]
     finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    dead = sum(((a / n) <= 0.01).sum() for a, n in zip(active, counts))
-    width = sum(a.shape[0] for a in active)
-    ranks = feature_rank_metrics(torch.cat(features))
+        net.train(was_training)
+    dead = sum(((a / n) <= 0.01).sum(-1) for a, n in zip(active, counts))
+    width = sum(a.shape[-1] for a in active)
+    ranks = feature_rank_metrics(torch.cat(features, dim=1))
     return {
         "dead_percentage": 100.0 * dead.double() / width,
         "stable_rank": ranks["stable_rank"],
         "effective_rank": ranks["effective_rank"],
-        "weight_magnitude": average_weight_magnitude([w for _, w in layer_weights(model)]),
+        "weight_magnitude": average_weight_magnitude(
+            [w for _, w in layer_weights(net, seed_dims=1)], seed_dims=1
+        ),
     }
 
 
@@ -245,7 +268,7 @@ class IncrementalCIFARConfig:
     """Class-incremental CIFAR-100; the defaults are the paper's."""
 
     seeds: list[int] = field(default_factory=lambda: [0])
-    """Seeds (one network each), trained increment by increment in one process."""
+    """Seeds (one network each), trained together as one stacked network."""
     method: Annotated[CIFARMethodConfig, tyro.conf.arg(name="")] = field(
         default_factory=CIFARMethodConfig
     )
@@ -285,6 +308,8 @@ class IncrementalCIFARConfig:
     """Output folder."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Floating dtype of the networks and images."""
     resume: bool = False
     """Continue the run saved in --out."""
     progress: bool = True
@@ -322,56 +347,6 @@ def build_resnet(seed: int, increment: int = 0) -> ResNet18:
         return ResNet18(num_classes=100)
 
 
-class _Seed:
-    """One seed's network, optimizer, operator and generators."""
-
-    def __init__(self, seed: int, cfg: IncrementalCIFARConfig, method, device, increment: int):
-        self.seed = seed
-        self.cfg, self.method, self.device = cfg, method, device
-        self.learner = self._learner(increment)
-        self.shuffle = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_SHUFFLE))
-        self.augment = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_AUGMENT))
-        self.head = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_HEAD))
-        self.metric = torch.Generator(device=device).manual_seed(derive_seed(seed, _TAG_METRIC))
-
-    def _learner(self, increment: int) -> ModuleLearner:
-        return ModuleLearner(
-            build_resnet(self.seed, increment),
-            self.method,
-            seed=self.seed,
-            momentum=self.cfg.momentum,
-            init="kaiming_normal",
-            device=self.device,
-        )
-
-    def start_increment(self, increment: int, k: int) -> None:
-        m = self.method.method
-        if increment == 0:
-            return
-        if m == "retrained":
-            if self.learner.cbp is not None:
-                self.learner.cbp.remove_hooks()
-            self.learner = self._learner(increment)
-        elif m == "head_reset":
-            reinit_head_rows_(self.learner, self.learner.net.fc, slice(0, None), self.head)
-        else:
-            new = slice(k - self.cfg.classes_per_increment, k)
-            reinit_head_rows_(self.learner, self.learner.net.fc, new, self.head)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "learner": self.learner.state_dict(),
-            "generators": [
-                g.get_state() for g in (self.shuffle, self.augment, self.head, self.metric)
-            ],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state["learner"])
-        for g, s in zip((self.shuffle, self.augment, self.head, self.metric), state["generators"]):
-            g.set_state(s)
-
-
 def run_incremental_cifar(
     cfg: IncrementalCIFARConfig, stop_after: int | None = None
 ) -> dict[str, Any]:
@@ -383,6 +358,7 @@ def run_incremental_cifar(
     method = resolve_module_method(cfg.method, DEFAULTS, _ALIASES)
     _validate(cfg)
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
     outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
     data = load_cifar100(cfg.data_dir, download=cfg.download)
@@ -406,7 +382,7 @@ def run_incremental_cifar(
     (test_idx,) = per_class_split(data.test_labels, used, (cfg.test_per_class,), "CIFAR-100 test")
 
     def on_device(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
-        x = torch.from_numpy(images).to(device).float().div_(255.0)
+        x = torch.from_numpy(images).to(device).to(dtype).div_(255.0)
         return normalize(x, CIFAR100_MEAN, CIFAR100_STD), torch.from_numpy(labels).to(device)
 
     x_train, y_train = on_device(data.train_images[train_idx], data.train_labels[train_idx])
@@ -415,22 +391,47 @@ def run_incremental_cifar(
     del data
 
     config.update(resolved_method=config_dict(method), resolved_increments=increments)
+
+    def build_learner(increment: int) -> StackedLearner:
+        return StackedLearner(
+            [build_resnet(seed, increment) for seed in seeds],
+            method,
+            seeds=seeds,
+            momentum=cfg.momentum,
+            init="kaiming_normal",
+            device=device,
+            dtype=dtype,
+        )
+
+    def generators(tag: int) -> list[torch.Generator]:
+        return [torch.Generator(device=device).manual_seed(derive_seed(s, tag)) for s in seeds]
+
+    shuffles, augments = generators(TAG_SHUFFLE), generators(TAG_AUGMENT)
+    heads, metric_picks = generators(TAG_HEAD), generators(_TAG_METRIC)
+    every_generator = [shuffles, augments, heads, metric_picks]
     start = 0
     state = outputs.load_checkpoint(increments, "increment") if cfg.resume else None
     if state is not None:
         start = int(state["increment"])
-    runs = [_Seed(seed, cfg, method, device, max(start - 1, 0)) for seed in seeds]
+    learner = build_learner(max(start - 1, 0))
     if state is not None:
-        for run, s in zip(runs, state["seeds"]):
-            run.load_state_dict(s)
+        learner.load_state_dict(state["learner"])
+        for gens, states in zip(every_generator, state["generators"], strict=True):
+            for g, st in zip(gens, states, strict=True):
+                g.set_state(st)
     S = len(seeds)
     outputs.start(f"incremental_cifar {method.method}, {S} seed(s)")
-    # rank[s][c]: position of class c in seed s's order (its output unit); 100 = unused
-    ranks = []
-    for seed in seeds:
-        r = torch.full((100,), 100, dtype=torch.int64)
-        r[torch.from_numpy(class_order(seed, classes))] = torch.arange(len(classes))
-        ranks.append(r.to(device))
+    # ranks[s, c]: position of class c in seed s's order (its output unit); 100 = unused
+    ranks = torch.full((S, 100), 100, dtype=torch.int64)
+    for s, seed in enumerate(seeds):
+        ranks[s, torch.from_numpy(class_order(seed, classes))] = torch.arange(len(classes))
+    ranks = ranks.to(device)
+
+    def seen(y: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Per seed, the indices of the images of its first ``k`` classes and their labels
+        (the classes' positions in its order), ``[S, N]`` each (N is the same for all)."""
+        sel = torch.stack([torch.nonzero(ranks[s, y] < k).flatten() for s in range(S)])
+        return sel, ranks.gather(1, y[sel])
 
     bar = tqdm(
         total=increments * cfg.epochs * S,
@@ -444,59 +445,81 @@ def run_incremental_cifar(
     cpi, ev = cfg.classes_per_increment, cfg.eval_batch_size
     for inc in range(start, increments):
         k = (inc + 1) * cpi
-        rows = []
-        for s, run in enumerate(runs):
-            rank = ranks[s]
-            train_sel = torch.nonzero(rank[y_train] < k).flatten()
-            val_sel = torch.nonzero(rank[y_val] < k).flatten()
-            test_sel = torch.nonzero(rank[y_test] < k).flatten()
-            xv, yv = x_val[val_sel], rank[y_val[val_sel]]
-            xt, yt = x_test[test_sel], rank[y_test[test_sel]]
-            max_test = torch.zeros((), dtype=torch.int64, device=device)
-            run.start_increment(inc, k)
-            learner = run.learner
-            net = learner.net
-            best = BestWeights(net)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            n = train_sel.shape[0]
-            for epoch in range(cfg.epochs):
-                learner.set_lr(
-                    learning_rate(epoch, cfg.epochs, method.lr, cfg.lr_milestones, cfg.lr_factor)
-                )
-                net.train()
-                perm = train_sel[torch.randperm(n, generator=run.shuffle, device=device)]
-                last = epoch == cfg.epochs - 1
-                for i in range(0, n, cfg.batch_size):
-                    idx = perm[i : i + cfg.batch_size]
-                    xb = augment(x_train[idx], run.augment)
-                    c = learner.step(xb, rank[y_train[idx]], num_logits=k)
-                    if last:
-                        correct += c
-                best.update(count_correct(net, xv, yv, ev, num_logits=k), epoch)
-                max_test = torch.maximum(max_test, count_correct(net, xt, yt, ev, num_logits=k))
-                bar.update(1)
-            trained_images += n * cfg.epochs
-            best.restore()
-            test_correct = count_correct(net, xt, yt, ev, num_logits=k)
-            m = min(cfg.metric_examples, n)
-            pick = train_sel[torch.randperm(n, generator=run.metric, device=device)[:m]]
-            metrics = resnet_metrics(net, x_train[pick], ev)
-            rows.append(
-                {
-                    "increment": inc,
-                    "classes": k,
-                    "accuracy": test_correct.item() / test_sel.shape[0],
-                    "max_test_accuracy_over_epochs": max_test.item() / test_sel.shape[0],
-                    "best_validation_accuracy": best.score.item() / val_sel.shape[0],
-                    "best_epoch": best.epoch.item(),
-                    "train_accuracy": correct.item() / n,
-                    **{key: v.item() for key, v in metrics.items()},
-                    "units_replaced": learner.units_replaced(),
-                }
+        if inc > 0:
+            if method.method == "retrained":
+                learner = build_learner(inc)
+            elif method.method == "head_reset":
+                reinit_head_rows_(learner, slice(0, None), heads)
+            else:
+                reinit_head_rows_(learner, slice(k - cpi, k), heads)
+        train_sel, _ = seen(y_train, k)
+        val_sel, yv = seen(y_val, k)
+        test_sel, yt = seen(y_test, k)
+        net = learner.net
+        best = BestWeights(net)
+        max_test = torch.zeros(S, dtype=torch.int64, device=device)
+        correct = torch.zeros(S, dtype=torch.int64, device=device)
+        n = train_sel.shape[1]
+        for epoch in range(cfg.epochs):
+            learner.set_lr(
+                learning_rate(epoch, cfg.epochs, method.lr, cfg.lr_milestones, cfg.lr_factor)
             )
+            net.train()
+            perm = torch.stack(
+                [
+                    train_sel[s, torch.randperm(n, generator=g, device=device)]
+                    for s, g in enumerate(shuffles)
+                ]
+            )
+            last = epoch == cfg.epochs - 1
+            for i in range(0, n, cfg.batch_size):
+                idx = perm[:, i : i + cfg.batch_size]
+                xb = augment_seeds(x_train[idx.T], augments)
+                c = learner.step(xb, ranks.gather(1, y_train[idx]), num_logits=k)
+                if last:
+                    correct += c
+            best.update(count_correct(net, x_val, val_sel, yv, ev, k), epoch)
+            max_test = torch.maximum(max_test, count_correct(net, x_test, test_sel, yt, ev, k))
+            bar.update(S)
+        trained_images += S * n * cfg.epochs
+        best.restore()
+        test_correct = count_correct(net, x_test, test_sel, yt, ev, k)
+        m = min(cfg.metric_examples, n)
+        pick = torch.stack(
+            [
+                train_sel[s, torch.randperm(n, generator=g, device=device)[:m]]
+                for s, g in enumerate(metric_picks)
+            ]
+        )
+        metrics = resnet_metrics(net, x_train[pick.T], ev)
+        host = {key: v.tolist() for key, v in metrics.items()}
+        n_val, n_test = val_sel.shape[1], test_sel.shape[1]
+        test_c, max_c, best_c = test_correct.tolist(), max_test.tolist(), best.score.tolist()
+        best_epoch, train_c = best.epoch.tolist(), correct.tolist()
+        replaced = learner.units_replaced()
+        rows = [
+            {
+                "increment": inc,
+                "classes": k,
+                "accuracy": test_c[s] / n_test,
+                "max_test_accuracy_over_epochs": max_c[s] / n_test,
+                "best_validation_accuracy": best_c[s] / n_val,
+                "best_epoch": best_epoch[s],
+                "train_accuracy": train_c[s] / n,
+                **{key: v[s] for key, v in host.items()},
+                "units_replaced": replaced[s],
+            }
+            for s in range(S)
+        ]
         outputs.append(rows)
         done += 1
-        outputs.save_checkpoint({"increment": inc + 1, "seeds": [run.state_dict() for run in runs]})
+        outputs.save_checkpoint(
+            {
+                "increment": inc + 1,
+                "learner": learner.state_dict(),
+                "generators": [[g.get_state() for g in gens] for gens in every_generator],
+            }
+        )
         if done == stop_after:
             break
     bar.close()
