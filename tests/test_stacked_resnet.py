@@ -181,7 +181,10 @@ def checkpoint(out):
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("method", list(RUN_METHODS))
+# The run loop's own per-seed work (head rows, the retrained rebuild, the best-validation
+# restore, CBP's per-seed draws); base and snp differ from these only inside the learner, which
+# test_stacked_resnet_learner_equals_module_learner_per_seed covers step by step.
+@pytest.mark.parametrize("method", ["head_reset", "retrained", "cbp"])
 def test_stacked_run_equals_runs_alone(tmp_path, method):
     """Seeds 0 and 1 trained as one stacked network write the CSV rows and end with the
     weights, BatchNorm statistics and momentum of each seed's run alone."""
@@ -212,12 +215,12 @@ def test_stacked_run_equals_runs_alone(tmp_path, method):
         assert all(rows[-1]["units_replaced"] > 0 for rows in stacked_rows.values())
 
 
-@pytest.mark.parametrize("method", ["snp", "cbp"])
+@pytest.mark.parametrize("method", ["cbp"])
 def test_stacked_resume_is_exact(tmp_path, method):
     write_cifar(tmp_path / "cifar" / "cifar-100-python", classes=(0, 1, 2, 3))
     seeds = [4, 7]
-    run_incremental_cifar(run_cfg(tmp_path, "full", method, seeds))
-    part = run_cfg(tmp_path, "part", method, seeds)
+    run_incremental_cifar(run_cfg(tmp_path, "full", method, seeds, epochs=1))
+    part = run_cfg(tmp_path, "part", method, seeds, epochs=1)
     run_incremental_cifar(part, stop_after=1)
     assert [len(read_rows(part.out, s)) for s in seeds] == [1, 1]
     part.resume = True
