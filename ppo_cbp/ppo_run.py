@@ -2,14 +2,15 @@
 
 * :func:`seed_everything`: Python's, numpy's and torch's global generators and the trainer's
   own (action noise and minibatch order; Shrink & Perturb), plus the seeds of CBP/ReDo;
-* :class:`RunState`: what checkpoints carry besides the agent; :func:`snapshot` and
+* :class:`RunState`: what checkpoints carry besides the agent (:func:`start_state`: a new
+  run's, after its seeded env resets, or a resumed one's); :func:`snapshot` and
   :func:`restore`: the full training state at an update boundary (networks, optimizer,
   CBP/ReDo, run state, the envs' exact state, RNG states) and back;
 * :func:`open_outputs`: the start line, the TensorBoard writer (``purge_step`` on resume),
-  ``config.json`` and the hyperparameters table, the first things written;
+  ``config.json`` and the hyperparameters table, the first things written; :func:`progress_bar`;
 * :class:`Checkpoints`: the last good state and when it is written (every
   ``--checkpoint-every`` steps, at the end, on SIGINT/SIGTERM, on a non-finite loss);
-* :class:`TrainResult` and :func:`closing_summary`, built from :mod:`ppo_cbp.run_folder`'s
+* :class:`TrainResult` (:func:`train_result`) and :func:`closing_summary`, built from :mod:`ppo_cbp.run_folder`'s
   shared summary lines.
 """
 
@@ -43,9 +44,12 @@ __all__ = [
     "TrainResult",
     "closing_summary",
     "open_outputs",
+    "progress_bar",
     "restore",
     "seed_everything",
     "snapshot",
+    "start_state",
+    "train_result",
 ]
 
 SUMMARY_EPISODES = 100  # the closing summary's return is the mean over this many last episodes
@@ -156,6 +160,31 @@ def restore(ckpt: dict, agent: Agent, st: RunState, envs: Any, generators: dict)
     run_folder.set_rng_states(ckpt["rng"], generators)
 
 
+def start_state(
+    a: Args,
+    obs_dim: int,
+    device: torch.device,
+    envs: Any,
+    agent: Agent,
+    generators: dict[str, torch.Generator],
+    ckpt: dict | None,
+) -> RunState:
+    """A new run's state after its seeded env resets (env i with ``seed + i``), or a resumed
+    run's, restored with the agent, envs and generators from ``ckpt`` (:func:`restore`)."""
+    st = RunState(
+        a.num_envs,
+        obs_rms=RunningMeanStd((obs_dim,)) if a.normalize_obs else None,
+        ret_rms=RunningMeanStd(()) if a.normalize_reward else None,
+        max_change=torch.zeros(2, dtype=torch.float64, device=device),
+    )
+    if ckpt is None:
+        seeded = envs.reset([a.seed + i for i in range(a.num_envs)])
+        st.next_obs = st.normalize_obs(seeded, True).astype(np.float32)
+    else:
+        restore(ckpt, agent, st, envs, generators)
+    return st
+
+
 def open_outputs(run_dir: Path, a: Args, st: RunState, resumed: bool) -> Any:
     """Print where the run writes, then create its folder, its TensorBoard writer (a resumed
     run's with ``purge_step`` = its checkpoint's step + 1: that step's points were logged and
@@ -176,6 +205,21 @@ def open_outputs(run_dir: Path, a: Args, st: RunState, resumed: bool) -> Any:
         table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
     return writer
+
+
+def progress_bar(a: Args, st: RunState) -> Any:
+    """tqdm's bar over ``a.steps`` from the run's current step; only on a terminal, and none
+    with ``--no-progress``."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=a.steps,
+        initial=st.global_step,
+        unit="step",
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=None if a.progress else True,  # None: only on a terminal
+    )
 
 
 class Checkpoints:
@@ -256,6 +300,25 @@ class TrainResult:
     """Returns of the last ``SUMMARY_EPISODES`` (100) episodes that ended, oldest first."""
     units_replaced: dict[str, int] = dataclasses.field(default_factory=dict)
     """Units CBP/ReDo replaced over the whole run, per network; empty without either."""
+
+
+def train_result(
+    run_dir: Path,
+    st: RunState,
+    agent: Agent,
+    interrupted_by: int | None,
+    timings: dict[str, float],
+) -> TrainResult:
+    """What :func:`ppo_cbp.train.main` returns at the end of a run."""
+    return TrainResult(
+        run_dir,
+        st.global_step,
+        st.update,
+        interrupted_by,
+        timings,
+        recent_returns=list(st.recent_returns),
+        units_replaced={k: int(r.num_replaced) for k, r in agent.resetters.items()},
+    )
 
 
 def closing_summary(result: TrainResult, total: int, steps: int, seconds: float) -> str:

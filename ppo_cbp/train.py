@@ -1,4 +1,9 @@
-"""PPO with continual backprop on friction-changing MuJoCo, in the order of CleanRL's file.
+"""PPO with continual backprop on friction-changing MuJoCo, in the order of CleanRL's
+``ppo_continuous_action.py``: ``Args``, the agent, the rollout, GAE, the PPO update and the
+logging, then ``main()``, the algorithm's outline. What is not PPO lives beside it: the run's
+seeding, state, checkpoints and summary in :mod:`ppo_cbp.ppo_run`, the settings' checks in
+:mod:`ppo_cbp.ppo_settings`, the fast numerics in :mod:`ppo_cbp.ppo_numerics`, the vector env
+in :mod:`envs.vector`.
 
 Usage::
 
@@ -9,70 +14,24 @@ Usage::
     tensorboard --logdir runs
 
 The defaults reproduce the PPO of Dohare et al., "Loss of plasticity in deep continual learning"
-(Nature, 2024), i.e. the official code's Ant configuration: one env; rollouts of 2048 steps;
-10 epochs x 16 minibatches of 128; Adam with learning rate 1e-4, eps 1e-8 and the tuned betas
-beta1 = beta2 = 0.99 over both networks at once; gamma 0.99; GAE lambda 0.95; clip 0.2; no
-entropy bonus; value loss ``mean((V(s) - R)^2)`` (unclipped) with coefficient 1; advantages
-normalised over the whole batch; no observation or reward normalisation; no gradient clipping;
-separate policy-mean and value MLPs with two hidden layers of 256 ReLU units, LeCun-uniform
-weights (output layers included) and zero biases; a state-independent log-std starting at 0.
-Friction changes as in the paper (see :mod:`envs.friction`): log-uniform on [0.02, 2.0], at the
-first episode boundary after every 2M steps.
+(Nature, 2024), i.e. the official code's Ant configuration (each value in ``--help``), with
+friction changes as in the paper (:mod:`envs.friction`). Three defaults deliberately differ from
+the official code, and ``--paper-exact`` restores all three (the README explains them, and what
+remains different): ``--bootstrap-truncation`` (bootstrap from V(final observation) at a
+time-limit truncation), ``--reset-optimizer-state`` (CBP and ReDo zero the Adam moments of the
+entries they reset), and CBP's replacement count carried from step to step as in Algorithm 1
+(the official PPO code replaced one unit with probability ``rho * E`` each step).
 
-Three deliberate differences from the official code (its ``ppo.py``, ``gnt.py`` and
-``run_ppo.py``); ``--paper-exact`` restores the official behaviour for all three:
+Scalars: ``charts/{episodic_return,episodic_length,SPS,learning_rate}``,
+``losses/{value_loss,policy_loss,entropy,approx_kl,clipfrac,explained_variance}`` (means over
+the update's minibatches), ``env/friction`` (env 0's coefficient at the end of the rollout),
+``perf/*_fraction`` (each phase's share of the wall time), and every ``--metrics-every`` updates
+``plasticity/{policy,value}/...`` (:func:`ppo_cbp.metrics.plasticity_metrics`).
 
-* ``--bootstrap-truncation`` (default on): at a time-limit truncation the GAE target bootstraps
-  from the value of the final observation, since the episode did not end there. The paper's
-  code, like old CleanRL, treats a truncation as a termination (``--no-bootstrap-truncation``).
-* CBP and ReDo zero the Adam moments of the entries they reset (``--reset-optimizer-state``,
-  the core's default), so a new unit's first steps are not driven by its predecessor's
-  gradients; the paper's code used plain Adam and reset nothing (``--no-reset-optimizer-state``).
-* CBP counts the units to replace as Algorithm 1 does, carrying fractions of a unit from step to
-  step; the paper's PPO code replaced one unit with probability ``rho * E`` each step
-  (``rho * E`` = 0.0256 for 256 eligible units). The expected number is the same.
-
-What remains different with ``--paper-exact``: gymnasium's v4/v5 environments on MuJoCo 3 in
-place of gym's v3 on mujoco-py (see below), the friction set on every geom rather than through
-the XML default (which every geom of Ant inherits), a friction change already due when exactly
-2M steps have passed (the paper's code waits for more than 2M), and the 1e-8 added to the
-advantages' standard deviation.
-
-Method flags: ``--cbp`` (replacement rate 1e-4, maturity threshold 10,000, decay 0.99,
-contribution utility, applied to both networks after every minibatch step; weight decay 1e-4
-unless ``--weight-decay`` is given), ``--redo`` (tau 0.1, every 100 minibatch steps, weight decay
-1e-4 unless given), ``--l2`` (weight decay 1e-3), ``--shrink-perturb`` (weight decay 1e-4 unless
-given, plus Gaussian noise of std ``--noise-std``, default 1e-5, after every step),
-``--standard-adam`` (betas 0.9/0.999, the paper's failing baseline). Weight decay is Adam's
-coupled L2 (``torch.optim.Adam(weight_decay=...)``), as in the paper.
-
-Environments: ``Ant``, ``Hopper`` and ``Walker2d``, ``-v4`` or ``-v5`` (any gymnasium MuJoCo
-env of version >= 4 is accepted), each with its own default observation. Note that Ant-v5's
-default observation has 105 dims because it includes the contact forces, while Ant-v4's has 27
-(``use_contact_forces=False``); contact forces change with friction, so the two are different
-problems. The paper used gym's Ant-v3.
-
-Outputs go to ``runs/<run_name>/`` (printed at the start; the default name ends with the start
-date and time): TensorBoard event files, ``config.json`` (the resolved settings) and
-``checkpoint.pt``. At the end a summary is printed: steps, wall time, steps/s, the mean return of
-the last 100 episodes, the units replaced and the ``tensorboard --logdir`` command.
-
-Scalars: ``charts/episodic_return``, ``charts/episodic_length``, ``charts/SPS`` (steps per
-second over the last update), ``charts/learning_rate``,
-``losses/{value_loss,policy_loss,entropy,approx_kl,clipfrac,explained_variance}`` (losses and
-KL/clip statistics are means over the update's minibatches), ``env/friction`` (env 0's current
-coefficient at the end of the rollout), ``perf/*`` (share of wall time per phase), and every
-``--metrics-every`` updates ``plasticity/{policy,value}/...`` (see :func:`plasticity_metrics`).
-
-Checkpoints are written atomically at update boundaries every ``--checkpoint-every`` steps, at
-the end, on SIGINT/SIGTERM and when a loss becomes NaN/Inf (then holding the last good state).
-They hold everything needed to continue exactly: on CPU an interrupted and resumed run produces
-the same weights and metrics as an uninterrupted one. The environments' mid-episode state is
-restored by replaying the current episode from its reset (same seed or generator state, same
-friction state, same actions), which reproduces MuJoCo's state bit for bit including the solver
-warm start; the replayed observation is checked against the saved one. A resumed run opens its
-TensorBoard writer with ``purge_step`` = the checkpoint's step + 1, so the points a crashed
-process logged after its last checkpoint are dropped rather than drawn twice.
+Outputs go to ``runs/<run_name>/``: TensorBoard events, ``config.json`` and ``checkpoint.pt``,
+written atomically every ``--checkpoint-every`` steps, at the end, on SIGINT/SIGTERM and on a
+non-finite loss. A checkpoint holds everything needed to continue exactly: on CPU an interrupted
+and resumed run produces the same weights and metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -104,7 +63,6 @@ from ppo_cbp.cli import report_error  # noqa: E402
 from ppo_cbp.errors import UsageError  # noqa: E402
 from ppo_cbp.init import init_linear_  # noqa: E402
 from ppo_cbp.metrics import WeightChangeTracker, plasticity_metrics  # noqa: E402
-from ppo_cbp.normalize import RunningMeanStd  # noqa: E402
 from ppo_cbp.ppo_numerics import (  # noqa: E402
     LOG_2PI,
     AdamStep,
@@ -120,8 +78,10 @@ from ppo_cbp.ppo_run import (  # noqa: E402
     TrainResult,
     closing_summary,
     open_outputs,
-    restore,
+    progress_bar,
     seed_everything,
+    start_state,
+    train_result,
 )
 from ppo_cbp.ppo_settings import given_fields as _given_fields  # noqa: E402
 from ppo_cbp.ppo_settings import resolve_args, run_settings  # noqa: E402
@@ -519,13 +479,7 @@ def compute_gae(
     next_values = np.asarray(next_values, dtype=np.float64)
     terminations = np.asarray(terminations, dtype=bool)
     truncations = np.asarray(truncations, dtype=bool)
-    if not (
-        rewards.shape
-        == values.shape
-        == next_values.shape
-        == terminations.shape
-        == truncations.shape
-    ):
+    if len({x.shape for x in (rewards, values, next_values, terminations, truncations)}) != 1:
         raise ValueError(
             "rewards, values, next_values, terminations, truncations need one shape [T, N]"
         )
@@ -785,8 +739,6 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
     :raises ConfigError: for bad settings, before anything is created or written.
     :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
     """
-    from tqdm import tqdm
-
     t_begin = time.perf_counter()
     raw, a, ckpt, run_dir = run_settings(args, given)  # every check before anything is created
     use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
@@ -810,17 +762,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
 
         agent = make_agent(a, obs_dim, act_dim, device, seeds)
         trackers = [WeightChangeTracker(net) for _, net in agent.nets()]
-        st = RunState(
-            a.num_envs,
-            obs_rms=RunningMeanStd((obs_dim,)) if a.normalize_obs else None,
-            ret_rms=RunningMeanStd(()) if a.normalize_reward else None,
-            max_change=torch.zeros(2, dtype=torch.float64, device=device),
-        )
-        if ckpt is None:
-            seeded = envs.reset([a.seed + i for i in range(a.num_envs)])
-            st.next_obs = st.normalize_obs(seeded, True).astype(np.float32)
-        else:
-            restore(ckpt, agent, st, envs, generators)
+        st = start_state(a, obs_dim, device, envs, agent, generators, ckpt)
         writer = open_outputs(run_dir, a, st, resumed=ckpt is not None)
 
         # ALGO Logic: Storage setup
@@ -830,14 +772,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         t_start = time.perf_counter()
         checkpoints = Checkpoints(raw, a, agent, st, envs, generators, run_dir, writer, timings)
         steps_before = st.global_step
-        bar = tqdm(
-            total=a.steps,
-            initial=st.global_step,
-            unit="step",
-            unit_scale=True,
-            dynamic_ncols=True,
-            disable=None if a.progress else True,  # None: only on a terminal
-        )
+        bar = progress_bar(a, st)
         with run_folder.StopSignal() as stop:
             while st.global_step < a.steps and stop.signum is None:
                 st.update += 1
@@ -887,15 +822,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
             if stop.signum is not None:
                 checkpoints.stopped(stop.signum)
         timings["total"] = time.perf_counter() - t_start
-        result = TrainResult(
-            run_dir,
-            st.global_step,
-            st.update,
-            stop.signum,
-            timings,
-            recent_returns=list(st.recent_returns),
-            units_replaced={k: int(r.num_replaced) for k, r in agent.resetters.items()},
-        )
+        result = train_result(run_dir, st, agent, stop.signum, timings)
         seconds = time.perf_counter() - t_begin
         print(closing_summary(result, a.steps, st.global_step - steps_before, seconds))
         return result
