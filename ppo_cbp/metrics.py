@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ppo_cbp.units import hidden_activations
+
 __all__ = [
     "DORMANT_SCORE_EPS",
     "WeightChangeTracker",
@@ -42,6 +44,7 @@ __all__ = [
     "feature_rank_metrics",
     "layer_weights",
     "max_over_windows",
+    "plasticity_metrics",
     "stable_rank",
     "unit_activity",
     "weight_magnitudes",
@@ -503,3 +506,41 @@ def max_over_windows(values: Sequence[float] | np.ndarray, window: int = 500) ->
     n_windows = array.shape[-1] // window
     trimmed = array[..., : n_windows * window]
     return trimmed.reshape(*array.shape[:-1], n_windows, window).max(axis=-1)
+
+
+@torch.no_grad()
+def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
+    """Plasticity metrics of ``net`` on ``states`` (the last rollout's observations).
+
+    * ``dead_units``: fraction of all hidden units (all layers together) active (> 0) on at
+      most 1% of the states (the paper's RL definition);
+    * ``dormant_ratio``: fraction of all hidden units whose tau-dormant score (ReDo, per layer)
+      is <= 0.1;
+    * ``effective_rank``, ``stable_rank``: of the last hidden layer's ``[states, units]``
+      activation matrix (stable rank: singular values holding 99% of their sum);
+    * ``weight_magnitude/layer{i}`` (mean |W| of Linear layer i, output layer included) and
+      ``weight_magnitude/overall`` (sum |W| / number of weights; biases excluded).
+
+    The PPO trainer adds ``max_weight_change``, the largest, over the updates since the previous
+    log, of one update's L1 weight change ``sum |W_after - W_before|`` over the net's Linear
+    weights (biases excluded; the quantity of the paper's Extended Data Fig. 5c), and
+    ``units_replaced``, the cumulative number of units reset by CBP/ReDo (0 without them).
+
+    All values are device tensors; the caller synchronises once.
+    """
+    acts = hidden_activations(net, states)
+    units = sum(h.shape[1] for h in acts)
+    dead = sum(dead_unit_mask(h, 0.01).sum() for h in acts) / units
+    dormant = sum((dormant_scores(h) <= 0.1).sum() for h in acts) / units
+    ranks = feature_rank_metrics(acts[-1])
+    out = {
+        "dead_units": dead,
+        "dormant_ratio": dormant,
+        "effective_rank": ranks["effective_rank"],
+        "stable_rank": ranks["stable_rank"],
+    }
+    mags = weight_magnitudes(net)
+    for i, key in enumerate(k for k in mags if k != "overall"):
+        out[f"weight_magnitude/layer{i}"] = mags[key]
+    out["weight_magnitude/overall"] = mags["overall"]
+    return out

@@ -5,7 +5,8 @@
 ``--l2``, ``--standard-adam``, ``--paper-exact``, ...), so that no ``None`` is left. A resumed
 run takes its settings from its checkpoint (:func:`read_checkpoint`), with the command line's
 where it gives them (:func:`given_fields`), and refuses those that would change the training
-(:func:`merge_resume`). ``Args`` is the dataclass of ``ppo_cbp/train.py``; these functions take
+(:func:`merge_resume`); :func:`run_settings` does all of it for a run and names its folder.
+``Args`` is the dataclass of ``ppo_cbp/train.py``; these functions take
 it (or its class) as an argument, so that running that file as a script works.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +37,7 @@ __all__ = [
     "method_tag",
     "read_checkpoint",
     "resolve_args",
+    "run_settings",
 ]
 
 TESTED_ENVS = tuple(f"{name}-v{v}" for name in ("Ant", "Hopper", "Walker2d") for v in (4, 5))
@@ -252,3 +255,42 @@ def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
             f"{path} holds settings this version of the trainer does not know ({e})"
         ) from None
     return state, saved
+
+
+def run_settings(
+    args: Args, given: set[str] | None = None
+) -> tuple[Args, Args, dict[str, Any] | None, Path]:
+    """A run's settings and folder, every check done before anything is created or written.
+
+    :return: ``(raw, resolved, checkpoint, run_dir)``: the settings as given (a resumed run's
+        merged with its checkpoint's, :func:`merge_resume`), the same after
+        :func:`resolve_args`, the checkpoint to resume from (``None`` for a new run) and the
+        run's folder (a new run's: ``runs_dir/run_name``, by default
+        ``<env>__<method>__s<seed>__<YYYYmmdd-HHMMSS>``).
+    :raises ConfigError: for bad settings, a resumed run that already reached ``--steps``, a
+        new run whose folder already holds one, or a folder that cannot be written.
+    """
+    raw, ckpt = args, None
+    if raw.resume is not None:
+        ckpt_path = find_checkpoint(raw.resume)
+        ckpt, saved = read_checkpoint(type(args), ckpt_path)
+        raw = merge_resume(raw, saved, given)
+        run_dir = ckpt_path.parent
+    a = resolve_args(raw)
+    if ckpt is not None:
+        advice = (
+            "it anneals the learning rate over --steps, so it cannot be extended"
+            if a.anneal_lr
+            else "pass a larger --steps to extend it"
+        )
+        run_folder.refuse_finished(run_dir, "step", int(ckpt["global_step"]), a.steps, advice)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_name = a.run_name or f"{a.env}__{method_tag(a)}__s{a.seed}__{stamp}"
+        run_dir = Path(a.runs_dir) / run_name
+        if (run_dir / CHECKPOINT_NAME).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
+            )
+    run_folder.check_writable(run_dir)
+    return raw, a, ckpt, run_dir

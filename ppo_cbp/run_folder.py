@@ -18,7 +18,8 @@ Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
   killed process logged after its last checkpoint are dropped instead of drawn twice;
 * :class:`StopSignal`: SIGINT/SIGTERM set a flag that the loop checks at its next boundary (it
   then checkpoints and stops); a second SIGINT aborts;
-* the closing summary's shared parts: :func:`duration` and :func:`where_lines`.
+* the closing summary's shared parts: :func:`duration`, :func:`units_replaced_line` and
+  :func:`where_lines`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "rng_states",
     "save_checkpoint",
     "set_rng_states",
+    "units_replaced_line",
     "where_lines",
     "write_atomic",
     "write_json",
@@ -275,6 +277,15 @@ def duration(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def units_replaced_line(counts: Mapping[str, int], none: str) -> str:
+    """``units replaced: <total> (<name> <count>, ...)`` over ``counts`` (per network or per
+    seed), or ``units replaced: <none>`` when there is nothing to count."""
+    if not counts:
+        return f"units replaced: {none}"
+    parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    return f"units replaced: {sum(counts.values()):,} ({parts})"
 
 
 def where_lines(folder: Path) -> list[str]:

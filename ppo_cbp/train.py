@@ -1,4 +1,9 @@
-"""PPO with continual backprop on friction-changing MuJoCo, in the order of CleanRL's file.
+"""PPO with continual backprop on friction-changing MuJoCo, in the order of CleanRL's
+``ppo_continuous_action.py``: ``Args``, the agent, the rollout, GAE, the PPO update and the
+logging, then ``main()``, the algorithm's outline. What is not PPO lives beside it: the run's
+seeding, state, checkpoints and summary in :mod:`ppo_cbp.ppo_run`, the settings' checks in
+:mod:`ppo_cbp.ppo_settings`, the fast numerics in :mod:`ppo_cbp.ppo_numerics`, the vector env
+in :mod:`envs.vector`.
 
 Usage::
 
@@ -9,81 +14,31 @@ Usage::
     tensorboard --logdir runs
 
 The defaults reproduce the PPO of Dohare et al., "Loss of plasticity in deep continual learning"
-(Nature, 2024), i.e. the official code's Ant configuration: one env; rollouts of 2048 steps;
-10 epochs x 16 minibatches of 128; Adam with learning rate 1e-4, eps 1e-8 and the tuned betas
-beta1 = beta2 = 0.99 over both networks at once; gamma 0.99; GAE lambda 0.95; clip 0.2; no
-entropy bonus; value loss ``mean((V(s) - R)^2)`` (unclipped) with coefficient 1; advantages
-normalised over the whole batch; no observation or reward normalisation; no gradient clipping;
-separate policy-mean and value MLPs with two hidden layers of 256 ReLU units, LeCun-uniform
-weights (output layers included) and zero biases; a state-independent log-std starting at 0.
-Friction changes as in the paper (see :mod:`envs.friction`): log-uniform on [0.02, 2.0], at the
-first episode boundary after every 2M steps.
+(Nature, 2024), i.e. the official code's Ant configuration (each value in ``--help``), with
+friction changes as in the paper (:mod:`envs.friction`). Three defaults deliberately differ from
+the official code, and ``--paper-exact`` restores all three (the README explains them, and what
+remains different): ``--bootstrap-truncation`` (bootstrap from V(final observation) at a
+time-limit truncation), ``--reset-optimizer-state`` (CBP and ReDo zero the Adam moments of the
+entries they reset), and CBP's replacement count carried from step to step as in Algorithm 1
+(the official PPO code replaced one unit with probability ``rho * E`` each step).
 
-Three deliberate differences from the official code (its ``ppo.py``, ``gnt.py`` and
-``run_ppo.py``); ``--paper-exact`` restores the official behaviour for all three:
+Scalars: ``charts/{episodic_return,episodic_length,SPS,learning_rate}``,
+``losses/{value_loss,policy_loss,entropy,approx_kl,clipfrac,explained_variance}`` (means over
+the update's minibatches), ``env/friction`` (env 0's coefficient at the end of the rollout),
+``perf/*_fraction`` (each phase's share of the wall time), and every ``--metrics-every`` updates
+``plasticity/{policy,value}/...`` (:func:`ppo_cbp.metrics.plasticity_metrics`).
 
-* ``--bootstrap-truncation`` (default on): at a time-limit truncation the GAE target bootstraps
-  from the value of the final observation, since the episode did not end there. The paper's
-  code, like old CleanRL, treats a truncation as a termination (``--no-bootstrap-truncation``).
-* CBP and ReDo zero the Adam moments of the entries they reset (``--reset-optimizer-state``,
-  the core's default), so a new unit's first steps are not driven by its predecessor's
-  gradients; the paper's code used plain Adam and reset nothing (``--no-reset-optimizer-state``).
-* CBP counts the units to replace as Algorithm 1 does, carrying fractions of a unit from step to
-  step; the paper's PPO code replaced one unit with probability ``rho * E`` each step
-  (``rho * E`` = 0.0256 for 256 eligible units). The expected number is the same.
-
-What remains different with ``--paper-exact``: gymnasium's v4/v5 environments on MuJoCo 3 in
-place of gym's v3 on mujoco-py (see below), the friction set on every geom rather than through
-the XML default (which every geom of Ant inherits), a friction change already due when exactly
-2M steps have passed (the paper's code waits for more than 2M), and the 1e-8 added to the
-advantages' standard deviation.
-
-Method flags: ``--cbp`` (replacement rate 1e-4, maturity threshold 10,000, decay 0.99,
-contribution utility, applied to both networks after every minibatch step; weight decay 1e-4
-unless ``--weight-decay`` is given), ``--redo`` (tau 0.1, every 100 minibatch steps, weight decay
-1e-4 unless given), ``--l2`` (weight decay 1e-3), ``--shrink-perturb`` (weight decay 1e-4 unless
-given, plus Gaussian noise of std ``--noise-std``, default 1e-5, after every step),
-``--standard-adam`` (betas 0.9/0.999, the paper's failing baseline). Weight decay is Adam's
-coupled L2 (``torch.optim.Adam(weight_decay=...)``), as in the paper.
-
-Environments: ``Ant``, ``Hopper`` and ``Walker2d``, ``-v4`` or ``-v5`` (any gymnasium MuJoCo
-env of version >= 4 is accepted), each with its own default observation. Note that Ant-v5's
-default observation has 105 dims because it includes the contact forces, while Ant-v4's has 27
-(``use_contact_forces=False``); contact forces change with friction, so the two are different
-problems. The paper used gym's Ant-v3.
-
-Outputs go to ``runs/<run_name>/`` (printed at the start; the default name ends with the start
-date and time): TensorBoard event files, ``config.json`` (the resolved settings) and
-``checkpoint.pt``. At the end a summary is printed: steps, wall time, steps/s, the mean return of
-the last 100 episodes, the units replaced and the ``tensorboard --logdir`` command.
-
-Scalars: ``charts/episodic_return``, ``charts/episodic_length``, ``charts/SPS`` (steps per
-second over the last update), ``charts/learning_rate``,
-``losses/{value_loss,policy_loss,entropy,approx_kl,clipfrac,explained_variance}`` (losses and
-KL/clip statistics are means over the update's minibatches), ``env/friction`` (env 0's current
-coefficient at the end of the rollout), ``perf/*`` (share of wall time per phase), and every
-``--metrics-every`` updates ``plasticity/{policy,value}/...`` (see :func:`plasticity_metrics`).
-
-Checkpoints are written atomically at update boundaries every ``--checkpoint-every`` steps, at
-the end, on SIGINT/SIGTERM and when a loss becomes NaN/Inf (then holding the last good state).
-They hold everything needed to continue exactly: on CPU an interrupted and resumed run produces
-the same weights and metrics as an uninterrupted one. The environments' mid-episode state is
-restored by replaying the current episode from its reset (same seed or generator state, same
-friction state, same actions), which reproduces MuJoCo's state bit for bit including the solver
-warm start; the replayed observation is checked against the saved one. A resumed run opens its
-TensorBoard writer with ``purge_step`` = the checkpoint's step + 1, so the points a crashed
-process logged after its last checkpoint are dropped rather than drawn twice.
+Outputs go to ``runs/<run_name>/``: TensorBoard events, ``config.json`` and ``checkpoint.pt``,
+written atomically every ``--checkpoint-every`` steps, at the end, on SIGINT/SIGTERM and on a
+non-finite loss. A checkpoint holds everything needed to continue exactly: on CPU an interrupted
+and resumed run produces the same weights and metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
-import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,13 +62,7 @@ from ppo_cbp.cli import parse as cli_parse  # noqa: E402
 from ppo_cbp.cli import report_error  # noqa: E402
 from ppo_cbp.errors import UsageError  # noqa: E402
 from ppo_cbp.init import init_linear_  # noqa: E402
-from ppo_cbp.metrics import (  # noqa: E402
-    WeightChangeTracker,
-    dead_unit_mask,
-    dormant_scores,
-    feature_rank_metrics,
-    weight_magnitudes,
-)
+from ppo_cbp.metrics import WeightChangeTracker, plasticity_metrics  # noqa: E402
 from ppo_cbp.ppo_numerics import (  # noqa: E402
     LOG_2PI,
     AdamStep,
@@ -123,19 +72,21 @@ from ppo_cbp.ppo_numerics import (  # noqa: E402
     numpy_layers,
     ppo_loss_and_grads,
 )
-from ppo_cbp.ppo_settings import (  # noqa: E402
-    CHECKPOINT_FORMAT,
-    args_dict,
-    find_checkpoint,
-    merge_resume,
-    method_tag,
-    read_checkpoint,
-    resolve_args,
+from ppo_cbp.ppo_run import (  # noqa: E402
+    Checkpoints,
+    RunState,
+    TrainResult,
+    closing_summary,
+    open_outputs,
+    progress_bar,
+    seed_everything,
+    start_state,
+    train_result,
 )
 from ppo_cbp.ppo_settings import given_fields as _given_fields  # noqa: E402
+from ppo_cbp.ppo_settings import resolve_args, run_settings  # noqa: E402
 from ppo_cbp.redo import ReDo  # noqa: E402
 from ppo_cbp.shrink_perturb import perturb_  # noqa: E402
-from ppo_cbp.units import hidden_activations  # noqa: E402
 
 __all__ = [
     "Args",
@@ -146,10 +97,8 @@ __all__ = [
     "compute_gae",
     "main",
     "ppo_loss_and_grads",
+    "resolve_args",
 ]
-
-CHECKPOINT_NAME = run_folder.CHECKPOINT_NAME
-SUMMARY_EPISODES = 100  # the closing summary's return is the mean over this many last episodes
 
 
 @dataclass
@@ -290,130 +239,6 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN/Inf; the last good state was checkpointed."""
 
 
-@dataclass
-class TrainResult:
-    """What :func:`main` returns."""
-
-    run_dir: Path
-    global_step: int
-    updates: int
-    interrupted_by: int | None = None
-    """Signal number when stopped by SIGINT/SIGTERM, else None."""
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Wall-time seconds spent in env, acting, update, cbp (CBP/ReDo/S&P steps; part of update),
-    metrics, checkpoint and total, in this process."""
-    recent_returns: list[float] = dataclasses.field(default_factory=list)
-    """Returns of the last ``SUMMARY_EPISODES`` (100) episodes that ended, oldest first."""
-    units_replaced: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Units CBP/ReDo replaced over the whole run, per network; empty without either."""
-
-
-# ------------------------------------------------------------------------------------------------
-# GAE
-# ------------------------------------------------------------------------------------------------
-
-
-def compute_gae(
-    rewards: np.ndarray,
-    values: np.ndarray,
-    next_values: np.ndarray,
-    terminations: np.ndarray,
-    truncations: np.ndarray,
-    gamma: float,
-    gae_lambda: float,
-    bootstrap_truncation: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Generalised advantage estimates and value targets for a rollout ``[T, N]``, in float64.
-
-    With ``d_t = terminated_t or truncated_t`` (the episode ends at step t) and ``s'_t`` the true
-    next state of step t (the final observation when the episode ended there, else ``s_{t+1}``),
-    ``next_values[t] = V(s'_t)``. The bootstrap is cut at terminations, and also at truncations
-    when ``bootstrap_truncation`` is False (the paper's code):
-
-        b_t      = terminated_t                 if bootstrap_truncation else d_t
-        delta_t  = r_t + gamma * (1 - b_t) * V(s'_t) - V(s_t)
-        A_t      = delta_t + gamma * lambda * (1 - d_t) * A_{t+1},   A_T = 0
-        R_t      = A_t + V(s_t)
-
-    The last step of the rollout bootstraps through ``delta`` from ``next_values[T-1]`` (the
-    value of the observation after the rollout).
-
-    :param rewards, values, next_values: float arrays ``[T, N]``.
-    :param terminations, truncations: bool arrays ``[T, N]``.
-    :return: ``(advantages, returns)``, float64 arrays ``[T, N]``.
-    """
-    rewards = np.asarray(rewards, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    next_values = np.asarray(next_values, dtype=np.float64)
-    terminations = np.asarray(terminations, dtype=bool)
-    truncations = np.asarray(truncations, dtype=bool)
-    if not (
-        rewards.shape
-        == values.shape
-        == next_values.shape
-        == terminations.shape
-        == truncations.shape
-    ):
-        raise ValueError(
-            "rewards, values, next_values, terminations, truncations need one shape [T, N]"
-        )
-    ends = terminations | truncations
-    cut = terminations if bootstrap_truncation else ends
-    deltas = rewards + gamma * np.where(cut, 0.0, next_values) - values
-    carries = np.where(ends, 0.0, gamma * gae_lambda)
-    advantages = np.empty_like(deltas)
-    # Python floats (IEEE doubles, as numpy's) beat a numpy op per step for these short columns.
-    for n in range(deltas.shape[1]):
-        column = deltas[:, n].tolist()
-        carry = carries[:, n].tolist()
-        out = [0.0] * len(column)
-        acc = 0.0
-        for t in range(len(column) - 1, -1, -1):
-            acc = column[t] + carry[t] * acc
-            out[t] = acc
-        advantages[:, n] = out
-    return advantages, advantages + values
-
-
-# ------------------------------------------------------------------------------------------------
-# running statistics for optional normalisation
-# ------------------------------------------------------------------------------------------------
-
-
-class RunningMeanStd:
-    """Running mean and (population) variance of samples, in float64 (Chan et al.'s update).
-
-    Starts from mean 0, variance 1 and a pseudo-count ``epsilon``, like gymnasium's.
-    """
-
-    def __init__(self, shape: tuple[int, ...] = (), epsilon: float = 1e-4):
-        self.mean = np.zeros(shape, np.float64)
-        self.var = np.ones(shape, np.float64)
-        self.count = epsilon
-
-    def update(self, x: np.ndarray) -> None:
-        """Add a batch ``[n, *shape]`` of samples."""
-        batch_mean, batch_var, n = x.mean(axis=0), x.var(axis=0), x.shape[0]
-        delta = batch_mean - self.mean
-        total = self.count + n
-        self.mean = np.asarray(self.mean + delta * n / total)
-        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-        self.var = np.asarray(m2 / total)
-        self.count = total
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "mean": torch.from_numpy(self.mean.copy()),
-            "var": torch.from_numpy(self.var.copy()),
-            "count": float(self.count),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mean = state["mean"].numpy().astype(np.float64)
-        self.var = state["var"].numpy().astype(np.float64)
-        self.count = float(state["count"])
-
-
 # ------------------------------------------------------------------------------------------------
 # environments
 # ------------------------------------------------------------------------------------------------
@@ -452,44 +277,6 @@ def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, init: str) -> nn.
         if isinstance(m, nn.Linear):
             init_linear_(m, init, "relu")
     return net
-
-
-@torch.no_grad()
-def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
-    """Plasticity metrics of ``net`` on ``states`` (the last rollout's observations).
-
-    * ``dead_units``: fraction of all hidden units (all layers together) active (> 0) on at
-      most 1% of the states (the paper's RL definition);
-    * ``dormant_ratio``: fraction of all hidden units whose tau-dormant score (ReDo, per layer)
-      is <= 0.1;
-    * ``effective_rank``, ``stable_rank``: of the last hidden layer's ``[states, units]``
-      activation matrix (stable rank: singular values holding 99% of their sum);
-    * ``weight_magnitude/layer{i}`` (mean |W| of Linear layer i, output layer included) and
-      ``weight_magnitude/overall`` (sum |W| / number of weights; biases excluded).
-
-    The trainer adds ``max_weight_change``, the largest, over the updates since the previous
-    log, of one update's L1 weight change ``sum |W_after - W_before|`` over the net's Linear
-    weights (biases excluded; the quantity of the paper's Extended Data Fig. 5c), and
-    ``units_replaced``, the cumulative number of units reset by CBP/ReDo (0 without them).
-
-    All values are device tensors; the caller synchronises once.
-    """
-    acts = hidden_activations(net, states)
-    units = sum(h.shape[1] for h in acts)
-    dead = sum(dead_unit_mask(h, 0.01).sum() for h in acts) / units
-    dormant = sum((dormant_scores(h) <= 0.1).sum() for h in acts) / units
-    ranks = feature_rank_metrics(acts[-1])
-    out = {
-        "dead_units": dead,
-        "dormant_ratio": dormant,
-        "effective_rank": ranks["effective_rank"],
-        "stable_rank": ranks["stable_rank"],
-    }
-    mags = weight_magnitudes(net)
-    for i, key in enumerate(k for k in mags if k != "overall"):
-        out[f"weight_magnitude/layer{i}"] = mags[key]
-    out["weight_magnitude/overall"] = mags["overall"]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -563,90 +350,6 @@ def make_agent(
         # The update passes each minibatch's activations explicitly: no hooks on the hot path.
         r.remove_hooks()
     return Agent(actor, critic, log_std, optimizer, resetters)
-
-
-@dataclass
-class RunState:
-    """What checkpoints carry besides the agent: counters, episode statistics, the optional
-    normalisers' statistics and the next observation."""
-
-    num_envs: int
-    obs_rms: RunningMeanStd | None
-    ret_rms: RunningMeanStd | None
-    max_change: Tensor
-    global_step: int = 0
-    update: int = 0
-    latest_return: float = math.nan
-    next_obs: np.ndarray | None = None
-    recent_returns: deque[float] = dataclasses.field(
-        default_factory=lambda: deque(maxlen=SUMMARY_EPISODES)
-    )
-
-    def __post_init__(self) -> None:
-        self.episode_return = np.zeros(self.num_envs, np.float64)
-        self.episode_length = np.zeros(self.num_envs, np.int64)
-        self.discounted = np.zeros(self.num_envs, np.float64)
-
-    def normalize_obs(self, o: np.ndarray, update_stats: bool) -> np.ndarray:
-        if self.obs_rms is None:
-            return o
-        if update_stats:
-            self.obs_rms.update(o)
-        return np.clip((o - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -10.0, 10.0)
-
-
-def snapshot(raw: Args, a: Args, agent: Agent, st: RunState, envs: Any, generators: dict) -> dict:
-    """The full training state at this update boundary (cloned, device tensors)."""
-    return run_folder.clone(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "args": args_dict(raw),
-            "resolved": args_dict(a),
-            "global_step": st.global_step,
-            "update": st.update,
-            "actor": agent.actor.state_dict(),
-            "critic": agent.critic.state_dict(),
-            "log_std": agent.log_std.detach(),
-            "optimizer": agent.optimizer.state_dict(),
-            "resetters": {k: r.state_dict() for k, r in agent.resetters.items()},
-            "obs_rms": None if st.obs_rms is None else st.obs_rms.state_dict(),
-            "ret_rms": None if st.ret_rms is None else st.ret_rms.state_dict(),
-            "discounted": torch.from_numpy(st.discounted.copy()),
-            "episode_return": torch.from_numpy(st.episode_return.copy()),
-            "episode_length": torch.from_numpy(st.episode_length.copy()),
-            "max_change": st.max_change,
-            "latest_return": st.latest_return,
-            "recent_returns": torch.tensor(list(st.recent_returns), dtype=torch.float64),
-            "next_obs": torch.from_numpy(st.next_obs.copy()),
-            "envs": envs.checkpoint_state(),
-            "rng": run_folder.rng_states(generators),
-        }
-    )
-
-
-def restore(ckpt: dict, agent: Agent, st: RunState, envs: Any, generators: dict) -> None:
-    """Load what :func:`snapshot` saved into ``agent``, ``st``, the envs and the generators."""
-    agent.actor.load_state_dict(ckpt["actor"])
-    agent.critic.load_state_dict(ckpt["critic"])
-    with torch.no_grad():
-        agent.log_std.copy_(ckpt["log_std"])
-    agent.optimizer.load_state_dict(ckpt["optimizer"])
-    for name, r in agent.resetters.items():
-        r.load_state_dict(ckpt["resetters"][name])
-    if st.obs_rms is not None:
-        st.obs_rms.load_state_dict(ckpt["obs_rms"])
-    if st.ret_rms is not None:
-        st.ret_rms.load_state_dict(ckpt["ret_rms"])
-    st.discounted = ckpt["discounted"].numpy().copy()
-    st.global_step, st.update = int(ckpt["global_step"]), int(ckpt["update"])
-    st.episode_return = ckpt["episode_return"].numpy().copy()
-    st.episode_length = ckpt["episode_length"].numpy().copy()
-    st.max_change = ckpt["max_change"].to(st.max_change.device)
-    st.latest_return = float(ckpt["latest_return"])
-    st.recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
-    envs.restore_state(ckpt["envs"])
-    st.next_obs = ckpt["next_obs"].numpy().copy()
-    run_folder.set_rng_states(ckpt["rng"], generators)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -738,8 +441,64 @@ def collect_rollout(
 
 
 # ------------------------------------------------------------------------------------------------
-# GAE targets
+# ALGO LOGIC: GAE (bootstrap value if not done)
 # ------------------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    next_values: np.ndarray,
+    terminations: np.ndarray,
+    truncations: np.ndarray,
+    gamma: float,
+    gae_lambda: float,
+    bootstrap_truncation: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimates and value targets for a rollout ``[T, N]``, in float64.
+
+    With ``d_t = terminated_t or truncated_t`` (the episode ends at step t) and ``s'_t`` the true
+    next state of step t (the final observation when the episode ended there, else ``s_{t+1}``),
+    ``next_values[t] = V(s'_t)``. The bootstrap is cut at terminations, and also at truncations
+    when ``bootstrap_truncation`` is False (the paper's code):
+
+        b_t      = terminated_t                 if bootstrap_truncation else d_t
+        delta_t  = r_t + gamma * (1 - b_t) * V(s'_t) - V(s_t)
+        A_t      = delta_t + gamma * lambda * (1 - d_t) * A_{t+1},   A_T = 0
+        R_t      = A_t + V(s_t)
+
+    The last step of the rollout bootstraps through ``delta`` from ``next_values[T-1]`` (the
+    value of the observation after the rollout).
+
+    :param rewards, values, next_values: float arrays ``[T, N]``.
+    :param terminations, truncations: bool arrays ``[T, N]``.
+    :return: ``(advantages, returns)``, float64 arrays ``[T, N]``.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    next_values = np.asarray(next_values, dtype=np.float64)
+    terminations = np.asarray(terminations, dtype=bool)
+    truncations = np.asarray(truncations, dtype=bool)
+    if len({x.shape for x in (rewards, values, next_values, terminations, truncations)}) != 1:
+        raise ValueError(
+            "rewards, values, next_values, terminations, truncations need one shape [T, N]"
+        )
+    ends = terminations | truncations
+    cut = terminations if bootstrap_truncation else ends
+    deltas = rewards + gamma * np.where(cut, 0.0, next_values) - values
+    carries = np.where(ends, 0.0, gamma * gae_lambda)
+    advantages = np.empty_like(deltas)
+    # Python floats (IEEE doubles, as numpy's) beat a numpy op per step for these short columns.
+    for n in range(deltas.shape[1]):
+        column = deltas[:, n].tolist()
+        carry = carries[:, n].tolist()
+        out = [0.0] * len(column)
+        acc = 0.0
+        for t in range(len(column) - 1, -1, -1):
+            acc = column[t] + carry[t] * acc
+            out[t] = acc
+        advantages[:, n] = out
+    return advantages, advantages + values
 
 
 def rollout_targets(
@@ -911,8 +670,63 @@ def plasticity_scalars(agent: Agent, st: RunState, b_obs: Tensor) -> dict[str, f
     return scalars
 
 
+def update_scalars(
+    a: Args,
+    agent: Agent,
+    envs: Any,
+    stats: Sequence[float],
+    explained_var: float,
+    lr: float,
+    sps: float,
+) -> dict[str, float]:
+    """The scalars of every update: speed, learning rate, the update's means (``stats``: policy
+    loss, value loss, approx_kl, clipfrac, from :func:`update_statistics`), the policy's entropy
+    and, with friction changes, env 0's current friction coefficient."""
+    pg_m, v_m, kl_m, cf_m = stats
+    act_dim = agent.log_std.shape[0]
+    entropy = float((agent.log_std.detach().sum() + 0.5 * act_dim * (1.0 + LOG_2PI)).cpu())
+    scalars = {
+        "charts/SPS": sps,
+        "charts/learning_rate": lr,
+        "losses/value_loss": v_m,
+        "losses/policy_loss": pg_m,
+        "losses/entropy": entropy,
+        "losses/approx_kl": kl_m,
+        "losses/clipfrac": cf_m,
+        "losses/explained_variance": explained_var,
+    }
+    if a.friction_every > 0:
+        scalars["env/friction"] = float(envs.call("friction")[0])
+    return scalars
+
+
+def write_scalars(
+    writer: Any, ro: Rollout, scalars: dict[str, float], timings: dict[str, float], step: int
+) -> None:
+    """The returns and lengths of the episodes that ended in the rollout (at their own steps),
+    then ``scalars`` and ``perf/*_fraction`` (each phase's share of the wall time so far, in
+    ``timings["total"]``) at ``step``."""
+    for s, r_ep, l_ep in ro.episodes:
+        writer.add_scalar("charts/episodic_return", r_ep, s)
+        writer.add_scalar("charts/episodic_length", l_ep, s)
+    for key in ("env", "acting", "update", "cbp", "metrics"):
+        scalars[f"perf/{key}_fraction"] = timings[key] / timings["total"]
+    for key, v in scalars.items():
+        writer.add_scalar(key, v, step)
+
+
+def show_progress(bar: Any, st: RunState, scalars: dict[str, float], steps: int) -> None:
+    """Advance the progress bar by ``steps``, with the latest return and friction beside it
+    (tqdm shows the rate itself; the postfix is set first so that it is current)."""
+    postfix = f"return {st.latest_return:.1f}"
+    if "env/friction" in scalars:
+        postfix += f", friction {scalars['env/friction']:.3g}"
+    bar.set_postfix_str(postfix, refresh=False)
+    bar.update(steps)
+
+
 # ------------------------------------------------------------------------------------------------
-# training
+# main: the algorithm's outline
 # ------------------------------------------------------------------------------------------------
 
 
@@ -925,48 +739,16 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
     :raises ConfigError: for bad settings, before anything is created or written.
     :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
     """
-    from tqdm import tqdm
-
     t_begin = time.perf_counter()
-    # ---------------- settings (all checks before anything is created)
-    raw, ckpt = args, None
-    if raw.resume is not None:
-        ckpt_path = find_checkpoint(raw.resume)
-        ckpt, saved = read_checkpoint(Args, ckpt_path)
-        raw = merge_resume(raw, saved, given)
-        run_dir = ckpt_path.parent
-    a = resolve_args(raw)
-    if ckpt is not None:
-        advice = (
-            "it anneals the learning rate over --steps, so it cannot be extended"
-            if a.anneal_lr
-            else "pass a larger --steps to extend it"
-        )
-        run_folder.refuse_finished(run_dir, "step", int(ckpt["global_step"]), a.steps, advice)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_name = a.run_name or f"{a.env}__{method_tag(a)}__s{a.seed}__{stamp}"
-        run_dir = Path(a.runs_dir) / run_name
-        if (run_dir / CHECKPOINT_NAME).exists():
-            raise ConfigError(
-                f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
-            )
-    run_folder.check_writable(run_dir)
+    raw, a, ckpt, run_dir = run_settings(args, given)  # every check before anything is created
     use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     caller_threads = torch.get_num_threads()
 
-    # ---------------- seeding
-    random.seed(a.seed)
-    np.random.seed(a.seed)
-    torch.manual_seed(a.seed)
-    seeds = np.random.SeedSequence(a.seed).generate_state(4, dtype=np.uint64).tolist()
-    generators = {  # "main": action noise and minibatch order; "perturb": Shrink & Perturb
-        "main": torch.Generator(device=device).manual_seed(seeds[0] % 2**63),
-        "perturb": torch.Generator(device=device).manual_seed(seeds[1] % 2**63),
-    }
+    # TRY NOT TO MODIFY: seeding
+    generators, seeds = seed_everything(a.seed, device)
 
-    # ---------------- environments
+    # env setup
     envs = vector_env.make([make_env(a, i) for i in range(a.num_envs)])
     writer = None
     try:
@@ -978,68 +760,39 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         B = a.num_envs * a.num_steps
         num_updates = -(-a.steps // B)
 
-        # ---------------- agent and the state that checkpoints carry
         agent = make_agent(a, obs_dim, act_dim, device, seeds)
         trackers = [WeightChangeTracker(net) for _, net in agent.nets()]
-        st = RunState(
-            a.num_envs,
-            obs_rms=RunningMeanStd((obs_dim,)) if a.normalize_obs else None,
-            ret_rms=RunningMeanStd(()) if a.normalize_reward else None,
-            max_change=torch.zeros(2, dtype=torch.float64, device=device),
-        )
-        if ckpt is None:
-            seeded = envs.reset([a.seed + i for i in range(a.num_envs)])
-            st.next_obs = st.normalize_obs(seeded, True).astype(np.float32)
-        else:
-            restore(ckpt, agent, st, envs, generators)
+        st = start_state(a, obs_dim, device, envs, agent, generators, ckpt)
+        writer = open_outputs(run_dir, a, st, resumed=ckpt is not None)
 
-        # ---------------- logging (the first thing written: every check has passed)
-        if ckpt is None:
-            print(f"writing to {run_dir} (TensorBoard events, config.json, {CHECKPOINT_NAME})")
-        else:
-            print(f"resuming {run_dir} at step {st.global_step:,} of {a.steps:,}")
-        sys.stdout.flush()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_file = run_dir / CHECKPOINT_NAME
-        # The checkpoint's own step keeps its points (logged and flushed before the checkpoint
-        # was written), hence + 1.
-        writer = run_folder.open_writer(run_dir, st.global_step + 1 if ckpt is not None else None)
-        resolved = args_dict(a)
-        run_folder.write_json(run_dir / "config.json", resolved)
-        if ckpt is None:
-            table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
-
+        # ALGO Logic: Storage setup
         ro = Rollout(a, obs_dim, act_dim, device, agent)
         adam_step = AdamStep(agent.optimizer)
         timings = dict.fromkeys(("env", "acting", "update", "cbp", "metrics", "checkpoint"), 0.0)
         t_start = time.perf_counter()
-        good = snapshot(raw, a, agent, st, envs, generators)
-        last_ckpt_step = steps_before = st.global_step
-        bar = tqdm(
-            total=a.steps,
-            initial=st.global_step,
-            unit="step",
-            unit_scale=True,
-            dynamic_ncols=True,
-            disable=None if a.progress else True,  # None: only on a terminal
-        )
+        checkpoints = Checkpoints(raw, a, agent, st, envs, generators, run_dir, writer, timings)
+        steps_before = st.global_step
+        bar = progress_bar(a, st)
         with run_folder.StopSignal() as stop:
             while st.global_step < a.steps and stop.signum is None:
                 st.update += 1
                 t_iter = time.perf_counter()
+                # Annealing the rate if instructed to do so.
                 if a.anneal_lr:
                     frac = 1.0 - (st.update - 1.0) / num_updates
                     agent.optimizer.param_groups[0]["lr"] = frac * a.learning_rate
                 lr = agent.optimizer.param_groups[0]["lr"]
 
+                # ALGO LOGIC: action logic; TRY NOT TO MODIFY: execute the game and log data.
                 collect_rollout(a, envs, agent, st, ro, generators["main"])
                 t_rollout = time.perf_counter()
                 timings["env"] += ro.env_time
                 timings["acting"] += t_rollout - t_iter - ro.env_time
 
+                # bootstrap value if not done
                 b_obs, adv_np, ret_np, explained_var = rollout_targets(a, agent, st, ro)
 
+                # Optimizing the policy and value network
                 for tr in trackers:
                     tr.snapshot()
                 losses, log_ratios, cbp_time = ppo_update(
@@ -1047,119 +800,37 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                 )
                 changes = torch.stack([tr.change() for tr in trackers])
                 st.max_change = torch.maximum(st.max_change, changes)
-                pg_m, v_m, kl_m, cf_m, finite = update_statistics(a, losses, log_ratios, changes)
+                *stats, finite = update_statistics(a, losses, log_ratios, changes)
                 t_update = time.perf_counter()
                 timings["update"] += t_update - t_rollout
                 timings["cbp"] += cbp_time
                 if not finite:
-                    run_folder.save_checkpoint(good, ckpt_file)
-                    writer.flush()
-                    raise NonFiniteLossError(
-                        f"non-finite loss in update {st.update} (steps {st.global_step - B}-"
-                        f"{st.global_step}); stopped. The last good state (step "
-                        f"{good['global_step']}) is saved in {ckpt_file}"
-                    )
+                    raise NonFiniteLossError(checkpoints.save_last_good(B))
 
-                # ---------------- logging
-                for s, r_ep, l_ep in ro.episodes:
-                    writer.add_scalar("charts/episodic_return", r_ep, s)
-                    writer.add_scalar("charts/episodic_length", l_ep, s)
-                log_std = agent.log_std.detach()
-                entropy = float((log_std.sum() + 0.5 * act_dim * (1.0 + LOG_2PI)).cpu())
-                scalars = {
-                    "charts/SPS": B / (t_update - t_iter),
-                    "charts/learning_rate": lr,
-                    "losses/value_loss": v_m,
-                    "losses/policy_loss": pg_m,
-                    "losses/entropy": entropy,
-                    "losses/approx_kl": kl_m,
-                    "losses/clipfrac": cf_m,
-                    "losses/explained_variance": explained_var,
-                }
-                friction = math.nan
-                if a.friction_every > 0:
-                    friction = float(envs.call("friction")[0])
-                    scalars["env/friction"] = friction
+                # TRY NOT TO MODIFY: record rewards for plotting purposes
+                sps = B / (t_update - t_iter)
+                scalars = update_scalars(a, agent, envs, stats, explained_var, lr, sps)
                 if a.metrics_every and st.update % a.metrics_every == 0:
                     t_m = time.perf_counter()
                     scalars.update(plasticity_scalars(agent, st, b_obs))
                     timings["metrics"] += time.perf_counter() - t_m
-                total = time.perf_counter() - t_start
-                for key in ("env", "acting", "update", "cbp", "metrics"):
-                    scalars[f"perf/{key}_fraction"] = timings[key] / total
-                for key, v in scalars.items():
-                    writer.add_scalar(key, v, st.global_step)
-                # tqdm shows the rate itself; the postfix is set first so that it is current.
-                postfix = f"return {st.latest_return:.1f}"
-                if a.friction_every > 0:
-                    postfix += f", friction {friction:.3g}"
-                bar.set_postfix_str(postfix, refresh=False)
-                bar.update(B)
-
-                # ---------------- checkpoint
-                good = snapshot(raw, a, agent, st, envs, generators)
-                done = st.global_step >= a.steps
-                every = a.checkpoint_every
-                due = every and st.global_step // every > last_ckpt_step // every
-                if due or done or stop.signum is not None:
-                    t_c = time.perf_counter()
-                    writer.flush()
-                    run_folder.save_checkpoint(good, ckpt_file)
-                    last_ckpt_step = st.global_step
-                    timings["checkpoint"] += time.perf_counter() - t_c
+                timings["total"] = time.perf_counter() - t_start
+                write_scalars(writer, ro, scalars, timings, st.global_step)
+                show_progress(bar, st, scalars, B)
+                checkpoints.update_done(stopping=stop.signum is not None)
             bar.close()
             if stop.signum is not None:
-                if last_ckpt_step != st.global_step:  # the signal came after the save check
-                    run_folder.save_checkpoint(good, ckpt_file)
-                    last_ckpt_step = st.global_step
-                name = signal.Signals(stop.signum).name
-                print(
-                    f"{name}: stopped at step {st.global_step}; checkpoint saved to {ckpt_file}. "
-                    f"Continue with: python ppo_cbp/train.py --resume {run_dir}",
-                    file=sys.stderr,
-                )
+                checkpoints.stopped(stop.signum)
         timings["total"] = time.perf_counter() - t_start
-        result = TrainResult(
-            run_dir,
-            st.global_step,
-            st.update,
-            stop.signum,
-            timings,
-            recent_returns=list(st.recent_returns),
-            units_replaced={k: int(r.num_replaced) for k, r in agent.resetters.items()},
-        )
+        result = train_result(run_dir, st, agent, stop.signum, timings)
         seconds = time.perf_counter() - t_begin
-        print(_summary(result, a.steps, st.global_step - steps_before, seconds))
+        print(closing_summary(result, a.steps, st.global_step - steps_before, seconds))
         return result
     finally:
         if writer is not None:
             writer.close()
         envs.close()
         torch.set_num_threads(caller_threads)
-
-
-def _summary(result: TrainResult, total: int, steps: int, seconds: float) -> str:
-    """The closing lines: how far the run got, at what speed, its return and replacements, and
-    where its outputs are."""
-    state = "stopped" if result.interrupted_by is not None else "finished"
-    lines = [
-        f"{state} at step {result.global_step:,} of {total:,}: {steps:,} steps in "
-        f"{run_folder.duration(seconds)} ({steps / max(seconds, 1e-9):,.0f} steps/s)"
-    ]
-    returns = result.recent_returns
-    if returns:
-        n = len(returns)
-        mean = sum(returns) / n
-        lines.append(f"episodic return: {mean:.1f} (mean of the last {n} episode{'s' * (n > 1)})")
-    else:
-        lines.append("episodic return: no episode has ended yet")
-    if result.units_replaced:
-        parts = ", ".join(f"{k} {v:,}" for k, v in result.units_replaced.items())
-        lines.append(f"units replaced: {sum(result.units_replaced.values()):,} ({parts})")
-    else:
-        lines.append("units replaced: none (no --cbp or --redo)")
-    lines += run_folder.where_lines(result.run_dir)
-    return "\n".join(lines)
 
 
 def given_fields(argv: Sequence[str]) -> set[str]:

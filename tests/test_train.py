@@ -438,7 +438,7 @@ def test_help_lists_field_docs():
 
 
 def test_running_mean_std_matches_numpy():
-    from ppo_cbp.train import RunningMeanStd
+    from ppo_cbp.normalize import RunningMeanStd
 
     rng = np.random.default_rng(0)
     data = rng.normal(3.0, 2.0, size=(100, 4))

@@ -566,12 +566,9 @@ def closing_summary(summary: dict[str, Any], out: Path) -> str:
         f = summary["final_over_seeds"][metric]
         se = "" if f["standard_error"] is None else f" +- {f['standard_error']:.2g}"
         lines.append(f"final {metric}, mean over {len(seeds)} seed(s): {f['mean']:.4g}{se}")
-        replaced = {v["units_replaced"] for v in seeds.values()}
-        if replaced != {0}:
-            counts = ", ".join(f"seed {s} {v['units_replaced']}" for s, v in seeds.items())
-            lines.append(f"units replaced: {counts}")
-    lines += [
-        f"per-seed CSVs: {out}/seed_<seed>/metrics.csv; summary: {out}/summary.json",
-        f"tensorboard --logdir {out}",
-    ]
+        counts = {f"seed {s}": int(v["units_replaced"]) for s, v in seeds.items()}
+        if any(counts.values()):
+            lines.append(run_folder.units_replaced_line(counts, "none"))
+    lines.append(f"per-seed CSVs: {out}/seed_<seed>/metrics.csv; summary: {out}/summary.json")
+    lines += run_folder.where_lines(out)
     return "\n".join(lines)

@@ -1,0 +1,341 @@
+"""The PPO trainer's run around the algorithm (``ppo_cbp/train.py``): what is not PPO itself.
+
+* :func:`seed_everything`: Python's, numpy's and torch's global generators and the trainer's
+  own (action noise and minibatch order; Shrink & Perturb), plus the seeds of CBP/ReDo;
+* :class:`RunState`: what checkpoints carry besides the agent (:func:`start_state`: a new
+  run's, after its seeded env resets, or a resumed one's); :func:`snapshot` and
+  :func:`restore`: the full training state at an update boundary (networks, optimizer,
+  CBP/ReDo, run state, the envs' exact state, RNG states) and back;
+* :func:`open_outputs`: the start line, the TensorBoard writer (``purge_step`` on resume),
+  ``config.json`` and the hyperparameters table, the first things written; :func:`progress_bar`;
+* :class:`Checkpoints`: the last good state and when it is written (every
+  ``--checkpoint-every`` steps, at the end, on SIGINT/SIGTERM, on a non-finite loss);
+* :class:`TrainResult` (:func:`train_result`) and :func:`closing_summary`, built from :mod:`ppo_cbp.run_folder`'s
+  shared summary lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ppo_cbp import run_folder
+from ppo_cbp.normalize import RunningMeanStd
+from ppo_cbp.ppo_settings import CHECKPOINT_FORMAT, args_dict
+
+if TYPE_CHECKING:
+    from ppo_cbp.train import Agent, Args
+
+__all__ = [
+    "Checkpoints",
+    "RunState",
+    "TrainResult",
+    "closing_summary",
+    "open_outputs",
+    "progress_bar",
+    "restore",
+    "seed_everything",
+    "snapshot",
+    "start_state",
+    "train_result",
+]
+
+SUMMARY_EPISODES = 100  # the closing summary's return is the mean over this many last episodes
+
+
+def seed_everything(
+    seed: int, device: torch.device
+) -> tuple[dict[str, torch.Generator], list[int]]:
+    """Seed Python's, numpy's and torch's global generators with ``seed``.
+
+    :return: the trainer's generators on ``device`` (``"main"``: action noise and minibatch
+        order; ``"perturb"``: Shrink & Perturb's noise) and the four seeds drawn from
+        ``SeedSequence(seed)`` (the last two are the policy's and the value network's CBP/ReDo
+        seeds).
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    seeds = np.random.SeedSequence(seed).generate_state(4, dtype=np.uint64).tolist()
+    generators = {
+        "main": torch.Generator(device=device).manual_seed(seeds[0] % 2**63),
+        "perturb": torch.Generator(device=device).manual_seed(seeds[1] % 2**63),
+    }
+    return generators, seeds
+
+
+@dataclass
+class RunState:
+    """What checkpoints carry besides the agent: counters, episode statistics, the optional
+    normalisers' statistics and the next observation."""
+
+    num_envs: int
+    obs_rms: RunningMeanStd | None
+    ret_rms: RunningMeanStd | None
+    max_change: Tensor
+    global_step: int = 0
+    update: int = 0
+    latest_return: float = math.nan
+    next_obs: np.ndarray | None = None
+    recent_returns: deque[float] = dataclasses.field(
+        default_factory=lambda: deque(maxlen=SUMMARY_EPISODES)
+    )
+
+    def __post_init__(self) -> None:
+        self.episode_return = np.zeros(self.num_envs, np.float64)
+        self.episode_length = np.zeros(self.num_envs, np.int64)
+        self.discounted = np.zeros(self.num_envs, np.float64)
+
+    def normalize_obs(self, o: np.ndarray, update_stats: bool) -> np.ndarray:
+        if self.obs_rms is None:
+            return o
+        if update_stats:
+            self.obs_rms.update(o)
+        return np.clip((o - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -10.0, 10.0)
+
+
+def snapshot(raw: Args, a: Args, agent: Agent, st: RunState, envs: Any, generators: dict) -> dict:
+    """The full training state at this update boundary (cloned, device tensors)."""
+    return run_folder.clone(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "args": args_dict(raw),
+            "resolved": args_dict(a),
+            "global_step": st.global_step,
+            "update": st.update,
+            "actor": agent.actor.state_dict(),
+            "critic": agent.critic.state_dict(),
+            "log_std": agent.log_std.detach(),
+            "optimizer": agent.optimizer.state_dict(),
+            "resetters": {k: r.state_dict() for k, r in agent.resetters.items()},
+            "obs_rms": None if st.obs_rms is None else st.obs_rms.state_dict(),
+            "ret_rms": None if st.ret_rms is None else st.ret_rms.state_dict(),
+            "discounted": torch.from_numpy(st.discounted.copy()),
+            "episode_return": torch.from_numpy(st.episode_return.copy()),
+            "episode_length": torch.from_numpy(st.episode_length.copy()),
+            "max_change": st.max_change,
+            "latest_return": st.latest_return,
+            "recent_returns": torch.tensor(list(st.recent_returns), dtype=torch.float64),
+            "next_obs": torch.from_numpy(st.next_obs.copy()),
+            "envs": envs.checkpoint_state(),
+            "rng": run_folder.rng_states(generators),
+        }
+    )
+
+
+def restore(ckpt: dict, agent: Agent, st: RunState, envs: Any, generators: dict) -> None:
+    """Load what :func:`snapshot` saved into ``agent``, ``st``, the envs and the generators."""
+    agent.actor.load_state_dict(ckpt["actor"])
+    agent.critic.load_state_dict(ckpt["critic"])
+    with torch.no_grad():
+        agent.log_std.copy_(ckpt["log_std"])
+    agent.optimizer.load_state_dict(ckpt["optimizer"])
+    for name, r in agent.resetters.items():
+        r.load_state_dict(ckpt["resetters"][name])
+    if st.obs_rms is not None:
+        st.obs_rms.load_state_dict(ckpt["obs_rms"])
+    if st.ret_rms is not None:
+        st.ret_rms.load_state_dict(ckpt["ret_rms"])
+    st.discounted = ckpt["discounted"].numpy().copy()
+    st.global_step, st.update = int(ckpt["global_step"]), int(ckpt["update"])
+    st.episode_return = ckpt["episode_return"].numpy().copy()
+    st.episode_length = ckpt["episode_length"].numpy().copy()
+    st.max_change = ckpt["max_change"].to(st.max_change.device)
+    st.latest_return = float(ckpt["latest_return"])
+    st.recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
+    envs.restore_state(ckpt["envs"])
+    st.next_obs = ckpt["next_obs"].numpy().copy()
+    run_folder.set_rng_states(ckpt["rng"], generators)
+
+
+def start_state(
+    a: Args,
+    obs_dim: int,
+    device: torch.device,
+    envs: Any,
+    agent: Agent,
+    generators: dict[str, torch.Generator],
+    ckpt: dict | None,
+) -> RunState:
+    """A new run's state after its seeded env resets (env i with ``seed + i``), or a resumed
+    run's, restored with the agent, envs and generators from ``ckpt`` (:func:`restore`)."""
+    st = RunState(
+        a.num_envs,
+        obs_rms=RunningMeanStd((obs_dim,)) if a.normalize_obs else None,
+        ret_rms=RunningMeanStd(()) if a.normalize_reward else None,
+        max_change=torch.zeros(2, dtype=torch.float64, device=device),
+    )
+    if ckpt is None:
+        seeded = envs.reset([a.seed + i for i in range(a.num_envs)])
+        st.next_obs = st.normalize_obs(seeded, True).astype(np.float32)
+    else:
+        restore(ckpt, agent, st, envs, generators)
+    return st
+
+
+def open_outputs(run_dir: Path, a: Args, st: RunState, resumed: bool) -> Any:
+    """Print where the run writes, then create its folder, its TensorBoard writer (a resumed
+    run's with ``purge_step`` = its checkpoint's step + 1: that step's points were logged and
+    flushed before the checkpoint was written), ``config.json`` and, for a new run, the
+    hyperparameters table. Called once every check has passed."""
+    if resumed:
+        print(f"resuming {run_dir} at step {st.global_step:,} of {a.steps:,}")
+    else:
+        print(
+            f"writing to {run_dir} (TensorBoard events, config.json, {run_folder.CHECKPOINT_NAME})"
+        )
+    sys.stdout.flush()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = run_folder.open_writer(run_dir, st.global_step + 1 if resumed else None)
+    resolved = args_dict(a)
+    run_folder.write_json(run_dir / "config.json", resolved)
+    if not resumed:
+        table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)
+    return writer
+
+
+def progress_bar(a: Args, st: RunState) -> Any:
+    """tqdm's bar over ``a.steps`` from the run's current step; only on a terminal, and none
+    with ``--no-progress``."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=a.steps,
+        initial=st.global_step,
+        unit="step",
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=None if a.progress else True,  # None: only on a terminal
+    )
+
+
+class Checkpoints:
+    """The last good state (a :func:`snapshot` at every update boundary) and its writing, atomic
+    (:func:`run_folder.save_checkpoint`): at the first boundary after every
+    ``checkpoint_every`` steps, at the end, on SIGINT/SIGTERM, and on a non-finite loss (then
+    the state before the update that produced it)."""
+
+    def __init__(
+        self,
+        raw: Args,
+        a: Args,
+        agent: Agent,
+        st: RunState,
+        envs: Any,
+        generators: dict[str, torch.Generator],
+        run_dir: Path,
+        writer: Any,
+        timings: dict[str, float],
+    ):
+        self._parts = (raw, a, agent, st, envs, generators)
+        self.a, self.st, self.run_dir, self.writer, self.timings = a, st, run_dir, writer, timings
+        self.file = run_dir / run_folder.CHECKPOINT_NAME
+        self.good = snapshot(*self._parts)
+        self.last_step = st.global_step
+
+    def update_done(self, stopping: bool) -> None:
+        """Take the snapshot of this boundary; write it if one is due, the run has reached its
+        steps or it is ``stopping`` (events flushed first, so they are never behind it)."""
+        self.good = snapshot(*self._parts)
+        step, every = self.st.global_step, self.a.checkpoint_every
+        due = every and step // every > self.last_step // every
+        if due or step >= self.a.steps or stopping:
+            t_c = time.perf_counter()
+            self.writer.flush()
+            run_folder.save_checkpoint(self.good, self.file)
+            self.last_step = step
+            self.timings["checkpoint"] += time.perf_counter() - t_c
+
+    def save_last_good(self, batch: int) -> str:
+        """Write the state before the current update (whose loss is not finite); the message."""
+        run_folder.save_checkpoint(self.good, self.file)
+        self.writer.flush()
+        st = self.st
+        return (
+            f"non-finite loss in update {st.update} (steps {st.global_step - batch}-"
+            f"{st.global_step}); stopped. The last good state (step "
+            f"{self.good['global_step']}) is saved in {self.file}"
+        )
+
+    def stopped(self, signum: int) -> None:
+        """After SIGINT/SIGTERM: write the last state if the signal came after the save check,
+        and say how to continue."""
+        if self.last_step != self.st.global_step:
+            run_folder.save_checkpoint(self.good, self.file)
+            self.last_step = self.st.global_step
+        name = signal.Signals(signum).name
+        print(
+            f"{name}: stopped at step {self.st.global_step}; checkpoint saved to {self.file}. "
+            f"Continue with: python ppo_cbp/train.py --resume {self.run_dir}",
+            file=sys.stderr,
+        )
+
+
+@dataclass
+class TrainResult:
+    """What :func:`main` returns."""
+
+    run_dir: Path
+    global_step: int
+    updates: int
+    interrupted_by: int | None = None
+    """Signal number when stopped by SIGINT/SIGTERM, else None."""
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Wall-time seconds spent in env, acting, update, cbp (CBP/ReDo/S&P steps; part of update),
+    metrics, checkpoint and total, in this process."""
+    recent_returns: list[float] = dataclasses.field(default_factory=list)
+    """Returns of the last ``SUMMARY_EPISODES`` (100) episodes that ended, oldest first."""
+    units_replaced: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Units CBP/ReDo replaced over the whole run, per network; empty without either."""
+
+
+def train_result(
+    run_dir: Path,
+    st: RunState,
+    agent: Agent,
+    interrupted_by: int | None,
+    timings: dict[str, float],
+) -> TrainResult:
+    """What :func:`ppo_cbp.train.main` returns at the end of a run."""
+    return TrainResult(
+        run_dir,
+        st.global_step,
+        st.update,
+        interrupted_by,
+        timings,
+        recent_returns=list(st.recent_returns),
+        units_replaced={k: int(r.num_replaced) for k, r in agent.resetters.items()},
+    )
+
+
+def closing_summary(result: TrainResult, total: int, steps: int, seconds: float) -> str:
+    """The closing lines: how far the run got, at what speed, its return and replacements, and
+    where its outputs are."""
+    state = "stopped" if result.interrupted_by is not None else "finished"
+    lines = [
+        f"{state} at step {result.global_step:,} of {total:,}: {steps:,} steps in "
+        f"{run_folder.duration(seconds)} ({steps / max(seconds, 1e-9):,.0f} steps/s)"
+    ]
+    returns = result.recent_returns
+    if returns:
+        n = len(returns)
+        mean = sum(returns) / n
+        lines.append(f"episodic return: {mean:.1f} (mean of the last {n} episode{'s' * (n > 1)})")
+    else:
+        lines.append("episodic return: no episode has ended yet")
+    lines.append(run_folder.units_replaced_line(result.units_replaced, "none (no --cbp or --redo)"))
+    lines += run_folder.where_lines(result.run_dir)
+    return "\n".join(lines)
