@@ -257,6 +257,10 @@ def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
     return state, saved
 
 
+PAPER_EXACT_OFF = ("bootstrap_truncation", "reset_optimizer_state")
+"""The flags whose released-code value (off) ``--paper-exact`` sets."""
+
+
 def run_settings(
     args: Args, given: set[str] | None = None
 ) -> tuple[Args, Args, dict[str, Any] | None, Path]:
@@ -276,6 +280,12 @@ def run_settings(
         ckpt, saved = read_checkpoint(type(args), ckpt_path)
         raw = merge_resume(raw, saved, given)
         run_dir = ckpt_path.parent
+    if raw.paper_exact and given:
+        # --paper-exact would silently turn these off: say so instead
+        clash = [f for f in PAPER_EXACT_OFF if f in given and getattr(raw, f)]
+        if clash:
+            names = " and ".join("--" + f.replace("_", "-") for f in clash)
+            raise ConfigError(f"--paper-exact turns off {names}: drop one of them")
     a = resolve_args(raw)
     if ckpt is not None:
         advice = (

@@ -407,3 +407,18 @@ def test_resume_after_kill_9_logs_each_step_once(tmp_path):
         assert steps == [s for s, _ in expected[tag]], tag
         if not tag.startswith(TIMING):  # the same run on the CPU: the same values
             assert points == expected[tag], tag
+
+
+def test_paper_exact_refuses_the_flags_it_would_turn_off(tmp_path):
+    runs = tmp_path / "runs"
+    for flag in ("--bootstrap-truncation", "--reset-optimizer-state"):
+        proc = train_cli(["--paper-exact", flag, "--runs-dir", str(runs)], tmp_path)
+        assert_one_error_line(proc, "--paper-exact", flag)
+        assert not runs.exists()
+    # the values it sets anyway, and the defaults, are no clash
+    from ppo_cbp.ppo_settings import run_settings
+
+    argv = ["--paper-exact", "--no-bootstrap-truncation", "--runs-dir", str(runs)]
+    given = Args(paper_exact=True, bootstrap_truncation=False, runs_dir=str(runs))
+    _, a, _, _ = run_settings(given, given_fields(argv))
+    assert a.paper_exact and not a.bootstrap_truncation and not a.reset_optimizer_state
