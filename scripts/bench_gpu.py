@@ -5,8 +5,8 @@ steps):
 
 * images/s of one training step (forward, cross-entropy, backward, SGD with momentum) of the
   Continual ImageNet ConvNet (batch 100) and the CIFAR ResNet-18 (batch 90), with and without
-  CBP at the paper's settings, for 1 seed and for 8 stacked seeds (where the package has a
-  stacked network of that kind; otherwise the row says "n/a");
+  CBP at the paper's settings, for 1 seed and for 8 stacked seeds (the stacked networks that
+  ``continual-imagenet`` and ``incremental-cifar`` train);
 * examples/s of the stacked MLP trainer (``ppo_cbp.stacked``) at Permuted MNIST's width 2000
   with 16 seeds, batch 1, with and without CBP, after start-up;
 * the MLP cases of ``scripts/bench_core.py`` (train step and CBP step in ms).
@@ -30,7 +30,6 @@ minibatch size).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -212,7 +211,7 @@ def rate(step: Callable[[], object], per_step: int, timer: Timer, seconds: float
 
 
 def conv_step(kind: str, seeds: int, cbp: bool, device: torch.device, tiny: bool):
-    """(step, images per step) for 1 network or ``seeds`` stacked ones; None if not available."""
+    """(step, images per step) for 1 network or ``seeds`` stacked ones."""
     build, batch, classes, lr, wd, settings = CONV[kind]
     batch, side = (2, TINY_SIDE[kind]) if tiny else (batch, 32)
     torch.manual_seed(0)
@@ -222,12 +221,11 @@ def conv_step(kind: str, seeds: int, cbp: bool, device: torch.device, tiny: bool
         x = torch.randn(batch, 3, side, side, device=device)
         params = net.parameters()
     else:
-        if kind != "convnet" or importlib.util.find_spec("ppo_cbp.stacked_sequential") is None:
-            return None
-        from ppo_cbp.stacked_sequential import StackedSequential
+        from ppo_cbp.benchmarks.continual_imagenet import stack_networks
 
-        net = StackedSequential([build() for _ in range(seeds)]).to(device)
-        layers_or_net, forward = net.unit_layers(settings["init"]), net
+        net = stack_networks([build() for _ in range(seeds)]).to(device)
+        layers_or_net = net.unit_layers(settings.get("init", "kaiming_normal"))
+        forward = net
         x = torch.randn(batch, seeds, 3, side, side, device=device)
         params = net.parameters()
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
@@ -286,10 +284,6 @@ def throughput(device: torch.device, tiny: bool, seconds: float) -> list[dict]:
             for cbp in (False, True):
                 name = f"{kind}, {seeds} seed{'s' if seeds > 1 else ''}{' + CBP' if cbp else ''}"
                 case = conv_step(kind, seeds, cbp, device, tiny)
-                if case is None:
-                    rows.append({"case": name, "unit": "images/s", "rate": None,
-                                 "note": f"n/a (stacked {kind} not available)"})  # fmt: skip
-                    continue
                 rows.append({"case": name, "unit": "images/s", "rate": rate(*case, timer, seconds, tiny)})  # fmt: skip
     width, seeds = (32, 2) if tiny else (2000, 16)
     for cbp in (False, True):
