@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference_learner import ModuleLearner
 from torch import nn
 
 from ppo_cbp.benchmarks.continual_imagenet import (
@@ -18,7 +19,6 @@ from ppo_cbp.benchmarks.continual_imagenet import (
 from ppo_cbp.benchmarks.continual_imagenet import (
     ContinualImageNetConfig,
     ImageNetMethodConfig,
-    ModuleLearner,
     StackedLearner,
     build_imagenet_learner,
     imagenet_convnet,

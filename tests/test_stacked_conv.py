@@ -8,13 +8,13 @@ import csv
 import numpy as np
 import pytest
 import torch
+from reference_learner import ModuleLearner
 from torch import nn
 
 from ppo_cbp.benchmarks.continual_imagenet import (
     DEFAULTS,
     ContinualImageNetConfig,
     ImageNetMethodConfig,
-    ModuleLearner,
     StackedLearner,
     build_imagenet_learner,
     imagenet_convnet,

@@ -4,10 +4,10 @@ SGD, Shrink & Perturb and CBP replacements, all in float64."""
 
 import pytest
 import torch
+from reference_learner import ModuleLearner
 from test_conv_benchmarks import read_rows, write_cifar
 
 from ppo_cbp.benchmarks.continual_imagenet import (
-    ModuleLearner,
     StackedLearner,
     resolve_module_method,
 )

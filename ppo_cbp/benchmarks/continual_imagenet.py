@@ -74,7 +74,6 @@ from ppo_cbp.metrics import (
 )
 from ppo_cbp.redo import ReDo
 from ppo_cbp.resnet import ResNet18
-from ppo_cbp.shrink_perturb import perturb_
 from ppo_cbp.stacked import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
 from ppo_cbp.stacked_resnet import StackedResNet18
 from ppo_cbp.stacked_sequential import StackedSequential
@@ -159,132 +158,7 @@ def linear_network(num_classes: int = 2, generator: torch.Generator | None = Non
 
 
 # --------------------------------------------------------------------------------------------
-# One network with its optimizer and the method's operator
-
-
-class ModuleLearner:
-    """An ``nn.Module`` trained with SGD (momentum, coupled L2) plus the method's operator.
-
-    After every optimizer step: Shrink & Perturb adds ``N(0, noise_std^2)`` to every parameter,
-    CBP runs :meth:`~ppo_cbp.cbp.ContinualBackprop.step` (hooked activations of that step's
-    forward pass), ReDo :meth:`~ppo_cbp.redo.ReDo.step`. All randomness comes from per-seed
-    generators on the device.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        method: ResolvedMethod,
-        *,
-        seed: int,
-        momentum: float,
-        init: str,
-        device: torch.device,
-    ):
-        self.net = net.to(device)
-        self.method = method
-        self.device = device
-        self.opt = torch.optim.SGD(
-            self.net.parameters(), lr=method.lr, momentum=momentum, weight_decay=method.weight_decay
-        )
-        self.cbp: ContinualBackprop | None = None
-        self.redo: ReDo | None = None
-        self.noise: torch.Generator | None = None
-        if method.method == "cbp":
-            self.cbp = ContinualBackprop(
-                self.net,
-                self.opt,
-                replacement_rate=method.replacement_rate,
-                maturity_threshold=method.maturity_threshold,
-                decay_rate=method.decay_rate,
-                utility=method.utility,
-                init=init,
-                seed=derive_seed(seed, TAG_CBP),
-            )
-        elif method.method == "redo":
-            self.redo = ReDo(
-                self.net,
-                self.opt,
-                threshold=method.redo_threshold,
-                period=method.redo_period,
-                init=init,
-                seed=derive_seed(seed, TAG_REDO),
-            )
-        if method.noise_std > 0:
-            self.noise = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_NOISE))
-        self._params = [p for p in self.net.parameters()]
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-
-    def step(self, x: Tensor, y: Tensor, num_logits: int | None = None) -> Tensor:
-        """One SGD step on ``(x, y)``; returns the number of correct predictions (device tensor).
-
-        ``num_logits``: only the first ``num_logits`` outputs enter the loss and the prediction
-        (the others are masked out).
-        """
-        logits = self.net(x)
-        if num_logits is not None:
-            logits = logits[:, :num_logits]
-        loss = F.cross_entropy(logits, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.noise is not None:
-            perturb_(self._params, self.method.noise_std, self.noise)
-        if self.cbp is not None:
-            self.cbp.step()
-        elif self.redo is not None:
-            self.redo.step()
-        with torch.no_grad():
-            return (logits.argmax(1) == y).sum()
-
-    def units_replaced(self) -> int:
-        if self.cbp is not None:
-            return self.cbp.num_replaced
-        if self.redo is not None:
-            return self.redo.num_replaced
-        return 0
-
-    def momentum_buffer(self, p: Tensor) -> Tensor | None:
-        return self.opt.state.get(p, {}).get("momentum_buffer")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "net": copy.deepcopy(self.net.state_dict()),
-            "opt": copy.deepcopy(self.opt.state_dict()),
-            "cbp": None if self.cbp is None else self.cbp.state_dict(),
-            "redo": None if self.redo is None else self.redo.state_dict(),
-            "noise": None if self.noise is None else self.noise.get_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state["opt"])
-        if self.cbp is not None:
-            self.cbp.load_state_dict(state["cbp"])
-        if self.redo is not None:
-            self.redo.load_state_dict(state["redo"])
-        if self.noise is not None:
-            self.noise.set_state(state["noise"])
-
-
-@torch.no_grad()
-def count_correct(
-    net: nn.Module, x: Tensor, y: Tensor, batch: int, num_logits: int | None = None
-) -> Tensor:
-    """Correct predictions of ``net`` (in eval mode) on ``(x, y)`` in chunks; a device tensor."""
-    was_training = net.training
-    net.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    for i in range(0, x.shape[0], batch):
-        logits = net(x[i : i + batch])
-        if num_logits is not None:
-            logits = logits[:, :num_logits]
-        correct += (logits.argmax(1) == y[i : i + batch]).sum()
-    net.train(was_training)
-    return correct
+# The seeds' networks as one, with their optimizer and the method's operator
 
 
 def stack_networks(nets: list[nn.Module]) -> StackedSequential | StackedResNet18:
@@ -300,8 +174,8 @@ class StackedLearner:
     """S seeds' networks as one stacked network (:func:`stack_networks`), trained with SGD
     (momentum, coupled L2) plus the method's operator.
 
-    A step is :meth:`ModuleLearner.step` for every seed at once: the loss is the sum over seeds
-    of each seed's mean cross-entropy on its own minibatch, so every seed's slice of the
+    A step is one SGD step of every seed's network at once: the loss is the sum over seeds of
+    each seed's mean cross-entropy on its own minibatch, so every seed's slice of the
     parameters and of the momentum follows the trajectory of its network trained alone. After
     the optimizer step, Shrink & Perturb adds ``N(0, noise_std^2)`` to every parameter (seed
     ``s``'s noise drawn from its own generator, parameter by parameter in the order of the

@@ -1,0 +1,126 @@
+"""The plain, one-network learner the stacked learners are tested against: an ``nn.Module``
+with torch SGD, hooked CBP/ReDo and :func:`~ppo_cbp.shrink_perturb.perturb_`, each seed's
+randomness from the generators its run alone would use."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ppo_cbp.benchmarks.common import ResolvedMethod
+from ppo_cbp.cbp import ContinualBackprop
+from ppo_cbp.redo import ReDo
+from ppo_cbp.shrink_perturb import perturb_
+from ppo_cbp.stacked import TAG_CBP, TAG_NOISE, TAG_REDO, derive_seed
+
+
+class ModuleLearner:
+    """An ``nn.Module`` trained with SGD (momentum, coupled L2) plus the method's operator.
+
+    After every optimizer step: Shrink & Perturb adds ``N(0, noise_std^2)`` to every parameter,
+    CBP runs :meth:`~ppo_cbp.cbp.ContinualBackprop.step` (hooked activations of that step's
+    forward pass), ReDo :meth:`~ppo_cbp.redo.ReDo.step`. All randomness comes from per-seed
+    generators on the device.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        method: ResolvedMethod,
+        *,
+        seed: int,
+        momentum: float,
+        init: str,
+        device: torch.device,
+    ):
+        self.net = net.to(device)
+        self.method = method
+        self.device = device
+        self.opt = torch.optim.SGD(
+            self.net.parameters(), lr=method.lr, momentum=momentum, weight_decay=method.weight_decay
+        )
+        self.cbp: ContinualBackprop | None = None
+        self.redo: ReDo | None = None
+        self.noise: torch.Generator | None = None
+        if method.method == "cbp":
+            self.cbp = ContinualBackprop(
+                self.net,
+                self.opt,
+                replacement_rate=method.replacement_rate,
+                maturity_threshold=method.maturity_threshold,
+                decay_rate=method.decay_rate,
+                utility=method.utility,
+                init=init,
+                seed=derive_seed(seed, TAG_CBP),
+            )
+        elif method.method == "redo":
+            self.redo = ReDo(
+                self.net,
+                self.opt,
+                threshold=method.redo_threshold,
+                period=method.redo_period,
+                init=init,
+                seed=derive_seed(seed, TAG_REDO),
+            )
+        if method.noise_std > 0:
+            self.noise = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_NOISE))
+        self._params = [p for p in self.net.parameters()]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def step(self, x: Tensor, y: Tensor, num_logits: int | None = None) -> Tensor:
+        """One SGD step on ``(x, y)``; returns the number of correct predictions (device tensor).
+
+        ``num_logits``: only the first ``num_logits`` outputs enter the loss and the prediction
+        (the others are masked out).
+        """
+        logits = self.net(x)
+        if num_logits is not None:
+            logits = logits[:, :num_logits]
+        loss = F.cross_entropy(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.noise is not None:
+            perturb_(self._params, self.method.noise_std, self.noise)
+        if self.cbp is not None:
+            self.cbp.step()
+        elif self.redo is not None:
+            self.redo.step()
+        with torch.no_grad():
+            return (logits.argmax(1) == y).sum()
+
+    def units_replaced(self) -> int:
+        if self.cbp is not None:
+            return self.cbp.num_replaced
+        if self.redo is not None:
+            return self.redo.num_replaced
+        return 0
+
+    def momentum_buffer(self, p: Tensor) -> Tensor | None:
+        return self.opt.state.get(p, {}).get("momentum_buffer")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "net": copy.deepcopy(self.net.state_dict()),
+            "opt": copy.deepcopy(self.opt.state_dict()),
+            "cbp": None if self.cbp is None else self.cbp.state_dict(),
+            "redo": None if self.redo is None else self.redo.state_dict(),
+            "noise": None if self.noise is None else self.noise.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        if self.cbp is not None:
+            self.cbp.load_state_dict(state["cbp"])
+        if self.redo is not None:
+            self.redo.load_state_dict(state["redo"])
+        if self.noise is not None:
+            self.noise.set_state(state["noise"])
