@@ -24,19 +24,21 @@ the units that continual backprop and ReDo create always start with a zero bias.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-SCHEMES = (
+Scheme = Literal[
+    "lecun_uniform",
     "kaiming_uniform",
     "kaiming_normal",
-    "lecun_uniform",
     "lecun_normal",
     "xavier_uniform",
     "torch_default",
-)
+]
+"""The weight-initialisation schemes by name (the command lines' ``--init`` choices)."""
+SCHEMES: tuple[str, ...] = get_args(Scheme)
 
 _RELU_LIKE = {"relu", "elu", "swish", "silu", "gelu"}
 

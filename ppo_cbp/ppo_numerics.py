@@ -5,8 +5,8 @@ On the small MLPs of the paper's PPO (two hidden layers of 256 units, minibatche
 time of an update goes to per-call overheads rather than arithmetic: autograd's graph, module
 calls and ``Optimizer.step``'s Python. These functions do the same arithmetic with fewer calls:
 
-* :func:`act_forward` / :func:`act_forward_np`: the policy mean at acting time, in torch (any
-  device, preallocated outputs) or in numpy (the CPU, between two env steps);
+* :class:`GaussianActing`: a rollout's actions, the policy mean by :func:`act_forward` (torch, any
+  device, preallocated outputs) or :func:`act_forward_np` (numpy, the CPU, between env steps);
 * :func:`ppo_loss_and_grads`: PPO's clipped loss, the value loss and their gradient in closed
   form (checked against autograd in float64 by ``tests/test_train_grads.py``);
 * :class:`AdamStep`: ``optimizer.step()`` of a fused Adam, bitwise, without its Python.
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "AdamStep",
+    "GaussianActing",
     "act_forward",
     "act_forward_np",
     "linear_layers",
@@ -81,6 +82,45 @@ def act_forward_np(layers: list[np.ndarray], inputs: list[np.ndarray], out: np.n
             np.maximum(h, 0.0, out=h)  # keeps the column of ones
         else:
             np.matmul(inputs[i], w, out=out)
+
+
+class GaussianActing:
+    """A rollout's actions ``a_t = mu(s_t) + exp(log_std) * eps_t`` for ``num_envs`` envs, from the
+    noise ``eps [T, num_envs, act_dim]`` drawn for the whole rollout.
+
+    ``mu`` is the actor's forward: on the CPU in numpy (:func:`act_forward_np`, on a copy of the
+    weights taken by :meth:`start`), elsewhere by :func:`act_forward` into preallocated outputs.
+    ``use_numpy`` overrides the choice (the tests compare both paths on the CPU).
+    """
+
+    def __init__(
+        self, actor: nn.Sequential, log_std: Tensor, num_envs: int, use_numpy: bool | None = None
+    ):
+        self.actor, self.log_std = actor, log_std
+        self.use_numpy = log_std.device.type == "cpu" if use_numpy is None else use_numpy
+        self.layers = linear_layers(actor)
+        in_widths = [wt.shape[0] for wt, _ in self.layers]
+        out_widths = [wt.shape[1] for wt, _ in self.layers]
+        self.out = [torch.empty(num_envs, w, device=log_std.device) for w in out_widths]
+        self.inputs_np = [np.ones((num_envs, w + 1), np.float32) for w in in_widths]
+        self.mean_np = np.empty((num_envs, out_widths[-1]), np.float32)
+
+    def start(self, noise: Tensor) -> None:
+        """Begin a rollout with the current weights and ``noise`` (under ``torch.inference_mode``)."""
+        self.noise, self.std = noise, self.log_std.exp()
+        if self.use_numpy:
+            self.layers_np = numpy_layers(self.actor)
+            self.scaled_noise = (noise * self.std).numpy()
+
+    def act(self, t: int, obs: np.ndarray, out: np.ndarray) -> None:
+        """Step ``t``'s actions for the observations ``obs [num_envs, obs_dim]`` into ``out``."""
+        if self.use_numpy:
+            self.inputs_np[0][:, :-1] = obs
+            act_forward_np(self.layers_np, self.inputs_np, self.mean_np)
+            np.add(self.mean_np, self.scaled_noise[t], out=out)
+        else:
+            mean = act_forward(self.layers, torch.from_numpy(obs).to(self.std.device), self.out)
+            torch.from_numpy(out).copy_(torch.addcmul(mean, self.std, self.noise[t]))
 
 
 def mlp_forward(layers: Sequence[nn.Linear], x: Tensor) -> tuple[Tensor, list[Tensor]]:

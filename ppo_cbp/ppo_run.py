@@ -105,6 +105,25 @@ class RunState:
             self.obs_rms.update(o)
         return np.clip((o - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + 1e-8), -10.0, 10.0)
 
+    def scale_reward(self, reward: np.ndarray, gamma: float) -> np.ndarray:
+        """``reward`` over the running std of the discounted return (updated first), clipped to
+        +-10; ``reward`` itself without ``--normalize-reward``."""
+        if self.ret_rms is None:
+            return reward
+        self.discounted = self.discounted * gamma + reward
+        self.ret_rms.update(self.discounted)
+        return np.clip(reward / np.sqrt(self.ret_rms.var + 1e-8), -10.0, 10.0)
+
+    def end_episode(self, i: int) -> tuple[float, int]:
+        """Env ``i``'s episode ended: record its return and length and start the next one."""
+        episode_return, length = float(self.episode_return[i]), int(self.episode_length[i])
+        self.latest_return = episode_return
+        self.recent_returns.append(episode_return)
+        self.episode_return[i] = 0.0
+        self.episode_length[i] = 0
+        self.discounted[i] = 0.0
+        return episode_return, length
+
 
 def snapshot(raw: Args, a: Args, agent: Agent, st: RunState, envs: Any, generators: dict) -> dict:
     """The full training state at this update boundary (cloned, device tensors)."""

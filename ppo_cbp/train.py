@@ -8,30 +8,14 @@ in :mod:`envs.vector`.
 Usage::
 
     python ppo_cbp/train.py --env Ant-v4 --cbp --steps 100_000_000
-    python ppo_cbp/train.py --help                      # every option, with its docstring
-    python ppo_cbp/train.py --resume runs/<run_name>    # continue an interrupted run
-    python ppo_cbp/train.py --resume runs/<run_name> --steps 200_000_000   # extend a finished one
+    python ppo_cbp/train.py --resume runs/<run_name>    # continue, or extend with a larger --steps
     tensorboard --logdir runs
 
-The defaults reproduce the PPO of Dohare et al., "Loss of plasticity in deep continual learning"
-(Nature, 2024), i.e. the official code's Ant configuration (each value in ``--help``), with
-friction changes as in the paper (:mod:`envs.friction`). Three defaults deliberately differ from
-the official code, and ``--paper-exact`` restores all three (the README explains them, and what
-remains different): ``--bootstrap-truncation`` (bootstrap from V(final observation) at a
-time-limit truncation), ``--reset-optimizer-state`` (CBP and ReDo zero the Adam moments of the
-entries they reset), and CBP's replacement count carried from step to step as in Algorithm 1
-(the official PPO code replaced one unit with probability ``rho * E`` each step).
-
-Scalars: ``charts/{episodic_return,episodic_length,SPS,learning_rate}``,
-``losses/{value_loss,policy_loss,entropy,approx_kl,clipfrac,explained_variance}`` (means over
-the update's minibatches), ``env/friction`` (env 0's coefficient at the end of the rollout),
-``perf/*_fraction`` (each phase's share of the wall time), and every ``--metrics-every`` updates
-``plasticity/{policy,value}/...`` (:func:`ppo_cbp.metrics.plasticity_metrics`).
-
-Outputs go to ``runs/<run_name>/``: TensorBoard events, ``config.json`` and ``checkpoint.pt``,
-written atomically every ``--checkpoint-every`` steps, at the end, on SIGINT/SIGTERM and on a
-non-finite loss. A checkpoint holds everything needed to continue exactly: on CPU an interrupted
-and resumed run produces the same weights and metrics as an uninterrupted one.
+The defaults are the paper's PPO (the official code's Ant configuration, each value in ``--help``)
+except in three places that ``--paper-exact`` restores, as the README explains. A run writes
+TensorBoard events (the README lists the tags), ``config.json`` and an atomic ``checkpoint.pt``
+to ``runs/<run_name>/``; on CPU a resumed run gives the same weights and metrics as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -56,49 +40,16 @@ if __package__ in (None, ""):
 
 import envs.vector as vector_env  # noqa: E402
 from envs.vector import EnvFactory  # noqa: E402
-from ppo_cbp import run_folder  # noqa: E402
+from ppo_cbp import ppo_run, ppo_settings, run_folder  # noqa: E402
 from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
 from ppo_cbp.cli import parse as cli_parse  # noqa: E402
 from ppo_cbp.cli import report_error  # noqa: E402
 from ppo_cbp.errors import UsageError  # noqa: E402
-from ppo_cbp.init import init_linear_  # noqa: E402
+from ppo_cbp.init import Scheme, init_linear_  # noqa: E402
 from ppo_cbp.metrics import WeightChangeTracker, plasticity_metrics  # noqa: E402
-from ppo_cbp.ppo_numerics import (  # noqa: E402
-    LOG_2PI,
-    AdamStep,
-    act_forward,
-    act_forward_np,
-    linear_layers,
-    numpy_layers,
-    ppo_loss_and_grads,
-)
-from ppo_cbp.ppo_run import (  # noqa: E402
-    Checkpoints,
-    RunState,
-    TrainResult,
-    closing_summary,
-    open_outputs,
-    progress_bar,
-    seed_everything,
-    start_state,
-    train_result,
-)
-from ppo_cbp.ppo_settings import given_fields as _given_fields  # noqa: E402
-from ppo_cbp.ppo_settings import resolve_args, run_settings  # noqa: E402
+from ppo_cbp.ppo_numerics import LOG_2PI, AdamStep, GaussianActing, ppo_loss_and_grads  # noqa: E402
 from ppo_cbp.redo import ReDo  # noqa: E402
 from ppo_cbp.shrink_perturb import perturb_  # noqa: E402
-
-__all__ = [
-    "Args",
-    "ConfigError",
-    "NonFiniteLossError",
-    "AdamStep",
-    "TrainResult",
-    "compute_gae",
-    "main",
-    "ppo_loss_and_grads",
-    "resolve_args",
-]
 
 
 @dataclass
@@ -168,14 +119,7 @@ class Args:
     # ---- networks and optimizer
     hidden_sizes: tuple[int, ...] = (256, 256)
     """Widths of the hidden ReLU layers of both the policy-mean and the value network."""
-    init: Literal[
-        "lecun_uniform",
-        "kaiming_uniform",
-        "kaiming_normal",
-        "lecun_normal",
-        "xavier_uniform",
-        "torch_default",
-    ] = "lecun_uniform"
+    init: Scheme = "lecun_uniform"
     """Weight init of every layer (output layers too); biases start at 0. CBP/ReDo redraw replaced units from the same distribution."""
     log_std_init: float = 0.0
     """Initial value of the state-independent log standard deviation of the policy."""
@@ -239,9 +183,7 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN/Inf; the last good state was checkpointed."""
 
 
-# ------------------------------------------------------------------------------------------------
-# environments
-# ------------------------------------------------------------------------------------------------
+# --- environments ---------------------------------------------------------------------------------
 
 
 def make_env(a: Args, index: int) -> EnvFactory:
@@ -260,9 +202,7 @@ def make_env(a: Args, index: int) -> EnvFactory:
     return EnvFactory(a.env, index, friction)
 
 
-# ------------------------------------------------------------------------------------------------
-# networks
-# ------------------------------------------------------------------------------------------------
+# --- agent ----------------------------------------------------------------------------------------
 
 
 def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, init: str) -> nn.Sequential:
@@ -277,11 +217,6 @@ def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, init: str) -> nn.
         if isinstance(m, nn.Linear):
             init_linear_(m, init, "relu")
     return net
-
-
-# ------------------------------------------------------------------------------------------------
-# agent
-# ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -323,6 +258,8 @@ def make_agent(
         optimizer = torch.optim.Adam(params, **adam_kwargs)
     resetters: dict[str, ContinualBackprop | ReDo] = {}
     for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
+        seed = int(seeds[2 + k] % 2**63)
+        shared = dict(init=a.init, reset_optimizer_state=a.reset_optimizer_state, seed=seed)
         if a.cbp:
             resetters[name] = ContinualBackprop(
                 net,
@@ -331,20 +268,12 @@ def make_agent(
                 maturity_threshold=a.maturity_threshold,
                 decay_rate=a.decay_rate,
                 utility=a.utility,
-                init=a.init,
-                reset_optimizer_state=a.reset_optimizer_state,
                 accumulate=not a.paper_exact,
-                seed=int(seeds[2 + k] % 2**63),
+                **shared,
             )
         elif a.redo:
             resetters[name] = ReDo(
-                net,
-                optimizer,
-                threshold=a.redo_threshold,
-                period=a.redo_period,
-                init=a.init,
-                reset_optimizer_state=a.reset_optimizer_state,
-                seed=int(seeds[2 + k] % 2**63),
+                net, optimizer, threshold=a.redo_threshold, period=a.redo_period, **shared
             )
     for r in resetters.values():
         # The update passes each minibatch's activations explicitly: no hooks on the hot path.
@@ -352,15 +281,13 @@ def make_agent(
     return Agent(actor, critic, log_std, optimizer, resetters)
 
 
-# ------------------------------------------------------------------------------------------------
-# rollout
-# ------------------------------------------------------------------------------------------------
+# --- rollout --------------------------------------------------------------------------------------
 
 
 class Rollout:
-    """The rollout's buffers ``[T, N, ...]`` (numpy, with torch views) and acting scratch space."""
+    """The rollout's buffers ``[T, N, ...]`` (numpy, with torch views) and its acting."""
 
-    def __init__(self, a: Args, obs_dim: int, act_dim: int, device: torch.device, agent: Agent):
+    def __init__(self, a: Args, obs_dim: int, act_dim: int, agent: Agent):
         T, N = a.num_steps, a.num_envs
         self.obs = np.zeros((T, N, obs_dim), np.float32)
         self.act = np.zeros((T, N, act_dim), np.float32)
@@ -368,11 +295,7 @@ class Rollout:
         self.term = np.zeros((T, N), bool)
         self.trunc = np.zeros((T, N), bool)
         self.obs_host, self.act_host = torch.from_numpy(self.obs), torch.from_numpy(self.act)
-        self.actor_layers = linear_layers(agent.actor)
-        widths = (*a.hidden_sizes, act_dim)
-        self.act_out = [torch.empty(N, w, device=device) for w in widths]
-        self.act_in_np = [np.ones((N, w + 1), np.float32) for w in (obs_dim, *a.hidden_sizes)]
-        self.mean_np = np.empty((N, act_dim), np.float32)
+        self.acting = GaussianActing(agent.actor, agent.log_std, N)
         self.noise: Tensor | None = None
         self.finals: list[tuple[int, int, np.ndarray]] = []  # (t, env, final obs) at truncations
         self.episodes: list[tuple[int, float, int]] = []  # (step, return, length) of ended ones
@@ -380,35 +303,20 @@ class Rollout:
 
 
 def collect_rollout(
-    a: Args, envs: Any, agent: Agent, st: RunState, ro: Rollout, gen: torch.Generator
+    a: Args, envs: Any, agent: Agent, st: ppo_run.RunState, ro: Rollout, gen: torch.Generator
 ) -> None:
-    """Step the envs ``num_steps`` times with the current policy into ``ro``.
-
-    Gaussian noise for the whole rollout is drawn at once; on the CPU the policy mean is
-    computed in numpy (:func:`act_forward_np`), elsewhere by :func:`act_forward`."""
+    """Step the envs ``num_steps`` times with the current policy into ``ro``, with Gaussian
+    noise drawn for the whole rollout at once (:class:`GaussianActing`)."""
     T, N = a.num_steps, a.num_envs
     step0 = st.global_step
     ro.finals, ro.episodes, ro.env_time = [], [], 0.0
-    on_cpu = agent.log_std.device.type == "cpu"
     envs.wake()
     with torch.inference_mode():
-        ro.noise = noise = torch.randn(
-            (T, N, ro.act.shape[2]), generator=gen, device=agent.log_std.device
-        )
-        std = agent.log_std.exp()
-        if on_cpu:
-            np_layers = numpy_layers(agent.actor)
-            scaled_noise = (noise * std).numpy()
+        ro.noise = torch.randn((T, N, ro.act.shape[2]), generator=gen, device=agent.log_std.device)
+        ro.acting.start(ro.noise)
         for t in range(T):
             ro.obs[t] = st.next_obs
-            if on_cpu:
-                ro.act_in_np[0][:, :-1] = st.next_obs
-                act_forward_np(np_layers, ro.act_in_np, ro.mean_np)
-                np.add(ro.mean_np, scaled_noise[t], out=ro.act[t])
-            else:
-                x = ro.obs_host[t].to(std.device)
-                mean = act_forward(ro.actor_layers, x, ro.act_out)
-                ro.act_host[t].copy_(torch.addcmul(mean, std, noise[t]))
+            ro.acting.act(t, ro.obs[t], ro.act[t])
             action = ro.act[t]
             if a.clip_actions:
                 action = np.clip(
@@ -421,28 +329,16 @@ def collect_rollout(
             ro.trunc[t] = truncated
             st.episode_return += reward
             st.episode_length += 1
-            if st.ret_rms is not None:
-                st.discounted = st.discounted * a.gamma + reward
-                st.ret_rms.update(st.discounted)
-                reward = np.clip(reward / np.sqrt(st.ret_rms.var + 1e-8), -10.0, 10.0)
-            ro.rew[t] = reward
+            ro.rew[t] = st.scale_reward(reward, a.gamma)
             for i, fo in final:
                 if truncated[i] and not terminated[i]:
                     ro.finals.append((t, i, st.normalize_obs(fo[None], False)[0]))
-                r_i, l_i = float(st.episode_return[i]), int(st.episode_length[i])
-                ro.episodes.append((step0 + (t + 1) * N, r_i, l_i))
-                st.latest_return = r_i
-                st.recent_returns.append(r_i)
-                st.episode_return[i] = 0.0
-                st.episode_length[i] = 0
-                st.discounted[i] = 0.0
+                ro.episodes.append((step0 + (t + 1) * N, *st.end_episode(i)))
             st.next_obs = st.normalize_obs(raw_obs, True).astype(np.float32)
     st.global_step += T * N
 
 
-# ------------------------------------------------------------------------------------------------
-# ALGO LOGIC: GAE (bootstrap value if not done)
-# ------------------------------------------------------------------------------------------------
+# --- ALGO LOGIC: GAE (bootstrap value if not done) ------------------------------------------------
 
 
 def compute_gae(
@@ -490,19 +386,16 @@ def compute_gae(
     advantages = np.empty_like(deltas)
     # Python floats (IEEE doubles, as numpy's) beat a numpy op per step for these short columns.
     for n in range(deltas.shape[1]):
-        column = deltas[:, n].tolist()
-        carry = carries[:, n].tolist()
-        out = [0.0] * len(column)
-        acc = 0.0
-        for t in range(len(column) - 1, -1, -1):
-            acc = column[t] + carry[t] * acc
-            out[t] = acc
-        advantages[:, n] = out
+        acc, backwards = 0.0, []
+        for delta, carry in zip(deltas[::-1, n].tolist(), carries[::-1, n].tolist()):
+            acc = delta + carry * acc
+            backwards.append(acc)
+        advantages[:, n] = backwards[::-1]
     return advantages, advantages + values
 
 
 def rollout_targets(
-    a: Args, agent: Agent, st: RunState, ro: Rollout
+    a: Args, agent: Agent, st: ppo_run.RunState, ro: Rollout
 ) -> tuple[Tensor, np.ndarray, np.ndarray, float]:
     """The rollout's states on the device ``[T * N, obs_dim]``, GAE advantages and returns
     ``[T, N]`` (:func:`compute_gae`) and the explained variance of the returns by the values."""
@@ -517,28 +410,19 @@ def rollout_targets(
             fo = torch.from_numpy(np.stack([f for _, _, f in ro.finals]).astype(np.float32))
             final_values = agent.critic(fo.to(device)).view(-1).cpu().numpy()
     values_np = values_all.cpu().numpy().astype(np.float64)
-    next_values = values_np[1:].copy()
+    v, next_v = values_np[:-1], values_np[1:].copy()  # V(s_t) and V(s'_t)
     if final_values is not None:
-        for (t, i, _), v in zip(ro.finals, final_values):
-            next_values[t, i] = v
+        for (t, i, _), final_value in zip(ro.finals, final_values):
+            next_v[t, i] = final_value
     adv_np, ret_np = compute_gae(
-        ro.rew,
-        values_np[:-1],
-        next_values,
-        ro.term,
-        ro.trunc,
-        a.gamma,
-        a.gae_lambda,
-        a.bootstrap_truncation,
+        ro.rew, v, next_v, ro.term, ro.trunc, a.gamma, a.gae_lambda, a.bootstrap_truncation
     )
     var_ret = ret_np.var()
-    explained_var = math.nan if var_ret == 0 else 1.0 - (ret_np - values_np[:-1]).var() / var_ret
+    explained_var = math.nan if var_ret == 0 else 1.0 - (ret_np - v).var() / var_ret
     return b_obs, adv_np, ret_np, explained_var
 
 
-# ------------------------------------------------------------------------------------------------
-# PPO update
-# ------------------------------------------------------------------------------------------------
+# --- PPO update -----------------------------------------------------------------------------------
 
 
 def ppo_update(
@@ -566,21 +450,11 @@ def ppo_update(
     b_ret = torch.from_numpy(ret_np.reshape(B).astype(np.float32)).to(device)
     log_std = agent.log_std
     with torch.no_grad():
-        b_logp = (
-            -0.5 * ro.noise.reshape(B, act_dim).square().sum(1)
-            - log_std.sum()
-            - 0.5 * act_dim * LOG_2PI
-        )
-    data = torch.cat(
-        [
-            b_obs,
-            ro.act_host.to(device).reshape(B, act_dim),
-            b_logp[:, None],
-            -b_adv[:, None],  # negated: the loss uses -A
-            b_ret[:, None],
-        ],
-        1,
-    )
+        b_logp = -0.5 * ro.noise.reshape(B, act_dim).square().sum(1) - log_std.sum()
+        b_logp -= 0.5 * act_dim * LOG_2PI
+    b_act = ro.act_host.to(device).reshape(B, act_dim)
+    # One tensor, so that each minibatch is one slice; the advantage is negated (the loss uses -A).
+    data = torch.cat([b_obs, b_act, b_logp[:, None], -b_adv[:, None], b_ret[:, None]], 1)
     o1, o2 = b_obs.shape[1], b_obs.shape[1] + act_dim
     actor = [m for m in agent.actor if isinstance(m, nn.Linear)]
     critic = [m for m in agent.critic if isinstance(m, nn.Linear)]
@@ -597,18 +471,9 @@ def ppo_update(
             shuffled = data[torch.randperm(B, generator=generators["main"], device=device)]
             for start in range(0, B, minibatch):
                 d = shuffled[start : start + minibatch]
+                columns = (d[:, :o1], d[:, o1:o2], *d[:, o2:].unbind(1))  # s, a, log p, -A, R
                 pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_and_grads(
-                    actor,
-                    critic,
-                    log_std,
-                    d[:, :o1],
-                    d[:, o1:o2],
-                    d[:, o2],
-                    d[:, o2 + 1],
-                    d[:, o2 + 2],
-                    a.clip_coef,
-                    a.vf_coef,
-                    a.ent_coef,
+                    actor, critic, log_std, *columns, a.clip_coef, a.vf_coef, a.ent_coef
                 )
                 if a.max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(params, a.max_grad_norm)
@@ -628,31 +493,32 @@ def ppo_update(
 
 
 def update_statistics(
-    a: Args, losses: Tensor, log_ratios: Tensor, changes: Tensor
-) -> tuple[float, float, float, float, bool]:
+    a: Args, log_std: Tensor, losses: Tensor, log_ratios: Tensor, changes: Tensor
+) -> tuple[float, float, float, float, float, bool]:
     """Mean policy and value losses, CleanRL's approx_kl ``E[(r - 1) - log r]`` and the clip
-    fraction over the update's minibatches, and whether all were finite: one host sync."""
+    fraction over the update's minibatches, the policy's entropy after the update, and whether
+    all were finite: one host sync."""
     ratios = log_ratios.exp()
+    entropy = log_std.detach().sum() + 0.5 * log_std.shape[0] * (1.0 + LOG_2PI)
     stats = torch.cat(
         (
             losses.mean(0),
             ((ratios - 1) - log_ratios).mean().view(1),
             ((ratios - 1).abs() > a.clip_coef).float().mean().view(1),
+            entropy.view(1),
             torch.isfinite(losses).all().view(1),
             torch.isfinite(log_ratios).all().view(1),
             torch.isfinite(changes).all().view(1),
         )
     )
-    pg_m, v_m, kl_m, cf_m, *ok = stats.tolist()
-    return pg_m, v_m, kl_m, cf_m, all(ok)
+    *means, ok_losses, ok_ratios, ok_changes = stats.tolist()
+    return (*means, ok_losses and ok_ratios and ok_changes)
 
 
-# ------------------------------------------------------------------------------------------------
-# logging
-# ------------------------------------------------------------------------------------------------
+# --- logging --------------------------------------------------------------------------------------
 
 
-def plasticity_scalars(agent: Agent, st: RunState, b_obs: Tensor) -> dict[str, float]:
+def plasticity_scalars(agent: Agent, st: ppo_run.RunState, b_obs: Tensor) -> dict[str, float]:
     """``plasticity/{policy,value}/...`` on the rollout's states (:func:`plasticity_metrics`),
     the largest weight change since the last log and the units replaced so far."""
     metric_tensors: dict[str, Tensor] = {}
@@ -671,82 +537,61 @@ def plasticity_scalars(agent: Agent, st: RunState, b_obs: Tensor) -> dict[str, f
 
 
 def update_scalars(
-    a: Args,
-    agent: Agent,
-    envs: Any,
-    stats: Sequence[float],
-    explained_var: float,
-    lr: float,
-    sps: float,
+    a: Args, envs: Any, stats: Sequence[float], explained_var: float, lr: float, sps: float
 ) -> dict[str, float]:
-    """The scalars of every update: speed, learning rate, the update's means (``stats``: policy
-    loss, value loss, approx_kl, clipfrac, from :func:`update_statistics`), the policy's entropy
-    and, with friction changes, env 0's current friction coefficient."""
-    pg_m, v_m, kl_m, cf_m = stats
-    act_dim = agent.log_std.shape[0]
-    entropy = float((agent.log_std.detach().sum() + 0.5 * act_dim * (1.0 + LOG_2PI)).cpu())
-    scalars = {
-        "charts/SPS": sps,
-        "charts/learning_rate": lr,
-        "losses/value_loss": v_m,
-        "losses/policy_loss": pg_m,
-        "losses/entropy": entropy,
-        "losses/approx_kl": kl_m,
-        "losses/clipfrac": cf_m,
-        "losses/explained_variance": explained_var,
-    }
+    """The scalars of every update: speed, learning rate, the update's ``stats`` (from
+    :func:`update_statistics`), the explained variance and, with friction changes, env 0's
+    current friction coefficient."""
+    names = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy")
+    scalars = {"charts/SPS": sps, "charts/learning_rate": lr}
+    scalars.update({f"losses/{name}": v for name, v in zip(names, stats)})
+    scalars["losses/explained_variance"] = explained_var
     if a.friction_every > 0:
         scalars["env/friction"] = float(envs.call("friction")[0])
     return scalars
 
 
 def write_scalars(
-    writer: Any, ro: Rollout, scalars: dict[str, float], timings: dict[str, float], step: int
+    writer: Any, bar: Any, ro: Rollout, st: ppo_run.RunState, scalars: dict, timings: dict
 ) -> None:
     """The returns and lengths of the episodes that ended in the rollout (at their own steps),
-    then ``scalars`` and ``perf/*_fraction`` (each phase's share of the wall time so far, in
-    ``timings["total"]``) at ``step``."""
+    then ``scalars`` and ``perf/*_fraction`` (each phase's share of the wall time so far,
+    ``timings["total"]``) at the current step; then the progress bar moves past the rollout."""
     for s, r_ep, l_ep in ro.episodes:
         writer.add_scalar("charts/episodic_return", r_ep, s)
         writer.add_scalar("charts/episodic_length", l_ep, s)
     for key in ("env", "acting", "update", "cbp", "metrics"):
         scalars[f"perf/{key}_fraction"] = timings[key] / timings["total"]
     for key, v in scalars.items():
-        writer.add_scalar(key, v, step)
-
-
-def show_progress(bar: Any, st: RunState, scalars: dict[str, float], steps: int) -> None:
-    """Advance the progress bar by ``steps``, with the latest return and friction beside it
-    (tqdm shows the rate itself; the postfix is set first so that it is current)."""
+        writer.add_scalar(key, v, st.global_step)
     postfix = f"return {st.latest_return:.1f}"
     if "env/friction" in scalars:
         postfix += f", friction {scalars['env/friction']:.3g}"
-    bar.set_postfix_str(postfix, refresh=False)
-    bar.update(steps)
+    bar.set_postfix_str(postfix, refresh=False)  # update() redraws the bar with it
+    bar.update(ro.rew.size)
 
 
-# ------------------------------------------------------------------------------------------------
-# main: the algorithm's outline
-# ------------------------------------------------------------------------------------------------
+# --- main: the algorithm's outline ----------------------------------------------------------------
 
 
-def main(args: Args, given: set[str] | None = None) -> TrainResult:
+def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
     """Train PPO as configured by ``args``; see the module docstring.
 
-    ``given``: the fields set on the command line (:func:`given_fields`), which a resumed run's
+    ``given``: the fields set on the command line (:func:`ppo_settings.given_fields`), which a resumed run's
     settings must agree with; None counts the fields that differ from their defaults.
 
     :raises ConfigError: for bad settings, before anything is created or written.
     :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
     """
     t_begin = time.perf_counter()
-    raw, a, ckpt, run_dir = run_settings(args, given)  # every check before anything is created
+    # Every check comes before anything is created.
+    raw, a, ckpt, run_dir = ppo_settings.run_settings(args, given)
     use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     caller_threads = torch.get_num_threads()
 
     # TRY NOT TO MODIFY: seeding
-    generators, seeds = seed_everything(a.seed, device)
+    generators, seeds = ppo_run.seed_everything(a.seed, device)
 
     # env setup
     envs = vector_env.make([make_env(a, i) for i in range(a.num_envs)])
@@ -762,17 +607,19 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
 
         agent = make_agent(a, obs_dim, act_dim, device, seeds)
         trackers = [WeightChangeTracker(net) for _, net in agent.nets()]
-        st = start_state(a, obs_dim, device, envs, agent, generators, ckpt)
-        writer = open_outputs(run_dir, a, st, resumed=ckpt is not None)
+        st = ppo_run.start_state(a, obs_dim, device, envs, agent, generators, ckpt)
+        writer = ppo_run.open_outputs(run_dir, a, st, resumed=ckpt is not None)
 
         # ALGO Logic: Storage setup
-        ro = Rollout(a, obs_dim, act_dim, device, agent)
+        ro = Rollout(a, obs_dim, act_dim, agent)
         adam_step = AdamStep(agent.optimizer)
         timings = dict.fromkeys(("env", "acting", "update", "cbp", "metrics", "checkpoint"), 0.0)
         t_start = time.perf_counter()
-        checkpoints = Checkpoints(raw, a, agent, st, envs, generators, run_dir, writer, timings)
+        checkpoints = ppo_run.Checkpoints(
+            raw, a, agent, st, envs, generators, run_dir, writer, timings
+        )
         steps_before = st.global_step
-        bar = progress_bar(a, st)
+        bar = ppo_run.progress_bar(a, st)
         with run_folder.StopSignal() as stop:
             while st.global_step < a.steps and stop.signum is None:
                 st.update += 1
@@ -800,7 +647,7 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                 )
                 changes = torch.stack([tr.change() for tr in trackers])
                 st.max_change = torch.maximum(st.max_change, changes)
-                *stats, finite = update_statistics(a, losses, log_ratios, changes)
+                *stats, finite = update_statistics(a, agent.log_std, losses, log_ratios, changes)
                 t_update = time.perf_counter()
                 timings["update"] += t_update - t_rollout
                 timings["cbp"] += cbp_time
@@ -808,23 +655,21 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
                     raise NonFiniteLossError(checkpoints.save_last_good(B))
 
                 # TRY NOT TO MODIFY: record rewards for plotting purposes
-                sps = B / (t_update - t_iter)
-                scalars = update_scalars(a, agent, envs, stats, explained_var, lr, sps)
+                scalars = update_scalars(a, envs, stats, explained_var, lr, B / (t_update - t_iter))
                 if a.metrics_every and st.update % a.metrics_every == 0:
                     t_m = time.perf_counter()
                     scalars.update(plasticity_scalars(agent, st, b_obs))
                     timings["metrics"] += time.perf_counter() - t_m
                 timings["total"] = time.perf_counter() - t_start
-                write_scalars(writer, ro, scalars, timings, st.global_step)
-                show_progress(bar, st, scalars, B)
+                write_scalars(writer, bar, ro, st, scalars, timings)
                 checkpoints.update_done(stopping=stop.signum is not None)
             bar.close()
             if stop.signum is not None:
                 checkpoints.stopped(stop.signum)
         timings["total"] = time.perf_counter() - t_start
-        result = train_result(run_dir, st, agent, stop.signum, timings)
+        result = ppo_run.train_result(run_dir, st, agent, stop.signum, timings)
         seconds = time.perf_counter() - t_begin
-        print(closing_summary(result, a.steps, st.global_step - steps_before, seconds))
+        print(ppo_run.closing_summary(result, a.steps, st.global_step - steps_before, seconds))
         return result
     finally:
         if writer is not None:
@@ -833,16 +678,11 @@ def main(args: Args, given: set[str] | None = None) -> TrainResult:
         torch.set_num_threads(caller_threads)
 
 
-def given_fields(argv: Sequence[str]) -> set[str]:
-    """The ``Args`` fields named on a command line (see :func:`ppo_settings.given_fields`)."""
-    return _given_fields(Args, argv)
-
-
 def cli() -> None:
     """Command-line entry point: one line and exit code 2 for bad settings."""
     try:
         args = cli_parse(Args, sys.argv[1:])
-        result = main(args, given_fields(sys.argv[1:]))
+        result = main(args, ppo_settings.given_fields(Args, sys.argv[1:]))
     except UsageError as e:
         sys.exit(report_error(e))
     except NonFiniteLossError as e:

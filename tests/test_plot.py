@@ -383,7 +383,8 @@ def test_reproduce_paper_budget_prints_without_running(tmp_path, capsys):
 
     from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig
     from ppo_cbp.benchmarks.scr import SCRConfig
-    from ppo_cbp.train import Args, resolve_args
+    from ppo_cbp.ppo_settings import resolve_args
+    from ppo_cbp.train import Args
 
     runs = tmp_path / "runs"
     assert reproduce.main(["--budget", "paper", "--runs-dir", str(runs)]) == 0

@@ -15,7 +15,8 @@ import torch
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_cbp.train import Args, ConfigError, NonFiniteLossError, main, resolve_args
+from ppo_cbp.ppo_settings import resolve_args
+from ppo_cbp.train import Args, ConfigError, NonFiniteLossError, main
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "ppo_cbp" / "train.py"

@@ -16,7 +16,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from ppo_cbp.train import Args, ConfigError, given_fields, main
+from ppo_cbp.ppo_settings import given_fields
+from ppo_cbp.train import Args, ConfigError, main
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "ppo_cbp" / "train.py"
@@ -94,7 +95,7 @@ def test_given_fields_reads_flags_as_tyro_writes_them():
     argv = ["--env", "Ant-v4", "--steps=5", "--no-progress", "--run_name", "x", "--cbp"]
     argv += ["--hidden-sizes", "64", "64", "--resume", "runs/r", "--not-a-field", "1"]
     expected = {"env", "steps", "progress", "run_name", "cbp", "hidden_sizes", "resume"}
-    assert given_fields(argv) == expected
+    assert given_fields(Args, argv) == expected
 
 
 @pytest.mark.parametrize(
@@ -420,5 +421,5 @@ def test_paper_exact_refuses_the_flags_it_would_turn_off(tmp_path):
 
     argv = ["--paper-exact", "--no-bootstrap-truncation", "--runs-dir", str(runs)]
     given = Args(paper_exact=True, bootstrap_truncation=False, runs_dir=str(runs))
-    _, a, _, _ = run_settings(given, given_fields(argv))
+    _, a, _, _ = run_settings(given, given_fields(Args, argv))
     assert a.paper_exact and not a.bootstrap_truncation and not a.reset_optimizer_state

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ppo_cbp.ppo_numerics import AdamStep, ppo_loss_and_grads
+from ppo_cbp.ppo_numerics import AdamStep, GaussianActing, ppo_loss_and_grads
 from ppo_cbp.ppo_numerics import act_forward as _act_forward
 from ppo_cbp.ppo_numerics import act_forward_np as _act_forward_np
 from ppo_cbp.ppo_numerics import linear_layers as _linear_layers
@@ -162,6 +162,30 @@ def test_numpy_act_forward_equals_the_module(batch):
         np.testing.assert_allclose(out, net(x).numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(inputs[2][:, :-1], net[:4](x).numpy(), rtol=1e-5, atol=1e-6)
     assert (inputs[1][:, -1] == 1).all() and (inputs[2][:, -1] == 1).all()
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_gaussian_acting_is_the_mean_plus_scaled_noise(use_numpy):
+    """Both acting paths give a_t = actor(s_t) + exp(log_std) * eps_t, recomputed in float64."""
+    torch.manual_seed(0)
+    net = make_mlp(5, (7, 6), 2, "lecun_uniform")
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.bias.normal_()
+    log_std = torch.tensor([0.3, -0.7])
+    noise = torch.randn(4, 3, 2)
+    obs = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
+    acting = GaussianActing(net, log_std, num_envs=3, use_numpy=use_numpy)
+    out = np.empty((4, 3, 2), np.float32)
+    with torch.inference_mode():
+        acting.start(noise)
+        for t in range(4):
+            acting.act(t, obs[t], out[t])
+    net64 = copy.deepcopy(net).double()
+    with torch.no_grad():
+        expected = net64(torch.from_numpy(obs).double()) + log_std.double().exp() * noise.double()
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def _adam_pair(fused=True, **kw):
