@@ -145,14 +145,20 @@ def test_act_forward_with_buffers_equals_the_module():
         torch.testing.assert_close(_act_forward(_linear_layers(net), x), net(x))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_numpy_act_forward_equals_the_module(batch):
+def _actor_with_biases() -> nn.Sequential:
+    """A 5-7-6-2 actor with non-zero biases, so that the bias terms are checked too."""
     torch.manual_seed(0)
     net = make_mlp(5, (7, 6), 2, "lecun_uniform")
     with torch.no_grad():
         for m in net:
             if isinstance(m, nn.Linear):
                 m.bias.normal_()
+    return net
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_numpy_act_forward_equals_the_module(batch):
+    net = _actor_with_biases()
     x = torch.randn(batch, 5)
     inputs = [np.ones((batch, w + 1), np.float32) for w in (5, 7, 6)]
     inputs[0][:, :-1] = x.numpy()
@@ -167,12 +173,7 @@ def test_numpy_act_forward_equals_the_module(batch):
 @pytest.mark.parametrize("use_numpy", [True, False])
 def test_gaussian_acting_is_the_mean_plus_scaled_noise(use_numpy):
     """Both acting paths give a_t = actor(s_t) + exp(log_std) * eps_t, recomputed in float64."""
-    torch.manual_seed(0)
-    net = make_mlp(5, (7, 6), 2, "lecun_uniform")
-    with torch.no_grad():
-        for m in net:
-            if isinstance(m, nn.Linear):
-                m.bias.normal_()
+    net = _actor_with_biases()
     log_std = torch.tensor([0.3, -0.7])
     noise = torch.randn(4, 3, 2)
     obs = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
