@@ -2,7 +2,6 @@
 stopping, CBP on the ResNet, short runs that learn, exact resume and bad inputs."""
 
 import copy
-import csv
 import math
 import pickle
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from reference_learner import ModuleLearner
+from stacked_runs import read_rows
 from torch import nn
 
 from ppo_cbp.benchmarks.continual_imagenet import (
@@ -53,11 +53,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def read_rows(out, seed):
-    with open(out / f"seed_{seed}" / "metrics.csv") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 PALETTE = np.array([[220, 30, 30], [30, 30, 220], [30, 200, 30], [230, 230, 40]], dtype=float)

@@ -3,12 +3,12 @@ alone, the stacked learner against one ModuleLearner per seed, and a stacked run
 run per seed (weights, metrics and CSV rows), all in float64."""
 
 import copy
-import csv
 
 import numpy as np
 import pytest
 import torch
 from reference_learner import ModuleLearner
+from stacked_runs import TOL, assert_stacked_run_equals_runs_alone, checkpoint, read_rows
 from torch import nn
 
 from ppo_cbp.benchmarks.continual_imagenet import (
@@ -32,7 +32,6 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
 ]
 F64 = torch.float64
-TOL = dict(rtol=1e-10, atol=1e-10)
 
 # every method with settings under which it acts within a few steps of tiny tasks
 METHODS = {
@@ -209,11 +208,6 @@ def write_imagenet(folder, classes=4, per_class=30, seed=0):
         np.save(folder / "classes" / f"{k}.npy", np.clip(x, 0, 255).astype(np.uint8))
 
 
-def read_rows(out, seed):
-    with open(out / f"seed_{seed}" / "metrics.csv") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
 def run_cfg(tmp_path, name, method, seeds, **kw):
     base = dict(
         seeds=seeds,
@@ -234,35 +228,15 @@ def run_cfg(tmp_path, name, method, seeds, **kw):
     return ContinualImageNetConfig(**base)
 
 
-def checkpoint(out):
-    return torch.load(out / "checkpoint.pt", weights_only=True)
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_stacked_run_equals_runs_alone(tmp_path, method):
     write_imagenet(tmp_path / "inet", classes=5)
-    seeds = [0, 1, 2]
-    run_continual_imagenet(run_cfg(tmp_path, "stacked", method, seeds))
-    stacked_rows = {s: read_rows(tmp_path / "stacked", s) for s in seeds}
-    stacked_state = checkpoint(tmp_path / "stacked")["learner"]
-    for i, s in enumerate(seeds):
-        run_continual_imagenet(run_cfg(tmp_path, f"alone{s}", method, [s]))
-        rows = read_rows(tmp_path / f"alone{s}", s)
-        assert len(rows) == len(stacked_rows[s]) == 3
-        for got, want in zip(stacked_rows[s], rows):
-            assert list(got) == list(want)
-            assert got == pytest.approx(want, rel=1e-10, abs=1e-10)
-        state = checkpoint(tmp_path / f"alone{s}")["learner"]
-        for name, p in state["net"].items():
-            torch.testing.assert_close(stacked_state["net"][name][i], p[0], **TOL)
-        for k, buf in state["opt"]["state"].items():
-            torch.testing.assert_close(
-                stacked_state["opt"]["state"][k]["momentum_buffer"][i],
-                buf["momentum_buffer"][0],
-                **TOL,
-            )
-    # the seeds differ (their own class pairs, data orders and initial weights)
-    assert stacked_rows[0] != stacked_rows[1]
+    stacked_rows = assert_stacked_run_equals_runs_alone(
+        run_continual_imagenet,
+        lambda name, seeds: run_cfg(tmp_path, name, method, seeds),
+        seeds=[0, 1, 2],
+        rows_per_seed=3,
+    )
     if method in ("cbp", "redo"):
         assert all(rows[-1]["units_replaced"] > 0 for rows in stacked_rows.values())
 

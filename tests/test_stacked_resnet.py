@@ -5,7 +5,8 @@ SGD, Shrink & Perturb and CBP replacements, all in float64."""
 import pytest
 import torch
 from reference_learner import ModuleLearner
-from test_conv_benchmarks import read_rows, write_cifar
+from stacked_runs import TOL, assert_stacked_run_equals_runs_alone, checkpoint, read_rows
+from test_conv_benchmarks import write_cifar
 
 from ppo_cbp.benchmarks.continual_imagenet import (
     StackedLearner,
@@ -29,7 +30,6 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
 ]
 F64 = torch.float64
-TOL = dict(rtol=1e-10, atol=1e-10)
 
 
 def nets(seeds, device):
@@ -177,10 +177,6 @@ def run_cfg(tmp_path, name, method, seeds, **kw):
     return IncrementalCIFARConfig(**base)
 
 
-def checkpoint(out):
-    return torch.load(out / "checkpoint.pt", weights_only=True)
-
-
 # The run loop's own per-seed work (the retrained rebuild, the best-validation restore, CBP's
 # per-seed draws); base and snp differ from these only inside the learner, which
 # test_stacked_resnet_learner_equals_module_learner_per_seed covers step by step, and
@@ -191,28 +187,12 @@ def test_stacked_run_equals_runs_alone(tmp_path, method):
     """Seeds 0 and 1 trained as one stacked network write the CSV rows and end with the
     weights, BatchNorm statistics and momentum of each seed's run alone."""
     write_cifar(tmp_path / "cifar" / "cifar-100-python", classes=(0, 1, 2, 3))
-    seeds = [0, 1]
-    run_incremental_cifar(run_cfg(tmp_path, "stacked", method, seeds))
-    stacked_rows = {s: read_rows(tmp_path / "stacked", s) for s in seeds}
-    stacked_state = checkpoint(tmp_path / "stacked")["learner"]
-    for i, s in enumerate(seeds):
-        run_incremental_cifar(run_cfg(tmp_path, f"alone{s}", method, [s]))
-        rows = read_rows(tmp_path / f"alone{s}", s)
-        assert len(rows) == len(stacked_rows[s]) == 2
-        for got, want in zip(stacked_rows[s], rows):
-            assert list(got) == list(want)
-            assert got == pytest.approx(want, rel=1e-10, abs=1e-10)
-        state = checkpoint(tmp_path / f"alone{s}")["learner"]
-        for name, p in state["net"].items():
-            torch.testing.assert_close(stacked_state["net"][name][i], p[0], **TOL)
-        for k, buf in state["opt"]["state"].items():
-            torch.testing.assert_close(
-                stacked_state["opt"]["state"][k]["momentum_buffer"][i],
-                buf["momentum_buffer"][0],
-                **TOL,
-            )
-    # the seeds differ (their own class orders, data orders and initial weights)
-    assert stacked_rows[0] != stacked_rows[1]
+    stacked_rows = assert_stacked_run_equals_runs_alone(
+        run_incremental_cifar,
+        lambda name, seeds: run_cfg(tmp_path, name, method, seeds),
+        seeds=[0, 1],
+        rows_per_seed=2,
+    )
     if method == "cbp":
         assert all(rows[-1]["units_replaced"] > 0 for rows in stacked_rows.values())
 

@@ -1,6 +1,5 @@
 """The supervised benchmark loops: learning on real MNIST, metric timing, resume, stacking, errors."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stacked_runs import read_rows
 
 from ppo_cbp.benchmarks import MethodConfig, PermutedMNISTConfig, SCRConfig
 from ppo_cbp.benchmarks.permuted_mnist import run_permuted_mnist
@@ -20,11 +20,6 @@ MNIST_DIR = Path(os.environ.get("PPO_CBP_MNIST_DIR", ROOT.parent / "shared/data/
 needs_mnist = pytest.mark.skipif(
     not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists(), reason="real MNIST not available"
 )
-
-
-def read_rows(out, seed):
-    with open(out / f"seed_{seed}" / "metrics.csv") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def pm_config(tmp_path, name, **kw):

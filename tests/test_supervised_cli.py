@@ -2,7 +2,6 @@
 help texts that tell the truth, the closing summary and summary.json, and a resume after
 kill -9 that logs every row once."""
 
-import csv
 import gzip
 import importlib.util
 import json
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stacked_runs import read_rows
 
 from ppo_cbp.benchmarks import continual_imagenet, incremental_cifar, permuted_mnist, scr
 from ppo_cbp.benchmarks.common import MethodConfig, resolve_method
@@ -315,11 +315,6 @@ def test_every_documented_command_parses(capsys, monkeypatch):
 
 # ----------------------------------------------------------------------------------------
 # summary.json and the closing summary
-
-
-def read_rows(out, seed):
-    with open(out / f"seed_{seed}" / "metrics.csv") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def test_summary_fields_mean_what_they_say(tmp_path, capsys):
