@@ -43,37 +43,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_core  # noqa: E402
+from bench_supervised import CONV, conv_step, fused_step  # noqa: E402
 
-from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet  # noqa: E402
 from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
-from ppo_cbp.resnet import ResNet18  # noqa: E402
-from ppo_cbp.stacked import StackedMLP, StackedTrainer  # noqa: E402
-
-CONV = {
-    # network, batch, classes, lr, weight decay, CBP settings (the paper's)
-    "convnet": (
-        lambda: imagenet_convnet(2),
-        100,
-        2,
-        0.01,
-        0.0,
-        dict(
-            replacement_rate=3e-4,
-            maturity_threshold=100,
-            utility="adaptable_contribution",
-            init="torch_default",
-        ),
-    ),
-    "resnet18": (
-        lambda: ResNet18(100),
-        90,
-        100,
-        0.1,
-        5e-4,
-        dict(replacement_rate=1e-5, maturity_threshold=1000, utility="contribution"),
-    ),
-}
-
 
 TINY_SIDE = {"convnet": 32, "resnet18": 16}
 """Image side at tiny sizes (the ConvNet's Linear layer needs 32x32 inputs)."""
@@ -210,84 +182,19 @@ def rate(step: Callable[[], object], per_step: int, timer: Timer, seconds: float
     return per_step * steps / timer(step, steps)
 
 
-def conv_step(kind: str, seeds: int, cbp: bool, device: torch.device, tiny: bool):
-    """(step, images per step) for 1 network or ``seeds`` stacked ones."""
-    build, batch, classes, lr, wd, settings = CONV[kind]
-    batch, side = (2, TINY_SIDE[kind]) if tiny else (batch, 32)
-    torch.manual_seed(0)
-    if seeds == 1:
-        net = build().to(device)
-        layers_or_net, forward = net, lambda x: (net(x), None)
-        x = torch.randn(batch, 3, side, side, device=device)
-        params = net.parameters()
-    else:
-        from ppo_cbp.benchmarks.continual_imagenet import stack_networks
-
-        net = stack_networks([build() for _ in range(seeds)]).to(device)
-        layers_or_net = net.unit_layers(settings.get("init", "kaiming_normal"))
-        forward = net
-        x = torch.randn(batch, seeds, 3, side, side, device=device)
-        params = net.parameters()
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
-    op = None
-    if cbp:
-        op = ContinualBackprop(
-            layers_or_net, opt, decay_rate=0.99, seed=list(range(seeds)), **settings
-        )
-    y = torch.randint(0, classes, (seeds, batch), device=device)
-
-    def step():
-        out, hidden = forward(x)
-        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.view(-1), reduction="sum")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if op is not None:
-            op.step(hidden)
-
-    return step, seeds * batch
-
-
-def stacked_mlp_step(width: int, seeds: int, cbp: bool, device: torch.device):
-    sizes = [784, width, width, width, 10]
-    net = StackedMLP(sizes, list(range(seeds)), device=device)
-    trainer = StackedTrainer(net, loss="cross_entropy", lr=0.003)
-    op = None
-    if cbp:
-        op = ContinualBackprop(
-            trainer.unit_layers(),
-            trainer.state_tensors,
-            replacement_rate=1e-6,
-            maturity_threshold=100,
-            decay_rate=0.99,
-            utility="adaptable_contribution",
-            seed=list(range(seeds)),
-        )
-    n = 256
-    x = net.with_ones(torch.rand(seeds, n, 784, device=device))
-    y = torch.randint(0, 10, (seeds, n), device=device)
-    i = [0]
-
-    def step():
-        j = i[0] = (i[0] + 1) % n
-        hidden = trainer.step(x[:, j : j + 1], y[:, j : j + 1])
-        if op is not None:
-            op.step(hidden, trainer.magnitudes)
-
-    return step, seeds
-
-
 def throughput(device: torch.device, tiny: bool, seconds: float) -> list[dict]:
     timer, rows = Timer(device), []
     for kind in CONV:
         for seeds in (1, 8):
             for cbp in (False, True):
                 name = f"{kind}, {seeds} seed{'s' if seeds > 1 else ''}{' + CBP' if cbp else ''}"
-                case = conv_step(kind, seeds, cbp, device, tiny)
+                size = dict(batch=2, side=TINY_SIDE[kind]) if tiny else {}
+                case = conv_step(kind, cbp, seeds, device, **size)
                 rows.append({"case": name, "unit": "images/s", "rate": rate(*case, timer, seconds, tiny)})  # fmt: skip
     width, seeds = (32, 2) if tiny else (2000, 16)
     for cbp in (False, True):
-        case = stacked_mlp_step(width, seeds, cbp, device)
+        sizes = [784, width, width, width, 10]
+        case = fused_step(sizes, seeds, cbp, "cross_entropy", 0.003, device=device), seeds
         name = f"stacked MLP width {width}, {seeds} seeds{' + CBP' if cbp else ''}"
         rows.append({"case": name, "unit": "examples/s", "rate": rate(*case, timer, seconds, tiny)})
     return rows

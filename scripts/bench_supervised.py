@@ -25,6 +25,7 @@ m 100, adaptable contribution; ResNet: rho 1e-5, m 1000, contribution); CBP <= 1
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet
+from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet, stack_networks
 from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.init import init_layer_
 from ppo_cbp.resnet import ResNet18
@@ -74,10 +75,57 @@ def baseline(sizes: list[int], loss: str, lr: float) -> Callable[[int], float]:
     return run
 
 
-def fused(
-    sizes: list[int], seeds: int, cbp: bool, loss: str, lr: float, online_norm: bool = False
-) -> Callable[[int], float]:
-    net = StackedMLP(sizes, list(range(seeds)), norm_decays=(0.999, 0.99) if online_norm else None)
+CONV = {
+    # network, batch, classes, lr, weight decay, CBP settings (the paper's)
+    "convnet": (
+        lambda: imagenet_convnet(2),
+        100,
+        2,
+        0.01,
+        0.0,
+        dict(
+            replacement_rate=3e-4,
+            maturity_threshold=100,
+            utility="adaptable_contribution",
+            init="torch_default",
+        ),
+    ),
+    "resnet18": (
+        lambda: ResNet18(100),
+        90,
+        100,
+        0.1,
+        5e-4,
+        dict(replacement_rate=1e-5, maturity_threshold=1000, utility="contribution"),
+    ),
+}
+
+
+def timed(step: Callable[[], object]) -> Callable[[int], float]:
+    """run(steps) -> seconds of ``steps`` calls of ``step`` (wall clock)."""
+
+    def run(steps: int) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return time.perf_counter() - t
+
+    return run
+
+
+def fused_step(
+    sizes: list[int],
+    seeds: int,
+    cbp: bool,
+    loss: str,
+    lr: float,
+    online_norm: bool = False,
+    device: str | torch.device = "cpu",
+) -> Callable[[], None]:
+    """One batch-1 step of ``seeds`` stacked MLPs (:class:`StackedTrainer`, + CBP) per call,
+    cycling through 512 random examples."""
+    norm_decays = (0.999, 0.99) if online_norm else None
+    net = StackedMLP(sizes, list(range(seeds)), device=device, norm_decays=norm_decays)
     trainer = StackedTrainer(net, loss=loss, lr=lr)
     op = None
     if cbp:
@@ -91,56 +139,63 @@ def fused(
             seed=list(range(seeds)),
         )
     n = 512
-    x = net.with_ones(torch.rand(seeds, n, sizes[0]))
+    x = net.with_ones(torch.rand(seeds, n, sizes[0], device=device))
     if loss == "cross_entropy":
-        y = torch.randint(0, sizes[-1], (seeds, n))
+        y = torch.randint(0, sizes[-1], (seeds, n), device=device)
     else:
-        y = torch.randn(seeds, n, sizes[-1])
-    out = torch.empty(seeds, n, sizes[-1])
+        y = torch.randn(seeds, n, sizes[-1], device=device)
+    out = torch.empty(seeds, n, sizes[-1], device=device)
+    calls = itertools.count()
 
-    def run(steps: int) -> float:
-        t = time.perf_counter()
-        for i in range(steps):
-            j = i % n
-            hidden = trainer.step(x[:, j : j + 1], y[:, j : j + 1], out=out[:, j : j + 1])
-            if op is not None:
-                op.step(hidden, trainer.magnitudes)
-        return time.perf_counter() - t
+    def step() -> None:
+        j = next(calls) % n
+        hidden = trainer.step(x[:, j : j + 1], y[:, j : j + 1], out=out[:, j : j + 1])
+        if op is not None:
+            op.step(hidden, trainer.magnitudes)
 
-    return run
+    return step
 
 
-def conv_step(kind: str, cbp: bool) -> tuple[Callable[[int], float], int]:
-    """(run(steps) -> seconds, images per step) for one network's training step."""
+def conv_step(
+    kind: str,
+    cbp: bool,
+    seeds: int = 1,
+    device: str | torch.device = "cpu",
+    batch: int | None = None,
+    side: int = 32,
+) -> tuple[Callable[[], None], int]:
+    """(step, images per step): one training step (forward, cross-entropy, backward, SGD with
+    momentum, CBP) of one ``CONV[kind]`` network, or of ``seeds`` of them stacked as
+    ``continual-imagenet`` and ``incremental-cifar`` train them."""
+    build, default_batch, classes, lr, wd, settings = CONV[kind]
+    batch = batch or default_batch
     torch.manual_seed(0)
-    if kind == "convnet":
-        net, batch, classes, lr, wd = imagenet_convnet(2), 100, 2, 0.01, 0.0
-        settings = dict(
-            replacement_rate=3e-4,
-            maturity_threshold=100,
-            utility="adaptable_contribution",
-            init="torch_default",
-        )
+    if seeds == 1:
+        net = build().to(device)
+        layers_or_net, forward = net, lambda x: (net(x), None)
+        x = torch.randn(batch, 3, side, side, device=device)
     else:
-        net, batch, classes, lr, wd = ResNet18(100), 90, 100, 0.1, 5e-4
-        settings = dict(replacement_rate=1e-5, maturity_threshold=1000, utility="contribution")
+        net = stack_networks([build() for _ in range(seeds)]).to(device)
+        layers_or_net, forward = net.unit_layers(settings.get("init", "kaiming_normal")), net
+        x = torch.randn(batch, seeds, 3, side, side, device=device)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    op = ContinualBackprop(net, opt, decay_rate=0.99, **settings) if cbp else None
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, classes, (batch,))
+    op = None
+    if cbp:
+        op = ContinualBackprop(
+            layers_or_net, opt, decay_rate=0.99, seed=list(range(seeds)), **settings
+        )
+    y = torch.randint(0, classes, (seeds, batch), device=device)
 
-    def run(steps: int) -> float:
-        t = time.perf_counter()
-        for _ in range(steps):
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if op is not None:
-                op.step()
-        return time.perf_counter() - t
+    def step() -> None:
+        out, hidden = forward(x)
+        loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.view(-1), reduction="sum")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if op is not None:
+            op.step(hidden)
 
-    return run, batch
+    return step, seeds * batch
 
 
 def main() -> None:
@@ -159,21 +214,30 @@ def main() -> None:
     if not args.only_conv:
         cases = {
             "w100 baseline": (baseline(mnist(100), "cross_entropy", 0.003), 1),
-            "w100 fused S=8": (fused(mnist(100), 8, False, "cross_entropy", 0.003), 8),
-            "w100 fused S=8 +CBP": (fused(mnist(100), 8, True, "cross_entropy", 0.003), 8),
+            "w100 fused S=8": (timed(fused_step(mnist(100), 8, False, "cross_entropy", 0.003)), 8),
+            "w100 fused S=8 +CBP": (
+                timed(fused_step(mnist(100), 8, True, "cross_entropy", 0.003)),
+                8,
+            ),
             "w100 fused S=8 +online_norm": (
-                fused(mnist(100), 8, False, "cross_entropy", 0.003, True),
+                timed(fused_step(mnist(100), 8, False, "cross_entropy", 0.003, True)),
                 8,
             ),
             "w2000 baseline": (baseline(mnist(2000), "cross_entropy", 0.003), 1),
-            "w2000 fused S=1": (fused(mnist(2000), 1, False, "cross_entropy", 0.003), 1),
-            "w2000 fused S=1 +CBP": (fused(mnist(2000), 1, True, "cross_entropy", 0.003), 1),
+            "w2000 fused S=1": (
+                timed(fused_step(mnist(2000), 1, False, "cross_entropy", 0.003)),
+                1,
+            ),
+            "w2000 fused S=1 +CBP": (
+                timed(fused_step(mnist(2000), 1, True, "cross_entropy", 0.003)),
+                1,
+            ),
             "w2000 fused S=1 +online_norm": (
-                fused(mnist(2000), 1, False, "cross_entropy", 0.003, True),
+                timed(fused_step(mnist(2000), 1, False, "cross_entropy", 0.003, True)),
                 1,
             ),
             "scr baseline": (baseline(scr, "squared_error", 0.01), 1),
-            "scr fused S=8": (fused(scr, 8, False, "squared_error", 0.01), 8),
+            "scr fused S=8": (timed(fused_step(scr, 8, False, "squared_error", 0.01)), 8),
         }
     conv = (
         []
@@ -181,7 +245,8 @@ def main() -> None:
         else ["convnet b100", "convnet b100 +CBP", "resnet18 b90", "resnet18 b90 +CBP"]
     )
     for name in conv:
-        cases[name] = conv_step(name.split()[0], name.endswith("+CBP"))
+        step, batch = conv_step(name.split()[0], name.endswith("+CBP"))
+        cases[name] = (timed(step), batch)
     steps = {}
     for name, (run, _) in cases.items():  # warm up and size each measurement to ~--seconds
         if name in conv:  # a ResNet step takes about a second on a CPU

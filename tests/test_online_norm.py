@@ -1,9 +1,7 @@
 """Online normalization against a float64 reference of the paper's equations, written here
 feature by feature and step by step, alone and inside the stacked trainer."""
 
-import csv
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stacked_runs import read_rows
+from test_supervised import MNIST_DIR, needs_mnist, pm_config
 
 from ppo_cbp import online_norm
-from ppo_cbp.benchmarks import MethodConfig, PermutedMNISTConfig
+from ppo_cbp.benchmarks import MethodConfig
 from ppo_cbp.benchmarks.common import resolve_method
 from ppo_cbp.benchmarks.permuted_mnist import DEFAULTS as PM_DEFAULTS
 from ppo_cbp.benchmarks.permuted_mnist import run_permuted_mnist
@@ -283,17 +283,6 @@ def test_command_line_decays(tmp_path):
         assert not out.exists()
 
 
-MNIST_DIR = Path(os.environ.get("PPO_CBP_MNIST_DIR", ROOT.parent / "shared/data/mnist"))
-needs_mnist = pytest.mark.skipif(
-    not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists(), reason="real MNIST not available"
-)
-
-
-def read_rows(out, seed):
-    with open(out / f"seed_{seed}" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
 @needs_mnist
 def test_permuted_mnist_command_line_run(tmp_path):
     out = tmp_path / "cli"
@@ -313,18 +302,8 @@ def test_permuted_mnist_command_line_run(tmp_path):
 @needs_mnist
 def test_permuted_mnist_resume_equals_uninterrupted(tmp_path):
     def config(name):
-        return PermutedMNISTConfig(
-            seeds=[0, 3],
-            method=MethodConfig(method="online_norm"),
-            tasks=3,
-            examples_per_task=300,
-            width=16,
-            metric_examples=100,
-            data_dir=MNIST_DIR,
-            out=tmp_path / name,
-            device="cpu",
-            progress=False,
-            chunk=128,
+        return pm_config(
+            tmp_path, name, seeds=[0, 3], method=MethodConfig(method="online_norm"), tasks=3
         )
 
     full = config("full")

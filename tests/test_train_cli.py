@@ -15,6 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from test_train import small as train_small
 
 from ppo_cbp.ppo_settings import given_fields
 from ppo_cbp.train import Args, ConfigError, main
@@ -26,21 +27,8 @@ TIMING = ("charts/SPS", "perf/")
 
 
 def small(tmp_path: Path, **kw) -> Args:
-    """A few-update Hopper run: rollouts of 256 steps, 4 minibatches x 2 epochs."""
-    base = dict(
-        env="Hopper-v4",
-        steps=1024,
-        num_steps=256,
-        num_minibatches=4,
-        update_epochs=2,
-        metrics_every=2,
-        runs_dir=str(tmp_path),
-        run_name="run",
-        progress=False,
-        device="cpu",
-    )
-    base.update(kw)
-    return Args(**base)
+    """test_train's few-update run, on Hopper-v4."""
+    return train_small(tmp_path, **{"env": "Hopper-v4", **kw})
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
