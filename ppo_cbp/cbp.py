@@ -116,7 +116,10 @@ class ContinualBackprop:
         reset_optimizer_state: zero the optimizer state of replaced entries (the paper's
             released code did not).
         fold_bias: add a replaced unit's bias-corrected mean output times its outgoing weights
-            to the consumer's bias, preserving the function in expectation (off in the paper).
+            to the consumer's bias (off in the paper, whose version of it never took effect).
+            For a Linear consumer fed only through those weights this keeps the consumer's
+            input unchanged in expectation; a conv consumer's zero padding and a path that
+            bypasses the weights (a residual shortcut) are not compensated.
         accumulate: count units to replace as Algorithm 1 (True), or draw each step's count as
             the paper's PPO code did (False; one network only, host draws from ``seed``).
         seed: seed of the generator that draws new weights; one per network when stacked.
@@ -375,15 +378,16 @@ class ContinualBackprop:
         if self._keeps_correction():
             self._advance_correction()
         if not any(counts) and self._kernel_state is None:
-            # nothing to replace: every layer's update at once, in a fixed number of ops
-            if eta > 0.0 or self._track_mean:
+            # nothing to replace: every layer's update at once, in a fixed number of ops; with
+            # eta = 0 a utility is that of the replacing step alone, so nothing is kept
+            if eta > 0.0:
                 self._fused_update(activations, magnitudes)
             return 0
         replaced = 0
         self._updated_previous = False
         for i, (layer, h) in enumerate(zip(self.layers, activations)):
             k = counts[i]
-            if eta == 0.0 and k == 0 and not self._track_mean:
+            if eta == 0.0 and k == 0:
                 self._updated_previous = False
                 continue
             magnitude = None

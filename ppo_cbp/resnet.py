@@ -49,7 +49,7 @@ class ResNet18(nn.Module):
             blocks += [BasicBlock(channels, width, stride), BasicBlock(width, width, 1)]
             channels = width
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(512, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -61,7 +61,7 @@ class ResNet18(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The pooled 512-dimensional representation."""
-        return self.pool(self.blocks(self.stem(x))).flatten(1)
+        return self.pool(self.blocks(self.stem(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
@@ -79,38 +79,37 @@ def resnet_unit_layers(
     ``seed_dims=1`` for a :class:`~ppo_cbp.stacked_resnet.StackedResNet18`, whose parameters
     and BatchNorm statistics (same names) carry a leading seed dimension.
 
-    * Inside a block, channel ``i`` of ``conv1`` is an ordinary unit: its outgoing weights are
-      input channel ``i`` of ``conv2``, zeroed on replacement, with ``bn1`` reset to (1, 0).
-      Right after a replacement the block computes exactly what it did with the old unit
-      pruned.
-    * Each block's ``conv2`` writes into the residual stream, which reaches many later layers
-      through identity shortcuts, so no single consumer weight carries it. Its BatchNorm's
-      affine pair is the unit's outgoing path: it is reset to (0, 0), which silences the new
-      unit exactly as zero outgoing weights do (the old unit pruned). The unit still learns:
-      the shortcut is added before ``relu2``, so the BatchNorm scale gets a gradient. ``h`` is
-      the BatchNorm output, the branch's contribution to the stream.
-    * The stem is followed directly by a ReLU, so a (0, 0) reset would leave its channel at
-      ReLU(0) = 0 with zero gradient forever (PyTorch's ReLU'(0) = 0): a dead unit that CBP
-      would pick again at every later stem replacement. Its BatchNorm is reset to (1, 0)
-      instead, as in the paper's code, and its one weighted consumer, ``blocks[0].conv1``,
-      gets zero weights from it (the outgoing weights that enter its utility; ``h`` is the ReLU
-      output). The stem's output also enters the residual stream through ``blocks[0]``'s
-      identity shortcut, a fixed path with no weight to zero: a unit that is alive there
-      cannot also be absent. So right after a stem replacement the network computes what it
-      did with the old unit's weighted path pruned and, in the residual stream, the old unit's
-      channel replaced by the new unit's output: ``ReLU(BN(conv_new(x)))`` with BatchNorm
-      (1, 0) and running statistics (0, 1), i.e. the standardised response of freshly drawn
-      filters in training mode.
+    The mapping is the paper's released one (``res_gnt.py``): the weight layers in order,
+    downsample shortcuts skipped, each hidden layer's consumer the next weight layer.
+
+    * The stem and each block's ``conv1``: channel ``i`` is measured after its BatchNorm and
+      ReLU (``h``); its outgoing weights are input channel ``i`` of the next convolution
+      (``blocks[0].conv1`` for the stem, the block's ``conv2`` for a ``conv1``).
+    * Each block's ``conv2``: channel ``i`` is measured on the block's output, after the
+      residual add and ReLU (for the last block, after global pooling: the head's input),
+      and its outgoing weights are input channel ``i`` of the next block's ``conv1`` (column
+      ``i`` of the head for the last block).
+
+    A replaced unit gets fresh incoming filters, a zero bias, BatchNorm (1, 0) with running
+    statistics (0, 1) and zero outgoing weights. Measuring a block's ``conv2`` on the block
+    output makes a residual-stream channel that is zero for every input a zero-utility unit,
+    which CBP replaces; with BatchNorm (1, 0) its new branch is the standardised response of
+    fresh filters (in training mode), so the channel is alive and learns whatever its
+    shortcut carries. The identity and downsample shortcuts are fixed paths with no weight to
+    zero: right after a replacement the next layers see the new unit's output through them,
+    and only its weighted consumer starts from zero.
 
     The downsample shortcuts are never replaced.
     """
     conv, bn, relu = model.stem
+    consumers = [(block.conv1.weight, block.conv1.bias) for block in model.blocks]
+    consumers.append((model.fc.weight, model.fc.bias))
     layers = [
         UnitLayer(
             conv.weight,
             conv.bias,
-            out_weight=model.blocks[0].conv1.weight,
-            out_bias=model.blocks[0].conv1.bias,
+            out_weight=consumers[0][0],
+            out_bias=consumers[0][1],
             norm=norm_resets(bn),
             init="kaiming_normal",
             seed_dims=seed_dims,
@@ -136,11 +135,14 @@ def resnet_unit_layers(
             UnitLayer(
                 block.conv2.weight,
                 block.conv2.bias,
-                norm=norm_resets(block.bn2, 0.0),
+                out_weight=consumers[b + 1][0],
+                out_bias=consumers[b + 1][1],
+                norm=norm_resets(block.bn2),
                 init="kaiming_normal",
                 seed_dims=seed_dims,
                 name=f"block{b}.conv2",
             )
         )
-        taps.append(block.bn2)
+        taps.append(block.relu2)
+    taps[-1] = model.pool  # the head reads the pooled output
     return layers, taps

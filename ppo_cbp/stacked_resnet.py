@@ -21,7 +21,7 @@ its own gradient and any elementwise optimizer updates it as it updates the netw
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,13 +118,11 @@ class _Block(nn.Module):
             )
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
 
-    def forward(self, x: Tensor, taps: list[Tensor] | None) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The inner ReLU's output and the block's output."""
         inner = self.relu1(self.bn1(self.conv1(x)))
-        branch = self.bn2(self.conv2(inner))
-        if taps is not None:
-            taps += [inner, branch]
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu2(branch + shortcut)
+        return inner, self.relu2(self.bn2(self.conv2(inner)) + shortcut)
 
 
 class StackedResNet18(nn.Module):
@@ -149,21 +147,28 @@ class StackedResNet18(nn.Module):
         self.blocks = nn.Sequential(
             *(_Block([n.blocks[i] for n in nets]) for i in range(len(nets[0].blocks)))
         )
+        self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = _Linear([n.fc for n in nets])
 
-    def _trunk(self, x: Tensor, taps: list[Tensor] | None) -> Tensor:
-        """Pooled features ``[S, B, 512]`` of ``x`` (``[B, S, C, H, W]``); ``taps`` collects
-        the stem's ReLU output, then each block's inner ReLU output and BatchNorm'd branch,
-        all ``[B, S * C, H, W]``."""
+    def _trunk(
+        self, x: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Pooled features ``[S, B, 512]`` of ``x`` (``[B, S, C, H, W]``) and the 17 post-ReLU
+        outputs ``[S, B, C, H, W]`` (detached views, or ``reduce`` of each): the stem's, then
+        every block's inner ReLU and output, the last block's output as it is (before
+        pooling)."""
         S, B = self.num_seeds, x.shape[0]
+
+        def keep(t: Tensor) -> Tensor:
+            t = self._seed_first(t)
+            return t if reduce is None else reduce(t)
+
         h = self.stem(x.reshape(B, S * x.shape[2], *x.shape[3:]))
-        if taps is not None:
-            taps.append(h)
+        taps = [keep(h)]
         for block in self.blocks:
-            h = block(h, taps)
-            if taps is not None:
-                taps.append(h)
-        return F.adaptive_avg_pool2d(h, 1).view(B, S, -1).transpose(0, 1)
+            inner, h = block(h)
+            taps += [keep(inner), keep(h)]
+        return self.pool(h).view(B, S, -1).transpose(0, 1), taps
 
     def _seed_first(self, h: Tensor) -> Tensor:
         d = h.detach()
@@ -171,27 +176,24 @@ class StackedResNet18(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Outputs ``[S, B, classes]`` and the activations ``h`` of the 17 unit layers of
-        :meth:`unit_layers` (``[S, B, C, H, W]`` views, detached).
+        :meth:`unit_layers`, detached: the post-ReLU outputs of :meth:`features`, the last
+        block's taken after pooling (``[S, B, 512]``, the head's input).
 
         ``x``: ``[B, S, C, H, W]``, seed ``s``'s images in ``x[:, s]``.
         """
-        taps: list[Tensor] = []
-        features = self._trunk(x, taps)
-        # per block, taps holds (inner ReLU, branch, block output); the units read the first two
-        hidden = [taps[0]] + [
-            t for i in range(len(self.blocks)) for t in taps[1 + 3 * i : 3 + 3 * i]
-        ]
-        return self.fc(features), [self._seed_first(h) for h in hidden]
+        features, relus = self._trunk(x)
+        return self.fc(features), relus[:-1] + [features.detach()]
 
-    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def features(
+        self, x: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         """The pooled features ``[S, B, 512]`` and the 17 post-ReLU outputs (the stem's, then
-        every block's inner and output ReLU), ``[S, B, C, H, W]`` views, detached."""
-        taps: list[Tensor] = []
-        features = self._trunk(x, taps)
-        relus = [taps[0]] + [
-            t for i in range(len(self.blocks)) for t in taps[1 + 3 * i : 4 + 3 * i : 2]
-        ]
-        return features, [self._seed_first(h) for h in relus]
+        every block's inner and output ReLU), ``[S, B, C, H, W]`` views, detached.
+
+        With ``reduce``, each output is replaced by ``reduce(output)`` as soon as the next
+        layers no longer need it, so a large batch does not keep all 17 outputs at once.
+        """
+        return self._trunk(x, reduce)
 
     def head(self) -> tuple[Tensor, Tensor]:
         """The output layer's weight ``[S, classes, 512]`` and bias ``[S, classes]``."""

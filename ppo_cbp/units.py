@@ -57,9 +57,8 @@ class UnitLayer:
         weight: incoming weights, ``[*seed, units, fan_in]`` or ``[*seed, units, c_in, kh, kw]``.
         bias: incoming bias ``[*seed, units]`` or None.
         out_weight: the consumer's weights, ``[*seed, n_next, units * out_group]`` (Linear) or
-            ``[*seed, n_next, units, kh, kw]`` (Conv2d). None for a unit whose output reaches
-            its consumers through a fixed path (a residual stream): its outgoing path is then
-            silenced through ``norm`` reset values of 0.
+            ``[*seed, n_next, units, kh, kw]`` (Conv2d). None for units with no weighted
+            consumer: their utility then has no outgoing-magnitude factor.
         out_group: consumer columns per unit (``H*W`` after a channel-major flatten, else 1).
         out_bias: the consumer's bias, used only when folding a replaced unit's mean output.
         norm: ``(tensor [*seed, units], value)`` pairs reset to ``value`` for replaced units.
@@ -590,11 +589,12 @@ def _leaves(net: nn.Module) -> list[nn.Module]:
     return out
 
 
-def norm_resets(norm: nn.Module, scale: float = 1.0) -> list[tuple[Tensor, float]]:
-    """What to reset in a BatchNorm/LayerNorm for a replaced unit (affine scale to ``scale``)."""
+def norm_resets(norm: nn.Module) -> list[tuple[Tensor, float]]:
+    """What to reset in a BatchNorm/LayerNorm for a replaced unit: weight 1, bias 0, running
+    mean 0, running variance 1."""
     out: list[tuple[Tensor, float]] = []
     if getattr(norm, "weight", None) is not None:
-        out += [(norm.weight, scale), (norm.bias, 0.0)]
+        out += [(norm.weight, 1.0), (norm.bias, 0.0)]
     if getattr(norm, "running_mean", None) is not None:
         out += [(norm.running_mean, 0.0), (norm.running_var, 1.0)]
     return out

@@ -343,7 +343,43 @@ def test_released_count_rule_resumes_exactly():
     assert run(b, 200) == rest and sum(rest) > 0
 
 
-def test_resnet_replaces_channels_everywhere_and_keeps_outputs():
+def resnet_released_mapping(blocks=8):
+    """(convolution, its BatchNorm, the weighted consumer) of the 17 unit layers, by name, as
+    the released res_gnt.py pairs them: weight layers in order, downsamples skipped."""
+    convs = ["stem.0"] + [f"blocks.{b}.conv{j}" for b in range(blocks) for j in (1, 2)]
+    norms = ["stem.1"] + [f"blocks.{b}.bn{j}" for b in range(blocks) for j in (1, 2)]
+    return list(zip(convs, norms, convs[1:] + ["fc"]))
+
+
+def resnet_after_replacement(old, model, picked):
+    """The state ``old`` (a state_dict) should have after replacing the units ``picked`` (one
+    index tensor per unit layer): zero outgoing weights in the consumer, then fresh incoming
+    filters (taken from ``model``), zero bias, BatchNorm (1, 0) with statistics (0, 1)."""
+    want = {k: v.clone() for k, v in old.items()}
+    mapping = resnet_released_mapping()
+    for (_, _, consumer), p in zip(mapping, picked):
+        want[f"{consumer}.weight"][:, p] = 0
+    for (conv, bn, _), p in zip(mapping, picked):
+        want[f"{conv}.weight"][p] = model[f"{conv}.weight"][p]
+        want[f"{conv}.bias"][p] = 0
+        for name, value in [("weight", 1), ("bias", 0), ("running_mean", 0), ("running_var", 1)]:
+            want[f"{bn}.{name}"][p] = value
+    return want
+
+
+def assert_resnet_replaced(old, model, picked):
+    want = resnet_after_replacement(old, model, picked)
+    for name, value in model.items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(value, want[name]), name
+    for (conv, _, _), p in zip(resnet_released_mapping(), picked):
+        assert not torch.equal(model[f"{conv}.weight"][p], old[f"{conv}.weight"][p]), conv
+
+
+def test_resnet_replaces_units_as_released():
+    """Two units in each of the 17 layers: fresh filters, zero bias, BatchNorm (1, 0) and
+    statistics (0, 1), zero weights into the next weight layer (the next block's conv1, the
+    head after the last block); nothing else changes (downsample shortcuts included)."""
     torch.manual_seed(0)
     model = ResNet18(num_classes=10).double()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
@@ -351,51 +387,69 @@ def test_resnet_replaces_channels_everywhere_and_keeps_outputs():
     assert len(cbp.layers) == 17
     model(x)
     cbp.to_replace = [-float(layer.units) + 2 for layer in cbp.layers]  # two units per layer
-    pruned = copy.deepcopy(model)
-    old = copy.deepcopy(model)
-    model.eval()
+    old = copy.deepcopy(model.state_dict())
     assert cbp.step() == 34
     picked = [torch.nonzero(b[0] == 1).flatten() for b in cbp.birth]
-    blocks = list(model.blocks)
+    assert [len(p) for p in picked] == [2] * 17
+    assert_resnet_replaced(old, model.state_dict(), picked)
+
+
+def test_resnet_block_units_are_measured_on_the_block_output():
+    """A block's conv2 units are the block's output channels after the residual add and ReLU
+    (pooled for the last block, the head's input) weighted by the next weight layer: the
+    contribution utility (eta = 0) of each, computed from the recorded block outputs."""
+    torch.manual_seed(4)
+    model = ResNet18(num_classes=10).double()
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    cbp = ContinualBackprop(model, None, replacement_rate=0.0, decay_rate=0.0)
+    outputs = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: outputs.append(o)) for blk in model.blocks]
+    model(x)
+    for h in hooks:
+        h.remove()
+    cbp.to_replace = [0.0] * 17
+    cbp.to_replace[2::2] = [1.0] * 8  # utilities of every block's conv2 layer are computed
+    cbp.steps = cbp.maturity_threshold  # every unit eligible at this step
+    cbp.step()
+    consumers = [blk.conv1.weight for blk in model.blocks[1:]] + [model.fc.weight]
+    for b, (out, w) in enumerate(zip(outputs, consumers)):
+        layer = 2 + 2 * b
+        selected = cbp.birth[layer][0] == cbp.steps
+        expected = out.abs().mean((0, 2, 3)) * w.abs().sum(
+            dim=[d for d in range(w.dim()) if d != 1]
+        )
+        assert selected.sum() == 1
+        # the replaced unit's utility is zeroed; the others keep the step's value
+        torch.testing.assert_close(
+            cbp.utility[layer][0][~selected], expected.detach()[~selected], rtol=1e-12, atol=0
+        )
+        assert expected[selected] == expected.min()
+
+
+def test_resnet_dead_residual_channel_is_replaced_and_comes_alive():
+    """A block output channel that is zero for every input (its branch pushed far below zero)
+    has utility 0: CBP replaces it, and after the replacement it is non-zero and learns."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(5)
+    model = ResNet18(num_classes=10)
+    block, c = model.blocks[5], 17
     with torch.no_grad():
-        # The stem unit: fresh filters, zero bias, BatchNorm (1, 0) with statistics (0, 1), and
-        # zero weights into blocks[0].conv1; the identity shortcut carries the new unit.
-        conv, bn, _ = model.stem
-        s = picked[0]
-        assert not torch.equal(conv.weight[s], old.stem[0].weight[s])
-        assert (conv.bias[s] == 0).all() and (bn.weight[s] == 1).all() and (bn.bias[s] == 0).all()
-        assert (bn.running_mean[s] == 0).all() and (bn.running_var[s] == 1).all()
-        rows = [r for r in range(64) if r not in picked[1].tolist()]  # not redrawn themselves
-        assert (blocks[0].conv1.weight[rows][:, s] == 0).all()
-        # the reference: the old network with the new stem unit in place of the old one and its
-        # weighted path pruned
-        pconv, pbn, _ = pruned.stem
-        for mine, ref in zip(
-            (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
-            (pconv.weight, pconv.bias, pbn.weight, pbn.bias, pbn.running_mean, pbn.running_var),
-        ):
-            ref[s] = mine[s]
-        pruned.blocks[0].conv1.weight[:, s] = 0
-        for b, (block, pblock) in enumerate(zip(blocks, pruned.blocks)):
-            mid, out = picked[1 + 2 * b], picked[2 + 2 * b]
-            rows = [r for r in range(block.conv2.out_channels) if r not in out.tolist()]
-            assert (block.conv2.weight[rows][:, mid] == 0).all() and (
-                block.conv1.bias[mid] == 0
-            ).all()
-            assert (block.bn1.weight[mid] == 1).all() and (block.bn1.running_var[mid] == 1).all()
-            assert not torch.equal(block.conv1.weight[mid], old.blocks[b].conv1.weight[mid])
-            assert (block.bn2.weight[out] == 0).all() and (block.bn2.bias[out] == 0).all()
-            assert not torch.equal(block.conv2.weight[out], old.blocks[b].conv2.weight[out])
-            if block.downsample is not None:
-                assert torch.equal(block.downsample[0].weight, old.blocks[b].downsample[0].weight)
-            pblock.conv2.weight[:, mid] = 0
-            pblock.bn2.weight[out] = 0
-            pblock.bn2.bias[out] = 0
-        pruned.eval()
-        torch.testing.assert_close(model(x), pruned(x), rtol=1e-12, atol=1e-12)
-        model.train()
-        pruned.train()
-        torch.testing.assert_close(model(x), pruned(x), rtol=1e-12, atol=1e-12)
+        block.bn2.weight[c] = 0.0
+        block.bn2.bias[c] = -1e3  # relu(branch + shortcut) = 0 for every input
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cbp = ContinualBackprop(model, opt, replacement_rate=0.0, maturity_threshold=0)
+    out = []
+    hook = block.register_forward_hook(lambda m, i, o: out.append(o))
+    model(torch.randn(8, 3, 16, 16, generator=g))
+    assert (out[-1][:, c] == 0).all() and (out[-1][:, :c] > 0).any(dim=(0, 2, 3)).all()
+    cbp.to_replace = [0.0] * 17
+    cbp.to_replace[2 + 2 * 5] = 1.0
+    assert cbp.step() == 1
+    assert cbp.birth[2 + 2 * 5][0, c] == cbp.steps  # the dead channel, not a live one
+    _resnet_sgd(model, opt, g, 2)
+    assert (out[-1][:, c] > 0).any()
+    assert block.conv2.weight.grad[c].abs().sum() > 0 and block.bn2.weight.grad[c] != 0
+    hook.remove()
 
 
 def test_resnet_stem_consumer_sees_the_old_unit_pruned():
@@ -620,8 +674,9 @@ def given_magnitudes(params):
 @pytest.mark.parametrize("seed_dims", [0, 1])
 @pytest.mark.parametrize("kernel,given", [(False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("fold_bias", [False, True])
+@pytest.mark.parametrize("decay_rate", [0.9, 0.0])
 def test_cpu_kernels_and_given_magnitudes_equal_tensor_ops(
-    utility, seed_dims, kernel, given, fold_bias
+    utility, seed_dims, kernel, given, fold_bias, decay_rate
 ):
     # against the tensor-op path that reads the weights (the path on GPUs): the fused CPU
     # kernel and/or the trainer's magnitudes (here computed independently) give the same
@@ -638,7 +693,7 @@ def test_cpu_kernels_and_given_magnitudes_equal_tensor_ops(
             None,
             replacement_rate=0.05,
             maturity_threshold=4,
-            decay_rate=0.9,
+            decay_rate=decay_rate,
             utility=utility,
             fold_bias=fold_bias,
             seed=[5, 6] if seed_dims else 5,
@@ -792,18 +847,20 @@ def conv_forward(params, x, seed_dims):
 
 @pytest.mark.parametrize("utility", ["contribution", "adaptable_contribution"])
 @pytest.mark.parametrize("seed_dims", [0, 1])
-def test_whole_network_update_equals_per_layer_reference(utility, seed_dims):
+@pytest.mark.parametrize("eta", [0.9, 0.0])
+def test_whole_network_update_equals_per_layer_reference(utility, seed_dims, eta):
     # conv, conv -> flatten -> Linear and Linear layers; replacements in every layer over 120
-    # steps; the one-op-per-quantity update runs on the steps that replace nothing
+    # steps; the one-op-per-quantity update runs on the steps that replace nothing (with
+    # eta = 0 nothing runs there: only the replacing steps' utilities are compared)
     g = torch.Generator().manual_seed(11)
     lead = (3,) if seed_dims else ()
     params = conv_params(g, lead)
     seeds = [4, 5, 6] if seed_dims else 4
-    kw = dict(replacement_rate=0.02, maturity_threshold=5, decay_rate=0.9, utility=utility)
+    kw = dict(replacement_rate=0.02, maturity_threshold=5, decay_rate=eta, utility=utility)
     ours_p = [p.clone() for p in params]
     ref_p = [p.clone() for p in params]
     cbp = ContinualBackprop(conv_layers(ours_p, seed_dims), None, seed=seeds, **kw)
-    ref = ReferenceCBP(conv_layers(ref_p, seed_dims), 0.02, 5, 0.9, utility, seeds)
+    ref = ReferenceCBP(conv_layers(ref_p, seed_dims), 0.02, 5, eta, utility, seeds)
     assert cbp._kernel_state is None  # conv layers: the tensor-op path
     data = torch.Generator().manual_seed(12)
     fused_steps = 0
@@ -818,10 +875,12 @@ def test_whole_network_update_equals_per_layer_reference(utility, seed_dims):
         ref.step(conv_forward(ref_p, x, seed_dims))
         fused_steps += cbp.num_replaced == before
         for i in range(3):
+            assert torch.equal(cbp.birth[i], ref.birth[i])
+            if eta == 0 and not (ref.birth[i] == ref.steps).any():
+                continue
             # to 1e-12 of the layer's largest value: |h - hhat| cancels where h is close to hhat
             scale = float(ref.u[i].abs().max())
             torch.testing.assert_close(cbp.utility[i], ref.u[i], rtol=1e-12, atol=1e-12 * scale)
-            assert torch.equal(cbp.birth[i], ref.birth[i])
             if utility == "adaptable_contribution":
                 scale = float(ref.f[i].abs().max())
                 torch.testing.assert_close(

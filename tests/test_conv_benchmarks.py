@@ -11,6 +11,7 @@ import pytest
 import torch
 from reference_learner import ModuleLearner
 from stacked_runs import read_rows
+from test_cbp import assert_resnet_replaced
 from torch import nn
 
 from ppo_cbp.benchmarks.continual_imagenet import (
@@ -316,10 +317,9 @@ def test_best_weights_restores_the_best_epoch():
         assert torch.equal(value, snapshots[1][name]), name
 
 
-def test_cbp_on_the_resnet_keeps_outputs_at_replacement():
-    """CBP inside the CIFAR learner: replaced channels leave the network's function equal to
-    the old network with those channels pruned (the stem's: its weighted path pruned and the new
-    unit in its place in the residual stream), and their momentum is reset."""
+def test_cbp_on_the_resnet_replaces_as_released():
+    """CBP inside the CIFAR learner replaces one unit per layer as the released code does
+    (tests/test_cbp.py's reference) and resets the momentum of the replaced entries."""
     method = resolve_module_method(
         CIFARMethodConfig(method="cbp", replacement_rate=1.0, maturity_threshold=0),
         CIFAR_DEFAULTS,
@@ -337,27 +337,14 @@ def test_cbp_on_the_resnet_keeps_outputs_at_replacement():
     picked = [torch.nonzero(b[0] == 1).flatten() for b in cbp.birth]
     assert [len(p) for p in picked] == [1] * 17
     c = picked[1][0]
-    assert not torch.equal(model.blocks[0].conv1.weight[c], old["blocks.0.conv1.weight"][c])
-    # the reference: the network before the replacement with the picked channels silenced
-    pruned = build_resnet(0).double()
-    pruned.load_state_dict(old)
-    with torch.no_grad():
-        for name in ("stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"):
-            pruned.get_parameter(name)[picked[0]] = model.get_parameter(name)[picked[0]]
-        for name in ("stem.1.running_mean", "stem.1.running_var"):
-            pruned.get_buffer(name)[picked[0]] = model.get_buffer(name)[picked[0]]
-        pruned.blocks[0].conv1.weight[:, picked[0]] = 0
-        for b, block in enumerate(pruned.blocks):
-            block.conv2.weight[:, picked[1 + 2 * b]] = 0
-            block.bn2.weight[picked[2 + 2 * b]] = 0
-            block.bn2.bias[picked[2 + 2 * b]] = 0
-    model.eval()
-    pruned.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), pruned(x), rtol=1e-12, atol=1e-12)
+    assert_resnet_replaced(old, model.state_dict(), picked)
     mom = learner.momentum_buffer(model.blocks[0].conv1.weight)
     assert (mom[c] == 0).all() and (old_momentum[c] != 0).any() and mom.abs().sum() > 0
     assert (mom[:, picked[0]] == 0).all()  # the stem unit's outgoing weights
+    # a block output unit's outgoing weights: the next block's conv1, the head for the last
+    assert (learner.momentum_buffer(model.blocks[1].conv1.weight)[:, picked[2]] == 0).all()
+    head = learner.momentum_buffer(model.fc.weight)
+    assert (head[:, picked[16]] == 0).all() and head.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -418,6 +405,20 @@ def test_continual_imagenet_resume_is_exact(tmp_path):
     run_continual_imagenet(part)
     rows, expected = read_rows(part.out, 0), read_rows(full.out, 0)
     assert rows == expected and rows[-1]["units_replaced"] > 0
+
+
+@pytest.mark.parametrize("utility", ["adaptable_contribution", "contribution"])
+def test_continual_imagenet_cbp_with_instantaneous_utility(tmp_path, utility):
+    """decay_rate = 0 (the instantaneous utility) on the conv path, whose steps that replace
+    nothing compute nothing: the run replaces units and ends normally."""
+    write_imagenet(tmp_path / "inet")
+    cfg = imagenet_cfg(tmp_path, "eta0", tasks=2, epochs=2)
+    cfg.method = ImageNetMethodConfig(
+        method="cbp", replacement_rate=0.01, maturity_threshold=3, decay_rate=0.0, utility=utility
+    )
+    run_continual_imagenet(cfg)
+    rows = read_rows(cfg.out, 0)
+    assert len(rows) == 2 and rows[-1]["units_replaced"] > 0
 
 
 def cifar_cfg(tmp_path, name, **kw):

@@ -19,8 +19,10 @@ from ppo_cbp.benchmarks.incremental_cifar import (
     IncrementalCIFARConfig,
     build_resnet,
     resnet_feature_taps,
+    resnet_metrics,
     run_incremental_cifar,
 )
+from ppo_cbp.metrics import feature_rank_metrics
 from ppo_cbp.resnet import ResNet18
 from ppo_cbp.stacked_resnet import StackedResNet18
 from ppo_cbp.units import ActivationRecorder
@@ -75,6 +77,58 @@ def test_stacked_resnet_equals_each_network_alone(device):
         for name, t in net.state_dict().items():
             if not name.endswith("num_batches_tracked"):
                 torch.testing.assert_close(stacked.state_dict()[name][s], t, **TOL)
+
+
+def released_dead_percentage(net, x, mode):
+    """100 x dead units / 3,904 of one ResNet-18 on the batch ``x``, in numpy: a conv channel
+    is dead when non-zero on at most 1% of the (image, position) pairs, a pooled feature when
+    non-zero on at most 1% of the images; and the pooled features."""
+    net.train(mode == "train")
+    maps = []
+    modules = resnet_feature_taps(net)[:-1]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: maps.append(o.numpy().copy())) for m in modules
+    ]
+    with torch.no_grad():
+        features = net.features(x)
+    for h in hooks:
+        h.remove()
+    fractions = [(h != 0).mean(axis=(0, 2, 3)) for h in maps] + [(features.numpy() != 0).mean(0)]
+    dead = sum(int((f <= 0.01).sum()) for f in fractions)
+    assert sum(len(f) for f in fractions) == 3904
+    return 100.0 * dead / 3904, features
+
+
+def test_resnet_metrics_use_the_batch_statistics_as_released():
+    """Dead units and ranks on one batch with BatchNorm in training mode (the released analysis
+    never calls eval()); running statistics that differ from the batch's do not enter, and
+    are unchanged afterwards."""
+    seeds = [0, 1]
+    alone = nets(seeds, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for net in alone:
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.normal_(0.0, 2.0, generator=g)
+                    m.running_var.uniform_(0.2, 3.0, generator=g)
+            net.blocks[1].bn1.bias[:9] = -50.0  # nine inner channels dead for any batch
+    stacked = StackedResNet18(alone)
+    stacked.eval()
+    before = [t.clone() for t in stacked.buffers()]
+    x = torch.randn(40, 2, 3, 8, 8, generator=g, dtype=F64)
+    metrics = resnet_metrics(stacked, x)
+    assert all(torch.equal(a, b) for a, b in zip(before, stacked.buffers()))
+    assert not stacked.training
+    for s, net in enumerate(alone):
+        want, features = released_dead_percentage(net, x[:, s], "train")
+        assert metrics["dead_percentage"][s].item() == pytest.approx(want, abs=1e-12)
+        assert want >= 100 * 9 / 3904
+        eval_mode, _ = released_dead_percentage(net, x[:, s], "eval")
+        assert eval_mode != want  # the two definitions differ here
+        ranks = feature_rank_metrics(features)
+        torch.testing.assert_close(metrics["effective_rank"][s], ranks["effective_rank"], **TOL)
+        assert metrics["stable_rank"][s] == ranks["stable_rank"]
 
 
 def resolved(method, **kw):

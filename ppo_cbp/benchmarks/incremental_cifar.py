@@ -41,8 +41,9 @@ Metrics per increment and seed (one CSV row), after restoring the best weights:
   released code also measures it on augmented test images; here they are not augmented.)
 * ``best_validation_accuracy`` and ``best_epoch``; ``train_accuracy`` (augmented minibatches
   of the last epoch, before each update);
-* on ``metric_examples`` (1000) training images of the seen classes (not augmented, BatchNorm
-  in eval mode): ``dead_percentage``, 100 x the dead units over the 17 post-ReLU feature
+* on ``metric_examples`` (1000) training images of the seen classes (not augmented), one batch
+  with BatchNorm in training mode as in the released analysis (batch statistics; the running
+  statistics are restored afterwards): ``dead_percentage``, 100 x the dead units over the 17 post-ReLU feature
   layers (stem, every block's inner ReLU and output, the last output taken after global
   pooling) divided by their total width (3,904), a unit (channel) being dead when it is
   non-zero on at most 1% of the (image, position) pairs; ``stable_rank`` and
@@ -229,30 +230,31 @@ def count_correct(
 
 
 @torch.no_grad()
-def resnet_metrics(net: StackedResNet18, x: Tensor, batch: int = 250) -> dict[str, Tensor]:
+def resnet_metrics(net: StackedResNet18, x: Tensor) -> dict[str, Tensor]:
     """``dead_percentage``, ranks of the pooled features and weight magnitude per seed (see the
-    module docstring) on ``x`` (``[N, S, 3, H, W]``), ``[S]`` tensors; the network is
-    evaluated in eval mode in chunks of ``batch``."""
+    module docstring) on ``x`` (``[N, S, 3, H, W]``), ``[S]`` tensors.
+
+    As in the paper's released analysis, ``x`` is one batch and BatchNorm normalises with that
+    batch's statistics (training mode); the running statistics are left as they were.
+    """
     was_training = net.training
-    net.eval()
-    features: list[Tensor] = []
-    active: list[Tensor] = []  # per layer, [S, units]: (image, position) pairs where non-zero
-    counts: list[int] = []  # per layer: (image, position) pairs
+    saved = [(t, t.clone()) for t in net.buffers()]
+    net.train()
     try:
-        for i in range(0, x.shape[0], batch):
-            f, relus = net.features(x[i : i + batch])
-            features.append(f)
-            # the last block's output enters the head through the global pool
-            layers = [conv_activations_as_samples(h) for h in relus[:-1]] + [f]
-            a = [unit_activity(h) * h.shape[1] for h in layers]
-            n = [h.shape[1] for h in layers]
-            active = a if not active else [u + v for u, v in zip(active, a)]
-            counts = n if not counts else [u + v for u, v in zip(counts, n)]
+        # a (image, position) fraction per conv layer as soon as it is computed: 1000 images
+        # of every layer's output at once would cost gigabytes
+        features, activity = net.features(
+            x, reduce=lambda h: unit_activity(conv_activations_as_samples(h))
+        )
     finally:
+        for t, value in saved:
+            t.copy_(value)
         net.train(was_training)
-    dead = sum(((a / n) <= 0.01).sum(-1) for a, n in zip(active, counts))
-    width = sum(a.shape[-1] for a in active)
-    ranks = feature_rank_metrics(torch.cat(features, dim=1))
+    # the last block's output enters the head through the global pool
+    activity[-1] = unit_activity(features)
+    dead = sum((a <= 0.01).sum(-1) for a in activity)
+    width = sum(a.shape[-1] for a in activity)
+    ranks = feature_rank_metrics(features)
     return {
         "dead_percentage": 100.0 * dead.double() / width,
         "stable_rank": ranks["stable_rank"],
@@ -291,7 +293,7 @@ class IncrementalCIFARConfig:
     batch_size: int = 90
     """Training minibatch size."""
     eval_batch_size: int = 500
-    """Chunk size of validation, test and metric passes (does not change results)."""
+    """Chunk size of validation and test passes (does not change results)."""
     momentum: float = 0.9
     """SGD momentum."""
     lr_milestones: tuple[float, ...] = (0.3, 0.6, 0.8)
@@ -299,7 +301,9 @@ class IncrementalCIFARConfig:
     lr_factor: float = 0.2
     """Step-size decay factor at each milestone."""
     metric_examples: int = 1000
-    """Training images of the seen classes on which dead units and ranks are measured."""
+    """Training images of the seen classes on which dead units and ranks are measured, as one
+    batch normalised by its own BatchNorm statistics (the released analysis never calls
+    eval()); the running statistics are not changed."""
     data_dir: Path = Path("data/cifar100")
     """Folder with cifar-100-python/{train,test,meta} (or the three files)."""
     download: bool = False
@@ -491,7 +495,7 @@ def run_incremental_cifar(
                 for s, g in enumerate(metric_picks)
             ]
         )
-        metrics = resnet_metrics(net, x_train[pick.T], ev)
+        metrics = resnet_metrics(net, x_train[pick.T])
         host = {key: v.tolist() for key, v in metrics.items()}
         n_val, n_test = val_sel.shape[1], test_sel.shape[1]
         test_c, max_c, best_c = test_correct.tolist(), max_test.tolist(), best.score.tolist()
