@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
 
 # Keys that do not change what is learned (or only how long): removed before grouping.
@@ -884,8 +885,7 @@ def plot_runs(
         raise UsageError(f"network must be policy or value, got {network!r}")
     runs = load_runs(paths)
     out = default_out_dir([r.run_dir for r in runs]) if out_dir is None else Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+    run_folder.check_writable(out, "the figures folder" if out_dir is None else "--out")
     groups = group_runs(runs)
     by_name: dict[str, list[Group]] = {}
     for g in groups:

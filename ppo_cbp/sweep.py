@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ppo_cbp import run_folder
 from ppo_cbp.errors import ALREADY_FINISHED, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -752,8 +753,8 @@ def run_sweep(
 
     Nothing is written before Ray is up and the cluster can run a trial.
 
-    :raises UsageError: for a bad sweep definition (before Ray is started), a cluster that
-        cannot be joined or is too small, or a missing Ray.
+    :raises UsageError: for a bad sweep definition or a folder that cannot be written (before
+        Ray is started), a cluster that cannot be joined or is too small, or a missing Ray.
     """
     if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name or ""):
         raise UsageError(f"bad sweep name {name!r}: use letters, digits and . _ + = -")
@@ -767,14 +768,12 @@ def run_sweep(
         raise UsageError(f"--num-cpus must be >= 1, got {num_cpus}")
     check_flags(program, fixed, grid)
     seeds = list(seeds)
-    for folder in (Path(runs_dir), Path(runs_dir) / name):
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"{folder} is a file, not a folder: choose another --runs-dir/--name")
     sweep_dir = Path(runs_dir).resolve() / name
     trials = make_trials(program, grid, seeds, sweep_dir, seeds_per_trial)
     ids = [t.id for t in trials]
     if len(set(ids)) != len(ids):
         raise UsageError("two grid values map to the same trial folder name; rename them")
+    run_folder.check_writable(Path(runs_dir) / name, "the sweep folder")
     by_id = {t.id: t for t in trials}
     manifest = init_manifest(sweep_dir, program, fixed, trials)  # checks; written below
     manifest_path = sweep_dir / MANIFEST

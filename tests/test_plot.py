@@ -589,6 +589,9 @@ def test_repeated_seed_is_named_and_folders_or_a_glob_pick_one(tmp_path, capsys)
         (["RUNS/zz*"], "no path matches"),
         ([], "no run folders given"),
         (["RUNS", "--out", "RUNS/r/config.json"], "is a file"),
+        # Fix: os.access let root through to a traceback at the first write
+        (["RUNS", "--out", "/proc/x"], "--out /proc/x cannot be written: /proc is not writable"),
+        (["RUNS", "--out", "RUNS/r/config.json/f"], "RUNS/r/config.json is not a folder"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, names):
@@ -598,8 +601,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, na
     argv = [a.replace("RUNS", str(runs)) for a in argv]
     assert plot_script.main(argv) == 2
     err = capsys.readouterr().err
+    names = names.replace("RUNS", str(runs))
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
     assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not Path("/proc/x").exists()
 
 
 def test_unreadable_run_files_are_named(tmp_path, capsys):

@@ -418,6 +418,25 @@ def _sweep_script():
     return sweep_script
 
 
+@pytest.mark.parametrize("where", ["/proc/x", "FILE/sub"])
+def test_unwritable_runs_dir_is_one_line_before_ray(tmp_path, capsys, no_ray, where):
+    """Fix: os.access let root through to a traceback when the sweep folder was made."""
+    (tmp_path / "file").write_text("")
+    runs_dir = Path(where.replace("FILE", str(tmp_path / "file")))
+    argv = ["scripts/supervised.py", "slowly-changing-regression", "--grid", "lr=0.1,0.2"]
+    argv += ["--seeds", "0", "--name", "x", "--runs-dir", str(runs_dir)]
+    assert _sweep_script().main(argv) == 2
+    err = capsys.readouterr().err
+    reason = (
+        f"cannot be created: {tmp_path / 'file'} is not a folder"
+        if "FILE" in where
+        else "cannot be written: /proc is not writable"
+    )
+    assert err.startswith(f"error: the sweep folder {runs_dir / 'x'} {reason}"), err
+    assert err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and not Path("/proc/x").exists()
+
+
 def test_unreachable_address_fails_fast_in_one_line(tmp_path, capsys, no_ray):
     import socket
 
