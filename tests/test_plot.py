@@ -554,6 +554,27 @@ def test_figures_default_to_the_runs_common_parent(tmp_path, capsys):
     )
 
 
+def test_run_folders_inside_a_run_folder_are_named_in_a_warning(tmp_path, capsys):
+    """Fix: a sweep written into a benchmark run's folder had its trials skipped without a word."""
+    run = tmp_path / "runs" / "scr"
+    supervised_run(run, "bp", {0: pm_rows([0.5, 0.6])})
+    trials = [run / f"lr=0.01__s{s}" for s in (0, 1)]
+    for s, trial in enumerate(trials):
+        supervised_run(trial, "cbp", {s: pm_rows([0.7, 0.8])})
+    warning = (
+        f"warning: {run} is a run folder, so the run folders inside it are not plotted: "
+        f"{trials[0]} and 1 more; give their paths to plot them"
+    )
+    for given in (run, tmp_path / "runs"):
+        assert plot_script.main([str(given), "--out", str(tmp_path / "f")]) == 0
+        out, err = capsys.readouterr()
+        assert err.splitlines() == [warning]
+        assert "permuted_mnist: Backprop (n=1)\n" in out
+    assert plot_script.main([*map(str, trials), "--out", str(tmp_path / "f")]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "permuted_mnist: CBP (n=2)\n" in out
+
+
 def test_repeated_seed_is_named_and_folders_or_a_glob_pick_one(tmp_path, capsys):
     runs = tmp_path / "runs"
     for stamp in ("100", "200"):

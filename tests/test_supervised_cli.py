@@ -304,6 +304,17 @@ def test_help_names_the_mnist_cache_folder(capsys, monkeypatch):
     assert default_data_dir() == Path("/somewhere/mnist")
 
 
+def test_default_out_folders_are_not_those_of_the_readme_sweeps():
+    """Fix: slowly-changing-regression wrote to runs/scr by default, the folder of the README's
+    ``sweep.py ... --name scr``, whose trials plot.py then skipped as inside a run folder."""
+    readme = (ROOT / "README.md").read_text()
+    sweeps = {Path("runs") / n for n in re.findall(r"scripts/sweep\.py .* --name (\S+)", readme)}
+    assert Path("runs/scr") in sweeps
+    defaults = {cli.parse([sub]).out for sub in SUBCOMMANDS}
+    assert Path("runs/slowly_changing_regression") in defaults and len(defaults) == 4
+    assert not defaults & sweeps
+
+
 def documented_commands(text: str) -> list[list[str]]:
     """The arguments of every ``python scripts/supervised.py ...`` line (comments dropped)."""
     commands = []
