@@ -38,27 +38,34 @@ def tyro_message(text: str) -> str:
     """The first paragraph of a tyro error box, as one line (empty if there is none).
 
     tyro draws a parse error as a box: a title row, the message (wrapped over rows), then a
-    rule and the argument's help. The message is the text between the title and the first
-    rule, joined; ``Error parsing X:`` becomes ``X:``.
+    rule and the argument's help. Where it cannot draw boxes (its output not a terminal, as
+    under pytest) the title is followed by a rule of ``-``, then the message and a rule. The
+    message is the text between the title (and its rule) and the next rule, joined;
+    ``Error parsing X:`` becomes ``X:``.
     """
     rows = [_ANSI.sub("", r).strip(_BORDER) for r in text.splitlines()]
     if len(rows) < 2:
         return ""
     message: list[str] = []
     for row in rows[1:]:
-        if not row.strip() and message:
+        rule = bool(row.strip()) and not row.strip("─━- ")
+        if (rule or not row.strip()) and message:
             break
-        if row and not row.strip("─━"):  # a rule
-            break
-        message.append(row.strip())
+        if not rule:
+            message.append(row.strip())
     line = " ".join(" ".join(message).split())
     return line.removeprefix("Error parsing ")
 
 
-def parse(cls: type[T], argv: Sequence[str] | None, description: str | None = None) -> T:
+def parse(
+    cls: type[T],
+    argv: Sequence[str] | None,
+    description: str | None = None,
+    prog: str | None = None,
+) -> T:
     """``tyro.cli(cls)`` with a parse error raised as :class:`UsageError` (the message of
-    tyro's box and a pointer to ``--help``) instead of printed as a box. ``--help`` prints and
-    exits as usual."""
+    tyro's box and a pointer to ``<prog> --help``, by default the running script's) instead of
+    printed as a box. ``--help`` prints and exits as usual."""
     import tyro
 
     captured = io.StringIO()
@@ -71,7 +78,7 @@ def parse(cls: type[T], argv: Sequence[str] | None, description: str | None = No
         if not message:  # --help, or an error tyro drew in a way we do not read: show it as is
             sys.stderr.write(text)
             raise
-        prog = Path(sys.argv[0]).name or "the script"
+        prog = prog or Path(sys.argv[0]).name or "the script"
         raise UsageError(f"{message} (see {prog} --help)") from None
     except BaseException:
         sys.stderr.write(captured.getvalue())

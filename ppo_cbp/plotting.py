@@ -41,6 +41,7 @@ import glob
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
 
 # Keys that do not change what is learned (or only how long): removed before grouping.
@@ -139,6 +141,11 @@ def note(message: str) -> None:
     print(f"note: {message}", flush=True)
 
 
+def warn(message: str) -> None:
+    """Print a warning about runs that are left out (on stderr)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 
@@ -189,8 +196,9 @@ def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
 
 
 def find_run_dirs(paths: Sequence[Path | str]) -> list[Path]:
-    """Run folders among ``paths`` (folders or glob patterns) and below them (a run folder's
-    subfolders are not searched).
+    """Run folders among ``paths`` (folders or glob patterns) and below them. A run folder's
+    subfolders are not searched: run folders inside one (a sweep written into a benchmark's
+    output folder) are left out with a warning that names them.
 
     :raises UsageError: for a path that does not exist or holds no run folder.
     """
@@ -202,23 +210,33 @@ def find_run_dirs(paths: Sequence[Path | str]) -> list[Path]:
             raise UsageError(f"{p} does not exist")
         if not p.is_dir():
             raise UsageError(f"{p} is not a folder")
-        if is_run_dir(p):
-            found.append(p)
-            continue
-        here: list[Path] = []
-        for root, dirs, _ in os.walk(p):
-            dirs.sort()
-            r = Path(root)
-            if is_run_dir(r):
-                here.append(r)
-                dirs[:] = []
+        here = _run_dirs_in(p)
         if not here:
             raise UsageError(
                 f"no run folders under {p}: expected config.json with seed_<s>/metrics.csv "
                 "(supervised benchmarks) or with TensorBoard event files (PPO)"
             )
+        for run in here:
+            inside = [d for sub in sorted(run.iterdir()) if sub.is_dir() for d in _run_dirs_in(sub)]
+            if inside:
+                more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+                warn(
+                    f"{run} is a run folder, so the run folders inside it are not plotted: "
+                    f"{inside[0]}{more}; give their paths to plot them"
+                )
         found.extend(here)
     return sorted(dict.fromkeys(found))
+
+
+def _run_dirs_in(top: Path) -> list[Path]:
+    """``top`` if it is a run folder, else the run folders below it (none searched inside)."""
+    found = []
+    for root, dirs, _ in os.walk(top):
+        dirs.sort()
+        if is_run_dir(Path(root)):
+            found.append(Path(root))
+            dirs[:] = []
+    return found
 
 
 def default_out_dir(run_dirs: Sequence[Path]) -> Path:
@@ -884,8 +902,7 @@ def plot_runs(
         raise UsageError(f"network must be policy or value, got {network!r}")
     runs = load_runs(paths)
     out = default_out_dir([r.run_dir for r in runs]) if out_dir is None else Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+    run_folder.check_writable(out, "the figures folder" if out_dir is None else "--out")
     groups = group_runs(runs)
     by_name: dict[str, list[Group]] = {}
     for g in groups:

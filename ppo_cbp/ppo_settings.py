@@ -302,5 +302,5 @@ def run_settings(
             raise ConfigError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
-    run_folder.check_writable(run_dir)
+    run_folder.check_writable(run_dir, "the run folder")
     return raw, a, ckpt, run_dir

@@ -3,8 +3,10 @@
 Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
 (:class:`ppo_cbp.benchmarks.common.RunOutputs`) alike, so a fix lands once:
 
-* the folder: :func:`check_writable` before any work, ``config.json`` written atomically
-  (:func:`write_json`), every other file too (:func:`write_atomic`);
+* the folder: :func:`check_writable` before any work (by creating it and writing a file in it,
+  then removing both; the sweep and the plots check their output folders with it too),
+  ``config.json`` written atomically (:func:`write_json`), every other file too
+  (:func:`write_atomic`);
 * the checkpoint: :func:`save_checkpoint` (a temporary file, fsync, ``os.replace``: a crash
   leaves the old or the new checkpoint, never half of one) and :func:`load_checkpoint`
   (``weights_only=True``: it can never execute code; an empty, truncated, corrupt or foreign
@@ -24,22 +26,27 @@ Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from ppo_cbp.errors import ALREADY_FINISHED, UsageError
+
+# torch is imported by the functions that use it: the plots check their folder with
+# check_writable and would otherwise load torch (a second and a half) for nothing.
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -67,15 +74,42 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # files
 
 
-def check_writable(folder: Path) -> None:
-    """:raises UsageError: unless ``folder`` is, or can be created as, a writable folder."""
+def check_writable(folder: Path, what: str) -> None:
+    """:raises UsageError: unless ``folder`` is, or can be created as, a folder that can be
+    written in; the message names it as ``what`` (``--out``, ``the run folder``).
+
+    Checked by doing it: the missing folders are created and a file is written in ``folder``,
+    then both are removed again, so that a command stopping before its work leaves nothing
+    behind. (``os.access`` tells root that anything is writable, ``/proc`` included.)
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        raise UsageError(f"{what} {folder} is a file, not a folder")
+    missing = []
     existing = folder
     while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"cannot create the run folder {folder}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write the run folder {folder}: {existing} is not writable")
+        raise UsageError(f"{what} {folder} cannot be created: {existing} is not a folder")
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        place = created[-1] if created else existing
+        raise UsageError(
+            f"{what} {folder} cannot be written: {place} is not writable "
+            f"({e.strerror or type(e).__name__})"
+        ) from None
+    finally:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -106,7 +140,9 @@ def write_json(path: Path, data: Any) -> None:
 
 def clone(obj: Any) -> Any:
     """Deep copy of nested dicts/lists/tuples, cloning tensors (state snapshots)."""
-    if isinstance(obj, Tensor):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, dict):
         return {k: clone(v) for k, v in obj.items()}
@@ -120,6 +156,8 @@ def clone(obj: Any) -> Any:
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync,
     then ``os.replace`` (a crash leaves either the old or the new checkpoint, never half)."""
+    import torch
+
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -141,6 +179,8 @@ def load_checkpoint(path: Path, owner: str, start_over: str, older: str | None =
         and says what to do: ``older`` with the newest other ``*.pt`` beside it if there is
         one, else ``start_over``.
     """
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file makes torch's unpickler raise many kinds
@@ -165,6 +205,8 @@ def load_checkpoint(path: Path, owner: str, start_over: str, older: str | None =
 def rng_states(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
     """The states of Python's, numpy's, torch's (CPU and every CUDA device) global generators
     and of ``generators``, as tensors and plain values (loadable with ``weights_only=True``)."""
+    import torch
+
     version, mt, gauss = random.getstate()
     np_state = np.random.get_state()
     return {
@@ -184,6 +226,8 @@ def rng_states(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
 
 def set_rng_states(state: dict[str, Any], generators: Mapping[str, torch.Generator]) -> None:
     """Restore what :func:`rng_states` returned (CUDA's only where CUDA is available)."""
+    import torch
+
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     n = state["numpy"]

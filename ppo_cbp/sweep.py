@@ -29,8 +29,12 @@ least the last episode), ``episodes`` and ``last_step``.
 
 Re-running a sweep skips ``done`` trials; any other trial starts again, continuing from its
 checkpoint when its folder holds one (``--resume``), otherwise from scratch after clearing the
-folder's partial outputs (``trial.log`` is kept). A trial whose program exits non-zero is
-retried up to ``max_retries`` times per invocation, then marked ``failed``.
+folder's partial outputs (``trial.log`` is kept). Before anything starts, every
+configuration's command is read by the program's own parser (:func:`check_commands`), and the
+sweep's folder is checked by creating it (:func:`ppo_cbp.run_folder.check_writable`). A trial
+whose program exits non-zero is retried up to ``max_retries`` times per invocation, then marked
+``failed``; exit code 2, the program's refusal of its input, is final at once (every attempt
+would be refused alike).
 
 On a multi-node cluster the repository must sit at the same path on every node and
 ``runs_dir`` on a shared filesystem (resuming needs the checkpoint where the trial runs); the
@@ -42,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import importlib.util
 import itertools
 import json
 import math
@@ -54,11 +59,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ppo_cbp import run_folder
 from ppo_cbp.errors import ALREADY_FINISHED, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +74,7 @@ RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
 CHECKPOINT = "checkpoint.pt"
 STATES = ("pending", "running", "done", "failed")
+USAGE_ERROR = 2  # the programs' exit code for input they refuse (ppo_cbp.cli.report_error)
 FINAL_FRACTION = 0.1
 LOG_TAIL_LINES = 20
 
@@ -310,6 +317,45 @@ def trial_command(program: Program, fixed: Sequence[str], trial: Trial, resume: 
         if resume:
             words.append("--resume")
     return words
+
+
+def program_parser(program: Program) -> Callable[[Sequence[str]], Any]:
+    """The program's own command-line parser: its arguments (without the script's path) to its
+    settings, or a :class:`UsageError` of one line. Parsing has no side effects."""
+    from ppo_cbp import cli
+
+    if program.kind == "ppo":
+        from ppo_cbp.train import Args
+
+        return lambda argv: cli.parse(Args, argv, prog="train.py")
+    # scripts/ is no package: load supervised.py by its path for its Config union
+    spec = importlib.util.spec_from_file_location("_swept_supervised", REPO_ROOT / program.script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    prog = f"supervised.py {program.subcommand}"
+    return lambda argv: cli.parse(module.Config, argv, prog=prog)
+
+
+def check_commands(program: Program, fixed: Sequence[str], trials: Sequence[Trial]) -> None:
+    """Read the fixed flags, then each configuration's command (with its first trial's seeds),
+    with the program's parser: a flag it does not know or a value it cannot read would fail
+    every attempt.
+
+    :raises UsageError: naming the fixed flags or the grid point, and what the program said.
+    """
+    if not trials:
+        return
+    parse = program_parser(program)
+    first = trials[0]
+    points = {"fixed flags": Trial(first.id, {}, first.seeds, first.run_dir)}
+    for t in trials:
+        if t.config:
+            points.setdefault("grid point " + " ".join(f"{k}={v}" for k, v in t.config.items()), t)
+    for where, t in points.items():
+        try:
+            parse(trial_command(program, fixed, t, resume=False)[1:])
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,7 +798,8 @@ def run_sweep(
 
     Nothing is written before Ray is up and the cluster can run a trial.
 
-    :raises UsageError: for a bad sweep definition (before Ray is started), a cluster that
+    :raises UsageError: for a bad sweep definition (flags or values the program does not
+        accept, a folder that cannot be written; found before Ray is started), a cluster that
         cannot be joined or is too small, or a missing Ray.
     """
     if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name or ""):
@@ -767,14 +814,13 @@ def run_sweep(
         raise UsageError(f"--num-cpus must be >= 1, got {num_cpus}")
     check_flags(program, fixed, grid)
     seeds = list(seeds)
-    for folder in (Path(runs_dir), Path(runs_dir) / name):
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"{folder} is a file, not a folder: choose another --runs-dir/--name")
     sweep_dir = Path(runs_dir).resolve() / name
     trials = make_trials(program, grid, seeds, sweep_dir, seeds_per_trial)
     ids = [t.id for t in trials]
     if len(set(ids)) != len(ids):
         raise UsageError("two grid values map to the same trial folder name; rename them")
+    check_commands(program, fixed, trials)
+    run_folder.check_writable(Path(runs_dir) / name, "the sweep folder")
     by_id = {t.id: t for t in trials}
     manifest = init_manifest(sweep_dir, program, fixed, trials)  # checks; written below
     manifest_path = sweep_dir / MANIFEST
@@ -886,7 +932,8 @@ def run_sweep(
                         outcome.done.append(tid)
                     else:
                         failures[tid] = failures.get(tid, 0) + 1
-                        if failures[tid] <= max_retries:
+                        refused = r["returncode"] == USAGE_ERROR
+                        if failures[tid] <= max_retries and not refused:
                             e["state"] = "pending"
                             queue.insert(0, tid)
                             msg = f"{tid}: exit code {r['returncode']}; retry {failures[tid]}"
@@ -894,9 +941,10 @@ def run_sweep(
                         else:
                             e["state"] = "failed"
                             outcome.failed.append(tid)
+                            why = ": the program refused its input, not retried" if refused else ""
                             msg = (
                                 f"FAILED {tid} after {_plural(failures[tid], 'attempt')} "
-                                f"(exit code {r['returncode']}); log "
+                                f"(exit code {r['returncode']}{why}); log "
                                 f"{by_id[tid].run_dir / TRIAL_LOG}, last lines:\n"
                                 + "\n".join("    " + ln for ln in r["log_tail"].splitlines())
                             )

@@ -6,7 +6,8 @@
 
 Each path is a run folder (``config.json`` with ``seed_<s>/metrics.csv`` from
 ``scripts/supervised.py``, or with TensorBoard event files from ``ppo_cbp/train.py``), a folder
-searched for them, or a quoted glob pattern of either. Runs are grouped by method and
+searched for them, or a quoted glob pattern of either; a run folder is not searched inside (a
+warning names the run folders it holds, to be given by their paths). Runs are grouped by method and
 configuration (seed, names, output paths and run length ignored); two folders with the same
 seed of one configuration are refused (name only the folders to plot). Each group is drawn as
 the mean over its seeds with a band of one standard error (sample std with ddof = 1 over

@@ -27,8 +27,10 @@ Ant runs use them here.
 Every command and its wall time is printed. A run whose folder already holds a finished run of
 the requested size is skipped (so the script can be re-run after an interruption); an
 unfinished one is resumed. The small budget then plots everything with
-:func:`ppo_cbp.plotting.plot_runs` into ``--figures`` and writes ``reproduce_small.json`` there
-(commands, scales, seeds, wall times, status).
+:func:`ppo_cbp.plotting.plot_runs` into ``--figures`` (by default ``figures/`` in
+``--runs-dir``: ``runs/repro/figures``) and writes ``reproduce_small.json`` there (commands,
+scales, seeds, wall times, status). The figures in ``docs/figures`` were made with
+``--figures docs/figures``.
 """
 
 from __future__ import annotations
@@ -417,8 +419,8 @@ class ReproduceArgs:
     """Multiplier of every length (examples, tasks, steps, friction interval); seeds unchanged."""
     runs_dir: Path | None = None
     """Folder of the run folders (default runs/repro, or runs/paper with --budget paper)."""
-    figures: Path = Path("docs/figures")
-    """Folder of the figures and reproduce_small.json."""
+    figures: Path | None = None
+    """Folder of the figures and reproduce_small.json (default figures/ in --runs-dir)."""
     data_dir: Path | None = None
     """Folder with the four MNIST .gz files (default: the package's cache folder)."""
     only: tuple[Literal["scr", "permuted_mnist", "ppo"], ...] = ("scr", "permuted_mnist", "ppo")
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     records = run_all(exps, a.jobs, a.dry_run)
     if a.dry_run:
         return 0
-    figures = Path(os.path.abspath(a.figures))
+    figures = runs_dir / "figures" if a.figures is None else Path(os.path.abspath(a.figures))
     figures.mkdir(parents=True, exist_ok=True)
     bin_size = _scaled(PPO_BIN, a.scale, PPO_MIN_STEPS)
     files = make_figures(exps, figures, bin_size)

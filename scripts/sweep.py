@@ -26,9 +26,14 @@ in its environment. The repository must sit at the same path on every machine an
 per configuration). Running the same command again skips finished trials and continues
 interrupted ones from their checkpoints. See :mod:`ppo_cbp.sweep` for the exact definitions.
 
+Every configuration's command is first read by the program's own parser: a flag it does not
+know or a value it cannot read stops the sweep before Ray starts. A trial whose program exits
+with 2 (it refused its input) is not retried.
+
 Exit codes: 0 all trials done, 1 some trial failed, 2 bad input (one ``error:`` line, nothing
-written: bad arguments, Ray missing, a cluster that cannot be joined), 130 when interrupted
-(Ctrl-C or SIGTERM; the trials checkpoint and continue on the next run).
+written: bad arguments, flags or values the program refuses, a folder that cannot be written,
+Ray missing, a cluster that cannot be joined), 130 when interrupted (Ctrl-C or SIGTERM; the
+trials checkpoint and continue on the next run).
 """
 
 from __future__ import annotations
@@ -67,7 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         help="supervised benchmarks: seeds of one configuration trained together in one trial",
     )
     p.add_argument(
-        "--max-retries", type=int, default=1, help="retries of a failing trial (default 1)"
+        "--max-retries",
+        type=int,
+        default=1,
+        help="retries of a failing trial (default 1; one that exits 2, bad input, gets none)",
     )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial declares")
     p.add_argument(

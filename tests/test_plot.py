@@ -554,6 +554,27 @@ def test_figures_default_to_the_runs_common_parent(tmp_path, capsys):
     )
 
 
+def test_run_folders_inside_a_run_folder_are_named_in_a_warning(tmp_path, capsys):
+    """Fix: a sweep written into a benchmark run's folder had its trials skipped without a word."""
+    run = tmp_path / "runs" / "scr"
+    supervised_run(run, "bp", {0: pm_rows([0.5, 0.6])})
+    trials = [run / f"lr=0.01__s{s}" for s in (0, 1)]
+    for s, trial in enumerate(trials):
+        supervised_run(trial, "cbp", {s: pm_rows([0.7, 0.8])})
+    warning = (
+        f"warning: {run} is a run folder, so the run folders inside it are not plotted: "
+        f"{trials[0]} and 1 more; give their paths to plot them"
+    )
+    for given in (run, tmp_path / "runs"):
+        assert plot_script.main([str(given), "--out", str(tmp_path / "f")]) == 0
+        out, err = capsys.readouterr()
+        assert err.splitlines() == [warning]
+        assert "permuted_mnist: Backprop (n=1)\n" in out
+    assert plot_script.main([*map(str, trials), "--out", str(tmp_path / "f")]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "permuted_mnist: CBP (n=2)\n" in out
+
+
 def test_repeated_seed_is_named_and_folders_or_a_glob_pick_one(tmp_path, capsys):
     runs = tmp_path / "runs"
     for stamp in ("100", "200"):
@@ -589,6 +610,9 @@ def test_repeated_seed_is_named_and_folders_or_a_glob_pick_one(tmp_path, capsys)
         (["RUNS/zz*"], "no path matches"),
         ([], "no run folders given"),
         (["RUNS", "--out", "RUNS/r/config.json"], "is a file"),
+        # Fix: os.access let root through to a traceback at the first write
+        (["RUNS", "--out", "/proc/x"], "--out /proc/x cannot be written: /proc is not writable"),
+        (["RUNS", "--out", "RUNS/r/config.json/f"], "RUNS/r/config.json is not a folder"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, names):
@@ -598,8 +622,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, na
     argv = [a.replace("RUNS", str(runs)) for a in argv]
     assert plot_script.main(argv) == 2
     err = capsys.readouterr().err
+    names = names.replace("RUNS", str(runs))
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
     assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not Path("/proc/x").exists()
 
 
 def test_unreadable_run_files_are_named(tmp_path, capsys):
@@ -652,6 +678,22 @@ def test_reproduce_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys
         names = names.replace(k, v)
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_reproduce_writes_under_runs_and_leaves_docs_figures_alone(tmp_path, monkeypatch, capsys):
+    """Fix: the small budget's figures and report went to the tracked docs/figures by default."""
+    docs = ROOT / "docs" / "figures"
+    tracked = {p.name: p.read_bytes() for p in docs.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reproduce, "run_all", lambda exps, jobs, dry_run: [])  # nothing to run
+    assert reproduce.main(["--budget", "small", "--only", "scr"]) == 0
+    report = tmp_path / "runs" / "repro" / "figures" / "reproduce_small.json"
+    assert capsys.readouterr().out == f"wrote {report}\n"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [report]
+    # another --runs-dir: its own figures/
+    assert reproduce.main(["--only", "scr", "--runs-dir", "elsewhere"]) == 0
+    assert (tmp_path / "elsewhere" / "figures" / "reproduce_small.json").is_file()
+    assert {p.name: p.read_bytes() for p in docs.iterdir()} == tracked
 
 
 def test_reproduce_unreadable_checkpoint_fails_that_run_only(tmp_path, capsys):

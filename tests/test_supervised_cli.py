@@ -183,6 +183,27 @@ def test_resume_of_a_finished_run_is_refused_and_writes_nothing(tmp_path, capsys
     assert snapshot(out) == before  # no new events file, config.json and CSVs untouched
 
 
+def test_unwritable_out_is_one_line_before_any_work(tmp_path, capsys):
+    """Fix: ``--out /proc/x`` passed the os.access check as root and met a traceback at the
+    first write. The folder is created to check it, then removed again if the run stops."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for sub in SUBCOMMANDS:
+        for out, needle in (
+            (Path("/proc/x"), "--out /proc/x cannot be written: /proc is not writable"),
+            (blocker / "sub", f"--out {blocker / 'sub'} cannot be created: {blocker} is not a"),
+        ):
+            code, stdout, err = run_main([sub, "--out", out, "--device", "cpu"], capsys)
+            assert_one_error(code, err, needle)
+            assert stdout == ""
+    # writable, and the run refused after the check: the folders it made are gone
+    args = ["slowly-changing-regression", "--activation", "linear", "--method", "cbp"]
+    code, _, err = run_main([*args, "--out", tmp_path / "a" / "b", "--device", "cpu"], capsys)
+    assert_one_error(code, err, "cbp")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and blocker.read_text() == ""
+    assert not Path("/proc/x").exists()
+
+
 def test_error_in_a_real_process_has_no_traceback(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), "slowly-changing-regression", "--examples", "0"]
@@ -281,6 +302,17 @@ def test_help_names_the_mnist_cache_folder(capsys, monkeypatch):
     assert Path(match.group(1)).expanduser() == default_data_dir()
     monkeypatch.setenv("PPO_CBP_DATA", "/somewhere/mnist")
     assert default_data_dir() == Path("/somewhere/mnist")
+
+
+def test_default_out_folders_are_not_those_of_the_readme_sweeps():
+    """Fix: slowly-changing-regression wrote to runs/scr by default, the folder of the README's
+    ``sweep.py ... --name scr``, whose trials plot.py then skipped as inside a run folder."""
+    readme = (ROOT / "README.md").read_text()
+    sweeps = {Path("runs") / n for n in re.findall(r"scripts/sweep\.py .* --name (\S+)", readme)}
+    assert Path("runs/scr") in sweeps
+    defaults = {cli.parse([sub]).out for sub in SUBCOMMANDS}
+    assert Path("runs/slowly_changing_regression") in defaults and len(defaults) == 4
+    assert not defaults & sweeps
 
 
 def documented_commands(text: str) -> list[list[str]]:

@@ -320,7 +320,9 @@ def test_sigterm_stops_the_programs_and_leaves_trials_pending(tmp_path, ray_addr
         os.kill(pid, 0)
 
 
-def test_failing_trial_is_retried_then_reported(tmp_path, ray_address):
+def test_refused_trial_is_not_retried_and_reported(tmp_path, ray_address):
+    """Fix: a trial whose program refused its input (exit code 2: lr = -1 parses but is out of
+    range) was retried, to be refused again."""
     messages: list[str] = []
     out = sw.run_sweep(
         SCR, TINY, {"lr": ["0.01", "-1"]}, [0, 1], "f", runs_dir=tmp_path, seeds_per_trial=2,
@@ -329,10 +331,14 @@ def test_failing_trial_is_retried_then_reported(tmp_path, ray_address):
     assert out.done == ["lr=0.01__s0-1"] and out.failed == ["lr=-1__s0-1"]
     trials = json.loads((tmp_path / "f" / sw.MANIFEST).read_text())["trials"]
     bad = trials["lr=-1__s0-1"]
-    assert bad["state"] == "failed" and bad["attempts"] == 2 and bad["returncode"] != 0
+    assert bad["state"] == "failed" and bad["attempts"] == 1 and bad["returncode"] == 2
     assert "lr = -1.0 is out of range" in bad["log_tail"]
     log = (tmp_path / "f" / "lr=-1__s0-1" / sw.TRIAL_LOG).read_text()
-    assert "=== attempt 1 " in log and "=== attempt 2 " in log
+    assert "=== attempt 1 " in log and "=== attempt 2 " not in log
+    assert any(
+        m.startswith("FAILED lr=-1__s0-1 after 1 attempt (exit code 2: the program refused its "
+                     "input, not retried)") for m in messages
+    )  # fmt: skip
     assert any("failed: lr=-1__s0-1" in m for m in messages)
     rows = _read_csv(tmp_path / "f" / sw.RESULTS_CSV)
     assert [(r["lr"], r["seed"], r["state"]) for r in rows] == [
@@ -341,6 +347,27 @@ def test_failing_trial_is_retried_then_reported(tmp_path, ray_address):
     assert rows[2]["final_squared_error"] == "" and rows[0]["final_squared_error"] != ""
     summary = _read_csv(tmp_path / "f" / sw.SUMMARY_CSV)
     assert [(s["lr"], s["n"]) for s in summary] == [("0.01", "2")]
+
+
+def test_failing_trial_is_retried_then_reported(tmp_path, ray_address):
+    """A step size that makes PPO's loss non-finite: exit code 1, retried (from the checkpoint
+    the trainer left), then failed."""
+    messages: list[str] = []
+    fixed = ["--env", "Hopper-v4", "--steps", "256", "--num-steps", "128", "--friction-every", "0"]
+    out = sw.run_sweep(
+        PPO, fixed, {"learning-rate": ["1e30"]}, [0], "nan", runs_dir=tmp_path, max_retries=1,
+        progress=False, log=messages.append,
+    )  # fmt: skip
+    assert out.failed == ["learning-rate=1e30__s0"] and out.done == []
+    trial = json.loads((tmp_path / "nan" / sw.MANIFEST).read_text())["trials"][out.failed[0]]
+    assert trial["state"] == "failed" and trial["attempts"] == 2 and trial["returncode"] == 1
+    assert "error: non-finite loss in update 1" in trial["log_tail"]
+    log = (tmp_path / "nan" / out.failed[0] / sw.TRIAL_LOG).read_text()
+    assert "=== attempt 1 " in log and "=== attempt 2 " in log
+    assert f"{out.failed[0]}: exit code 1; retry 1 of 1" in messages
+    assert any(
+        m.startswith(f"FAILED {out.failed[0]} after 2 attempts (exit code 1)") for m in messages
+    )
 
 
 def test_without_ray_the_script_says_how_to_install(tmp_path):
@@ -385,6 +412,44 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path):
         (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--num-cpus", "0"], "got 0"),
         (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--grid", "method=sgd"], "'sgd'"),
         (["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--address", "nohost"], "'nohost'"),
+        # Fix: grid points the program's parser refuses started Ray and were retried
+        (
+            ["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--grid", "no-such-param=1,2"],
+            "grid point no-such-param=1: Unrecognized options: --no-such-param",
+        ),
+        (
+            ["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--grid", "learning-rate=1e-4,abc"],
+            "grid point learning-rate=abc: --learning-rate: could not convert string to float",
+        ),
+        (
+            [
+                "scripts/supervised.py",
+                "slowly-changing-regression",
+                "--grid",
+                "lr=0.1",
+                "hidden=5,many",
+                "--seeds",
+                "0",
+                "--name",
+                "x",
+            ],
+            "grid point lr=0.1 hidden=many: --hidden",
+        ),
+        (
+            [
+                "scripts/supervised.py",
+                "slowly-changing-regression",
+                "--nope",
+                "1",
+                "--grid",
+                "lr=0.1",
+                "--seeds",
+                "0",
+                "--name",
+                "x",
+            ],
+            "fixed flags: Unrecognized options: --nope",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, no_ray, words, names):
@@ -416,6 +481,25 @@ def _sweep_script():
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     return sweep_script
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "FILE/sub"])
+def test_unwritable_runs_dir_is_one_line_before_ray(tmp_path, capsys, no_ray, where):
+    """Fix: os.access let root through to a traceback when the sweep folder was made."""
+    (tmp_path / "file").write_text("")
+    runs_dir = Path(where.replace("FILE", str(tmp_path / "file")))
+    argv = ["scripts/supervised.py", "slowly-changing-regression", "--grid", "lr=0.1,0.2"]
+    argv += ["--seeds", "0", "--name", "x", "--runs-dir", str(runs_dir)]
+    assert _sweep_script().main(argv) == 2
+    err = capsys.readouterr().err
+    reason = (
+        f"cannot be created: {tmp_path / 'file'} is not a folder"
+        if "FILE" in where
+        else "cannot be written: /proc is not writable"
+    )
+    assert err.startswith(f"error: the sweep folder {runs_dir / 'x'} {reason}"), err
+    assert err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and not Path("/proc/x").exists()
 
 
 def test_unreachable_address_fails_fast_in_one_line(tmp_path, capsys, no_ray):

@@ -183,16 +183,20 @@ def test_unwritable_run_folder_fails_before_anything_is_created(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
     procs = [train_cli(["--runs-dir", str(blocker / "runs"), "--env", "Hopper-v4"], tmp_path)]
-    if os.geteuid() != 0:  # root may write anywhere
+    # Fix: os.access tells root that /proc is writable; the folder is checked by creating it
+    procs.append(train_cli(["--runs-dir", "/proc/x", "--env", "Hopper-v4"], tmp_path))
+    if os.geteuid() != 0:  # root may write anywhere else
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         procs.append(train_cli(["--runs-dir", str(locked), "--env", "Hopper-v4"], tmp_path))
-    assert_one_error_line(procs[0], f"{blocker} is not a folder")
-    if len(procs) > 1:
-        assert_one_error_line(procs[1], f"{locked} is not writable")
+    assert_one_error_line(procs[0], f"the run folder {blocker / 'runs'}/", f"{blocker} is not a")
+    assert_one_error_line(procs[1], "the run folder /proc/x/", "/proc is not writable")
+    assert not Path("/proc/x").exists()
+    if len(procs) > 2:
+        assert_one_error_line(procs[2], f"{locked} is not writable")
         assert list(locked.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"] + ["locked"] * (
-        len(procs) > 1
+        len(procs) > 2
     )
 
 

@@ -385,8 +385,7 @@ class RunOutputs:
         self.seeds = list(seeds)
         self.config = config
         self.resume = resume
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {self.out} is a file, not a folder")
+        run_folder.check_writable(self.out, "--out")
         # Without a checkpoint a folder holds nothing that --resume would keep: a run that
         # stopped before its first checkpoint starts over.
         if self.checkpoint_path.exists() and not resume:

@@ -94,7 +94,7 @@ class SCRConfig:
     """T, examples between slow-bit changes."""
     flip_one: bool = True
     """Flip one slow bit per change (paper's text); otherwise redraw all (official data)."""
-    out: Path = Path("runs/scr")
+    out: Path = Path("runs/slowly_changing_regression")
     """Output folder."""
     device: str = "auto"
     """auto, cpu or cuda."""
