@@ -17,7 +17,8 @@ band is by default the 95% bootstrap CI of the mean (:func:`ppo_cbp.stats.bootst
 ``band="se"`` one standard error ``s / sqrt(n)``, ``s`` the sample standard deviation
 (``ddof = 1``; :func:`mean_and_se`). For n = 1 there is no band. The legend's title says which
 band is drawn. Within a group all seeds are cut to their common prefix (the shortest seed's
-length), with a printed note that also goes into the figure's title.
+length), with a printed note that also goes into the figure's title. The method x metric
+table beside the figures is :mod:`ppo_cbp.report`'s.
 
 PPO scalars are binned by environment step: bin ``b`` holds the values logged at steps
 ``s`` with ``b * bin_size < s <= (b + 1) * bin_size`` (step ``s`` counts the steps taken, so an
@@ -53,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from ppo_cbp.errors import UsageError
+from ppo_cbp.report import table_rows, write_table
 from ppo_cbp.stats import RESAMPLES, bootstrap_mean_ci
 
 # Keys that do not change what is learned (or only how long): removed before grouping.
@@ -689,7 +691,7 @@ def group_series(
 
 @dataclass
 class FigureResult:
-    """What :func:`plot_runs` wrote for one figure."""
+    """What :func:`plot_runs` wrote for one figure, or (kind ``table``) for the table."""
 
     name: str
     kind: str
@@ -959,7 +961,10 @@ def plot_runs(
     one point for the supervised benchmarks (1 = every row). ``name``: the figure's file name
     (with the benchmark appended when there are several). ``band``: ``"ci"``, the 95% bootstrap
     CI of the mean, or ``"se"``, one standard error. ``resamples`` and ``bootstrap_seed``: of
-    every bootstrap.
+    every bootstrap, in the figures and the table.
+
+    Besides the figures, ``<name>_table.md`` and ``.csv`` (``table`` without a ``name``): the
+    method x metric table of :func:`ppo_cbp.report.write_table`.
 
     Every figure is computed before the first file is written, so bad input writes nothing.
 
@@ -991,6 +996,7 @@ def plot_runs(
         figures.append(
             _figure(final_name, fgroups, bin_size, task_bin, network, resamples, bootstrap_seed)
         )
+    tables = table_rows(figures, resamples=resamples, seed=bootstrap_seed)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for f in figures:
@@ -1008,6 +1014,11 @@ def plot_runs(
         )  # fmt: skip
         files += _write_data(f.name, f.kind, f.title, f.notes, f.groups, f.panel_series, out)
         results.append(FigureResult(f.name, f.kind, files, f.notes, f.groups))
+    if tables:
+        stem = "table" if name is None else f"{name}_table"
+        files = write_table(tables, out, stem, resamples, bootstrap_seed)
+        groups = [g for f in figures for g in f.groups]
+        results.append(FigureResult(stem, "table", files, [], groups))
     return results
 
 

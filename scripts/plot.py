@@ -13,9 +13,12 @@ the mean over its seeds with a band of the 95% bootstrap CI of the mean (BCa, as
 figures; ``--band se``: one standard error, sample std with ddof = 1 over sqrt(n)); no band for
 one seed; the legend, below the axes, says what the bands are. PPO curves are binned by
 environment step: by default about 100 bins over the steps every run covers, rounded to 1, 2 or
-5 times a power of ten (200,000 steps give bins of 2,000). One figure per benchmark (per env for PPO), by default in ``figures/``
-beside the runs (in the deepest folder holding them all): ``<name>.png``, ``<name>.pdf``, and
-the plotted numbers in ``<name>.csv`` and ``<name>.json``. See :mod:`ppo_cbp.plotting` and
+5 times a power of ten (200,000 steps give bins of 2,000). One figure per benchmark (per env
+for PPO), by default in ``figures/`` beside the runs (in the deepest folder holding them all):
+``<name>.png``, ``<name>.pdf``, and the plotted numbers in ``<name>.csv`` and ``<name>.json``.
+Beside them ``table.md`` and ``table.csv`` (``<name>_table`` with ``--name``): per method and
+configuration the score's final segment, AUC and friction segments as mean and IQM over seeds
+with 95% bootstrap CIs, and envs pooled with the stratified bootstrap. See :mod:`ppo_cbp.plotting`, :mod:`ppo_cbp.report` and
 :mod:`ppo_cbp.stats` for the exact definitions.
 """
 
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(e)
     for r in results:
         groups = ", ".join(f"{g.label} (n={g.n})" for g in r.groups)
-        print(f"{r.name}: {groups}")
+        print(f"{r.name}: {'method x metric table' if r.kind == 'table' else groups}")
         for f in r.files:
             print(f"  wrote {f}")
     return 0

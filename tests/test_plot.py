@@ -169,7 +169,10 @@ def test_missing_metric_skips_panel_and_one_seed_has_no_band(tmp_path, capsys):
     ]
     supervised_run(run, "bp", {3: rows}, bin_size=40000, examples=80000)
     results = plot_runs([run], tmp_path / "fig", name="scr_small")
-    assert [r.name for r in results] == ["scr_small"]
+    assert [r.name for r in results] == ["scr_small", "scr_small_table"]
+    assert {f.name for f in results[1].files} == {"scr_small_table.md", "scr_small_table.csv"}
+    # one seed: final (the last bin, 1) and AUC (1.5 over both bins) without an interval
+    assert "| Backprop | 1 | 1 | 1.5 |" in (tmp_path / "fig" / "scr_small_table.md").read_text()
     assert (tmp_path / "fig" / "scr_small.png").exists()
     assert (tmp_path / "fig" / "scr_small.pdf").exists()
     got = read_plotted(tmp_path / "fig" / "scr_small.csv")
