@@ -818,17 +818,18 @@ LEGEND_WRAP = 60
 
 
 def _legend_below(fig: Any, ax: Any, caption: str) -> None:
-    """One legend for the figure, below the axes, titled with what the bands are. Labels and
-    title wrap at :data:`LEGEND_WRAP` characters (fewer in a narrow figure: about 14 of the
-    8-point font per inch), the columns are as many as fit the figure's width, and the figure
-    grows by the legend's height, so long labels leave the axes their size."""
+    """One legend for the figure, below the axes, titled with what the bands are. Labels wrap
+    at :data:`LEGEND_WRAP` characters and the title at the figure's width (fewer in a narrow
+    figure: about 14 of the 8-point font fit an inch), the columns are as many as fit the
+    figure's width, and the figure grows by the legend's height, so long labels leave the axes
+    their size."""
     import textwrap
 
     width, height = fig.get_size_inches()
-    wrap = max(20, min(LEGEND_WRAP, int(14 * width)))
+    fits = max(20, int(14 * width))
     handles, labels = ax.get_legend_handles_labels()
-    labels = [textwrap.fill(t, wrap) for t in labels]
-    caption = textwrap.fill(caption, wrap)
+    labels = [textwrap.fill(t, min(LEGEND_WRAP, fits)) for t in labels]
+    caption = textwrap.fill(caption, fits)
     ncols = len(labels)
     while True:
         legend = fig.legend(
