@@ -1,4 +1,4 @@
-"""Figures of the paper's kinds from run folders: reading, grouping over seeds, mean and SE.
+"""Figures of the paper's kinds from run folders: reading, grouping over seeds, mean and CI.
 
 Two input kinds are read:
 
@@ -11,11 +11,14 @@ Every seed is one :class:`SeedRun`. Runs are grouped by their configuration with
 names, output paths, devices, logging settings and the run length removed (:func:`group_key`),
 so an unfinished run and a finished one of the same configuration fall into one group.
 
-Statistics (:func:`mean_and_se`): at each x, over the n seeds that have a value there,
-``mean = sum(y) / n`` and the standard error ``SE = s / sqrt(n)`` with ``s`` the sample standard
-deviation (``ddof = 1``); for n = 1 the SE is undefined (NaN) and no band is drawn. Within a
-group all seeds are cut to their common prefix (the shortest seed's length), with a printed
-note that also goes into the figure's title.
+Statistics, at each x over the n seeds that have a value there: ``mean = sum(y) / n``; the
+band is by default the 95% bootstrap CI of the mean (:func:`ppo_cbp.stats.bootstrap_mean_ci`:
+``scipy.stats.bootstrap``, BCa, 9,999 resamples, as the paper's RL figures), or with
+``band="se"`` one standard error ``s / sqrt(n)``, ``s`` the sample standard deviation
+(``ddof = 1``; :func:`mean_and_se`). For n = 1 there is no band. The legend's title says which
+band is drawn. Within a group all seeds are cut to their common prefix (the shortest seed's
+length), with a printed note that also goes into the figure's title. The method x metric
+table beside the figures is :mod:`ppo_cbp.report`'s.
 
 PPO scalars are binned by environment step: bin ``b`` holds the values logged at steps
 ``s`` with ``b * bin_size < s <= (b + 1) * bin_size`` (step ``s`` counts the steps taken, so an
@@ -26,11 +29,13 @@ has ``floor(L / bin_size)`` bins. Without a given ``bin_size`` each figure takes
 rounded to 1, 2 or 5 times a power of ten. Per bin and seed: the mean of the episodic returns ending in
 it (NaN if none) and of the plasticity metrics logged in it, and the maximum of
 ``max_weight_change`` (the largest single-update change in the bin, as in Extended Data
-Fig. 5c). Then mean and SE over seeds as above.
+Fig. 5c). Then mean and band over seeds as above.
 
 A point without data (an empty bin: metrics are logged every few updates, episodes end
 irregularly) is left out of the curve, whose line joins the points on either side; the
-written CSV keeps it with an empty mean. Figures go to ``out_dir``, by default
+written CSV keeps it with an empty mean; a curve of one point shows its band as an error bar.
+The legend sits below the axes, its labels wrapped, and the figure grows to hold it, so long
+labels leave the axes their size. Figures go to ``out_dir``, by default
 ``<the run folders' common parent>/figures`` (:func:`default_out_dir`).
 """
 
@@ -51,6 +56,8 @@ import numpy as np
 
 from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
+from ppo_cbp.report import table_rows, write_table
+from ppo_cbp.stats import RESAMPLES, bootstrap_mean_ci
 
 # Keys that do not change what is learned (or only how long): removed before grouping.
 IGNORED_KEYS = frozenset(
@@ -126,6 +133,9 @@ _METHOD_ORDER = {
     )
 }
 _FALLBACK_COLOURS = ["tab:brown", "tab:olive", "tab:gray", "gold", "navy", "teal", "maroon"]
+
+BANDS = ("ci", "se")
+"""Shaded bands: the 95% bootstrap CI of the mean (the paper's RL figures) or one SE."""
 
 KIND_TITLES = {
     "permuted_mnist": "Online Permuted MNIST",
@@ -419,7 +429,8 @@ def _canonical(config: dict[str, Any]) -> str:
 
 
 def group_runs(runs: Sequence[SeedRun]) -> list[Group]:
-    """Runs grouped by (kind, configuration); labels made unique within each kind.
+    """Runs grouped by (kind, configuration); labels made unique within each figure (each
+    supervised benchmark, each PPO env), so one method has one label across the PPO envs.
 
     Two groups of the same method get the configuration values in which they differ appended
     to the label, e.g. ``L2 (weight_decay=0.001)``.
@@ -448,10 +459,10 @@ def group_runs(runs: Sequence[SeedRun]) -> list[Group]:
         g.runs.sort(key=lambda r: r.seed)
         names = PPO_NAMES if g.kind == "ppo" else SUPERVISED_NAMES
         g.label = names.get(g.method, g.method)
-    for kind in {g.kind for g in out}:
-        same_kind = [g for g in out if g.kind == kind]
-        for label in {g.label for g in same_kind}:
-            clash = [g for g in same_kind if g.label == label]
+    for fig in {figure_key(g) for g in out}:
+        same_fig = [g for g in out if figure_key(g) == fig]
+        for label in {g.label for g in same_fig}:
+            clash = [g for g in same_fig if g.label == label]
             if len(clash) < 2:
                 continue
             flat = [_flatten(g.config) for g in clash]
@@ -460,6 +471,11 @@ def group_runs(runs: Sequence[SeedRun]) -> list[Group]:
                 g.label += " (" + ", ".join(f"{k}={f.get(k)}" for k in keys[:3]) + ")"
     out.sort(key=lambda g: (g.kind, _METHOD_ORDER.get(g.method, len(_METHOD_ORDER)), g.label))
     return out
+
+
+def figure_key(group: Group) -> str:
+    """The figure a group is drawn in: its benchmark, or ``ppo_<env>``."""
+    return f"ppo_{group.config.get('env', 'env')}" if group.kind == "ppo" else group.kind
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -652,13 +668,23 @@ class Series:
     se: np.ndarray
     n: np.ndarray
     n_seeds: int
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    """95% bootstrap CI of the mean (:func:`ppo_cbp.stats.bootstrap_mean_ci`)."""
+    values: np.ndarray
+    """The seeds' values, [seeds, points] (the common prefix)."""
 
 
 def group_series(
-    group: Group, panel: Panel, x_of: Callable[[SeedRun, int], np.ndarray]
+    group: Group,
+    panel: Panel,
+    x_of: Callable[[SeedRun, int], np.ndarray],
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
 ) -> tuple[Series | None, str | None]:
-    """The group's mean and SE over its seeds' common prefix; a note when seeds differ in length
-    or some lack the metric."""
+    """The group's mean, SE and bootstrap CI (``resamples``, ``seed``) over its seeds' common
+    prefix; a note when seeds differ in length or some lack the metric."""
     per_seed = [(r, panel.extract(r)) for r in group.runs]
     have = [(r, v) for r, v in per_seed if v is not None]
     msg = None
@@ -676,13 +702,14 @@ def group_series(
         msg = m if msg is None else f"{msg}; {m}"
     values = np.stack([v[:L] for _, v in have])
     mean, se, n = mean_and_se(values)
+    low, high = bootstrap_mean_ci(values, resamples=resamples, seed=seed)
     x = x_of(have[0][0], L)
-    return Series(group.label, group.method, x, mean, se, n, len(have)), msg
+    return Series(group.label, group.method, x, mean, se, n, len(have), low, high, values), msg
 
 
 @dataclass
 class FigureResult:
-    """What :func:`plot_runs` wrote for one figure."""
+    """What :func:`plot_runs` wrote for one figure, or (kind ``table``) for the table."""
 
     name: str
     kind: str
@@ -715,18 +742,31 @@ def friction_changes(runs: Sequence[SeedRun]) -> np.ndarray:
     return np.array([], dtype=np.int64)
 
 
-def drawn_points(s: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The points of ``s`` that a curve joins: ``(x, mean, mean - se, mean + se)`` at the x
-    with a finite mean (points without data are skipped, so the line runs across them rather
-    than breaking into dots); the band's ends are NaN where the SE is (one seed there)."""
+def drawn_points(
+    s: Series, band: str = "ci"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The points of ``s`` that a curve joins: ``(x, mean, low, high)`` at the x with a finite
+    mean (points without data are skipped, so the line runs across them rather than breaking
+    into dots). The band is the bootstrap CI (``band="ci"``) or ``mean -/+ se``
+    (``band="se"``); its ends are NaN where there is one seed."""
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {', '.join(BANDS)}, got {band!r}")
     keep = np.isfinite(s.mean)
-    x, mean, se = s.x[keep], s.mean[keep], s.se[keep]
-    return x, mean, mean - se, mean + se
+    x, mean = s.x[keep], s.mean[keep]
+    if band == "se":
+        return x, mean, mean - s.se[keep], mean + s.se[keep]
+    return x, mean, s.ci_low[keep], s.ci_high[keep]
+
+
+def band_caption(band: str, resamples: int = RESAMPLES) -> str:
+    """What the shaded bands are, for the legend's title."""
+    if band == "se":
+        return "shaded: ±1 standard error of the mean over seeds"
+    return f"shaded: 95% bootstrap CI of the mean over seeds (BCa, {resamples:,} resamples)"
 
 
 def _draw(
     name: str,
-    kind: str,
     title: str,
     panel_series: list[tuple[Panel, list[Series]]],
     out_dir: Path,
@@ -734,6 +774,8 @@ def _draw(
     colours: dict[str, str],
     vlines: np.ndarray | None,
     top_panel_wide: bool,
+    caption: str,
+    band: str,
 ) -> list[Path]:
     import matplotlib
 
@@ -744,24 +786,26 @@ def _draw(
     k = len(panel_series)
     if top_panel_wide and k > 1:
         rest = k - 1
-        fig = plt.figure(figsize=(max(3.2 * rest, 7.0), 7.0), constrained_layout=True)
+        fig = plt.figure(figsize=(max(3.2 * rest, 7.0), 7.0), layout="constrained")
         gs = fig.add_gridspec(2, rest, height_ratios=[1.3, 1.0])
         axes = [fig.add_subplot(gs[0, :])] + [fig.add_subplot(gs[1, i]) for i in range(rest)]
     else:
         fig, ax_arr = plt.subplots(
-            1, k, figsize=(3.6 * k + 0.4, 3.6), constrained_layout=True, squeeze=False
+            1, k, figsize=(3.6 * k + 0.4, 3.6), layout="constrained", squeeze=False
         )
         axes = list(ax_arr[0])
     for i, (ax, (panel, series)) in enumerate(zip(axes, panel_series)):
         for s in series:
             c = colours[s.label]
-            x, mean, lo, hi = drawn_points(s)
+            x, mean, lo, hi = drawn_points(s, band)
             marker = "o" if len(x) <= 30 else None
             ax.plot(
                 x, mean, color=c, lw=1.4, marker=marker, ms=3, label=f"{s.label} (n={s.n_seeds})"
             )
-            if s.n_seeds > 1:
+            if s.n_seeds > 1 and len(x) > 1:
                 ax.fill_between(x, lo, hi, where=np.isfinite(lo), color=c, alpha=0.25, lw=0)
+            elif s.n_seeds > 1 and np.isfinite(lo).all():  # one point: the band as an error bar
+                ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], color=c, capsize=3, lw=1)
         if i == 0 and vlines is not None:
             x_max = max(float(np.nanmax(s.x)) for s in series)
             for j, v in enumerate(v for v in vlines if v <= x_max):
@@ -771,16 +815,52 @@ def _draw(
         ax.set_ylabel(panel.ylabel)
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        # min_n_ticks=1: with fewer than two integers in view (one task) the locator would
+        # otherwise fall back to fractional ticks
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True, min_n_ticks=1))
+        xs = np.unique(np.concatenate([s.x[np.isfinite(s.mean)] for s in series]))
+        if len(xs) == 1 and xs[0] > 0:  # one point: a view of +-50% around it, not +-5%
+            ax.set_xlim(0.5 * xs[0], 1.5 * xs[0])
         ax.grid(alpha=0.3)
-        if i == 0:
-            ax.legend(fontsize=8, frameon=False)
+    _legend_below(fig, axes[0], caption)
     fig.suptitle(title, fontsize=10)
     files = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     fig.savefig(files[0], dpi=150)
     fig.savefig(files[1])
     plt.close(fig)
     return files
+
+
+LEGEND_WRAP = 60
+"""Characters per legend line at most; longer labels (configuration suffixes) wrap."""
+
+
+def _legend_below(fig: Any, ax: Any, caption: str) -> None:
+    """One legend for the figure, below the axes, titled with what the bands are. Labels wrap
+    at :data:`LEGEND_WRAP` characters and the title at the figure's width (fewer in a narrow
+    figure: about 14 of the 8-point font fit an inch), the columns are as many as fit the
+    figure's width, and the figure grows by the legend's height, so long labels leave the axes
+    their size."""
+    import textwrap
+
+    width, height = fig.get_size_inches()
+    fits = max(20, int(14 * width))
+    handles, labels = ax.get_legend_handles_labels()
+    labels = [textwrap.fill(t, min(LEGEND_WRAP, fits)) for t in labels]
+    caption = textwrap.fill(caption, fits)
+    ncols = len(labels)
+    while True:
+        legend = fig.legend(
+            handles, labels, loc="outside lower center", ncols=max(ncols, 1), fontsize=8,
+            title=caption, title_fontsize=8, frameon=False,
+        )  # fmt: skip
+        fig.canvas.draw()
+        box = legend.get_window_extent()
+        if box.width <= 0.98 * width * fig.dpi or ncols <= 1:
+            break
+        legend.remove()
+        ncols -= 1
+    fig.set_size_inches(width, height + box.height / fig.dpi)
 
 
 def _write_data(
@@ -792,19 +872,26 @@ def _write_data(
     panel_series: list[tuple[Panel, list[Series]]],
     out_dir: Path,
 ) -> list[Path]:
-    """``<name>.csv`` (panel, group, n_seeds, x, mean, se, n) and ``<name>.json`` (groups,
-    notes and per panel and group the last point and the point of the highest mean)."""
+    """``<name>.csv`` (panel, group, n_seeds, x, mean, se, ci_low, ci_high, n: the seeds with
+    a value at x) and ``<name>.json`` (groups, notes and per panel and group the last point and
+    the point of the highest mean)."""
     csv_path, json_path = out_dir / f"{name}.csv", out_dir / f"{name}.json"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["panel", "group", "n_seeds", "x", "mean", "se", "n"])
+        w.writerow(["panel", "group", "n_seeds", "x", "mean", "se", "ci_low", "ci_high", "n"])
         for panel, series in panel_series:
             for s in series:
-                for x, m, e, n in zip(s.x, s.mean, s.se, s.n):
-                    w.writerow([panel.key, s.label, s.n_seeds, _num(x), _num(m), _num(e), int(n)])
+                for i in range(len(s.x)):
+                    w.writerow(
+                        [panel.key, s.label, s.n_seeds]
+                        + [_num(a[i]) for a in (s.x, s.mean, s.se, s.ci_low, s.ci_high)]
+                        + [int(s.n[i])]
+                    )
 
     def point(s: Series, i: int) -> dict[str, Any]:
-        return {"x": _num(s.x[i]), "mean": _num(s.mean[i]), "se": _num(s.se[i]), "n": int(s.n[i])}
+        keys = ("x", "mean", "se", "ci_low", "ci_high")
+        arrays = (s.x, s.mean, s.se, s.ci_low, s.ci_high)
+        return {k: _num(a[i]) for k, a in zip(keys, arrays)} | {"n": int(s.n[i])}
 
     panels = {}
     for panel, series in panel_series:
@@ -880,6 +967,9 @@ def plot_runs(
     task_bin: int = 1,
     network: str = "policy",
     name: str | None = None,
+    band: str = "ci",
+    resamples: int = RESAMPLES,
+    bootstrap_seed: int = 0,
 ) -> list[FigureResult]:
     """Read the runs among and below ``paths`` (folders or glob patterns) and write one figure
     per benchmark (per env for PPO) to ``out_dir`` (default :func:`default_out_dir`):
@@ -888,7 +978,12 @@ def plot_runs(
     ``bin_size``: environment steps per PPO bin (default: :func:`readable_bin` of the shortest
     run in the figure). ``task_bin``: consecutive rows (tasks, bins, increments) averaged into
     one point for the supervised benchmarks (1 = every row). ``name``: the figure's file name
-    (with the benchmark appended when there are several).
+    (with the benchmark appended when there are several). ``band``: ``"ci"``, the 95% bootstrap
+    CI of the mean, or ``"se"``, one standard error. ``resamples`` and ``bootstrap_seed``: of
+    every bootstrap, in the figures and the table.
+
+    Besides the figures, ``<name>_table.md`` and ``.csv`` (``table`` without a ``name``): the
+    method x metric table of :func:`ppo_cbp.report.write_table`.
 
     Every figure is computed before the first file is written, so bad input writes nothing.
 
@@ -900,43 +995,61 @@ def plot_runs(
         raise UsageError(f"task bin must be >= 1, got {task_bin}")
     if network not in ("policy", "value"):
         raise UsageError(f"network must be policy or value, got {network!r}")
+    if band not in BANDS:
+        raise UsageError(f"band must be one of {', '.join(BANDS)}, got {band!r}")
+    if resamples < 1:
+        raise UsageError(f"resamples must be >= 1, got {resamples}")
     runs = load_runs(paths)
     out = default_out_dir([r.run_dir for r in runs]) if out_dir is None else Path(out_dir)
     run_folder.check_writable(out, "the figures folder" if out_dir is None else "--out")
     groups = group_runs(runs)
     by_name: dict[str, list[Group]] = {}
     for g in groups:
-        fig_name = f"ppo_{g.config.get('env', 'env')}" if g.kind == "ppo" else g.kind
-        by_name.setdefault(fig_name, []).append(g)
+        by_name.setdefault(figure_key(g), []).append(g)
     figures = []
     for fig_name, fgroups in by_name.items():
         final_name = (
             fig_name if name is None else (name if len(by_name) == 1 else f"{name}_{fig_name}")
         )
-        figures.append(_figure(final_name, fgroups[0].kind, fgroups, bin_size, task_bin, network))
+        figures.append(
+            _figure(final_name, fgroups, bin_size, task_bin, network, resamples, bootstrap_seed)
+        )
+    tables = table_rows(figures, resamples=resamples, seed=bootstrap_seed)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for f in figures:
         for m in f.notes:
             note(f"{f.name}: {m}")
         colours = _colour_map(f.groups)
+        caption = (
+            band_caption(band, resamples)
+            if any(s.n_seeds > 1 for _, series in f.panel_series for s in series)
+            else "one seed per curve: no band"
+        )
         files = _draw(
-            f.name, f.kind, f.title, f.panel_series, out, f.xlabel, colours, f.vlines,
-            top_panel_wide=f.kind == "ppo",
+            f.name, f.title, f.panel_series, out, f.xlabel, colours, f.vlines,
+            top_panel_wide=f.kind == "ppo", caption=caption, band=band,
         )  # fmt: skip
         files += _write_data(f.name, f.kind, f.title, f.notes, f.groups, f.panel_series, out)
         results.append(FigureResult(f.name, f.kind, files, f.notes, f.groups))
+    if tables:
+        stem = "table" if name is None else f"{name}_table"
+        files = write_table(tables, out, stem, resamples, bootstrap_seed)
+        groups = [g for f in figures for g in f.groups]
+        results.append(FigureResult(stem, "table", files, [], groups))
     return results
 
 
 def _figure(
     name: str,
-    kind: str,
     groups: list[Group],
     bin_size: int | None,
     task_bin: int,
     network: str,
+    resamples: int,
+    seed: int,
 ) -> _Figure:
+    kind = groups[0].kind
     notes: list[str] = []
     vlines = None
     if kind == "ppo":
@@ -977,7 +1090,7 @@ def _figure(
     for panel in panels:
         series, panel_notes = [], []
         for g in groups:
-            s, msg = group_series(g, panel, x_of)
+            s, msg = group_series(g, panel, x_of, resamples=resamples, seed=seed)
             if msg and msg not in notes:
                 panel_notes.append(msg)
             if s is not None:

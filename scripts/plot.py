@@ -10,13 +10,17 @@ searched for them, or a quoted glob pattern of either; a run folder is not searc
 warning names the run folders it holds, to be given by their paths). Runs are grouped by method and
 configuration (seed, names, output paths and run length ignored); two folders with the same
 seed of one configuration are refused (name only the folders to plot). Each group is drawn as
-the mean over its seeds with a band of one standard error (sample std with ddof = 1 over
-sqrt(n); no band for one seed). PPO curves are binned by environment step: by default about 100
-bins over the steps every run covers, rounded to 1, 2 or 5 times a power of ten (200,000 steps
-give bins of 2,000). One figure per benchmark (per env for PPO), by default in ``figures/``
-beside the runs (in the deepest folder holding them all): ``<name>.png``, ``<name>.pdf``, and
-the plotted numbers in ``<name>.csv`` and ``<name>.json``. See :mod:`ppo_cbp.plotting` for the
-exact definitions.
+the mean over its seeds with a band of the 95% bootstrap CI of the mean (BCa, as the paper's RL
+figures; ``--band se``: one standard error, sample std with ddof = 1 over sqrt(n)); no band for
+one seed; the legend, below the axes, says what the bands are. PPO curves are binned by
+environment step: by default about 100 bins over the steps every run covers, rounded to 1, 2 or
+5 times a power of ten (200,000 steps give bins of 2,000). One figure per benchmark (per env
+for PPO), by default in ``figures/`` beside the runs (in the deepest folder holding them all):
+``<name>.png``, ``<name>.pdf``, and the plotted numbers in ``<name>.csv`` and ``<name>.json``.
+Beside them ``table.md`` and ``table.csv`` (``<name>_table`` with ``--name``): per method and
+configuration the score's final segment, AUC and friction segments as mean and IQM over seeds
+with 95% bootstrap CIs, and envs pooled with the stratified bootstrap. See :mod:`ppo_cbp.plotting`, :mod:`ppo_cbp.report` and
+:mod:`ppo_cbp.stats` for the exact definitions.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ if __package__ in (None, ""):
 
 from ppo_cbp.cli import UsageError, parse, report_error  # noqa: E402
 from ppo_cbp.plotting import plot_runs  # noqa: E402
+from ppo_cbp.stats import RESAMPLES  # noqa: E402
 
 
 @dataclass
@@ -67,12 +72,22 @@ class PlotArgs:
         tyro.conf.arg(metavar="STR", help_behavior_hint="(default: the benchmark, or ppo_<env>)"),
     ] = None
     """File name of the figure."""
+    band: Literal["ci", "se"] = "ci"
+    """Shaded bands: ci, the 95% bootstrap CI of the mean (BCa, as the paper's RL figures); se, one standard error."""
+    resamples: int = RESAMPLES
+    """Bootstrap resamples of every CI (scipy's default, which the paper's code used)."""
+    bootstrap_seed: int = 0
+    """Seed of every bootstrap: the same seed gives the same intervals."""
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse(PlotArgs, argv, __doc__)
-        for flag, value in (("--bin", args.bin), ("--task-bin", args.task_bin)):
+        for flag, value in (
+            ("--bin", args.bin),
+            ("--task-bin", args.task_bin),
+            ("--resamples", args.resamples),
+        ):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be >= 1, got {value}")
         results = plot_runs(
@@ -82,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             task_bin=args.task_bin,
             network=args.network,
             name=args.name,
+            band=args.band,
+            resamples=args.resamples,
+            bootstrap_seed=args.bootstrap_seed,
         )
     except UsageError as e:
         return report_error(e)
     for r in results:
         groups = ", ".join(f"{g.label} (n={g.n})" for g in r.groups)
-        print(f"{r.name}: {groups}")
+        print(f"{r.name}: {'method x metric table' if r.kind == 'table' else groups}")
         for f in r.files:
             print(f"  wrote {f}")
     return 0

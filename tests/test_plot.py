@@ -169,7 +169,10 @@ def test_missing_metric_skips_panel_and_one_seed_has_no_band(tmp_path, capsys):
     ]
     supervised_run(run, "bp", {3: rows}, bin_size=40000, examples=80000)
     results = plot_runs([run], tmp_path / "fig", name="scr_small")
-    assert [r.name for r in results] == ["scr_small"]
+    assert [r.name for r in results] == ["scr_small", "scr_small_table"]
+    assert {f.name for f in results[1].files} == {"scr_small_table.md", "scr_small_table.csv"}
+    # one seed: final (the last bin, 1) and AUC (1.5 over both bins) without an interval
+    assert "| Backprop | 1 | 1 | 1.5 |" in (tmp_path / "fig" / "scr_small_table.md").read_text()
     assert (tmp_path / "fig" / "scr_small.png").exists()
     assert (tmp_path / "fig" / "scr_small.pdf").exists()
     got = read_plotted(tmp_path / "fig" / "scr_small.csv")
@@ -298,6 +301,96 @@ def test_script_runs_from_the_shell(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "error: no run folders under" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Bands, legends and ticks
+
+
+def test_bands_are_the_bootstrap_ci_and_say_so(tmp_path, monkeypatch):
+    from scipy import stats as sps
+
+    acc = {0: [0.5, 0.6, 0.2], 1: [0.7, 0.8, 0.2], 2: [0.9, 0.7, 0.2], 3: [0.4, 0.65, 0.2]}
+    supervised_run(tmp_path / "runs" / "bp", "bp", {s: pm_rows(a) for s, a in acc.items()})
+    figures = _close_recorder(monkeypatch)
+    argv = [str(tmp_path / "runs"), "--out", str(tmp_path / "f"), "--resamples", "2000"]
+    assert plot_script.main(argv + ["--bootstrap-seed", "4"]) == 0
+    rows = read_plotted(tmp_path / "f" / "permuted_mnist.csv")[("accuracy", "Backprop")]
+    for t in range(2):
+        ref = sps.bootstrap(
+            (np.array([a[t] for a in acc.values()]),), np.mean, n_resamples=2000,
+            rng=np.random.default_rng(4),
+        ).confidence_interval  # fmt: skip
+        assert num(rows[t]["ci_low"]) == pytest.approx(ref.low, rel=1e-9)
+        assert num(rows[t]["ci_high"]) == pytest.approx(ref.high, rel=1e-9)
+    assert num(rows[2]["ci_low"]) == num(rows[2]["ci_high"]) == 0.2  # equal scores
+    (fig,) = figures
+    title = fig.legends[0].get_title().get_text().replace("\n", " ")
+    assert title == "shaded: 95% bootstrap CI of the mean over seeds (BCa, 2,000 resamples)"
+    ax = fig.axes[0]
+    (band,) = ax.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.max() == pytest.approx(max(num(r["ci_high"]) for r in rows))
+    assert ys.min() == pytest.approx(min(num(r["ci_low"]) for r in rows))
+
+    assert plot_script.main(argv + ["--band", "se"]) == 0
+    fig = figures[-1]
+    title = fig.legends[0].get_title().get_text().replace("\n", " ")
+    assert title == "shaded: ±1 standard error of the mean over seeds"
+    ys = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert ys.max() == pytest.approx(max(num(r["mean"]) + num(r["se"]) for r in rows))
+
+
+def _axes_inches(fig) -> list[tuple[float, float]]:
+    w, h = fig.get_size_inches()
+    return [(ax.get_position().width * w, ax.get_position().height * h) for ax in fig.axes]
+
+
+@pytest.mark.parametrize("kind", ["supervised", "ppo"])
+def test_a_150_character_label_leaves_the_axes_their_size(tmp_path, monkeypatch, kind):
+    sizes = {}
+    for name, value in (("short", "a"), ("long", "x" * 150)):
+        runs = tmp_path / name
+        for other in ("b", value):
+            if kind == "supervised":
+                rows = {s: pm_rows([0.5 + 0.1 * s, 0.6]) for s in (0, 1)}
+                supervised_run(runs / other[:9], "cbp", rows, paper_exact=other)
+            else:
+                for seed in (1, 2):
+                    ppo_run(
+                        runs / f"{other[:9]}_{seed}", seed,
+                        {"charts/episodic_return": [(100, seed), (200, 2.0 * seed)],
+                         "plasticity/policy/dead_units": [(100, 0.1), (200, 0.2)]},
+                        cbp=True, paper_exact=other,
+                    )  # fmt: skip
+        figures = _close_recorder(monkeypatch)
+        assert (
+            plot_script.main([str(runs), "--out", str(tmp_path / f"f_{name}"), "--bin", "100"]) == 0
+        )
+        (fig,) = figures
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert any(len(t) > 150 for t in labels) == (name == "long")
+        sizes[name] = _axes_inches(fig)
+    for (w0, h0), (w1, h1) in zip(sizes["short"], sizes["long"]):
+        assert w1 == pytest.approx(w0, rel=0.03) and h1 == pytest.approx(h0, rel=0.03)
+
+
+def test_one_task_run_has_integer_ticks(tmp_path, monkeypatch):
+    supervised_run(tmp_path / "runs" / "bp", "bp", {0: pm_rows([0.5]), 1: pm_rows([0.7])})
+    figures = _close_recorder(monkeypatch)
+    assert plot_script.main([str(tmp_path / "runs"), "--out", str(tmp_path / "f")]) == 0
+    (fig,) = figures
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks == [1.0]
+        shown = [t.get_text() for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi]
+        assert shown == ["1"]
+    # the one point's band is an error bar from the CI's ends
+    rows = read_plotted(tmp_path / "f" / "permuted_mnist.csv")[("accuracy", "Backprop")]
+    (bar,) = [c for c in fig.axes[0].collections if len(c.get_segments())]
+    ((_, y0), (_, y1)) = bar.get_segments()[0]
+    assert (y0, y1) == pytest.approx((num(rows[0]["ci_low"]), num(rows[0]["ci_high"])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,11 +621,17 @@ def test_drawn_points_skip_empty_bins_and_keep_band_gaps():
         "CBP", "cbp", x=np.array([1.0, 2.0, 3.0, 4.0]),
         mean=np.array([1.0, np.nan, 3.0, 5.0]), se=np.array([0.5, np.nan, np.nan, 1.0]),
         n=np.array([2, 0, 1, 2]), n_seeds=2,
+        ci_low=np.array([0.2, np.nan, np.nan, 4.5]), ci_high=np.array([1.9, np.nan, np.nan, 5.2]),
+        values=np.full((2, 4), np.nan),
     )  # fmt: skip
-    x, mean, lo, hi = plotting.drawn_points(s)
+    x, mean, lo, hi = plotting.drawn_points(s, "se")
     assert x.tolist() == [1.0, 3.0, 4.0] and mean.tolist() == [1.0, 3.0, 5.0]
     assert lo[0] == 0.5 and hi[0] == 1.5 and lo[2] == 4.0 and hi[2] == 6.0
     assert np.isnan(lo[1]) and np.isnan(hi[1])  # one seed there: no band
+    x, mean, lo, hi = plotting.drawn_points(s)  # the bootstrap CI by default
+    assert x.tolist() == [1.0, 3.0, 4.0]
+    assert lo.tolist()[::2] == [0.2, 4.5] and hi.tolist()[::2] == [1.9, 5.2]
+    assert np.isnan(lo[1]) and np.isnan(hi[1])
 
 
 def test_figures_default_to_the_runs_common_parent(tmp_path, capsys):
@@ -613,6 +712,8 @@ def test_repeated_seed_is_named_and_folders_or_a_glob_pick_one(tmp_path, capsys)
         # Fix: os.access let root through to a traceback at the first write
         (["RUNS", "--out", "/proc/x"], "--out /proc/x cannot be written: /proc is not writable"),
         (["RUNS", "--out", "RUNS/r/config.json/f"], "RUNS/r/config.json is not a folder"),
+        (["RUNS", "--resamples", "0"], "--resamples must be >= 1, got 0"),
+        (["RUNS", "--band", "sd"], "'sd'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, argv, names):
