@@ -20,9 +20,10 @@ import torch
 from stacked_runs import read_rows
 
 from ppo_cbp.benchmarks import continual_imagenet, incremental_cifar, permuted_mnist, scr
-from ppo_cbp.benchmarks.common import MethodConfig, resolve_method
+from ppo_cbp.benchmarks.common import MethodConfig, RunOutputs, resolve_method
 from ppo_cbp.benchmarks.continual_imagenet import resolve_module_method
 from ppo_cbp.datasets.mnist import default_data_dir
+from ppo_cbp.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "supervised.py"
@@ -154,8 +155,39 @@ def test_out_holding_a_run_needs_resume(tmp_path, capsys, subcommand):
     # with --resume a checkpoint that cannot be read is named, and nothing changes either
     if subcommand == "slowly-changing-regression":
         code, _, err = run_main([subcommand, "--out", out, "--resume", *SCR_SMALL], capsys)
-        assert_one_error(code, err, out / "checkpoint.pt", "unreadable")
+        assert_one_error(code, err, out / "checkpoint.pt", "not a PyTorch checkpoint")
+        assert "pass the --out folder of a slowly-changing-regression run" in err
         assert snapshot(out) == before
+
+
+def test_a_train_checkpoint_in_out_is_named_with_the_command_that_resumes_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"format": 1, "args": {"env": "Hopper-v4"}}, out / "checkpoint.pt")
+    before = snapshot(out)
+    code, _, err = run_main(["slowly-changing-regression", "--out", out, "--resume"], capsys)
+    assert_one_error(
+        code, err, "is a checkpoint of ppo_cbp/train.py", f"python ppo_cbp/train.py --resume {out}"
+    )
+    assert snapshot(out) == before
+
+
+def test_resuming_with_another_benchmark_names_the_one_in_out(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
+    capsys.readouterr()
+    before = snapshot(out)
+    outputs = RunOutputs("permuted-mnist", out, [0], {}, resume=True)
+    with pytest.raises(UsageError) as info:
+        outputs.load_checkpoint(10, "task")
+    message = str(info.value)
+    assert "\n" not in message
+    assert (
+        f"--out {out} holds a slowly-changing-regression run, not a permuted-mnist one" in message
+    )
+    command = re.search(r"python scripts/supervised.py (.+?) and the flags", message)[1]
+    assert type(cli.parse(command.split())) is scr.SCRConfig
+    assert snapshot(out) == before
 
 
 def test_resume_with_other_settings_keeps_the_run(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The trainer's command line as a user meets it: one-line errors that leave the run folder as it
 was, the start line and closing summary, the progress bar, and resuming after a hard kill."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -11,12 +12,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from test_train import small as train_small
 
+from ppo_cbp.benchmarks import scr
 from ppo_cbp.ppo_settings import given_fields
 from ppo_cbp.train import Args, ConfigError, main
 
@@ -139,6 +142,42 @@ def test_not_a_checkpoint_of_this_trainer(tmp_path):
     # the parent of run folders: the message names the runs it holds
     with pytest.raises(ConfigError, match=f"runs in {tmp_path}: {run}"):
         main(Args(resume=str(tmp_path)))
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    before = folder_bytes(run)
+    line = assert_one_error_line(
+        train_cli(["--resume", str(run)], tmp_path), str(run / "checkpoint.pt")
+    )
+    assert "is not a PyTorch checkpoint (unreadable: " in line
+    assert line.endswith(
+        "; pass the checkpoint.pt of a train.py run folder, or start a new run without --resume"
+    )
+    assert folder_bytes(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_supervised_run_folder_is_named_with_the_command_that_resumes_it(tmp_path):
+    out = tmp_path / "scr"
+    scr.run_scr(
+        scr.SCRConfig(examples=40, bin_size=20, seeds=[0], out=out, device="cpu", progress=False)
+    )
+    before = folder_bytes(out)
+    line = assert_one_error_line(
+        train_cli(["--resume", str(out)], tmp_path),
+        f"{out} is a run folder of scripts/supervised.py (slowly-changing-regression)",
+        "and the flags it was started with",
+    )
+    command = re.search(r"continue it with python scripts/supervised.py (.+?) and ", line)[1]
+    spec = importlib.util.spec_from_file_location("supervised", ROOT / "scripts" / "supervised.py")
+    supervised = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(supervised)
+    cfg = supervised.parse(command.split())  # the command it gives resumes that run
+    assert type(cfg) is scr.SCRConfig and cfg.out == out and cfg.resume
+    assert folder_bytes(out) == before
 
 
 def test_resuming_a_finished_run_checks_settings_and_writes_nothing(tmp_path):

@@ -8,9 +8,10 @@ A run trains S seeds in lockstep (:mod:`ppo_cbp.stacked`) and writes, under ``ou
 * ``summary.json``: per seed the last row, each metric's mean over the rows and the units
   replaced so far; over seeds the mean and standard error of each metric's last value; the
   speed of this call, per seed and for all seeds (:meth:`RunOutputs.summary`);
-* ``checkpoint.pt``: everything needed to continue exactly (written atomically at task
-  boundaries and read with ``weights_only=True``, by :mod:`ppo_cbp.run_folder`, as are
-  ``config.json``, ``summary.json``, the resume checks and the TensorBoard writers).
+* ``checkpoint.pt``: everything needed to continue exactly, and the subcommand that wrote it
+  (written atomically at task boundaries and read with ``weights_only=True``, by
+  :mod:`ppo_cbp.run_folder`, as are ``config.json``, ``summary.json``, the resume checks and
+  the TensorBoard writers).
 """
 
 from __future__ import annotations
@@ -380,7 +381,17 @@ class RunOutputs:
 
     CHECKPOINT = "checkpoint.pt"
 
-    def __init__(self, out: Path, seeds: Sequence[int], config: dict[str, Any], resume: bool):
+    def __init__(
+        self,
+        benchmark: str,
+        out: Path,
+        seeds: Sequence[int],
+        config: dict[str, Any],
+        resume: bool,
+    ):
+        """``benchmark``: the subcommand of ``scripts/supervised.py`` that runs it, kept in the
+        checkpoint so that a resume with another one (or with ``train.py``) can name it."""
+        self.benchmark = benchmark
         self.out = Path(out)
         self.seeds = list(seeds)
         self.config = config
@@ -412,7 +423,13 @@ class RunOutputs:
         if not path.exists():
             return None
         start_over = f"start over in another --out (or delete {self.out})"
-        state = run_folder.load_checkpoint(path, "these benchmarks", start_over)
+        foreign = f"pass the --out folder of a {self.benchmark} run, or {start_over}"
+        state = run_folder.load_checkpoint(path, "these benchmarks", foreign, start_over)
+        if isinstance(state, dict) and "format" in state and "args" in state:
+            raise UsageError(
+                f"{path} is a checkpoint of ppo_cbp/train.py, not of these benchmarks: continue "
+                f"it with python ppo_cbp/train.py --resume {self.out}, or {start_over}"
+            )
         try:
             saved = json.loads(state["config"])
             rows = state["rows"]
@@ -421,6 +438,13 @@ class RunOutputs:
                 f"checkpoint {path} is unreadable: not a checkpoint of these benchmarks "
                 f"({type(e).__name__}: {e}); {start_over}"
             ) from None
+        other = state.get("benchmark", self.benchmark)  # absent from older checkpoints
+        if other != self.benchmark:
+            raise UsageError(
+                f"--out {self.out} holds a {other} run, not a {self.benchmark} one: continue it "
+                f"with python scripts/supervised.py {other} --out {self.out} --resume and the "
+                f"flags it was started with, or {start_over}"
+            )
         ignored = {"resume", "progress", "out", "device"}
         run_folder.check_settings(
             path,
@@ -442,7 +466,9 @@ class RunOutputs:
         return state
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        state = dict(state, config=json.dumps(self.config), rows=self.rows)
+        state = dict(
+            state, benchmark=self.benchmark, config=json.dumps(self.config), rows=self.rows
+        )
         run_folder.save_checkpoint(state, self.checkpoint_path)
 
     def start(self, what: str = "") -> None:

@@ -446,7 +446,7 @@ def run_continual_imagenet(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    outputs = RunOutputs("continual-imagenet", cfg.out, seeds, config, cfg.resume)
     data = load_imagenet32(
         cfg.data_dir, cfg.images_per_class, cfg.test_images_per_class, cfg.layout, cfg.test_source
     )

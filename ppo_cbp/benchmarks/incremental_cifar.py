@@ -360,7 +360,7 @@ def run_incremental_cifar(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    outputs = RunOutputs("incremental-cifar", cfg.out, seeds, config, cfg.resume)
     data = load_cifar100(cfg.data_dir, download=cfg.download)
     classes = np.unique(data.train_labels)
     increments = (

@@ -213,7 +213,7 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
     config.update(resolved_method=config_dict(method), resolved_tasks=tasks, task_examples=n)
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    outputs = RunOutputs("permuted-mnist", cfg.out, seeds, config, cfg.resume)
     images, labels = load_mnist(cfg.data_dir, "train", download=cfg.download, device=device)
     images = images.to(dtype)
     n_data = images.shape[0]

@@ -152,7 +152,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
         device=device,
         dtype=dtype,
     )
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    outputs = RunOutputs("slowly-changing-regression", cfg.out, seeds, config, cfg.resume)
     hidden = [] if cfg.activation == "linear" else [cfg.hidden]
     sizes = [cfg.n_inputs, *hidden, 1]
     learner = Learner(
