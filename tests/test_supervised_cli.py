@@ -104,6 +104,26 @@ def test_values_that_do_not_parse_give_one_error_line(tmp_path, capsys):
         assert not out.exists(), args
 
 
+@pytest.mark.parametrize(
+    "args, start",
+    [
+        (["no-such-benchmark"], "unknown benchmark 'no-such-benchmark'; "),
+        (["--seeds", "0"], "no benchmark given; "),
+        ([], "no benchmark given; "),
+    ],
+)
+def test_a_benchmark_that_is_not_there_lists_those_that_are(tmp_path, capsys, args, start):
+    out = tmp_path / "run"
+    code, stdout, err = run_main([*args, "--out", out] if args else [], capsys)
+    names = [name for name, (config, run) in cli.BENCHMARKS.items()]
+    assert names == ["permuted-mnist", "slowly-changing-regression", "continual-imagenet"] + [
+        "incremental-cifar"
+    ]
+    assert_one_error(code, err)
+    assert err == f"error: {start}choose one of: {', '.join(names)}\n" and stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_and_corrupt_data_files(tmp_path, capsys):
     out = tmp_path / "run"
     empty = tmp_path / "empty"
