@@ -828,7 +828,7 @@ def run_sweep(
         running: dict[Any, str] = {}
         t_start = time.time()
         bar = None
-        if progress:
+        if progress and sys.stderr.isatty():  # a bar redrawn in place is for terminals
             from tqdm import tqdm
 
             bar = tqdm(total=len(ids), initial=len(outcome.skipped), unit="trial", desc=name)

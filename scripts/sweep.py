@@ -78,7 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="join this Ray cluster (host:port or auto)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none when stderr is not a terminal)",
+    )
     return p
 
 

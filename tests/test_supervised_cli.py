@@ -244,6 +244,46 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path):
     assert proc.stdout == "" and not out.exists()
 
 
+SCR_TINY = ["slowly-changing-regression", "--examples", "40", "--bin-size", "20", "--device", "cpu"]
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), *SCR_TINY, "--out", str(out)]  # --progress by default
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "\r" not in proc.stdout and "ex/s" not in proc.stdout
+    assert proc.stdout.startswith("slowly_changing_regression relu bp, 1 seed(s): writing to ")
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    cmd = [sys.executable, str(SCRIPT), *SCR_TINY, "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.communicate()
+    os.close(master)
+    assert proc.returncode == 0
+    bar = b"".join(chunks).decode()
+    assert "\r" in bar and "100%" in bar and "40.0/40.0" in bar and "ex/s" in bar, repr(bar)
+
+
 def test_programming_errors_keep_their_traceback(tmp_path, monkeypatch):
     def broken(cfg):
         raise KeyError("a bug")

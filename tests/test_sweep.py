@@ -208,11 +208,14 @@ def _metrics_csv(run_dir: Path, seed: int) -> list[dict[str, str]]:
     return _read_csv(run_dir / f"seed_{seed}" / "metrics.csv")
 
 
-def test_sweep_completes_and_writes_tables(tmp_path, ray_address):
+def test_sweep_completes_and_writes_tables(tmp_path, ray_address, capsys):
+    logged = []
     out = sw.run_sweep(
-        SCR, TINY, {"lr": ["0.01", "0.05"]}, [0, 1], "scr", runs_dir=tmp_path, progress=False,
-        log=lambda *a: None,
+        SCR, TINY, {"lr": ["0.01", "0.05"]}, [0, 1], "scr", runs_dir=tmp_path, progress=True,
+        log=logged.append,
     )  # fmt: skip
+    # a progress bar is for terminals: stderr is not one here
+    assert "\r" not in capsys.readouterr().err and "trial/s" not in "".join(logged)
     sweep_dir = tmp_path / "scr"
     assert sorted(out.done) == ["lr=0.01__s0", "lr=0.01__s1", "lr=0.05__s0", "lr=0.05__s1"]
     assert out.failed == [] and out.skipped == []

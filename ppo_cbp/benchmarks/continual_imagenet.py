@@ -388,7 +388,7 @@ class ContinualImageNetConfig:
     checkpoint_every: int = 1
     """Checkpoint every this many tasks (and at the end)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar on a terminal; none when stderr is not a terminal."""
 
 
 def _validate(cfg: ContinualImageNetConfig) -> None:
@@ -492,7 +492,7 @@ def run_continual_imagenet(
     bar = tqdm(
         total=cfg.tasks * S,
         initial=start_task * S,
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: only on a terminal
         unit="task",
         desc=f"continual-imagenet {method.method}, tasks of {S} seed(s)",
     )

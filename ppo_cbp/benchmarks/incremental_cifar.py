@@ -313,7 +313,7 @@ class IncrementalCIFARConfig:
     resume: bool = False
     """Continue the run saved in --out."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar on a terminal; none when stderr is not a terminal."""
 
 
 def _validate(cfg: IncrementalCIFARConfig) -> None:
@@ -436,7 +436,7 @@ def run_incremental_cifar(
     bar = tqdm(
         total=increments * cfg.epochs * S,
         initial=start * cfg.epochs * S,
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: only on a terminal
         unit="epoch",
         desc=f"incremental-cifar {method.method}, epochs of {S} seed(s)",
     )

@@ -122,7 +122,7 @@ class PermutedMNISTConfig:
     chunk: int = 1000
     """Examples gathered per data chunk (memory vs. overhead; does not change results)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar on a terminal; none when stderr is not a terminal."""
 
 
 def hidden_sizes(cfg: PermutedMNISTConfig) -> list[int]:
@@ -230,7 +230,7 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     bar = tqdm(
         total=tasks * n * S,
         initial=start_task * n * S,
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: only on a terminal
         unit="ex",
         unit_scale=True,
         desc=f"permuted-mnist {method.method}, examples of {S} seed(s)",

@@ -107,7 +107,7 @@ class SCRConfig:
     chunk: int = 10_000
     """Examples generated at once (does not change results)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar on a terminal; none when stderr is not a terminal."""
 
 
 def _validate(cfg: SCRConfig) -> int:
@@ -174,7 +174,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
     bar = tqdm(
         total=cfg.examples * S,
         initial=start_bin * cfg.bin_size * S,
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: only on a terminal
         unit="ex",
         unit_scale=True,
         desc=f"scr {cfg.activation} {method.method}, examples of {S} seed(s)",
