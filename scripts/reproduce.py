@@ -420,7 +420,7 @@ class ReproduceArgs:
     figures: Path = Path("docs/figures")
     """Folder of the figures and reproduce_small.json."""
     data_dir: Path | None = None
-    """Folder with the four MNIST .gz files (default: the package's cache folder)."""
+    """Folder with the four MNIST .gz files (default: $PPO_CBP_MNIST_DIR if set, else ~/.cache/ppo_cbp/mnist)."""
     only: tuple[Literal["scr", "permuted_mnist", "ppo"], ...] = ("scr", "permuted_mnist", "ppo")
     """Experiments to run."""
     jobs: int = 1

@@ -1,6 +1,6 @@
 """Supervised continual-learning benchmarks, all seeds of a run in one process.
 
-    python scripts/supervised.py permuted-mnist --seeds 0 1 2 --method cbp --data-dir ~/data/mnist --download
+    python scripts/supervised.py permuted-mnist --method cbp --data-dir data/mnist --download
     python scripts/supervised.py slowly-changing-regression --activation tanh --seeds 0 1 2 3
     python scripts/supervised.py continual-imagenet --data-dir data/imagenet32 --method cbp
     python scripts/supervised.py incremental-cifar --data-dir data/cifar100 --download --method cbp

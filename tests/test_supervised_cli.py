@@ -367,11 +367,11 @@ def test_help_hides_flags_of_methods_a_benchmark_lacks(capsys, monkeypatch):
 
 def test_help_names_the_mnist_cache_folder(capsys, monkeypatch):
     text = help_text(["permuted-mnist"], capsys, monkeypatch)
-    match = re.search(r"--data-dir .*?\(default: \$PPO_CBP_DATA if set, else (\S+)\)", text)
+    match = re.search(r"--data-dir .*?\(default: \$PPO_CBP_MNIST_DIR if set, else (\S+)\)", text)
     assert match
-    monkeypatch.delenv("PPO_CBP_DATA", raising=False)
+    monkeypatch.delenv("PPO_CBP_MNIST_DIR", raising=False)
     assert Path(match.group(1)).expanduser() == default_data_dir()
-    monkeypatch.setenv("PPO_CBP_DATA", "/somewhere/mnist")
+    monkeypatch.setenv("PPO_CBP_MNIST_DIR", "/somewhere/mnist")
     assert default_data_dir() == Path("/somewhere/mnist")
 
 

@@ -60,17 +60,17 @@ class MethodConfig:
     noise_std: float | None = None
     """Shrink & Perturb's noise standard deviation."""
     replacement_rate: float | None = None
-    """CBP's replacement rate rho."""
+    """CBP's replacement rate rho: the fraction of the mature units replaced per update (one optimizer step on one minibatch; a minibatch is one example in the online benchmarks)."""
     maturity_threshold: int | None = None
-    """CBP's maturity threshold m (steps)."""
+    """CBP's maturity threshold m: a unit can be replaced once it has lived this many updates (optimizer steps, one per minibatch)."""
     decay_rate: float = 0.99
     """CBP's utility decay rate eta."""
-    utility: str = "adaptable_contribution"
-    """CBP's utility: contribution or adaptable_contribution."""
+    utility: Literal["contribution", "adaptable_contribution"] = "adaptable_contribution"
+    """CBP's utility measure."""
     redo_threshold: float = 0.1
     """ReDo's tau; the dormant score is computed on the last redo_period examples."""
     redo_period: int = 100
-    """ReDo recycles every redo_period steps."""
+    """ReDo recycles every redo_period updates (optimizer steps, one per minibatch)."""
     dropout: float | None = None
     """Dropout probability (dropout method)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -78,12 +78,9 @@ class MethodConfig:
     adam_eps: float = 1e-8
     """Adam's epsilon."""
     alpha_f: float | None = None
-    """Online normalization's forward decay alpha_f (running mean and variance), in (0, 1);
-    default 0.999, the authors' recommended value (the loss-of-plasticity paper does not state
-    its own)."""
+    """Online normalization's forward decay alpha_f (running mean and variance), in (0, 1); default 0.999, the authors' recommended value (the loss-of-plasticity paper does not state its own)."""
     alpha_b: float | None = None
-    """Online normalization's backward decay alpha_b (the two gradient control processes), in
-    (0, 1); default 0.99, the authors' recommended value."""
+    """Online normalization's backward decay alpha_b (the two gradient control processes), in (0, 1); default 0.99, the authors' recommended value."""
 
 
 # The core method that uses a method flag; the flags of methods a benchmark lacks are hidden.

@@ -123,7 +123,7 @@ class CIFARMethodConfig(MethodConfig):
 
     method: Literal["base", "head_reset", "retrained", "snp", "cbp"] = "base"  # type: ignore[assignment]
     """Learning method."""
-    utility: str = "contribution"
+    utility: Literal["contribution", "adaptable_contribution"] = "contribution"
     """CBP's utility (the paper's CIFAR experiments use the contribution utility)."""
 
 
@@ -306,8 +306,8 @@ class IncrementalCIFARConfig:
     """Download and MD5-check the canonical archive into --data-dir if missing."""
     out: Path = Path("runs/incremental_cifar")
     """Output folder."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the networks run: auto = cuda if available, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating dtype of the networks and images."""
     resume: bool = False

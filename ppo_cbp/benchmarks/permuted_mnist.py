@@ -103,7 +103,7 @@ class PermutedMNISTConfig:
     data_dir: Annotated[
         Path | None,
         tyro.conf.arg(
-            help_behavior_hint="(default: $PPO_CBP_DATA if set, else ~/.cache/ppo_cbp/mnist)"
+            help_behavior_hint="(default: $PPO_CBP_MNIST_DIR if set, else ~/.cache/ppo_cbp/mnist)"
         ),
     ] = None
     """Folder with the four MNIST .gz files."""
@@ -111,8 +111,8 @@ class PermutedMNISTConfig:
     """Download MNIST into --data-dir if missing (MD5-verified)."""
     out: Path = Path("runs/permuted_mnist")
     """Output folder."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the networks run: auto = cuda if available, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating dtype of the networks."""
     resume: bool = False

@@ -96,8 +96,8 @@ class SCRConfig:
     """Flip one slow bit per change (paper's text); otherwise redraw all (official data)."""
     out: Path = Path("runs/scr")
     """Output folder."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the networks run: auto = cuda if available, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating dtype of the networks."""
     resume: bool = False
