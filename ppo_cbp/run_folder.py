@@ -19,8 +19,8 @@ Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
   killed process logged after its last checkpoint are dropped instead of drawn twice;
 * :class:`StopSignal`: SIGINT/SIGTERM set a flag that the loop checks at its next boundary (it
   then checkpoints and stops); a second SIGINT aborts;
-* the closing summary's shared parts: :func:`duration`, :func:`units_replaced_line` and
-  :func:`where_lines`.
+* the closing summary's shared lines: :func:`units_replaced_line` and :func:`where_lines`
+  (numbers as :mod:`ppo_cbp.formatting` writes them).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ppo_cbp.errors import ALREADY_FINISHED, UsageError
+from ppo_cbp.formatting import count
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -48,7 +49,6 @@ __all__ = [
     "check_settings",
     "check_writable",
     "clone",
-    "duration",
     "load_checkpoint",
     "open_writer",
     "refuse_finished",
@@ -290,22 +290,13 @@ class StopSignal:
 # closing summary
 
 
-def duration(seconds: float) -> str:
-    """``42.1s``, ``3m07s`` or ``5h02m09s``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def units_replaced_line(counts: Mapping[str, int], none: str) -> str:
     """``units replaced: <total> (<name> <count>, ...)`` over ``counts`` (per network or per
     seed), or ``units replaced: <none>`` when there is nothing to count."""
     if not counts:
         return f"units replaced: {none}"
-    parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
-    return f"units replaced: {sum(counts.values()):,} ({parts})"
+    parts = ", ".join(f"{k} {count(v)}" for k, v in counts.items())
+    return f"units replaced: {count(sum(counts.values()))} ({parts})"
 
 
 def where_lines(folder: Path) -> list[str]:

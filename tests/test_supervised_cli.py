@@ -439,6 +439,7 @@ def test_summary_fields_mean_what_they_say(tmp_path, capsys):
     assert all_seeds * seconds == pytest.approx(2 * 90)
     assert summary["examples_per_second_per_seed"] == pytest.approx(all_seeds / 2)
     assert f"{np.mean(finals):.4g} +- {se:.2g}" in printed
+    assert ": 3/3 bins, " in printed.splitlines()[-7]
     assert f"writing to {out}/" in printed
     assert f"{out}/seed_<seed>/metrics.csv" in printed and f"tensorboard --logdir {out}" in printed
 

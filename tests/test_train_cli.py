@@ -242,7 +242,7 @@ def test_unwritable_run_folder_fails_before_anything_is_created(tmp_path):
 SUMMARY_RE = re.compile(
     r"finished at step (?P<step>[\d,]+) of (?P<total>[\d,]+): (?P<steps>[\d,]+) steps in "
     r"(?P<time>\S+) \((?P<rate>[\d,]+) steps/s\)\n"
-    r"episodic return: (?P<ret>-?[\d.]+) \(mean of the last (?P<n>\d+) episodes?\)\n"
+    r"episodic return: (?P<ret>\S+) \(mean of the last (?P<n>[\d,]+) episodes?\)\n"
     r"units replaced: (?P<units>[\d,]+) \(policy (?P<pol>[\d,]+), value (?P<val>[\d,]+)\)\n"
     r"run folder: (?P<dir>.+)\n"
     r"curves: tensorboard --logdir (?P<logdir>.+)\n$"
@@ -275,7 +275,9 @@ def test_start_line_and_closing_summary(tmp_path, progress):
     # the return: the mean of the last (up to 100) episodes logged, read back from the events
     returns = [v for _, v in scalars(tmp_path / run)["charts/episodic_return"]][-100:]
     assert int(m["n"]) == len(returns) > 0
-    assert float(m["ret"]) == pytest.approx(sum(returns) / len(returns), abs=0.05)
+    mean = sum(returns) / len(returns)
+    # four significant digits; whole, with thousands separators, from 1,000 on
+    assert m["ret"] == (f"{mean:,.0f}" if abs(mean) >= 1000 else f"{mean:.4g}")
     # units replaced: the checkpoint's counts, and the last logged cumulative scalars
     state = torch.load(tmp_path / run / "checkpoint.pt", map_location="cpu", weights_only=True)
     counts = {k: state["resetters"][k]["num_replaced"] for k in ("policy", "value")}

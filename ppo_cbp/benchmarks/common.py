@@ -33,6 +33,7 @@ from torch import Tensor
 from ppo_cbp import run_folder
 from ppo_cbp.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.errors import UsageError
+from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.redo import ReDo
 from ppo_cbp.stacked import TAG_CBP, TAG_REDO, StackedMLP, StackedTrainer, derive_seed
 
@@ -574,21 +575,21 @@ def closing_summary(summary: dict[str, Any], out: Path) -> str:
     progress = ""
     if done:
         name = done[0].removesuffix("_completed")
-        progress = f"{summary[done[0]]}/{summary[name]} {name}, "
+        progress = f"{count(summary[done[0]])}/{count(summary[name])} {name}, "
     rate = next(k for k in summary if k.endswith("_per_second_per_seed"))
     unit = rate.removesuffix("_per_second_per_seed").replace("_", " ")
     seeds = summary["seeds"]
     lines = [
         f"{summary['benchmark']} {summary['method']}: {progress}"
-        f"{run_folder.duration(summary['seconds_this_call'])} in this call, "
-        f"{summary[rate]:,.0f} {unit}/s per seed ({len(seeds)} seed(s))"
+        f"{duration(summary['seconds_this_call'])} in this call, "
+        f"{count(summary[rate])} {unit}/s per seed ({len(seeds)} seed(s))"
     ]
     if seeds:
-        values = ", ".join(f"seed {s} {v['last'][metric]:.4g}" for s, v in seeds.items())
+        values = ", ".join(f"seed {s} {measured(v['last'][metric])}" for s, v in seeds.items())
         lines.append(f"final {metric}: {values}")
         f = summary["final_over_seeds"][metric]
-        se = "" if f["standard_error"] is None else f" +- {f['standard_error']:.2g}"
-        lines.append(f"final {metric}, mean over {len(seeds)} seed(s): {f['mean']:.4g}{se}")
+        se = "" if f["standard_error"] is None else f" +- {measured(f['standard_error'], 2)}"
+        lines.append(f"final {metric}, mean over {len(seeds)} seed(s): {measured(f['mean'])}{se}")
         counts = {f"seed {s}": int(v["units_replaced"]) for s, v in seeds.items()}
         if any(counts.values()):
             lines.append(run_folder.units_replaced_line(counts, "none"))
