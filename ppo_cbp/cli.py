@@ -134,9 +134,10 @@ def _shown(text: str, description: str | None, width: int) -> str:
         text = text.replace(_DESCRIPTION, description)
     lines = []
     for line in text.split("\n"):
-        if line.startswith("usage: ") and len(line) > width:
+        plain = _ANSI.sub("", line)  # a wrapped usage line loses its colours
+        if plain.startswith("usage: ") and len(plain) > width:
             line = textwrap.fill(
-                line,
+                plain,
                 width,
                 subsequent_indent=" " * len("usage: "),
                 break_long_words=False,
