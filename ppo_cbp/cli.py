@@ -1,25 +1,33 @@
-"""How the command lines show bad input: one line, exit code 2, no traceback.
+"""How the command lines show bad input and their help.
 
 A user's mistake (a bad value, a missing file, a clash with what is on disk) is raised by the
 library as :class:`ppo_cbp.errors.UsageError` and shown as one line ``error: <message>`` on
 stderr with exit code 2, before any work starts; the scripts catch only it, so any other
 exception, a programming error, keeps its traceback. tyro's parse errors, which it draws as a
 box, become such a line too (:func:`parse`).
+
+``--help`` starts with the script's docstring as a reader of the terminal wants it
+(:func:`help_description`): no reStructuredText markup, paragraphs wrapped to the terminal's
+width, commands line for line; :func:`parse` puts it there, and wraps a usage line that is too
+long.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import re
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from ppo_cbp.errors import UsageError
 
-__all__ = ["UsageError", "parse", "report_error", "tyro_message"]
+__all__ = ["UsageError", "help_description", "help_width", "parse", "report_error", "tyro_message"]
 
 T = TypeVar("T")
 
@@ -57,6 +65,90 @@ def tyro_message(text: str) -> str:
     return line.removeprefix("Error parsing ")
 
 
+def help_width() -> int:
+    """The columns ``--help`` text is wrapped to: the terminal's (``$COLUMNS`` if set), at most
+    100 (longer lines are hard to read)."""
+    return min(shutil.get_terminal_size().columns, 100)
+
+
+_LIST_ITEM = re.compile(r"(\d+\.|[-*]) ")
+
+
+def help_description(doc: str, width: int | None = None) -> str:
+    """A docstring as ``--help`` shows it: reStructuredText markup dropped (````code````,
+    ``:role:`target``` and ``~``-shortened targets, a closing ``::``), each paragraph and list
+    item wrapped to ``width`` columns (default :func:`help_width`), indented blocks (commands)
+    kept line for line."""
+    width = width or help_width()
+    text = inspect.cleandoc(doc)
+    text = re.sub(r":[a-z]+:`~([^`]+)`", lambda m: m[1].rsplit(".", 1)[-1], text)
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)
+    text = re.sub(r"``(.+?)``", r"\1", text, flags=re.S)
+    text = re.sub(r"\s*::$", ":", text, flags=re.M)
+    blocks = []
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        if paragraph[:1].isspace():  # a literal block
+            blocks.append(paragraph)
+            continue
+        items = re.split(r"\n(?=(?:\d+\.|[-*]) )", paragraph)
+        wrapped = []
+        for item in items:
+            marker = _LIST_ITEM.match(item)
+            indent = " " * (len(marker[0]) if marker else 0)
+            wrapped.append(
+                textwrap.fill(
+                    " ".join(item.split()),
+                    width,
+                    subsequent_indent=indent,
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
+            )
+        blocks.append("\n".join(wrapped))
+    return "\n\n".join(blocks)
+
+
+# What tyro is given as the description: it joins a description's lines into paragraphs
+# without wrapping them again, so the wrapped text replaces this in the printed help.
+_DESCRIPTION = "@@description@@"
+
+
+class _Captured(io.StringIO):
+    """Captured output that passes for ``stream``: a terminal when it is one (tyro colours help
+    then), with its encoding (tyro draws boxes in UTF-8 only)."""
+
+    def __init__(self, stream: object) -> None:
+        super().__init__()
+        self._tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._encoding = getattr(stream, "encoding", None)
+
+    def isatty(self) -> bool:
+        return self._tty
+
+    @property
+    def encoding(self) -> str | None:  # type: ignore[override]
+        return self._encoding
+
+
+def _shown(text: str, description: str | None, width: int) -> str:
+    """tyro's help ``text`` with ``description`` in its place and a long usage line wrapped."""
+    if description is not None:
+        text = text.replace(_DESCRIPTION, description)
+    lines = []
+    for line in text.split("\n"):
+        plain = _ANSI.sub("", line)  # a wrapped usage line loses its colours
+        if plain.startswith("usage: ") and len(plain) > width:
+            line = textwrap.fill(
+                plain,
+                width,
+                subsequent_indent=" " * len("usage: "),
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def parse(
     cls: type[T],
     argv: Sequence[str] | None,
@@ -65,15 +157,20 @@ def parse(
 ) -> T:
     """``tyro.cli(cls)`` with a parse error raised as :class:`UsageError` (the message of
     tyro's box and a pointer to ``<prog> --help``, by default the running script's) instead of
-    printed as a box. ``--help`` prints and exits as usual."""
+    printed as a box. ``--help`` prints and exits as usual, with ``description`` (a docstring)
+    as :func:`help_description` renders it.
+    """
     import tyro
 
-    captured = io.StringIO()
+    width = help_width()
+    shown = None if description is None else help_description(description, width)
+    out, err = _Captured(sys.stdout), io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):
-            result = tyro.cli(cls, args=argv, description=description)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            result = tyro.cli(cls, args=argv, description=None if shown is None else _DESCRIPTION)
     except SystemExit as e:
-        text = captured.getvalue()
+        sys.stdout.write(_shown(out.getvalue(), shown, width))
+        text = _shown(err.getvalue(), shown, width)
         message = tyro_message(text) if e.code not in (0, None) else ""
         if not message:  # --help, or an error tyro drew in a way we do not read: show it as is
             sys.stderr.write(text)
@@ -81,7 +178,9 @@ def parse(
         prog = prog or Path(sys.argv[0]).name or "the script"
         raise UsageError(f"{message} (see {prog} --help)") from None
     except BaseException:
-        sys.stderr.write(captured.getvalue())
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
         raise
-    sys.stderr.write(captured.getvalue())  # tyro's warnings, if any, on a good parse
+    sys.stdout.write(out.getvalue())
+    sys.stderr.write(err.getvalue())  # tyro's warnings, if any, on a good parse
     return result

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ppo_cbp import run_folder
+from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.normalize import RunningMeanStd
 from ppo_cbp.ppo_settings import CHECKPOINT_FORMAT, args_dict
 
@@ -345,14 +346,15 @@ def closing_summary(result: TrainResult, total: int, steps: int, seconds: float)
     where its outputs are."""
     state = "stopped" if result.interrupted_by is not None else "finished"
     lines = [
-        f"{state} at step {result.global_step:,} of {total:,}: {steps:,} steps in "
-        f"{run_folder.duration(seconds)} ({steps / max(seconds, 1e-9):,.0f} steps/s)"
+        f"{state} at step {count(result.global_step)} of {count(total)}: {count(steps)} steps "
+        f"in {duration(seconds)} ({count(steps / max(seconds, 1e-9))} steps/s)"
     ]
     returns = result.recent_returns
     if returns:
         n = len(returns)
         mean = sum(returns) / n
-        lines.append(f"episodic return: {mean:.1f} (mean of the last {n} episode{'s' * (n > 1)})")
+        episodes = f"{count(n)} episode{'s' * (n > 1)}"
+        lines.append(f"episodic return: {measured(mean)} (mean of the last {episodes})")
     else:
         lines.append("episodic return: no episode has ended yet")
     lines.append(run_folder.units_replaced_line(result.units_replaced, "none (no --cbp or --redo)"))

@@ -237,17 +237,32 @@ def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
     """The checkpoint at ``path`` and the settings it was written with.
 
     :raises ConfigError: if the file cannot be read (empty, truncated, corrupt, no permission)
-        or was not written by this trainer; the message says what to do instead."""
+        or was not written by this trainer (a supervised benchmark's checkpoint is named as
+        such, with the command that resumes it); the message says what to do instead."""
+    instead = "pass the checkpoint.pt of a train.py run folder, or start a new run without --resume"
     state = run_folder.load_checkpoint(
         path,
         "this trainer",
+        instead,
         "no older checkpoint is kept: start the run over without --resume "
         f"(remove {path.parent} first to reuse its name)",
         older="resume from an older checkpoint with --resume {path}",
     )
+    if isinstance(state, dict) and "rows" in state and "config" in state:
+        benchmark = state.get("benchmark")  # absent from checkpoints written before it was kept
+        command = f"python scripts/supervised.py {benchmark or '<benchmark>'} --out {path.parent}"
+        raise ConfigError(
+            f"{path.parent} is a run folder of scripts/supervised.py"
+            f"{f' ({benchmark})' if benchmark else ''}, not of train.py: continue it with "
+            f"{command} --resume and the flags it was started with"
+        )
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f"{path} is not a checkpoint of this trainer (format {found})")
+        found = (
+            f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}"
+            if isinstance(state, dict)
+            else f"it holds a {type(state).__name__}"
+        )
+        raise ConfigError(f"{path} is not a checkpoint of this trainer ({found}); {instead}")
     try:
         saved = args_from_dict(cls, state["args"])
     except (KeyError, TypeError) as e:

@@ -10,7 +10,8 @@ Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
 * the checkpoint: :func:`save_checkpoint` (a temporary file, fsync, ``os.replace``: a crash
   leaves the old or the new checkpoint, never half of one) and :func:`load_checkpoint`
   (``weights_only=True``: it can never execute code; an empty, truncated, corrupt or foreign
-  file is one :class:`~ppo_cbp.errors.UsageError` line that names the file and what to do);
+  file is one :class:`~ppo_cbp.errors.UsageError` line that names the file, what it is and
+  what to do);
   :func:`clone` for snapshots of a state, :func:`rng_states` / :func:`set_rng_states` for the
   Python, numpy, torch, CUDA and named generators' states;
 * resuming: :func:`check_settings` (a resumed run must keep its configuration: every conflict
@@ -20,8 +21,8 @@ Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
   killed process logged after its last checkpoint are dropped instead of drawn twice;
 * :class:`StopSignal`: SIGINT/SIGTERM set a flag that the loop checks at its next boundary (it
   then checkpoints and stops); a second SIGINT aborts;
-* the closing summary's shared parts: :func:`duration`, :func:`units_replaced_line` and
-  :func:`where_lines`.
+* the closing summary's shared lines: :func:`units_replaced_line` and :func:`where_lines`
+  (numbers as :mod:`ppo_cbp.formatting` writes them).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ppo_cbp.errors import ALREADY_FINISHED, UsageError
+from ppo_cbp.formatting import count
 
 # torch is imported by the functions that use it: the plots check their folder with
 # check_writable and would otherwise load torch (a second and a half) for nothing.
@@ -54,7 +56,6 @@ __all__ = [
     "check_settings",
     "check_writable",
     "clone",
-    "duration",
     "load_checkpoint",
     "open_writer",
     "refuse_finished",
@@ -166,40 +167,59 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, owner: str, start_over: str, older: str | None = None) -> Any:
+def load_checkpoint(
+    path: Path, owner: str, foreign: str, start_over: str, older: str | None = None
+) -> Any:
     """The checkpoint at ``path``, loaded with ``weights_only=True`` (it can never execute code).
 
     :param owner: what writes such checkpoints, for the message on a foreign file
         (``"this trainer"``).
+    :param foreign: what to do when the file is not a checkpoint at all, or one of Python
+        objects (``"pass the checkpoint.pt of a train.py run folder ..."``).
     :param start_over: what to do when the file is damaged (and no older checkpoint is kept).
     :param older: how to resume from an older checkpoint, with ``{path}`` for its path
         (``"resume from it with --resume {path}"``); ``None``: the program cannot.
-    :raises UsageError: if the file cannot be read (empty, truncated, corrupt, no permission)
-        or holds Python objects (not a checkpoint of ``owner``); one line that names the file
-        and says what to do: ``older`` with the newest other ``*.pt`` beside it if there is
-        one, else ``start_over``.
+    :raises UsageError: one line that names the file, says what it is and what to do: a file
+        that ``torch.save`` did not write (not a zip archive) or that holds Python objects
+        (not a checkpoint of ``owner``): ``foreign``; one that cannot be read (empty,
+        truncated, corrupt, no permission): ``older`` with the newest other ``*.pt`` beside it
+        if there is one, else ``start_over``.
     """
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file makes torch's unpickler raise many kinds
-        if "Weights only load failed" in str(e):  # a whole, readable file of someone else's
+        message = str(e)
+        if "Unsupported global" in message:  # a whole, readable file of someone else's
             raise UsageError(
                 f"{path} is not a checkpoint of {owner} (it holds Python objects, not only "
-                "tensors and plain values)"
+                f"tensors and plain values); {foreign}"
             ) from None
         if isinstance(e, OSError):
-            reason = e.strerror or str(e)
+            reason = e.strerror or message
         elif path.stat().st_size == 0:
             reason = "the file is empty"
+        elif not _starts_as_zip(path):
+            raise UsageError(
+                f"{path} is not a PyTorch checkpoint (unreadable: not a file that torch.save "
+                f"writes); {foreign}"
+            ) from None
         else:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            # torch's first sentence; the rest is advice about saving
+            reason = (message.strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         kept = sorted(p for p in path.parent.glob("*.pt") if p.name != path.name)
         advice = older.format(path=kept[-1]) if older and kept else start_over
         raise UsageError(
             f"cannot resume: {path} is unreadable, truncated or corrupt ({reason}); {advice}"
         ) from None
+
+
+def _starts_as_zip(path: Path) -> bool:
+    """Whether ``path`` begins as the zip archives that ``torch.save`` writes do (a truncated
+    checkpoint still does: it is damaged, not foreign)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def rng_states(generators: Mapping[str, torch.Generator]) -> dict[str, Any]:
@@ -314,22 +334,13 @@ class StopSignal:
 # closing summary
 
 
-def duration(seconds: float) -> str:
-    """``42.1s``, ``3m07s`` or ``5h02m09s``."""
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def units_replaced_line(counts: Mapping[str, int], none: str) -> str:
     """``units replaced: <total> (<name> <count>, ...)`` over ``counts`` (per network or per
     seed), or ``units replaced: <none>`` when there is nothing to count."""
     if not counts:
         return f"units replaced: {none}"
-    parts = ", ".join(f"{k} {v:,}" for k, v in counts.items())
-    return f"units replaced: {sum(counts.values()):,} ({parts})"
+    parts = ", ".join(f"{k} {count(v)}" for k, v in counts.items())
+    return f"units replaced: {count(sum(counts.values()))} ({parts})"
 
 
 def where_lines(folder: Path) -> list[str]:

@@ -66,6 +66,7 @@ from typing import Any
 
 from ppo_cbp import run_folder
 from ppo_cbp.errors import ALREADY_FINISHED, UsageError
+from ppo_cbp.formatting import count, duration, measured
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = "manifest.json"
@@ -664,11 +665,14 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A plain-text table of ``columns`` (floats with 4 significant digits)."""
+    """A plain-text table of ``columns``: floats as measured values, integers as counts
+    (:mod:`ppo_cbp.formatting`), anything else as it is."""
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return "-" if math.isnan(v) else f"{v:.4g}"
+            return measured(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return count(v)
         return str(v)
 
     cells = [list(columns)] + [[fmt(r.get(c, "")) for c in columns] for r in rows]
@@ -874,7 +878,7 @@ def run_sweep(
         running: dict[Any, str] = {}
         t_start = time.time()
         bar = None
-        if progress:
+        if progress and sys.stderr.isatty():  # a bar redrawn in place is for terminals
             from tqdm import tqdm
 
             bar = tqdm(total=len(ids), initial=len(outcome.skipped), unit="trial", desc=name)
@@ -986,12 +990,15 @@ def run_sweep(
     elapsed = time.time() - t_start
     log(
         f"\n{len(outcome.done)} trials run, {len(outcome.skipped)} done before, "
-        f"{len(outcome.failed)} failed ({elapsed:.0f} s)"
+        f"{len(outcome.failed)} failed ({duration(elapsed)})"
     )
     if outcome.summary:
         shown = [m for m in metric_keys if m.startswith("final_")] or metric_keys
         table = [
-            dict(r, **{m: f"{_fmt(r[m + '_mean'])} +- {_fmt(r[m + '_se'])}" for m in shown})
+            dict(
+                r,
+                **{m: f"{measured(r[m + '_mean'])} +- {measured(r[m + '_se'], 2)}" for m in shown},
+            )
             for r in outcome.summary
         ]
         log("mean +- standard error over seeds:")
@@ -1000,7 +1007,3 @@ def run_sweep(
     for tid in outcome.failed:
         log(f"failed: {tid} (log: {by_id[tid].run_dir / TRIAL_LOG})")
     return outcome
-
-
-def _fmt(v: float) -> str:
-    return "-" if math.isnan(v) else f"{v:.4g}"

@@ -54,7 +54,14 @@ from ppo_cbp.shrink_perturb import perturb_  # noqa: E402
 
 @dataclass
 class Args:
-    """PPO (+ continual backprop, ReDo, L2, Shrink & Perturb) on friction-changing MuJoCo."""
+    """PPO (+ continual backprop, ReDo, L2, Shrink & Perturb) on friction-changing MuJoCo.
+
+    Examples::
+
+        python ppo_cbp/train.py --env Hopper-v4 --cbp --steps 1_000_000     # a new run in runs/
+        python ppo_cbp/train.py --resume runs/<run_name> --steps 2_000_000  # continue, extend
+        tensorboard --logdir runs                                           # its curves
+    """
 
     # ---- experiment
     env: str = "Ant-v4"
@@ -136,9 +143,9 @@ class Args:
     cbp: bool = False
     """Continual backprop on both networks after every minibatch step (implies weight decay 1e-4 unless given)."""
     replacement_rate: float = 1e-4
-    """CBP: fraction of eligible units replaced per step, in [0, 1]."""
+    """CBP: fraction of the eligible units replaced per minibatch update (an optimizer step: update_epochs * num_minibatches of them per rollout; not an environment step), in [0, 1]."""
     maturity_threshold: int = 10_000
-    """CBP: a unit can be replaced once it is older than this many steps."""
+    """CBP: a unit can be replaced once it is older than this many minibatch updates (optimizer steps, not environment steps)."""
     decay_rate: float = 0.99
     """CBP: decay of the running utility, in [0, 1) (0 = instantaneous utility)."""
     utility: Literal["contribution", "adaptable_contribution"] = "contribution"
@@ -148,7 +155,7 @@ class Args:
     redo_threshold: float = 0.1
     """ReDo: tau; units with tau-dormant score <= tau are reset."""
     redo_period: int = 100
-    """ReDo: reset dormant units every this many minibatch steps."""
+    """ReDo: reset dormant units every this many minibatch updates (optimizer steps, not environment steps)."""
     reset_optimizer_state: bool = True
     """CBP/ReDo: zero the Adam moments of reset entries (the paper's code did not)."""
     l2: bool = False
@@ -160,7 +167,7 @@ class Args:
     standard_adam: bool = False
     """Standard Adam betas (0.9, 0.999): the paper's failing baseline."""
     paper_exact: bool = False
-    """The released code's behaviour where the defaults deliberately differ: no bootstrap at time-limit truncations, no optimizer-state reset by CBP/ReDo, and CBP replacing one unit with probability rho * (eligible units) per step instead of accumulating the count (overrides --bootstrap-truncation and --reset-optimizer-state)."""
+    """The released code's behaviour where the defaults deliberately differ: no bootstrap at time-limit truncations, no optimizer-state reset by CBP/ReDo, and CBP replacing one unit with probability rho * (eligible units) per minibatch update instead of accumulating the count (overrides --bootstrap-truncation and --reset-optimizer-state)."""
 
     # ---- friction
     friction_every: int = 2_000_000
@@ -681,7 +688,7 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
 def cli() -> None:
     """Command-line entry point: one line and exit code 2 for bad settings."""
     try:
-        args = cli_parse(Args, sys.argv[1:])
+        args = cli_parse(Args, sys.argv[1:], Args.__doc__)
         result = main(args, ppo_settings.given_fields(Args, sys.argv[1:]))
     except UsageError as e:
         sys.exit(report_error(e))

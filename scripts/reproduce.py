@@ -422,7 +422,7 @@ class ReproduceArgs:
     figures: Path | None = None
     """Folder of the figures and reproduce_small.json (default figures/ in --runs-dir)."""
     data_dir: Path | None = None
-    """Folder with the four MNIST .gz files (default: the package's cache folder)."""
+    """Folder with the four MNIST .gz files (default: $PPO_CBP_MNIST_DIR if set, else ~/.cache/ppo_cbp/mnist)."""
     only: tuple[Literal["scr", "permuted_mnist", "ppo"], ...] = ("scr", "permuted_mnist", "ppo")
     """Experiments to run."""
     jobs: int = 1

@@ -1,6 +1,6 @@
 """Supervised continual-learning benchmarks, all seeds of a run in one process.
 
-    python scripts/supervised.py permuted-mnist --seeds 0 1 2 --method cbp --data-dir ~/data/mnist --download
+    python scripts/supervised.py permuted-mnist --method cbp --data-dir data/mnist --download
     python scripts/supervised.py slowly-changing-regression --activation tanh --seeds 0 1 2 3
     python scripts/supervised.py continual-imagenet --data-dir data/imagenet32 --method cbp
     python scripts/supervised.py incremental-cifar --data-dir data/cifar100 --download --method cbp
@@ -33,24 +33,32 @@ from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig, run_permuted_
 from ppo_cbp.benchmarks.scr import SCRConfig, run_scr
 from ppo_cbp.errors import UsageError
 
-Config = Union[  # noqa: UP007 (tyro reads the subcommands from the Union)
-    Annotated[PermutedMNISTConfig, tyro.conf.subcommand("permuted-mnist")],
-    Annotated[SCRConfig, tyro.conf.subcommand("slowly-changing-regression")],
-    Annotated[ContinualImageNetConfig, tyro.conf.subcommand("continual-imagenet")],
-    Annotated[IncrementalCIFARConfig, tyro.conf.subcommand("incremental-cifar")],
+BENCHMARKS = {
+    "permuted-mnist": (PermutedMNISTConfig, run_permuted_mnist),
+    "slowly-changing-regression": (SCRConfig, run_scr),
+    "continual-imagenet": (ContinualImageNetConfig, run_continual_imagenet),
+    "incremental-cifar": (IncrementalCIFARConfig, run_incremental_cifar),
+}
+"""The subcommands: each benchmark's configuration and run."""
+
+# tyro reads the subcommands from the Union
+Config = Union[  # noqa: UP007
+    tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, (cls, _) in BENCHMARKS.items())
 ]
 
-RUNS = {
-    PermutedMNISTConfig: run_permuted_mnist,
-    SCRConfig: run_scr,
-    ContinualImageNetConfig: run_continual_imagenet,
-    IncrementalCIFARConfig: run_incremental_cifar,
-}
+RUNS = dict(BENCHMARKS.values())
 
 
 def parse(args: Sequence[str] | None = None) -> Any:
     """The configuration of a command line (``args`` without the program name); a value that
-    does not parse is a :class:`UsageError` of one line."""
+    does not parse, or a benchmark this script does not have, is a :class:`UsageError` of one
+    line."""
+    args = sys.argv[1:] if args is None else list(args)
+    choices = f"choose one of: {', '.join(BENCHMARKS)}"
+    if args and not args[0].startswith("-") and args[0] not in BENCHMARKS:
+        raise UsageError(f"unknown benchmark {args[0]!r}; {choices}")
+    if not any(a in BENCHMARKS or a in ("-h", "--help") for a in args):
+        raise UsageError(f"no benchmark given; {choices}")
     return cli.parse(Config, args, description=__doc__)
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppo_cbp.cli import UsageError, report_error  # noqa: E402
+from ppo_cbp.cli import UsageError, help_description, report_error  # noqa: E402
 from ppo_cbp.sweep import parse_grid, parse_program, parse_seeds, run_sweep  # noqa: E402
 
 
@@ -55,15 +55,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
-        usage="sweep.py PROGRAM [SUBCOMMAND] [fixed flags...] --grid FLAG=V1,V2 ... "
-        "--seeds 0-29 --name NAME [options]",
-        description=__doc__,
+        usage="sweep.py PROGRAM [SUBCOMMAND] [fixed flags...] --grid FLAG=V1,V2 ...\n"
+        "       --seeds 0-29 --name NAME [options]",
+        description=help_description(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
+    required = p.add_argument_group("required arguments")
+    required.add_argument("--seeds", nargs="+", required=True, help="seeds: 0-29, 0,1,2 or 0 1 2")
+    required.add_argument("--name", required=True, help="sweep name: output in <runs-dir>/<name>")
     p.add_argument("--grid", nargs="+", default=[], metavar="FLAG=V1,V2", help="grid items")
-    p.add_argument("--seeds", nargs="+", required=True, help="seeds: 0-29, 0,1,2 or 0 1 2")
-    p.add_argument("--name", required=True, help="sweep name: output in <runs-dir>/<name>")
     p.add_argument("--runs-dir", default="runs", help="parent folder of sweeps (default runs)")
     p.add_argument(
         "--seeds-per-trial",
@@ -86,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="join this Ray cluster (host:port or auto)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none when stderr is not a terminal)",
+    )
     return p
 
 

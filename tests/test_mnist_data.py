@@ -274,9 +274,9 @@ def test_load_with_download_flag(synthetic, tmp_path, monkeypatch):
 
 
 def test_default_data_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv("PPO_CBP_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("PPO_CBP_MNIST_DIR", str(tmp_path / "data"))
     assert default_data_dir() == tmp_path / "data"
-    monkeypatch.delenv("PPO_CBP_DATA")
+    monkeypatch.delenv("PPO_CBP_MNIST_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_data_dir() == tmp_path / ".cache" / "ppo_cbp" / "mnist"
 

@@ -20,9 +20,10 @@ import torch
 from stacked_runs import read_rows
 
 from ppo_cbp.benchmarks import continual_imagenet, incremental_cifar, permuted_mnist, scr
-from ppo_cbp.benchmarks.common import MethodConfig, resolve_method
+from ppo_cbp.benchmarks.common import MethodConfig, RunOutputs, resolve_method
 from ppo_cbp.benchmarks.continual_imagenet import resolve_module_method
 from ppo_cbp.datasets.mnist import default_data_dir
+from ppo_cbp.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "supervised.py"
@@ -103,6 +104,26 @@ def test_values_that_do_not_parse_give_one_error_line(tmp_path, capsys):
         assert not out.exists(), args
 
 
+@pytest.mark.parametrize(
+    "args, start",
+    [
+        (["no-such-benchmark"], "unknown benchmark 'no-such-benchmark'; "),
+        (["--seeds", "0"], "no benchmark given; "),
+        ([], "no benchmark given; "),
+    ],
+)
+def test_a_benchmark_that_is_not_there_lists_those_that_are(tmp_path, capsys, args, start):
+    out = tmp_path / "run"
+    code, stdout, err = run_main([*args, "--out", out] if args else [], capsys)
+    names = [name for name, (config, run) in cli.BENCHMARKS.items()]
+    assert names == ["permuted-mnist", "slowly-changing-regression", "continual-imagenet"] + [
+        "incremental-cifar"
+    ]
+    assert_one_error(code, err)
+    assert err == f"error: {start}choose one of: {', '.join(names)}\n" and stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_and_corrupt_data_files(tmp_path, capsys):
     out = tmp_path / "run"
     empty = tmp_path / "empty"
@@ -154,8 +175,39 @@ def test_out_holding_a_run_needs_resume(tmp_path, capsys, subcommand):
     # with --resume a checkpoint that cannot be read is named, and nothing changes either
     if subcommand == "slowly-changing-regression":
         code, _, err = run_main([subcommand, "--out", out, "--resume", *SCR_SMALL], capsys)
-        assert_one_error(code, err, out / "checkpoint.pt", "unreadable")
+        assert_one_error(code, err, out / "checkpoint.pt", "not a PyTorch checkpoint")
+        assert "pass the --out folder of a slowly-changing-regression run" in err
         assert snapshot(out) == before
+
+
+def test_a_train_checkpoint_in_out_is_named_with_the_command_that_resumes_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"format": 1, "args": {"env": "Hopper-v4"}}, out / "checkpoint.pt")
+    before = snapshot(out)
+    code, _, err = run_main(["slowly-changing-regression", "--out", out, "--resume"], capsys)
+    assert_one_error(
+        code, err, "is a checkpoint of ppo_cbp/train.py", f"python ppo_cbp/train.py --resume {out}"
+    )
+    assert snapshot(out) == before
+
+
+def test_resuming_with_another_benchmark_names_the_one_in_out(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
+    capsys.readouterr()
+    before = snapshot(out)
+    outputs = RunOutputs("permuted-mnist", out, [0], {}, resume=True)
+    with pytest.raises(UsageError) as info:
+        outputs.load_checkpoint(10, "task")
+    message = str(info.value)
+    assert "\n" not in message
+    assert (
+        f"--out {out} holds a slowly-changing-regression run, not a permuted-mnist one" in message
+    )
+    command = re.search(r"python scripts/supervised.py (.+?) and the flags", message)[1]
+    assert type(cli.parse(command.split())) is scr.SCRConfig
+    assert snapshot(out) == before
 
 
 def test_resume_with_other_settings_keeps_the_run(tmp_path, capsys):
@@ -211,6 +263,46 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: --examples must be >= 1, got 0"]
     assert proc.stdout == "" and not out.exists()
+
+
+SCR_TINY = ["slowly-changing-regression", "--examples", "40", "--bin-size", "20", "--device", "cpu"]
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), *SCR_TINY, "--out", str(out)]  # --progress by default
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "\r" not in proc.stdout and "ex/s" not in proc.stdout
+    assert proc.stdout.startswith("slowly_changing_regression relu bp, 1 seed(s): writing to ")
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    cmd = [sys.executable, str(SCRIPT), *SCR_TINY, "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.communicate()
+    os.close(master)
+    assert proc.returncode == 0
+    bar = b"".join(chunks).decode()
+    assert "\r" in bar and "100%" in bar and "40.0/40.0" in bar and "ex/s" in bar, repr(bar)
 
 
 def test_programming_errors_keep_their_traceback(tmp_path, monkeypatch):
@@ -296,11 +388,11 @@ def test_help_hides_flags_of_methods_a_benchmark_lacks(capsys, monkeypatch):
 
 def test_help_names_the_mnist_cache_folder(capsys, monkeypatch):
     text = help_text(["permuted-mnist"], capsys, monkeypatch)
-    match = re.search(r"--data-dir .*?\(default: \$PPO_CBP_DATA if set, else (\S+)\)", text)
+    match = re.search(r"--data-dir .*?\(default: \$PPO_CBP_MNIST_DIR if set, else (\S+)\)", text)
     assert match
-    monkeypatch.delenv("PPO_CBP_DATA", raising=False)
+    monkeypatch.delenv("PPO_CBP_MNIST_DIR", raising=False)
     assert Path(match.group(1)).expanduser() == default_data_dir()
-    monkeypatch.setenv("PPO_CBP_DATA", "/somewhere/mnist")
+    monkeypatch.setenv("PPO_CBP_MNIST_DIR", "/somewhere/mnist")
     assert default_data_dir() == Path("/somewhere/mnist")
 
 
@@ -379,6 +471,7 @@ def test_summary_fields_mean_what_they_say(tmp_path, capsys):
     assert all_seeds * seconds == pytest.approx(2 * 90)
     assert summary["examples_per_second_per_seed"] == pytest.approx(all_seeds / 2)
     assert f"{np.mean(finals):.4g} +- {se:.2g}" in printed
+    assert ": 3/3 bins, " in printed.splitlines()[-7]
     assert f"writing to {out}/" in printed
     assert f"{out}/seed_<seed>/metrics.csv" in printed and f"tensorboard --logdir {out}" in printed
 

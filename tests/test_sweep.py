@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -208,11 +209,14 @@ def _metrics_csv(run_dir: Path, seed: int) -> list[dict[str, str]]:
     return _read_csv(run_dir / f"seed_{seed}" / "metrics.csv")
 
 
-def test_sweep_completes_and_writes_tables(tmp_path, ray_address):
+def test_sweep_completes_and_writes_tables(tmp_path, ray_address, capsys):
+    logged = []
     out = sw.run_sweep(
-        SCR, TINY, {"lr": ["0.01", "0.05"]}, [0, 1], "scr", runs_dir=tmp_path, progress=False,
-        log=lambda *a: None,
+        SCR, TINY, {"lr": ["0.01", "0.05"]}, [0, 1], "scr", runs_dir=tmp_path, progress=True,
+        log=logged.append,
     )  # fmt: skip
+    # a progress bar is for terminals: stderr is not one here
+    assert "\r" not in capsys.readouterr().err and "trial/s" not in "".join(logged)
     sweep_dir = tmp_path / "scr"
     assert sorted(out.done) == ["lr=0.01__s0", "lr=0.01__s1", "lr=0.05__s0", "lr=0.05__s1"]
     assert out.failed == [] and out.skipped == []
@@ -240,6 +244,23 @@ def test_sweep_completes_and_writes_tables(tmp_path, ray_address):
         assert se == pytest.approx(abs(vals[0] - vals[1]) / 2)
     # the two step sizes give different runs
     assert summary[0]["final_squared_error_mean"] != summary[1]["final_squared_error_mean"]
+    # the table printed at the end: mean to 4 significant digits, standard error to 2
+    ran = r"\n4 trials run, 0 done before, 0 failed \((\d+\.\ds|\d+m\d\ds)\)"
+    assert re.fullmatch(ran, logged[-4]), logged[-4]
+    assert logged[-3] == "mean +- standard error over seeds:"
+    table = logged[-2].splitlines()
+    finals = [k.removesuffix("_mean") for k in summary[0] if re.fullmatch(r"final_.*_mean", k)]
+    assert "final_squared_error" in finals
+    assert table[0].split() == ["lr", "n", *finals]
+
+    def shown(v: float, digits: int) -> str:  # whole with separators from 10^(digits-1) on
+        return f"{v:,.0f}" if abs(v) >= 10 ** (digits - 1) else f"{v:.{digits}g}"
+
+    for line, s in zip(table[2:], summary):
+        cells = [s["lr"], "2"]
+        for m in finals:
+            cells += [shown(float(s[m + "_mean"]), 4), "+-", shown(float(s[m + "_se"]), 2)]
+        assert line.split() == cells
 
 
 def test_killed_sweep_reruns_only_missing_trials(tmp_path, ray_address):

@@ -435,7 +435,7 @@ def test_help_lists_field_docs():
         "--paper-exact",
     ):
         assert flag in text
-    assert "fraction of eligible units replaced per step" in text
+    assert "fraction of the eligible units replaced per minibatch update" in text
 
 
 def test_running_mean_std_matches_numpy():

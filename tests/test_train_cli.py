@@ -1,6 +1,7 @@
 """The trainer's command line as a user meets it: one-line errors that leave the run folder as it
 was, the start line and closing summary, the progress bar, and resuming after a hard kill."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -11,12 +12,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from test_train import small as train_small
 
+from ppo_cbp.benchmarks import scr
 from ppo_cbp.ppo_settings import given_fields
 from ppo_cbp.train import Args, ConfigError, main
 
@@ -141,6 +144,42 @@ def test_not_a_checkpoint_of_this_trainer(tmp_path):
         main(Args(resume=str(tmp_path)))
 
 
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    before = folder_bytes(run)
+    line = assert_one_error_line(
+        train_cli(["--resume", str(run)], tmp_path), str(run / "checkpoint.pt")
+    )
+    assert "is not a PyTorch checkpoint (unreadable: " in line
+    assert line.endswith(
+        "; pass the checkpoint.pt of a train.py run folder, or start a new run without --resume"
+    )
+    assert folder_bytes(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_supervised_run_folder_is_named_with_the_command_that_resumes_it(tmp_path):
+    out = tmp_path / "scr"
+    scr.run_scr(
+        scr.SCRConfig(examples=40, bin_size=20, seeds=[0], out=out, device="cpu", progress=False)
+    )
+    before = folder_bytes(out)
+    line = assert_one_error_line(
+        train_cli(["--resume", str(out)], tmp_path),
+        f"{out} is a run folder of scripts/supervised.py (slowly-changing-regression)",
+        "and the flags it was started with",
+    )
+    command = re.search(r"continue it with python scripts/supervised.py (.+?) and ", line)[1]
+    spec = importlib.util.spec_from_file_location("supervised", ROOT / "scripts" / "supervised.py")
+    supervised = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(supervised)
+    cfg = supervised.parse(command.split())  # the command it gives resumes that run
+    assert type(cfg) is scr.SCRConfig and cfg.out == out and cfg.resume
+    assert folder_bytes(out) == before
+
+
 def test_resuming_a_finished_run_checks_settings_and_writes_nothing(tmp_path):
     run = main(small(tmp_path, steps=512)).run_dir
     before = folder_bytes(run)
@@ -207,7 +246,7 @@ def test_unwritable_run_folder_fails_before_anything_is_created(tmp_path):
 SUMMARY_RE = re.compile(
     r"finished at step (?P<step>[\d,]+) of (?P<total>[\d,]+): (?P<steps>[\d,]+) steps in "
     r"(?P<time>\S+) \((?P<rate>[\d,]+) steps/s\)\n"
-    r"episodic return: (?P<ret>-?[\d.]+) \(mean of the last (?P<n>\d+) episodes?\)\n"
+    r"episodic return: (?P<ret>\S+) \(mean of the last (?P<n>[\d,]+) episodes?\)\n"
     r"units replaced: (?P<units>[\d,]+) \(policy (?P<pol>[\d,]+), value (?P<val>[\d,]+)\)\n"
     r"run folder: (?P<dir>.+)\n"
     r"curves: tensorboard --logdir (?P<logdir>.+)\n$"
@@ -240,7 +279,9 @@ def test_start_line_and_closing_summary(tmp_path, progress):
     # the return: the mean of the last (up to 100) episodes logged, read back from the events
     returns = [v for _, v in scalars(tmp_path / run)["charts/episodic_return"]][-100:]
     assert int(m["n"]) == len(returns) > 0
-    assert float(m["ret"]) == pytest.approx(sum(returns) / len(returns), abs=0.05)
+    mean = sum(returns) / len(returns)
+    # four significant digits; whole, with thousands separators, from 1,000 on
+    assert m["ret"] == (f"{mean:,.0f}" if abs(mean) >= 1000 else f"{mean:.4g}")
     # units replaced: the checkpoint's counts, and the last logged cumulative scalars
     state = torch.load(tmp_path / run / "checkpoint.pt", map_location="cpu", weights_only=True)
     counts = {k: state["resetters"][k]["num_replaced"] for k in ("policy", "value")}

@@ -8,9 +8,10 @@ A run trains S seeds in lockstep (:mod:`ppo_cbp.stacked`) and writes, under ``ou
 * ``summary.json``: per seed the last row, each metric's mean over the rows and the units
   replaced so far; over seeds the mean and standard error of each metric's last value; the
   speed of this call, per seed and for all seeds (:meth:`RunOutputs.summary`);
-* ``checkpoint.pt``: everything needed to continue exactly (written atomically at task
-  boundaries and read with ``weights_only=True``, by :mod:`ppo_cbp.run_folder`, as are
-  ``config.json``, ``summary.json``, the resume checks and the TensorBoard writers).
+* ``checkpoint.pt``: everything needed to continue exactly, and the subcommand that wrote it
+  (written atomically at task boundaries and read with ``weights_only=True``, by
+  :mod:`ppo_cbp.run_folder`, as are ``config.json``, ``summary.json``, the resume checks and
+  the TensorBoard writers).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor
 from ppo_cbp import run_folder
 from ppo_cbp.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.errors import UsageError
+from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.redo import ReDo
 from ppo_cbp.stacked import TAG_CBP, TAG_REDO, StackedMLP, StackedTrainer, derive_seed
 
@@ -59,17 +61,17 @@ class MethodConfig:
     noise_std: float | None = None
     """Shrink & Perturb's noise standard deviation."""
     replacement_rate: float | None = None
-    """CBP's replacement rate rho."""
+    """CBP's replacement rate rho: the fraction of the mature units replaced per update (one optimizer step on one minibatch; a minibatch is one example in the online benchmarks)."""
     maturity_threshold: int | None = None
-    """CBP's maturity threshold m (steps)."""
+    """CBP's maturity threshold m: a unit can be replaced once it has lived this many updates (optimizer steps, one per minibatch)."""
     decay_rate: float = 0.99
     """CBP's utility decay rate eta."""
-    utility: str = "adaptable_contribution"
-    """CBP's utility: contribution or adaptable_contribution."""
+    utility: Literal["contribution", "adaptable_contribution"] = "adaptable_contribution"
+    """CBP's utility measure."""
     redo_threshold: float = 0.1
     """ReDo's tau; the dormant score is computed on the last redo_period examples."""
     redo_period: int = 100
-    """ReDo recycles every redo_period steps."""
+    """ReDo recycles every redo_period updates (optimizer steps, one per minibatch)."""
     dropout: float | None = None
     """Dropout probability (dropout method)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -77,12 +79,9 @@ class MethodConfig:
     adam_eps: float = 1e-8
     """Adam's epsilon."""
     alpha_f: float | None = None
-    """Online normalization's forward decay alpha_f (running mean and variance), in (0, 1);
-    default 0.999, the authors' recommended value (the loss-of-plasticity paper does not state
-    its own)."""
+    """Online normalization's forward decay alpha_f (running mean and variance), in (0, 1); default 0.999, the authors' recommended value (the loss-of-plasticity paper does not state its own)."""
     alpha_b: float | None = None
-    """Online normalization's backward decay alpha_b (the two gradient control processes), in
-    (0, 1); default 0.99, the authors' recommended value."""
+    """Online normalization's backward decay alpha_b (the two gradient control processes), in (0, 1); default 0.99, the authors' recommended value."""
 
 
 # The core method that uses a method flag; the flags of methods a benchmark lacks are hidden.
@@ -380,7 +379,17 @@ class RunOutputs:
 
     CHECKPOINT = "checkpoint.pt"
 
-    def __init__(self, out: Path, seeds: Sequence[int], config: dict[str, Any], resume: bool):
+    def __init__(
+        self,
+        benchmark: str,
+        out: Path,
+        seeds: Sequence[int],
+        config: dict[str, Any],
+        resume: bool,
+    ):
+        """``benchmark``: the subcommand of ``scripts/supervised.py`` that runs it, kept in the
+        checkpoint so that a resume with another one (or with ``train.py``) can name it."""
+        self.benchmark = benchmark
         self.out = Path(out)
         self.seeds = list(seeds)
         self.config = config
@@ -411,7 +420,13 @@ class RunOutputs:
         if not path.exists():
             return None
         start_over = f"start over in another --out (or delete {self.out})"
-        state = run_folder.load_checkpoint(path, "these benchmarks", start_over)
+        foreign = f"pass the --out folder of a {self.benchmark} run, or {start_over}"
+        state = run_folder.load_checkpoint(path, "these benchmarks", foreign, start_over)
+        if isinstance(state, dict) and "format" in state and "args" in state:
+            raise UsageError(
+                f"{path} is a checkpoint of ppo_cbp/train.py, not of these benchmarks: continue "
+                f"it with python ppo_cbp/train.py --resume {self.out}, or {start_over}"
+            )
         try:
             saved = json.loads(state["config"])
             rows = state["rows"]
@@ -420,6 +435,13 @@ class RunOutputs:
                 f"checkpoint {path} is unreadable: not a checkpoint of these benchmarks "
                 f"({type(e).__name__}: {e}); {start_over}"
             ) from None
+        other = state.get("benchmark", self.benchmark)  # absent from older checkpoints
+        if other != self.benchmark:
+            raise UsageError(
+                f"--out {self.out} holds a {other} run, not a {self.benchmark} one: continue it "
+                f"with python scripts/supervised.py {other} --out {self.out} --resume and the "
+                f"flags it was started with, or {start_over}"
+            )
         ignored = {"resume", "progress", "out", "device"}
         run_folder.check_settings(
             path,
@@ -441,7 +463,9 @@ class RunOutputs:
         return state
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        state = dict(state, config=json.dumps(self.config), rows=self.rows)
+        state = dict(
+            state, benchmark=self.benchmark, config=json.dumps(self.config), rows=self.rows
+        )
         run_folder.save_checkpoint(state, self.checkpoint_path)
 
     def start(self, what: str = "") -> None:
@@ -550,21 +574,21 @@ def closing_summary(summary: dict[str, Any], out: Path) -> str:
     progress = ""
     if done:
         name = done[0].removesuffix("_completed")
-        progress = f"{summary[done[0]]}/{summary[name]} {name}, "
+        progress = f"{count(summary[done[0]])}/{count(summary[name])} {name}, "
     rate = next(k for k in summary if k.endswith("_per_second_per_seed"))
     unit = rate.removesuffix("_per_second_per_seed").replace("_", " ")
     seeds = summary["seeds"]
     lines = [
         f"{summary['benchmark']} {summary['method']}: {progress}"
-        f"{run_folder.duration(summary['seconds_this_call'])} in this call, "
-        f"{summary[rate]:,.0f} {unit}/s per seed ({len(seeds)} seed(s))"
+        f"{duration(summary['seconds_this_call'])} in this call, "
+        f"{count(summary[rate])} {unit}/s per seed ({len(seeds)} seed(s))"
     ]
     if seeds:
-        values = ", ".join(f"seed {s} {v['last'][metric]:.4g}" for s, v in seeds.items())
+        values = ", ".join(f"seed {s} {measured(v['last'][metric])}" for s, v in seeds.items())
         lines.append(f"final {metric}: {values}")
         f = summary["final_over_seeds"][metric]
-        se = "" if f["standard_error"] is None else f" +- {f['standard_error']:.2g}"
-        lines.append(f"final {metric}, mean over {len(seeds)} seed(s): {f['mean']:.4g}{se}")
+        se = "" if f["standard_error"] is None else f" +- {measured(f['standard_error'], 2)}"
+        lines.append(f"final {metric}, mean over {len(seeds)} seed(s): {measured(f['mean'])}{se}")
         counts = {f"seed {s}": int(v["units_replaced"]) for s, v in seeds.items()}
         if any(counts.values()):
             lines.append(run_folder.units_replaced_line(counts, "none"))

@@ -101,7 +101,7 @@ class ImageNetMethodConfig(MethodConfig):
     """Method of Continual ImageNet: bp, l2, snp, cbp, redo, or the linear-network baseline."""
 
     method: Literal["bp", "l2", "snp", "cbp", "redo", "linear"] = "bp"  # type: ignore[assignment]
-    """Learning method (``linear``: the linear-network baseline trained with SGD)."""
+    """Learning method (linear: the linear-network baseline trained with SGD)."""
 
 
 def resolve_module_method(
@@ -375,12 +375,11 @@ class ContinualImageNetConfig:
     layout: Literal["auto", "official", "per-class"] = "auto"
     """Data layout (auto: official if train_data_batch_1.npz exists)."""
     test_source: Literal["train", "val"] = "train"
-    """Official layout: test images from the training batches (images 600..699 of each class,
-    as the paper's per-class files) or from val_data.npz."""
+    """Official layout: test images from the training batches (images 600..699 of each class, as the paper's per-class files) or from val_data.npz."""
     out: Path = Path("runs/continual_imagenet")
     """Output folder."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the networks run: auto = cuda if available, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating dtype of the networks and images."""
     resume: bool = False
@@ -388,7 +387,7 @@ class ContinualImageNetConfig:
     checkpoint_every: int = 1
     """Checkpoint every this many tasks (and at the end)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar on a terminal; none when stderr is not a terminal."""
 
 
 def _validate(cfg: ContinualImageNetConfig) -> None:
@@ -446,7 +445,7 @@ def run_continual_imagenet(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    outputs = RunOutputs("continual-imagenet", cfg.out, seeds, config, cfg.resume)
     data = load_imagenet32(
         cfg.data_dir, cfg.images_per_class, cfg.test_images_per_class, cfg.layout, cfg.test_source
     )
@@ -492,7 +491,7 @@ def run_continual_imagenet(
     bar = tqdm(
         total=cfg.tasks * S,
         initial=start_task * S,
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: only on a terminal
         unit="task",
         desc=f"continual-imagenet {method.method}, tasks of {S} seed(s)",
     )

@@ -124,7 +124,7 @@ class CIFARMethodConfig(MethodConfig):
 
     method: Literal["base", "head_reset", "retrained", "snp", "cbp"] = "base"  # type: ignore[assignment]
     """Learning method."""
-    utility: str = "contribution"
+    utility: Literal["contribution", "adaptable_contribution"] = "contribution"
     """CBP's utility (the paper's CIFAR experiments use the contribution utility)."""
 
 
@@ -301,23 +301,21 @@ class IncrementalCIFARConfig:
     lr_factor: float = 0.2
     """Step-size decay factor at each milestone."""
     metric_examples: int = 1000
-    """Training images of the seen classes on which dead units and ranks are measured, as one
-    batch normalised by its own BatchNorm statistics (the released analysis never calls
-    eval()); the running statistics are not changed."""
+    """Training images of the seen classes on which dead units and ranks are measured: one batch, BatchNorm using its statistics as the released analysis (which never calls eval()) does; the running statistics are left unchanged."""
     data_dir: Path = Path("data/cifar100")
     """Folder with cifar-100-python/{train,test,meta} (or the three files)."""
     download: bool = False
     """Download and MD5-check the canonical archive into --data-dir if missing."""
     out: Path = Path("runs/incremental_cifar")
     """Output folder."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the networks run: auto = cuda if available, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating dtype of the networks and images."""
     resume: bool = False
     """Continue the run saved in --out."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar on a terminal; none when stderr is not a terminal."""
 
 
 def _validate(cfg: IncrementalCIFARConfig) -> None:
@@ -364,7 +362,7 @@ def run_incremental_cifar(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    outputs = RunOutputs("incremental-cifar", cfg.out, seeds, config, cfg.resume)
     data = load_cifar100(cfg.data_dir, download=cfg.download)
     classes = np.unique(data.train_labels)
     increments = (
@@ -440,7 +438,7 @@ def run_incremental_cifar(
     bar = tqdm(
         total=increments * cfg.epochs * S,
         initial=start * cfg.epochs * S,
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: only on a terminal
         unit="epoch",
         desc=f"incremental-cifar {method.method}, epochs of {S} seed(s)",
     )

@@ -103,7 +103,7 @@ class PermutedMNISTConfig:
     data_dir: Annotated[
         Path | None,
         tyro.conf.arg(
-            help_behavior_hint="(default: $PPO_CBP_DATA if set, else ~/.cache/ppo_cbp/mnist)"
+            help_behavior_hint="(default: $PPO_CBP_MNIST_DIR if set, else ~/.cache/ppo_cbp/mnist)"
         ),
     ] = None
     """Folder with the four MNIST .gz files."""
@@ -111,8 +111,8 @@ class PermutedMNISTConfig:
     """Download MNIST into --data-dir if missing (MD5-verified)."""
     out: Path = Path("runs/permuted_mnist")
     """Output folder."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the networks run: auto = cuda if available, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating dtype of the networks."""
     resume: bool = False
@@ -122,7 +122,7 @@ class PermutedMNISTConfig:
     chunk: int = 1000
     """Examples gathered per data chunk (memory vs. overhead; does not change results)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar on a terminal; none when stderr is not a terminal."""
 
 
 def hidden_sizes(cfg: PermutedMNISTConfig) -> list[int]:
@@ -213,7 +213,7 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
     config.update(resolved_method=config_dict(method), resolved_tasks=tasks, task_examples=n)
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    outputs = RunOutputs("permuted-mnist", cfg.out, seeds, config, cfg.resume)
     images, labels = load_mnist(cfg.data_dir, "train", download=cfg.download, device=device)
     images = images.to(dtype)
     n_data = images.shape[0]
@@ -230,7 +230,7 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     bar = tqdm(
         total=tasks * n * S,
         initial=start_task * n * S,
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: only on a terminal
         unit="ex",
         unit_scale=True,
         desc=f"permuted-mnist {method.method}, examples of {S} seed(s)",

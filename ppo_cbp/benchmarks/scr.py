@@ -96,8 +96,8 @@ class SCRConfig:
     """Flip one slow bit per change (paper's text); otherwise redraw all (official data)."""
     out: Path = Path("runs/slowly_changing_regression")
     """Output folder."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the networks run: auto = cuda if available, else cpu."""
     dtype: Literal["float32", "float64"] = "float32"
     """Floating dtype of the networks."""
     resume: bool = False
@@ -107,7 +107,7 @@ class SCRConfig:
     chunk: int = 10_000
     """Examples generated at once (does not change results)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar on a terminal; none when stderr is not a terminal."""
 
 
 def _validate(cfg: SCRConfig) -> int:
@@ -152,7 +152,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
         device=device,
         dtype=dtype,
     )
-    outputs = RunOutputs(cfg.out, seeds, config, cfg.resume)
+    outputs = RunOutputs("slowly-changing-regression", cfg.out, seeds, config, cfg.resume)
     hidden = [] if cfg.activation == "linear" else [cfg.hidden]
     sizes = [cfg.n_inputs, *hidden, 1]
     learner = Learner(
@@ -174,7 +174,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
     bar = tqdm(
         total=cfg.examples * S,
         initial=start_bin * cfg.bin_size * S,
-        disable=not cfg.progress,
+        disable=None if cfg.progress else True,  # None: only on a terminal
         unit="ex",
         unit_scale=True,
         desc=f"scr {cfg.activation} {method.method}, examples of {S} seed(s)",

@@ -106,8 +106,9 @@ _TAG_EXAMPLES = 1
 
 
 def default_data_dir() -> Path:
-    """Folder where MNIST is cached: ``$PPO_CBP_DATA`` if set, else ``~/.cache/ppo_cbp/mnist``."""
-    env = os.environ.get("PPO_CBP_DATA")
+    """Folder of the MNIST files (and where they are downloaded to): ``$PPO_CBP_MNIST_DIR`` if
+    set, else ``~/.cache/ppo_cbp/mnist``."""
+    env = os.environ.get("PPO_CBP_MNIST_DIR")
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "ppo_cbp" / "mnist"
