@@ -4,11 +4,13 @@ reStructuredText), the choices of a flag, required flags marked, the examples th
 
 import ast
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
+from terminal import run_on_terminal
 
 from ppo_cbp import train
 from ppo_cbp.cli import help_description
@@ -204,32 +206,10 @@ def test_help_on_a_terminal_fits_it_too():
     """On a terminal tyro colours the help: the lines still fit once the colours are taken out
     (80 columns: too narrow for the example commands and the list of benchmarks, which are
     kept whole)."""
-    pty = pytest.importorskip("pty")
-    import fcntl
-    import os
-    import struct
-    import subprocess
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     cmd = [sys.executable, "scripts/supervised.py", "--help"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=slave, stderr=slave, env=dict(env, TERM="xterm"))
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    proc.communicate()
-    os.close(master)
-    assert proc.returncode == 0
-    text = b"".join(chunks).decode()
+    code, text, _ = run_on_terminal(cmd, ROOT, 80, stdout_too=True, env=dict(env, TERM="xterm"))
+    assert code == 0
     assert "\x1b[" in text  # coloured: it knew it was on a terminal
     lines = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).replace("\r", "").splitlines()
     assert lines[:2] == [

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from stacked_runs import read_rows
+from terminal import run_on_terminal
 
 from ppo_cbp.benchmarks import continual_imagenet, incremental_cifar, permuted_mnist, scr
 from ppo_cbp.benchmarks.common import MethodConfig, RunOutputs, resolve_method
@@ -279,29 +280,9 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
 
 
 def test_progress_bar_on_a_terminal(tmp_path):
-    pty = pytest.importorskip("pty")
-    import fcntl
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     cmd = [sys.executable, str(SCRIPT), *SCR_TINY, "--out", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    proc.communicate()
-    os.close(master)
-    assert proc.returncode == 0
-    bar = b"".join(chunks).decode()
+    code, bar, _ = run_on_terminal(cmd, ROOT, 120)
+    assert code == 0
     assert "\r" in bar and "100%" in bar and "40.0/40.0" in bar and "ex/s" in bar, repr(bar)
 
 

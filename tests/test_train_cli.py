@@ -17,6 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from terminal import run_on_terminal
 from test_train import small as train_small
 
 from ppo_cbp.benchmarks import scr
@@ -295,34 +296,12 @@ def test_start_line_and_closing_summary(tmp_path, progress):
 
 
 def test_progress_bar_on_a_terminal_shows_percentage_and_eta_once(tmp_path):
-    pty = pytest.importorskip("pty")
-    import fcntl
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     argv = ["--env", "Hopper-v4", "--steps", "1024", "--num-steps", "256"]
     argv += ["--num-minibatches", "4", "--update-epochs", "1", "--device", "cpu"]
     argv += ["--runs-dir", "runs", "--friction-every", "300"]
-    proc = subprocess.Popen(
-        [sys.executable, str(TRAIN), *argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=slave
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    out = proc.communicate(timeout=300)[0].decode()
-    os.close(master)
-    assert proc.returncode == 0
+    code, bar, out = run_on_terminal([sys.executable, str(TRAIN), *argv], tmp_path, 120)
+    assert code == 0
     assert out.startswith("writing to runs/") and "finished at step 1,024 of 1,024" in out
-    bar = b"".join(chunks).decode()
     # redrawn in place with carriage returns; one line feed when it closes
     assert bar.count("\n") == 1 and bar.rstrip().count("\r") >= 2, repr(bar)
     frames = [f for f in bar.replace("\n", "").split("\r") if f.strip()]
