@@ -281,7 +281,7 @@ class UtilityUpdate:
     ``u <- eta u + (1 - eta) mean_b |h_bi| * out_abs_i``; otherwise the adaptable contribution:
     ``f <- f + (1 - eta) (mean_b h_bi - f)``, ``hhat = f / (1 - eta^age)``,
     ``u <- eta u + (1 - eta) mean_b |h_bi - hhat_i| * out_abs_i / (in_abs_i / fan_in)``
-    (see :mod:`ppo_cbp.cbp`). ``out_abs`` None: the unit has no outgoing weights to weigh by.
+    (see :mod:`ppo_cbp.plasticity.cbp`). ``out_abs`` None: the unit has no outgoing weights to weigh by.
     Arithmetic is in the utility's precision, as the tensor ops'.
     """
 

@@ -18,8 +18,8 @@ Layout. Layer ``l`` is one tensor ``P_l`` of shape ``[S, n_out, n_in + 1]`` whos
 is the bias, and the input of every layer carries a trailing constant 1: ``z = h_aug @ P^T``.
 Weight and bias are therefore updated by the same operation. :meth:`StackedMLP.weight` and
 :meth:`StackedMLP.bias` are views into ``P_l``, and :meth:`StackedMLP.unit_layers` describes
-the hidden layers to the core's :class:`~ppo_cbp.cbp.ContinualBackprop` and
-:class:`~ppo_cbp.redo.ReDo` with those views, so the operators write into the trained tensors.
+the hidden layers to the core's :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop` and
+:class:`~ppo_cbp.plasticity.redo.ReDo` with those views, so the operators write into the trained tensors.
 
 Losses (means over the B examples of a step, as ``torch.nn.functional``):
 
@@ -355,7 +355,7 @@ class StackedTrainer:
         self.magnitudes: list[tuple[Tensor, Tensor]] | None = None
         """After a fused step (CPU, SGD, batch 1, no perturbation), per hidden layer the sums
         ``(sum_k |w_out[k, i]|, sum_j |w_in[i, j]|)`` over the updated weights, ``[S, units]``
-        each, for :meth:`ppo_cbp.cbp.ContinualBackprop.step`; else None."""
+        each, for :meth:`ppo_cbp.plasticity.cbp.ContinualBackprop.step`; else None."""
 
     # ----------------------------------------------------------------------------------------
     def unit_layers(self) -> list[UnitLayer]:

@@ -22,7 +22,7 @@ momentum and weight decay) updates each slice exactly as it updates the network 
 The hidden layers are :class:`~ppo_cbp.units.UnitLayer` views with ``seed_dims=1`` of the
 stacked parameters themselves (so the optimizer's state is found by parameter), and
 :meth:`StackedSequential.forward` returns their activations ``[S, B, C, H, W]`` or
-``[S, B, units]`` for :class:`~ppo_cbp.cbp.ContinualBackprop` and :class:`~ppo_cbp.redo.ReDo`.
+``[S, B, units]`` for :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop` and :class:`~ppo_cbp.plasticity.redo.ReDo`.
 """
 
 from __future__ import annotations

@@ -41,15 +41,15 @@ if __package__ in (None, ""):
 import envs.vector as vector_env  # noqa: E402
 from envs.vector import EnvFactory  # noqa: E402
 from ppo_cbp import ppo_run, ppo_settings, run_folder  # noqa: E402
-from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
 from ppo_cbp.cli import parse as cli_parse  # noqa: E402
 from ppo_cbp.cli import report_error  # noqa: E402
 from ppo_cbp.errors import UsageError  # noqa: E402
 from ppo_cbp.init import Scheme, init_linear_  # noqa: E402
 from ppo_cbp.metrics import WeightChangeTracker, plasticity_metrics  # noqa: E402
+from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
+from ppo_cbp.plasticity.redo import ReDo  # noqa: E402
+from ppo_cbp.plasticity.shrink_perturb import perturb_  # noqa: E402
 from ppo_cbp.ppo_numerics import LOG_2PI, AdamStep, GaussianActing, ppo_loss_and_grads  # noqa: E402
-from ppo_cbp.redo import ReDo  # noqa: E402
-from ppo_cbp.shrink_perturb import perturb_  # noqa: E402
 
 
 @dataclass

@@ -18,8 +18,8 @@ import time
 import torch
 from torch import nn
 
-from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.init import init_layer_
+from ppo_cbp.plasticity.cbp import ContinualBackprop
 
 CASES = [
     # name, sizes, optimizer, init, CBP settings

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_core  # noqa: E402
 from bench_supervised import CONV, conv_step, fused_step  # noqa: E402
 
-from ppo_cbp.cbp import ContinualBackprop  # noqa: E402
+from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
 
 TINY_SIDE = {"convnet": 32, "resnet18": 16}
 """Image side at tiny sizes (the ConvNet's Linear layer needs 32x32 inputs)."""

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet, stack_networks
-from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.init import init_layer_
+from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.resnet import ResNet18
 from ppo_cbp.stacked import StackedMLP, StackedTrainer
 

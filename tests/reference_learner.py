@@ -1,5 +1,5 @@
 """The plain, one-network learner the stacked learners are tested against: an ``nn.Module``
-with torch SGD, hooked CBP/ReDo and :func:`~ppo_cbp.shrink_perturb.perturb_`, each seed's
+with torch SGD, hooked CBP/ReDo and :func:`~ppo_cbp.plasticity.shrink_perturb.perturb_`, each seed's
 randomness from the generators its run alone would use."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppo_cbp.benchmarks.common import ResolvedMethod
-from ppo_cbp.cbp import ContinualBackprop
-from ppo_cbp.redo import ReDo
-from ppo_cbp.shrink_perturb import perturb_
+from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.redo import ReDo
+from ppo_cbp.plasticity.shrink_perturb import perturb_
 from ppo_cbp.stacked import TAG_CBP, TAG_NOISE, TAG_REDO, derive_seed
 
 
@@ -22,8 +22,8 @@ class ModuleLearner:
     """An ``nn.Module`` trained with SGD (momentum, coupled L2) plus the method's operator.
 
     After every optimizer step: Shrink & Perturb adds ``N(0, noise_std^2)`` to every parameter,
-    CBP runs :meth:`~ppo_cbp.cbp.ContinualBackprop.step` (hooked activations of that step's
-    forward pass), ReDo :meth:`~ppo_cbp.redo.ReDo.step`. All randomness comes from per-seed
+    CBP runs :meth:`~ppo_cbp.plasticity.cbp.ContinualBackprop.step` (hooked activations of that step's
+    forward pass), ReDo :meth:`~ppo_cbp.plasticity.redo.ReDo.step`. All randomness comes from per-seed
     generators on the device.
     """
 

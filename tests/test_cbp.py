@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.init import init_layer_
+from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.resnet import ResNet18
 from ppo_cbp.units import UnitLayer
 
@@ -609,7 +609,8 @@ def test_stacked_seeds_equal_single_networks(utility):
     for s in range(S):
         assert cbp_single[s].num_replaced == cbp_stacked.num_replaced
         for p_stacked, p_single in zip(stacked, singles[s]):
-            torch.testing.assert_close(p_stacked[s], p_single, rtol=1e-12, atol=1e-12)
+            # bmm and mm sum in different orders: float64 rounding, nothing more
+            torch.testing.assert_close(p_stacked[s], p_single, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(

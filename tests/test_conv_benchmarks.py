@@ -40,8 +40,8 @@ from ppo_cbp.benchmarks.incremental_cifar import (
     seen_classes,
 )
 from ppo_cbp.benchmarks.incremental_cifar import DEFAULTS as CIFAR_DEFAULTS
-from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.datasets.imagenet32 import class_pairs
+from ppo_cbp.plasticity.cbp import ContinualBackprop
 
 CPU = torch.device("cpu")
 

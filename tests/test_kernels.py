@@ -56,7 +56,7 @@ def test_sgd_backward_update_is_in_the_weights_precision():
 
 
 def reference_utility(u, f, birth, steps, h, out_abs, in_abs, fan_in, eta, adaptable):
-    """The utility update of ppo_cbp.cbp's docstring, in float64."""
+    """The utility update of ppo_cbp.plasticity.cbp's docstring, in float64."""
     u, f = u.copy(), f.copy()
     if adaptable:
         f = f + (1 - eta) * (h.mean(1) - f)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from ppo_cbp.init import SCHEMES, init_layer_, sample_
-from ppo_cbp.redo import ReDo
-from ppo_cbp.shrink_perturb import perturb_
+from ppo_cbp.plasticity.redo import ReDo
+from ppo_cbp.plasticity.shrink_perturb import perturb_
 
 DEVICES = [
     "cpu",

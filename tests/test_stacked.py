@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.init import distribution
-from ppo_cbp.redo import ReDo
+from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.stacked import (
     ACTIVATIONS,
     LEAKY_RELU_SLOPE,

@@ -31,10 +31,10 @@ import tyro
 from torch import Tensor
 
 from ppo_cbp import run_folder
-from ppo_cbp.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
-from ppo_cbp.redo import ReDo
+from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
+from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.stacked import TAG_CBP, TAG_REDO, StackedMLP, StackedTrainer, derive_seed
 
 METHODS = ("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm")

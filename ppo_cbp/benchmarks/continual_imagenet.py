@@ -62,7 +62,6 @@ from ppo_cbp.benchmarks.common import (
     resolve_dtype,
     resolve_method,
 )
-from ppo_cbp.cbp import ContinualBackprop
 from ppo_cbp.datasets.imagenet32 import channel_stats, class_pairs, load_imagenet32
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import init_layer_
@@ -72,7 +71,8 @@ from ppo_cbp.metrics import (
     dead_unit_mask,
     feature_rank_metrics,
 )
-from ppo_cbp.redo import ReDo
+from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.resnet import ResNet18
 from ppo_cbp.stacked import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
 from ppo_cbp.stacked_resnet import StackedResNet18
@@ -179,7 +179,7 @@ class StackedLearner:
     parameters and of the momentum follows the trajectory of its network trained alone. After
     the optimizer step, Shrink & Perturb adds ``N(0, noise_std^2)`` to every parameter (seed
     ``s``'s noise drawn from its own generator, parameter by parameter in the order of the
-    network's ``parameters()``, as :func:`~ppo_cbp.shrink_perturb.perturb_` draws it alone);
+    network's ``parameters()``, as :func:`~ppo_cbp.plasticity.shrink_perturb.perturb_` draws it alone);
     CBP and ReDo run on the hidden activations of the step's forward pass with one generator
     per seed.
     """

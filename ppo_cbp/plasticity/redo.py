@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ppo_cbp.cbp import make_generators, resolve_layers
 from ppo_cbp.metrics import DORMANT_SCORE_EPS
+from ppo_cbp.plasticity.cbp import make_generators, resolve_layers
 from ppo_cbp.units import (
     StateTensors,
     UnitLayer,
@@ -46,7 +46,7 @@ class ReDo:
     """Recycle tau-dormant units every ``period`` steps.
 
     Args:
-        net: an ``nn.Sequential`` (hooked, as in :class:`~ppo_cbp.cbp.ContinualBackprop`) or a
+        net: an ``nn.Sequential`` (hooked, as in :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop`) or a
             list of :class:`~ppo_cbp.units.UnitLayer` whose activations are passed to :meth:`step`.
         optimizer: optimizer (or parameter -> state tensors function) whose state is reset.
         threshold: tau; units scoring ``<= threshold`` are recycled. Must be >= 0.
