@@ -37,8 +37,73 @@ from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.stacked import TAG_CBP, TAG_REDO, StackedMLP, StackedTrainer, derive_seed
 
-METHODS = ("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm")
-Method = Literal["bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm"]
+FUSED_METHODS = ("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm")
+"""The methods :class:`~ppo_cbp.stacked.StackedTrainer` runs by hand (its fast path)."""
+METHODS = (
+    *FUSED_METHODS,
+    "l2_init",
+    "snp_init",
+    "parseval",
+    "weight_clipping",
+    "head_reset",
+    "adam_reset",
+    "layer_norm",
+    "nap",
+    "crelu",
+    "injection",
+    "upgd",
+    "trac",
+)
+"""Every method name of ``--method``; a combination joins names with ``+``."""
+PLASTICITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "l2_init": dict(l2_init=1e-2),
+    "snp_init": dict(shrink=0.9999),
+    "parseval": dict(parseval=1e-3),
+    "weight_clipping": dict(clip_kappa=2.0),
+    "head_reset": dict(reset_layers=1),
+    "adam_reset": {},
+    "layer_norm": {},
+    "nap": {},
+    "crelu": {},
+    "injection": dict(injection_layers=2),
+    "upgd": dict(lr=0.01, upgd_sigma=1e-3, upgd_beta_utility=0.999),
+    "trac": {},
+}
+"""The MLP benchmarks' defaults of the :mod:`ppo_cbp.plasticity` operators: their sources'."""
+OPTIMIZERS = ("adam", "upgd")
+"""Methods that are the optimizer (at most one); the others run on SGD or on it."""
+CONTRADICTIONS = [
+    ({"cbp", "redo"}, "both choose which units to reinitialise"),
+    ({"adam", "upgd"}, "both are the optimizer"),
+    ({"trac", "upgd"}, "TRAC scales a base optimizer's updates; UPGD is not one it takes"),
+    ({"layer_norm", "nap"}, "nap already puts a LayerNorm after every hidden layer"),
+    ({"online_norm", "layer_norm"}, "two normalisations of the same pre-activations"),
+    ({"online_norm", "nap"}, "two normalisations of the same pre-activations"),
+]
+
+
+def parse_methods(spec: str, available: Sequence[str]) -> tuple[str, ...]:
+    """The method names of ``spec`` (``"cbp"``, ``"cbp+l2_init+layer_norm"``), checked.
+
+    :raises UsageError: an unknown or repeated name, ``bp`` with others (it is the baseline
+        alone), or two names that contradict each other (:data:`CONTRADICTIONS`).
+    """
+    names = tuple(n.strip() for n in str(spec).split("+"))
+    for n in names:
+        if n not in METHODS or n not in available:
+            raise UsageError(
+                f"unknown method {n!r} in --method {spec}; expected one of "
+                f"{', '.join(available)}, or several joined with +"
+            )
+    if len(set(names)) != len(names):
+        raise UsageError(f"--method {spec} names a method twice")
+    if "bp" in names and len(names) > 1:
+        raise UsageError(f"--method {spec}: bp is plain backprop alone; leave it out")
+    for pair, why in CONTRADICTIONS:
+        if pair <= set(names):
+            a, b = sorted(pair)
+            raise UsageError(f"--method {spec}: {a} and {b} contradict each other ({why})")
+    return names
 
 
 @dataclass
@@ -49,11 +114,20 @@ class MethodConfig:
     Gaussian noise after every step), ``cbp`` (SGD + continual backprop), ``redo`` (SGD +
     ReDo), ``adam`` (Adam), ``dropout`` (SGD + dropout on every hidden layer), ``online_norm``
     (SGD + online normalization after every hidden linear layer, before the activation;
-    :mod:`ppo_cbp.online_norm`; Permuted MNIST only).
+    :mod:`ppo_cbp.online_norm`; Permuted MNIST only); and the operators of
+    :mod:`ppo_cbp.plasticity`: ``l2_init`` (L2 toward the initial parameters), ``snp_init``
+    (shrink toward a fresh initialisation after every step), ``parseval`` (Parseval
+    regularisation), ``weight_clipping``, ``head_reset`` (reinitialise the last layers at task
+    boundaries), ``adam_reset`` (Adam's moments and step count reset at task boundaries),
+    ``layer_norm`` (LayerNorm before every hidden activation), ``nap`` (Normalize-and-Project),
+    ``crelu`` (concatenated ReLU), ``injection`` (plasticity injection at task boundaries),
+    ``upgd`` (utility-based perturbed gradient descent) and ``trac`` (TRAC around SGD or Adam).
+    Several combine with ``+`` (``cbp+l2_init+layer_norm``); the optimizer is SGD unless one of
+    them is ``adam`` or ``upgd``.
     """
 
-    method: Method = "bp"
-    """Learning method."""
+    method: str = "bp"
+    """Learning method, or several joined with + (e.g. cbp+l2_init+layer_norm)."""
     lr: float | None = None
     """Step size."""
     weight_decay: float | None = None
@@ -82,6 +156,22 @@ class MethodConfig:
     """Online normalization's forward decay alpha_f (running mean and variance), in (0, 1); default 0.999, the authors' recommended value (the loss-of-plasticity paper does not state its own)."""
     alpha_b: float | None = None
     """Online normalization's backward decay alpha_b (the two gradient control processes), in (0, 1); default 0.99, the authors' recommended value."""
+    l2_init: float | None = None
+    """L2-Init's coefficient lambda of (lambda/2) ||theta - theta_0||^2."""
+    shrink: float | None = None
+    """snp_init's alpha in theta <- alpha theta + (1 - alpha) theta_fresh, after every update."""
+    parseval: float | None = None
+    """Parseval regularisation's coefficient lambda of lambda ||W W^T - s I||_F^2."""
+    clip_kappa: float | None = None
+    """Weight clipping's kappa: weights stay within kappa times their layer's initial bound."""
+    reset_layers: int | None = None
+    """head_reset: how many of the last weight layers are reinitialised at a task boundary."""
+    injection_layers: int | None = None
+    """Plasticity injection: how many of the last weight layers form the injected head."""
+    upgd_sigma: float | None = None
+    """UPGD's perturbation noise standard deviation."""
+    upgd_beta_utility: float | None = None
+    """UPGD's utility trace decay."""
 
 
 # The core method that uses a method flag; the flags of methods a benchmark lacks are hidden.
@@ -98,6 +188,14 @@ USED_BY = {
     "adam_eps": "adam",
     "alpha_f": "online_norm",
     "alpha_b": "online_norm",
+    "l2_init": "l2_init",
+    "shrink": "snp_init",
+    "parseval": "parseval",
+    "clip_kappa": "weight_clipping",
+    "reset_layers": "head_reset",
+    "injection_layers": "injection",
+    "upgd_sigma": "upgd",
+    "upgd_beta_utility": "upgd",
 }
 # What :func:`resolve_method` takes for a flag that neither the user nor ``defaults`` sets.
 FALLBACK = {"weight_decay": 0.0}
@@ -113,6 +211,8 @@ def default_hint(defaults: dict[str, dict[str, Any]], name: str) -> str:
             groups.setdefault(d[name], []).append(method)
         elif name in FALLBACK:
             groups.setdefault(FALLBACK[name], []).append(method)
+        elif name == "lr" and "bp" in defaults:  # a method that is not the optimizer: SGD's
+            groups.setdefault(defaults["bp"]["lr"], []).append(method)
     return "(default per method: {})".format(
         ", ".join(f"{'/'.join(ms)} {v:g}" for v, ms in groups.items())
     )
@@ -167,26 +267,54 @@ class ResolvedMethod:
     adam_eps: float = 1e-8
     alpha_f: float = 0.999
     alpha_b: float = 0.99
+    l2_init: float = 0.0
+    shrink: float = 1.0
+    parseval: float = 0.0
+    clip_kappa: float = 0.0
+    reset_layers: int = 1
+    injection_layers: int = 2
+    upgd_sigma: float = 0.0
+    upgd_beta_utility: float = 0.999
+    methods: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            self.methods = tuple(self.method.split("+"))
+
+    def uses(self, name: str) -> bool:
+        return name in self.methods
 
 
 def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> ResolvedMethod:
-    """Fill ``cfg``'s unset values from ``defaults[method]`` and check every value."""
-    if cfg.method not in METHODS or cfg.method not in defaults:
-        raise UsageError(f"unknown method {cfg.method!r}; expected one of {', '.join(defaults)}")
-    d = defaults[cfg.method]
+    """Fill ``cfg``'s unset values from the defaults of its methods and check every value.
+
+    A combination takes each method's defaults in the order given (``defaults[name]``), and
+    the step size of its optimizer (``adam`` or ``upgd``) or else of ``bp``.
+    """
+    names = parse_methods(cfg.method, list(defaults))
+    d: dict[str, Any] = {}
+    for name in names:
+        d.update(defaults[name])
+    optimizer = next((n for n in names if n in OPTIMIZERS), "sgd")
+    base = optimizer if optimizer != "sgd" else ("bp" if "bp" in defaults else names[0])
+    d["lr"] = defaults[base].get("lr", d.get("lr"))
 
     def pick(name: str, fallback: Any) -> Any:
         value = getattr(cfg, name)
         return d.get(name, fallback) if value is None else value
 
+    def used(name: str, fallback: Any) -> Any:
+        return pick(name, fallback) if USED_BY[name] in names else fallback
+
     r = ResolvedMethod(
-        method=cfg.method,
-        optimizer="adam" if cfg.method == "adam" else "sgd",
+        method="+".join(names),
+        methods=names,
+        optimizer=optimizer,
         lr=float(pick("lr", d["lr"])),
         weight_decay=float(pick("weight_decay", 0.0)),
-        noise_std=float(pick("noise_std", 0.0)) if cfg.method == "snp" else 0.0,
-        dropout=float(pick("dropout", 0.0)) if cfg.method == "dropout" else 0.0,
+        noise_std=float(used("noise_std", 0.0)),
+        dropout=float(used("dropout", 0.0)),
         replacement_rate=float(pick("replacement_rate", 0.0)),
         maturity_threshold=int(pick("maturity_threshold", 100)),
         decay_rate=cfg.decay_rate,
@@ -197,6 +325,14 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         adam_eps=cfg.adam_eps,
         alpha_f=float(pick("alpha_f", 0.999)),
         alpha_b=float(pick("alpha_b", 0.99)),
+        l2_init=float(used("l2_init", 0.0)),
+        shrink=float(used("shrink", 1.0)),
+        parseval=float(used("parseval", 0.0)),
+        clip_kappa=float(used("clip_kappa", 0.0)),
+        reset_layers=int(used("reset_layers", 1)),
+        injection_layers=int(used("injection_layers", 2)),
+        upgd_sigma=float(used("upgd_sigma", 0.0)),
+        upgd_beta_utility=float(used("upgd_beta_utility", 0.999)),
     )
     checks = [
         ("lr", r.lr > 0),
@@ -210,6 +346,14 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         ("redo_period", r.redo_period >= 1),
         ("alpha_f", 0 < r.alpha_f < 1),
         ("alpha_b", 0 < r.alpha_b < 1),
+        ("l2_init", r.l2_init >= 0),
+        ("shrink", 0 <= r.shrink <= 1),
+        ("parseval", r.parseval >= 0),
+        ("clip_kappa", r.clip_kappa > 0 or not r.uses("weight_clipping")),
+        ("reset_layers", r.reset_layers >= 1),
+        ("injection_layers", r.injection_layers >= 1),
+        ("upgd_sigma", r.upgd_sigma >= 0),
+        ("upgd_beta_utility", 0 <= r.upgd_beta_utility < 1),
     ]
     for name, ok in checks:
         if not ok or (isinstance(getattr(r, name), float) and math.isnan(getattr(r, name))):
@@ -262,11 +406,11 @@ class Learner:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        if method.method in ("cbp", "redo", "dropout", "online_norm") and len(sizes) < 3:
+        if any(map(method.uses, ("cbp", "redo", "dropout", "online_norm"))) and len(sizes) < 3:
             raise UsageError(f"method {method.method} needs at least one hidden layer")
         self.seeds = list(seeds)
         self.method = method
-        norm = (method.alpha_f, method.alpha_b) if method.method == "online_norm" else None
+        norm = (method.alpha_f, method.alpha_b) if method.uses("online_norm") else None
         self.net = StackedMLP(
             sizes, seeds, activation=activation, norm_decays=norm, device=device, dtype=dtype
         )
@@ -284,7 +428,7 @@ class Learner:
         self.cbp: ContinualBackprop | None = None
         self.redo: ReDo | None = None
         self._ring: list[Tensor] = []
-        if method.method == "cbp":
+        if method.uses("cbp"):
             self.cbp = ContinualBackprop(
                 self.trainer.unit_layers(),
                 self.trainer.state_tensors,
@@ -294,7 +438,7 @@ class Learner:
                 utility=method.utility,
                 seed=[derive_seed(s, TAG_CBP) for s in seeds],
             )
-        elif method.method == "redo":
+        elif method.uses("redo"):
             self.redo = ReDo(
                 self.trainer.unit_layers(),
                 self.trainer.state_tensors,
@@ -316,6 +460,13 @@ class Learner:
             for ring, h in zip(self._ring, hidden):
                 ring[:, slot] = h[:, -1]
             self.redo.step(self._ring)
+
+    def new_segment(self) -> None:
+        """Called at the start of every task or bin (:meth:`StackedTrainer.new_segment`)."""
+        self.trainer.new_segment()
+
+    def task_boundary(self) -> None:
+        """The fused methods do nothing at a task boundary."""
 
     def units_replaced(self) -> Tensor:
         """Units replaced so far per seed (``[S]``, int64, host)."""

@@ -34,7 +34,9 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from ppo_cbp.benchmarks.autograd_learner import AutogradLearner, make_learner
 from ppo_cbp.benchmarks.common import (
+    PLASTICITY_DEFAULTS,
     Learner,
     MethodConfig,
     RunOutputs,
@@ -60,6 +62,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "dropout": dict(lr=0.003, dropout=0.1),
     # the paper does not state its decays: the Online Normalization authors' recommended values
     "online_norm": dict(lr=0.003, alpha_f=0.999, alpha_b=0.99),
+    **PLASTICITY_DEFAULTS,
 }
 
 
@@ -155,7 +158,9 @@ def _validate(cfg: PermutedMNISTConfig) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def task_start_metrics(learner: Learner, x_aug: torch.Tensor) -> list[dict[str, float]]:
+def task_start_metrics(
+    learner: Learner | AutogradLearner, x_aug: torch.Tensor
+) -> list[dict[str, float]]:
     """The correlates of loss of plasticity on ``x_aug`` (``[S, N, 785]``), one dict per seed."""
     _, hidden = learner.net.forward(x_aug)
     S = x_aug.shape[0]
@@ -218,7 +223,7 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     images = images.to(dtype)
     n_data = images.shape[0]
     sizes = [images.shape[1], *hidden_sizes(cfg), 10]
-    learner = Learner(sizes, seeds, method, loss="cross_entropy", device=device, dtype=dtype)
+    learner = make_learner(sizes, seeds, method, loss="cross_entropy", device=device, dtype=dtype)
 
     start_task = 0
     state = outputs.load_checkpoint(tasks, "task") if cfg.resume else None
@@ -243,7 +248,9 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
         x_metric, _ = _gather(images, labels, perm, order[:, :m], dtype)
         rows = task_start_metrics(learner, x_metric)
         del x_metric
-        learner.trainer.new_segment()
+        if task > 0:
+            learner.task_boundary()
+        learner.new_segment()
         correct = torch.zeros(S, dtype=torch.int64, device=device)
         for c0 in range(0, n, cfg.chunk):
             x_aug, y = _gather(images, labels, perm, order[:, c0 : c0 + cfg.chunk], dtype)

@@ -26,8 +26,9 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from ppo_cbp.benchmarks.autograd_learner import make_learner
 from ppo_cbp.benchmarks.common import (
-    Learner,
+    PLASTICITY_DEFAULTS,
     MethodConfig,
     RunOutputs,
     check_seeds,
@@ -53,6 +54,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "redo": dict(lr=0.01),
     "adam": dict(lr=0.001),
     "dropout": dict(lr=0.01, dropout=0.1),
+    **PLASTICITY_DEFAULTS,
 }
 
 Activation = Literal["relu", "tanh", "sigmoid", "elu", "leaky_relu", "swish", "linear"]
@@ -155,7 +157,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
     outputs = RunOutputs("slowly-changing-regression", cfg.out, seeds, config, cfg.resume)
     hidden = [] if cfg.activation == "linear" else [cfg.hidden]
     sizes = [cfg.n_inputs, *hidden, 1]
-    learner = Learner(
+    learner = make_learner(
         sizes,
         seeds,
         method,
@@ -182,7 +184,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     done = 0
     for b in range(start_bin, bins):
-        learner.trainer.new_segment()
+        learner.new_segment()
         error = torch.zeros(S, dtype=torch.float64, device=device)
         start = b * cfg.bin_size
         for c0 in range(start, start + cfg.bin_size, cfg.chunk):
@@ -190,6 +192,8 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
             x_aug, y = stream.generate(c0, C)
             pred = torch.empty(S, C, 1, device=device, dtype=dtype)
             for j in range(C):
+                if (c0 + j) % cfg.change_every == 0 and c0 + j > 0:
+                    learner.task_boundary()  # a target bit flips here
                 learner.step(x_aug[:, j : j + 1], y[:, j : j + 1], out=pred[:, j : j + 1])
             error += (pred - y).double().square().sum(dim=(1, 2))
             bar.update(C * S)

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ppo_cbp import kernels
+from ppo_cbp.plasticity.hooks import PlasticityMethod
 from ppo_cbp.units import (
     ActivationRecorder,
     FlatUnits,
@@ -98,7 +99,7 @@ def resolve_layers(
     return layers, None
 
 
-class ContinualBackprop:
+class ContinualBackprop(PlasticityMethod):
     """Continual backprop's generate-and-test step for one network (or S stacked networks).
 
     Args:
@@ -513,6 +514,10 @@ class ContinualBackprop:
                     f"[*seed, units] = {shape} per layer"
                 )
         self._magnitudes_checked = True
+
+    def after_step(self, hidden: Sequence[Tensor]) -> None:
+        """The hook protocol's name for :meth:`step` on the step's hidden activations."""
+        self.step(hidden)
 
     def remove_hooks(self) -> None:
         """Stop recording activations (the network no longer pays for the hooks)."""

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ppo_cbp.metrics import DORMANT_SCORE_EPS
 from ppo_cbp.plasticity.cbp import make_generators, resolve_layers
+from ppo_cbp.plasticity.hooks import PlasticityMethod
 from ppo_cbp.units import (
     StateTensors,
     UnitLayer,
@@ -42,7 +43,7 @@ def dormant_mask(layer: UnitLayer, h: Tensor, threshold: float) -> Tensor:
     return score <= threshold
 
 
-class ReDo:
+class ReDo(PlasticityMethod):
     """Recycle tau-dormant units every ``period`` steps.
 
     Args:
@@ -104,6 +105,10 @@ class ReDo:
             mask = dormant_mask(layer, h, self.threshold)
             replace_masked_units_(layer, mask, self.generators, self._state_tensors)
             self.replaced += mask.sum(dim=-1)
+
+    def after_step(self, hidden: Sequence[Tensor]) -> None:
+        """The hook protocol's name for :meth:`step` on the step's hidden activations."""
+        self.step(hidden)
 
     def remove_hooks(self) -> None:
         if self._recorder is not None:

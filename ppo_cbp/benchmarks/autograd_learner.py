@@ -1,0 +1,290 @@
+"""The MLP benchmarks' learner for methods that the fused trainer does not compute by hand.
+
+:class:`~ppo_cbp.benchmarks.common.Learner` trains stacked MLPs with a hand-written backward
+(:mod:`ppo_cbp.stacked`): fast, but only for the methods it knows (:data:`FUSED_METHODS`).
+Every other combination runs here: the S seeds' MLPs (each drawn exactly as
+:class:`~ppo_cbp.stacked.StackedMLP` draws it, layer by layer from the seed's init generator)
+stacked into one :class:`~ppo_cbp.stacked_sequential.StackedSequential`, the loss by autograd
+(the sum of the seeds' mean losses, so each seed's gradient is its own), a ``torch.optim``
+optimizer, and the methods of :mod:`ppo_cbp.plasticity` through their hooks:
+
+    forward -> loss.backward() -> after_backward -> optimizer.step() -> after_step(hidden)
+
+with ``at_task_boundary`` from the benchmark's loop (:meth:`AutogradLearner.task_boundary`).
+Both learners have the same interface; :func:`make_learner` picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod
+from ppo_cbp.errors import UsageError
+from ppo_cbp.init import sample_
+from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
+from ppo_cbp.plasticity.redo import ReDo
+from ppo_cbp.stacked import LEAKY_RELU_SLOPE, TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
+from ppo_cbp.stacked_sequential import StackedSequential
+
+__all__ = ["AutogradLearner", "make_learner", "uses_fused_trainer"]
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "elu": nn.ELU,
+    "leaky_relu": lambda: nn.LeakyReLU(LEAKY_RELU_SLOPE),
+    "swish": nn.SiLU,
+    "linear": nn.Identity,
+}
+
+
+def uses_fused_trainer(method: ResolvedMethod) -> bool:
+    """Whether every method of ``method`` is one the fused trainer computes by hand."""
+    return set(method.methods) <= set(FUSED_METHODS)
+
+
+def build_mlp(
+    sizes: Sequence[int],
+    seed: int,
+    *,
+    activation: str,
+    init: str,
+    layer_norm: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Sequential:
+    """Seed ``seed``'s MLP: ``Linear [LayerNorm] activation ... Linear``, the weights drawn from
+    ``init`` layer by layer from the seed's init generator (as :class:`StackedMLP` draws them),
+    biases 0."""
+    g = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_INIT))
+    modules: list[nn.Module] = []
+    n_layers = len(sizes) - 1
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        linear = nn.Linear(n_in, n_out, device=device, dtype=dtype)
+        hidden = i < n_layers - 1
+        with torch.no_grad():
+            sample_(linear.weight, init, activation if hidden else "linear", generator=g)
+            linear.bias.zero_()
+        modules.append(linear)
+        if hidden:
+            if layer_norm:
+                modules.append(nn.LayerNorm(n_out, device=device, dtype=dtype))
+            modules.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*modules)
+
+
+class _RingReDo(PlasticityMethod):
+    """ReDo scored on the activations of the last ``period`` examples (a ring buffer), as the
+    fused learner runs it: a single example is no estimate of E|h|."""
+
+    def __init__(self, redo: ReDo, rings: list[Tensor]):
+        self.redo, self.rings = redo, rings
+
+    def after_step(self, hidden: Sequence[Tensor]) -> None:
+        slot = self.redo.steps % self.redo.period
+        for ring, h in zip(self.rings, hidden):
+            ring[:, slot] = h[:, -1]
+        self.redo.step(self.rings)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"redo": self.redo.state_dict(), "rings": [r.clone() for r in self.rings]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.redo.load_state_dict(state["redo"])
+        for dst, src in zip(self.rings, state["rings"], strict=True):
+            dst.copy_(src)
+
+
+class AutogradLearner:
+    """Stacked MLPs trained by autograd and ``torch.optim`` with any combination of methods.
+
+    The interface of :class:`~ppo_cbp.benchmarks.common.Learner`: :meth:`step`,
+    :meth:`units_replaced`, :meth:`task_boundary`, :meth:`new_segment`, ``net.forward`` and
+    ``net.weights`` for the metrics, :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        seeds: Sequence[int],
+        method: ResolvedMethod,
+        *,
+        loss: str,
+        activation: str = "relu",
+        init: str = "kaiming_uniform",
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        for name in ("dropout", "online_norm"):
+            if method.uses(name) and not uses_fused_trainer(method):
+                raise UsageError(
+                    f"--method {method.method}: {name} runs only on the fused trainer, with "
+                    f"bp, l2, snp, cbp, redo or adam"
+                )
+        self.seeds = list(seeds)
+        self.method = method
+        self.loss = loss
+        self.init = init
+        nets = [
+            build_mlp(
+                sizes,
+                s,
+                activation=activation,
+                init=init,
+                layer_norm=method.uses("layer_norm") or method.uses("nap"),
+                device=device,
+                dtype=dtype,
+            )
+            for s in seeds
+        ]
+        self.module = StackedSequential(nets).to(device=device, dtype=dtype)
+        self.net = _NetView(self.module)
+        self.params = list(self.module.parameters())
+        self.opt = self._optimizer()
+        nonlinearity = "linear" if activation == "linear" else activation
+        weights = _weight_layers(self.module)
+        layers = [
+            Layer(
+                weight=w,
+                bias=b,
+                init=init,
+                nonlinearity=nonlinearity if i < len(weights) - 1 else "linear",
+                head=i == len(weights) - 1,
+                name=f"layer{i}",
+            )
+            for i, (w, b) in enumerate(_weight_layers(self.module))
+        ]
+        self.network = Network(layers, self.params, self.opt, seed_dims=1, seeds=self.seeds)
+        self.cbp: ContinualBackprop | None = None
+        self.redo: ReDo | None = None
+        methods: list[PlasticityMethod] = []
+        units = self.module.unit_layers(init) if len(sizes) >= 3 else []
+        if (method.uses("cbp") or method.uses("redo")) and not units:
+            raise UsageError(f"method {method.method} needs at least one hidden layer")
+        if method.uses("cbp"):
+            self.cbp = ContinualBackprop(
+                units,
+                self.opt,
+                replacement_rate=method.replacement_rate,
+                maturity_threshold=method.maturity_threshold,
+                decay_rate=method.decay_rate,
+                utility=method.utility,
+                init=init,
+                seed=[derive_seed(s, TAG_CBP) for s in seeds],
+            )
+            methods.append(self.cbp)
+        if method.uses("redo"):
+            self.redo = ReDo(
+                units,
+                self.opt,
+                threshold=method.redo_threshold,
+                period=method.redo_period,
+                init=init,
+                seed=[derive_seed(s, TAG_REDO) for s in seeds],
+            )
+            rings = [
+                torch.zeros(len(seeds), method.redo_period, u.units, device=device, dtype=dtype)
+                for u in units
+            ]
+            methods.append(_RingReDo(self.redo, rings))
+        self.methods = Methods(methods)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        m = self.method
+        if m.optimizer == "adam":
+            return torch.optim.Adam(
+                self.params,
+                lr=m.lr,
+                betas=m.adam_betas,
+                eps=m.adam_eps,
+                weight_decay=m.weight_decay,
+            )
+        return torch.optim.SGD(self.params, lr=m.lr, weight_decay=m.weight_decay)
+
+    def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> list[Tensor]:
+        """One step on ``x_aug`` (``[S, B, n_in + 1]``, last column 1): the output before the
+        update into ``out``; returns the step's hidden activations."""
+        y, hidden = self.module(x_aug[..., :-1].transpose(0, 1))
+        if out is not None:
+            out.copy_(y.detach())
+        batch = x_aug.shape[1]
+        if self.loss == "cross_entropy":
+            loss = F.cross_entropy(y.flatten(0, 1), target.flatten(), reduction="sum") / batch
+        else:
+            loss = F.mse_loss(y, target, reduction="sum") / (batch * y.shape[-1])
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        with torch.no_grad():
+            self.methods.after_backward()
+            self.opt.step()
+            self.methods.after_step(hidden)
+        return hidden
+
+    def task_boundary(self) -> None:
+        with torch.no_grad():
+            self.methods.at_task_boundary()
+
+    def new_segment(self) -> None:
+        pass
+
+    def units_replaced(self) -> Tensor:
+        """Units replaced so far per seed (``[S]``, int64, host)."""
+        if self.cbp is not None:
+            return torch.full((len(self.seeds),), self.cbp.num_replaced, dtype=torch.int64)
+        if self.redo is not None:
+            return self.redo.replaced.cpu()
+        return torch.zeros(len(self.seeds), dtype=torch.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "module": {k: v.clone() for k, v in self.module.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "methods": self.methods.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.methods.load_state_dict(state["methods"])
+
+
+def _weight_layers(module: StackedSequential) -> list[tuple[Tensor, Tensor | None]]:
+    """Each Linear layer's stacked ``(weight, bias)``, input side first."""
+    p = module.params
+    return [(p[w], None if b is None else p[b]) for w, b in filter(None, module._layer_params)]
+
+
+class _NetView:
+    """What the benchmarks' metrics read of a network, as :class:`StackedMLP` offers it."""
+
+    def __init__(self, module: StackedSequential):
+        self.module = module
+
+    @torch.no_grad()
+    def forward(self, x_aug: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.module(x_aug[..., :-1].transpose(0, 1))
+
+    def weights(self) -> list[Tensor]:
+        return [w.detach() for w in self.module.weights()]
+
+
+def make_learner(
+    sizes: Sequence[int],
+    seeds: Sequence[int],
+    method: ResolvedMethod,
+    *,
+    loss: str,
+    activation: str = "relu",
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Learner | AutogradLearner:
+    """The fused :class:`Learner` where it computes every method, else :class:`AutogradLearner`."""
+    kind = Learner if uses_fused_trainer(method) else AutogradLearner
+    return kind(sizes, seeds, method, loss=loss, activation=activation, device=device, dtype=dtype)

@@ -1,0 +1,123 @@
+"""The autograd learner of the MLP benchmarks against the fused, hand-written one (float64),
+and how ``--method`` combinations are read."""
+
+import pytest
+import torch
+
+from ppo_cbp.benchmarks.autograd_learner import AutogradLearner, make_learner, uses_fused_trainer
+from ppo_cbp.benchmarks.common import Learner, MethodConfig, parse_methods, resolve_method
+from ppo_cbp.benchmarks.permuted_mnist import DEFAULTS
+from ppo_cbp.errors import UsageError
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+F64 = torch.float64
+
+
+def _method(spec: str, **overrides):
+    return resolve_method(MethodConfig(method=spec, **overrides), DEFAULTS)
+
+
+def _stream(steps: int, S: int, n_in: int, n_out: int, device, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.ones(S, 1, n_in + 1, dtype=F64)
+        x[..., :-1] = torch.randn(S, 1, n_in, generator=g, dtype=F64)
+        yield x.to(device), torch.randint(0, n_out, (S, 1), generator=g).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "spec, overrides",
+    [
+        ("bp", {}),
+        ("l2", {}),
+        ("adam", {}),
+        ("snp", {"noise_std": 0.0}),
+        ("cbp", {"replacement_rate": 0.02, "maturity_threshold": 5}),
+        ("redo", {"redo_period": 7}),
+        ("cbp+l2", {"replacement_rate": 0.02, "maturity_threshold": 5}),
+        ("adam+redo", {"redo_period": 7}),
+    ],
+)
+def test_autograd_path_equals_fused_path(device, spec, overrides):
+    """Where both apply, autograd + torch.optim + the hooks give the fused trainer's weights,
+    outputs and replacements step for step."""
+    method = _method(spec, **overrides)
+    sizes, seeds = [6, 8, 7, 3], [0, 5]
+    kw = dict(loss="cross_entropy", device=torch.device(device), dtype=F64)
+    fused, autograd = (
+        Learner(sizes, seeds, method, **kw),
+        AutogradLearner(sizes, seeds, method, **kw),
+    )
+    for x, y in _stream(60, 2, 6, 3, device):
+        out_f = torch.empty(2, 1, 3, dtype=F64, device=device)
+        out_a = torch.empty_like(out_f)
+        fused.step(x, y, out=out_f)
+        autograd.step(x, y, out=out_a)
+        torch.testing.assert_close(out_a, out_f, rtol=1e-10, atol=1e-12)
+    for wf, wa in zip(fused.net.weights(), autograd.net.weights(), strict=True):
+        torch.testing.assert_close(wa, wf, rtol=1e-10, atol=1e-12)
+    assert autograd.units_replaced().tolist() == fused.units_replaced().tolist()
+    if method.uses("cbp") or method.uses("redo"):
+        assert fused.units_replaced().sum() > 0
+
+
+def test_autograd_path_squared_error_equals_fused():
+    method = _method("cbp", replacement_rate=0.05, maturity_threshold=3)
+    sizes, seeds = [4, 5, 1], [2]
+    kw = dict(loss="squared_error", activation="tanh", device=torch.device("cpu"), dtype=F64)
+    fused, autograd = (
+        Learner(sizes, seeds, method, **kw),
+        AutogradLearner(sizes, seeds, method, **kw),
+    )
+    g = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        x = torch.ones(1, 1, 5, dtype=F64)
+        x[..., :-1] = torch.randn(1, 1, 4, generator=g, dtype=F64)
+        y = torch.randn(1, 1, 1, generator=g, dtype=F64)
+        fused.step(x, y)
+        autograd.step(x, y)
+    for wf, wa in zip(fused.net.weights(), autograd.net.weights(), strict=True):
+        torch.testing.assert_close(wa, wf, rtol=1e-10, atol=1e-12)
+
+
+def test_make_learner_picks_the_fused_trainer_only_for_its_methods():
+    kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
+    assert type(make_learner([3, 4, 2], [0], _method("cbp+l2"), **kw)) is Learner
+    assert uses_fused_trainer(_method("adam+redo+l2"))
+    assert not uses_fused_trainer(_method("cbp+layer_norm"))
+
+
+def test_parse_methods():
+    available = list(DEFAULTS)
+    assert parse_methods("cbp+l2_init+layer_norm", available) == ("cbp", "l2_init", "layer_norm")
+    for spec, message in [
+        ("cbp+nope", "unknown method 'nope'"),
+        ("cbp+cbp", "twice"),
+        ("bp+cbp", "bp is plain backprop alone"),
+        ("cbp+redo", "cbp and redo contradict"),
+        ("adam+upgd", "adam and upgd contradict"),
+        ("layer_norm+nap", "layer_norm and nap contradict"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            parse_methods(spec, available)
+
+
+def test_combination_takes_each_methods_defaults():
+    m = _method("adam+cbp+l2")
+    assert m.optimizer == "adam" and m.lr == DEFAULTS["adam"]["lr"]
+    assert m.replacement_rate == DEFAULTS["cbp"]["replacement_rate"]
+    assert m.weight_decay == DEFAULTS["l2"]["weight_decay"]
+    assert _method("cbp").weight_decay == 0.0
+
+
+def test_fused_only_methods_are_refused_with_autograd_methods():
+    with pytest.raises(UsageError, match="dropout runs only on the fused trainer"):
+        AutogradLearner(
+            [3, 4, 2],
+            [0],
+            _method("dropout+layer_norm"),
+            loss="cross_entropy",
+            device=torch.device("cpu"),
+            dtype=F64,
+        )
