@@ -88,6 +88,8 @@ class RunState:
     max_change: Tensor
     global_step: int = 0
     update: int = 0
+    friction_segment: int = 0
+    """Env 0's friction segment at the last update (a new one is a task boundary)."""
     latest_return: float = math.nan
     next_obs: np.ndarray | None = None
     recent_returns: deque[float] = dataclasses.field(
@@ -140,6 +142,8 @@ def snapshot(raw: Args, a: Args, agent: Agent, st: RunState, envs: Any, generato
             "log_std": agent.log_std.detach(),
             "optimizer": agent.optimizer.state_dict(),
             "resetters": {k: r.state_dict() for k, r in agent.resetters.items()},
+            "methods": {k: m.state_dict() for k, m in agent.methods.items()},
+            "friction_segment": st.friction_segment,
             "obs_rms": None if st.obs_rms is None else st.obs_rms.state_dict(),
             "ret_rms": None if st.ret_rms is None else st.ret_rms.state_dict(),
             "discounted": torch.from_numpy(st.discounted.copy()),
@@ -164,6 +168,10 @@ def restore(ckpt: dict, agent: Agent, st: RunState, envs: Any, generators: dict)
     agent.optimizer.load_state_dict(ckpt["optimizer"])
     for name, r in agent.resetters.items():
         r.load_state_dict(ckpt["resetters"][name])
+    for name, m in agent.methods.items():
+        if "methods" in ckpt:  # absent from checkpoints older than the methods' hooks
+            m.load_state_dict(ckpt["methods"][name])
+    st.friction_segment = int(ckpt.get("friction_segment", 0))
     if st.obs_rms is not None:
         st.obs_rms.load_state_dict(ckpt["obs_rms"])
     if st.ret_rms is not None:

@@ -47,6 +47,7 @@ from ppo_cbp.errors import UsageError  # noqa: E402
 from ppo_cbp.init import Scheme, init_linear_  # noqa: E402
 from ppo_cbp.metrics import WeightChangeTracker, plasticity_metrics  # noqa: E402
 from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
+from ppo_cbp.plasticity.hooks import Methods  # noqa: E402
 from ppo_cbp.plasticity.redo import ReDo  # noqa: E402
 from ppo_cbp.plasticity.shrink_perturb import perturb_  # noqa: E402
 from ppo_cbp.ppo_numerics import LOG_2PI, AdamStep, GaussianActing, ppo_loss_and_grads  # noqa: E402
@@ -236,6 +237,8 @@ class Agent:
     log_std: nn.Parameter
     optimizer: torch.optim.Adam
     resetters: dict[str, ContinualBackprop | ReDo]
+    methods: dict[str, Methods]
+    """Each network's other plasticity methods, run through their hooks before its resetter."""
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -285,7 +288,8 @@ def make_agent(
     for r in resetters.values():
         # The update passes each minibatch's activations explicitly: no hooks on the hot path.
         r.remove_hooks()
-    return Agent(actor, critic, log_std, optimizer, resetters)
+    methods = {name: Methods([]) for name in ("policy", "value")}
+    return Agent(actor, critic, log_std, optimizer, resetters, methods)
 
 
 # --- rollout --------------------------------------------------------------------------------------
@@ -482,12 +486,17 @@ def ppo_update(
                 pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_and_grads(
                     actor, critic, log_std, *columns, a.clip_coef, a.vf_coef, a.ent_coef
                 )
+                policy, value = agent.methods["policy"], agent.methods["value"]
+                policy.after_backward()
+                value.after_backward()
                 if a.max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(params, a.max_grad_norm)
                 adam_step()
                 t_cbp = time.perf_counter()
                 if a.shrink_perturb:
                     perturb_(net_params, a.noise_std, generator=generators["perturb"])
+                policy.after_step(actor_hidden)
+                value.after_step(critic_hidden)
                 if agent.resetters:
                     agent.resetters["policy"].step(actor_hidden)
                     agent.resetters["value"].step(critic_hidden)
@@ -636,6 +645,14 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
                     frac = 1.0 - (st.update - 1.0) / num_updates
                     agent.optimizer.param_groups[0]["lr"] = frac * a.learning_rate
                 lr = agent.optimizer.param_groups[0]["lr"]
+
+                # A friction change (in env 0) is a task boundary for the plasticity methods.
+                if a.friction_every > 0:
+                    segment = int(envs.call("segment")[0])
+                    if segment > st.friction_segment:
+                        for m in agent.methods.values():
+                            m.at_task_boundary()
+                        st.friction_segment = segment
 
                 # ALGO LOGIC: action logic; TRY NOT TO MODIFY: execute the game and log data.
                 collect_rollout(a, envs, agent, st, ro, generators["main"])
