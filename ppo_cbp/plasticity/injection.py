@@ -128,8 +128,9 @@ class InjectableNetwork(nn.Module):
             not the branches').
         head_layers: the head is the last ``head_layers`` weight layers: Linear layers and
             elementwise activations only (a convolution or Flatten is left in the body).
-            Default 2: the paper's Atari network injects into its two fully connected layers
-            after the convolutional encoder.
+            Default 2: the head of the paper's Atari agent (Double DQN on the Nature-DQN
+            network) is its two fully connected layers, on top of the convolutional encoder,
+            as the PyTorch reimplementation timoklein/plasticity-injection-torch has it.
 
     The number of injections is in the state dict (``_extra_state``), so loading a state dict
     into a network built afresh rebuilds the branches before their parameters are loaded.
@@ -324,9 +325,10 @@ class PlasticityInjection(PlasticityMethod):
     The optimizer: the frozen parameters leave its groups and their state is dropped (so no
     weight decay, momentum or Adam moments move them); ``theta'`` joins in a group of its own
     (the hyperparameters of the head's group, marked with this method's ``tag``) with no state,
-    so Adam starts it at step 0. The paper keeps the rest of the optimizer's state (its
-    appendix finds resetting it at injection hurts). ``net.parameters`` and ``net.layers``
-    follow: the frozen parameters leave them, and the head's layers become the branch's.
+    so Adam starts it at step 0. The body's optimizer state is kept, as in the paper (whose
+    appendix ablates resetting the optimizer at injection). ``net.parameters`` and
+    ``net.layers`` follow: the frozen parameters leave them, and the head's layers become the
+    branch's (so no other method touches a frozen weight).
 
     When: the paper injects once, partway through training (its Atari agents, a single time in
     200M frames); call :meth:`inject` then. ``at_task_boundaries=True`` injects at every task
@@ -348,9 +350,10 @@ class PlasticityInjection(PlasticityMethod):
             different tags.
 
     Checkpoints: :meth:`state_dict` holds the number of injections and the generators. To
-    resume, load this method's state or the module's (either rebuilds the branches) before
-    the optimizer's: loading the optimizer first matches its groups to the network (a load
-    pre-hook), so its saved state then fits.
+    resume, load the module's state dict or this method's (either rebuilds the branches a
+    network built afresh lacks), then the optimizer's: a load pre-hook first regroups the
+    optimizer as the injections left it, so its saved state fits. The optimizer cannot be
+    loaded before both (its groups do not match yet).
     """
 
     name = "plasticity_injection"
