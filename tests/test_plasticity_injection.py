@@ -278,15 +278,15 @@ def test_fresh_head_is_drawn_from_the_layers_schemes(init, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("kind", ["mlp", "whole_mlp", "conv"])
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_stacked_seeds_equal_each_seed_alone(device, kind, optimizer):
+    """Two injections at task boundaries; ``whole_mlp``: the head is every layer (no body)."""
     seeds = [21, 22, 23]
-    nets = [mlp(s) if kind == "mlp" else convnet(s) for s in seeds]
-    stacked, opt, method = build(nets, seeds, device, optimizer, at_task_boundaries=True)
-    alone = [
-        build([net], [s], device, optimizer, at_task_boundaries=True) for net, s in zip(nets, seeds)
-    ]
+    nets = [convnet(s) if kind == "conv" else mlp(s) for s in seeds]
+    kwargs = dict(head_layers=3 if kind == "whole_mlp" else 2, at_task_boundaries=True)
+    stacked, opt, method = build(nets, seeds, device, optimizer, **kwargs)
+    alone = [build([net], [s], device, optimizer, **kwargs) for net, s in zip(nets, seeds)]
     shape = (1, 5, 5) if kind == "conv" else (3,)
     n_out = 3 if kind == "conv" else 2
     g = torch.Generator().manual_seed(1)
