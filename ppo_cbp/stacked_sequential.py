@@ -134,6 +134,22 @@ class StackedSequential(nn.Module):
         """The weight of every Conv2d and Linear layer, ``[S, ...]`` each (biases excluded)."""
         return [self.params[slots[0]] for slots in self._layer_params if slots is not None]
 
+    def __len__(self) -> int:
+        """The number of modules of each (flattened) network."""
+        return len(self._kinds)
+
+    def layer(
+        self, i: int
+    ) -> tuple[type[nn.Module], nn.Module | None, Tensor | None, Tensor | None]:
+        """Module ``i`` of the flattened networks: its type, the module itself if it is an
+        activation or pooling (else None), and the stacked weight and bias of a Conv2d or Linear
+        (else None)."""
+        slots = self._layer_params[i]
+        if slots is None:
+            return self._kinds[i], self._stateless[i], None, None
+        w, b = slots
+        return self._kinds[i], None, self.params[w], None if b is None else self.params[b]
+
     def head(self) -> tuple[Tensor, Tensor | None]:
         """The output layer's weight ``[S, out, in]`` and bias ``[S, out]``."""
         w, b = self._layer_params[-1]
@@ -162,25 +178,40 @@ class StackedSequential(nn.Module):
             for i, (w, b, ow, ob, group, nonlinearity) in enumerate(self._units)
         ]
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, start: int = 0, stop: int | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         """Outputs ``[S, B, out]`` and the hidden activations of every unit layer.
 
         ``x``: ``[B, S, *example]``, seed ``s``'s examples in ``x[:, s]`` (this layout makes
         the seed-major channels of the grouped convolutions a view). The hidden activations
         are ``[S, B, C, H, W]`` (conv) or ``[S, B, units]`` (Linear) views, detached.
+
+        ``start``, ``stop``: run modules ``start`` to ``stop - 1`` only, with the hidden
+        activations tapped in that range: a network split in two (a body and a head) computes
+        exactly what the whole does. The split must lie where activations are seed-first
+        ``[S, B, features]`` (after the Flatten): ``forward(x, stop=k)`` returns them, and
+        ``forward(h, start=k)`` takes them.
         """
+        stop = len(self._kinds) if stop is None else stop
+        if not 0 <= start <= stop <= len(self._kinds):
+            raise ValueError(f"no modules {start} to {stop} in a network of {len(self)}")
         S, B = self.num_seeds, x.shape[0]
-        if x.dim() == 5:  # images: seed-major channels
+        if start:
+            h, B = x, x.shape[1]
+            seed_first = True
+        elif x.dim() == 5:  # images: seed-major channels
             h = x.reshape(B, S * x.shape[2], *x.shape[3:])
             seed_first = False
         else:
             h = x.transpose(0, 1)
             seed_first = True
         hidden: list[Tensor] = []
-        taps = iter(self._taps)
+        taps = iter(t for t in self._taps if t >= start)
         tap = next(taps, None)
         p = self.params
-        for i, kind in enumerate(self._kinds):
+        for i in range(start, stop):
+            kind = self._kinds[i]
             slots = self._layer_params[i]
             if kind is nn.Conv2d:
                 w = p[slots[0]]
@@ -205,4 +236,6 @@ class StackedSequential(nn.Module):
                 d = h.detach()
                 hidden.append(d if seed_first else d.view(B, S, -1, *d.shape[2:]).transpose(0, 1))
                 tap = next(taps, None)
+        if not seed_first:
+            raise ValueError(f"a forward cannot stop at module {stop}, before the Flatten")
         return h, hidden
