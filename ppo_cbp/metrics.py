@@ -1,8 +1,10 @@
-"""Plasticity metrics: dead and dormant units, weight magnitude, feature ranks, weight change.
+"""Plasticity metrics: dead and dormant units, weight magnitude, feature ranks, weight change,
+feature and gradient norms, policy churn.
 
 These are the correlates of loss of plasticity measured by Dohare et al., "Loss of plasticity in
 deep continual learning" (Nature, 2024), plus the tau-dormant score of ReDo (Sokar et al., "The
-dormant neuron phenomenon in deep reinforcement learning", ICML 2023).
+dormant neuron phenomenon in deep reinforcement learning", ICML 2023), the feature and gradient
+norms of Lyle et al. (2023, 2024) and the policy churn of C-CHAIN (Tang et al., ICML 2025).
 
 Conventions shared by every function:
 
@@ -41,10 +43,14 @@ __all__ = [
     "dormant_ratio",
     "dormant_scores",
     "effective_rank",
+    "feature_norm",
     "feature_rank_metrics",
+    "gradient_norm",
     "layer_weights",
     "max_over_windows",
     "plasticity_metrics",
+    "policy_churn",
+    "policy_kl",
     "stable_rank",
     "unit_activity",
     "weight_magnitudes",
@@ -484,6 +490,147 @@ class WeightChangeTracker:
             l1 = torch.sub(w, buffer).abs_().sum(dim=dims, dtype=torch.float64)
             total = l1 if total is None else total + l1
         return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature and gradient norms
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def feature_norm(activations: Tensor) -> Tensor:
+    """Mean over samples of the L2 norm of a layer's feature vector: ``(1/N) sum_n ||h[n, :]||_2``.
+
+    The feature norm of Lyle et al. ("Disentangling the causes of plasticity loss in neural
+    networks", 2024) as plasticity studies log it (e.g. Plasticine's ``compute_feature_norm``):
+    on the penultimate layer, i.e. the last hidden layer's activations, the features the output
+    layer reads (``hidden_activations(net, states)[-1]``). For a conv layer pass each sample's
+    whole feature map as one vector (``h.flatten(-3)``), not
+    :func:`conv_activations_as_samples`.
+
+    :param activations: ``[..., N, units]``.
+    :return: float64 tensor ``[...]``.
+    """
+    _check_activations(activations)
+    return torch.linalg.vector_norm(activations, dim=-1, dtype=torch.float64).mean(dim=-1)
+
+
+@torch.no_grad()
+def gradient_norm(parameters: Tensor | Iterable[Tensor], seed_dims: int = 0) -> Tensor:
+    """Global L2 norm of the gradients: ``sqrt(sum over parameters p of sum_i p.grad_i^2)``.
+
+    The quantity ``torch.nn.utils.clip_grad_norm_`` compares with its threshold, and the
+    gradient norm plasticity studies report (Lyle et al., 2023; Juliani and Ash, 2024): read it
+    after ``backward`` and before any clipping. Parameters without a gradient (``.grad`` None)
+    count as zero gradients; accumulated in float64.
+
+    :param parameters: one tensor or an iterable of tensors (e.g. ``net.parameters()``).
+    :param seed_dims: number of leading seed dimensions shared by all gradients; e.g. 1 for
+        ``[S, ...]`` gradients of S stacked networks gives one norm per seed, shape ``[S]``.
+    :return: float64 tensor of shape ``grads[0].shape[:seed_dims]`` (0-dim for ``seed_dims=0``).
+    """
+    _check_seed_dims(seed_dims)
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    if not params:
+        raise ValueError("no parameters given")
+    lead = params[0].shape[:seed_dims]
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameters[{i}] must be a torch.Tensor, got {type(p)}")
+        if p.ndim < seed_dims or p.shape[:seed_dims] != lead:
+            raise ValueError(
+                f"parameters[{i}] has shape {tuple(p.shape)}: expected the leading seed shape "
+                f"{tuple(lead)} of parameters[0] (seed_dims={seed_dims})"
+            )
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.zeros(lead, dtype=torch.float64, device=params[0].device)
+    for g in grads:
+        g = g.to(torch.float64)
+        # a parameter of one entry per seed has no dims left to reduce (and dim=() reduces all)
+        total += (
+            g.square() if g.ndim == seed_dims else g.square().sum(tuple(range(seed_dims, g.ndim)))
+        )
+    return total.sqrt_()
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy churn
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_policy_means(mean_before: Tensor, mean_after: Tensor) -> None:
+    for name, m in (("mean_before", mean_before), ("mean_after", mean_after)):
+        if not isinstance(m, Tensor) or m.ndim < 2 or m.shape[-2] == 0 or m.shape[-1] == 0:
+            shape = tuple(m.shape) if isinstance(m, Tensor) else type(m)
+            raise ValueError(f"{name} must have shape [..., N, action_dim], got {shape}")
+    if mean_before.shape != mean_after.shape:
+        raise ValueError(
+            f"policy means of shapes {tuple(mean_before.shape)} and {tuple(mean_after.shape)} "
+            "differ: pass both policies' means on the same reference states"
+        )
+
+
+@torch.no_grad()
+def policy_churn(mean_before: Tensor, mean_after: Tensor) -> Tensor:
+    """C-CHAIN's policy churn of a Gaussian policy: the mean squared change of the policy mean,
+
+        churn = 1 / (N D) * sum_n sum_j (mu_after(s_n)_j - mu_before(s_n)_j)^2,
+
+    over ``N`` reference states and ``D`` action dimensions (Tang et al., ICML 2025: their
+    continuous-action ``policy_churn``, and the loss :class:`~ppo_cbp.plasticity.c_chain.
+    ChurnReduction` minimises). The authors log it between the network before and after the
+    last minibatch step of each update; between consecutive PPO updates, pass the actor's
+    means on the same states before and after the update. The std does not enter (see
+    :func:`policy_kl` for a measure that includes it).
+
+    :param mean_before: the earlier policy's means ``[..., N, D]`` on the reference states.
+    :param mean_after: the later policy's means on the same states, same shape.
+    :return: float64 tensor ``[...]``.
+    """
+    _check_policy_means(mean_before, mean_after)
+    diff = mean_after.to(torch.float64) - mean_before.to(torch.float64)
+    return diff.square().mean(dim=(-2, -1))
+
+
+@torch.no_grad()
+def policy_kl(
+    mean_before: Tensor, log_std_before: Tensor, mean_after: Tensor, log_std_after: Tensor
+) -> Tensor:
+    """Mean over reference states of ``KL(pi_before(.|s) || pi_after(.|s))`` for diagonal
+    Gaussian policies ``N(mu, diag(exp(log_std))^2)``:
+
+        KL = sum_j [ log_std_after_j - log_std_before_j
+                     + (exp(2 log_std_before_j) + (mu_before_j - mu_after_j)^2)
+                       / (2 exp(2 log_std_after_j)) - 1/2 ],
+
+    the direction of C-CHAIN's discrete-action churn (the cross-entropy of the current policy
+    under the earlier one, which is this KL plus the earlier policy's entropy).
+
+    :param mean_before, mean_after: ``[..., N, D]`` on the same reference states.
+    :param log_std_before, log_std_after: ``[D]``, ``[..., D]`` (one per leading index, e.g.
+        per seed) or ``[..., N, D]`` (state-dependent).
+    :return: float64 tensor ``[...]``.
+    """
+    _check_policy_means(mean_before, mean_after)
+
+    def as_state_shaped(log_std: Tensor, name: str) -> Tensor:
+        log_std = log_std.to(torch.float64)
+        if log_std.ndim < mean_before.ndim:
+            log_std = log_std.unsqueeze(-2)
+        try:
+            torch.broadcast_shapes(log_std.shape, mean_before.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(log_std.shape)} does not fit means of shape "
+                f"{tuple(mean_before.shape)}"
+            ) from None
+        return log_std
+
+    lb = as_state_shaped(log_std_before, "log_std_before")
+    la = as_state_shaped(log_std_after, "log_std_after")
+    diff = mean_before.to(torch.float64) - mean_after.to(torch.float64)
+    per_dim = la - lb + (torch.exp(2 * lb) + diff.square()) / (2 * torch.exp(2 * la)) - 0.5
+    return per_dim.sum(dim=-1).mean(dim=-1)
 
 
 def max_over_windows(values: Sequence[float] | np.ndarray, window: int = 500) -> np.ndarray:

@@ -9,28 +9,34 @@ calls and ``Optimizer.step``'s Python. These functions do the same arithmetic wi
   device, preallocated outputs) or :func:`act_forward_np` (numpy, the CPU, between env steps);
 * :func:`ppo_loss_and_grads`: PPO's clipped loss, the value loss and their gradient in closed
   form (checked against autograd in float64 by ``tests/test_train_grads.py``);
+* :func:`ppo_loss_autograd`: the same loss and gradient by autograd, for any actor and critic
+  modules (normalisation layers, other activations) and with an extra loss term (a regulariser);
 * :class:`AdamStep`: ``optimizer.step()`` of a fused Adam, bitwise, without its Python.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ppo_cbp.units import ActivationRecorder, sequential_unit_layers
 
 __all__ = [
     "AdamStep",
     "GaussianActing",
     "act_forward",
     "act_forward_np",
+    "hidden_taps",
     "linear_layers",
     "mlp_backward_",
     "mlp_forward",
     "numpy_layers",
     "ppo_loss_and_grads",
+    "ppo_loss_autograd",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -221,6 +227,103 @@ def ppo_loss_and_grads(
     mlp_backward_(actor, x, actor_hidden, z.mul_(g[:, None]).mul_(inv_std))
     mlp_backward_(critic, x, critic_hidden, err.mul_(2.0 * vf_coef / m)[:, None])
     return pg, v, log_ratio, actor_hidden, critic_hidden
+
+
+def hidden_taps(net: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are ``net``'s hidden activations as CBP and ReDo read them
+    (:func:`~ppo_cbp.units.sequential_unit_layers`), or ``[]`` for a network it cannot
+    describe (not an ``nn.Sequential`` of Linear/Conv2d layers with per-unit activations, e.g.
+    one whose CReLU doubles the width): CBP and ReDo cannot run on such a network either."""
+    try:
+        return sequential_unit_layers(net, "kaiming_uniform")[1]
+    except (TypeError, ValueError):
+        return []
+
+
+ExtraLoss = Tensor | Callable[[], Tensor]
+"""A loss term added before ``backward``: a tensor, or a function called once the PPO loss is
+built (so that its forward passes run inside the same autograd context)."""
+
+
+@torch.enable_grad()
+def ppo_loss_autograd(
+    actor: nn.Module,
+    critic: nn.Module,
+    log_std: Tensor,
+    x: Tensor,
+    act: Tensor,
+    old_logp: Tensor,
+    neg_adv: Tensor,
+    ret: Tensor,
+    clip_coef: float,
+    vf_coef: float,
+    ent_coef: float = 0.0,
+    extra_loss: ExtraLoss | None = None,
+    actor_taps: Sequence[nn.Module] | None = None,
+    critic_taps: Sequence[nn.Module] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """PPO's minibatch loss of :func:`ppo_loss_and_grads`, differentiated by autograd.
+
+    The loss is the same, ``L = pg + vf_coef * v - ent_coef * H (+ extra)``, with the policy
+    ``N(actor(x), diag(exp(log_std))^2)`` and the value ``critic(x)``, but the actor and critic
+    are any modules mapping ``x [M, obs]`` to ``[M, D]`` and ``[M, 1]`` (or ``[M]``): e.g. an
+    ``nn.Sequential`` with LayerNorm or CReLU. ``extra_loss`` (a tensor, or a function returning
+    one, called after the PPO loss is built) is added before ``backward``, e.g. the churn term of
+    :class:`~ppo_cbp.plasticity.c_chain.ChurnReduction`.
+
+    Every parameter of ``actor`` and ``critic`` and ``log_std`` gets its gradient in ``.grad``:
+    an existing ``.grad`` is zeroed and accumulated into (the tensor is kept, as the optimizer
+    and :class:`AdamStep` may hold it), a missing one is created, and a parameter the loss does
+    not reach gets zeros. Runs with gradients enabled even inside ``torch.no_grad()``.
+
+    ``actor_taps``/``critic_taps``: the modules whose outputs are returned as hidden activations
+    (default :func:`hidden_taps`, the layers CBP and ReDo act on; pass them to skip that lookup).
+
+    :return: ``(pg, v, log_ratio, actor_hidden, critic_hidden)`` as :func:`ppo_loss_and_grads`
+        returns them, all detached: the two loss terms (0-dim), ``log r`` per sample and the
+        taps' outputs on ``x``.
+    """
+    m, d = act.shape
+    if x.shape[0] != m or any(t.shape != (m,) for t in (old_logp, neg_adv, ret)):
+        raise ValueError(
+            f"minibatch tensors disagree: x {tuple(x.shape)}, act {tuple(act.shape)}, old_logp "
+            f"{tuple(old_logp.shape)}, neg_adv {tuple(neg_adv.shape)}, ret {tuple(ret.shape)}; "
+            f"expected [M, obs], [M, D] and [M] with M = {m}"
+        )
+    if log_std.shape != (d,):
+        raise ValueError(f"log_std has shape {tuple(log_std.shape)}, expected ({d},)")
+    params = [*actor.parameters(), log_std, *critic.parameters()]
+    for p in params:
+        if p.grad is not None:
+            p.grad.zero_()
+    taps = [hidden_taps(actor) if actor_taps is None else list(actor_taps)]
+    taps.append(hidden_taps(critic) if critic_taps is None else list(critic_taps))
+    recorders = [ActivationRecorder(t) for t in taps]
+    try:
+        mean = actor(x)
+        value = critic(x)
+        hidden = [[h.detach() for h in r.latest()] if r.outputs else [] for r in recorders]
+    finally:
+        for r in recorders:
+            r.remove()
+    if mean.shape != act.shape:
+        raise ValueError(f"actor output {tuple(mean.shape)}, expected {tuple(act.shape)}")
+    z = (act - mean) * torch.exp(-log_std)
+    log_ratio = -0.5 * z.square().sum(1) - log_std.sum() - 0.5 * d * LOG_2PI - old_logp
+    ratio = log_ratio.exp()
+    clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)
+    pg = torch.maximum(neg_adv * ratio, neg_adv * clipped).mean()
+    v = (value.reshape(-1) - ret).square().mean()
+    loss = pg + vf_coef * v
+    if ent_coef:
+        loss = loss - ent_coef * (log_std.sum() + 0.5 * d * (1.0 + LOG_2PI))
+    if extra_loss is not None:
+        loss = loss + (extra_loss() if callable(extra_loss) else extra_loss)
+    loss.backward()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return pg.detach(), v.detach(), log_ratio.detach(), hidden[0], hidden[1]
 
 
 class AdamStep:
