@@ -121,3 +121,59 @@ def test_fused_only_methods_are_refused_with_autograd_methods():
             device=torch.device("cpu"),
             dtype=F64,
         )
+
+
+# Every method the autograd learner runs, alone or combined (small settings so that replacing,
+# injecting and resetting happen within the test's steps).
+AUTOGRAD_METHODS = [
+    ("injection", {}),
+    ("adam+injection", {"injection_layers": 1}),
+]
+
+
+def _run(learner, stream, boundary_every: int):
+    for t, (x, y) in enumerate(stream):
+        if t and t % boundary_every == 0:
+            learner.task_boundary()
+        learner.step(x, y)
+
+
+def _assert_same_weights(a, b, seed_a=slice(None), seed_b=slice(None), tol=1e-10):
+    for wa, wb in zip(a.net.weights(), b.net.weights(), strict=True):
+        torch.testing.assert_close(wa[seed_a], wb[seed_b], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("spec, overrides", AUTOGRAD_METHODS)
+def test_every_method_stacked_seeds_equal_separate_runs(spec, overrides):
+    """S stacked seeds follow exactly the S runs alone, across task boundaries."""
+    method = _method(spec, **overrides)
+    sizes, seeds = [5, 6, 6, 3], [3, 8]
+    kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
+    stacked = AutogradLearner(sizes, seeds, method, **kw)
+    alone = [AutogradLearner(sizes, [s], method, **kw) for s in seeds]
+    steps = list(_stream(30, 2, 5, 3, "cpu"))
+    _run(stacked, steps, 10)
+    for i, learner in enumerate(alone):
+        _run(learner, [(x[i : i + 1], y[i : i + 1]) for x, y in steps], 10)
+        _assert_same_weights(stacked, learner, seed_a=slice(i, i + 1))
+        assert stacked.units_replaced()[i] == learner.units_replaced()[0]
+
+
+@pytest.mark.parametrize("spec, overrides", AUTOGRAD_METHODS)
+def test_every_method_resumes_exactly(spec, overrides):
+    """A learner rebuilt from a state dict continues exactly, across task boundaries."""
+    method = _method(spec, **overrides)
+    sizes, seeds = [5, 6, 6, 3], [1, 2]
+    kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
+    steps = list(_stream(40, 2, 5, 3, "cpu"))
+    first = AutogradLearner(sizes, seeds, method, **kw)
+    _run(first, steps[:20], 10)
+    state = first.state_dict()
+    resumed = AutogradLearner(sizes, seeds, method, **kw)
+    resumed.load_state_dict(state)
+    for learner in (first, resumed):
+        for t, (x, y) in enumerate(steps[20:], start=20):
+            if t % 10 == 0:
+                learner.task_boundary()
+            learner.step(x, y)
+    _assert_same_weights(first, resumed, tol=0.0)

@@ -16,6 +16,7 @@ Both learners have the same interface; :func:`make_learner` picks one.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
+from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.stacked import LEAKY_RELU_SLOPE, TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
 from ppo_cbp.stacked_sequential import StackedSequential
@@ -144,12 +146,14 @@ class AutogradLearner:
             )
             for s in seeds
         ]
-        self.module = StackedSequential(nets).to(device=device, dtype=dtype)
-        self.net = _NetView(self.module)
+        stacked = StackedSequential(nets).to(device=device, dtype=dtype)
+        weights = _weight_layers(stacked)
+        self.module: nn.Module = stacked
+        if method.uses("injection"):
+            self.module = InjectableNetwork(stacked, head_layers=method.injection_layers)
         self.params = list(self.module.parameters())
         self.opt = self._optimizer()
         nonlinearity = "linear" if activation == "linear" else activation
-        weights = _weight_layers(self.module)
         layers = [
             Layer(
                 weight=w,
@@ -159,13 +163,14 @@ class AutogradLearner:
                 head=i == len(weights) - 1,
                 name=f"layer{i}",
             )
-            for i, (w, b) in enumerate(_weight_layers(self.module))
+            for i, (w, b) in enumerate(weights)
         ]
         self.network = Network(layers, self.params, self.opt, seed_dims=1, seeds=self.seeds)
+        self.net = _NetView(self.module, self.network)
         self.cbp: ContinualBackprop | None = None
         self.redo: ReDo | None = None
         methods: list[PlasticityMethod] = []
-        units = self.module.unit_layers(init) if len(sizes) >= 3 else []
+        units = stacked.unit_layers(init) if len(sizes) >= 3 else []
         if (method.uses("cbp") or method.uses("redo")) and not units:
             raise UsageError(f"method {method.method} needs at least one hidden layer")
         if method.uses("cbp"):
@@ -194,6 +199,13 @@ class AutogradLearner:
                 for u in units
             ]
             methods.append(_RingReDo(self.redo, rings))
+        if method.uses("injection"):
+            if method.injection_layers > len(layers):
+                raise UsageError(
+                    f"--injection-layers {method.injection_layers}: the network has only "
+                    f"{len(layers)} weight layers"
+                )
+            methods.append(PlasticityInjection(self.module, self.network, at_task_boundaries=True))
         self.methods = Methods(methods)
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -244,8 +256,8 @@ class AutogradLearner:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "module": {k: v.clone() for k, v in self.module.state_dict().items()},
-            "optimizer": self.opt.state_dict(),
+            "module": copy.deepcopy(self.module.state_dict()),
+            "optimizer": copy.deepcopy(self.opt.state_dict()),
             "methods": self.methods.state_dict(),
         }
 
@@ -262,17 +274,19 @@ def _weight_layers(module: StackedSequential) -> list[tuple[Tensor, Tensor | Non
 
 
 class _NetView:
-    """What the benchmarks' metrics read of a network, as :class:`StackedMLP` offers it."""
+    """What the benchmarks' metrics read of a network, as :class:`StackedMLP` offers it: the
+    outputs and hidden activations, and the weights of the trained layers (after a plasticity
+    injection the head's are the injected branch's)."""
 
-    def __init__(self, module: StackedSequential):
-        self.module = module
+    def __init__(self, module: nn.Module, network: Network):
+        self.module, self.network = module, network
 
     @torch.no_grad()
     def forward(self, x_aug: Tensor) -> tuple[Tensor, list[Tensor]]:
         return self.module(x_aug[..., :-1].transpose(0, 1))
 
     def weights(self) -> list[Tensor]:
-        return [w.detach() for w in self.module.weights()]
+        return [layer.weight.detach() for layer in self.network.layers]
 
 
 def make_learner(

@@ -79,6 +79,9 @@ CONTRADICTIONS = [
     ({"layer_norm", "nap"}, "nap already puts a LayerNorm after every hidden layer"),
     ({"online_norm", "layer_norm"}, "two normalisations of the same pre-activations"),
     ({"online_norm", "nap"}, "two normalisations of the same pre-activations"),
+    ({"cbp", "injection"}, "the injected head's frozen units are not CBP's to replace"),
+    ({"redo", "injection"}, "the injected head's frozen units are not ReDo's to replace"),
+    ({"head_reset", "injection"}, "both renew the head at task boundaries"),
 ]
 
 
