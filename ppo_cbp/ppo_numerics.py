@@ -42,6 +42,14 @@ __all__ = [
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def is_plain_mlp(net: nn.Module) -> bool:
+    """Whether ``net`` is ``Linear, ReLU, ..., Linear``: the networks the fast paths compute."""
+    if not isinstance(net, nn.Sequential) or not len(net) or not isinstance(net[-1], nn.Linear):
+        return False
+    kinds = [nn.Linear if i % 2 == 0 else nn.ReLU for i in range(len(net))]
+    return all(type(m) is k for m, k in zip(net, kinds))
+
+
 def linear_layers(net: nn.Sequential) -> list[tuple[Tensor, Tensor]]:
     """(transposed weight view, bias) per Linear layer; views follow in-place weight updates."""
     return [(m.weight.t(), m.bias) for m in net if isinstance(m, nn.Linear)]
@@ -95,7 +103,8 @@ class GaussianActing:
     noise ``eps [T, num_envs, act_dim]`` drawn for the whole rollout.
 
     ``mu`` is the actor's forward: on the CPU in numpy (:func:`act_forward_np`, on a copy of the
-    weights taken by :meth:`start`), elsewhere by :func:`act_forward` into preallocated outputs.
+    weights taken by :meth:`start`), elsewhere by :func:`act_forward` into preallocated outputs;
+    for an actor that is not a plain Linear/ReLU MLP (:func:`is_plain_mlp`), its own forward.
     ``use_numpy`` overrides the choice (the tests compare both paths on the CPU).
     """
 
@@ -103,13 +112,17 @@ class GaussianActing:
         self, actor: nn.Sequential, log_std: Tensor, num_envs: int, use_numpy: bool | None = None
     ):
         self.actor, self.log_std = actor, log_std
-        self.use_numpy = log_std.device.type == "cpu" if use_numpy is None else use_numpy
-        self.layers = linear_layers(actor)
+        self.plain = is_plain_mlp(actor)
+        self.use_numpy = self.plain and (
+            log_std.device.type == "cpu" if use_numpy is None else use_numpy
+        )
+        self.layers = linear_layers(actor) if self.plain else []
         in_widths = [wt.shape[0] for wt, _ in self.layers]
         out_widths = [wt.shape[1] for wt, _ in self.layers]
         self.out = [torch.empty(num_envs, w, device=log_std.device) for w in out_widths]
         self.inputs_np = [np.ones((num_envs, w + 1), np.float32) for w in in_widths]
-        self.mean_np = np.empty((num_envs, out_widths[-1]), np.float32)
+        if self.use_numpy:
+            self.mean_np = np.empty((num_envs, out_widths[-1]), np.float32)
 
     def start(self, noise: Tensor) -> None:
         """Begin a rollout with the current weights and ``noise`` (under ``torch.inference_mode``)."""
@@ -124,6 +137,9 @@ class GaussianActing:
             self.inputs_np[0][:, :-1] = obs
             act_forward_np(self.layers_np, self.inputs_np, self.mean_np)
             np.add(self.mean_np, self.scaled_noise[t], out=out)
+        elif not self.plain:  # LayerNorm, CReLU, an injected head: the module's own forward
+            mean = self.actor(torch.from_numpy(obs).to(self.std.device))
+            torch.from_numpy(out).copy_(torch.addcmul(mean, self.std, self.noise[t]))
         else:
             mean = act_forward(self.layers, torch.from_numpy(obs).to(self.std.device), self.out)
             torch.from_numpy(out).copy_(torch.addcmul(mean, self.std, self.noise[t]))
@@ -337,15 +353,20 @@ class AdamStep:
     ``load_state_dict`` and in-place state resets (CBP/ReDo) keep working. Any other optimizer
     (not fused, amsgrad, maximize, several groups, a torch without the op), the first step
     (which creates the state) and a step after the state tensors were replaced go through
-    ``optimizer.step()``. Parameters without a gradient are not expected.
+    ``optimizer.step()``; a change of the optimizer's groups or their parameters is noticed at
+    the next call. Parameters without a gradient are not expected.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        groups = optimizer.param_groups
+        self._configure()
+
+    def _configure(self) -> None:
+        groups = self.optimizer.param_groups
         g = groups[0]
+        self._layout = self._group_layout()
         self.direct = (
-            isinstance(optimizer, torch.optim.Adam)
+            isinstance(self.optimizer, torch.optim.Adam)
             and len(groups) == 1
             and bool(g.get("fused"))
             and not any(g.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable"))
@@ -354,6 +375,9 @@ class AdamStep:
         )
         self.params: list[Tensor] = list(g["params"])
         self._state: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+
+    def _group_layout(self) -> list[tuple[int, ...]]:
+        return [tuple(map(id, g["params"])) for g in self.optimizer.param_groups]
 
     def _lookup(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
         state = self.optimizer.state
@@ -367,6 +391,10 @@ class AdamStep:
 
     @torch.no_grad()
     def __call__(self) -> None:
+        # Parameters that join or leave the optimizer (a plasticity injection) change its
+        # groups: the cached parameter list would keep training the ones that left.
+        if self._group_layout() != self._layout:
+            self._configure()
         if self.direct:
             s = self._state
             first = self.params[0]

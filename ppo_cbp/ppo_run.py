@@ -143,6 +143,7 @@ def snapshot(raw: Args, a: Args, agent: Agent, st: RunState, envs: Any, generato
             "optimizer": agent.optimizer.state_dict(),
             "resetters": {k: r.state_dict() for k, r in agent.resetters.items()},
             "methods": {k: m.state_dict() for k, m in agent.methods.items()},
+            "churn": None if agent.churn is None else agent.churn.state_dict(),
             "friction_segment": st.friction_segment,
             "obs_rms": None if st.obs_rms is None else st.obs_rms.state_dict(),
             "ret_rms": None if st.ret_rms is None else st.ret_rms.state_dict(),
@@ -171,6 +172,8 @@ def restore(ckpt: dict, agent: Agent, st: RunState, envs: Any, generators: dict)
     for name, m in agent.methods.items():
         if "methods" in ckpt:  # absent from checkpoints older than the methods' hooks
             m.load_state_dict(ckpt["methods"][name])
+    if agent.churn is not None:
+        agent.churn.load_state_dict(ckpt["churn"])
     st.friction_segment = int(ckpt.get("friction_segment", 0))
     if st.obs_rms is not None:
         st.obs_rms.load_state_dict(ckpt["obs_rms"])

@@ -122,6 +122,11 @@ def resolve_args(args: Args) -> Args:
     # conflicts
     if a.cbp and a.redo:
         raise ConfigError("--cbp and --redo conflict: choose one unit-reset method")
+    if a.injection and (a.cbp or a.redo):
+        raise ConfigError(
+            f"--injection and --{'cbp' if a.cbp else 'redo'} conflict: the injected head's "
+            "frozen units are not theirs to replace"
+        )
     if a.standard_adam and (a.adam_beta1 is not None or a.adam_beta2 is not None):
         raise ConfigError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
     if a.l2 and a.weight_decay is not None:

@@ -20,6 +20,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -46,11 +47,25 @@ from ppo_cbp.cli import report_error  # noqa: E402
 from ppo_cbp.errors import UsageError  # noqa: E402
 from ppo_cbp.init import Scheme, init_linear_  # noqa: E402
 from ppo_cbp.metrics import WeightChangeTracker, plasticity_metrics  # noqa: E402
+from ppo_cbp.plasticity.c_chain import ChurnReduction  # noqa: E402
 from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
-from ppo_cbp.plasticity.hooks import Methods  # noqa: E402
+from ppo_cbp.plasticity.hooks import Methods, PlasticityMethod  # noqa: E402
+from ppo_cbp.plasticity.injection import (  # noqa: E402
+    TAG_INJECTION,
+    InjectableNetwork,
+    PlasticityInjection,
+)
 from ppo_cbp.plasticity.redo import ReDo  # noqa: E402
 from ppo_cbp.plasticity.shrink_perturb import perturb_  # noqa: E402
-from ppo_cbp.ppo_numerics import LOG_2PI, AdamStep, GaussianActing, ppo_loss_and_grads  # noqa: E402
+from ppo_cbp.ppo_numerics import (  # noqa: E402
+    LOG_2PI,
+    AdamStep,
+    GaussianActing,
+    hidden_taps,
+    is_plain_mlp,
+    ppo_loss_and_grads,
+    ppo_loss_autograd,
+)
 
 
 @dataclass
@@ -165,6 +180,10 @@ class Args:
     """Shrink & Perturb: weight decay (default 1e-4) plus N(0, noise_std^2) noise added to every network weight and bias after each optimizer step."""
     noise_std: float | None = None
     """Shrink & Perturb noise std; default 1e-5."""
+    injection: bool = False
+    """Plasticity injection (Nikishin et al. 2023) into both networks' heads (their last two Linear layers) at every friction change."""
+    c_chain: bool = False
+    """C-CHAIN churn reduction (Tang et al. 2025) on the policy mean, with the authors' PPO defaults (target relative loss 0.05)."""
     standard_adam: bool = False
     """Standard Adam betas (0.9, 0.999): the paper's failing baseline."""
     paper_exact: bool = False
@@ -232,19 +251,35 @@ class Agent:
     """The policy ``N(actor(s), exp(log_std)^2)``, the value ``critic(s)``, their Adam and the
     unit-reset method (CBP or ReDo) of each network."""
 
-    actor: nn.Sequential
-    critic: nn.Sequential
+    actor: nn.Module
+    critic: nn.Module
     log_std: nn.Parameter
     optimizer: torch.optim.Adam
     resetters: dict[str, ContinualBackprop | ReDo]
     methods: dict[str, Methods]
     """Each network's other plasticity methods, run through their hooks before its resetter."""
+    churn: ChurnReduction | None = None
+    """C-CHAIN's churn term on the policy mean (it adds to the loss: the autograd path)."""
 
     @property
     def params(self) -> list[nn.Parameter]:
+        return [p for p in self.optimizer_params() if p.requires_grad]
+
+    def optimizer_params(self) -> list[nn.Parameter]:
         return [*self.actor.parameters(), self.log_std, *self.critic.parameters()]
 
+    @property
+    def autograd(self) -> bool:
+        """Whether the update needs autograd: a network the closed-form gradient does not
+        cover, or a loss term it does not know."""
+        plain = is_plain_mlp(self.actor) and is_plain_mlp(self.critic)
+        return not plain or self.churn is not None
+
     def nets(self) -> tuple[tuple[str, nn.Sequential], ...]:
+        """The networks whose units the metrics read (an injected network's own Sequential)."""
+        return tuple((name, getattr(net, "net", net)) for name, net in self.networks())
+
+    def networks(self) -> tuple[tuple[str, nn.Module], ...]:
         return (("policy", self.actor), ("value", self.critic))
 
 
@@ -252,8 +287,10 @@ def make_agent(
     a: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: list[int]
 ) -> Agent:
     """Both MLPs, the log-std, one Adam over all of them and CBP/ReDo on each MLP."""
-    actor = make_mlp(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
-    critic = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
+    actor: nn.Module = make_mlp(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
+    critic: nn.Module = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
+    if a.injection:
+        actor, critic = InjectableNetwork(actor), InjectableNetwork(critic)
     log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
     adam_kwargs = dict(
         lr=a.learning_rate,
@@ -288,8 +325,20 @@ def make_agent(
     for r in resetters.values():
         # The update passes each minibatch's activations explicitly: no hooks on the hot path.
         r.remove_hooks()
-    methods = {name: Methods([]) for name in ("policy", "value")}
-    return Agent(actor, critic, log_std, optimizer, resetters, methods)
+    methods: dict[str, Methods] = {}
+    churn = None
+    for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
+        seed = int(seeds[2 + k] % 2**63)
+        ops: list[PlasticityMethod] = []
+        if a.injection:
+            network = net.as_network(optimizer, init=a.init, seeds=[seed])
+            ops.append(
+                PlasticityInjection(net, network, at_task_boundaries=True, tag=TAG_INJECTION + k)
+            )
+        methods[name] = Methods(ops)
+    if a.c_chain:
+        churn = ChurnReduction(actor, seeds=[int(seeds[2] % 2**63)])
+    return Agent(actor, critic, log_std, optimizer, resetters, methods, churn)
 
 
 # --- rollout --------------------------------------------------------------------------------------
@@ -467,9 +516,15 @@ def ppo_update(
     # One tensor, so that each minibatch is one slice; the advantage is negated (the loss uses -A).
     data = torch.cat([b_obs, b_act, b_logp[:, None], -b_adv[:, None], b_ret[:, None]], 1)
     o1, o2 = b_obs.shape[1], b_obs.shape[1] + act_dim
-    actor = [m for m in agent.actor if isinstance(m, nn.Linear)]
-    critic = [m for m in agent.critic if isinstance(m, nn.Linear)]
-    params, net_params = agent.params, [*agent.actor.parameters(), *agent.critic.parameters()]
+    autograd, churn = agent.autograd, agent.churn
+    if not autograd:
+        actor = [m for m in agent.actor if isinstance(m, nn.Linear)]
+        critic = [m for m in agent.critic if isinstance(m, nn.Linear)]
+    taps = [hidden_taps(agent.actor), hidden_taps(agent.critic)] if autograd else [None, None]
+    params = agent.params
+    net_params = [
+        p for p in (*agent.actor.parameters(), *agent.critic.parameters()) if p.requires_grad
+    ]
     # Per-minibatch losses and log-ratios stay on the device until the update ends.
     num_mb = a.update_epochs * a.num_minibatches
     losses = torch.zeros(num_mb, 2, device=device)
@@ -480,12 +535,31 @@ def ppo_update(
         for _ in range(a.update_epochs):
             # One gather per epoch; each minibatch is then a contiguous slice.
             shuffled = data[torch.randperm(B, generator=generators["main"], device=device)]
+            reference = None if churn is None else churn.reference_permutation(B)
             for start in range(0, B, minibatch):
                 d = shuffled[start : start + minibatch]
                 columns = (d[:, :o1], d[:, o1:o2], *d[:, o2:].unbind(1))  # s, a, log p, -A, R
-                pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_and_grads(
-                    actor, critic, log_std, *columns, a.clip_coef, a.vf_coef, a.ent_coef
-                )
+                if autograd:
+                    extra = None
+                    if churn is not None:
+                        states = b_obs[reference[start : start + minibatch]]
+                        extra = functools.partial(churn.loss, states)
+                    pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_autograd(
+                        agent.actor,
+                        agent.critic,
+                        log_std,
+                        *columns,
+                        a.clip_coef,
+                        a.vf_coef,
+                        a.ent_coef,
+                        extra_loss=extra,
+                        actor_taps=taps[0],
+                        critic_taps=taps[1],
+                    )
+                else:
+                    pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_and_grads(
+                        actor, critic, log_std, *columns, a.clip_coef, a.vf_coef, a.ent_coef
+                    )
                 policy, value = agent.methods["policy"], agent.methods["value"]
                 policy.after_backward()
                 value.after_backward()
@@ -500,11 +574,15 @@ def ppo_update(
                 if agent.resetters:
                     agent.resetters["policy"].step(actor_hidden)
                     agent.resetters["value"].step(critic_hidden)
+                if churn is not None:  # theta_{t-1} of the next step: after every change
+                    churn.after_step()
                 cbp_time += time.perf_counter() - t_cbp
                 losses[k, 0] = pg_loss
                 losses[k, 1] = v_loss
                 log_ratios[k] = log_ratio
                 k += 1
+    if churn is not None:
+        churn.end_update(pg_loss, scale=agent.optimizer.param_groups[0]["lr"] / a.learning_rate)
     return losses, log_ratios, cbp_time
 
 

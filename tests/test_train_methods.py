@@ -1,0 +1,96 @@
+"""The plasticity methods of ppo_cbp/plasticity on PPO: each acts, and a run interrupted and
+resumed equals one that never stopped (every method's state checkpointed)."""
+
+import pytest
+import torch
+from test_train import assert_same_state, deterministic, load, scalars, small
+
+from ppo_cbp.ppo_numerics import AdamStep
+from ppo_cbp.train import Args, ConfigError, main
+
+# Short runs with friction changes every 700 steps: task boundaries within a few updates.
+PPO_METHODS = {
+    "injection": dict(injection=True),
+    "c_chain": dict(c_chain=True),
+    "injection+c_chain": dict(injection=True, c_chain=True),
+}
+
+
+def _acted(name: str, state: dict) -> None:
+    """What each method must have left in the checkpoint of a run with friction changes."""
+    methods = state["methods"]["policy"]["methods"]
+    if "injection" in name:
+        assert methods[0]["injections"] >= 1
+        assert any(k.startswith("trainable.") for k in state["actor"])
+    if "c_chain" in name:
+        assert state["churn"]["updates"] >= 1
+
+
+@pytest.mark.parametrize("name", list(PPO_METHODS))
+def test_method_run_resumes_exactly(tmp_path, name):
+    kw = dict(env="Hopper-v4", friction_every=700, checkpoint_every=0, **PPO_METHODS[name])
+    per_update = 256
+    full = main(small(tmp_path, run_name="full", steps=6 * per_update, **kw))
+    run = main(small(tmp_path, run_name="part", steps=3 * per_update, **kw)).run_dir
+    resumed = main(Args(resume=str(run), steps=6 * per_update))
+    assert resumed.global_step == 6 * per_update
+    a_state, b_state = load(full.run_dir), load(run)
+    assert_same_state(a_state, b_state)
+    _acted(name, b_state)
+    a, b = deterministic(scalars(full.run_dir)), deterministic(scalars(run))
+    assert sorted(a) == sorted(b)
+    for tag in a:
+        assert a[tag] == b[tag], tag
+
+
+def test_injection_refuses_unit_resets(tmp_path):
+    for flag in ("cbp", "redo"):
+        with pytest.raises(ConfigError, match=f"--injection and --{flag} conflict"):
+            main(small(tmp_path, injection=True, **{flag: True}))
+    assert not any(tmp_path.iterdir())
+
+
+def test_injected_run_trains_the_branch_not_its_frozen_copy(tmp_path):
+    """theta'_0 keeps the draw of the injection; theta' (same draw then) has moved since."""
+    run = main(small(tmp_path, env="Hopper-v4", steps=2048, friction_every=300, injection=True))
+    actor = load(run.run_dir)["actor"]
+    last = max(int(k.split(".")[1]) for k in actor if k.startswith("trainable."))
+    keys = [k for k in actor if k.startswith(f"trainable.{last}.")]
+    assert keys
+    assert not all(torch.equal(actor[k], actor[k.replace("trainable.", "frozen.")]) for k in keys)
+
+
+def test_adam_step_follows_parameters_that_join_and_leave_the_optimizer():
+    """The trainer's lean Adam step after the optimizer's groups change (a plasticity injection
+    freezes the head and adds a branch) equals torch's Adam on the same groups."""
+    torch.manual_seed(0)
+    body, head, branch = (torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3))
+    kw = dict(lr=0.01, betas=(0.99, 0.99), weight_decay=1e-3)
+    fused = torch.optim.Adam([body, head], fused=True, **kw)
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in (body, head, branch)]
+    reference = torch.optim.Adam(reference_params[:2], **kw)
+    step = AdamStep(fused)
+
+    g = torch.Generator().manual_seed(1)
+
+    def step_both(ours, theirs):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        step()
+        reference.step()
+
+    for _ in range(3):
+        step_both([body, head], reference_params[:2])
+    # the head leaves (frozen), the branch joins with fresh state
+    for opt, (_, h, br) in ((fused, (body, head, branch)), (reference, reference_params)):
+        group = opt.param_groups[0]["params"]
+        del group[next(i for i, p in enumerate(group) if p is h)]
+        opt.state.pop(h)
+        h.requires_grad_(False)
+        opt.add_param_group({"params": [br]})
+    for _ in range(3):
+        step_both([body, branch], [reference_params[0], reference_params[2]])
+    for p, q in zip((body, head, branch), reference_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert fused.state[branch]["step"] == 3
