@@ -665,13 +665,17 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
       is <= 0.1;
     * ``effective_rank``, ``stable_rank``: of the last hidden layer's ``[states, units]``
       activation matrix (stable rank: singular values holding 99% of their sum);
+    * ``feature_norm``: :func:`feature_norm` of the last hidden layer;
     * ``weight_magnitude/layer{i}`` (mean |W| of Linear layer i, output layer included) and
       ``weight_magnitude/overall`` (sum |W| / number of weights; biases excluded).
 
     The PPO trainer adds ``max_weight_change``, the largest, over the updates since the previous
     log, of one update's L1 weight change ``sum |W_after - W_before|`` over the net's Linear
     weights (biases excluded; the quantity of the paper's Extended Data Fig. 5c), and
-    ``units_replaced``, the cumulative number of units reset by CBP/ReDo (0 without them).
+    ``units_replaced``, the cumulative number of units reset by CBP/ReDo (0 without them),
+    ``gradient_norm`` (:func:`gradient_norm` of the net's parameters on the last minibatch
+    before the log, before clipping) and, for the policy, ``churn`` and ``kl``
+    (:func:`policy_churn` and :func:`policy_kl` over the last update, on its rollout's states).
 
     All values are device tensors; the caller synchronises once.
     """
@@ -685,6 +689,7 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
         "dormant_ratio": dormant,
         "effective_rank": ranks["effective_rank"],
         "stable_rank": ranks["stable_rank"],
+        "feature_norm": feature_norm(acts[-1]),
     }
     mags = weight_magnitudes(net)
     for i, key in enumerate(k for k in mags if k != "overall"):

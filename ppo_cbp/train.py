@@ -46,7 +46,13 @@ from ppo_cbp.cli import parse as cli_parse  # noqa: E402
 from ppo_cbp.cli import report_error  # noqa: E402
 from ppo_cbp.errors import UsageError  # noqa: E402
 from ppo_cbp.init import Scheme, init_linear_  # noqa: E402
-from ppo_cbp.metrics import WeightChangeTracker, plasticity_metrics  # noqa: E402
+from ppo_cbp.metrics import (  # noqa: E402
+    WeightChangeTracker,
+    gradient_norm,
+    plasticity_metrics,
+    policy_churn,
+    policy_kl,
+)
 from ppo_cbp.plasticity.c_chain import ChurnReduction  # noqa: E402
 from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
 from ppo_cbp.plasticity.hooks import Methods, PlasticityMethod  # noqa: E402
@@ -494,13 +500,14 @@ def ppo_update(
     adv_np: np.ndarray,
     ret_np: np.ndarray,
     generators: dict[str, torch.Generator],
-) -> tuple[Tensor, Tensor, float]:
+) -> tuple[Tensor, Tensor, Tensor, float]:
     """``update_epochs`` passes of ``num_minibatches`` minibatch steps over the rollout: the
     hand-written loss gradient (:func:`ppo_loss_and_grads`), Adam, Shrink & Perturb's noise,
     then CBP/ReDo on the minibatch's hidden activations.
 
-    :return: the device tensors ``[losses (pg, v) per minibatch, log-ratios per minibatch]``
-        and the seconds spent in S&P and CBP/ReDo."""
+    :return: the device tensors ``[losses (pg, v) per minibatch, log-ratios per minibatch]``,
+        the last minibatch's gradient norm of each network (before clipping) and the seconds
+        spent in S&P and CBP/ReDo."""
     B, act_dim = b_obs.shape[0], ro.act.shape[2]
     device = b_obs.device
     minibatch = B // a.num_minibatches
@@ -530,6 +537,8 @@ def ppo_update(
     losses = torch.zeros(num_mb, 2, device=device)
     log_ratios = torch.zeros(num_mb, minibatch, device=device)
     cbp_time = 0.0
+    norm_groups = [list(agent.actor.parameters()), list(agent.critic.parameters())]
+    grad_norms = torch.zeros(2, dtype=torch.float64, device=device)
     k = 0
     with torch.no_grad():
         for _ in range(a.update_epochs):
@@ -563,6 +572,8 @@ def ppo_update(
                 policy, value = agent.methods["policy"], agent.methods["value"]
                 policy.after_backward()
                 value.after_backward()
+                if k == num_mb - 1:  # the last minibatch's, before clipping
+                    grad_norms = torch.stack([gradient_norm(p) for p in norm_groups])
                 if a.max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(params, a.max_grad_norm)
                 adam_step()
@@ -583,7 +594,7 @@ def ppo_update(
                 k += 1
     if churn is not None:
         churn.end_update(pg_loss, scale=agent.optimizer.param_groups[0]["lr"] / a.learning_rate)
-    return losses, log_ratios, cbp_time
+    return losses, log_ratios, grad_norms, cbp_time
 
 
 def update_statistics(
@@ -612,14 +623,30 @@ def update_statistics(
 # --- logging --------------------------------------------------------------------------------------
 
 
-def plasticity_scalars(agent: Agent, st: ppo_run.RunState, b_obs: Tensor) -> dict[str, float]:
+def plasticity_scalars(
+    agent: Agent,
+    st: ppo_run.RunState,
+    b_obs: Tensor,
+    grad_norms: Tensor,
+    policy_before: tuple[Tensor, Tensor],
+) -> dict[str, float]:
     """``plasticity/{policy,value}/...`` on the rollout's states (:func:`plasticity_metrics`),
-    the largest weight change since the last log and the units replaced so far."""
+    the largest weight change since the last log, the last minibatch's gradient norms
+    (``grad_norms``), the policy's churn and KL over the update (from its means and log-std
+    before it, ``policy_before``) and the units replaced so far."""
     metric_tensors: dict[str, Tensor] = {}
     for j, (name, net) in enumerate(agent.nets()):
         for key, v in plasticity_metrics(net, b_obs).items():
             metric_tensors[f"plasticity/{name}/{key}"] = v
         metric_tensors[f"plasticity/{name}/max_weight_change"] = st.max_change[j]
+        metric_tensors[f"plasticity/{name}/gradient_norm"] = grad_norms[j]
+    with torch.no_grad():
+        mean_after = agent.actor(b_obs)
+    mean_before, log_std_before = policy_before
+    metric_tensors["plasticity/policy/churn"] = policy_churn(mean_before, mean_after)
+    metric_tensors["plasticity/policy/kl"] = policy_kl(
+        mean_before, log_std_before, mean_after, agent.log_std.detach()
+    )
     keys = list(metric_tensors)
     values = torch.stack([metric_tensors[k].to(torch.float64) for k in keys]).tolist()
     scalars = dict(zip(keys, values))
@@ -744,7 +771,11 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
                 # Optimizing the policy and value network
                 for tr in trackers:
                     tr.snapshot()
-                losses, log_ratios, cbp_time = ppo_update(
+                log_metrics = a.metrics_every and st.update % a.metrics_every == 0
+                if log_metrics:  # the policy before the update, for its churn
+                    with torch.no_grad():
+                        policy_before = (agent.actor(b_obs), agent.log_std.detach().clone())
+                losses, log_ratios, grad_norms, cbp_time = ppo_update(
                     a, agent, adam_step, ro, b_obs, adv_np, ret_np, generators
                 )
                 changes = torch.stack([tr.change() for tr in trackers])
@@ -758,9 +789,9 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
 
                 # TRY NOT TO MODIFY: record rewards for plotting purposes
                 scalars = update_scalars(a, envs, stats, explained_var, lr, B / (t_update - t_iter))
-                if a.metrics_every and st.update % a.metrics_every == 0:
+                if log_metrics:
                     t_m = time.perf_counter()
-                    scalars.update(plasticity_scalars(agent, st, b_obs))
+                    scalars.update(plasticity_scalars(agent, st, b_obs, grad_norms, policy_before))
                     timings["metrics"] += time.perf_counter() - t_m
                 timings["total"] = time.perf_counter() - t_start
                 write_scalars(writer, bar, ro, st, scalars, timings)

@@ -32,6 +32,8 @@ PLASTICITY = [
     "weight_magnitude/overall",
     "max_weight_change",
     "units_replaced",
+    "feature_norm",
+    "gradient_norm",
 ]
 REQUIRED = [
     "charts/episodic_return",
@@ -45,6 +47,8 @@ REQUIRED = [
     "losses/clipfrac",
     "losses/explained_variance",
     "env/friction",
+    "plasticity/policy/churn",
+    "plasticity/policy/kl",
 ] + [f"plasticity/{net}/{name}" for net in ("policy", "value") for name in PLASTICITY]
 # Wall-clock scalars cannot repeat between runs.
 TIMING = ("charts/SPS", "perf/")

@@ -94,3 +94,16 @@ def test_adam_step_follows_parameters_that_join_and_leave_the_optimizer():
     for p, q in zip((body, head, branch), reference_params):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert fused.state[branch]["step"] == 3
+
+
+def test_new_plasticity_scalars_are_measured(tmp_path):
+    """Feature norm, gradient norm, policy churn and KL reach TensorBoard with sane values."""
+    run = main(small(tmp_path, env="Hopper-v4", steps=1024, metrics_every=1))
+    s = scalars(run.run_dir)
+    for net in ("policy", "value"):
+        assert all(v > 0 for _, v in s[f"plasticity/{net}/gradient_norm"])
+        assert all(v > 0 for _, v in s[f"plasticity/{net}/feature_norm"])
+    # an update moves the policy: churn and KL are positive, and KL >= 0 by definition
+    assert all(v > 0 for _, v in s["plasticity/policy/churn"])
+    assert all(v > 0 for _, v in s["plasticity/policy/kl"])
+    assert len(s["plasticity/policy/churn"]) == 4
