@@ -49,7 +49,12 @@ from ppo_cbp.benchmarks.common import (
 )
 from ppo_cbp.datasets.mnist import example_indices, load_mnist, permuted_mnist_task
 from ppo_cbp.errors import UsageError
-from ppo_cbp.metrics import average_weight_magnitude, dead_unit_mask, feature_rank_metrics
+from ppo_cbp.metrics import (
+    average_weight_magnitude,
+    dead_unit_mask,
+    feature_norm,
+    feature_rank_metrics,
+)
 
 # Method defaults of the paper's released Permuted MNIST configurations (step size 0.003).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -176,6 +181,7 @@ def task_start_metrics(
         cols[f"stable_rank_{i}"] = ranks["stable_rank"]
         cols[f"approximate_rank_{i}"] = ranks["approximate_rank"]
     cols["dead_fraction"] = dead_total.double() / sum(h.shape[-1] for h in hidden)
+    cols["feature_norm"] = feature_norm(hidden[-1])
     cols["weight_magnitude"] = average_weight_magnitude(learner.net.weights(), seed_dims=1)
     host = {k: v.cpu().tolist() for k, v in cols.items()}
     for s in range(S):
