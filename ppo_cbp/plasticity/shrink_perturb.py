@@ -1,20 +1,35 @@
-"""Shrink and Perturb (Ash and Adams, 2020), as used in the paper.
+"""Shrink and Perturb (Ash and Adams, 2020), in two forms.
 
-*Shrink* is coupled L2 weight decay in the optimizer (``weight_decay=lambda``, so SGD moves each
-weight by ``-lr * (grad + lambda * w)``). *Perturb* adds independent Gaussian noise of standard
-deviation ``noise_std`` to every parameter after each optimizer step:
+As used in the paper (Dohare et al.): *shrink* is coupled L2 weight decay in the optimizer
+(``weight_decay=lambda``, so SGD moves each weight by ``-lr * (grad + lambda * w)``), and
+*perturb* adds independent Gaussian noise of standard deviation ``noise_std`` to every parameter
+after each optimizer step:
 
     w <- w + noise_std * N(0, 1)
 
 :func:`perturb_` is the second half; pair it with the optimizer's ``weight_decay``.
+
+Toward a fresh initialisation: :class:`ShrinkPerturb` interpolates every weight layer toward a
+new draw from its own init distribution, at task boundaries (Ash and Adams) or after every
+update (the "soft" variant of Juliani and Ash, 2024).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from ppo_cbp.plasticity.hooks import Network, PlasticityMethod, generators_for
+from ppo_cbp.plasticity.resets import fresh_weight, set_generator_states
+
+TAG_SHRINK_PERTURB = 20
+"""Stream tag of :func:`~ppo_cbp.stacked.derive_seed` for :class:`ShrinkPerturb`'s draws."""
+
+DEFAULT_SHRINK = {"task_boundary": 0.5, "step": 0.999999}
+"""The sources' shrink factor per schedule (see :class:`ShrinkPerturb`)."""
 
 
 @torch.no_grad()
@@ -31,3 +46,82 @@ def perturb_(
         torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params
     ]
     torch._foreach_add_(params, noise, alpha=noise_std)
+
+
+class ShrinkPerturb(PlasticityMethod):
+    """Shrink toward a fresh initialisation:
+
+        theta <- alpha * theta + (1 - alpha) * theta_fresh
+
+    for every weight of ``net.layers``, with ``theta_fresh`` a *new* draw from the layer's init
+    scheme and gain at every application (:func:`~ppo_cbp.plasticity.resets.fresh_weight`:
+    seed ``s`` draws its slice from its own generator, stream :data:`TAG_SHRINK_PERTURB`, one
+    whole weight per layer, input side first). Biases start at 0 in this project, so their fresh
+    value is 0 and they are only shrunk: ``b <- alpha * b``. Parameters outside ``net.layers``
+    (norm gains, a policy's log-std) and the optimizer state are left alone; compose with
+    :class:`~ppo_cbp.plasticity.resets.AdamStateReset` for a new optimizer at a boundary.
+
+    Two schedules (``every``):
+
+    * ``"task_boundary"``: at each task boundary, as Ash and Adams (2020, "On Warm-Starting
+      Neural Network Training", NeurIPS) apply it when new data arrive. Default ``alpha = 0.5``:
+      Juliani and Ash's boundary condition ``sp-5-5`` (shrink 0.5, perturb 0.5; ``hyperparams.
+      yaml`` of github.com/awjuliani/deep-rl-plasticity).
+    * ``"step"``: after every optimizer step, the soft variant of Juliani and Ash (2024, "A Study
+      of Plasticity Loss in On-Policy Deep Reinforcement Learning", NeurIPS), their best
+      intervention. Default ``alpha = 0.999999``: their ``ssp-6`` (shrink 0.999999, perturb 1e-6).
+
+    Ash and Adams weight the shrink and the noise separately (``lambda * theta + sigma *
+    theta_fresh``); the interpolation form here ties them (``sigma = 1 - lambda``), as both of
+    Juliani and Ash's settings do, so one number sets both and ``alpha = 0`` is a full reset.
+
+    Args:
+        net: the network.
+        shrink: ``alpha`` in [0, 1] (1: no change, 0: a full re-initialisation); None takes the
+            source's default for ``every``.
+        every: ``"task_boundary"`` or ``"step"``.
+    """
+
+    name = "shrink_perturb"
+
+    def __init__(
+        self,
+        net: Network,
+        shrink: float | None = None,
+        every: Literal["task_boundary", "step"] = "task_boundary",
+    ):
+        if every not in DEFAULT_SHRINK:
+            raise ValueError(f"every must be 'task_boundary' or 'step', got {every!r}")
+        shrink = DEFAULT_SHRINK[every] if shrink is None else float(shrink)
+        if not 0.0 <= shrink <= 1.0:
+            raise ValueError(f"shrink must be in [0, 1], got {shrink}")
+        self.net = net
+        self.shrink = shrink
+        self.every = every
+        self.generators = generators_for(net, TAG_SHRINK_PERTURB)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """One shrink toward a fresh draw, whatever the schedule."""
+        alpha = self.shrink
+        if alpha == 1.0:
+            return
+        for layer in self.net.layers:
+            fresh = fresh_weight(layer, self.net.seed_dims, self.generators)
+            layer.weight.mul_(alpha).add_(fresh, alpha=1.0 - alpha)
+            if layer.bias is not None:
+                layer.bias.mul_(alpha)
+
+    def after_step(self, hidden: Sequence[Tensor]) -> None:
+        if self.every == "step":
+            self.apply()
+
+    def at_task_boundary(self) -> None:
+        if self.every == "task_boundary":
+            self.apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generators": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_generator_states(self.generators, state["generators"])
