@@ -128,6 +128,16 @@ def test_fused_only_methods_are_refused_with_autograd_methods():
 AUTOGRAD_METHODS = [
     ("injection", {}),
     ("adam+injection", {"injection_layers": 1}),
+    ("l2_init", {"l2_init": 0.1}),
+    ("parseval", {}),
+    ("soft_snp", {"soft_shrink": 0.99}),
+    ("weight_clipping", {"clip_kappa": 0.8}),
+    ("snp_init", {}),
+    ("head_reset", {"reset_layers": 2}),
+    ("adam+adam_reset", {}),
+    ("cbp+l2_init+weight_clipping", {"replacement_rate": 0.05, "maturity_threshold": 3}),
+    ("adam+redo+parseval+adam_reset", {"redo_period": 4}),
+    ("l2+soft_snp+snp_init+head_reset", {"soft_shrink": 0.9}),
 ]
 
 
@@ -177,3 +187,29 @@ def test_every_method_resumes_exactly(spec, overrides):
                 learner.task_boundary()
             learner.step(x, y)
     _assert_same_weights(first, resumed, tol=0.0)
+
+
+@pytest.mark.parametrize(
+    "spec", ["cbp+l2_init+weight_clipping", "adam+snp_init+adam_reset", "injection+parseval"]
+)
+def test_scr_with_combined_methods_resumes_exactly(tmp_path, spec):
+    """A run of the benchmark with methods combined, interrupted after a bin and resumed,
+    writes the rows of the run that never stopped (task boundaries every 100 examples)."""
+    from stacked_runs import read_rows
+    from test_supervised import scr_config
+
+    from ppo_cbp.benchmarks.scr import run_scr
+
+    m = MethodConfig(method=spec, replacement_rate=0.05, maturity_threshold=5)
+    kw = dict(method=m, seeds=[1, 2], change_every=100)
+    full = scr_config(tmp_path, "full", **kw)
+    summary = run_scr(full)
+    assert summary["method"] == spec
+    part = scr_config(tmp_path, "part", **kw)
+    run_scr(part, stop_after=1)
+    part.resume = True
+    run_scr(part)
+    for seed in (1, 2):
+        rows = read_rows(part.out, seed)
+        assert rows == read_rows(full.out, seed)
+        assert len(rows) == 3

@@ -625,7 +625,25 @@ def test_layer_reset_rejects_bad_layer_counts(layers):
         LayerReset(build([0], False, "cpu"), layers)
 
 
-def test_layer_reset_needs_adam():
+def test_layer_reset_restarts_sgd_momentum():
+    """With SGD and momentum, a reset layer's next step is a fresh SGD's first: -lr * grad."""
     net = build([0], False, "cpu", optimizer=torch.optim.SGD, momentum=0.9)
+    head = net.layers[-1]
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        for p in net.parameters:
+            p.grad = torch.randn(p.shape, generator=g, dtype=F64)
+        net.optimizer.step()
+    reset = LayerReset(net)
+    reset.at_task_boundary()
+    before = head.weight.detach().clone()
+    for p in net.parameters:
+        p.grad = torch.randn(p.shape, generator=g, dtype=F64)
+    net.optimizer.step()
+    torch.testing.assert_close(head.weight.detach(), before - 0.05 * head.weight.grad)
+
+
+def test_layer_reset_needs_an_optimizer_whose_state_it_knows():
+    net = build([0], False, "cpu", optimizer=torch.optim.RMSprop)
     with pytest.raises(ValueError, match="Adam"):
         LayerReset(net)

@@ -30,7 +30,12 @@ from ppo_cbp.init import sample_
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
 from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
+from ppo_cbp.plasticity.l2_init import L2Init
+from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
+from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
+from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
+from ppo_cbp.plasticity.weight_clipping import WeightClipping
 from ppo_cbp.stacked import LEAKY_RELU_SLOPE, TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
 from ppo_cbp.stacked_sequential import StackedSequential
 
@@ -169,7 +174,18 @@ class AutogradLearner:
         self.net = _NetView(self.module, self.network)
         self.cbp: ContinualBackprop | None = None
         self.redo: ReDo | None = None
+        net = self.network
+        # hooks run in this order: regularisers, per-step transforms, unit resets, then the
+        # task-boundary methods (a replaced unit keeps its fresh draw until the next step)
         methods: list[PlasticityMethod] = []
+        if method.uses("l2_init"):
+            methods.append(L2Init(net, method.l2_init))
+        if method.uses("parseval"):
+            methods.append(ParsevalRegularization(net, method.parseval))
+        if method.uses("soft_snp"):
+            methods.append(ShrinkPerturb(net, method.soft_shrink, every="step"))
+        if method.uses("weight_clipping"):
+            methods.append(WeightClipping(net, method.clip_kappa))
         units = stacked.unit_layers(init) if len(sizes) >= 3 else []
         if (method.uses("cbp") or method.uses("redo")) and not units:
             raise UsageError(f"method {method.method} needs at least one hidden layer")
@@ -199,6 +215,19 @@ class AutogradLearner:
                 for u in units
             ]
             methods.append(_RingReDo(self.redo, rings))
+        if method.uses("snp_init"):
+            methods.append(ShrinkPerturb(net, method.shrink, every="task_boundary"))
+        if method.uses("head_reset"):
+            if method.reset_layers > len(layers):
+                raise UsageError(
+                    f"--reset-layers {method.reset_layers}: the network has only "
+                    f"{len(layers)} weight layers"
+                )
+            methods.append(LayerReset(net, method.reset_layers))
+        if method.uses("adam_reset"):
+            if method.optimizer != "adam":
+                raise UsageError(f"--method {method.method}: adam_reset needs adam")
+            methods.append(AdamStateReset(net))
         if method.uses("injection"):
             if method.injection_layers > len(layers):
                 raise UsageError(

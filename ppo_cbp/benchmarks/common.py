@@ -43,6 +43,7 @@ METHODS = (
     *FUSED_METHODS,
     "l2_init",
     "snp_init",
+    "soft_snp",
     "parseval",
     "weight_clipping",
     "head_reset",
@@ -57,9 +58,10 @@ METHODS = (
 """Every method name of ``--method``; a combination joins names with ``+``."""
 PLASTICITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "l2_init": dict(l2_init=1e-2),
-    "snp_init": dict(shrink=0.9999),
+    "snp_init": dict(shrink=0.5),
+    "soft_snp": dict(soft_shrink=0.999999),
     "parseval": dict(parseval=1e-3),
-    "weight_clipping": dict(clip_kappa=2.0),
+    "weight_clipping": dict(clip_kappa=1.0),
     "head_reset": dict(reset_layers=1),
     "adam_reset": {},
     "layer_norm": {},
@@ -119,7 +121,8 @@ class MethodConfig:
     (SGD + online normalization after every hidden linear layer, before the activation;
     :mod:`ppo_cbp.online_norm`; Permuted MNIST only); and the operators of
     :mod:`ppo_cbp.plasticity`: ``l2_init`` (L2 toward the initial parameters), ``snp_init``
-    (shrink toward a fresh initialisation after every step), ``parseval`` (Parseval
+    (shrink toward a fresh initialisation at task boundaries), ``soft_snp`` (the same after
+    every update), ``parseval`` (Parseval
     regularisation), ``weight_clipping``, ``head_reset`` (reinitialise the last layers at task
     boundaries), ``adam_reset`` (Adam's moments and step count reset at task boundaries),
     ``layer_norm`` (LayerNorm before every hidden activation), ``nap`` (Normalize-and-Project),
@@ -162,7 +165,9 @@ class MethodConfig:
     l2_init: float | None = None
     """L2-Init's coefficient lambda of (lambda/2) ||theta - theta_0||^2."""
     shrink: float | None = None
-    """snp_init's alpha in theta <- alpha theta + (1 - alpha) theta_fresh, after every update."""
+    """snp_init's alpha in theta <- alpha theta + (1 - alpha) theta_fresh, at every task boundary."""
+    soft_shrink: float | None = None
+    """soft_snp's alpha in theta <- alpha theta + (1 - alpha) theta_fresh, after every update."""
     parseval: float | None = None
     """Parseval regularisation's coefficient lambda of lambda ||W W^T - s I||_F^2."""
     clip_kappa: float | None = None
@@ -193,6 +198,7 @@ USED_BY = {
     "alpha_b": "online_norm",
     "l2_init": "l2_init",
     "shrink": "snp_init",
+    "soft_shrink": "soft_snp",
     "parseval": "parseval",
     "clip_kappa": "weight_clipping",
     "reset_layers": "head_reset",
@@ -272,6 +278,7 @@ class ResolvedMethod:
     alpha_b: float = 0.99
     l2_init: float = 0.0
     shrink: float = 1.0
+    soft_shrink: float = 1.0
     parseval: float = 0.0
     clip_kappa: float = 0.0
     reset_layers: int = 1
@@ -330,6 +337,7 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         alpha_b=float(pick("alpha_b", 0.99)),
         l2_init=float(used("l2_init", 0.0)),
         shrink=float(used("shrink", 1.0)),
+        soft_shrink=float(used("soft_shrink", 1.0)),
         parseval=float(used("parseval", 0.0)),
         clip_kappa=float(used("clip_kappa", 0.0)),
         reset_layers=int(used("reset_layers", 1)),
@@ -351,6 +359,7 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         ("alpha_b", 0 < r.alpha_b < 1),
         ("l2_init", r.l2_init >= 0),
         ("shrink", 0 <= r.shrink <= 1),
+        ("soft_shrink", 0 <= r.soft_shrink <= 1),
         ("parseval", r.parseval >= 0),
         ("clip_kappa", r.clip_kappa > 0 or not r.uses("weight_clipping")),
         ("reset_layers", r.reset_layers >= 1),

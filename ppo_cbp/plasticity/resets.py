@@ -130,8 +130,9 @@ class LayerReset(PlasticityMethod):
     (``layers=len(net.layers)``).
 
     Args:
-        net: the network; its optimizer, if any, must be ``torch.optim.Adam`` or ``AdamW``
-            (None: only the weights are reset).
+        net: the network; its optimizer, if any, must be ``torch.optim.Adam``, ``AdamW`` or
+            ``SGD`` (whose momentum buffers are zeroed: with no dampening, the next step is a
+            fresh SGD's first) or None (only the weights are reset).
         layers: how many weight layers to reset, counted from the head; 1 to
             ``len(net.layers)``.
     """
@@ -145,7 +146,7 @@ class LayerReset(PlasticityMethod):
             raise ValueError(
                 f"layers must be in [1, {len(net.layers)}] (the net's weight layers), got {layers}"
             )
-        if net.optimizer is not None:
+        if net.optimizer is not None and not isinstance(net.optimizer, torch.optim.SGD):
             check_adam(net.optimizer, "LayerReset")
         self.net = net
         self.layers = net.layers[len(net.layers) - int(layers) :]
