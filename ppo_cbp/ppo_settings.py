@@ -122,6 +122,28 @@ def resolve_args(args: Args) -> Args:
     # conflicts
     if a.cbp and a.redo:
         raise ConfigError("--cbp and --redo conflict: choose one unit-reset method")
+    for name in ("l2_init", "parseval", "weight_clipping"):
+        if not getattr(a, name) >= 0.0 or not math.isfinite(getattr(a, name)):
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+    for name in ("soft_shrink_perturb", "shrink_perturb_init"):
+        if not 0.0 <= getattr(a, name) <= 1.0:
+            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {getattr(a, name)}")
+    layers = len(a.hidden_sizes) + 1 if a.hidden_sizes else 1
+    if not 0 <= a.head_reset <= layers:
+        raise ConfigError(
+            f"--head-reset must be in [0, {layers}] (the Linear layers), got {a.head_reset}"
+        )
+    if a.injection and a.head_reset:
+        raise ConfigError(
+            "--injection and --head-reset conflict: both renew the heads at a friction change"
+        )
+    if a.friction_every == 0 and (
+        a.injection or a.adam_reset or a.head_reset or a.shrink_perturb_init < 1
+    ):
+        raise ConfigError(
+            "--friction-every 0 has no friction changes: the task-boundary methods "
+            "(--injection, --adam-reset, --head-reset, --shrink-perturb-init) would never act"
+        )
     if a.injection and (a.cbp or a.redo):
         raise ConfigError(
             f"--injection and --{'cbp' if a.cbp else 'redo'} conflict: the injected head's "

@@ -55,14 +55,21 @@ from ppo_cbp.metrics import (  # noqa: E402
 )
 from ppo_cbp.plasticity.c_chain import ChurnReduction  # noqa: E402
 from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
-from ppo_cbp.plasticity.hooks import Methods, PlasticityMethod  # noqa: E402
+from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod  # noqa: E402
 from ppo_cbp.plasticity.injection import (  # noqa: E402
     TAG_INJECTION,
     InjectableNetwork,
     PlasticityInjection,
 )
+from ppo_cbp.plasticity.l2_init import L2Init  # noqa: E402
+from ppo_cbp.plasticity.parseval import ParsevalRegularization  # noqa: E402
 from ppo_cbp.plasticity.redo import ReDo  # noqa: E402
-from ppo_cbp.plasticity.shrink_perturb import perturb_  # noqa: E402
+from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset  # noqa: E402
+from ppo_cbp.plasticity.shrink_perturb import (
+    ShrinkPerturb,  # noqa: E402
+    perturb_,  # noqa: E402
+)
+from ppo_cbp.plasticity.weight_clipping import WeightClipping  # noqa: E402
 from ppo_cbp.ppo_numerics import (  # noqa: E402
     LOG_2PI,
     AdamStep,
@@ -186,6 +193,20 @@ class Args:
     """Shrink & Perturb: weight decay (default 1e-4) plus N(0, noise_std^2) noise added to every network weight and bias after each optimizer step."""
     noise_std: float | None = None
     """Shrink & Perturb noise std; default 1e-5."""
+    l2_init: float = 0.0
+    """L2-Init (Kumar et al. 2023): lambda of (lambda/2) ||theta - theta_0||^2 on both networks' parameters (0: off; the authors' best, 1e-2)."""
+    parseval: float = 0.0
+    """Parseval regularisation (Chung et al. 2024): lambda of lambda ||W W^T - s I||_F^2 on the hidden layers (0: off; the authors' 1e-3)."""
+    weight_clipping: float = 0.0
+    """Weight clipping (Elsayed et al. 2024): kappa, every weight kept within kappa times its layer's init bound (0: off; the authors' PPO used 3)."""
+    soft_shrink_perturb: float = 1.0
+    """Soft Shrink & Perturb (Juliani & Ash 2024): alpha of theta <- alpha theta + (1 - alpha) theta_fresh after every update (1: off; the authors' 0.999999)."""
+    shrink_perturb_init: float = 1.0
+    """Shrink & Perturb toward a fresh init (Ash & Adams 2020) at every friction change: its alpha (1: off; the authors' 0.5)."""
+    head_reset: int = 0
+    """Reinitialise the last this many Linear layers of both networks at every friction change (Nikishin et al. 2022; 0: off)."""
+    adam_reset: bool = False
+    """Reset Adam's moments and step count at every friction change."""
     injection: bool = False
     """Plasticity injection (Nikishin et al. 2023) into both networks' heads (their last two Linear layers) at every friction change."""
     c_chain: bool = False
@@ -250,6 +271,19 @@ def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, init: str) -> nn.
         if isinstance(m, nn.Linear):
             init_linear_(m, init, "relu")
     return net
+
+
+def network_of(
+    net: nn.Sequential, optimizer: torch.optim.Optimizer, init: str, seed: int
+) -> Network:
+    """What the plasticity methods see of an MLP of :func:`make_mlp` (every layer drawn from
+    ``init`` with ReLU's gain)."""
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    layers = [
+        Layer(m.weight, m.bias, init, "relu", head=i == len(linears) - 1, name=f"layer{i}")
+        for i, m in enumerate(linears)
+    ]
+    return Network(layers, list(net.parameters()), optimizer, seed_dims=0, seeds=[seed])
 
 
 @dataclass
@@ -338,6 +372,23 @@ def make_agent(
         ops: list[PlasticityMethod] = []
         if a.injection:
             network = net.as_network(optimizer, init=a.init, seeds=[seed])
+        else:
+            network = network_of(net, optimizer, a.init, seed)
+        if a.l2_init:
+            ops.append(L2Init(network, a.l2_init))
+        if a.parseval:
+            ops.append(ParsevalRegularization(network, a.parseval))
+        if a.soft_shrink_perturb < 1:
+            ops.append(ShrinkPerturb(network, a.soft_shrink_perturb, every="step"))
+        if a.weight_clipping:
+            ops.append(WeightClipping(network, a.weight_clipping))
+        if a.shrink_perturb_init < 1:
+            ops.append(ShrinkPerturb(network, a.shrink_perturb_init, every="task_boundary"))
+        if a.head_reset:
+            ops.append(LayerReset(network, a.head_reset))
+        if a.adam_reset:
+            ops.append(AdamStateReset(network))
+        if a.injection:
             ops.append(
                 PlasticityInjection(net, network, at_task_boundaries=True, tag=TAG_INJECTION + k)
             )

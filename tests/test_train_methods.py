@@ -10,6 +10,11 @@ from ppo_cbp.train import Args, ConfigError, main
 
 # Short runs with friction changes every 700 steps: task boundaries within a few updates.
 PPO_METHODS = {
+    "l2_init+parseval+weight_clipping": dict(l2_init=1e-2, parseval=1e-3, weight_clipping=3.0),
+    "soft_snp+snp_init": dict(soft_shrink_perturb=0.999, shrink_perturb_init=0.5),
+    "head_reset+adam_reset+cbp": dict(
+        head_reset=1, adam_reset=True, cbp=True, maturity_threshold=4, replacement_rate=0.05
+    ),
     "injection": dict(injection=True),
     "c_chain": dict(c_chain=True),
     "injection+c_chain": dict(injection=True, c_chain=True),
@@ -24,6 +29,14 @@ def _acted(name: str, state: dict) -> None:
         assert any(k.startswith("trainable.") for k in state["actor"])
     if "c_chain" in name:
         assert state["churn"]["updates"] >= 1
+    if "l2_init" in name:  # theta_0 kept for resuming
+        assert len(methods[0]["initial"]) == 6
+    if "cbp" in name:
+        assert state["resetters"]["policy"]["num_replaced"] > 0
+    if "l2_init" in name:  # theta_0 kept for resuming
+        assert len(methods[0]["initial"]) == 6
+    if "cbp" in name:
+        assert state["resetters"]["policy"]["num_replaced"] > 0
 
 
 @pytest.mark.parametrize("name", list(PPO_METHODS))
@@ -41,6 +54,38 @@ def test_method_run_resumes_exactly(tmp_path, name):
     assert sorted(a) == sorted(b)
     for tag in a:
         assert a[tag] == b[tag], tag
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(l2_init=-1.0), "--l2-init must be >= 0"),
+        (dict(soft_shrink_perturb=1.5), "--soft-shrink-perturb must be in"),
+        (dict(head_reset=4), "--head-reset must be in"),
+        (dict(injection=True, head_reset=1), "--injection and --head-reset conflict"),
+        (dict(adam_reset=True, friction_every=0), "no friction changes"),
+    ],
+)
+def test_bad_method_settings_are_one_error(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        main(small(tmp_path, **flags))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(l2_init=-1.0), "--l2-init must be >= 0"),
+        (dict(soft_shrink_perturb=1.5), "--soft-shrink-perturb must be in"),
+        (dict(head_reset=4), "--head-reset must be in"),
+        (dict(injection=True, head_reset=1), "--injection and --head-reset conflict"),
+        (dict(adam_reset=True, friction_every=0), "no friction changes"),
+    ],
+)
+def test_bad_method_settings_are_one_error(tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        main(small(tmp_path, **flags))
+    assert not any(tmp_path.iterdir())
 
 
 def test_injection_refuses_unit_resets(tmp_path):
