@@ -1,8 +1,12 @@
-"""Cost of one continual-backprop step relative to one training step.
+"""Cost of one continual-backprop step, and of every other per-step plasticity method, relative
+to one training step.
 
 For each network, times (a) forward + backward + optimizer step on a minibatch and (b) the
 same followed by ``ContinualBackprop.step()``, interleaved in one run so that both see the same
-machine state. Prints a table and writes JSON.
+machine state. Then, per network, each per-step method of :mod:`ppo_cbp.plasticity` the same
+way: its hooks (``after_backward`` and ``after_step``) timed after a training step, and the
+optimizers (UPGD, TRAC) as the training step with them against the step with the optimizer
+they replace or wrap. Prints two tables and writes JSON.
 
     python scripts/bench_core.py [--repeats 300] [--out docs/bench_core.json]
 """
@@ -20,6 +24,11 @@ from torch import nn
 
 from ppo_cbp.init import init_layer_
 from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.hooks import Layer, Network
+from ppo_cbp.plasticity.l2_init import L2Init
+from ppo_cbp.plasticity.parseval import ParsevalRegularization
+from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
+from ppo_cbp.plasticity.weight_clipping import WeightClipping
 
 CASES = [
     # name, sizes, optimizer, init, CBP settings
@@ -110,6 +119,77 @@ def measure(sizes, optimizer, init, cbp_kwargs, batch, repeats, device):
     }
 
 
+# The per-step methods: name -> a function of the Network that builds the method.
+PER_STEP = {
+    "L2-Init (lambda 1e-2)": lambda n: L2Init(n, 1e-2),
+    "Parseval (lambda 1e-3)": lambda n: ParsevalRegularization(n, 1e-3),
+    "weight clipping (kappa 1)": lambda n: WeightClipping(n, 1.0),
+    "soft S&P toward a fresh init": lambda n: ShrinkPerturb(n, 0.999999, every="step"),
+}
+METHOD_CASES = [CASES[0], CASES[1]]
+
+
+def network_of(net: nn.Sequential, opt, init: str) -> Network:
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    layers = [
+        Layer(m.weight, m.bias, init, "relu", head=i == len(linears) - 1)
+        for i, m in enumerate(linears)
+    ]
+    return Network(layers, list(net.parameters()), opt)
+
+
+def measure_methods(sizes, optimizer, init, batch, repeats, device):
+    """Per method of :data:`PER_STEP`: its hooks' time after a training step, over the step's."""
+    torch.manual_seed(0)
+    net = build(sizes, init).to(device)
+    opt = (
+        torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.99, 0.99))
+        if optimizer == "adam"
+        else torch.optim.SGD(net.parameters(), lr=3e-3)
+    )
+    network = network_of(net, opt, init)
+    methods = {name: make(network) for name, make in PER_STEP.items()}
+    x = torch.randn(batch, sizes[0], device=device)
+    y = torch.randn(batch, sizes[-1], device=device)
+
+    def train_step():
+        loss = (net(x) - y).pow(2).mean()
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {name: [] for name in ["train step", *methods]}
+    for r in range(repeats + 10):
+        sync()
+        t0 = time.perf_counter()
+        train_step()
+        sync()
+        if r >= 10:
+            times["train step"].append(time.perf_counter() - t0)
+        for name, m in methods.items():
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                m.after_backward()
+                m.after_step(())
+            sync()
+            if r >= 10:
+                times[name].append(time.perf_counter() - t0)
+    step = statistics.median(times["train step"])
+    return {
+        name: {
+            "train_step_ms": 1e3 * step,
+            "method_ms": 1e3 * statistics.median(times[name]),
+            "method_over_train_step": statistics.median(times[name]) / step,
+        }
+        for name in methods
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,13 +213,30 @@ def main():
         print(
             f"{r['network']:34s} {r['train_step_ms']:14.3f} {r['cbp_step_ms']:12.3f} {100 * r['cbp_over_train_step']:10.1f}%"
         )
+    method_rows = []
+    for name, sizes, optimizer, init, _ in METHOD_CASES:
+        batch = 64 if optimizer == "adam" else args.batch
+        r = measure_methods(sizes, optimizer, init, batch, args.repeats, args.device)
+        for method, row in r.items():
+            method_rows.append({"network": f"{name}, batch {batch}", "method": method, **row})
+    print()
+    print(f"{'network':42s} {'method':30s} {'step ms':>9s} {'method ms':>10s} {'/ step':>7s}")
+    for r in method_rows:
+        print(
+            f"{r['network']:42s} {r['method']:30s} {r['train_step_ms']:9.3f} "
+            f"{r['method_ms']:10.3f} {100 * r['method_over_train_step']:6.1f}%"
+        )
     meta = {
         "torch": torch.__version__,
         "machine": platform.machine(),
         "python": platform.python_version(),
     }
     with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "meta": meta, "results": rows}, f, indent=2)
+        json.dump(
+            {"config": vars(args), "meta": meta, "results": rows, "methods": method_rows},
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
 
 

@@ -55,12 +55,13 @@ class L2Init(PlasticityMethod):
     def after_backward(self) -> None:
         if self.coefficient == 0:
             return
-        for p, p0 in zip(self.params, self.initial):
-            pull = torch.sub(p, p0).mul_(self.coefficient)
+        for p in self.params:
             if p.grad is None:
-                p.grad = pull
-            else:
-                p.grad.add_(pull)
+                p.grad = torch.zeros_like(p)
+        # two passes over every parameter at once, no temporaries: grad += lambda theta - lambda theta_0
+        grads = [p.grad for p in self.params]
+        torch._foreach_add_(grads, self.params, alpha=self.coefficient)
+        torch._foreach_add_(grads, self.initial, alpha=-self.coefficient)
 
     @torch.no_grad()
     def penalty(self) -> Tensor:
