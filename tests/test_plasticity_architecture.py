@@ -130,14 +130,22 @@ def test_crelu_units_need_a_linear_consumer_of_twice_the_width():
         )
 
 
+def tensor_ops(cbp: ContinualBackprop, kernel: bool) -> ContinualBackprop:
+    """``cbp`` on the tensor-op path (a GPU's) unless ``kernel`` (the CPU kernel, where it runs)."""
+    if not kernel:
+        cbp._kernel_state = None
+    return cbp
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_cbp_contribution_utility_of_crelu_units_by_hand(device):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cbp_contribution_utility_of_crelu_units_by_hand(kernel, device):
     """u = (1 - eta) * mean_b |z_bi| / 2 * sum_k (|W2[k, 2i]| + |W2[k, 2i + 1]|), with the
     activations of the forward pass and the consumer's weights after the optimizer step."""
     torch.manual_seed(0)
     net = crelu_mlp(3, [4], 2).to(device, F64)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    cbp = ContinualBackprop(net, opt, replacement_rate=0.0, decay_rate=0.9)
+    cbp = tensor_ops(ContinualBackprop(net, opt, replacement_rate=0.0, decay_rate=0.9), kernel)
     x = torch.randn(7, 3, dtype=F64, device=device)
     z = x @ net[0].weight.detach().T + net[0].bias.detach()
     net(x).square().sum().backward()
@@ -150,6 +158,7 @@ def test_cbp_contribution_utility_of_crelu_units_by_hand(device):
     # a stack of two such networks, whose forward hands its activations over (the weights now)
     stacked = StackedSequential([net, net])
     cbp2 = ContinualBackprop(stacked.unit_layers("kaiming_uniform"), decay_rate=0.9, seed=[0, 1])
+    tensor_ops(cbp2, kernel)
     _, hidden = stacked(torch.stack([x, x], dim=1))
     cbp2.step(hidden)
     z = x @ net[0].weight.detach().T + net[0].bias.detach()
@@ -160,7 +169,8 @@ def test_cbp_contribution_utility_of_crelu_units_by_hand(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cbp_replaces_the_crelu_unit_of_least_utility_with_both_of_its_columns(device):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cbp_replaces_the_crelu_unit_of_least_utility_with_both_of_its_columns(kernel, device):
     torch.manual_seed(1)
     net = crelu_mlp(3, [4], 2).to(device, F64)
     with torch.no_grad():
@@ -169,6 +179,7 @@ def test_cbp_replaces_the_crelu_unit_of_least_utility_with_both_of_its_columns(d
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     # one unit of the four is replaced at the first step after maturity (0.25 * 4 = 1)
     cbp = ContinualBackprop(net, opt, replacement_rate=0.25, maturity_threshold=1, decay_rate=0.0)
+    tensor_ops(cbp, kernel)
     x = torch.randn(16, 3, dtype=F64, device=device)
     for step in range(2):
         opt.zero_grad()
@@ -311,13 +322,15 @@ def test_stacked_layernorm_and_crelu_networks_equal_each_network_alone(arch, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cbp_on_stacked_layernorm_crelu_networks_equals_each_network_alone(device):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cbp_on_stacked_layernorm_crelu_networks_equals_each_network_alone(kernel, device):
     nets = [build("ln_crelu", s, device) for s in range(2)]
     alone = [copy.deepcopy(n) for n in nets]
     stacked = StackedSequential(nets)
     kw = dict(replacement_rate=0.2, maturity_threshold=2, decay_rate=0.5)
     opt = torch.optim.Adam(stacked.parameters(), lr=1e-2)
     cbp = ContinualBackprop(stacked.unit_layers("kaiming_uniform"), opt, seed=[10, 11], **kw)
+    tensor_ops(cbp, kernel)
     opts = [torch.optim.Adam(n.parameters(), lr=1e-2) for n in alone]
     cbps = [ContinualBackprop(n, o, seed=10 + s, **kw) for s, (n, o) in enumerate(zip(alone, opts))]
     x = torch.randn(8, 2, 3, dtype=F64, device=device)
