@@ -613,7 +613,9 @@ def norm_resets(norm: nn.Module) -> list[tuple[Tensor, float]]:
     mean 0, running variance 1."""
     out: list[tuple[Tensor, float]] = []
     if getattr(norm, "weight", None) is not None:
-        out += [(norm.weight, 1.0), (norm.bias, 0.0)]
+        out.append((norm.weight, 1.0))
+    if getattr(norm, "bias", None) is not None:  # LayerNorm(bias=False) has a gain only
+        out.append((norm.bias, 0.0))
     if getattr(norm, "running_mean", None) is not None:
         out += [(norm.running_mean, 0.0), (norm.running_var, 1.0)]
     return out

@@ -36,8 +36,9 @@ def randomise_norms_(net: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, nn.LayerNorm):
+            if isinstance(m, nn.LayerNorm) and m.weight is not None:
                 m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
+            if isinstance(m, nn.LayerNorm) and m.bias is not None:
                 m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
     return net
 
@@ -48,6 +49,16 @@ def build(arch: str, seed: int, device) -> nn.Sequential:
         "crelu": lambda: crelu_mlp(3, [4, 5], 2),
         "ln_crelu": lambda: crelu_mlp(3, [4, 5], 2, layer_norm=True),
         "ln_relu": lambda: layer_norm_mlp(3, [4, 5], 2),
+        # a gain without an offset, then no affine parameters at all
+        "ln_variants": lambda: nn.Sequential(
+            nn.Linear(3, 4),
+            nn.LayerNorm(4, bias=False),
+            nn.ReLU(),
+            nn.Linear(4, 5),
+            nn.LayerNorm(5, elementwise_affine=False),
+            CReLU(),
+            nn.Linear(10, 2),
+        ),
     }[arch]()
     return randomise_norms_(net, seed).to(device, F64)
 
@@ -286,7 +297,7 @@ def test_cbp_on_a_layernorm_network_resets_the_replaced_units_gain_and_offset(de
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("arch", ["ln_relu", "crelu", "ln_crelu"])
+@pytest.mark.parametrize("arch", ["ln_relu", "crelu", "ln_crelu", "ln_variants"])
 def test_stacked_layernorm_and_crelu_networks_equal_each_network_alone(arch, device):
     nets = [build(arch, s, device) for s in range(3)]
     alone = [copy.deepcopy(n) for n in nets]
@@ -296,11 +307,14 @@ def test_stacked_layernorm_and_crelu_networks_equal_each_network_alone(arch, dev
     units = stacked.unit_layers("kaiming_uniform")
     norms = stacked.layer_norms()
     assert len(norms) == (0 if arch == "crelu" else 2)
-    for u, (gain, offset) in zip(units, norms):
-        assert [(t is ref, v) for (t, v), ref in zip(u.norm, (gain, offset))] == [
-            (True, 1.0),
-            (True, 0.0),
+    for u, pair in zip(units, norms):
+        present = [(t, v) for t, v in zip(pair, (1.0, 0.0)) if t is not None]
+        assert [(t is ref, v) for (t, v), (ref, _) in zip(u.norm, present)] == [
+            (True, v) for _, v in present
         ]
+        assert len(u.norm) == len(present)
+    if arch == "ln_variants":
+        assert norms[0][1] is None and norms[1] == (None, None)
     opt = torch.optim.SGD(stacked.parameters(), lr=0.05, momentum=0.9)
     opts = [torch.optim.SGD(n.parameters(), lr=0.05, momentum=0.9) for n in alone]
     for _ in range(3):
