@@ -11,7 +11,10 @@ holds exactly the tensor of its network alone:
   channels, so ``weight.view(S * C_out, C_in, kh, kw)`` is the grouped kernel;
 * a Linear's weight ``[S, out, in]`` and bias ``[S, out]`` run as one batched matmul
   ``z = b + h W^T`` on ``[S, B, in]``;
-* elementwise activations and pooling act per channel and are applied as they are;
+* elementwise activations and pooling act per channel and are applied as they are, and so is
+  a :class:`~ppo_cbp.plasticity.crelu.CReLU` after a Linear (it doubles the last dimension);
+* a LayerNorm after a Linear normalises each seed's own features (the last dimension of
+  ``[S, B, n]``) and applies its gain and offset ``[S, n]`` per seed;
 * a channel-major Flatten of ``[B, S * C, H, W]`` is ``view(B, S, C * H * W)`` with the seed
   moved first: each seed's features in the order of its own flatten.
 
@@ -20,9 +23,12 @@ The loss of the stacked network is the sum of the seeds' losses, so the gradient
 momentum and weight decay) updates each slice exactly as it updates the network alone.
 
 The hidden layers are :class:`~ppo_cbp.units.UnitLayer` views with ``seed_dims=1`` of the
-stacked parameters themselves (so the optimizer's state is found by parameter), and
-:meth:`StackedSequential.forward` returns their activations ``[S, B, C, H, W]`` or
-``[S, B, units]`` for :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop` and :class:`~ppo_cbp.plasticity.redo.ReDo`.
+stacked parameters themselves (so the optimizer's state is found by parameter; a LayerNorm's
+gain and offset are their ``norm`` entries), and :meth:`StackedSequential.forward` returns
+their activations ``[S, B, C, H, W]`` or ``[S, B, units]`` for
+:class:`~ppo_cbp.plasticity.cbp.ContinualBackprop` and :class:`~ppo_cbp.plasticity.redo.ReDo`
+(for a CReLU unit, the mean of its two outputs, as :func:`~ppo_cbp.units.sequential_unit_layers`
+defines it).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ppo_cbp.plasticity.crelu import CReLU
 from ppo_cbp.units import UnitLayer, _leaves, sequential_unit_layers
 
 __all__ = ["StackedSequential"]
@@ -49,6 +56,8 @@ _ELEMENTWISE = (
     nn.Identity,
 )
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_STATELESS = (*_ELEMENTWISE, *_POOLS, CReLU)
+_PARAMETRISED = (nn.Conv2d, nn.Linear, nn.LayerNorm)
 
 
 def _signature(m: nn.Module) -> tuple:
@@ -63,8 +72,9 @@ class StackedSequential(nn.Module):
     Args:
         nets: the S networks, each an ``nn.Sequential`` (nested ones are flattened) of
             Conv2d (no groups or dilation, zero padding), Linear, elementwise activations,
-            max or average pooling and ``Flatten()``, ending in a Linear. Their parameters
-            are copied (stacked); the networks themselves are not kept.
+            max or average pooling and ``Flatten()``, ending in a Linear; after a Linear also
+            LayerNorm (over its features) and CReLU. Their parameters are copied (stacked);
+            the networks themselves are not kept.
     """
 
     def __init__(self, nets: Sequence[nn.Module]):
@@ -76,6 +86,7 @@ class StackedSequential(nn.Module):
         for other in leaves[1:]:
             if [_signature(m) for m in other] != [_signature(m) for m in first]:
                 raise ValueError("the stacked networks must have the same architecture")
+        after_linear = False  # the features are then the last dimension of [S, B, n]
         for m in first:
             if isinstance(m, nn.Conv2d):
                 if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros":
@@ -83,14 +94,22 @@ class StackedSequential(nn.Module):
             elif isinstance(m, nn.Flatten):
                 if (m.start_dim, m.end_dim) != (1, -1):
                     raise ValueError(f"unsupported {m}: only Flatten() of whole examples")
+            elif isinstance(m, (nn.LayerNorm, CReLU)):
+                if not after_linear:
+                    raise ValueError(f"{m} must follow a Linear layer in a stacked network")
+                if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+                    raise ValueError(f"unsupported {m}: only a LayerNorm over the features")
             elif not isinstance(m, (nn.Linear, *_ELEMENTWISE, *_POOLS)):
                 raise ValueError(f"unsupported module {type(m).__name__} in a stacked network")
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Flatten, *_POOLS)):
+                after_linear = isinstance(m, nn.Linear)
         if not isinstance(first[-1], nn.Linear):
             raise ValueError("the stacked networks must end in a Linear layer")
         self.num_seeds = len(nets)
         # the stateless modules of the first network run as they are
-        self._stateless = [m if isinstance(m, (*_ELEMENTWISE, *_POOLS)) else None for m in first]
+        self._stateless = [m if isinstance(m, _STATELESS) else None for m in first]
         self._kinds = [type(m) for m in first]
+        self._norm_eps = [m.eps if isinstance(m, nn.LayerNorm) else None for m in first]
         self._conv_args = [
             (m.stride, m.padding) if isinstance(m, nn.Conv2d) else None for m in first
         ]
@@ -99,12 +118,12 @@ class StackedSequential(nn.Module):
         index: dict[int, int] = {}
         self._layer_params: list[tuple[int, int | None] | None] = []
         for i, m in enumerate(first):
-            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            if not isinstance(m, _PARAMETRISED):
                 self._layer_params.append(None)
                 continue
             slots = []
             for name in ("weight", "bias"):
-                p = getattr(m, name)
+                p = getattr(m, name, None)
                 if p is None:
                     slots.append(None)
                     continue
@@ -118,6 +137,7 @@ class StackedSequential(nn.Module):
         else:
             units, taps = [], []
         self._taps = [next(i for i, m in enumerate(first) if m is t) for t in taps]
+        self._per_unit_taps = {i for i in self._taps if self._kinds[i] is CReLU}
         self._units = [
             (
                 index[id(u.weight)],
@@ -125,14 +145,29 @@ class StackedSequential(nn.Module):
                 index[id(u.out_weight)],
                 None if u.out_bias is None else index[id(u.out_bias)],
                 u.out_group,
+                u.averaged_outputs,
                 u.nonlinearity,
+                [(index[id(t)], value) for t, value in u.norm],
             )
             for u in units
         ]
 
     def weights(self) -> list[Tensor]:
         """The weight of every Conv2d and Linear layer, ``[S, ...]`` each (biases excluded)."""
-        return [self.params[slots[0]] for slots in self._layer_params if slots is not None]
+        return [
+            self.params[slots[0]]
+            for kind, slots in zip(self._kinds, self._layer_params)
+            if kind in (nn.Conv2d, nn.Linear)
+        ]
+
+    def layer_norms(self) -> list[tuple[Tensor | None, Tensor | None]]:
+        """The gain and offset ``[S, n]`` of every LayerNorm (None where it has none)."""
+        p = self.params
+        return [
+            tuple(None if i is None else p[i] for i in slots)  # type: ignore[misc]
+            for kind, slots in zip(self._kinds, self._layer_params)
+            if kind is nn.LayerNorm
+        ]
 
     def __len__(self) -> int:
         """The number of modules of each (flattened) network."""
@@ -170,12 +205,14 @@ class StackedSequential(nn.Module):
                 out_weight=p[ow],
                 out_group=group,
                 out_bias=opt(ob),
+                averaged_outputs=averaged,
+                norm=[(p[t], value) for t, value in norm],
                 init=init,
                 nonlinearity=nonlinearity,
                 seed_dims=1,
                 name=f"layer{i}",
             )
-            for i, (w, b, ow, ob, group, nonlinearity) in enumerate(self._units)
+            for i, (w, b, ow, ob, group, averaged, nonlinearity, norm) in enumerate(self._units)
         ]
 
     def forward(
@@ -224,6 +261,16 @@ class StackedSequential(nn.Module):
                     h = torch.bmm(h, w)
                 else:
                     h = torch.baddbmm(p[slots[1]].unsqueeze(1), h, w)
+            elif kind is nn.LayerNorm:
+                # seed-first [S, B, n]: each seed's gain and offset broadcast over its batch
+                h = F.layer_norm(h, h.shape[-1:], None, None, self._norm_eps[i])
+                gain, offset = (None if j is None else p[j].unsqueeze(1) for j in slots)
+                if gain is not None and offset is not None:
+                    h = torch.addcmul(offset, h, gain)
+                elif gain is not None:
+                    h = h * gain
+                elif offset is not None:
+                    h = h + offset
             elif kind is nn.Flatten:
                 if not seed_first:
                     h = h.reshape(B, S, -1).transpose(0, 1)
@@ -234,6 +281,8 @@ class StackedSequential(nn.Module):
                 h = self._stateless[i](h)
             if i == tap:
                 d = h.detach()
+                if i in self._per_unit_taps:
+                    d = CReLU.unit_activation(d)
                 hidden.append(d if seed_first else d.view(B, S, -1, *d.shape[2:]).transpose(0, 1))
                 tap = next(taps, None)
         if not seed_first:

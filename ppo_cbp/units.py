@@ -10,7 +10,8 @@ replace unit ``i`` the operators touch every place it appears:
 * its outgoing weights in the consumer layer (set to 0): column ``i`` of a Linear consumer,
   input channel ``i`` of a Conv2d consumer, or the ``g`` consecutive columns
   ``i*g, ..., i*g + g - 1`` of a Linear consumer fed by a channel-major flatten of a conv
-  output with ``g = H*W`` positions per channel;
+  output with ``g = H*W`` positions per channel, or by a CReLU with its ``g = 2`` outputs
+  ``relu(z_i), relu(-z_i)`` per unit (:class:`~ppo_cbp.plasticity.crelu.CReLU`);
 * the optimizer state (Adam moments, SGD momentum, ...) of exactly those entries.
 
 :class:`UnitLayer` names these tensors for one layer. Every tensor may carry a leading seed
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from ppo_cbp import kernels
 from ppo_cbp.init import check_scheme, distribution, fans, sample
+from ppo_cbp.plasticity.crelu import CReLU
 
 
 def _abs_sum(h: Tensor) -> tuple[Tensor, int]:
@@ -59,8 +61,12 @@ class UnitLayer:
         out_weight: the consumer's weights, ``[*seed, n_next, units * out_group]`` (Linear) or
             ``[*seed, n_next, units, kh, kw]`` (Conv2d). None for units with no weighted
             consumer: their utility then has no outgoing-magnitude factor.
-        out_group: consumer columns per unit (``H*W`` after a channel-major flatten, else 1).
+        out_group: consumer columns per unit (``H*W`` after a channel-major flatten, 2 after a
+            CReLU, else 1).
         out_bias: the consumer's bias, used only when folding a replaced unit's mean output.
+        averaged_outputs: how many distinct outputs the activation ``h`` of a unit is the mean
+            of (2 for a CReLU unit, whose two outputs differ; else 1). A replaced unit's mean
+            output cannot then be folded into ``out_bias`` column by column.
         norm: ``(tensor [*seed, units], value)`` pairs reset to ``value`` for replaced units.
         init: name of the scheme the layer was initialised with (see :mod:`ppo_cbp.init`).
         nonlinearity: the layer's activation, for the scheme's gain.
@@ -73,6 +79,7 @@ class UnitLayer:
     out_weight: Tensor | None = None
     out_group: int = 1
     out_bias: Tensor | None = None
+    averaged_outputs: int = 1
     norm: list[tuple[Tensor, float]] = field(default_factory=list)
     init: str = "kaiming_uniform"
     nonlinearity: str = "relu"
@@ -85,6 +92,11 @@ class UnitLayer:
         check_scheme(self.init)
         if self.seed_dims not in (0, 1):
             raise ValueError(f"seed_dims must be 0 or 1, got {self.seed_dims}")
+        if self.averaged_outputs < 1 or self.out_group % self.averaged_outputs:
+            raise ValueError(
+                f"{self.name}: averaged_outputs={self.averaged_outputs} must be a positive "
+                f"divisor of out_group={self.out_group}"
+            )
         units = self.units
         for t in [self.bias, *(t for t, _ in self.norm)]:
             if t is not None and tuple(t.shape) != (*self.seed_shape, units):
@@ -467,6 +479,12 @@ def replace_units_(
     """
     S, k = index.shape
     units = layer.units
+    if mean_output is not None and layer.averaged_outputs > 1:
+        raise ValueError(
+            f"{layer.name}: a unit's activation is the mean of its {layer.averaged_outputs} "
+            "outputs (CReLU), which have different means: its mean output cannot be folded "
+            "into the consumer's bias"
+        )
 
     def rows_(t: Tensor, values: Tensor | float) -> None:
         flat = layer.seeded(t).view(S, units, -1)
@@ -577,6 +595,7 @@ _NONLINEARITY = {
     nn.SiLU: "swish",
     nn.GELU: "gelu",
     nn.SELU: "selu",
+    CReLU: "relu",
 }
 
 
@@ -594,7 +613,9 @@ def norm_resets(norm: nn.Module) -> list[tuple[Tensor, float]]:
     mean 0, running variance 1."""
     out: list[tuple[Tensor, float]] = []
     if getattr(norm, "weight", None) is not None:
-        out += [(norm.weight, 1.0), (norm.bias, 0.0)]
+        out.append((norm.weight, 1.0))
+    if getattr(norm, "bias", None) is not None:  # LayerNorm(bias=False) has a gain only
+        out.append((norm.bias, 0.0))
     if getattr(norm, "running_mean", None) is not None:
         out += [(norm.running_mean, 0.0), (norm.running_var, 1.0)]
     return out
@@ -610,6 +631,11 @@ def sequential_unit_layers(
     flatten or dropout. ``h`` is what the consumer reads: the output of the activation, or of
     the pooling after it (before flatten and dropout); the activation's nonlinearity gives the
     init gain unless ``nonlinearity`` is given.
+
+    A :class:`~ppo_cbp.plasticity.crelu.CReLU` between two Linear layers makes units of two
+    outputs each: ``out_group=2`` (the consumer takes ``2 * units`` inputs), the ReLU gain, and
+    ``h`` is :meth:`CReLU.unit_activation` of its output, the mean of each unit's two outputs
+    (:class:`ActivationRecorder` maps the recorded output to it).
     """
     leaves = _leaves(net)
     positions = [i for i, m in enumerate(leaves) if isinstance(m, _WEIGHT_LAYERS)]
@@ -626,8 +652,11 @@ def sequential_unit_layers(
         readable = [m for m in between if not isinstance(m, (nn.Flatten, nn.Dropout, nn.Identity))]
         tap = (readable or [layer])[-1]
         act_name = nonlinearity or (_NONLINEARITY.get(type(acts[-1]), "relu") if acts else "linear")
-        group = 1
-        if isinstance(layer, nn.Conv2d) and isinstance(consumer, nn.Linear):
+        group = averaged = 1
+        if any(isinstance(m, CReLU) for m in between):
+            _check_crelu(layer, consumer, tap)
+            group = averaged = CReLU.outputs_per_unit
+        elif isinstance(layer, nn.Conv2d) and isinstance(consumer, nn.Linear):
             if consumer.in_features % layer.out_channels:
                 raise ValueError(
                     f"{consumer} does not take a flatten of {layer.out_channels} channels"
@@ -640,6 +669,7 @@ def sequential_unit_layers(
                 out_weight=consumer.weight,
                 out_group=group,
                 out_bias=consumer.bias,
+                averaged_outputs=averaged,
                 norm=[r for n in norms for r in norm_resets(n)],
                 init=init,
                 nonlinearity=act_name,
@@ -652,16 +682,36 @@ def sequential_unit_layers(
     return layers, taps
 
 
+def _check_crelu(layer: nn.Module, consumer: nn.Module, tap: nn.Module) -> None:
+    """A CReLU's units are those of a Linear layer read by a Linear consumer of twice the width."""
+    if not (isinstance(layer, nn.Linear) and isinstance(consumer, nn.Linear)):
+        raise ValueError(f"a CReLU must sit between two Linear layers, not after {layer}")
+    if not isinstance(tap, CReLU):
+        raise ValueError(
+            f"nothing but dropout may follow the CReLU after {layer}: the consumer must read "
+            "its outputs"
+        )
+    if consumer.in_features != CReLU.outputs_per_unit * layer.out_features:
+        raise ValueError(
+            f"{consumer} must take {CReLU.outputs_per_unit * layer.out_features} inputs, the two "
+            f"outputs of each of the {layer.out_features} CReLU units"
+        )
+
+
 class ActivationRecorder:
     """Forward hooks that keep the latest output of each given module (no copy, no op).
 
     The outputs are kept as they are (still attached to the autograd graph, which the backward
     pass frees): a ``detach`` per layer would add an op to every forward pass. Read them under
-    ``torch.no_grad()``, as the operators do.
+    ``torch.no_grad()``, as the operators do. A module with a ``unit_activation(output)`` method
+    (:class:`~ppo_cbp.plasticity.crelu.CReLU`) has several outputs per unit: :meth:`latest`
+    gives that method's per-unit activation of its recorded output, computed when read, so
+    that forward passes nobody reads (acting steps) cost nothing more.
     """
 
     def __init__(self, modules: Sequence[nn.Module]):
         self.outputs: list[Tensor | None] = [None] * len(modules)
+        self._per_unit = [getattr(m, "unit_activation", None) for m in modules]
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
 
     def _hook(self, i: int):
@@ -675,7 +725,12 @@ class ActivationRecorder:
             raise RuntimeError(
                 "no activations recorded yet: run a forward pass of the network first"
             )
-        return self.outputs  # type: ignore[return-value]
+        if not any(self._per_unit):
+            return self.outputs  # type: ignore[return-value]
+        return [
+            o if f is None else f(o.detach())  # type: ignore[union-attr]
+            for o, f in zip(self.outputs, self._per_unit)
+        ]
 
     def remove(self) -> None:
         for h in self._handles:
