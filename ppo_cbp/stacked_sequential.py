@@ -178,9 +178,9 @@ class StackedSequential(nn.Module):
     ) -> tuple[type[nn.Module], nn.Module | None, Tensor | None, Tensor | None]:
         """Module ``i`` of the flattened networks: its type, the module itself if it is an
         activation or pooling (else None), and the stacked weight and bias of a Conv2d or Linear
-        (else None)."""
+        (else None; a LayerNorm's gain and offset are :meth:`layer_norms`)."""
         slots = self._layer_params[i]
-        if slots is None:
+        if slots is None or self._kinds[i] not in (nn.Conv2d, nn.Linear):
             return self._kinds[i], self._stateless[i], None, None
         w, b = slots
         return self._kinds[i], None, self.params[w], None if b is None else self.params[b]

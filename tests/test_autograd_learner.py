@@ -138,6 +138,12 @@ AUTOGRAD_METHODS = [
     ("cbp+l2_init+weight_clipping", {"replacement_rate": 0.05, "maturity_threshold": 3}),
     ("adam+redo+parseval+adam_reset", {"redo_period": 4}),
     ("l2+soft_snp+snp_init+head_reset", {"soft_shrink": 0.9}),
+    ("layer_norm", {}),
+    ("nap", {}),
+    ("crelu", {}),
+    ("cbp+l2_init+layer_norm", {"replacement_rate": 0.05, "maturity_threshold": 3}),
+    ("adam+redo+crelu+nap", {"redo_period": 4, "redo_threshold": 0.5}),
+    ("injection+layer_norm", {"injection_layers": 1}),
 ]
 
 
@@ -213,3 +219,24 @@ def test_scr_with_combined_methods_resumes_exactly(tmp_path, spec):
         rows = read_rows(part.out, seed)
         assert rows == read_rows(full.out, seed)
         assert len(rows) == 3
+
+
+def test_architecture_methods_build_their_networks():
+    """layer_norm and nap put a LayerNorm (gain 1, offset 0) after every hidden Linear; crelu
+    doubles every consumer's inputs; the step's hidden activations are one per unit."""
+    kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
+    sizes = [5, 6, 4, 3]
+    for spec in ("layer_norm", "nap"):
+        learner = AutogradLearner(sizes, [0, 1], _method(spec), **kw)
+        norms = learner.module.layer_norms()
+        assert [tuple(g.shape) for g, _ in norms] == [(2, 6), (2, 4)]
+        assert all(torch.equal(g, torch.ones_like(g)) for g, _ in norms)
+    learner = AutogradLearner(sizes, [0, 1], _method("crelu"), **kw)
+    assert [tuple(w.shape) for w in learner.net.weights()] == [(2, 6, 5), (2, 4, 12), (2, 3, 8)]
+    x, y = next(_stream(1, 2, 5, 3, "cpu"))
+    hidden = learner.step(x, y)
+    assert [tuple(h.shape) for h in hidden] == [(2, 1, 6), (2, 1, 4)]
+    with pytest.raises(UsageError, match="crelu replaces ReLU"):
+        AutogradLearner(sizes, [0], _method("crelu"), activation="tanh", **kw)
+    with pytest.raises(UsageError, match="--injection-layers 1"):
+        AutogradLearner(sizes, [0], _method("injection+layer_norm"), **kw)

@@ -72,22 +72,6 @@ def test_bad_method_settings_are_one_error(tmp_path, flags, message):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (dict(l2_init=-1.0), "--l2-init must be >= 0"),
-        (dict(soft_shrink_perturb=1.5), "--soft-shrink-perturb must be in"),
-        (dict(head_reset=4), "--head-reset must be in"),
-        (dict(injection=True, head_reset=1), "--injection and --head-reset conflict"),
-        (dict(adam_reset=True, friction_every=0), "no friction changes"),
-    ],
-)
-def test_bad_method_settings_are_one_error(tmp_path, flags, message):
-    with pytest.raises(ConfigError, match=message):
-        main(small(tmp_path, **flags))
-    assert not any(tmp_path.iterdir())
-
-
 def test_injection_refuses_unit_resets(tmp_path):
     for flag in ("cbp", "redo"):
         with pytest.raises(ConfigError, match=f"--injection and --{flag} conflict"):

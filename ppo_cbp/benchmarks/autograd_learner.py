@@ -28,9 +28,11 @@ from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
 from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.crelu import CReLU
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
 from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
 from ppo_cbp.plasticity.l2_init import L2Init
+from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
 from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
@@ -64,17 +66,20 @@ def build_mlp(
     activation: str,
     init: str,
     layer_norm: bool,
+    crelu: bool = False,
     device: torch.device,
     dtype: torch.dtype,
 ) -> nn.Sequential:
     """Seed ``seed``'s MLP: ``Linear [LayerNorm] activation ... Linear``, the weights drawn from
     ``init`` layer by layer from the seed's init generator (as :class:`StackedMLP` draws them),
-    biases 0."""
+    biases 0. ``crelu``: CReLU as every hidden activation (ReLU's gain), each hidden layer's
+    consumer taking twice its width."""
     g = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_INIT))
     modules: list[nn.Module] = []
     n_layers = len(sizes) - 1
     for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
-        linear = nn.Linear(n_in, n_out, device=device, dtype=dtype)
+        fan_in = 2 * n_in if crelu and i > 0 else n_in
+        linear = nn.Linear(fan_in, n_out, device=device, dtype=dtype)
         hidden = i < n_layers - 1
         with torch.no_grad():
             sample_(linear.weight, init, activation if hidden else "linear", generator=g)
@@ -83,7 +88,7 @@ def build_mlp(
         if hidden:
             if layer_norm:
                 modules.append(nn.LayerNorm(n_out, device=device, dtype=dtype))
-            modules.append(_ACTIVATIONS[activation]())
+            modules.append(CReLU() if crelu else _ACTIVATIONS[activation]())
     return nn.Sequential(*modules)
 
 
@@ -129,6 +134,16 @@ class AutogradLearner:
         device: torch.device,
         dtype: torch.dtype,
     ):
+        if method.uses("crelu") and activation != "relu":
+            raise UsageError(f"--method {method.method}: crelu replaces ReLU, not {activation}")
+        if method.uses("injection") and method.injection_layers > 1:
+            for name in ("layer_norm", "nap", "crelu"):
+                if method.uses(name):
+                    raise UsageError(
+                        f"--method {method.method}: an injected head of more than one layer is "
+                        f"Linear layers and activations only, without {name}; use "
+                        "--injection-layers 1"
+                    )
         for name in ("dropout", "online_norm"):
             if method.uses(name) and not uses_fused_trainer(method):
                 raise UsageError(
@@ -146,6 +161,7 @@ class AutogradLearner:
                 activation=activation,
                 init=init,
                 layer_norm=method.uses("layer_norm") or method.uses("nap"),
+                crelu=method.uses("crelu"),
                 device=device,
                 dtype=dtype,
             )
@@ -186,6 +202,8 @@ class AutogradLearner:
             methods.append(ShrinkPerturb(net, method.soft_shrink, every="step"))
         if method.uses("weight_clipping"):
             methods.append(WeightClipping(net, method.clip_kappa))
+        if method.uses("nap"):
+            methods.append(NormalizeAndProject(net, stacked.layer_norms()))
         units = stacked.unit_layers(init) if len(sizes) >= 3 else []
         if (method.uses("cbp") or method.uses("redo")) and not units:
             raise UsageError(f"method {method.method} needs at least one hidden layer")
@@ -298,8 +316,8 @@ class AutogradLearner:
 
 def _weight_layers(module: StackedSequential) -> list[tuple[Tensor, Tensor | None]]:
     """Each Linear layer's stacked ``(weight, bias)``, input side first."""
-    p = module.params
-    return [(p[w], None if b is None else p[b]) for w, b in filter(None, module._layer_params)]
+    layers = (module.layer(i) for i in range(len(module)))
+    return [(w, b) for _, _, w, b in layers if w is not None]
 
 
 class _NetView:
