@@ -133,6 +133,15 @@ def resolve_args(args: Args) -> Args:
         raise ConfigError(
             f"--head-reset must be in [0, {layers}] (the Linear layers), got {a.head_reset}"
         )
+    if a.layer_norm and a.nap:
+        raise ConfigError(
+            "--layer-norm and --nap conflict: --nap already puts a LayerNorm after every hidden layer"
+        )
+    if a.injection and (a.layer_norm or a.nap or a.crelu):
+        raise ConfigError(
+            "--injection injects a head of Linear layers and ReLUs: it does not take "
+            "--layer-norm, --nap or --crelu"
+        )
     if a.injection and a.head_reset:
         raise ConfigError(
             "--injection and --head-reset conflict: both renew the heads at a friction change"

@@ -55,6 +55,7 @@ from ppo_cbp.metrics import (  # noqa: E402
 )
 from ppo_cbp.plasticity.c_chain import ChurnReduction  # noqa: E402
 from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
+from ppo_cbp.plasticity.crelu import crelu_mlp  # noqa: E402
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod  # noqa: E402
 from ppo_cbp.plasticity.injection import (  # noqa: E402
     TAG_INJECTION,
@@ -62,6 +63,11 @@ from ppo_cbp.plasticity.injection import (  # noqa: E402
     PlasticityInjection,
 )
 from ppo_cbp.plasticity.l2_init import L2Init  # noqa: E402
+from ppo_cbp.plasticity.normalize_project import (  # noqa: E402
+    NormalizeAndProject,
+    layer_norm_mlp,
+    layer_norms,
+)
 from ppo_cbp.plasticity.parseval import ParsevalRegularization  # noqa: E402
 from ppo_cbp.plasticity.redo import ReDo  # noqa: E402
 from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset  # noqa: E402
@@ -207,6 +213,12 @@ class Args:
     """Reinitialise the last this many Linear layers of both networks at every friction change (Nikishin et al. 2022; 0: off)."""
     adam_reset: bool = False
     """Reset Adam's moments and step count at every friction change."""
+    layer_norm: bool = False
+    """LayerNorm between every hidden Linear layer and its activation in both networks (Lyle et al. 2024)."""
+    nap: bool = False
+    """Normalize-and-Project (Lyle et al. 2024): LayerNorm as --layer-norm, and every weight matrix projected back to its initial norm after each update."""
+    crelu: bool = False
+    """CReLU (Abbas et al. 2023) as the hidden activation of both networks: concat(relu(x), relu(-x)), each next layer taking twice the width."""
     injection: bool = False
     """Plasticity injection (Nikishin et al. 2023) into both networks' heads (their last two Linear layers) at every friction change."""
     c_chain: bool = False
@@ -327,8 +339,14 @@ def make_agent(
     a: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: list[int]
 ) -> Agent:
     """Both MLPs, the log-std, one Adam over all of them and CBP/ReDo on each MLP."""
-    actor: nn.Module = make_mlp(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
-    critic: nn.Module = make_mlp(obs_dim, a.hidden_sizes, 1, a.init).to(device)
+    build = make_mlp
+    layer_norm = a.layer_norm or a.nap
+    if a.crelu:
+        build = functools.partial(crelu_mlp, layer_norm=layer_norm)
+    elif layer_norm:
+        build = layer_norm_mlp
+    actor: nn.Module = build(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
+    critic: nn.Module = build(obs_dim, a.hidden_sizes, 1, a.init).to(device)
     if a.injection:
         actor, critic = InjectableNetwork(actor), InjectableNetwork(critic)
     log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
@@ -382,6 +400,8 @@ def make_agent(
             ops.append(ShrinkPerturb(network, a.soft_shrink_perturb, every="step"))
         if a.weight_clipping:
             ops.append(WeightClipping(network, a.weight_clipping))
+        if a.nap:
+            ops.append(NormalizeAndProject(network, layer_norms(net)))
         if a.shrink_perturb_init < 1:
             ops.append(ShrinkPerturb(network, a.shrink_perturb_init, every="task_boundary"))
         if a.head_reset:

@@ -15,6 +15,8 @@ PPO_METHODS = {
     "head_reset+adam_reset+cbp": dict(
         head_reset=1, adam_reset=True, cbp=True, maturity_threshold=4, replacement_rate=0.05
     ),
+    "layer_norm+cbp": dict(layer_norm=True, cbp=True, maturity_threshold=4, replacement_rate=0.05),
+    "nap+crelu+redo": dict(nap=True, crelu=True, redo=True, redo_period=2, redo_threshold=0.5),
     "injection": dict(injection=True),
     "c_chain": dict(c_chain=True),
     "injection+c_chain": dict(injection=True, c_chain=True),
@@ -24,19 +26,21 @@ PPO_METHODS = {
 def _acted(name: str, state: dict) -> None:
     """What each method must have left in the checkpoint of a run with friction changes."""
     methods = state["methods"]["policy"]["methods"]
+    actor = state["actor"]
     if "injection" in name:
         assert methods[0]["injections"] >= 1
-        assert any(k.startswith("trainable.") for k in state["actor"])
+        assert any(k.startswith("trainable.") for k in actor)
     if "c_chain" in name:
         assert state["churn"]["updates"] >= 1
     if "l2_init" in name:  # theta_0 kept for resuming
         assert len(methods[0]["initial"]) == 6
     if "cbp" in name:
         assert state["resetters"]["policy"]["num_replaced"] > 0
-    if "l2_init" in name:  # theta_0 kept for resuming
-        assert len(methods[0]["initial"]) == 6
-    if "cbp" in name:
-        assert state["resetters"]["policy"]["num_replaced"] > 0
+    if "layer_norm" in name or "nap" in name:
+        assert any(k.endswith(".weight") and actor[k].dim() == 1 for k in actor)
+    if "crelu" in name:  # the output layer takes both signs of the last hidden layer's units
+        weights = [k for k in actor if k.endswith("weight") and actor[k].dim() == 2]
+        assert actor[weights[-1]].shape[1] == 2 * Args().hidden_sizes[-1]
 
 
 @pytest.mark.parametrize("name", list(PPO_METHODS))
@@ -63,6 +67,8 @@ def test_method_run_resumes_exactly(tmp_path, name):
         (dict(soft_shrink_perturb=1.5), "--soft-shrink-perturb must be in"),
         (dict(head_reset=4), "--head-reset must be in"),
         (dict(injection=True, head_reset=1), "--injection and --head-reset conflict"),
+        (dict(layer_norm=True, nap=True), "--layer-norm and --nap conflict"),
+        (dict(injection=True, crelu=True), "does not take"),
         (dict(adam_reset=True, friction_every=0), "no friction changes"),
     ],
 )
