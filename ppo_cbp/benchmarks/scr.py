@@ -11,8 +11,9 @@ baseline (no hidden layer).
 
 Metrics per bin of ``bin_size`` (40,000) examples and seed: ``squared_error``, the mean of
 ``(y_hat - y)^2`` over the bin with ``y_hat`` the prediction made *before* the update on the
-example; ``weight_magnitude`` (sum |w| / number of weights, biases excluded) and
-``units_replaced`` (CBP/ReDo, cumulative), both at the end of the bin.
+example; ``weight_magnitude`` (sum |w| / number of weights, biases excluded),
+``effective_rank`` of the hidden layer and, for ReLU, its ``dead_units`` (both on the bin's
+last chunk of inputs) and ``units_replaced`` (CBP/ReDo, cumulative), all at the end of the bin.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ppo_cbp.benchmarks.common import (
 )
 from ppo_cbp.datasets.scr import SlowlyChangingRegressionBatch
 from ppo_cbp.errors import UsageError
-from ppo_cbp.metrics import average_weight_magnitude
+from ppo_cbp.metrics import average_weight_magnitude, dead_unit_mask, feature_rank_metrics
 from ppo_cbp.stacked import ACTIVATIONS
 
 # SGD step size 0.01 as in the paper's text; the other values are not given there (the
@@ -130,6 +131,23 @@ def _validate(cfg: SCRConfig) -> int:
     return cfg.examples // cfg.bin_size
 
 
+@torch.no_grad()
+def hidden_unit_metrics(
+    learner: Any, x_aug: torch.Tensor, count_dead: bool
+) -> list[dict[str, float]]:
+    """Per seed, on ``x_aug`` (``[S, N, inputs + 1]``): the hidden layer's effective rank and,
+    with ``count_dead`` (ReLU units), its dead units (zero on all N inputs,
+    :func:`dead_unit_mask`)."""
+    _, hidden = learner.net.forward(x_aug)
+    h = hidden[0]
+    rank = feature_rank_metrics(h)["effective_rank"].cpu().tolist()
+    rows: list[dict[str, float]] = [{"effective_rank": r} for r in rank]
+    if count_dead:
+        for row, dead in zip(rows, dead_unit_mask(h).sum(-1).cpu().tolist()):
+            row["dead_units"] = dead
+    return rows
+
+
 def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) Slowly-Changing Regression; returns the summary (``summary.json``).
 
@@ -200,6 +218,12 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
         mse = (error / cfg.bin_size).cpu().tolist()
         magnitude = average_weight_magnitude(learner.net.weights(), seed_dims=1).cpu().tolist()
         replaced = learner.units_replaced().tolist()
+        # the hidden layer on the bin's last chunk of inputs, through the network at its end
+        units = (
+            hidden_unit_metrics(learner, x_aug, cfg.activation == "relu")
+            if hidden
+            else [{} for _ in range(S)]
+        )
         outputs.append(
             [
                 {
@@ -207,6 +231,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
                     "examples": (b + 1) * cfg.bin_size,
                     "squared_error": mse[s],
                     "weight_magnitude": magnitude[s],
+                    **units[s],
                     "units_replaced": replaced[s],
                 }
                 for s in range(S)
