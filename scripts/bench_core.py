@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from ppo_cbp.init import init_layer_
+from ppo_cbp.plasticity.c_chain import ChurnReduction
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.l2_init import L2Init
+from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
 from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
 from ppo_cbp.plasticity.weight_clipping import WeightClipping
@@ -125,7 +127,27 @@ PER_STEP = {
     "Parseval (lambda 1e-3)": lambda n: ParsevalRegularization(n, 1e-3),
     "weight clipping (kappa 1)": lambda n: WeightClipping(n, 1.0),
     "soft S&P toward a fresh init": lambda n: ShrinkPerturb(n, 0.999999, every="step"),
+    "NaP projection": lambda n: NormalizeAndProject(n),
 }
+
+
+class _ChurnStep:
+    """C-CHAIN's per-step work: the churn term on a reference batch (forward through the
+    current and the previous network, backward into .grad) and the snapshot of the
+    parameters after the step."""
+
+    def __init__(self, net: nn.Module, x: torch.Tensor):
+        self.churn, self.x = ChurnReduction(net, skip_steps=1), x
+        self.churn.after_step()
+
+    def after_backward(self) -> None:
+        with torch.enable_grad():
+            self.churn.loss(self.x).backward()
+
+    def after_step(self, hidden) -> None:
+        self.churn.after_step()
+
+
 METHOD_CASES = [CASES[0], CASES[1]]
 
 
@@ -150,6 +172,7 @@ def measure_methods(sizes, optimizer, init, batch, repeats, device):
     network = network_of(net, opt, init)
     methods = {name: make(network) for name, make in PER_STEP.items()}
     x = torch.randn(batch, sizes[0], device=device)
+    methods["C-CHAIN churn term"] = _ChurnStep(net, torch.randn_like(x))
     y = torch.randn(batch, sizes[-1], device=device)
 
     def train_step():
