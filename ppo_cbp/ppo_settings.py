@@ -133,6 +133,15 @@ def resolve_args(args: Args) -> Args:
         raise ConfigError(
             f"--head-reset must be in [0, {layers}] (the Linear layers), got {a.head_reset}"
         )
+    if a.upgd and (a.standard_adam or a.adam_beta1 is not None or a.adam_beta2 is not None):
+        raise ConfigError("--upgd replaces Adam: drop --standard-adam/--adam-beta1/--adam-beta2")
+    if a.upgd and a.adam_reset:
+        raise ConfigError("--upgd and --adam-reset conflict: there is no Adam state to reset")
+    if not a.upgd_sigma >= 0 or not 0 <= a.upgd_beta_utility < 1:
+        raise ConfigError(
+            f"need --upgd-sigma >= 0 and --upgd-beta-utility in [0, 1), got {a.upgd_sigma}, "
+            f"{a.upgd_beta_utility}"
+        )
     if a.layer_norm and a.nap:
         raise ConfigError(
             "--layer-norm and --nap conflict: --nap already puts a LayerNorm after every hidden layer"

@@ -75,6 +75,7 @@ from ppo_cbp.plasticity.shrink_perturb import (
     ShrinkPerturb,  # noqa: E402
     perturb_,  # noqa: E402
 )
+from ppo_cbp.plasticity.upgd import UPGD  # noqa: E402
 from ppo_cbp.plasticity.weight_clipping import WeightClipping  # noqa: E402
 from ppo_cbp.ppo_numerics import (  # noqa: E402
     LOG_2PI,
@@ -219,6 +220,12 @@ class Args:
     """Normalize-and-Project (Lyle et al. 2024): LayerNorm as --layer-norm, and every weight matrix projected back to its initial norm after each update."""
     crelu: bool = False
     """CReLU (Abbas et al. 2023) as the hidden activation of both networks: concat(relu(x), relu(-x)), each next layer taking twice the width."""
+    upgd: bool = False
+    """UPGD (Elsayed & Mahmood 2024) instead of Adam: first-order global UPGD-W with --learning-rate and --weight-decay."""
+    upgd_sigma: float = 1e-3
+    """UPGD: standard deviation of the perturbation."""
+    upgd_beta_utility: float = 0.999
+    """UPGD: decay of the utility trace, in [0, 1)."""
     injection: bool = False
     """Plasticity injection (Nikishin et al. 2023) into both networks' heads (their last two Linear layers) at every friction change."""
     c_chain: bool = False
@@ -306,7 +313,7 @@ class Agent:
     actor: nn.Module
     critic: nn.Module
     log_std: nn.Parameter
-    optimizer: torch.optim.Adam
+    optimizer: torch.optim.Optimizer
     resetters: dict[str, ContinualBackprop | ReDo]
     methods: dict[str, Methods]
     """Each network's other plasticity methods, run through their hooks before its resetter."""
@@ -357,10 +364,21 @@ def make_agent(
         weight_decay=a.weight_decay,
     )
     params = [*actor.parameters(), log_std, *critic.parameters()]
-    try:  # the fused kernel: one call per step (CPU support since torch 2.4)
-        optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
-    except (RuntimeError, ValueError):
-        optimizer = torch.optim.Adam(params, **adam_kwargs)
+    optimizer: torch.optim.Optimizer
+    if a.upgd:
+        optimizer = UPGD(
+            params,
+            lr=a.learning_rate,
+            weight_decay=a.weight_decay,
+            beta_utility=a.upgd_beta_utility,
+            sigma=a.upgd_sigma,
+            seeds=[int(seeds[1] % 2**63)],  # its own stream (derive_seed) of the perturbation seed
+        )
+    else:
+        try:  # the fused kernel: one call per step (CPU support since torch 2.4)
+            optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
+        except (RuntimeError, ValueError):
+            optimizer = torch.optim.Adam(params, **adam_kwargs)
     resetters: dict[str, ContinualBackprop | ReDo] = {}
     for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
         seed = int(seeds[2 + k] % 2**63)

@@ -96,7 +96,9 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert torch.equal(a["log_std"], b["log_std"])
     for pid, st in a["optimizer"]["state"].items():
         for k, v in st.items():
-            assert torch.equal(v, b["optimizer"]["state"][pid][k]), f"optimizer {pid}.{k} differs"
+            other = b["optimizer"]["state"][pid][k]
+            same = torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other
+            assert same, f"optimizer {pid}.{k} differs"
 
 
 # ------------------------------------------------------------------------------------------------

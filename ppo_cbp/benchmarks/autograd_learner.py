@@ -37,6 +37,7 @@ from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
+from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.plasticity.weight_clipping import WeightClipping
 from ppo_cbp.stacked import LEAKY_RELU_SLOPE, TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
 from ppo_cbp.stacked_sequential import StackedSequential
@@ -264,6 +265,16 @@ class AutogradLearner:
                 betas=m.adam_betas,
                 eps=m.adam_eps,
                 weight_decay=m.weight_decay,
+            )
+        if m.optimizer == "upgd":
+            return UPGD(
+                self.params,
+                lr=m.lr,
+                weight_decay=m.weight_decay,
+                beta_utility=m.upgd_beta_utility,
+                sigma=m.upgd_sigma,
+                seed_dims=1,
+                seeds=self.seeds,
             )
         return torch.optim.SGD(self.params, lr=m.lr, weight_decay=m.weight_decay)
 

@@ -1,0 +1,157 @@
+"""UPGD: utility-based perturbed gradient descent (Elsayed and Mahmood, "Addressing Loss of
+Plasticity and Catastrophic Forgetting in Continual Learning", ICLR 2024; code:
+github.com/mohmdelsayed/upgd, ``core/optim/weight_upgd/first_order.py``,
+``FirstOrderGlobalUPGD``: the first-order, globally scaled variant with weight decay,
+"UPGD-W").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppo_cbp.stacked import derive_seed
+
+__all__ = ["TAG_UPGD", "UPGD"]
+
+TAG_UPGD = 30
+"""Random stream (:func:`~ppo_cbp.stacked.derive_seed` tag) of UPGD's perturbations."""
+
+
+class UPGD(torch.optim.Optimizer):
+    """First-order global UPGD with weight decay (the authors' ``FirstOrderGlobalUPGD``).
+
+    For every weight ``theta`` with gradient ``g``, at step ``t``:
+
+        u     <- beta_u * u + (1 - beta_u) * (-g * theta)           (utility trace, first order)
+        u_hat  = u / (1 - beta_u^t)
+        s      = sigmoid(u_hat / max u)                              (max over all weights)
+        theta <- (1 - lr * wd) * theta - lr * (g + sigma * xi) * (1 - s),   xi ~ N(0, 1)
+
+    ``max u`` is the largest (not bias-corrected) trace entry over every parameter after this
+    step's update of the traces, as in the authors' code; weights of high utility are
+    protected from both the gradient and the perturbation, the others are perturbed, which
+    keeps plasticity. Unlike the code, ``max u`` never leaves the device (no host sync), and a
+    maximum of exactly 0 (no gradient anywhere) divides by 1 instead of giving 0/0.
+
+    Stacked seeds (``seed_dims=1``): every parameter is ``[S, ...]``; ``max u`` is taken per
+    seed over dims 1.., and seed ``s``'s noise is drawn from its own generator (stream
+    :data:`TAG_UPGD` of ``seeds[s]``), parameter by parameter in the order of the groups, so a
+    stack of S seeds follows each seed's run alone.
+
+    Args:
+        params: parameters or groups (every parameter needs a gradient at each step).
+        lr: step size (the code's default 1e-5; the benchmarks set their own).
+        weight_decay: ``wd`` (default 0, the code's).
+        beta_utility: ``beta_u`` in [0, 1) (default 0, the code's: the instantaneous utility).
+        sigma: the perturbation's standard deviation (default 1, the code's).
+        seed_dims: 0, or 1 for stacked parameters.
+        seeds: one run seed per stacked network (one when ``seed_dims=0``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        beta_utility: float = 0.0,
+        sigma: float = 1.0,
+        *,
+        seed_dims: int = 0,
+        seeds: Sequence[int] = (0,),
+    ):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= beta_utility < 1.0:
+            raise ValueError(f"beta_utility must be in [0, 1), got {beta_utility}")
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if seed_dims not in (0, 1):
+            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
+        seeds = [int(s) for s in seeds]
+        if not seeds or (seed_dims == 0 and len(seeds) != 1):
+            raise ValueError(f"one seed per stacked network (one when seed_dims=0), got {seeds}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
+        super().__init__(params, defaults)
+        self.seed_dims = seed_dims
+        device = self.param_groups[0]["params"][0].device
+        self.generators = [
+            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_UPGD)) for s in seeds
+        ]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if seed_dims and p.shape[0] != len(seeds):
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)}: not {len(seeds)} seeds"
+                    )
+
+    def _per_seed_max(self, u: Tensor) -> Tensor:
+        """``max u`` of one parameter, ``[S, 1, ...]`` (broadcastable) or 0-dim."""
+        if not self.seed_dims:
+            return u.max()
+        return u.reshape(u.shape[0], -1).amax(1).reshape(-1, *([1] * (u.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("UPGD.step takes no closure")
+        params = [p for g in self.param_groups for p in g["params"]]
+        global_max: Tensor | None = None
+        for group in self.param_groups:
+            beta = group["beta_utility"]
+            for p in group["params"]:
+                if p.grad is None:
+                    raise ValueError("UPGD needs a gradient for every parameter")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["avg_utility"] = torch.zeros_like(p)
+                state["step"] += 1
+                u = state["avg_utility"]
+                u.mul_(beta).add_(p.grad * p, alpha=-(1.0 - beta))
+                m = self._per_seed_max(u)
+                if self.seed_dims:
+                    m = m.reshape(-1)
+                global_max = m if global_max is None else torch.maximum(global_max, m)
+        if global_max is None:
+            return
+        noise = [torch.empty_like(p) for p in params]
+        for s, g in enumerate(self.generators):  # seed by seed, parameter by parameter
+            for n in noise:
+                (n[s] if self.seed_dims else n).normal_(generator=g)
+        i = 0
+        for group in self.param_groups:
+            lr, wd, sigma = group["lr"], group["weight_decay"], group["sigma"]
+            for p in group["params"]:
+                state = self.state[p]
+                correction = 1.0 - group["beta_utility"] ** state["step"]
+                top = global_max
+                if self.seed_dims:
+                    top = global_max.reshape(-1, *([1] * (p.dim() - 1)))
+                # a zero maximum (no gradient anywhere) would give 0/0: scale by 1 instead
+                top = torch.where(top == 0, torch.ones_like(top), top)
+                scaled = torch.sigmoid(state["avg_utility"] / correction / top)
+                step = noise[i].mul_(sigma).add_(p.grad).mul_(1.0 - scaled)
+                p.mul_(1.0 - lr * wd).add_(step, alpha=-lr)
+                i += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["generators"] = [g.get_state() for g in self.generators]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("generators")
+        if len(generators) != len(self.generators):
+            raise ValueError(
+                f"the state has {len(generators)} generators, expected {len(self.generators)}"
+            )
+        super().load_state_dict(state_dict)
+        for g, s in zip(self.generators, generators):
+            g.set_state(s)
