@@ -30,6 +30,7 @@ from ppo_cbp.plasticity.l2_init import L2Init
 from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
 from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
+from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.plasticity.weight_clipping import WeightClipping
 
 CASES = [
@@ -203,13 +204,42 @@ def measure_methods(sizes, optimizer, init, batch, repeats, device):
             if r >= 10:
                 times[name].append(time.perf_counter() - t0)
     step = statistics.median(times["train step"])
-    return {
+    rows = {
         name: {
             "train_step_ms": 1e3 * step,
             "method_ms": 1e3 * statistics.median(times[name]),
             "method_over_train_step": statistics.median(times[name]) / step,
         }
         for name in methods
+    }
+    rows["UPGD instead of the optimizer"] = measure_upgd(net, opt, x, y, repeats, sync)
+    return rows
+
+
+def measure_upgd(net, opt, x, y, repeats, sync) -> dict[str, float]:
+    """A training step with UPGD against one with ``opt``, interleaved on the same network."""
+    upgd = UPGD(net.parameters(), lr=1e-4, weight_decay=1e-4, beta_utility=0.999, sigma=1e-3)
+
+    def train_step(optimizer):
+        loss = (net(x) - y).pow(2).mean()
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        optimizer.step()
+
+    base, other = [], []
+    for r in range(repeats + 10):
+        for optimizer, out in ((opt, base), (upgd, other)):
+            sync()
+            t0 = time.perf_counter()
+            train_step(optimizer)
+            sync()
+            if r >= 10:
+                out.append(time.perf_counter() - t0)
+    step, with_upgd = statistics.median(base), statistics.median(other)
+    return {
+        "train_step_ms": 1e3 * step,
+        "method_ms": 1e3 * (with_upgd - step),
+        "method_over_train_step": (with_upgd - step) / step,
     }
 
 
