@@ -142,6 +142,11 @@ def resolve_args(args: Args) -> Args:
             f"need --upgd-sigma >= 0 and --upgd-beta-utility in [0, 1), got {a.upgd_sigma}, "
             f"{a.upgd_beta_utility}"
         )
+    if a.trac and a.injection:
+        raise ConfigError(
+            "--trac and --injection conflict: TRAC's reference point has no entry for an "
+            "injected branch"
+        )
     if a.layer_norm and a.nap:
         raise ConfigError(
             "--layer-norm and --nap conflict: --nap already puts a LayerNorm after every hidden layer"

@@ -75,6 +75,7 @@ from ppo_cbp.plasticity.shrink_perturb import (
     ShrinkPerturb,  # noqa: E402
     perturb_,  # noqa: E402
 )
+from ppo_cbp.plasticity.trac import TRAC  # noqa: E402
 from ppo_cbp.plasticity.upgd import UPGD  # noqa: E402
 from ppo_cbp.plasticity.weight_clipping import WeightClipping  # noqa: E402
 from ppo_cbp.ppo_numerics import (  # noqa: E402
@@ -226,6 +227,8 @@ class Args:
     """UPGD: standard deviation of the perturbation."""
     upgd_beta_utility: float = 0.999
     """UPGD: decay of the utility trace, in [0, 1)."""
+    trac: bool = False
+    """TRAC (Muppidi et al. 2024) around the optimizer: its updates scaled by the parameter-free tuners (the authors' betas, s_prior 1e-8)."""
     injection: bool = False
     """Plasticity injection (Nikishin et al. 2023) into both networks' heads (their last two Linear layers) at every friction change."""
     c_chain: bool = False
@@ -379,6 +382,9 @@ def make_agent(
             optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
         except (RuntimeError, ValueError):
             optimizer = torch.optim.Adam(params, **adam_kwargs)
+    state_owner = optimizer  # TRAC's base holds the state that CBP, ReDo and the resets reset
+    if a.trac:
+        optimizer = TRAC(optimizer)
     resetters: dict[str, ContinualBackprop | ReDo] = {}
     for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
         seed = int(seeds[2 + k] % 2**63)
@@ -386,7 +392,7 @@ def make_agent(
         if a.cbp:
             resetters[name] = ContinualBackprop(
                 net,
-                optimizer,
+                state_owner,
                 replacement_rate=a.replacement_rate,
                 maturity_threshold=a.maturity_threshold,
                 decay_rate=a.decay_rate,
@@ -396,7 +402,7 @@ def make_agent(
             )
         elif a.redo:
             resetters[name] = ReDo(
-                net, optimizer, threshold=a.redo_threshold, period=a.redo_period, **shared
+                net, state_owner, threshold=a.redo_threshold, period=a.redo_period, **shared
             )
     for r in resetters.values():
         # The update passes each minibatch's activations explicitly: no hooks on the hot path.
@@ -407,9 +413,9 @@ def make_agent(
         seed = int(seeds[2 + k] % 2**63)
         ops: list[PlasticityMethod] = []
         if a.injection:
-            network = net.as_network(optimizer, init=a.init, seeds=[seed])
+            network = net.as_network(state_owner, init=a.init, seeds=[seed])
         else:
-            network = network_of(net, optimizer, a.init, seed)
+            network = network_of(net, state_owner, a.init, seed)
         if a.l2_init:
             ops.append(L2Init(network, a.l2_init))
         if a.parseval:

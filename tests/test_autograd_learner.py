@@ -146,6 +146,8 @@ AUTOGRAD_METHODS = [
     ("injection+layer_norm", {"injection_layers": 1}),
     ("upgd", {}),
     ("upgd+cbp+l2", {"replacement_rate": 0.05, "maturity_threshold": 3}),
+    ("trac", {}),
+    ("adam+trac+redo+adam_reset", {"redo_period": 4, "redo_threshold": 0.5}),
 ]
 
 

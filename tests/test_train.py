@@ -94,9 +94,10 @@ def assert_same_state(a: dict, b: dict) -> None:
             else:  # a module's extra state (an injected network's number of injections)
                 assert a[net][k] == b[net][k], f"{net}.{k} differs"
     assert torch.equal(a["log_std"], b["log_std"])
-    for pid, st in a["optimizer"]["state"].items():
+    opt_a, opt_b = (s["optimizer"].get("base", s["optimizer"]) for s in (a, b))  # TRAC's base
+    for pid, st in opt_a["state"].items():
         for k, v in st.items():
-            other = b["optimizer"]["state"][pid][k]
+            other = opt_b["state"][pid][k]
             same = torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other
             assert same, f"optimizer {pid}.{k} differs"
 

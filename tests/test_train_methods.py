@@ -18,6 +18,9 @@ PPO_METHODS = {
     "layer_norm+cbp": dict(layer_norm=True, cbp=True, maturity_threshold=4, replacement_rate=0.05),
     "nap+crelu+redo": dict(nap=True, crelu=True, redo=True, redo_period=2, redo_threshold=0.5),
     "upgd+cbp": dict(upgd=True, cbp=True, maturity_threshold=4, replacement_rate=0.05),
+    "trac+cbp+adam_reset": dict(
+        trac=True, cbp=True, adam_reset=True, maturity_threshold=4, replacement_rate=0.05
+    ),
     "injection": dict(injection=True),
     "c_chain": dict(c_chain=True),
     "injection+c_chain": dict(injection=True, c_chain=True),
@@ -42,6 +45,8 @@ def _acted(name: str, state: dict) -> None:
     if "upgd" in name:  # the optimizer's utility traces and noise generator are checkpointed
         assert "generators" in state["optimizer"]
         assert all("avg_utility" in st for st in state["optimizer"]["state"].values())
+    if "trac" in name:  # the tuners' state and the reference point are checkpointed
+        assert state["optimizer"]["s"].shape == (1, 6) and state["optimizer"]["reference"]
     if "crelu" in name:  # the output layer takes both signs of the last hidden layer's units
         weights = [k for k in actor if k.endswith("weight") and actor[k].dim() == 2]
         assert actor[weights[-1]].shape[1] == 2 * Args().hidden_sizes[-1]
@@ -73,6 +78,7 @@ def test_method_run_resumes_exactly(tmp_path, name):
         (dict(injection=True, head_reset=1), "--injection and --head-reset conflict"),
         (dict(layer_norm=True, nap=True), "--layer-norm and --nap conflict"),
         (dict(upgd=True, standard_adam=True), "--upgd replaces Adam"),
+        (dict(trac=True, injection=True), "--trac and --injection conflict"),
         (dict(injection=True, crelu=True), "does not take"),
         (dict(adam_reset=True, friction_every=0), "no friction changes"),
     ],

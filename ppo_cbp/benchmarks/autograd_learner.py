@@ -37,6 +37,7 @@ from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
+from ppo_cbp.plasticity.trac import TRAC
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.plasticity.weight_clipping import WeightClipping
 from ppo_cbp.stacked import LEAKY_RELU_SLOPE, TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
@@ -175,6 +176,8 @@ class AutogradLearner:
             self.module = InjectableNetwork(stacked, head_layers=method.injection_layers)
         self.params = list(self.module.parameters())
         self.opt = self._optimizer()
+        # the methods reset the state of the optimizer that holds it (TRAC's base)
+        state_owner = self.opt.base if isinstance(self.opt, TRAC) else self.opt
         nonlinearity = "linear" if activation == "linear" else activation
         layers = [
             Layer(
@@ -187,7 +190,7 @@ class AutogradLearner:
             )
             for i, (w, b) in enumerate(weights)
         ]
-        self.network = Network(layers, self.params, self.opt, seed_dims=1, seeds=self.seeds)
+        self.network = Network(layers, self.params, state_owner, seed_dims=1, seeds=self.seeds)
         self.net = _NetView(self.module, self.network)
         self.cbp: ContinualBackprop | None = None
         self.redo: ReDo | None = None
@@ -257,6 +260,10 @@ class AutogradLearner:
         self.methods = Methods(methods)
 
     def _optimizer(self) -> torch.optim.Optimizer:
+        base = self._base_optimizer()
+        return TRAC(base, seed_dims=1) if self.method.uses("trac") else base
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
         m = self.method
         if m.optimizer == "adam":
             return torch.optim.Adam(

@@ -85,6 +85,7 @@ CONTRADICTIONS = [
     ({"cbp", "injection"}, "the injected head's frozen units are not CBP's to replace"),
     ({"redo", "injection"}, "the injected head's frozen units are not ReDo's to replace"),
     ({"head_reset", "injection"}, "both renew the head at task boundaries"),
+    ({"trac", "injection"}, "TRAC's reference point has no entry for an injected branch"),
 ]
 
 

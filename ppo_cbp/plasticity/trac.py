@@ -1,0 +1,161 @@
+"""TRAC, a parameter-free scaling of a base optimizer's updates for lifelong learning
+(Muppidi, Zhang and Cutkosky, "Fast TRAC: A Parameter-Free Optimizer for Lifelong
+Reinforcement Learning", NeurIPS 2024).
+
+We follow the authors' package (``trac-optimizer`` 0.0.2, ``trac_optimizer/trac.py``) step for
+step but do not use it: its inner product and scale are global over all parameters (so S
+stacked seeds would share one scale), it keeps its state under a string key of
+``optimizer.state`` (which ``state_dict`` cannot save), synchronises with the host three times
+a step (NaN checks, ``max(s, 0)``) and appends to a log file at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["TRAC", "erfi"]
+
+BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+"""The authors' discount factors, one scale tuner each."""
+ERFI_MAX = 26.0
+"""erfi is evaluated on [-26, 26] (beyond it overflows float64: erfi(26.6) ~ 1e306)."""
+_ERFI_TERMS = 900
+
+
+def erfi(x: Tensor) -> Tensor:
+    """The imaginary error function ``erfi(x) = 2 / sqrt(pi) sum_n x^(2n+1) / (n! (2n+1))`` of
+    real ``x`` (clamped to +-:data:`ERFI_MAX`), summed in float64 in log space: the series
+    converges for every ``x`` and its largest term, near ``n = x^2``, stays finite."""
+    z = x.to(torch.float64).clamp(-ERFI_MAX, ERFI_MAX)
+    n = torch.arange(_ERFI_TERMS, dtype=torch.float64, device=x.device)
+    log_coef = -torch.lgamma(n + 1) - torch.log(2 * n + 1)
+    log_abs = torch.log(z.abs().clamp_min(1e-300)).unsqueeze(-1)
+    terms = torch.exp((2 * n + 1) * log_abs + log_coef).sum(-1)
+    return (torch.sign(z) * terms * (2 / math.sqrt(math.pi))).to(x.dtype)
+
+
+class TRAC(torch.optim.Optimizer):
+    """TRAC around a base optimizer (Muppidi et al. 2024; the authors' ``start_trac``).
+
+    With ``theta_ref`` the parameters before the first step, ``S_t = sum_j s_j`` the sum of the
+    tuners' scales and ``theta_t`` the parameters the network uses, each step (per seed):
+
+        Delta_t = (theta_t - theta_ref) / (S_t + eps)          (the base's own iterate, unscaled)
+        u_t     = the base optimizer's update at theta_t, with the gradients g_t
+        h_t     = <Delta_t, g_t>                                (over all parameters of a seed)
+        v_j    <- beta_j^2 v_j + h_t^2,    sigma_j <- beta_j sigma_j - h_t
+        s_j     = s_prior / erfi(1 / sqrt 2) * erfi(sigma_j / (sqrt 2 sqrt(v_j) + eps))
+        theta_{t+1} = theta_ref + (Delta_t + u_t) * max(sum_j s_j, 0)
+
+    starting from ``s = v = 0`` and ``sigma = 1e-8``: the first updates are scaled to near
+    ``theta_ref``, and the scale grows while the gradients keep agreeing with the direction
+    travelled. Defaults are the authors': ``betas`` :data:`BETAS`, ``s_prior = 1e-8``,
+    ``eps = 1e-8``.
+
+    Stacked seeds (``seed_dims=1``): every parameter is ``[S, ...]``; ``h``, ``v``, ``sigma`` and
+    ``s`` are ``[S, len(betas)]``, so each seed is scaled as it would be alone.
+
+    The base optimizer is stepped as it is (its own state and hyperparameters; its param groups
+    and state are this optimizer's), so code that reads ``optimizer.state[p]`` (CBP's resets)
+    or edits ``param_groups`` keeps working. No host synchronisation in :meth:`step`.
+    """
+
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        betas: Sequence[float] = BETAS,
+        s_prior: float = 1e-8,
+        eps: float = 1e-8,
+        *,
+        seed_dims: int = 0,
+    ):
+        if not isinstance(base, torch.optim.Optimizer):
+            raise ValueError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
+        if not betas or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {tuple(betas)}")
+        if not s_prior > 0 or not eps > 0:
+            raise ValueError(f"s_prior and eps must be > 0, got {s_prior}, {eps}")
+        if seed_dims not in (0, 1):
+            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
+        self.base = base
+        self.defaults = base.defaults
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.seed_dims = seed_dims
+        self.s_prior, self.eps = float(s_prior), float(eps)
+        first = base.param_groups[0]["params"][0]
+        seeds = first.shape[0] if seed_dims else 1
+        stats = dict(dtype=torch.float64, device=first.device)
+        self.betas = torch.tensor(list(betas), **stats)
+        self.s = torch.zeros(seeds, len(betas), **stats)
+        self.variance = torch.zeros(seeds, len(betas), **stats)
+        self.sigma = torch.full((seeds, len(betas)), 1e-8, **stats)
+        self.reference: list[Tensor] = []
+        """``theta_ref`` of every parameter, in the order of the groups (set at the first step)."""
+
+    def _expand(self, scale: Tensor, p: Tensor) -> Tensor:
+        """A per-seed ``[S]`` value shaped to multiply parameter ``p``."""
+        if self.seed_dims:
+            return scale.reshape(-1, *([1] * (p.dim() - 1))).to(p.dtype)
+        return scale.reshape(()).to(p.dtype)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("TRAC.step takes no closure")
+        every = [p for g in self.param_groups for p in g["params"]]
+        if not self.reference:
+            self.reference = [p.detach().clone() for p in every]
+        ref_of = {id(p): r for p, r in zip(every, self.reference, strict=True)}
+        params = [p for p in every if p.grad is not None]
+        grads = [p.grad.clone() for p in params]
+        before = [p.detach().clone() for p in params]
+        self.base.step()
+        total = self.s.sum(1) + self.eps  # [S]
+        h = torch.zeros(self.s.shape[0], dtype=torch.float64, device=self.s.device)
+        deltas = []
+        for p, g, b in zip(params, grads, before):
+            delta = (b - ref_of[id(p)]) / self._expand(total, p)
+            prod = (delta * g).to(torch.float64)
+            h += prod.reshape(prod.shape[0], -1).sum(1) if self.seed_dims else prod.sum()
+            delta.add_(p - b)  # + the base's update u_t
+            deltas.append(delta)
+        h2 = h.unsqueeze(1)
+        self.variance.mul_(self.betas**2).add_(h2.square())
+        self.sigma.mul_(self.betas).sub_(h2)
+        one = torch.tensor(1.0 / math.sqrt(2.0), dtype=torch.float64, device=h.device)
+        prior = self.s_prior / erfi(one)
+        self.s.copy_(prior * erfi(self.sigma / (math.sqrt(2.0) * self.variance.sqrt() + self.eps)))
+        scale = self.s.sum(1).clamp_min(0.0)
+        for p, delta in zip(params, deltas):
+            p.copy_(ref_of[id(p)] + delta * self._expand(scale, p))
+
+    @property
+    def scale(self) -> Tensor:
+        """``max(sum_j s_j, 0)`` per seed (``[S]``; one entry without seeds)."""
+        return self.s.sum(1).clamp_min(0.0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base.state_dict(),
+            "s": self.s.clone(),
+            "variance": self.variance.clone(),
+            "sigma": self.sigma.clone(),
+            "reference": [r.clone() for r in self.reference],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base.load_state_dict(state_dict["base"])
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        for key in ("s", "variance", "sigma"):
+            getattr(self, key).copy_(state_dict[key])
+        self.reference = [r.clone() for r in state_dict["reference"]]
