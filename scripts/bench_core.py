@@ -30,6 +30,7 @@ from ppo_cbp.plasticity.l2_init import L2Init
 from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
 from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
+from ppo_cbp.plasticity.trac import TRAC
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.plasticity.weight_clipping import WeightClipping
 
@@ -212,13 +213,16 @@ def measure_methods(sizes, optimizer, init, batch, repeats, device):
         }
         for name in methods
     }
-    rows["UPGD instead of the optimizer"] = measure_upgd(net, opt, x, y, repeats, sync)
+    upgd = UPGD(net.parameters(), lr=1e-4, weight_decay=1e-4, beta_utility=0.999, sigma=1e-3)
+    rows["UPGD instead of the optimizer"] = measure_optimizer(net, opt, upgd, x, y, repeats, sync)
+    trac = TRAC(type(opt)(net.parameters(), **opt.defaults))
+    rows["TRAC around the optimizer"] = measure_optimizer(net, opt, trac, x, y, repeats, sync)
     return rows
 
 
-def measure_upgd(net, opt, x, y, repeats, sync) -> dict[str, float]:
-    """A training step with UPGD against one with ``opt``, interleaved on the same network."""
-    upgd = UPGD(net.parameters(), lr=1e-4, weight_decay=1e-4, beta_utility=0.999, sigma=1e-3)
+def measure_optimizer(net, opt, upgd, x, y, repeats, sync) -> dict[str, float]:
+    """A training step with optimizer ``upgd`` against one with ``opt``, interleaved on the
+    same network."""
 
     def train_step(optimizer):
         loss = (net(x) - y).pow(2).mean()
