@@ -41,6 +41,7 @@ from ppo_cbp.benchmarks.incremental_cifar import (
 )
 from ppo_cbp.benchmarks.incremental_cifar import DEFAULTS as CIFAR_DEFAULTS
 from ppo_cbp.datasets.imagenet32 import class_pairs
+from ppo_cbp.errors import UsageError
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 
 CPU = torch.device("cpu")
@@ -405,6 +406,37 @@ def test_continual_imagenet_resume_is_exact(tmp_path):
     run_continual_imagenet(part)
     rows, expected = read_rows(part.out, 0), read_rows(full.out, 0)
     assert rows == expected and rows[-1]["units_replaced"] > 0
+
+
+@pytest.mark.parametrize(
+    "spec", ["cbp+l2_init+weight_clipping", "snp_init+soft_snp+parseval", "upgd", "linear+trac"]
+)
+def test_continual_imagenet_with_plasticity_methods_resumes_exactly(tmp_path, spec):
+    """Combined methods on the ConvNet: an interrupted run resumes into the rows of the run
+    that never stopped, and two stacked seeds give the rows of each seed alone."""
+    write_imagenet(tmp_path / "inet")
+    method = ImageNetMethodConfig(method=spec, replacement_rate=0.01, maturity_threshold=3)
+    kw = dict(epochs=2, dtype="float64")
+    full = imagenet_cfg(tmp_path, "full", seeds=[0, 1], **kw)
+    full.method = method
+    assert run_continual_imagenet(full)["method"] == spec
+    part = imagenet_cfg(tmp_path, "part", seeds=[0, 1], **kw)
+    part.method = copy.deepcopy(method)
+    run_continual_imagenet(part, stop_after=1)
+    part.resume = True
+    run_continual_imagenet(part)
+    alone = imagenet_cfg(tmp_path, "alone", seeds=[1], **kw)
+    alone.method = copy.deepcopy(method)
+    run_continual_imagenet(alone)
+    for seed in (0, 1):
+        assert read_rows(part.out, seed) == read_rows(full.out, seed)
+    for r_stack, r_alone in zip(read_rows(full.out, 1), read_rows(alone.out, 1), strict=True):
+        assert r_stack == pytest.approx(r_alone, rel=1e-9, abs=1e-12)
+
+
+def test_continual_imagenet_refuses_an_unknown_method_in_a_combination():
+    with pytest.raises(UsageError, match="unknown method 'crelu'"):
+        resolve_module_method(ImageNetMethodConfig(method="cbp+crelu"), IMAGENET_DEFAULTS, {})
 
 
 @pytest.mark.parametrize("utility", ["adaptable_contribution", "contribution"])

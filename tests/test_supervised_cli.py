@@ -436,7 +436,12 @@ def test_summary_fields_mean_what_they_say(tmp_path, capsys):
         rows = read_rows(out, seed)
         s = summary["seeds"][str(seed)]
         assert s["rows"] == 3 and s["last"] == pytest.approx(rows[-1])
-        assert set(s["mean_over_rows"]) == {"squared_error", "weight_magnitude"}
+        assert set(s["mean_over_rows"]) == {
+            "squared_error",
+            "weight_magnitude",
+            "dead_units",
+            "effective_rank",
+        }
         for k, v in s["mean_over_rows"].items():
             assert v == pytest.approx(np.mean([r[k] for r in rows]), rel=1e-12)
         assert s["units_replaced"] == rows[-1]["units_replaced"] > 0
@@ -534,6 +539,8 @@ def test_resume_after_kill_9_logs_every_row_once(tmp_path):
                 "examples",
                 "squared_error",
                 "weight_magnitude",
+                "dead_units",
+                "effective_rank",
                 "units_replaced",
             }
         )

@@ -302,15 +302,17 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
     """Fill ``cfg``'s unset values from the defaults of its methods and check every value.
 
     A combination takes each method's defaults in the order given (``defaults[name]``), and
-    the step size of its optimizer (``adam`` or ``upgd``) or else of ``bp``.
+    the step size of its optimizer (``adam`` or ``upgd``), else of the first method that
+    states one, else of ``bp``.
     """
     names = parse_methods(cfg.method, list(defaults))
     d: dict[str, Any] = {}
     for name in names:
         d.update(defaults[name])
     optimizer = next((n for n in names if n in OPTIMIZERS), "sgd")
-    base = optimizer if optimizer != "sgd" else ("bp" if "bp" in defaults else names[0])
-    d["lr"] = defaults[base].get("lr", d.get("lr"))
+    stated = [n for n in names if "lr" in defaults[n]]
+    base = optimizer if optimizer != "sgd" else (stated[0] if stated else "bp")
+    d["lr"] = defaults[base]["lr"]
 
     def pick(name: str, fallback: Any) -> Any:
         value = getattr(cfg, name)

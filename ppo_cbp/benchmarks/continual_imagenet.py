@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from ppo_cbp.augment import normalize
 from ppo_cbp.benchmarks.common import (
+    PLASTICITY_DEFAULTS,
     MethodConfig,
     ResolvedMethod,
     RunOutputs,
@@ -72,7 +73,14 @@ from ppo_cbp.metrics import (
     feature_rank_metrics,
 )
 from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
+from ppo_cbp.plasticity.l2_init import L2Init
+from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
+from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
+from ppo_cbp.plasticity.trac import TRAC
+from ppo_cbp.plasticity.upgd import UPGD
+from ppo_cbp.plasticity.weight_clipping import WeightClipping
 from ppo_cbp.resnet import ResNet18
 from ppo_cbp.stacked import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
 from ppo_cbp.stacked_resnet import StackedResNet18
@@ -83,6 +91,17 @@ TAG_AUGMENT = 11
 TAG_HEAD = 12
 
 IMAGENET_METHODS = ("bp", "l2", "snp", "cbp", "redo", "linear")
+"""The paper's methods; those of :mod:`ppo_cbp.plasticity` that suit a ConvNet whose head is
+reset at every task (:data:`PLASTICITY_METHODS`) combine with them (``cbp+l2_init``)."""
+PLASTICITY_METHODS = (
+    "l2_init",
+    "parseval",
+    "weight_clipping",
+    "snp_init",
+    "soft_snp",
+    "upgd",
+    "trac",
+)
 
 # The paper's released configurations (SGD momentum 0.9; step size 0.01, for L2 0.03).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -92,16 +111,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "cbp": dict(lr=0.01, replacement_rate=3e-4, maturity_threshold=100),
     "redo": dict(lr=0.01),
     "linear": dict(lr=0.01),
+    **{name: PLASTICITY_DEFAULTS[name] for name in PLASTICITY_METHODS},
 }
 
 
 @method_flags(DEFAULTS)
 @dataclass
 class ImageNetMethodConfig(MethodConfig):
-    """Method of Continual ImageNet: bp, l2, snp, cbp, redo, or the linear-network baseline."""
+    """Method of Continual ImageNet: bp, l2, snp, cbp, redo, or the linear-network baseline,
+    alone or with l2_init, parseval, weight_clipping, snp_init, soft_snp, upgd or trac joined
+    by + (e.g. cbp+l2_init)."""
 
-    method: Literal["bp", "l2", "snp", "cbp", "redo", "linear"] = "bp"  # type: ignore[assignment]
-    """Learning method (linear: the linear-network baseline trained with SGD)."""
+    method: str = "bp"
+    """Learning method, or several joined with + (linear: the linear-network baseline trained with SGD)."""
 
 
 def resolve_module_method(
@@ -109,12 +131,20 @@ def resolve_module_method(
 ) -> ResolvedMethod:
     """:func:`~ppo_cbp.benchmarks.common.resolve_method` for methods that are variants of a core
     method (``aliases``: name -> core method, e.g. ``linear -> bp``); keeps the variant's name."""
-    name = cfg.method
-    if name not in defaults:
-        raise UsageError(f"unknown method {name!r}; expected one of {', '.join(defaults)}")
-    core = aliases.get(name, name)
-    resolved = resolve_method(replace(cfg, method=core), {core: defaults[name]})
-    resolved.method = name
+    names = [n.strip() for n in str(cfg.method).split("+")]
+    for name in names:
+        if name not in defaults:
+            raise UsageError(
+                f"unknown method {name!r} in --method {cfg.method}; expected one of "
+                f"{', '.join(defaults)}, or several joined with +"
+            )
+    # a variant's core method; bp, the plain core, drops out of a combination (its defaults,
+    # the step size, stay)
+    core = {aliases.get(n, n): defaults[n] for n in names}
+    spec = [c for c in core if c != "bp"] or ["bp"]
+    plain = {"bp": defaults["bp"]} if "bp" in defaults else {}
+    resolved = resolve_method(replace(cfg, method="+".join(spec)), {**plain, **core})
+    resolved.method = "+".join(names)
     return resolved
 
 
@@ -202,15 +232,33 @@ class StackedLearner:
         self.method = method
         self.device = device
         self._params = list(self.net.parameters())
-        self.opt = torch.optim.SGD(
-            self._params, lr=method.lr, momentum=momentum, weight_decay=method.weight_decay
+        if method.optimizer == "upgd":
+            self.opt = UPGD(
+                self._params,
+                lr=method.lr,
+                weight_decay=method.weight_decay,
+                beta_utility=method.upgd_beta_utility,
+                sigma=method.upgd_sigma,
+                seed_dims=1,
+                seeds=seeds,
+            )
+        else:
+            self.opt = torch.optim.SGD(
+                self._params, lr=method.lr, momentum=momentum, weight_decay=method.weight_decay
+            )
+        state_owner = self.opt
+        if method.uses("trac"):
+            self.opt = TRAC(self.opt, seed_dims=1)
+        hooked = [n for n in PLASTICITY_METHODS if n not in ("upgd", "trac") and method.uses(n)]
+        self.methods = Methods(
+            plasticity_methods(self.net, state_owner, method, init, seeds) if hooked else []
         )
         self.cbp: ContinualBackprop | None = None
         self.redo: ReDo | None = None
-        if method.method == "cbp":
+        if method.uses("cbp"):
             self.cbp = ContinualBackprop(
                 self.net.unit_layers(init),
-                self.opt,
+                state_owner,
                 replacement_rate=method.replacement_rate,
                 maturity_threshold=method.maturity_threshold,
                 decay_rate=method.decay_rate,
@@ -218,10 +266,10 @@ class StackedLearner:
                 init=init,
                 seed=[derive_seed(s, TAG_CBP) for s in seeds],
             )
-        elif method.method == "redo":
+        elif method.uses("redo"):
             self.redo = ReDo(
                 self.net.unit_layers(init),
-                self.opt,
+                state_owner,
                 threshold=method.redo_threshold,
                 period=method.redo_period,
                 init=init,
@@ -248,8 +296,11 @@ class StackedLearner:
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        with torch.no_grad():
+            self.methods.after_backward()
         self.opt.step()
         with torch.no_grad():
+            self.methods.after_step(hidden)
             if self.noise:
                 # seed by seed, in each network's own parameter order: its draws alone
                 for s, g in enumerate(self.noise):
@@ -261,6 +312,11 @@ class StackedLearner:
             elif self.redo is not None:
                 self.redo.step(hidden)
             return (logits.argmax(-1) == y).sum(1)
+
+    def task_boundary(self) -> None:
+        """The methods' task-boundary hooks (a new pair of classes begins)."""
+        with torch.no_grad():
+            self.methods.at_task_boundary()
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -284,6 +340,7 @@ class StackedLearner:
             "cbp": None if self.cbp is None else self.cbp.state_dict(),
             "redo": None if self.redo is None else self.redo.state_dict(),
             "noise": [g.get_state() for g in self.noise],
+            "methods": self.methods.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -295,6 +352,43 @@ class StackedLearner:
             self.redo.load_state_dict(state["redo"])
         for g, s in zip(self.noise, state["noise"], strict=True):
             g.set_state(s)
+        if "methods" in state:  # absent from checkpoints older than the methods' hooks
+            self.methods.load_state_dict(state["methods"])
+
+
+def plasticity_methods(
+    net: StackedSequential,
+    optimizer: torch.optim.Optimizer,
+    method: ResolvedMethod,
+    init: str,
+    seeds: list[int],
+) -> list[PlasticityMethod]:
+    """The :mod:`ppo_cbp.plasticity` methods of ``method`` on the stacked network, in the order
+    their hooks run: regularisers, per-step transforms, task-boundary methods."""
+    weights = [net.layer(i) for i in range(len(net))]
+    layers = [(w, b) for _, _, w, b in weights if w is not None]
+    network = Network(
+        [
+            Layer(w, b, init, "relu", head=i == len(layers) - 1, name=f"layer{i}")
+            for i, (w, b) in enumerate(layers)
+        ],
+        list(net.parameters()),
+        optimizer,
+        seed_dims=1,
+        seeds=seeds,
+    )
+    out: list[PlasticityMethod] = []
+    if method.uses("l2_init"):
+        out.append(L2Init(network, method.l2_init))
+    if method.uses("parseval"):
+        out.append(ParsevalRegularization(network, method.parseval))
+    if method.uses("soft_snp"):
+        out.append(ShrinkPerturb(network, method.soft_shrink, every="step"))
+    if method.uses("weight_clipping"):
+        out.append(WeightClipping(network, method.clip_kappa))
+    if method.uses("snp_init"):
+        out.append(ShrinkPerturb(network, method.shrink, every="task_boundary"))
+    return out
 
 
 @torch.no_grad()
@@ -418,7 +512,9 @@ def build_imagenet_learner(
     nets = []
     for seed in seeds:
         g = torch.Generator().manual_seed(derive_seed(seed, TAG_INIT))
-        nets.append(linear_network(2, g) if method.method == "linear" else imagenet_convnet(2, g))
+        nets.append(
+            linear_network(2, g) if "linear" in method.method.split("+") else imagenet_convnet(2, g)
+        )
     return StackedLearner(
         nets,
         method,
@@ -504,6 +600,8 @@ def run_continual_imagenet(
         m = min(cfg.metric_examples, n)
         pick = torch.linspace(0, n - 1, m, device=device).long()
         metrics = convnet_metrics(learner.net, x_train[pick])
+        if task > 0:
+            learner.task_boundary()
         reset_head_(learner)
         correct = torch.zeros(S, dtype=torch.int64, device=device)
         x_rows = x_train.view(n * S, 3, 32, 32)  # row j * S + s: image j of seed s
