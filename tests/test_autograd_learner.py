@@ -244,3 +244,32 @@ def test_architecture_methods_build_their_networks():
         AutogradLearner(sizes, [0], _method("crelu"), activation="tanh", **kw)
     with pytest.raises(UsageError, match="--injection-layers 1"):
         AutogradLearner(sizes, [0], _method("injection+layer_norm"), **kw)
+
+
+def test_scr_hidden_unit_metrics_follow_their_definitions():
+    """Dead units (zero on every input) and the effective rank (exp of the entropy of the
+    normalised singular values) of the hidden layer, per seed, against numpy."""
+    import numpy as np
+
+    from ppo_cbp.benchmarks.scr import hidden_unit_metrics
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 40, 5, generator=g, dtype=F64).clamp_min(0)
+    h[0, :, 1] = 0  # seed 0: one dead unit
+    h[1, :, 3:] = 0  # seed 1: two
+
+    class Net:
+        def forward(self, x_aug):
+            return None, [h]
+
+    class FakeLearner:
+        net = Net()
+
+    rows = hidden_unit_metrics(FakeLearner(), torch.zeros(2, 40, 3), count_dead=True)
+    for s, dead in enumerate((1, 2)):
+        sv = np.linalg.svd(h[s].numpy(), compute_uv=False)
+        q = sv / sv.sum()
+        q = q[q > 0]
+        assert rows[s]["dead_units"] == dead
+        assert rows[s]["effective_rank"] == pytest.approx(np.exp(-(q * np.log(q)).sum()), rel=1e-9)
+    assert "dead_units" not in hidden_unit_metrics(FakeLearner(), torch.zeros(2, 40, 3), False)[0]
