@@ -4,7 +4,8 @@ confidence interval.
     python scripts/method_table.py runs/results/pmnist/* --metrics accuracy dead_fraction effective_rank_3 weight_magnitude
 
 Each path is a run folder of ``scripts/supervised.py`` (``config.json``, ``seed_<s>/metrics.csv``).
-Per run and metric: the values of the last CSV row of every seed, their mean and the 95%
+Per run and metric: the values of the last CSV row of every seed (``<metric>:mean``: each seed's
+mean over all its rows instead), their mean over seeds and the 95%
 Student-t interval ``mean +- t_{0.975, n-1} s / sqrt(n)`` (``s`` the sample standard deviation,
 ddof = 1; none for one seed). With three seeds a bootstrap interval cannot reach the t
 interval's coverage, so the t interval it is. A Markdown table goes to stdout (and ``--out``).
@@ -28,13 +29,17 @@ from ppo_cbp.formatting import measured  # noqa: E402
 
 
 def last_rows(run: Path) -> list[dict[str, float]]:
-    """The last row of every seed's ``metrics.csv`` in ``run``."""
+    """Per seed of ``run``: its ``metrics.csv``'s last row, plus ``<metric>:mean``, each
+    metric's mean over all the seed's rows."""
     rows = []
     for path in sorted(run.glob("seed_*/metrics.csv")):
         with open(path, newline="") as f:
-            table = list(csv.DictReader(f))
+            table = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
         if table:
-            rows.append({k: float(v) for k, v in table[-1].items()})
+            row = dict(table[-1])
+            for k in table[0]:
+                row[f"{k}:mean"] = sum(r[k] for r in table) / len(table)
+            rows.append(row)
     return rows
 
 

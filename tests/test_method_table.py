@@ -34,6 +34,9 @@ def test_mean_and_t_interval_of_the_last_rows(tmp_path, capsys):
     p = 0.975
     half = (2 * p - 1) / math.sqrt(2 * p * (1 - p)) * 0.1 / math.sqrt(3)
     assert f"| cbp | 3 | 0.8 ± {half:.2g} |" in out
+    assert method_table.main([str(run), "--metrics", "accuracy:mean"]) == 0
+    # per-seed means over rows 0.45, 0.55, 0.5: mean 0.5, s = 0.05
+    assert f"| cbp | 3 | 0.5 ± {half / 2:.2g} |" in capsys.readouterr().out
     mean, h = method_table.mean_interval([0.8, 0.9, 0.7])
     assert math.isclose(mean, 0.8) and math.isclose(h, half, rel_tol=1e-12)
     assert method_table.mean_interval([0.5]) == (0.5, None)
