@@ -71,10 +71,7 @@ from ppo_cbp.plasticity.normalize_project import (  # noqa: E402
 from ppo_cbp.plasticity.parseval import ParsevalRegularization  # noqa: E402
 from ppo_cbp.plasticity.redo import ReDo  # noqa: E402
 from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset  # noqa: E402
-from ppo_cbp.plasticity.shrink_perturb import (
-    ShrinkPerturb,  # noqa: E402
-    perturb_,  # noqa: E402
-)
+from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb, perturb_  # noqa: E402
 from ppo_cbp.plasticity.trac import TRAC  # noqa: E402
 from ppo_cbp.plasticity.upgd import UPGD  # noqa: E402
 from ppo_cbp.plasticity.weight_clipping import WeightClipping  # noqa: E402
@@ -91,7 +88,7 @@ from ppo_cbp.ppo_numerics import (  # noqa: E402
 
 @dataclass
 class Args:
-    """PPO (+ continual backprop, ReDo, L2, Shrink & Perturb) on friction-changing MuJoCo.
+    """PPO (+ continual backprop, ReDo, L2, Shrink & Perturb and the other plasticity methods) on friction-changing MuJoCo.
 
     Examples::
 
@@ -325,10 +322,9 @@ class Agent:
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [p for p in self.optimizer_params() if p.requires_grad]
-
-    def optimizer_params(self) -> list[nn.Parameter]:
-        return [*self.actor.parameters(), self.log_std, *self.critic.parameters()]
+        """The trained parameters (an injection's frozen ones left out)."""
+        every = [*self.actor.parameters(), self.log_std, *self.critic.parameters()]
+        return [p for p in every if p.requires_grad]
 
     @property
     def autograd(self) -> bool:
