@@ -68,7 +68,7 @@ PLASTICITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "nap": {},
     "crelu": {},
     "injection": dict(injection_layers=2),
-    # UPGD's code has placeholder constructor defaults (lr 1e-5, sigma 1, beta 0): these are ours
+    # sigma and beta: the UPGD repository README's stand-alone optimizer; the step size is ours
     "upgd": dict(lr=0.01, upgd_sigma=1e-3, upgd_beta_utility=0.999),
     "trac": {},
 }

@@ -1,5 +1,5 @@
 """TRAC, a parameter-free scaling of a base optimizer's updates for lifelong learning
-(Muppidi, Zhang and Cutkosky, "Fast TRAC: A Parameter-Free Optimizer for Lifelong
+(Muppidi, Zhang and Yang, "Fast TRAC: A Parameter-Free Optimizer for Lifelong
 Reinforcement Learning", NeurIPS 2024).
 
 We follow the authors' package (``trac-optimizer`` 0.0.2, ``trac_optimizer/trac.py``) step for
