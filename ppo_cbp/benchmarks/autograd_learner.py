@@ -24,22 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod
+from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod, step_methods
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.crelu import CReLU
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
 from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
-from ppo_cbp.plasticity.l2_init import L2Init
 from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
-from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
 from ppo_cbp.plasticity.trac import TRAC
 from ppo_cbp.plasticity.upgd import UPGD
-from ppo_cbp.plasticity.weight_clipping import WeightClipping
 from ppo_cbp.stacked import LEAKY_RELU_SLOPE, TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
 from ppo_cbp.stacked_sequential import StackedSequential
 
@@ -197,15 +194,7 @@ class AutogradLearner:
         net = self.network
         # hooks run in this order: regularisers, per-step transforms, unit resets, then the
         # task-boundary methods (a replaced unit keeps its fresh draw until the next step)
-        methods: list[PlasticityMethod] = []
-        if method.uses("l2_init"):
-            methods.append(L2Init(net, method.l2_init))
-        if method.uses("parseval"):
-            methods.append(ParsevalRegularization(net, method.parseval))
-        if method.uses("soft_snp"):
-            methods.append(ShrinkPerturb(net, method.soft_shrink, every="step"))
-        if method.uses("weight_clipping"):
-            methods.append(WeightClipping(net, method.clip_kappa))
+        methods: list[PlasticityMethod] = step_methods(net, method)
         if method.uses("nap"):
             methods.append(NormalizeAndProject(net, stacked.layer_norms()))
         units = stacked.unit_layers(init) if len(sizes) >= 3 else []

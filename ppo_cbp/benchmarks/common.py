@@ -34,7 +34,12 @@ from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
+from ppo_cbp.plasticity.hooks import Network, PlasticityMethod
+from ppo_cbp.plasticity.l2_init import L2Init
+from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
+from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
+from ppo_cbp.plasticity.weight_clipping import WeightClipping
 from ppo_cbp.stacked import TAG_CBP, TAG_REDO, StackedMLP, StackedTrainer, derive_seed
 
 FUSED_METHODS = ("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm")
@@ -377,6 +382,21 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
     if r.utility not in UTILITIES:
         raise UsageError(f"unknown utility {r.utility!r}; expected one of {', '.join(UTILITIES)}")
     return r
+
+
+def step_methods(net: Network, method: ResolvedMethod) -> list[PlasticityMethod]:
+    """The per-step :mod:`ppo_cbp.plasticity` methods of ``method`` on ``net``, in the order
+    their hooks run: the regularisers (after backward), then the transforms (after the step)."""
+    out: list[PlasticityMethod] = []
+    if method.uses("l2_init"):
+        out.append(L2Init(net, method.l2_init))
+    if method.uses("parseval"):
+        out.append(ParsevalRegularization(net, method.parseval))
+    if method.uses("soft_snp"):
+        out.append(ShrinkPerturb(net, method.soft_shrink, every="step"))
+    if method.uses("weight_clipping"):
+        out.append(WeightClipping(net, method.clip_kappa))
+    return out
 
 
 def resolve_device(device: str) -> torch.device:

@@ -62,6 +62,7 @@ from ppo_cbp.benchmarks.common import (
     resolve_device,
     resolve_dtype,
     resolve_method,
+    step_methods,
 )
 from ppo_cbp.datasets.imagenet32 import channel_stats, class_pairs, load_imagenet32
 from ppo_cbp.errors import UsageError
@@ -74,13 +75,10 @@ from ppo_cbp.metrics import (
 )
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
-from ppo_cbp.plasticity.l2_init import L2Init
-from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
 from ppo_cbp.plasticity.trac import TRAC
 from ppo_cbp.plasticity.upgd import UPGD
-from ppo_cbp.plasticity.weight_clipping import WeightClipping
 from ppo_cbp.resnet import ResNet18
 from ppo_cbp.stacked import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
 from ppo_cbp.stacked_resnet import StackedResNet18
@@ -377,15 +375,7 @@ def plasticity_methods(
         seed_dims=1,
         seeds=seeds,
     )
-    out: list[PlasticityMethod] = []
-    if method.uses("l2_init"):
-        out.append(L2Init(network, method.l2_init))
-    if method.uses("parseval"):
-        out.append(ParsevalRegularization(network, method.parseval))
-    if method.uses("soft_snp"):
-        out.append(ShrinkPerturb(network, method.soft_shrink, every="step"))
-    if method.uses("weight_clipping"):
-        out.append(WeightClipping(network, method.clip_kappa))
+    out = step_methods(network, method)
     if method.uses("snp_init"):
         out.append(ShrinkPerturb(network, method.shrink, every="task_boundary"))
     return out
