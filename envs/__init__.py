@@ -1,9 +1,10 @@
 """The environment side of the experiments: non-stationary MuJoCo and checkpointable vector envs.
 
-Imports nothing from ``ppo_cbp``.
+Installed as ``ppo_cbp.envs`` (the folder stays at the top of the repository); imports
+nothing else from ``ppo_cbp``.
 """
 
-from envs.friction import FrictionChange, sample_frictions
-from envs.vector import EnvFactory, ParallelEnvs, SingleEnv, make
+from ppo_cbp.envs.friction import FrictionChange, sample_frictions
+from ppo_cbp.envs.vector import EnvFactory, ParallelEnvs, SingleEnv, make
 
 __all__ = ["EnvFactory", "FrictionChange", "ParallelEnvs", "SingleEnv", "make", "sample_frictions"]

@@ -39,8 +39,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-
-from envs.friction import FrictionChange
+from ppo_cbp.envs.friction import FrictionChange
 
 __all__ = ["CheckpointableEnv", "EnvFactory", "ParallelEnvs", "SingleEnv", "make"]
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ppo_cbp.units import hidden_activations
+from ppo_cbp.nets.units import hidden_activations
 
 __all__ = [
     "DORMANT_SCORE_EPS",

@@ -1,9 +1,9 @@
 """PPO with continual backprop on friction-changing MuJoCo, in the order of CleanRL's
 ``ppo_continuous_action.py``: ``Args``, the agent, the rollout, GAE, the PPO update and the
 logging, then ``main()``, the algorithm's outline. What is not PPO lives beside it: the run's
-seeding, state, checkpoints and summary in :mod:`ppo_cbp.ppo_run`, the settings' checks in
-:mod:`ppo_cbp.ppo_settings`, the fast numerics in :mod:`ppo_cbp.ppo_numerics`, the vector env
-in :mod:`envs.vector`.
+seeding, state, checkpoints and summary in :mod:`ppo_cbp.ppo.run`, the settings' checks in
+:mod:`ppo_cbp.ppo.settings`, the fast numerics in :mod:`ppo_cbp.ppo.numerics`, the vector env
+in :mod:`ppo_cbp.envs.vector`.
 
 Usage::
 
@@ -39,43 +39,41 @@ if __package__ in (None, ""):
     # modules (metrics, init, units, ...) as top-level modules that could shadow others.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import envs.vector as vector_env  # noqa: E402
-from envs.vector import EnvFactory  # noqa: E402
-from ppo_cbp import ppo_run, ppo_settings, run_folder  # noqa: E402
-from ppo_cbp.cli import parse as cli_parse  # noqa: E402
-from ppo_cbp.cli import report_error  # noqa: E402
-from ppo_cbp.errors import UsageError  # noqa: E402
-from ppo_cbp.init import Scheme, init_linear_  # noqa: E402
-from ppo_cbp.metrics import (  # noqa: E402
+import ppo_cbp.envs.vector as vector_env
+from ppo_cbp import run_folder
+from ppo_cbp.cli import parse as cli_parse
+from ppo_cbp.cli import report_error
+from ppo_cbp.envs.vector import EnvFactory
+from ppo_cbp.errors import UsageError
+from ppo_cbp.init import Scheme, init_linear_
+from ppo_cbp.metrics import (
     WeightChangeTracker,
     gradient_norm,
     plasticity_metrics,
     policy_churn,
     policy_kl,
 )
-from ppo_cbp.plasticity.c_chain import ChurnReduction  # noqa: E402
-from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
-from ppo_cbp.plasticity.crelu import crelu_mlp  # noqa: E402
-from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod  # noqa: E402
-from ppo_cbp.plasticity.injection import (  # noqa: E402
-    TAG_INJECTION,
-    InjectableNetwork,
-    PlasticityInjection,
-)
-from ppo_cbp.plasticity.l2_init import L2Init  # noqa: E402
-from ppo_cbp.plasticity.normalize_project import (  # noqa: E402
+from ppo_cbp.nets.crelu import crelu_mlp
+from ppo_cbp.plasticity.c_chain import ChurnReduction
+from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
+from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
+from ppo_cbp.plasticity.l2_init import L2Init
+from ppo_cbp.plasticity.normalize_project import (
     NormalizeAndProject,
     layer_norm_mlp,
     layer_norms,
 )
-from ppo_cbp.plasticity.parseval import ParsevalRegularization  # noqa: E402
-from ppo_cbp.plasticity.redo import ReDo  # noqa: E402
-from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset  # noqa: E402
-from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb, perturb_  # noqa: E402
-from ppo_cbp.plasticity.trac import TRAC  # noqa: E402
-from ppo_cbp.plasticity.upgd import UPGD  # noqa: E402
-from ppo_cbp.plasticity.weight_clipping import WeightClipping  # noqa: E402
-from ppo_cbp.ppo_numerics import (  # noqa: E402
+from ppo_cbp.plasticity.parseval import ParsevalRegularization
+from ppo_cbp.plasticity.redo import ReDo
+from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
+from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb, perturb_
+from ppo_cbp.plasticity.trac import TRAC
+from ppo_cbp.plasticity.upgd import UPGD
+from ppo_cbp.plasticity.weight_clipping import WeightClipping
+from ppo_cbp.ppo import run as ppo_run
+from ppo_cbp.ppo import settings as ppo_settings
+from ppo_cbp.ppo.numerics import (
     LOG_2PI,
     AdamStep,
     GaussianActing,
@@ -84,6 +82,7 @@ from ppo_cbp.ppo_numerics import (  # noqa: E402
     ppo_loss_and_grads,
     ppo_loss_autograd,
 )
+from ppo_cbp.seeding import TAG_INJECTION
 
 
 @dataclass
@@ -342,7 +341,7 @@ class Agent:
 
 
 def make_agent(
-    a: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: list[int]
+    a: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: dict[str, int]
 ) -> Agent:
     """Both MLPs, the log-std, one Adam over all of them and CBP/ReDo on each MLP."""
     build = make_mlp
@@ -371,7 +370,7 @@ def make_agent(
             weight_decay=a.weight_decay,
             beta_utility=a.upgd_beta_utility,
             sigma=a.upgd_sigma,
-            seeds=[int(seeds[1] % 2**63)],  # its own stream (derive_seed) of the perturbation seed
+            seeds=[seeds["perturb"]],  # its own stream (derive_seed) of the perturbation seed
         )
     else:
         try:  # the fused kernel: one call per step (CPU support since torch 2.4)
@@ -382,8 +381,8 @@ def make_agent(
     if a.trac:
         optimizer = TRAC(optimizer)
     resetters: dict[str, ContinualBackprop | ReDo] = {}
-    for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
-        seed = int(seeds[2 + k] % 2**63)
+    for name, net in (("policy", actor), ("value", critic)):
+        seed = seeds[name]
         shared = dict(init=a.init, reset_optimizer_state=a.reset_optimizer_state, seed=seed)
         if a.cbp:
             resetters[name] = ContinualBackprop(
@@ -406,7 +405,7 @@ def make_agent(
     methods: dict[str, Methods] = {}
     churn = None
     for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
-        seed = int(seeds[2 + k] % 2**63)
+        seed = seeds[name]
         ops: list[PlasticityMethod] = []
         if a.injection:
             network = net.as_network(state_owner, init=a.init, seeds=[seed])
@@ -434,7 +433,7 @@ def make_agent(
             )
         methods[name] = Methods(ops)
     if a.c_chain:
-        churn = ChurnReduction(actor, seeds=[int(seeds[2] % 2**63)])
+        churn = ChurnReduction(actor, seeds=[seeds["policy"]])
     return Agent(actor, critic, log_std, optimizer, resetters, methods, churn)
 
 

@@ -7,7 +7,7 @@ steps):
   Continual ImageNet ConvNet (batch 100) and the CIFAR ResNet-18 (batch 90), with and without
   CBP at the paper's settings, for 1 seed and for 8 stacked seeds (the stacked networks that
   ``continual-imagenet`` and ``incremental-cifar`` train);
-* examples/s of the stacked MLP trainer (``ppo_cbp.stacked``) at Permuted MNIST's width 2000
+* examples/s of the stacked MLP trainer (``ppo_cbp.nets.stacked_mlp``) at Permuted MNIST's width 2000
   with 16 seeds, batch 1, with and without CBP, after start-up;
 * the MLP cases of ``scripts/bench_core.py`` (train step and CBP step in ms).
 
@@ -17,7 +17,7 @@ training step dispatches (forward, loss, backward, optimizer step) and the aten 
 ``torch.profiler``. Definition: every ``aten::`` op the dispatcher records, nested ones
 included (``all``; the count behind "about 300 ops a step"); the ops called from Python alone
 (``top``) are reported beside it. CBP is counted on its tensor-op path, the one GPUs take: its
-numba kernels (``ppo_cbp.kernels``, used for Linear layers on the CPU) are disabled for the
+numba kernels (``ppo_cbp.nets.kernels``, used for Linear layers on the CPU) are disabled for the
 count. Ratios are computed from the counts.
 
 On a CPU the throughput cases run at tiny sizes (the op counts at full size); with ``--tiny``
@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_core  # noqa: E402
-from bench_supervised import CONV, conv_step, fused_step  # noqa: E402
+import bench_core
+from bench_supervised import CONV, conv_step, fused_step
 
-from ppo_cbp.plasticity.cbp import ContinualBackprop  # noqa: E402
+from ppo_cbp.plasticity.cbp import ContinualBackprop
 
 TINY_SIDE = {"convnet": 32, "resnet18": 16}
 """Image side at tiny sizes (the ConvNet's Linear layer needs 32x32 inputs)."""

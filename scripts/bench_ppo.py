@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppo_cbp.train import Args, main  # noqa: E402
+from ppo_cbp.train import Args, main
 
 METHODS = {"ppo": {}, "ppo+cbp": {"cbp": True}, "ppo+redo": {"redo": True}}
 

@@ -1,7 +1,7 @@
 """Throughput of the fused stacked-seed trainer against a plain PyTorch baseline, side by side.
 
 Baseline: ``nn.Sequential`` + autograd + ``torch.optim.SGD``, batch 1, one seed (the usual way to
-write the online benchmarks). Fused: :class:`ppo_cbp.stacked.StackedTrainer` with S seeds, with
+write the online benchmarks). Fused: :class:`ppo_cbp.nets.stacked_mlp.StackedTrainer` with S seeds, with
 and without continual backprop (paper's Permuted MNIST setting: adaptable contribution,
 eta 0.99, maturity 100, rho 1e-6). All cases run interleaved in rounds so that they see the
 same machine load; each number is the median over rounds. Examples/s counts every seed's
@@ -38,9 +38,9 @@ from torch import nn
 
 from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet, stack_networks
 from ppo_cbp.init import init_layer_
+from ppo_cbp.nets.resnet import ResNet18
+from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
 from ppo_cbp.plasticity.cbp import ContinualBackprop
-from ppo_cbp.resnet import ResNet18
-from ppo_cbp.stacked import StackedMLP, StackedTrainer
 
 
 def baseline(sizes: list[int], loss: str, lr: float) -> Callable[[int], float]:

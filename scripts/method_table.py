@@ -23,9 +23,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scipy import stats  # noqa: E402
+from scipy import stats
 
-from ppo_cbp.formatting import measured  # noqa: E402
+from ppo_cbp.formatting import measured
 
 
 def last_rows(run: Path) -> list[dict[str, float]]:

@@ -19,8 +19,8 @@ for PPO), by default in ``figures/`` beside the runs (in the deepest folder hold
 ``<name>.png``, ``<name>.pdf``, and the plotted numbers in ``<name>.csv`` and ``<name>.json``.
 Beside them ``table.md`` and ``table.csv`` (``<name>_table`` with ``--name``): per method and
 configuration the score's final segment, AUC and friction segments as mean and IQM over seeds
-with 95% bootstrap CIs, and envs pooled with the stratified bootstrap. See :mod:`ppo_cbp.plotting`, :mod:`ppo_cbp.report` and
-:mod:`ppo_cbp.stats` for the exact definitions.
+with 95% bootstrap CIs, and envs pooled with the stratified bootstrap. See :mod:`ppo_cbp.reporting.figures`, :mod:`ppo_cbp.reporting.tables` and
+:mod:`ppo_cbp.reporting.stats` for the exact definitions.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import tyro
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppo_cbp.cli import UsageError, parse, report_error  # noqa: E402
-from ppo_cbp.plotting import plot_runs  # noqa: E402
-from ppo_cbp.stats import RESAMPLES  # noqa: E402
+from ppo_cbp.cli import UsageError, parse, report_error
+from ppo_cbp.reporting.figures import plot_runs
+from ppo_cbp.reporting.stats import RESAMPLES
 
 
 @dataclass

@@ -27,7 +27,7 @@ Ant runs use them here.
 Every command and its wall time is printed. A run whose folder already holds a finished run of
 the requested size is skipped (so the script can be re-run after an interruption); an
 unfinished one is resumed. The small budget then plots everything with
-:func:`ppo_cbp.plotting.plot_runs` into ``--figures`` (by default ``figures/`` in
+:func:`ppo_cbp.reporting.figures.plot_runs` into ``--figures`` (by default ``figures/`` in
 ``--runs-dir``: ``runs/repro/figures``) and writes ``reproduce_small.json`` there (commands,
 scales, seeds, wall times, status). The figures in ``docs/figures`` were made with
 ``--figures docs/figures``.
@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from ppo_cbp.cli import UsageError, parse, report_error  # noqa: E402
+from ppo_cbp.cli import UsageError, parse, report_error
 
 # ---- small budget: each experiment sized for about an hour on a 2-core CPU (one job at a time)
 SCR_METHODS = ("bp", "l2", "snp", "cbp")
@@ -392,7 +392,7 @@ def run_all(exps: list[Experiment], jobs: int, dry_run: bool) -> list[dict[str, 
 
 def make_figures(exps: list[Experiment], figures: Path, bin_size: int) -> list[str]:
     """Plot each benchmark's runs that hold data; a benchmark without data is noted."""
-    from ppo_cbp.plotting import plot_runs
+    from ppo_cbp.reporting.figures import plot_runs
 
     files: list[str] = []
     for bench, name in (

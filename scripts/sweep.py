@@ -44,8 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppo_cbp.cli import UsageError, help_description, report_error  # noqa: E402
-from ppo_cbp.sweep import parse_grid, parse_program, parse_seeds, run_sweep  # noqa: E402
+from ppo_cbp.cli import UsageError, help_description, report_error
+from ppo_cbp.sweep import parse_grid, parse_program, parse_seeds, run_sweep
 
 
 class _Parser(argparse.ArgumentParser):

@@ -15,7 +15,7 @@ from ppo_cbp.benchmarks.common import ResolvedMethod
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.shrink_perturb import perturb_
-from ppo_cbp.stacked import TAG_CBP, TAG_NOISE, TAG_REDO, derive_seed
+from ppo_cbp.seeding import TAG_CBP, TAG_NOISE, TAG_REDO, derive_seed
 
 
 class ModuleLearner:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cbp.augment import (
+from ppo_cbp.datasets.augment import (
     augment,
     augment_seeds,
     normalize,

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ppo_cbp.init import init_layer_
+from ppo_cbp.nets.resnet import ResNet18
+from ppo_cbp.nets.units import UnitLayer
 from ppo_cbp.plasticity.cbp import ContinualBackprop
-from ppo_cbp.resnet import ResNet18
-from ppo_cbp.units import UnitLayer
 
 DEVICES = [
     "cpu",
@@ -779,7 +779,7 @@ class ReferenceCBP:
         self.gens = [torch.Generator().manual_seed(s) for s in seeds]
 
     def step(self, hs):
-        from ppo_cbp.units import replace_units_
+        from ppo_cbp.nets.units import replace_units_
 
         self.steps += 1
         eta = self.eta

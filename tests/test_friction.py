@@ -1,4 +1,4 @@
-"""Tests for envs.friction: the log-uniform friction sequence and its change schedule."""
+"""Tests for ppo_cbp.envs.friction: the log-uniform friction sequence and its change schedule."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
-
-from envs import FrictionChange, sample_frictions
+from ppo_cbp.envs import FrictionChange, sample_frictions
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date:DeprecationWarning")
 

@@ -15,7 +15,7 @@ from terminal import run_on_terminal
 from ppo_cbp import train
 from ppo_cbp.cli import help_description
 from ppo_cbp.cli import parse as cli_parse
-from ppo_cbp.ppo_settings import given_fields
+from ppo_cbp.ppo.settings import given_fields
 from ppo_cbp.train import Args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cbp import kernels
+from ppo_cbp.nets import kernels
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])

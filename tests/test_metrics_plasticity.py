@@ -14,10 +14,10 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from ppo_cbp.metrics import feature_norm, gradient_norm, policy_churn, policy_kl
-from ppo_cbp.plasticity.c_chain import REFERENCE_TAG, ChurnReduction
-from ppo_cbp.ppo_numerics import ppo_loss_autograd
-from ppo_cbp.stacked import derive_seed
-from ppo_cbp.stacked_sequential import StackedSequential
+from ppo_cbp.nets.stacked_sequential import StackedSequential
+from ppo_cbp.plasticity.c_chain import ChurnReduction
+from ppo_cbp.ppo.numerics import ppo_loss_autograd
+from ppo_cbp.seeding import TAG_CHURN_REFERENCE, derive_seed
 
 DEVICES = [
     "cpu",
@@ -287,7 +287,7 @@ def test_reference_stream_and_ppo_loss_autograd_extra_term():
     actor, critic = mlp(14, (5, 8, 2)), mlp(15, (5, 8, 1))
     chain = ChurnReduction(actor, skip_steps=1, seeds=[21])
     expected_perm = torch.randperm(
-        10, generator=torch.Generator().manual_seed(derive_seed(21, REFERENCE_TAG))
+        10, generator=torch.Generator().manual_seed(derive_seed(21, TAG_CHURN_REFERENCE))
     )
     assert torch.equal(chain.reference_permutation(10), expected_perm)
     before = copy.deepcopy(actor)

@@ -22,9 +22,9 @@ from ppo_cbp.datasets.mnist import (
     load_mnist,
     permuted_mnist_task,
     task_permutation,
-    task_rng,
     verify_mnist_files,
 )
+from ppo_cbp.seeding import task_rng
 
 DEVICES = [
     "cpu",

@@ -12,13 +12,13 @@ import torch
 from stacked_runs import read_rows
 from test_supervised import MNIST_DIR, needs_mnist, pm_config
 
-from ppo_cbp import online_norm
 from ppo_cbp.benchmarks import MethodConfig
 from ppo_cbp.benchmarks.common import resolve_method
 from ppo_cbp.benchmarks.permuted_mnist import DEFAULTS as PM_DEFAULTS
 from ppo_cbp.benchmarks.permuted_mnist import run_permuted_mnist
-from ppo_cbp.online_norm import OnlineNorm
-from ppo_cbp.stacked import StackedMLP, StackedTrainer
+from ppo_cbp.nets import online_norm
+from ppo_cbp.nets.online_norm import OnlineNorm
+from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = [

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from ppo_cbp.metrics import plasticity_metrics
+from ppo_cbp.nets.crelu import CReLU, crelu_mlp
+from ppo_cbp.nets.stacked_sequential import StackedSequential
+from ppo_cbp.nets.units import hidden_activations, sequential_unit_layers
 from ppo_cbp.plasticity.cbp import ContinualBackprop
-from ppo_cbp.plasticity.crelu import CReLU, crelu_mlp
 from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.normalize_project import (
     NormalizeAndProject,
@@ -20,8 +22,6 @@ from ppo_cbp.plasticity.normalize_project import (
     layer_norms,
 )
 from ppo_cbp.plasticity.redo import ReDo
-from ppo_cbp.stacked_sequential import StackedSequential
-from ppo_cbp.units import hidden_activations, sequential_unit_layers
 
 DEVICES = [
     "cpu",

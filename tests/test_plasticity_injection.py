@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from ppo_cbp.init import init_layer_
+from ppo_cbp.nets.stacked_sequential import StackedSequential
 from ppo_cbp.plasticity.hooks import Network
-from ppo_cbp.plasticity.injection import TAG_INJECTION, InjectableNetwork, PlasticityInjection
-from ppo_cbp.stacked import derive_seed
-from ppo_cbp.stacked_sequential import StackedSequential
+from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
+from ppo_cbp.seeding import TAG_INJECTION, derive_seed
 
 DEVICES = [
     "cpu",

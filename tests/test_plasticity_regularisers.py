@@ -14,8 +14,8 @@ from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
 from ppo_cbp.plasticity.weight_clipping import WeightClipping
-from ppo_cbp.ppo_numerics import AdamStep
-from ppo_cbp.stacked import derive_seed
+from ppo_cbp.ppo.numerics import AdamStep
+from ppo_cbp.seeding import derive_seed
 
 DEVICES = [
     "cpu",

@@ -1,4 +1,4 @@
-"""scripts/plot.py and ppo_cbp.plotting on small synthetic run folders of both kinds."""
+"""scripts/plot.py and ppo_cbp.reporting.figures on small synthetic run folders of both kinds."""
 
 import csv
 import json
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tyro
 
-from ppo_cbp import plotting
-from ppo_cbp.plotting import bin_by_step, group_runs, load_runs, mean_and_se, plot_runs
+from ppo_cbp.reporting import figures as plotting
+from ppo_cbp.reporting.figures import bin_by_step, group_runs, load_runs, mean_and_se, plot_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -476,7 +476,7 @@ def test_reproduce_paper_budget_prints_without_running(tmp_path, capsys):
 
     from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig
     from ppo_cbp.benchmarks.scr import SCRConfig
-    from ppo_cbp.ppo_settings import resolve_args
+    from ppo_cbp.ppo.settings import resolve_args
     from ppo_cbp.train import Args
 
     runs = tmp_path / "runs"

@@ -1,4 +1,4 @@
-"""The method x metric table of scripts/plot.py (ppo_cbp.report) on run folders written here,
+"""The method x metric table of scripts/plot.py (ppo_cbp.reporting.tables) on run folders written here,
 against per-seed metrics computed by hand and CIs from scipy.stats.bootstrap called directly."""
 
 import csv
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from ppo_cbp import report
+from ppo_cbp.reporting import tables as report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_plot import plot_script, pm_rows, ppo_run, supervised_run  # noqa: E402
+from test_plot import plot_script, pm_rows, ppo_run, supervised_run
 
 RESAMPLES = 2000
 

@@ -23,9 +23,9 @@ from ppo_cbp.benchmarks.continual_imagenet import (
     resolve_module_method,
     run_continual_imagenet,
 )
-from ppo_cbp.stacked import TAG_INIT, derive_seed
-from ppo_cbp.stacked_sequential import StackedSequential
-from ppo_cbp.units import hidden_activations
+from ppo_cbp.nets.stacked_sequential import StackedSequential
+from ppo_cbp.nets.units import hidden_activations
+from ppo_cbp.seeding import TAG_INIT, derive_seed
 
 DEVICES = [
     "cpu",

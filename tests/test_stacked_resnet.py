@@ -23,9 +23,9 @@ from ppo_cbp.benchmarks.incremental_cifar import (
     run_incremental_cifar,
 )
 from ppo_cbp.metrics import feature_rank_metrics
-from ppo_cbp.resnet import ResNet18
-from ppo_cbp.stacked_resnet import StackedResNet18
-from ppo_cbp.units import ActivationRecorder
+from ppo_cbp.nets.resnet import ResNet18
+from ppo_cbp.nets.stacked_resnet import StackedResNet18
+from ppo_cbp.nets.units import ActivationRecorder
 
 DEVICES = [
     "cpu",

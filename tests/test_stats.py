@@ -1,11 +1,11 @@
-"""ppo_cbp.stats against values computed here: the IQM by hand, the CIs against
+"""ppo_cbp.reporting.stats against values computed here: the IQM by hand, the CIs against
 scipy.stats.bootstrap called directly and a percentile bootstrap written out with numpy."""
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from ppo_cbp.stats import bootstrap_mean_ci, iqm, stratified_ci
+from ppo_cbp.reporting.stats import bootstrap_mean_ci, iqm, stratified_ci
 
 
 def test_iqm_by_hand():

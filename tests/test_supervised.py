@@ -155,7 +155,7 @@ def test_scr_squared_error_is_the_online_error_before_each_update(tmp_path):
     cfg = scr_config(tmp_path, "err", examples=100, bin_size=50, method=MethodConfig(lr=0.05))
     run_scr(cfg)
     rows = read_rows(cfg.out, 0)
-    from ppo_cbp.stacked import StackedMLP
+    from ppo_cbp.nets.stacked_mlp import StackedMLP
 
     net = StackedMLP([20, 5, 1], [0], dtype=torch.float64)
     w1, b1 = net.weight(0)[0].clone(), net.bias(0)[0].clone()

@@ -15,7 +15,7 @@ import torch
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_cbp.ppo_settings import resolve_args
+from ppo_cbp.ppo.settings import resolve_args
 from ppo_cbp.train import Args, ConfigError, NonFiniteLossError, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -451,7 +451,7 @@ def test_help_lists_field_docs():
 
 
 def test_running_mean_std_matches_numpy():
-    from ppo_cbp.normalize import RunningMeanStd
+    from ppo_cbp.ppo.normalize import RunningMeanStd
 
     rng = np.random.default_rng(0)
     data = rng.normal(3.0, 2.0, size=(100, 4))
@@ -467,7 +467,8 @@ def test_running_mean_std_matches_numpy():
 @pytest.mark.parametrize("spin", [True, False])
 def test_parallel_envs_step_like_separate_envs(spin):
     """Env i of ParallelEnvs follows the same trajectory as the same env stepped alone."""
-    from envs.vector import ParallelEnvs, SingleEnv
+    from ppo_cbp.envs.vector import ParallelEnvs, SingleEnv
+
     from ppo_cbp.train import make_env as _make_env_fn
 
     a = Args(env="Hopper-v4", num_envs=3, friction_every=300)

@@ -21,7 +21,7 @@ from terminal import run_on_terminal
 from test_train import small as train_small
 
 from ppo_cbp.benchmarks import scr
-from ppo_cbp.ppo_settings import given_fields
+from ppo_cbp.ppo.settings import given_fields
 from ppo_cbp.train import Args, ConfigError, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -429,7 +429,7 @@ def test_paper_exact_refuses_the_flags_it_would_turn_off(tmp_path):
         assert_one_error_line(proc, "--paper-exact", flag)
         assert not runs.exists()
     # the values it sets anyway, and the defaults, are no clash
-    from ppo_cbp.ppo_settings import run_settings
+    from ppo_cbp.ppo.settings import run_settings
 
     argv = ["--paper-exact", "--no-bootstrap-truncation", "--runs-dir", str(runs)]
     given = Args(paper_exact=True, bootstrap_truncation=False, runs_dir=str(runs))

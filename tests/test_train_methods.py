@@ -5,7 +5,7 @@ import pytest
 import torch
 from test_train import assert_same_state, deterministic, load, scalars, small
 
-from ppo_cbp.ppo_numerics import AdamStep
+from ppo_cbp.ppo.numerics import AdamStep
 from ppo_cbp.train import Args, ConfigError, main
 
 # Short runs with friction changes every 700 steps: task boundaries within a few updates.

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from ppo_cbp.plasticity.upgd import TAG_UPGD, UPGD
-from ppo_cbp.stacked import derive_seed
+from ppo_cbp.plasticity.upgd import UPGD
+from ppo_cbp.seeding import TAG_UPGD, derive_seed
 
 F64 = torch.float64
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,10 +1,10 @@
 """The MLP benchmarks' learner for methods that the fused trainer does not compute by hand.
 
 :class:`~ppo_cbp.benchmarks.common.Learner` trains stacked MLPs with a hand-written backward
-(:mod:`ppo_cbp.stacked`): fast, but only for the methods it knows (:data:`FUSED_METHODS`).
+(:mod:`ppo_cbp.nets.stacked_mlp`): fast, but only for the methods it knows (:data:`FUSED_METHODS`).
 Every other combination runs here: the S seeds' MLPs (each drawn exactly as
-:class:`~ppo_cbp.stacked.StackedMLP` draws it, layer by layer from the seed's init generator)
-stacked into one :class:`~ppo_cbp.stacked_sequential.StackedSequential`, the loss by autograd
+:class:`~ppo_cbp.nets.stacked_mlp.StackedMLP` draws it, layer by layer from the seed's init generator)
+stacked into one :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential`, the loss by autograd
 (the sum of the seeds' mean losses, so each seed's gradient is its own), a ``torch.optim``
 optimizer, and the methods of :mod:`ppo_cbp.plasticity` through their hooks:
 
@@ -27,8 +27,10 @@ from torch import Tensor, nn
 from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod, step_methods
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
+from ppo_cbp.nets.crelu import CReLU
+from ppo_cbp.nets.stacked_mlp import LEAKY_RELU_SLOPE
+from ppo_cbp.nets.stacked_sequential import StackedSequential
 from ppo_cbp.plasticity.cbp import ContinualBackprop
-from ppo_cbp.plasticity.crelu import CReLU
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
 from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
 from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
@@ -37,8 +39,7 @@ from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
 from ppo_cbp.plasticity.trac import TRAC
 from ppo_cbp.plasticity.upgd import UPGD
-from ppo_cbp.stacked import LEAKY_RELU_SLOPE, TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
-from ppo_cbp.stacked_sequential import StackedSequential
+from ppo_cbp.seeding import TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
 
 __all__ = ["AutogradLearner", "make_learner", "uses_fused_trainer"]
 

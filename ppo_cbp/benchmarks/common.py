@@ -1,6 +1,6 @@
 """What the supervised benchmarks share: methods, the stacked learner, outputs and checkpoints.
 
-A run trains S seeds in lockstep (:mod:`ppo_cbp.stacked`) and writes, under ``out``:
+A run trains S seeds in lockstep (:mod:`ppo_cbp.nets.stacked_mlp`) and writes, under ``out``:
 
 * ``config.json``: the resolved configuration (every default filled in);
 * ``seed_<seed>/metrics.csv``: one row per task (or bin), every metric a column;
@@ -33,6 +33,7 @@ from torch import Tensor
 from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
+from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
 from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.plasticity.hooks import Network, PlasticityMethod
 from ppo_cbp.plasticity.l2_init import L2Init
@@ -40,10 +41,10 @@ from ppo_cbp.plasticity.parseval import ParsevalRegularization
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
 from ppo_cbp.plasticity.weight_clipping import WeightClipping
-from ppo_cbp.stacked import TAG_CBP, TAG_REDO, StackedMLP, StackedTrainer, derive_seed
+from ppo_cbp.seeding import TAG_CBP, TAG_REDO, derive_seed
 
 FUSED_METHODS = ("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm")
-"""The methods :class:`~ppo_cbp.stacked.StackedTrainer` runs by hand (its fast path)."""
+"""The methods :class:`~ppo_cbp.nets.stacked_mlp.StackedTrainer` runs by hand (its fast path)."""
 METHODS = (
     *FUSED_METHODS,
     "l2_init",
@@ -126,7 +127,7 @@ class MethodConfig:
     Gaussian noise after every step), ``cbp`` (SGD + continual backprop), ``redo`` (SGD +
     ReDo), ``adam`` (Adam), ``dropout`` (SGD + dropout on every hidden layer), ``online_norm``
     (SGD + online normalization after every hidden linear layer, before the activation;
-    :mod:`ppo_cbp.online_norm`; Permuted MNIST only); and the operators of
+    :mod:`ppo_cbp.nets.online_norm`; Permuted MNIST only); and the operators of
     :mod:`ppo_cbp.plasticity`: ``l2_init`` (L2 toward the initial parameters), ``snp_init``
     (shrink toward a fresh initialisation at task boundaries), ``soft_snp`` (the same after
     every update), ``parseval`` (Parseval

@@ -50,7 +50,6 @@ import tyro
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ppo_cbp.augment import normalize
 from ppo_cbp.benchmarks.common import (
     PLASTICITY_DEFAULTS,
     MethodConfig,
@@ -64,6 +63,7 @@ from ppo_cbp.benchmarks.common import (
     resolve_method,
     step_methods,
 )
+from ppo_cbp.datasets.augment import normalize
 from ppo_cbp.datasets.imagenet32 import channel_stats, class_pairs, load_imagenet32
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import init_layer_
@@ -73,20 +73,23 @@ from ppo_cbp.metrics import (
     dead_unit_mask,
     feature_rank_metrics,
 )
+from ppo_cbp.nets.resnet import ResNet18
+from ppo_cbp.nets.stacked_resnet import StackedResNet18
+from ppo_cbp.nets.stacked_sequential import StackedSequential
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
 from ppo_cbp.plasticity.trac import TRAC
 from ppo_cbp.plasticity.upgd import UPGD
-from ppo_cbp.resnet import ResNet18
-from ppo_cbp.stacked import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
-from ppo_cbp.stacked_resnet import StackedResNet18
-from ppo_cbp.stacked_sequential import StackedSequential
-
-TAG_SHUFFLE = 10
-TAG_AUGMENT = 11
-TAG_HEAD = 12
+from ppo_cbp.seeding import (
+    TAG_CBP,
+    TAG_INIT,
+    TAG_NOISE,
+    TAG_REDO,
+    TAG_SHUFFLE,
+    derive_seed,
+)
 
 IMAGENET_METHODS = ("bp", "l2", "snp", "cbp", "redo", "linear")
 """The paper's methods; those of :mod:`ppo_cbp.plasticity` that suit a ConvNet whose head is
@@ -191,8 +194,8 @@ def linear_network(num_classes: int = 2, generator: torch.Generator | None = Non
 
 def stack_networks(nets: list[nn.Module]) -> StackedSequential | StackedResNet18:
     """S networks of one architecture as one stacked network: ResNet-18s as a
-    :class:`~ppo_cbp.stacked_resnet.StackedResNet18`, ``nn.Sequential`` networks as a
-    :class:`~ppo_cbp.stacked_sequential.StackedSequential`."""
+    :class:`~ppo_cbp.nets.stacked_resnet.StackedResNet18`, ``nn.Sequential`` networks as a
+    :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential`."""
     if nets and all(isinstance(net, ResNet18) for net in nets):
         return StackedResNet18(nets)
     return StackedSequential(nets)

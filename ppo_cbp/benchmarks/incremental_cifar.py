@@ -18,7 +18,7 @@ weight decay.
 Training. SGD (momentum 0.9, weight decay 5e-4 coupled, minibatch 90), the step size restarting
 every increment at 0.1 and multiplied by 0.2 at 30%, 60% and 80% of the increment's epochs
 (epochs 60, 120, 160 of 200: 0.1, 0.02, 0.004, 0.0008), :func:`learning_rate`. Training
-minibatches are augmented on the device (:func:`ppo_cbp.augment.augment`: flip, 4-pixel
+minibatches are augmented on the device (:func:`ppo_cbp.datasets.augment.augment`: flip, 4-pixel
 reflect padding and crop, rotation 0-15 degrees); validation and test images are not. After
 every epoch the validation accuracy on the seen classes is measured (BatchNorm in eval mode);
 the weights (parameters and BatchNorm statistics) of the best epoch (the first if tied) are
@@ -29,7 +29,7 @@ Methods: ``base``; ``head_reset`` (the whole head re-initialised at each increme
 ``retrained`` (a fresh network and optimizer at each increment: the reference the paper
 plots against); ``snp`` (Shrink & Perturb, noise std 1e-5 with the weight decay); ``cbp``
 (replacement rate 1e-5, maturity threshold 1000, contribution utility, on the ResNet's 17 unit
-layers; see :func:`ppo_cbp.resnet.resnet_unit_layers`).
+layers; see :func:`ppo_cbp.nets.resnet.resnet_unit_layers`).
 
 Metrics per increment and seed (one CSV row), after restoring the best weights:
 
@@ -51,9 +51,9 @@ Metrics per increment and seed (one CSV row), after restoring the best weights:
 * ``weight_magnitude`` (mean |w| over conv and linear weights), ``units_replaced``.
 
 All seeds of a run train together as one stacked network
-(:class:`~ppo_cbp.stacked_resnet.StackedResNet18` in a
+(:class:`~ppo_cbp.nets.stacked_resnet.StackedResNet18` in a
 :class:`~ppo_cbp.benchmarks.continual_imagenet.StackedLearner`): each seed keeps its own class
-order, data order, head rows, augmentation draws (:func:`~ppo_cbp.augment.augment_seeds`),
+order, data order, head rows, augmentation draws (:func:`~ppo_cbp.datasets.augment.augment_seeds`),
 best-validation epoch and CBP/Shrink & Perturb randomness, and follows the trajectory it follows
 alone. One seed is the case S = 1.
 """
@@ -72,7 +72,6 @@ import tyro
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ppo_cbp.augment import augment_seeds, normalize
 from ppo_cbp.benchmarks.common import (
     MethodConfig,
     RunOutputs,
@@ -83,14 +82,11 @@ from ppo_cbp.benchmarks.common import (
     resolve_dtype,
 )
 from ppo_cbp.benchmarks.continual_imagenet import (
-    TAG_AUGMENT,
-    TAG_HEAD,
-    TAG_SHUFFLE,
     StackedLearner,
     resolve_module_method,
 )
+from ppo_cbp.datasets.augment import augment_seeds, normalize
 from ppo_cbp.datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, load_cifar100, per_class_split
-from ppo_cbp.datasets.mnist import task_rng
 from ppo_cbp.errors import UsageError
 from ppo_cbp.metrics import (
     average_weight_magnitude,
@@ -99,13 +95,20 @@ from ppo_cbp.metrics import (
     layer_weights,
     unit_activity,
 )
-from ppo_cbp.resnet import ResNet18
-from ppo_cbp.stacked import TAG_INIT, derive_seed
-from ppo_cbp.stacked_resnet import StackedResNet18
+from ppo_cbp.nets.resnet import ResNet18
+from ppo_cbp.nets.stacked_resnet import StackedResNet18
+from ppo_cbp.seeding import (
+    STREAM_CLASS_ORDER,
+    TAG_AUGMENT,
+    TAG_HEAD,
+    TAG_METRIC_EXAMPLES,
+    TAG_SHUFFLE,
+    derive_seed,
+    increment_init_tag,
+    task_rng,
+)
 
 CIFAR_METHODS = ("base", "head_reset", "retrained", "snp", "cbp")
-_TAG_ORDER = 8
-_TAG_METRIC = 13
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "base": dict(lr=0.1, weight_decay=5e-4),
@@ -147,7 +150,7 @@ def learning_rate(
 def class_order(seed: int, classes: np.ndarray) -> np.ndarray:
     """The seed's order of ``classes``: a uniform permutation (``argsort`` of raw PCG64 outputs
     of ``SeedSequence([seed, 0, 8])``, stable across NumPy versions)."""
-    keys = task_rng(seed, 0, _TAG_ORDER).bit_generator.random_raw(len(classes))
+    keys = task_rng(seed, 0, STREAM_CLASS_ORDER).bit_generator.random_raw(len(classes))
     return np.asarray(classes)[np.argsort(keys, kind="stable")]
 
 
@@ -345,7 +348,7 @@ def _validate(cfg: IncrementalCIFARConfig) -> None:
 def build_resnet(seed: int, increment: int = 0) -> ResNet18:
     """The seed's ResNet-18, initialised from a generator of (seed, increment) on the CPU."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, TAG_INIT + 1000 * increment))
+        torch.manual_seed(derive_seed(seed, increment_init_tag(increment)))
         return ResNet18(num_classes=100)
 
 
@@ -409,7 +412,7 @@ def run_incremental_cifar(
         return [torch.Generator(device=device).manual_seed(derive_seed(s, tag)) for s in seeds]
 
     shuffles, augments = generators(TAG_SHUFFLE), generators(TAG_AUGMENT)
-    heads, metric_picks = generators(TAG_HEAD), generators(_TAG_METRIC)
+    heads, metric_picks = generators(TAG_HEAD), generators(TAG_METRIC_EXAMPLES)
     every_generator = [shuffles, augments, heads, metric_picks]
     start = 0
     state = outputs.load_checkpoint(increments, "increment") if cfg.resume else None

@@ -42,7 +42,7 @@ from ppo_cbp.benchmarks.common import (
 from ppo_cbp.datasets.scr import SlowlyChangingRegressionBatch
 from ppo_cbp.errors import UsageError
 from ppo_cbp.metrics import average_weight_magnitude, dead_unit_mask, feature_rank_metrics
-from ppo_cbp.stacked import ACTIVATIONS
+from ppo_cbp.nets.stacked_mlp import ACTIVATIONS
 
 # SGD step size 0.01 as in the paper's text; the other values are not given there (the
 # released sweeps: L2 1e-6..1, S&P wd 1e-2 with noise 1e-6..1e-1, CBP rr 1e-6..1e-2): set

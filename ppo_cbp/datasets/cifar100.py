@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppo_cbp.datasets.mnist import fetch_url, file_md5
+from ppo_cbp.datasets.download import fetch_url, file_md5
 from ppo_cbp.errors import MissingFileError, UsageError
 
 __all__ = [

@@ -40,8 +40,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ppo_cbp.datasets.mnist import task_rng
 from ppo_cbp.errors import MissingFileError, UsageError
+from ppo_cbp.seeding import STREAM_CLASS_PAIRS, task_rng
 
 __all__ = [
     "IMAGENET32_TRAIN_FILES",
@@ -54,7 +54,6 @@ __all__ = [
 
 IMAGENET32_TRAIN_FILES = tuple(f"train_data_batch_{i}.npz" for i in range(1, 11))
 _VAL_FILE = "val_data.npz"
-_TAG_PAIRS = 7  # stream tag of the class-pair permutations
 _OFFICIAL_FORMAT = (
     "expected the Downsampled ImageNet 32x32 files train_data_batch_1..10.npz (and val_data.npz) "
     "with 'data' uint8 [N, 3072] channel-planar and 'labels' 1-based in 1..1000"
@@ -290,7 +289,7 @@ def class_pairs(seed: int, tasks: int, num_classes: int) -> np.ndarray:
     stream: list[int] = []
     p = 0
     while len(stream) < 2 * tasks:
-        keys = task_rng(seed, p, _TAG_PAIRS).bit_generator.random_raw(num_classes)
+        keys = task_rng(seed, p, STREAM_CLASS_PAIRS).bit_generator.random_raw(num_classes)
         perm = np.argsort(keys, kind="stable").tolist()
         if len(stream) % 2 == 1 and perm[0] == stream[-1]:
             perm[0], perm[1] = perm[1], perm[0]

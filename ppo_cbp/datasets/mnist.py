@@ -36,17 +36,17 @@ gives the same tasks on CPU and GPU.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import tempfile
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ppo_cbp.datasets.download import fetch_url, file_md5
 from ppo_cbp.errors import MissingFileError, UsageError
+from ppo_cbp.seeding import STREAM_EXAMPLES, STREAM_PIXELS, task_rng
 
 __all__ = [
     "MNIST_FILES",
@@ -56,13 +56,10 @@ __all__ = [
     "default_data_dir",
     "download_mnist",
     "example_indices",
-    "fetch_url",
-    "file_md5",
     "load_mnist",
     "permuted_mnist_task",
     "read_idx",
     "task_permutation",
-    "task_rng",
     "verify_mnist_files",
 ]
 
@@ -97,8 +94,6 @@ _DOWNLOAD_HINT = (
 )
 
 # Stream tags of the seed sequence [seed, task, tag]: independent streams per task.
-_TAG_PIXELS = 0
-_TAG_EXAMPLES = 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,15 +107,6 @@ def default_data_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "ppo_cbp" / "mnist"
-
-
-def file_md5(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex MD5 digest of a file, read in chunks of ``chunk_size`` bytes."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_split(split: str) -> None:
@@ -261,14 +247,6 @@ def load_mnist(
 # Download
 
 
-def fetch_url(url: str, dest: Path, timeout: float = 60.0) -> None:
-    """Write the body of ``url`` to ``dest`` (urllib only; raises on any HTTP or network error)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "ppo_cbp"})
-    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as f:
-        while block := response.read(1 << 20):
-            f.write(block)
-
-
 def download_mnist(
     data_dir: str | os.PathLike[str] | None = None,
     mirrors: Sequence[str] = MNIST_MIRRORS,
@@ -333,23 +311,6 @@ def download_mnist(
 # Online Permuted MNIST task stream
 
 
-def _check_index(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-def task_rng(seed: int, task: int, stream: int) -> np.random.Generator:
-    """PCG64 generator of ``SeedSequence([seed, task, stream])``.
-
-    A pure function of its arguments: task ``k`` is the same however many tasks were drawn before
-    (checkpoint/resume). ``stream`` separates independent draws of one task (0: pixel permutation,
-    1: example order / example indices).
-    """
-    _check_index("seed", seed)
-    _check_index("task", task)
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, task, stream])))
-
-
 def _uniform_permutation(rng: np.random.Generator, n: int) -> np.ndarray:
     # Stable argsort of i.i.d. 64-bit keys is a uniform permutation up to key ties (probability
     # < n^2 / 2^65, about 1e-10 for n = 60,000) and uses only the version-stable raw stream.
@@ -394,7 +355,7 @@ def permuted_mnist_task(
     :param device: device of the returned tensors.
     :return: ``(perm [n_pixels], order [n_examples])``, both int64.
     """
-    perm = task_permutation(task_rng(seed, task, _TAG_PIXELS), n_pixels, device)
+    perm = task_permutation(task_rng(seed, task, STREAM_PIXELS), n_pixels, device)
     order = example_indices(
         seed, task, n_examples, n_examples, with_replacement=False, device=device
     )
@@ -424,7 +385,7 @@ def example_indices(
         raise ValueError(f"n_examples must be >= 0, got {n_examples}")
     if n_data < 1:
         raise ValueError(f"n_data must be >= 1, got {n_data}")
-    rng = task_rng(seed, task, _TAG_EXAMPLES)
+    rng = task_rng(seed, task, STREAM_EXAMPLES)
     if with_replacement:
         raw = rng.bit_generator.random_raw(n_examples)
         idx = (raw % np.uint64(n_data)).astype(np.int64)

@@ -69,21 +69,21 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ppo_cbp.seeding import (
+    SCR_FLIP,
+    SCR_INITIAL_BITS,
+    SCR_RANDOM,
+    SCR_SLOW,
+    SCR_TARGET,
+    indexed_rng,
+)
+
 __all__ = ["SlowlyChangingRegression", "SlowlyChangingRegressionBatch"]
 
-_TAG_TARGET = 0
-_TAG_INIT = 1
-_TAG_SLOW = 2
-_TAG_FLIP = 3
-_TAG_RANDOM = 4
 
 _RANDOM_CHUNK = 1 << 16  # examples per random-bit draw
 _SLOW_BLOCK = 1 << 10  # segments per slow-bit draw
 _CACHE_SIZE = 4
-
-
-def _rng(seed: int, tag: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, tag, index])))
 
 
 def _raw_bits(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -160,7 +160,7 @@ class SlowlyChangingRegression:
         self.n_features = self.n_inputs + 1 if self.include_bias_input else self.n_inputs
 
         m1 = self.n_inputs + 1
-        rng = _rng(self.seed, _TAG_TARGET, 0)
+        rng = indexed_rng(self.seed, SCR_TARGET, 0)
         bits = _raw_bits(rng, self.n_hidden * m1 + self.n_hidden + 1).astype(np.int64)
         w = 2 * bits[: self.n_hidden * m1].reshape(self.n_hidden, m1) - 1
         v = 2 * bits[self.n_hidden * m1 : -1] - 1
@@ -188,7 +188,7 @@ class SlowlyChangingRegression:
     # Slow bits
 
     def _initial_slow_bits(self) -> np.ndarray:
-        return _raw_bits(_rng(self.seed, _TAG_INIT, 0), self.n_slow)
+        return _raw_bits(indexed_rng(self.seed, SCR_INITIAL_BITS, 0), self.n_slow)
 
     def _slow_block_host(self, block: int) -> np.ndarray:
         """Slow bits (uint8 ``[_SLOW_BLOCK, f]``) of segments ``block*B .. block*B + B - 1``."""
@@ -196,7 +196,7 @@ class SlowlyChangingRegression:
         if f == 0:
             return np.zeros((nb, 0), dtype=np.uint8)
         if not self.flip_one:
-            return _raw_bits(_rng(self.seed, _TAG_SLOW, block), nb * f).reshape(nb, f)
+            return _raw_bits(indexed_rng(self.seed, SCR_SLOW, block), nb * f).reshape(nb, f)
         if not self._carry:
             self._carry.append(self._initial_slow_bits())
         while len(self._carry) <= block:  # carries of all earlier blocks, computed once
@@ -215,7 +215,7 @@ class SlowlyChangingRegression:
         return self._carry[block] ^ parity
 
     def _rng_flips(self, block: int) -> np.ndarray:
-        raw = _rng(self.seed, _TAG_FLIP, block).bit_generator.random_raw(_SLOW_BLOCK)
+        raw = indexed_rng(self.seed, SCR_FLIP, block).bit_generator.random_raw(_SLOW_BLOCK)
         return (raw % np.uint64(self.n_slow)).astype(np.int64)
 
     def slow_bits(self, segment: int) -> torch.Tensor:
@@ -229,7 +229,7 @@ class SlowlyChangingRegression:
     # Assembly
 
     def _random_chunk_host(self, chunk: int) -> np.ndarray:
-        bits = _raw_bits(_rng(self.seed, _TAG_RANDOM, chunk), _RANDOM_CHUNK * self.n_random)
+        bits = _raw_bits(indexed_rng(self.seed, SCR_RANDOM, chunk), _RANDOM_CHUNK * self.n_random)
         return bits.reshape(_RANDOM_CHUNK, self.n_random)
 
     def _cached(self, cache: OrderedDict[int, torch.Tensor], key: int, make) -> torch.Tensor:

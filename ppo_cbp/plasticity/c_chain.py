@@ -19,12 +19,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ppo_cbp.plasticity.hooks import PlasticityMethod
-from ppo_cbp.stacked import derive_seed
+from ppo_cbp.seeding import TAG_CHURN_REFERENCE, derive_seed
 
-__all__ = ["REFERENCE_TAG", "ChurnReduction"]
-
-REFERENCE_TAG = 60
-"""Random stream (:func:`~ppo_cbp.stacked.derive_seed` tag) of the reference batches."""
+__all__ = ["ChurnReduction"]
 
 CHURN_EPS = 1e-8
 """Added to the mean churn in the coefficient rule, as the authors' code does."""
@@ -85,7 +82,7 @@ class ChurnReduction(PlasticityMethod):
     Args:
         module: the network whose outputs are regularised (the actor, for the policy mean).
         output: maps ``module(states)`` to the regularised tensor (default: the output itself;
-            e.g. ``lambda r: r[0]`` for a :class:`~ppo_cbp.stacked_sequential.StackedSequential`).
+            e.g. ``lambda r: r[0]`` for a :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential`).
         target_relative_loss: ``beta`` of the rule, >= 0.
         initial_coefficient: ``lambda`` before the rule applies, >= 0.
         adapt_from_update: the first update (counted from 1 in each task) after which the rule
@@ -97,7 +94,7 @@ class ChurnReduction(PlasticityMethod):
             :meth:`at_task_boundary`, as the authors do between tasks.
         seed_dims: 1 if the module's outputs carry a leading seed dimension, else 0.
         seeds: the run seed of each stacked network (one when ``seed_dims == 0``), for the
-            reference batches' generators (stream :data:`REFERENCE_TAG`).
+            reference batches' generators (stream :data:`ppo_cbp.seeding.TAG_CHURN_REFERENCE`).
     """
 
     name = "c_chain"
@@ -158,7 +155,8 @@ class ChurnReduction(PlasticityMethod):
         self.updates = 0
         """Updates (:meth:`end_update` calls) since the start or the last task boundary."""
         self.generators = [
-            torch.Generator(device=device).manual_seed(derive_seed(s, REFERENCE_TAG)) for s in seeds
+            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_CHURN_REFERENCE))
+            for s in seeds
         ]
 
     @property

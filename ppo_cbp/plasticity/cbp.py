@@ -52,9 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ppo_cbp import kernels
-from ppo_cbp.plasticity.hooks import PlasticityMethod
-from ppo_cbp.units import (
+from ppo_cbp.nets import kernels
+from ppo_cbp.nets.units import (
     ActivationRecorder,
     FlatUnits,
     StateTensors,
@@ -63,6 +62,7 @@ from ppo_cbp.units import (
     replace_units_,
     sequential_unit_layers,
 )
+from ppo_cbp.plasticity.hooks import PlasticityMethod
 
 UTILITIES = ("contribution", "adaptable_contribution")
 
@@ -104,7 +104,7 @@ class ContinualBackprop(PlasticityMethod):
 
     Args:
         net: an ``nn.Sequential`` (forward hooks are registered once on its activation modules
-            and record the latest forward pass), or a list of :class:`~ppo_cbp.units.UnitLayer`
+            and record the latest forward pass), or a list of :class:`~ppo_cbp.nets.units.UnitLayer`
             whose activations are passed to :meth:`step`.
         optimizer: the optimizer whose state is reset for replaced entries; or a function
             from a parameter to its state tensors (for hand-written optimizers); or None.
@@ -345,9 +345,9 @@ class ContinualBackprop(PlasticityMethod):
             magnitudes: per hidden layer of a Linear network, ``(sum_k |w_out[k, i]|,
                 sum_j |w_in[i, j]|)`` of the weights after the optimizer step, ``[*seed, units]``
                 each, when the trainer computed them already (as
-                :attr:`ppo_cbp.stacked.StackedTrainer.magnitudes` does while updating); the
+                :attr:`ppo_cbp.nets.stacked_mlp.StackedTrainer.magnitudes` does while updating); the
                 weights are then not read again. On CPU the utility is then updated by one
-                fused kernel per layer (:class:`ppo_cbp.kernels.UtilityUpdate`).
+                fused kernel per layer (:class:`ppo_cbp.nets.kernels.UtilityUpdate`).
 
         Returns:
             the number of units replaced in each network by this step.

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ppo_cbp.seeding import derive_seed
+
 __all__ = ["Layer", "Network", "PlasticityMethod", "Methods", "generators_for"]
 
 
@@ -74,9 +76,8 @@ class Network:
 
 
 def generators_for(net: Network, tag: int) -> list[torch.Generator]:
-    """One generator per seed for random stream ``tag``, on the network's device."""
-    from ppo_cbp.stacked import derive_seed  # the supervised runs' seed derivation
-
+    """One generator per seed for random stream ``tag`` (:func:`~ppo_cbp.seeding.derive_seed`),
+    on the network's device."""
     device = net.parameters[0].device
     return [torch.Generator(device=device).manual_seed(derive_seed(s, tag)) for s in net.seeds]
 

@@ -28,16 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppo_cbp.init import check_scheme, distribution, fans, sample
+from ppo_cbp.nets.stacked_sequential import StackedSequential
+from ppo_cbp.nets.units import leaf_modules
 from ppo_cbp.plasticity.hooks import Layer, Network, PlasticityMethod, generators_for
-from ppo_cbp.stacked_sequential import StackedSequential
-from ppo_cbp.units import _leaves
+from ppo_cbp.seeding import INJECTION_TAGS, TAG_INJECTION
 
-__all__ = ["InjectableNetwork", "PlasticityInjection", "TAG_INJECTION", "TAGS"]
-
-TAG_INJECTION = 50
-"""The random stream of the fresh heads (:func:`~ppo_cbp.plasticity.hooks.generators_for`)."""
-TAGS = range(50, 60)
-"""The streams this method may use: a second network of a run (PPO's critic) takes the next."""
+__all__ = ["InjectableNetwork", "PlasticityInjection"]
 
 # The head's modules: weight layers and the elementwise activations between them.
 _ELEMENTWISE = (
@@ -122,7 +118,7 @@ class InjectableNetwork(nn.Module):
 
     Args:
         net: an ``nn.Sequential`` (nested ones are flattened; its forward returns the output)
-            or a :class:`~ppo_cbp.stacked_sequential.StackedSequential` of S seeds (its forward
+            or a :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential` of S seeds (its forward
             takes ``[B, S, features]`` and returns ``([S, B, out], hidden)``; the hidden
             activations are the network's own, those of the original head ``theta`` included,
             not the branches').
@@ -147,7 +143,7 @@ class InjectableNetwork(nn.Module):
             params = [(w, b) for _, _, w, b in modules]
             self.seed_dims, self.num_seeds = 1, net.num_seeds
         elif isinstance(net, nn.Sequential):
-            leaves = _leaves(net)
+            leaves = leaf_modules(net)
             kinds = [type(m) for m in leaves]
             stateless = list(leaves)
             params = [
@@ -346,7 +342,7 @@ class PlasticityInjection(PlasticityMethod):
         at_task_boundaries: inject at each :meth:`at_task_boundary`.
         max_injections: at most this many injections at task boundaries (None: no limit).
         bias: ``"zero"`` (this project's networks) or ``"torch_default"`` for the fresh biases.
-        tag: the random stream, one of :data:`TAGS`; networks that share an optimizer need
+        tag: the random stream, one of :data:`~ppo_cbp.seeding.INJECTION_TAGS`; networks that share an optimizer need
             different tags.
 
     Checkpoints: :meth:`state_dict` holds the number of injections and the generators. To
@@ -385,8 +381,10 @@ class PlasticityInjection(PlasticityMethod):
             )
         if bias not in ("zero", "torch_default"):
             raise ValueError(f"unknown bias init {bias!r}; expected 'zero' or 'torch_default'")
-        if isinstance(tag, bool) or tag not in TAGS:
-            raise ValueError(f"tag must be in {TAGS.start}..{TAGS.stop - 1}, got {tag!r}")
+        if isinstance(tag, bool) or tag not in INJECTION_TAGS:
+            raise ValueError(
+                f"tag must be in {INJECTION_TAGS.start}..{INJECTION_TAGS.stop - 1}, got {tag!r}"
+            )
         positions = []
         for w, _ in module.head():
             found = [i for i, layer in enumerate(net.layers) if layer.weight is w]

@@ -2,7 +2,7 @@
 "Normalization and effective learning rates in reinforcement learning", NeurIPS 2024).
 
 *Normalize*: a LayerNorm between every hidden Linear layer and its activation
-(:func:`layer_norm_mlp`; with the CReLU activation, :func:`~ppo_cbp.plasticity.crelu.crelu_mlp`
+(:func:`layer_norm_mlp`; with the CReLU activation, :func:`~ppo_cbp.nets.crelu.crelu_mlp`
 with ``layer_norm=True``). On its own this is the LayerNorm of Lyle et al., "Disentangling the
 causes of plasticity loss in neural networks" (2024). A layer followed by a normalisation
 computes the same function whatever the scale of its weights, but its effective learning rate
@@ -52,7 +52,7 @@ def layer_norm_mlp(
 def layer_norms(module: nn.Module) -> list[NormParameters]:
     """The gain and offset of every LayerNorm of ``module``, in order: of an ``nn.Sequential``
     (or any module, by :meth:`~torch.nn.Module.modules`) or the stacked ``[S, n]`` ones of a
-    :class:`~ppo_cbp.stacked_sequential.StackedSequential`."""
+    :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential`."""
     if hasattr(module, "layer_norms"):
         return list(module.layer_norms())
     return [(m.weight, m.bias) for m in module.modules() if isinstance(m, nn.LayerNorm)]

@@ -26,14 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from ppo_cbp.metrics import DORMANT_SCORE_EPS
-from ppo_cbp.plasticity.cbp import make_generators, resolve_layers
-from ppo_cbp.plasticity.hooks import PlasticityMethod
-from ppo_cbp.units import (
+from ppo_cbp.nets.units import (
     StateTensors,
     UnitLayer,
     optimizer_state_tensors,
     replace_masked_units_,
 )
+from ppo_cbp.plasticity.cbp import make_generators, resolve_layers
+from ppo_cbp.plasticity.hooks import PlasticityMethod
 
 
 def dormant_mask(layer: UnitLayer, h: Tensor, threshold: float) -> Tensor:
@@ -48,7 +48,7 @@ class ReDo(PlasticityMethod):
 
     Args:
         net: an ``nn.Sequential`` (hooked, as in :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop`) or a
-            list of :class:`~ppo_cbp.units.UnitLayer` whose activations are passed to :meth:`step`.
+            list of :class:`~ppo_cbp.nets.units.UnitLayer` whose activations are passed to :meth:`step`.
         optimizer: optimizer (or parameter -> state tensors function) whose state is reset.
         threshold: tau; units scoring ``<= threshold`` are recycled. Must be >= 0.
         period: recycle on every ``period``-th call of :meth:`step`.

@@ -14,9 +14,9 @@ from torch import Tensor
 
 from ppo_cbp.init import distribution, fans, sample
 from ppo_cbp.plasticity.hooks import Layer, Network, PlasticityMethod, generators_for
+from ppo_cbp.seeding import TAG_LAYER_RESET
 
 __all__ = [
-    "TAG_LAYER_RESET",
     "AdamStateReset",
     "LayerReset",
     "fresh_weight",
@@ -24,9 +24,6 @@ __all__ = [
     "check_adam",
     "set_generator_states",
 ]
-
-TAG_LAYER_RESET = 21
-"""Stream tag of :func:`~ppo_cbp.stacked.derive_seed` for :class:`LayerReset`'s draws."""
 
 _ADAMS = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -117,7 +114,7 @@ class LayerReset(PlasticityMethod):
 
     At :meth:`at_task_boundary`, each of the last ``layers`` entries of ``net.layers`` (the head
     is the last) gets a new weight drawn from its init scheme and gain (:func:`fresh_weight`;
-    seed ``s`` draws from its own generator, stream :data:`TAG_LAYER_RESET`, the reset layers
+    seed ``s`` draws from its own generator, stream :data:`~ppo_cbp.seeding.TAG_LAYER_RESET`, the reset layers
     input side first) and a zero bias (this project's bias init), and the Adam state of that
     weight and bias is reset (:func:`reset_adam_state_`), so their next update is a new Adam's
     first step, as for a freshly built layer with a new optimizer. The other layers and their

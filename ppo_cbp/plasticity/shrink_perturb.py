@@ -24,9 +24,7 @@ from torch import Tensor
 
 from ppo_cbp.plasticity.hooks import Network, PlasticityMethod, generators_for
 from ppo_cbp.plasticity.resets import fresh_weight, set_generator_states
-
-TAG_SHRINK_PERTURB = 20
-"""Stream tag of :func:`~ppo_cbp.stacked.derive_seed` for :class:`ShrinkPerturb`'s draws."""
+from ppo_cbp.seeding import TAG_SHRINK_PERTURB
 
 DEFAULT_SHRINK = {"task_boundary": 0.5, "step": 0.999999}
 """The sources' shrink factor per schedule (see :class:`ShrinkPerturb`)."""
@@ -55,7 +53,7 @@ class ShrinkPerturb(PlasticityMethod):
 
     for every weight of ``net.layers``, with ``theta_fresh`` a *new* draw from the layer's init
     scheme and gain at every application (:func:`~ppo_cbp.plasticity.resets.fresh_weight`:
-    seed ``s`` draws its slice from its own generator, stream :data:`TAG_SHRINK_PERTURB`, one
+    seed ``s`` draws its slice from its own generator, stream :data:`~ppo_cbp.seeding.TAG_SHRINK_PERTURB`, one
     whole weight per layer, input side first). Biases start at 0 in this project, so their fresh
     value is 0 and they are only shrunk: ``b <- alpha * b``. Parameters outside ``net.layers``
     (norm gains, a policy's log-std) and the optimizer state are left alone; compose with

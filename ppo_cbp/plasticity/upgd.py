@@ -13,12 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppo_cbp.stacked import derive_seed
+from ppo_cbp.seeding import TAG_UPGD, derive_seed
 
-__all__ = ["TAG_UPGD", "UPGD"]
-
-TAG_UPGD = 30
-"""Random stream (:func:`~ppo_cbp.stacked.derive_seed` tag) of UPGD's perturbations."""
+__all__ = ["UPGD"]
 
 
 class UPGD(torch.optim.Optimizer):
@@ -39,7 +36,7 @@ class UPGD(torch.optim.Optimizer):
 
     Stacked seeds (``seed_dims=1``): every parameter is ``[S, ...]``; ``max u`` is taken per
     seed over dims 1.., and seed ``s``'s noise is drawn from its own generator (stream
-    :data:`TAG_UPGD` of ``seeds[s]``), parameter by parameter in the order of the groups, so a
+    :data:`~ppo_cbp.seeding.TAG_UPGD` of ``seeds[s]``), parameter by parameter in the order of the groups, so a
     stack of S seeds follows each seed's run alone.
 
     Args:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ppo_cbp.init import init_layer_
-from ppo_cbp.units import UnitLayer, norm_resets
+from ppo_cbp.nets.units import UnitLayer, norm_resets
 
 
 class BasicBlock(nn.Module):
@@ -76,7 +76,7 @@ def resnet_unit_layers(
 ) -> tuple[list[UnitLayer], list[nn.Module]]:
     """The 17 CBP unit layers of the ResNet-18 and the module whose output is each ``h``.
 
-    ``seed_dims=1`` for a :class:`~ppo_cbp.stacked_resnet.StackedResNet18`, whose parameters
+    ``seed_dims=1`` for a :class:`~ppo_cbp.nets.stacked_resnet.StackedResNet18`, whose parameters
     and BatchNorm statistics (same names) carry a leading seed dimension.
 
     The mapping is the paper's released one (``res_gnt.py``): the weight layers in order,

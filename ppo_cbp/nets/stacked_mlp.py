@@ -11,7 +11,7 @@ SGD: the update of layer ``l`` is one in-place rank-B update
 which reads and writes the weights once (the memory-bound part at width 2000). On CPU at batch
 1 with SGD, the backward product ``delta_l W_l`` (with the old weights), the update and the
 magnitudes ``sum |W_l|`` over rows and over columns that continual backprop's utility needs
-are all computed in one pass over ``W_l`` (:func:`ppo_cbp.kernels.sgd_backward_update_`), so
+are all computed in one pass over ``W_l`` (:func:`ppo_cbp.nets.kernels.sgd_backward_update_`), so
 the utility costs no extra read of the weights: :attr:`StackedTrainer.magnitudes`.
 
 Layout. Layer ``l`` is one tensor ``P_l`` of shape ``[S, n_out, n_in + 1]`` whose last column
@@ -37,7 +37,7 @@ Optimizers, all in place on ``P`` (weights and biases alike, as ``torch.optim`` 
 * Shrink & Perturb: after the step, ``w <- w + noise_std * N(0, 1)`` for every parameter.
 
 Online normalization (``norm_decays``): every hidden layer's pre-activation passes through a
-:class:`~ppo_cbp.online_norm.OnlineNorm` before the activation, ``h_l = f(N_l(z_l))``; its
+:class:`~ppo_cbp.nets.online_norm.OnlineNorm` before the activation, ``h_l = f(N_l(z_l))``; its
 backward sits between the activation's derivative and the linear layer's update, and its gain
 and bias take the same SGD step as the weights.
 
@@ -61,10 +61,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ppo_cbp import kernels
 from ppo_cbp.init import sample_
-from ppo_cbp.online_norm import OnlineNorm
-from ppo_cbp.units import UnitLayer
+from ppo_cbp.nets import kernels
+from ppo_cbp.nets.online_norm import OnlineNorm
+from ppo_cbp.nets.units import UnitLayer
+from ppo_cbp.seeding import TAG_DROPOUT, TAG_INIT, TAG_NOISE, derive_seed
 
 __all__ = [
     "ACTIVATIONS",
@@ -72,7 +73,6 @@ __all__ = [
     "OPTIMIZERS",
     "StackedMLP",
     "StackedTrainer",
-    "derive_seed",
 ]
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "swish", "linear")
@@ -81,18 +81,6 @@ OPTIMIZERS = ("sgd", "adam")
 
 LEAKY_RELU_SLOPE = 0.01
 """Negative slope of ``leaky_relu`` (PyTorch's default, as in the paper's code)."""
-
-# Stream tags of derive_seed: independent generators per seed for each use.
-TAG_INIT = 0
-TAG_CBP = 1
-TAG_DROPOUT = 2
-TAG_NOISE = 3
-TAG_REDO = 4
-
-
-def derive_seed(seed: int, tag: int) -> int:
-    """A 63-bit generator seed for stream ``tag`` of run ``seed`` (``numpy.random.SeedSequence``)."""
-    return int(np.random.SeedSequence([int(seed), int(tag)]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -147,7 +135,7 @@ class StackedMLP:
         activation: hidden nonlinearity, one of :data:`ACTIVATIONS`.
         init: weight scheme of :mod:`ppo_cbp.init` (paper: Kaiming-uniform); the hidden layers
             use the activation's gain, the output layer gain 1 (it is linear). Biases are 0.
-        norm_decays: ``(alpha_f, alpha_b)``: put an :class:`~ppo_cbp.online_norm.OnlineNorm`
+        norm_decays: ``(alpha_f, alpha_b)``: put an :class:`~ppo_cbp.nets.online_norm.OnlineNorm`
             after every hidden linear layer, before the activation (:attr:`norms`).
         device, dtype: of all tensors.
     """
@@ -215,7 +203,7 @@ class StackedMLP:
         return [self.weight(i) for i in range(len(self.params))]
 
     def unit_layers(self) -> list[UnitLayer]:
-        """The hidden layers as :class:`~ppo_cbp.units.UnitLayer` views for CBP and ReDo."""
+        """The hidden layers as :class:`~ppo_cbp.nets.units.UnitLayer` views for CBP and ReDo."""
         nonlinearity = "linear" if self.activation == "linear" else self.activation
         return [
             UnitLayer(

@@ -33,8 +33,9 @@ from torch import Tensor
 
 from ppo_cbp import run_folder
 from ppo_cbp.formatting import count, duration, measured
-from ppo_cbp.normalize import RunningMeanStd
-from ppo_cbp.ppo_settings import CHECKPOINT_FORMAT, args_dict
+from ppo_cbp.ppo.normalize import RunningMeanStd
+from ppo_cbp.ppo.settings import CHECKPOINT_FORMAT, args_dict
+from ppo_cbp.seeding import PPO_STREAMS, ppo_seeds
 
 if TYPE_CHECKING:
     from ppo_cbp.train import Agent, Args
@@ -58,21 +59,20 @@ SUMMARY_EPISODES = 100  # the closing summary's return is the mean over this man
 
 def seed_everything(
     seed: int, device: torch.device
-) -> tuple[dict[str, torch.Generator], list[int]]:
+) -> tuple[dict[str, torch.Generator], dict[str, int]]:
     """Seed Python's, numpy's and torch's global generators with ``seed``.
 
     :return: the trainer's generators on ``device`` (``"main"``: action noise and minibatch
-        order; ``"perturb"``: Shrink & Perturb's noise) and the four seeds drawn from
-        ``SeedSequence(seed)`` (the last two are the policy's and the value network's CBP/ReDo
-        seeds).
+        order; ``"perturb"``: Shrink & Perturb's noise) and the four stream seeds of
+        :func:`~ppo_cbp.seeding.ppo_seeds`, by :data:`~ppo_cbp.seeding.PPO_STREAMS` name.
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    seeds = np.random.SeedSequence(seed).generate_state(4, dtype=np.uint64).tolist()
+    seeds = dict(zip(PPO_STREAMS, ppo_seeds(seed)))
     generators = {
-        "main": torch.Generator(device=device).manual_seed(seeds[0] % 2**63),
-        "perturb": torch.Generator(device=device).manual_seed(seeds[1] % 2**63),
+        name: torch.Generator(device=device).manual_seed(seeds[name])
+        for name in ("main", "perturb")
     }
     return generators, seeds
 

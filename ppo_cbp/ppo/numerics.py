@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ppo_cbp.units import ActivationRecorder, sequential_unit_layers
+from ppo_cbp.nets.units import ActivationRecorder, sequential_unit_layers
 
 __all__ = [
     "AdamStep",
@@ -247,7 +247,7 @@ def ppo_loss_and_grads(
 
 def hidden_taps(net: nn.Module) -> list[nn.Module]:
     """The modules whose outputs are ``net``'s hidden activations as CBP and ReDo read them
-    (:func:`~ppo_cbp.units.sequential_unit_layers`), or ``[]`` for a network it cannot
+    (:func:`~ppo_cbp.nets.units.sequential_unit_layers`), or ``[]`` for a network it cannot
     describe (not an ``nn.Sequential`` of Linear/Conv2d layers with per-unit activations, e.g.
     one whose CReLU doubles the width): CBP and ReDo cannot run on such a network either."""
     try:

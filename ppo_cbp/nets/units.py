@@ -11,7 +11,7 @@ replace unit ``i`` the operators touch every place it appears:
   input channel ``i`` of a Conv2d consumer, or the ``g`` consecutive columns
   ``i*g, ..., i*g + g - 1`` of a Linear consumer fed by a channel-major flatten of a conv
   output with ``g = H*W`` positions per channel, or by a CReLU with its ``g = 2`` outputs
-  ``relu(z_i), relu(-z_i)`` per unit (:class:`~ppo_cbp.plasticity.crelu.CReLU`);
+  ``relu(z_i), relu(-z_i)`` per unit (:class:`~ppo_cbp.nets.crelu.CReLU`);
 * the optimizer state (Adam moments, SGD momentum, ...) of exactly those entries.
 
 :class:`UnitLayer` names these tensors for one layer. Every tensor may carry a leading seed
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ppo_cbp import kernels
 from ppo_cbp.init import check_scheme, distribution, fans, sample
-from ppo_cbp.plasticity.crelu import CReLU
+from ppo_cbp.nets import kernels
+from ppo_cbp.nets.crelu import CReLU
 
 
 def _abs_sum(h: Tensor) -> tuple[Tensor, int]:
@@ -599,12 +599,13 @@ _NONLINEARITY = {
 }
 
 
-def _leaves(net: nn.Module) -> list[nn.Module]:
+def leaf_modules(net: nn.Module) -> list[nn.Module]:
+    """The modules of an ``nn.Sequential``, nested ``nn.Sequential`` flattened, in forward order."""
     if not isinstance(net, nn.Sequential):
         raise TypeError(f"expected an nn.Sequential network, got {type(net).__name__}")
     out: list[nn.Module] = []
     for m in net:
-        out.extend(_leaves(m) if isinstance(m, nn.Sequential) else [m])
+        out.extend(leaf_modules(m) if isinstance(m, nn.Sequential) else [m])
     return out
 
 
@@ -632,12 +633,12 @@ def sequential_unit_layers(
     the pooling after it (before flatten and dropout); the activation's nonlinearity gives the
     init gain unless ``nonlinearity`` is given.
 
-    A :class:`~ppo_cbp.plasticity.crelu.CReLU` between two Linear layers makes units of two
+    A :class:`~ppo_cbp.nets.crelu.CReLU` between two Linear layers makes units of two
     outputs each: ``out_group=2`` (the consumer takes ``2 * units`` inputs), the ReLU gain, and
     ``h`` is :meth:`CReLU.unit_activation` of its output, the mean of each unit's two outputs
     (:class:`ActivationRecorder` maps the recorded output to it).
     """
-    leaves = _leaves(net)
+    leaves = leaf_modules(net)
     positions = [i for i, m in enumerate(leaves) if isinstance(m, _WEIGHT_LAYERS)]
     if len(positions) < 2:
         raise ValueError("the network needs at least two Linear/Conv2d layers to have hidden units")
@@ -704,7 +705,7 @@ class ActivationRecorder:
     The outputs are kept as they are (still attached to the autograd graph, which the backward
     pass frees): a ``detach`` per layer would add an op to every forward pass. Read them under
     ``torch.no_grad()``, as the operators do. A module with a ``unit_activation(output)`` method
-    (:class:`~ppo_cbp.plasticity.crelu.CReLU`) has several outputs per unit: :meth:`latest`
+    (:class:`~ppo_cbp.nets.crelu.CReLU`) has several outputs per unit: :meth:`latest`
     gives that method's per-unit activation of its recorded output, computed when read, so
     that forward passes nobody reads (acting steps) cost nothing more.
     """

@@ -1,11 +1,11 @@
 """S copies of the paper's ResNet-18 trained in lockstep as one stacked network.
 
-:class:`StackedResNet18` holds S :class:`~ppo_cbp.resnet.ResNet18` as one network whose every
+:class:`StackedResNet18` holds S :class:`~ppo_cbp.nets.resnet.ResNet18` as one network whose every
 parameter and BatchNorm statistic carries a leading seed dimension; slice ``[s]`` is exactly
 the tensor of seed ``s``'s network alone, under the same name (``stem.0.weight``,
 ``blocks.3.bn2.running_mean``, ``fc.bias``, ...) and in the same ``parameters()`` order.
 Activations use the seed-major channel layout ``[B, S * C, H, W]`` of
-:mod:`ppo_cbp.stacked_sequential` (channel ``s * C + c`` is channel ``c`` of seed ``s``):
+:mod:`ppo_cbp.nets.stacked_sequential` (channel ``s * C + c`` is channel ``c`` of seed ``s``):
 
 * a convolution is one grouped convolution (``groups=S``): group ``s`` reads only seed
   ``s``'s channels;
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppo_cbp.resnet import BasicBlock, ResNet18, resnet_unit_layers
-from ppo_cbp.units import UnitLayer
+from ppo_cbp.nets.resnet import BasicBlock, ResNet18, resnet_unit_layers
+from ppo_cbp.nets.units import UnitLayer
 
 __all__ = ["StackedResNet18"]
 
@@ -102,7 +102,7 @@ class _Linear(nn.Module):
 
 
 class _Block(nn.Module):
-    """S :class:`~ppo_cbp.resnet.BasicBlock` (same attribute names)."""
+    """S :class:`~ppo_cbp.nets.resnet.BasicBlock` (same attribute names)."""
 
     def __init__(self, blocks: Sequence[BasicBlock]):
         super().__init__()
@@ -200,8 +200,8 @@ class StackedResNet18(nn.Module):
         return self.fc.weight, self.fc.bias
 
     def unit_layers(self, init: str = "kaiming_normal") -> list[UnitLayer]:
-        """The 17 unit layers of :func:`~ppo_cbp.resnet.resnet_unit_layers`, as seeded
-        :class:`~ppo_cbp.units.UnitLayer` views of the stacked parameters and statistics."""
+        """The 17 unit layers of :func:`~ppo_cbp.nets.resnet.resnet_unit_layers`, as seeded
+        :class:`~ppo_cbp.nets.units.UnitLayer` views of the stacked parameters and statistics."""
         if init != "kaiming_normal":
             raise ValueError(f"the ResNet-18 is initialised kaiming_normal, not {init}")
         layers, _ = resnet_unit_layers(self, seed_dims=1)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ holds exactly the tensor of its network alone:
 * a Linear's weight ``[S, out, in]`` and bias ``[S, out]`` run as one batched matmul
   ``z = b + h W^T`` on ``[S, B, in]``;
 * elementwise activations and pooling act per channel and are applied as they are, and so is
-  a :class:`~ppo_cbp.plasticity.crelu.CReLU` after a Linear (it doubles the last dimension);
+  a :class:`~ppo_cbp.nets.crelu.CReLU` after a Linear (it doubles the last dimension);
 * a LayerNorm after a Linear normalises each seed's own features (the last dimension of
   ``[S, B, n]``) and applies its gain and offset ``[S, n]`` per seed;
 * a channel-major Flatten of ``[B, S * C, H, W]`` is ``view(B, S, C * H * W)`` with the seed
@@ -22,12 +22,12 @@ The loss of the stacked network is the sum of the seeds' losses, so the gradient
 ``s``'s slice is its own gradient, and any elementwise optimizer (``torch.optim.SGD`` with
 momentum and weight decay) updates each slice exactly as it updates the network alone.
 
-The hidden layers are :class:`~ppo_cbp.units.UnitLayer` views with ``seed_dims=1`` of the
+The hidden layers are :class:`~ppo_cbp.nets.units.UnitLayer` views with ``seed_dims=1`` of the
 stacked parameters themselves (so the optimizer's state is found by parameter; a LayerNorm's
 gain and offset are their ``norm`` entries), and :meth:`StackedSequential.forward` returns
 their activations ``[S, B, C, H, W]`` or ``[S, B, units]`` for
 :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop` and :class:`~ppo_cbp.plasticity.redo.ReDo`
-(for a CReLU unit, the mean of its two outputs, as :func:`~ppo_cbp.units.sequential_unit_layers`
+(for a CReLU unit, the mean of its two outputs, as :func:`~ppo_cbp.nets.units.sequential_unit_layers`
 defines it).
 """
 
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppo_cbp.plasticity.crelu import CReLU
-from ppo_cbp.units import UnitLayer, _leaves, sequential_unit_layers
+from ppo_cbp.nets.crelu import CReLU
+from ppo_cbp.nets.units import UnitLayer, leaf_modules, sequential_unit_layers
 
 __all__ = ["StackedSequential"]
 
@@ -81,7 +81,7 @@ class StackedSequential(nn.Module):
         super().__init__()
         if not nets:
             raise ValueError("no networks to stack")
-        leaves = [_leaves(net) for net in nets]
+        leaves = [leaf_modules(net) for net in nets]
         first = leaves[0]
         for other in leaves[1:]:
             if [_signature(m) for m in other] != [_signature(m) for m in first]:
@@ -191,7 +191,7 @@ class StackedSequential(nn.Module):
         return self.params[w], None if b is None else self.params[b]
 
     def unit_layers(self, init: str) -> list[UnitLayer]:
-        """The hidden layers as seeded :class:`~ppo_cbp.units.UnitLayer` of the stacked
+        """The hidden layers as seeded :class:`~ppo_cbp.nets.units.UnitLayer` of the stacked
         parameters; ``init`` is the scheme the networks were initialised with."""
         p = self.params
 

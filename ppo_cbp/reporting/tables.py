@@ -15,8 +15,8 @@ value is left out of that metric and the cell's ``n`` says so):
   those that end within the common prefix.
 
 Per group and metric, over its seeds: the mean with the 95% BCa bootstrap CI of the figures'
-bands (:func:`ppo_cbp.stats.bootstrap_mean_ci`), and the IQM (:func:`ppo_cbp.stats.iqm`) with
-the 95% percentile bootstrap CI (:func:`ppo_cbp.stats.stratified_ci`, one stratum).
+bands (:func:`ppo_cbp.reporting.stats.bootstrap_mean_ci`), and the IQM (:func:`ppo_cbp.reporting.stats.iqm`) with
+the 95% percentile bootstrap CI (:func:`ppo_cbp.reporting.stats.stratified_ci`, one stratum).
 
 Pooled: when several figures share a score (PPO on several environments, or the accuracy of
 several supervised benchmarks), a group label present in all of them gets the mean and IQM of
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ppo_cbp.stats import RESAMPLES, bootstrap_mean_ci, iqm, stratified_ci
+from ppo_cbp.reporting.stats import RESAMPLES, bootstrap_mean_ci, iqm, stratified_ci
 
 SCORES = ("accuracy", "squared_error", "episodic_return")
 """Panel keys that are a benchmark's score; a figure whose first panel is another has no table."""
@@ -135,7 +135,7 @@ def cell(strata: Sequence[np.ndarray], *, resamples: int = RESAMPLES, seed: int 
 
 
 def figure_table(figure: Any, *, resamples: int = RESAMPLES, seed: int = 0) -> Table | None:
-    """The table of one :class:`ppo_cbp.plotting._Figure` (None when its first panel is no
+    """The table of one :class:`ppo_cbp.reporting.figures._Figure` (None when its first panel is no
     score)."""
     panel, series = figure.panel_series[0]
     if panel.key not in SCORES:
@@ -223,7 +223,7 @@ def markdown(tables: Sequence[Table], resamples: int = RESAMPLES, seed: int = 0)
         f"95% percentile bootstrap CI ({resamples:,} resamples). "
         "final: mean over the last complete friction segment (PPO with friction changes) or "
         "the last tenth of the points; AUC: mean over all points (area under the curve / "
-        "length); seg k: mean over friction segment k. See ppo_cbp/report.py.",
+        "length); seg k: mean over friction segment k. See ppo_cbp/reporting/tables.py.",
     ]
     for t in tables:
         if t.pooled:

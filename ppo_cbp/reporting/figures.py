@@ -12,13 +12,13 @@ names, output paths, devices, logging settings and the run length removed (:func
 so an unfinished run and a finished one of the same configuration fall into one group.
 
 Statistics, at each x over the n seeds that have a value there: ``mean = sum(y) / n``; the
-band is by default the 95% bootstrap CI of the mean (:func:`ppo_cbp.stats.bootstrap_mean_ci`:
+band is by default the 95% bootstrap CI of the mean (:func:`ppo_cbp.reporting.stats.bootstrap_mean_ci`:
 ``scipy.stats.bootstrap``, BCa, 9,999 resamples, as the paper's RL figures), or with
 ``band="se"`` one standard error ``s / sqrt(n)``, ``s`` the sample standard deviation
 (``ddof = 1``; :func:`mean_and_se`). For n = 1 there is no band. The legend's title says which
 band is drawn. Within a group all seeds are cut to their common prefix (the shortest seed's
 length), with a printed note that also goes into the figure's title. The method x metric
-table beside the figures is :mod:`ppo_cbp.report`'s.
+table beside the figures is :mod:`ppo_cbp.reporting.tables`'s.
 
 PPO scalars are binned by environment step: bin ``b`` holds the values logged at steps
 ``s`` with ``b * bin_size < s <= (b + 1) * bin_size`` (step ``s`` counts the steps taken, so an
@@ -56,8 +56,8 @@ import numpy as np
 
 from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
-from ppo_cbp.report import table_rows, write_table
-from ppo_cbp.stats import RESAMPLES, bootstrap_mean_ci
+from ppo_cbp.reporting.stats import RESAMPLES, bootstrap_mean_ci
+from ppo_cbp.reporting.tables import table_rows, write_table
 
 # Keys that do not change what is learned (or only how long): removed before grouping.
 IGNORED_KEYS = frozenset(
@@ -670,7 +670,7 @@ class Series:
     n_seeds: int
     ci_low: np.ndarray
     ci_high: np.ndarray
-    """95% bootstrap CI of the mean (:func:`ppo_cbp.stats.bootstrap_mean_ci`)."""
+    """95% bootstrap CI of the mean (:func:`ppo_cbp.reporting.stats.bootstrap_mean_ci`)."""
     values: np.ndarray
     """The seeds' values, [seeds, points] (the common prefix)."""
 
@@ -983,7 +983,7 @@ def plot_runs(
     every bootstrap, in the figures and the table.
 
     Besides the figures, ``<name>_table.md`` and ``.csv`` (``table`` without a ``name``): the
-    method x metric table of :func:`ppo_cbp.report.write_table`.
+    method x metric table of :func:`ppo_cbp.reporting.tables.write_table`.
 
     Every figure is computed before the first file is written, so bad input writes nothing.
 

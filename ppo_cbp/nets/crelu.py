@@ -4,7 +4,7 @@ Deep Reinforcement Learning", CoLLAs 2023).
 An architectural method: the hidden activation ReLU is replaced by CReLU, which keeps both signs
 of every pre-activation, so a unit always passes a gradient through one of its two outputs and
 cannot die. :func:`crelu_mlp` builds the network; the operators that act on units (continual
-backprop, ReDo) and the metrics find its units through :func:`ppo_cbp.units.sequential_unit_layers`.
+backprop, ReDo) and the metrics find its units through :func:`ppo_cbp.nets.units.sequential_unit_layers`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class CReLU(nn.Module):
     ``i``'s outputs are features ``2i`` and ``2i + 1``. The consumer layer, with ``2n`` inputs, then
     computes the same function as with the concatenation up to a fixed permutation of its input
     columns (column ``2i + o`` here is column ``o * n + i`` there), and its columns for unit ``i``
-    are contiguous: the layout :class:`~ppo_cbp.units.UnitLayer` describes with ``out_group=2``.
+    are contiguous: the layout :class:`~ppo_cbp.nets.units.UnitLayer` describes with ``out_group=2``.
 
     As a unit of the reinitialising operators and the metrics, a CReLU unit is one unit with two
     outputs: its activation is their mean, ``h_i = (relu(z_i) + relu(-z_i)) / 2 = |z_i| / 2``

@@ -2,7 +2,7 @@
 NeurIPS 2019) for S stacked layers, with its forward and backward written out by hand.
 
 The loss-of-plasticity paper runs it on Online Permuted MNIST (Extended Data Fig. 4, green).
-Here (:class:`~ppo_cbp.stacked.StackedMLP`) it sits after every hidden linear layer, before the
+Here (:class:`~ppo_cbp.nets.stacked_mlp.StackedMLP`) it sits after every hidden linear layer, before the
 activation, as in the Online Normalization authors' MLP (the paper's methods text does not
 say where):
 
@@ -62,7 +62,7 @@ optimizer (:meth:`OnlineNorm.sgd_`). All state is ``[S, n]`` per layer; nothing 
 seed ``s`` of a stack computes what it computes alone.
 
 At batch 1 on the CPU each of forward, backward and update is one numba loop over the
-``[S, n]`` state (:mod:`ppo_cbp.kernels`' compilation settings): as some thirty small tensor
+``[S, n]`` state (:mod:`ppo_cbp.nets.kernels`' compilation settings): as some thirty small tensor
 operations per layer they cost more than the rest of a width-100 training step. Elsewhere
 (other devices, minibatches, evaluation) the same equations run as tensor operations.
 """
@@ -76,7 +76,7 @@ import numba
 import torch
 from torch import Tensor
 
-from ppo_cbp import kernels
+from ppo_cbp.nets import kernels
 
 __all__ = ["EPS", "EPS_LAYER_SCALING", "OnlineNorm"]
 
