@@ -148,12 +148,14 @@ class FrictionChange(gym.Wrapper, gym.utils.RecordConstructorArgs):
     :param steps_per_step: how many of the run's environment steps one call to :meth:`step`
         stands for: the number of parallel envs when this wrapper is one copy of a vectorised env.
 
-    Attributes: ``friction`` (current sliding coefficient; for the default segment of
-    ``start_with_default=True`` the geoms' common default, or NaN if the default geoms differ, as
-    in Hopper and Walker2d), ``segment`` (0 for the first coefficient, +1 per change),
-    ``num_steps`` and ``steps_since_change`` (run-total steps, in units of ``steps_per_step``),
-    ``pending_change`` (an episode end has triggered a change that the next ``reset`` applies) and
-    ``default_geom_friction`` (copy of the model's ``geom_friction`` before wrapping).
+    :ivar friction: current sliding coefficient; for the default segment of
+        ``start_with_default=True`` the geoms' common default, or NaN if the default geoms differ,
+        as in Hopper and Walker2d.
+    :ivar segment: 0 for the first coefficient, +1 per change.
+    :ivar num_steps: run-total steps, in units of ``steps_per_step``.
+    :ivar steps_since_change: run-total steps, in units of ``steps_per_step``.
+    :ivar pending_change: an episode end has triggered a change that the next ``reset`` applies.
+    :ivar default_geom_friction: copy of the model's ``geom_friction`` before wrapping.
     """
 
     def __init__(

@@ -113,10 +113,13 @@ class SlowlyChangingRegression:
     :param device: device of the generated tensors.
     :param dtype: floating dtype of the generated ``x`` and ``y``.
 
-    Attributes (CPU float64 reference copies, for inspection): ``input_weights`` ``[n_hidden, m+1]``
-    (last column: bias-input weight), ``output_weights`` ``[n_hidden]``, ``output_bias_value``
-    (float, 0.0 without output bias), ``n_negative_weights`` ``S`` (int64 ``[n_hidden]``) and
-    ``thresholds`` ``theta`` ``[n_hidden]``.
+    The attributes are CPU float64 reference copies, for inspection:
+
+    :ivar input_weights: ``[n_hidden, m+1]`` (last column: bias-input weight).
+    :ivar output_weights: ``[n_hidden]``.
+    :ivar output_bias_value: float, 0.0 without output bias.
+    :ivar n_negative_weights: ``S`` (int64 ``[n_hidden]``).
+    :ivar thresholds: ``theta`` ``[n_hidden]``.
     """
 
     def __init__(

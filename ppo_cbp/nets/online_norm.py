@@ -148,12 +148,12 @@ def use_kernels(*tensors: Tensor) -> bool:
 class OnlineNorm:
     """Online Normalization of ``n`` features for S stacked networks (inputs ``[S, B, n]``).
 
-    Args:
-        num_seeds: S.
-        features: n.
-        alpha_f: forward decay of the running mean and variance, in (0, 1).
-        alpha_b: decay of the backward control processes, in (0, 1).
-        device, dtype: of all state tensors.
+    :param num_seeds: S.
+    :param features: n.
+    :param alpha_f: forward decay of the running mean and variance, in (0, 1).
+    :param alpha_b: decay of the backward control processes, in (0, 1).
+    :param device: of all state tensors.
+    :param dtype: of all state tensors.
     """
 
     def __init__(

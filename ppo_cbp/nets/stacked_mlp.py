@@ -127,17 +127,17 @@ def _activation_backward_(name: str, grad: Tensor, z: Tensor, h: Tensor) -> Tens
 class StackedMLP:
     """S multilayer perceptrons ``sizes[0] - sizes[1] - ... - sizes[-1]`` stacked along dim 0.
 
-    Args:
-        sizes: layer widths, input first, output last (at least two entries).
-        seeds: one seed per network; network ``s`` is initialised from a generator seeded
-            with ``derive_seed(seeds[s], TAG_INIT)``, layer by layer, so it equals the
-            network built alone from that seed.
-        activation: hidden nonlinearity, one of :data:`ACTIVATIONS`.
-        init: weight scheme of :mod:`ppo_cbp.init` (paper: Kaiming-uniform); the hidden layers
-            use the activation's gain, the output layer gain 1 (it is linear). Biases are 0.
-        norm_decays: ``(alpha_f, alpha_b)``: put an :class:`~ppo_cbp.nets.online_norm.OnlineNorm`
-            after every hidden linear layer, before the activation (:attr:`norms`).
-        device, dtype: of all tensors.
+    :param sizes: layer widths, input first, output last (at least two entries).
+    :param seeds: one seed per network; network ``s`` is initialised from a generator seeded
+        with ``derive_seed(seeds[s], TAG_INIT)``, layer by layer, so it equals the
+        network built alone from that seed.
+    :param activation: hidden nonlinearity, one of :data:`ACTIVATIONS`.
+    :param init: weight scheme of :mod:`ppo_cbp.init` (paper: Kaiming-uniform); the hidden layers
+        use the activation's gain, the output layer gain 1 (it is linear). Biases are 0.
+    :param norm_decays: ``(alpha_f, alpha_b)``: put an :class:`~ppo_cbp.nets.online_norm.OnlineNorm`
+        after every hidden linear layer, before the activation (:attr:`norms`).
+    :param device: of all tensors.
+    :param dtype: of all tensors.
     """
 
     def __init__(
@@ -261,17 +261,17 @@ class StackedMLP:
 class StackedTrainer:
     """Fused forward, backward and in-place update of a :class:`StackedMLP`.
 
-    Args:
-        net: the stacked networks.
-        loss: ``"cross_entropy"`` (integer targets ``[S, B]``) or ``"squared_error"``
-            (targets ``[S, B, n_out]``).
-        optimizer: ``"sgd"`` or ``"adam"``.
-        lr: step size (> 0).
-        weight_decay: coupled L2 coefficient ``wd`` (>= 0).
-        betas, eps: Adam's.
-        noise_std: Shrink & Perturb's noise standard deviation (>= 0; 0 = off).
-        dropout: dropout probability of the hidden units, in [0, 1).
-        dropout_chunk: steps of dropout masks drawn at once per seed.
+    :param net: the stacked networks.
+    :param loss: ``"cross_entropy"`` (integer targets ``[S, B]``) or ``"squared_error"``
+        (targets ``[S, B, n_out]``).
+    :param optimizer: ``"sgd"`` or ``"adam"``.
+    :param lr: step size (> 0).
+    :param weight_decay: coupled L2 coefficient ``wd`` (>= 0).
+    :param betas: Adam's.
+    :param eps: Adam's.
+    :param noise_std: Shrink & Perturb's noise standard deviation (>= 0; 0 = off).
+    :param dropout: dropout probability of the hidden units, in [0, 1).
+    :param dropout_chunk: steps of dropout masks drawn at once per seed.
     """
 
     def __init__(

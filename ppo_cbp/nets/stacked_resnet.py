@@ -128,9 +128,8 @@ class _Block(nn.Module):
 class StackedResNet18(nn.Module):
     """S ResNet-18 as one network (see the module docstring).
 
-    Args:
-        nets: the S networks; their parameters and BatchNorm statistics are copied (stacked),
-            the networks themselves are not kept.
+    :param nets: the S networks; their parameters and BatchNorm statistics are copied (stacked),
+        the networks themselves are not kept.
     """
 
     def __init__(self, nets: Sequence[ResNet18]):

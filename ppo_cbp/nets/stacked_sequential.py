@@ -69,12 +69,11 @@ def _signature(m: nn.Module) -> tuple:
 class StackedSequential(nn.Module):
     """S networks of the same architecture as one network (see the module docstring).
 
-    Args:
-        nets: the S networks, each an ``nn.Sequential`` (nested ones are flattened) of
-            Conv2d (no groups or dilation, zero padding), Linear, elementwise activations,
-            max or average pooling and ``Flatten()``, ending in a Linear; after a Linear also
-            LayerNorm (over its features) and CReLU. Their parameters are copied (stacked);
-            the networks themselves are not kept.
+    :param nets: the S networks, each an ``nn.Sequential`` (nested ones are flattened) of
+        Conv2d (no groups or dilation, zero padding), Linear, elementwise activations,
+        max or average pooling and ``Flatten()``, ending in a Linear; after a Linear also
+        LayerNorm (over its features) and CReLU. Their parameters are copied (stacked);
+        the networks themselves are not kept.
     """
 
     def __init__(self, nets: Sequence[nn.Module]):

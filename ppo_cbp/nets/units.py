@@ -55,23 +55,22 @@ StateTensors = Callable[[Tensor], Iterable[Tensor]]
 class UnitLayer:
     """The tensors that make up one layer of replaceable hidden units.
 
-    Args:
-        weight: incoming weights, ``[*seed, units, fan_in]`` or ``[*seed, units, c_in, kh, kw]``.
-        bias: incoming bias ``[*seed, units]`` or None.
-        out_weight: the consumer's weights, ``[*seed, n_next, units * out_group]`` (Linear) or
-            ``[*seed, n_next, units, kh, kw]`` (Conv2d). None for units with no weighted
-            consumer: their utility then has no outgoing-magnitude factor.
-        out_group: consumer columns per unit (``H*W`` after a channel-major flatten, 2 after a
-            CReLU, else 1).
-        out_bias: the consumer's bias, used only when folding a replaced unit's mean output.
-        averaged_outputs: how many distinct outputs the activation ``h`` of a unit is the mean
-            of (2 for a CReLU unit, whose two outputs differ; else 1). A replaced unit's mean
-            output cannot then be folded into ``out_bias`` column by column.
-        norm: ``(tensor [*seed, units], value)`` pairs reset to ``value`` for replaced units.
-        init: name of the scheme the layer was initialised with (see :mod:`ppo_cbp.init`).
-        nonlinearity: the layer's activation, for the scheme's gain.
-        seed_dims: 1 if every tensor has a leading seed dimension, else 0.
-        name: for messages and logging.
+    :param weight: incoming weights, ``[*seed, units, fan_in]`` or ``[*seed, units, c_in, kh, kw]``.
+    :param bias: incoming bias ``[*seed, units]`` or None.
+    :param out_weight: the consumer's weights, ``[*seed, n_next, units * out_group]`` (Linear) or
+        ``[*seed, n_next, units, kh, kw]`` (Conv2d). None for units with no weighted
+        consumer: their utility then has no outgoing-magnitude factor.
+    :param out_group: consumer columns per unit (``H*W`` after a channel-major flatten, 2 after a
+        CReLU, else 1).
+    :param out_bias: the consumer's bias, used only when folding a replaced unit's mean output.
+    :param averaged_outputs: how many distinct outputs the activation ``h`` of a unit is the mean
+        of (2 for a CReLU unit, whose two outputs differ; else 1). A replaced unit's mean
+        output cannot then be folded into ``out_bias`` column by column.
+    :param norm: ``(tensor [*seed, units], value)`` pairs reset to ``value`` for replaced units.
+    :param init: name of the scheme the layer was initialised with (see :mod:`ppo_cbp.init`).
+    :param nonlinearity: the layer's activation, for the scheme's gain.
+    :param seed_dims: 1 if every tensor has a leading seed dimension, else 0.
+    :param name: for messages and logging.
     """
 
     weight: Tensor

@@ -79,22 +79,21 @@ class ChurnReduction(PlasticityMethod):
     method that changes the weights after the step (CBP, ReDo, S&P), so that the copy is the
     network the next step starts from.
 
-    Args:
-        module: the network whose outputs are regularised (the actor, for the policy mean).
-        output: maps ``module(states)`` to the regularised tensor (default: the output itself;
-            e.g. ``lambda r: r[0]`` for a :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential`).
-        target_relative_loss: ``beta`` of the rule, >= 0.
-        initial_coefficient: ``lambda`` before the rule applies, >= 0.
-        adapt_from_update: the first update (counted from 1 in each task) after which the rule
-            sets ``lambda``.
-        window: number of past updates in the running means.
-        skip_steps: optimizer steps after a (re)start without the term, >= 1 (theta_{t-1}
-            exists only after one step).
-        reset_at_task_boundary: restart the history, ``lambda`` and the running means in
-            :meth:`at_task_boundary`, as the authors do between tasks.
-        seed_dims: 1 if the module's outputs carry a leading seed dimension, else 0.
-        seeds: the run seed of each stacked network (one when ``seed_dims == 0``), for the
-            reference batches' generators (stream :data:`ppo_cbp.seeding.TAG_CHURN_REFERENCE`).
+    :param module: the network whose outputs are regularised (the actor, for the policy mean).
+    :param output: maps ``module(states)`` to the regularised tensor (default: the output itself;
+        e.g. ``lambda r: r[0]`` for a :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential`).
+    :param target_relative_loss: ``beta`` of the rule, >= 0.
+    :param initial_coefficient: ``lambda`` before the rule applies, >= 0.
+    :param adapt_from_update: the first update (counted from 1 in each task) after which the rule
+        sets ``lambda``.
+    :param window: number of past updates in the running means.
+    :param skip_steps: optimizer steps after a (re)start without the term, >= 1 (theta_{t-1}
+        exists only after one step).
+    :param reset_at_task_boundary: restart the history, ``lambda`` and the running means in
+        :meth:`at_task_boundary`, as the authors do between tasks.
+    :param seed_dims: 1 if the module's outputs carry a leading seed dimension, else 0.
+    :param seeds: the run seed of each stacked network (one when ``seed_dims == 0``), for the
+        reference batches' generators (stream :data:`ppo_cbp.seeding.TAG_CHURN_REFERENCE`).
     """
 
     name = "c_chain"

@@ -102,28 +102,27 @@ def resolve_layers(
 class ContinualBackprop(PlasticityMethod):
     """Continual backprop's generate-and-test step for one network (or S stacked networks).
 
-    Args:
-        net: an ``nn.Sequential`` (forward hooks are registered once on its activation modules
-            and record the latest forward pass), or a list of :class:`~ppo_cbp.nets.units.UnitLayer`
-            whose activations are passed to :meth:`step`.
-        optimizer: the optimizer whose state is reset for replaced entries; or a function
-            from a parameter to its state tensors (for hand-written optimizers); or None.
-        replacement_rate: rho, fraction of eligible units replaced per step, in [0, 1].
-        maturity_threshold: m, a unit is eligible once its age exceeds m steps.
-        decay_rate: eta, in [0, 1), the utilities' running-average decay.
-        utility: ``"contribution"`` or ``"adaptable_contribution"``.
-        init: the scheme the network was initialised with (:mod:`ppo_cbp.init`).
-        nonlinearity: overrides the gain inferred from the activation modules.
-        reset_optimizer_state: zero the optimizer state of replaced entries (the paper's
-            released code did not).
-        fold_bias: add a replaced unit's bias-corrected mean output times its outgoing weights
-            to the consumer's bias (off in the paper, whose version of it never took effect).
-            For a Linear consumer fed only through those weights this keeps the consumer's
-            input unchanged in expectation; a conv consumer's zero padding and a path that
-            bypasses the weights (a residual shortcut) are not compensated.
-        accumulate: count units to replace as Algorithm 1 (True), or draw each step's count as
-            the paper's PPO code did (False; one network only, host draws from ``seed``).
-        seed: seed of the generator that draws new weights; one per network when stacked.
+    :param net: an ``nn.Sequential`` (forward hooks are registered once on its activation modules
+        and record the latest forward pass), or a list of :class:`~ppo_cbp.nets.units.UnitLayer`
+        whose activations are passed to :meth:`step`.
+    :param optimizer: the optimizer whose state is reset for replaced entries; or a function
+        from a parameter to its state tensors (for hand-written optimizers); or None.
+    :param replacement_rate: rho, fraction of eligible units replaced per step, in [0, 1].
+    :param maturity_threshold: m, a unit is eligible once its age exceeds m steps.
+    :param decay_rate: eta, in [0, 1), the utilities' running-average decay.
+    :param utility: ``"contribution"`` or ``"adaptable_contribution"``.
+    :param init: the scheme the network was initialised with (:mod:`ppo_cbp.init`).
+    :param nonlinearity: overrides the gain inferred from the activation modules.
+    :param reset_optimizer_state: zero the optimizer state of replaced entries (the paper's
+        released code did not).
+    :param fold_bias: add a replaced unit's bias-corrected mean output times its outgoing weights
+        to the consumer's bias (off in the paper, whose version of it never took effect).
+        For a Linear consumer fed only through those weights this keeps the consumer's
+        input unchanged in expectation; a conv consumer's zero padding and a path that
+        bypasses the weights (a residual shortcut) are not compensated.
+    :param accumulate: count units to replace as Algorithm 1 (True), or draw each step's count as
+        the paper's PPO code did (False; one network only, host draws from ``seed``).
+    :param seed: seed of the generator that draws new weights; one per network when stacked.
     """
 
     def __init__(
@@ -338,19 +337,16 @@ class ContinualBackprop(PlasticityMethod):
     ) -> int:
         """One generate-and-test step; call right after the optimizer step.
 
-        Args:
-            activations: per hidden layer, its output ``h`` on the minibatch just used
-                (``[*seed, B, units]`` or ``[*seed, B, C, H, W]``). Omit when the network is
-                hooked: the latest forward pass is used.
-            magnitudes: per hidden layer of a Linear network, ``(sum_k |w_out[k, i]|,
-                sum_j |w_in[i, j]|)`` of the weights after the optimizer step, ``[*seed, units]``
-                each, when the trainer computed them already (as
-                :attr:`ppo_cbp.nets.stacked_mlp.StackedTrainer.magnitudes` does while updating); the
-                weights are then not read again. On CPU the utility is then updated by one
-                fused kernel per layer (:class:`ppo_cbp.nets.kernels.UtilityUpdate`).
-
-        Returns:
-            the number of units replaced in each network by this step.
+        :param activations: per hidden layer, its output ``h`` on the minibatch just used
+            (``[*seed, B, units]`` or ``[*seed, B, C, H, W]``). Omit when the network is
+            hooked: the latest forward pass is used.
+        :param magnitudes: per hidden layer of a Linear network, ``(sum_k |w_out[k, i]|,
+            sum_j |w_in[i, j]|)`` of the weights after the optimizer step, ``[*seed, units]``
+            each, when the trainer computed them already (as
+            :attr:`ppo_cbp.nets.stacked_mlp.StackedTrainer.magnitudes` does while updating); the
+            weights are then not read again. On CPU the utility is then updated by one
+            fused kernel per layer (:class:`ppo_cbp.nets.kernels.UtilityUpdate`).
+        :return: the number of units replaced in each network by this step.
         """
         if activations is None:
             if self._recorder is None:

@@ -51,13 +51,12 @@ class Layer:
 class Network:
     """What the methods see of one network.
 
-    Args:
-        layers: its weight layers, input side first, the head last.
-        parameters: every parameter the optimizer trains (weights, biases, norm gains, ...).
-        optimizer: the ``torch.optim.Optimizer`` over them (its ``state[p]`` is reset with the
-            parameters it belongs to).
-        seed_dims: 1 if every tensor has a leading seed dimension, else 0.
-        seeds: one run seed per stacked network (one entry when ``seed_dims == 0``).
+    :param layers: its weight layers, input side first, the head last.
+    :param parameters: every parameter the optimizer trains (weights, biases, norm gains, ...).
+    :param optimizer: the ``torch.optim.Optimizer`` over them (its ``state[p]`` is reset with the
+        parameters it belongs to).
+    :param seed_dims: 1 if every tensor has a leading seed dimension, else 0.
+    :param seeds: one run seed per stacked network (one entry when ``seed_dims == 0``).
     """
 
     layers: list[Layer]

@@ -116,20 +116,19 @@ class InjectableNetwork(nn.Module):
     branch and its frozen copy is added last, so at its injection it adds an exact 0 and the
     output does not change by a rounding.
 
-    Args:
-        net: an ``nn.Sequential`` (nested ones are flattened; its forward returns the output)
-            or a :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential` of S seeds (its forward
-            takes ``[B, S, features]`` and returns ``([S, B, out], hidden)``; the hidden
-            activations are the network's own, those of the original head ``theta`` included,
-            not the branches').
-        head_layers: the head is the last ``head_layers`` weight layers: Linear layers and
-            elementwise activations only (a convolution or Flatten is left in the body).
-            Default 2: the head of the paper's Atari agent (Double DQN on the Nature-DQN
-            network) is its two fully connected layers, on top of the convolutional encoder,
-            as the PyTorch reimplementation timoklein/plasticity-injection-torch has it.
-
     The number of injections is in the state dict (``_extra_state``), so loading a state dict
     into a network built afresh rebuilds the branches before their parameters are loaded.
+
+    :param net: an ``nn.Sequential`` (nested ones are flattened; its forward returns the output)
+        or a :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential` of S seeds (its forward
+        takes ``[B, S, features]`` and returns ``([S, B, out], hidden)``; the hidden
+        activations are the network's own, those of the original head ``theta`` included,
+        not the branches').
+    :param head_layers: the head is the last ``head_layers`` weight layers: Linear layers and
+        elementwise activations only (a convolution or Flatten is left in the body).
+        Default 2: the head of the paper's Atari agent (Double DQN on the Nature-DQN
+        network) is its two fully connected layers, on top of the convolutional encoder,
+        as the PyTorch reimplementation timoklein/plasticity-injection-torch has it.
     """
 
     def __init__(self, net: nn.Sequential | StackedSequential, head_layers: int = 2):
@@ -335,21 +334,20 @@ class PlasticityInjection(PlasticityMethod):
     :func:`~ppo_cbp.plasticity.hooks.generators_for`), layer by layer, weight then bias, so a
     stack of S seeds draws what each seed's network draws alone.
 
-    Args:
-        module: the network to inject into.
-        net: its :class:`~ppo_cbp.plasticity.hooks.Network` (``module.as_network(...)``); the
-            head's weights must be among ``net.layers``, where their schemes are read.
-        at_task_boundaries: inject at each :meth:`at_task_boundary`.
-        max_injections: at most this many injections at task boundaries (None: no limit).
-        bias: ``"zero"`` (this project's networks) or ``"torch_default"`` for the fresh biases.
-        tag: the random stream, one of :data:`~ppo_cbp.seeding.INJECTION_TAGS`; networks that share an optimizer need
-            different tags.
-
     Checkpoints: :meth:`state_dict` holds the number of injections and the generators. To
     resume, load the module's state dict or this method's (either rebuilds the branches a
     network built afresh lacks), then the optimizer's: a load pre-hook first regroups the
     optimizer as the injections left it, so its saved state fits. The optimizer cannot be
     loaded before both (its groups do not match yet).
+
+    :param module: the network to inject into.
+    :param net: its :class:`~ppo_cbp.plasticity.hooks.Network` (``module.as_network(...)``); the
+        head's weights must be among ``net.layers``, where their schemes are read.
+    :param at_task_boundaries: inject at each :meth:`at_task_boundary`.
+    :param max_injections: at most this many injections at task boundaries (None: no limit).
+    :param bias: ``"zero"`` (this project's networks) or ``"torch_default"`` for the fresh biases.
+    :param tag: the random stream, one of :data:`~ppo_cbp.seeding.INJECTION_TAGS`; networks that
+        share an optimizer need different tags.
     """
 
     name = "plasticity_injection"

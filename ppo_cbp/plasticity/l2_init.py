@@ -36,9 +36,8 @@ class L2Init(PlasticityMethod):
     Default ``coefficient = 1e-2``: the paper sweeps {1e-2, 1e-3, 1e-4, 1e-5} and finds one value,
     1e-2, best across problems (Appendix A.2.5).
 
-    Args:
-        net: the network; its parameters' current values become ``theta_0``.
-        coefficient: ``lambda`` >= 0.
+    :param net: the network; its parameters' current values become ``theta_0``.
+    :param coefficient: ``lambda`` >= 0.
     """
 
     name = "l2_init"

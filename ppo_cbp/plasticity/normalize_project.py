@@ -90,13 +90,12 @@ class NormalizeAndProject(PlasticityMethod):
     ``project_head=False`` leaves the output layer free, ``project_norms=False`` the gains and
     offsets.
 
-    Args:
-        net: the network; every layer of ``net.layers`` is projected (the head only with
-            ``project_head``).
-        norms: the ``(gain, offset)`` of each normalisation layer, ``[*seed, n]`` each or None
-            (:func:`layer_norms`).
-        project_head: project the output layer's weight too (default True).
-        project_norms: project each normalisation layer's gain and offset jointly (default True).
+    :param net: the network; every layer of ``net.layers`` is projected (the head only with
+        ``project_head``).
+    :param norms: the ``(gain, offset)`` of each normalisation layer, ``[*seed, n]`` each or None
+        (:func:`layer_norms`).
+    :param project_head: project the output layer's weight too (default True).
+    :param project_norms: project each normalisation layer's gain and offset jointly (default True).
     """
 
     name = "nap"

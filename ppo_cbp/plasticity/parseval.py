@@ -48,10 +48,9 @@ class ParsevalRegularization(PlasticityMethod):
     ``(64 / width)^2`` to carry a value tuned at width 64 to other widths; that factor is not
     applied here (it is 1 at their width, 64).
 
-    Args:
-        net: the network; every layer but the head is regularised.
-        coefficient: ``lambda`` >= 0.
-        scale: ``s`` > 0 for every layer, or None for each layer's initial squared row norm.
+    :param net: the network; every layer but the head is regularised.
+    :param coefficient: ``lambda`` >= 0.
+    :param scale: ``s`` > 0 for every layer, or None for each layer's initial squared row norm.
     """
 
     name = "parseval"

@@ -46,17 +46,17 @@ def dormant_mask(layer: UnitLayer, h: Tensor, threshold: float) -> Tensor:
 class ReDo(PlasticityMethod):
     """Recycle tau-dormant units every ``period`` steps.
 
-    Args:
-        net: an ``nn.Sequential`` (hooked, as in :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop`) or a
-            list of :class:`~ppo_cbp.nets.units.UnitLayer` whose activations are passed to :meth:`step`.
-        optimizer: optimizer (or parameter -> state tensors function) whose state is reset.
-        threshold: tau; units scoring ``<= threshold`` are recycled. Must be >= 0.
-        period: recycle on every ``period``-th call of :meth:`step`.
-        init: the scheme the network was initialised with.
-        nonlinearity: overrides the gain inferred from the activation modules.
-        reset_optimizer_state: zero the optimizer state of recycled entries (the paper's PPO
-            code did not; the original ReDo did).
-        seed: seed(s) of the generator(s) that draw new weights.
+    :param net: an ``nn.Sequential`` (hooked, as in
+        :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop`) or a list of
+        :class:`~ppo_cbp.nets.units.UnitLayer` whose activations are passed to :meth:`step`.
+    :param optimizer: optimizer (or parameter -> state tensors function) whose state is reset.
+    :param threshold: tau; units scoring ``<= threshold`` are recycled. Must be >= 0.
+    :param period: recycle on every ``period``-th call of :meth:`step`.
+    :param init: the scheme the network was initialised with.
+    :param nonlinearity: overrides the gain inferred from the activation modules.
+    :param reset_optimizer_state: zero the optimizer state of recycled entries (the paper's PPO
+        code did not; the original ReDo did).
+    :param seed: seed(s) of the generator(s) that draw new weights.
     """
 
     def __init__(

@@ -92,9 +92,8 @@ class AdamStateReset(PlasticityMethod):
     at every target-network update; Juliani and Ash (2024, "A Study of Plasticity Loss in
     On-Policy Deep Reinforcement Learning") build a new Adam(W) at every distribution shift.
 
-    Args:
-        net: the network; ``net.optimizer`` must be ``torch.optim.Adam`` or ``AdamW``
-            (fused, foreach or for-loop; amsgrad or not).
+    :param net: the network; ``net.optimizer`` must be ``torch.optim.Adam`` or ``AdamW``
+        (fused, foreach or for-loop; amsgrad or not).
     """
 
     name = "adam_state_reset"
@@ -126,12 +125,11 @@ class LayerReset(PlasticityMethod):
     github.com/evgenii-nikishin/rl_with_resets); for SAC they reset every layer
     (``layers=len(net.layers)``).
 
-    Args:
-        net: the network; its optimizer, if any, must be ``torch.optim.Adam``, ``AdamW`` or
-            ``SGD`` (whose momentum buffers are zeroed: with no dampening, the next step is a
-            fresh SGD's first) or None (only the weights are reset).
-        layers: how many weight layers to reset, counted from the head; 1 to
-            ``len(net.layers)``.
+    :param net: the network; its optimizer, if any, must be ``torch.optim.Adam``, ``AdamW`` or
+        ``SGD`` (whose momentum buffers are zeroed: with no dampening, the next step is a
+        fresh SGD's first) or None (only the weights are reset).
+    :param layers: how many weight layers to reset, counted from the head; 1 to
+        ``len(net.layers)``.
     """
 
     name = "layer_reset"

@@ -73,11 +73,10 @@ class ShrinkPerturb(PlasticityMethod):
     theta_fresh``); the interpolation form here ties them (``sigma = 1 - lambda``), as both of
     Juliani and Ash's settings do, so one number sets both and ``alpha = 0`` is a full reset.
 
-    Args:
-        net: the network.
-        shrink: ``alpha`` in [0, 1] (1: no change, 0: a full re-initialisation); None takes the
-            source's default for ``every``.
-        every: ``"task_boundary"`` or ``"step"``.
+    :param net: the network.
+    :param shrink: ``alpha`` in [0, 1] (1: no change, 0: a full re-initialisation); None takes the
+        source's default for ``every``.
+    :param every: ``"task_boundary"`` or ``"step"``.
     """
 
     name = "shrink_perturb"

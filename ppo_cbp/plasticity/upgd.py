@@ -39,17 +39,16 @@ class UPGD(torch.optim.Optimizer):
     :data:`~ppo_cbp.seeding.TAG_UPGD` of ``seeds[s]``), parameter by parameter in the order of the groups, so a
     stack of S seeds follows each seed's run alone.
 
-    Args:
-        params: parameters or groups (every parameter needs a gradient at each step).
-        lr: step size (the code's default 1e-5; the benchmarks set their own).
-        weight_decay: ``wd`` (default 0, the constructor's in ``first_order.py``; the
-            repository README's stand-alone UPGD uses 1e-3, as the benchmarks do).
-        beta_utility: ``beta_u`` in [0, 1) (default 0, the constructor's: the instantaneous
-            utility; the README's 0.999, the benchmarks' default).
-        sigma: the perturbation's standard deviation (default 1, the constructor's; the
-            README's 1e-3, the benchmarks' default).
-        seed_dims: 0, or 1 for stacked parameters.
-        seeds: one run seed per stacked network (one when ``seed_dims=0``).
+    :param params: parameters or groups (every parameter needs a gradient at each step).
+    :param lr: step size (the code's default 1e-5; the benchmarks set their own).
+    :param weight_decay: ``wd`` (default 0, the constructor's in ``first_order.py``; the
+        repository README's stand-alone UPGD uses 1e-3, as the benchmarks do).
+    :param beta_utility: ``beta_u`` in [0, 1) (default 0, the constructor's: the instantaneous
+        utility; the README's 0.999, the benchmarks' default).
+    :param sigma: the perturbation's standard deviation (default 1, the constructor's; the
+        README's 1e-3, the benchmarks' default).
+    :param seed_dims: 0, or 1 for stacked parameters.
+    :param seeds: one run seed per stacked network (one when ``seed_dims=0``).
     """
 
     def __init__(

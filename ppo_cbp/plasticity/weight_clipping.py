@@ -41,9 +41,8 @@ class WeightClipping(PlasticityMethod):
     supervised sweeps cover kappa in {1, ..., 5} and their PPO script defaults to 3.0
     (``rl_experiments/ppo_continuous_action_clipped.py``).
 
-    Args:
-        net: the network.
-        kappa: the clipping multiple, > 0.
+    :param net: the network.
+    :param kappa: the clipping multiple, > 0.
     """
 
     name = "weight_clipping"
