@@ -5,8 +5,8 @@ Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
 
 * the folder: :func:`check_writable` before any work (by creating it and writing a file in it,
   then removing both; the sweep and the plots check their output folders with it too),
-  ``config.json`` written atomically (:func:`write_json`), every other file too
-  (:func:`write_atomic`);
+  ``config.json`` written atomically with the code that runs (:func:`write_config`), every
+  other file too (:func:`write_json`, :func:`write_atomic`);
 * the checkpoint: :func:`save_checkpoint` (a temporary file, fsync, ``os.replace``: a crash
   leaves the old or the new checkpoint, never half of one) and :func:`load_checkpoint`
   (``weights_only=True``: it can never execute code; an empty, truncated, corrupt or foreign
@@ -14,6 +14,9 @@ Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
   what to do);
   :func:`clone` for snapshots of a state, :func:`rng_states` / :func:`set_rng_states` for the
   Python, numpy, torch, CUDA and named generators' states;
+* provenance: ``config.json`` and every checkpoint hold :func:`ppo_cbp.provenance.record`
+  under ``"provenance"``; :func:`warn_other_code` prints one ``warning:`` line when a resumed
+  run's checkpoint was written by other code (never a refusal);
 * resuming: :func:`check_settings` (a resumed run must keep its configuration: every conflict
   is named with both values) and :func:`refuse_finished` (a run that already reached its end is
   left untouched: nothing rewritten, no new event file);
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ppo_cbp import provenance
 from ppo_cbp.errors import ALREADY_FINISHED, UsageError
 from ppo_cbp.formatting import count
 
@@ -63,8 +67,10 @@ __all__ = [
     "save_checkpoint",
     "set_rng_states",
     "units_replaced_line",
+    "warn_other_code",
     "where_lines",
     "write_atomic",
+    "write_config",
     "write_json",
 ]
 
@@ -135,6 +141,31 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(_jsonable(data), indent=2) + "\n")
 
 
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """Write a run's ``config.json``: ``config`` (not modified) plus the code that runs.
+
+    :param path: the run folder's ``config.json``.
+    :param config: the run's resolved settings.
+
+    The file holds ``config``'s keys, then ``"provenance"``: :func:`ppo_cbp.provenance.record`
+    of this process (a resumed run's file describes the code it continues with). In a folder
+    that holds a checkpoint (a resumed run: a new run refuses such a folder) it also holds
+    ``"started_with"``: the provenance the run began with, taken from the ``config.json`` it
+    replaces (that file's ``"started_with"``, else its ``"provenance"``; ``None`` when the run
+    began before provenance was recorded).
+    """
+    data = {k: v for k, v in config.items() if k not in ("provenance", "started_with")}
+    data["provenance"] = provenance.record()
+    if (path.parent / CHECKPOINT_NAME).exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            old = None
+        old = old if isinstance(old, dict) else {}
+        data["started_with"] = old.get("started_with", old.get("provenance"))
+    write_json(path, data)
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -156,8 +187,13 @@ def clone(obj: Any) -> Any:
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync,
-    then ``os.replace`` (a crash leaves either the old or the new checkpoint, never half)."""
+    then ``os.replace`` (a crash leaves either the old or the new checkpoint, never half).
+
+    The file holds ``state``'s keys and ``"provenance"``: :func:`ppo_cbp.provenance.record`,
+    the code that wrote it (``state`` itself is not modified)."""
     import torch
+
+    state = {**state, "provenance": provenance.record()}
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -275,6 +311,20 @@ def check_settings(path: Path, conflicts: Iterable[tuple[str, Any, Any]]) -> Non
                 f"{name} (checkpoint {then!r}, now {now!r})" for name, then, now in conflicts
             )
         )
+
+
+def warn_other_code(state: Any) -> None:
+    """Print :func:`ppo_cbp.provenance.resume_warning` to stderr (one line) when a resumed
+    run's checkpoint ``state`` was written by other code than runs now, or records none.
+
+    Called once a resume is accepted, before training continues; nothing for ``None`` (a new
+    run) or when the code is the same. A warning only: the run is never refused for it."""
+    if state is None:
+        return
+    saved = state.get("provenance") if isinstance(state, dict) else None
+    line = provenance.resume_warning(saved, provenance.record())
+    if line:
+        print(line, file=sys.stderr, flush=True)
 
 
 def refuse_finished(folder: Path, unit: str, reached: int, total: int, advice: str) -> None:

@@ -647,6 +647,7 @@ class RunOutputs:
             f"nothing to do (its results are in {self.out / 'summary.json'}); choose another "
             "--out for a new run",
         )
+        run_folder.warn_other_code(state)
         self.rows = rows
         return state
 
@@ -666,7 +667,7 @@ class RunOutputs:
         """
         done = len(self.rows[0])
         self.out.mkdir(parents=True, exist_ok=True)
-        run_folder.write_json(self.out / "config.json", self.config)
+        run_folder.write_config(self.out / "config.json", self.config)
         self._writers = []
         for s, seed in enumerate(self.seeds):
             folder = self.out / f"seed_{seed}"

@@ -231,7 +231,7 @@ def open_outputs(run_dir: Path, a: Args, st: RunState, resumed: bool) -> Any:
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = run_folder.open_writer(run_dir, st.global_step + 1 if resumed else None)
     resolved = args_dict(a)
-    run_folder.write_json(run_dir / "config.json", resolved)
+    run_folder.write_config(run_dir / "config.json", resolved)
     if not resumed:
         table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)

@@ -368,4 +368,5 @@ def run_settings(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
     run_folder.check_writable(run_dir, "the run folder")
+    run_folder.warn_other_code(ckpt)
     return raw, a, ckpt, run_dir

@@ -69,6 +69,8 @@ IGNORED_KEYS = frozenset(
         "resume",
         "progress",
         "checkpoint_every",
+        "provenance",  # which code ran: seeds run by other commits still pool
+        "started_with",
         # supervised
         "out",
         "chunk",
