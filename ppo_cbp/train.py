@@ -247,10 +247,6 @@ class Args:
     """Run the first segment with the model's default friction instead of the first sample."""
 
 
-ConfigError = UsageError
-"""Bad settings, found before any work starts (the package's one usage-error class)."""
-
-
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/Inf; the last good state was checkpointed."""
 
@@ -791,7 +787,7 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
     ``given``: the fields set on the command line (:func:`ppo_settings.given_fields`), which a resumed run's
     settings must agree with; None counts the fields that differ from their defaults.
 
-    :raises ConfigError: for bad settings, before anything is created or written.
+    :raises UsageError: for bad settings, before anything is created or written.
     :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
     """
     t_begin = time.perf_counter()
@@ -811,7 +807,7 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
         torch.set_num_threads(a.threads)  # restored when the run ends
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
         if not isinstance(act_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-            raise ConfigError(f"{a.env}: need a flat Box observation and a Box action space")
+            raise UsageError(f"{a.env}: need a flat Box observation and a Box action space")
         obs_dim, act_dim = int(obs_space.shape[0]), int(act_space.shape[0])
         B = a.num_envs * a.num_steps
         num_updates = -(-a.steps // B)

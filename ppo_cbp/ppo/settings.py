@@ -24,7 +24,7 @@ import gymnasium as gym
 import torch
 
 from ppo_cbp import run_folder
-from ppo_cbp.errors import UsageError as ConfigError
+from ppo_cbp.errors import UsageError
 
 if TYPE_CHECKING:
     from ppo_cbp.train import Args
@@ -63,7 +63,7 @@ def check_env_id(env_id: str) -> None:
         spec = None
     entry = str(getattr(spec, "entry_point", ""))
     if spec is None or "envs.mujoco" not in entry or (spec.version or 0) < 4:
-        raise ConfigError(
+        raise UsageError(
             f"unknown env id {env_id!r}: expected one of {', '.join(TESTED_ENVS)} "
             "(or another gymnasium MuJoCo env of version >= 4)"
         )
@@ -72,119 +72,119 @@ def check_env_id(env_id: str) -> None:
 def resolve_args(args: Args) -> Args:
     """Validate ``args`` and return a copy with the presets applied (no ``None`` left).
 
-    :raises ConfigError: naming the bad value or the conflicting flags.
+    :raises UsageError: naming the bad value or the conflicting flags.
     """
     a = args
     defaults = type(a)()
     check_env_id(a.env)
     if a.seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {a.seed}")
+        raise UsageError(f"--seed must be >= 0, got {a.seed}")
     positive = ("steps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
     for name in positive:
         if getattr(a, name) is not None and getattr(a, name) <= 0:
-            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(a, name)}")
+            raise UsageError(f"{_flag(name)} must be positive, got {getattr(a, name)}")
     for name in ("checkpoint_every", "metrics_every", "friction_every", "maturity_threshold"):
         if getattr(a, name) < 0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+            raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
     if a.redo_period <= 0:
-        raise ConfigError(f"--redo-period must be positive, got {a.redo_period}")
+        raise UsageError(f"--redo-period must be positive, got {a.redo_period}")
     rates = ["replacement_rate", "decay_rate", "gamma", "gae_lambda", "clip_coef"]
     rates += [n for n in ("adam_beta1", "adam_beta2") if getattr(a, n) is not None]
     for name in rates:
         value = getattr(a, name)
         if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {value}")
+            raise UsageError(f"{_flag(name)} must be in [0, 1], got {value}")
     for name in ("adam_beta1", "adam_beta2", "decay_rate"):
         if getattr(a, name) is not None and getattr(a, name) >= 1.0:
-            raise ConfigError(f"{_flag(name)} must be < 1, got {getattr(a, name)}")
+            raise UsageError(f"{_flag(name)} must be < 1, got {getattr(a, name)}")
     if not a.learning_rate > 0 or not math.isfinite(a.learning_rate):
-        raise ConfigError(f"--learning-rate must be positive, got {a.learning_rate}")
+        raise UsageError(f"--learning-rate must be positive, got {a.learning_rate}")
     nonneg = ["adam_eps", "ent_coef", "vf_coef", "redo_threshold"]
     nonneg += [
         n for n in ("weight_decay", "noise_std", "max_grad_norm") if getattr(a, n) is not None
     ]
     for name in nonneg:
         if not getattr(a, name) >= 0.0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+            raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
     if not 0.0 < a.friction_low <= a.friction_high:
-        raise ConfigError(
+        raise UsageError(
             f"need 0 < --friction-low <= --friction-high, got {a.friction_low}, {a.friction_high}"
         )
     if not a.hidden_sizes or min(a.hidden_sizes) <= 0:
-        raise ConfigError(f"--hidden-sizes must be positive widths, got {a.hidden_sizes}")
+        raise UsageError(f"--hidden-sizes must be positive widths, got {a.hidden_sizes}")
     batch = a.num_steps * a.num_envs
     if batch % a.num_minibatches:
-        raise ConfigError(
+        raise UsageError(
             f"--num-minibatches {a.num_minibatches} does not divide the batch of "
             f"num_steps * num_envs = {batch}"
         )
 
     # conflicts
     if a.cbp and a.redo:
-        raise ConfigError("--cbp and --redo conflict: choose one unit-reset method")
+        raise UsageError("--cbp and --redo conflict: choose one unit-reset method")
     for name in ("l2_init", "parseval", "weight_clipping"):
         if not getattr(a, name) >= 0.0 or not math.isfinite(getattr(a, name)):
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+            raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
     for name in ("soft_shrink_perturb", "shrink_perturb_init"):
         if not 0.0 <= getattr(a, name) <= 1.0:
-            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {getattr(a, name)}")
+            raise UsageError(f"{_flag(name)} must be in [0, 1], got {getattr(a, name)}")
     layers = len(a.hidden_sizes) + 1 if a.hidden_sizes else 1
     if not 0 <= a.head_reset <= layers:
-        raise ConfigError(
+        raise UsageError(
             f"--head-reset must be in [0, {layers}] (the Linear layers), got {a.head_reset}"
         )
     if a.upgd and (a.standard_adam or a.adam_beta1 is not None or a.adam_beta2 is not None):
-        raise ConfigError("--upgd replaces Adam: drop --standard-adam/--adam-beta1/--adam-beta2")
+        raise UsageError("--upgd replaces Adam: drop --standard-adam/--adam-beta1/--adam-beta2")
     if a.upgd and a.adam_reset:
-        raise ConfigError("--upgd and --adam-reset conflict: there is no Adam state to reset")
+        raise UsageError("--upgd and --adam-reset conflict: there is no Adam state to reset")
     if not a.upgd_sigma >= 0 or not 0 <= a.upgd_beta_utility < 1:
-        raise ConfigError(
+        raise UsageError(
             f"need --upgd-sigma >= 0 and --upgd-beta-utility in [0, 1), got {a.upgd_sigma}, "
             f"{a.upgd_beta_utility}"
         )
     if a.trac and a.injection:
-        raise ConfigError(
+        raise UsageError(
             "--trac and --injection conflict: TRAC's reference point has no entry for an "
             "injected branch"
         )
     if a.layer_norm and a.nap:
-        raise ConfigError(
+        raise UsageError(
             "--layer-norm and --nap conflict: --nap already puts a LayerNorm after every hidden layer"
         )
     if a.injection and (a.layer_norm or a.nap or a.crelu):
-        raise ConfigError(
+        raise UsageError(
             "--injection injects a head of Linear layers and ReLUs: it does not take "
             "--layer-norm, --nap or --crelu"
         )
     if a.injection and a.head_reset:
-        raise ConfigError(
+        raise UsageError(
             "--injection and --head-reset conflict: both renew the heads at a friction change"
         )
     if a.friction_every == 0 and (
         a.injection or a.adam_reset or a.head_reset or a.shrink_perturb_init < 1
     ):
-        raise ConfigError(
+        raise UsageError(
             "--friction-every 0 has no friction changes: the task-boundary methods "
             "(--injection, --adam-reset, --head-reset, --shrink-perturb-init) would never act"
         )
     if a.injection and (a.cbp or a.redo):
-        raise ConfigError(
+        raise UsageError(
             f"--injection and --{'cbp' if a.cbp else 'redo'} conflict: the injected head's "
             "frozen units are not theirs to replace"
         )
     if a.standard_adam and (a.adam_beta1 is not None or a.adam_beta2 is not None):
-        raise ConfigError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
+        raise UsageError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
     if a.l2 and a.weight_decay is not None:
-        raise ConfigError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
+        raise UsageError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
     if a.noise_std is not None and not a.shrink_perturb:
-        raise ConfigError("--noise-std only applies with --shrink-perturb")
+        raise UsageError("--noise-std only applies with --shrink-perturb")
     for method, fields in (("cbp", _CBP_FIELDS), ("redo", _REDO_FIELDS)):
         if not getattr(a, method):
             for name in fields:
                 if getattr(a, name) != getattr(defaults, name):
-                    raise ConfigError(f"{_flag(name)} only applies with {_flag(method)}")
+                    raise UsageError(f"{_flag(name)} only applies with {_flag(method)}")
     if a.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA GPU is available")
+        raise UsageError("--device cuda requested but no CUDA GPU is available")
 
     if a.weight_decay is not None:
         weight_decay = a.weight_decay
@@ -274,19 +274,19 @@ def merge_resume(args: Args, saved: Args, given: set[str] | None = None) -> Args
 def find_checkpoint(resume: str) -> Path:
     p = Path(resume)
     if not p.exists():
-        raise ConfigError(f"resume path {resume} does not exist")
+        raise UsageError(f"resume path {resume} does not exist")
     path = p if p.is_file() else p / CHECKPOINT_NAME
     if not path.is_file():
         runs = sorted(str(c.parent) for c in p.glob(f"*/{CHECKPOINT_NAME}"))
         hint = f" (runs in {p}: {', '.join(runs[:3])}{', ...' * (len(runs) > 3)})" if runs else ""
-        raise ConfigError(f"no checkpoint to resume from: {path} does not exist{hint}")
+        raise UsageError(f"no checkpoint to resume from: {path} does not exist{hint}")
     return path
 
 
 def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
     """The checkpoint at ``path`` and the settings it was written with.
 
-    :raises ConfigError: if the file cannot be read (empty, truncated, corrupt, no permission)
+    :raises UsageError: if the file cannot be read (empty, truncated, corrupt, no permission)
         or was not written by this trainer (a supervised benchmark's checkpoint is named as
         such, with the command that resumes it); the message says what to do instead."""
     instead = "pass the checkpoint.pt of a train.py run folder, or start a new run without --resume"
@@ -301,7 +301,7 @@ def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
     if isinstance(state, dict) and "rows" in state and "config" in state:
         benchmark = state.get("benchmark")  # absent from checkpoints written before it was kept
         command = f"python scripts/supervised.py {benchmark or '<benchmark>'} --out {path.parent}"
-        raise ConfigError(
+        raise UsageError(
             f"{path.parent} is a run folder of scripts/supervised.py"
             f"{f' ({benchmark})' if benchmark else ''}, not of train.py: continue it with "
             f"{command} --resume and the flags it was started with"
@@ -312,11 +312,11 @@ def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
             if isinstance(state, dict)
             else f"it holds a {type(state).__name__}"
         )
-        raise ConfigError(f"{path} is not a checkpoint of this trainer ({found}); {instead}")
+        raise UsageError(f"{path} is not a checkpoint of this trainer ({found}); {instead}")
     try:
         saved = args_from_dict(cls, state["args"])
     except (KeyError, TypeError) as e:
-        raise ConfigError(
+        raise UsageError(
             f"{path} holds settings this version of the trainer does not know ({e})"
         ) from None
     return state, saved
@@ -336,7 +336,7 @@ def run_settings(
         :func:`resolve_args`, the checkpoint to resume from (``None`` for a new run) and the
         run's folder (a new run's: ``runs_dir/run_name``, by default
         ``<env>__<method>__s<seed>__<YYYYmmdd-HHMMSS>``).
-    :raises ConfigError: for bad settings, a resumed run that already reached ``--steps``, a
+    :raises UsageError: for bad settings, a resumed run that already reached ``--steps``, a
         new run whose folder already holds one, or a folder that cannot be written.
     """
     raw, ckpt = args, None
@@ -350,7 +350,7 @@ def run_settings(
         clash = [f for f in PAPER_EXACT_OFF if f in given and getattr(raw, f)]
         if clash:
             names = " and ".join("--" + f.replace("_", "-") for f in clash)
-            raise ConfigError(f"--paper-exact turns off {names}: drop one of them")
+            raise UsageError(f"--paper-exact turns off {names}: drop one of them")
     a = resolve_args(raw)
     if ckpt is not None:
         advice = (
@@ -364,7 +364,7 @@ def run_settings(
         run_name = a.run_name or f"{a.env}__{method_tag(a)}__s{a.seed}__{stamp}"
         run_dir = Path(a.runs_dir) / run_name
         if (run_dir / CHECKPOINT_NAME).exists():
-            raise ConfigError(
+            raise UsageError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
     run_folder.check_writable(run_dir, "the run folder")
