@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -626,6 +626,26 @@ def rollout_targets(
 # --- PPO update -----------------------------------------------------------------------------------
 
 
+class Minibatch(NamedTuple):
+    """A minibatch's columns, views of the rows of the update's one buffer
+    ``[obs | actions | log p | -A | R]`` (no copies), in the order the PPO losses take them."""
+
+    obs: Tensor
+    actions: Tensor
+    logprobs: Tensor
+    """Log-probabilities of the actions under the policy that acted."""
+    neg_advantages: Tensor
+    """Minus the (normalised) advantages: the loss's sign."""
+    returns: Tensor
+
+    @classmethod
+    def of(cls, rows: Tensor, obs_dim: int, act_dim: int) -> Minibatch:
+        actions_end = obs_dim + act_dim
+        return cls(
+            rows[:, :obs_dim], rows[:, obs_dim:actions_end], *rows[:, actions_end:].unbind(1)
+        )
+
+
 def ppo_update(
     args: Args,
     agent: Agent,
@@ -645,7 +665,7 @@ def ppo_update(
         spent in S&P and CBP/ReDo."""
     B, act_dim = b_obs.shape[0], rollout.act.shape[2]
     device = b_obs.device
-    minibatch = B // args.num_minibatches
+    minibatch_size = B // args.num_minibatches
     b_adv = torch.from_numpy(adv_np.reshape(B).astype(np.float32)).to(device)
     if args.norm_adv:
         b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
@@ -655,9 +675,10 @@ def ppo_update(
         b_logp = -0.5 * rollout.noise.reshape(B, act_dim).square().sum(1) - log_std.sum()
         b_logp -= 0.5 * act_dim * LOG_2PI
     b_act = rollout.act_host.to(device).reshape(B, act_dim)
-    # One tensor, so that each minibatch is one slice; the advantage is negated (the loss uses -A).
+    # One tensor, so that each minibatch is one slice (:class:`Minibatch` names its columns);
+    # the advantage is negated (the loss uses -A).
     data = torch.cat([b_obs, b_act, b_logp[:, None], -b_adv[:, None], b_ret[:, None]], 1)
-    o1, o2 = b_obs.shape[1], b_obs.shape[1] + act_dim
+    obs_dim = b_obs.shape[1]
     autograd, churn = agent.autograd, agent.churn
     if not autograd:
         actor = [m for m in agent.actor if isinstance(m, nn.Linear)]
@@ -670,7 +691,7 @@ def ppo_update(
     # Per-minibatch losses and log-ratios stay on the device until the update ends.
     num_mb = args.update_epochs * args.num_minibatches
     losses = torch.zeros(num_mb, 2, device=device)
-    log_ratios = torch.zeros(num_mb, minibatch, device=device)
+    log_ratios = torch.zeros(num_mb, minibatch_size, device=device)
     cbp_time = 0.0
     norm_groups = [list(agent.actor.parameters()), list(agent.critic.parameters())]
     grad_norms = torch.zeros(2, dtype=torch.float64, device=device)
@@ -680,19 +701,18 @@ def ppo_update(
             # One gather per epoch; each minibatch is then a contiguous slice.
             shuffled = data[torch.randperm(B, generator=generators["main"], device=device)]
             reference = None if churn is None else churn.reference_permutation(B)
-            for start in range(0, B, minibatch):
-                d = shuffled[start : start + minibatch]
-                columns = (d[:, :o1], d[:, o1:o2], *d[:, o2:].unbind(1))  # s, a, log p, -A, R
+            for start in range(0, B, minibatch_size):
+                batch = Minibatch.of(shuffled[start : start + minibatch_size], obs_dim, act_dim)
                 if autograd:
                     extra = None
                     if churn is not None:
-                        states = b_obs[reference[start : start + minibatch]]
+                        states = b_obs[reference[start : start + minibatch_size]]
                         extra = functools.partial(churn.loss, states)
                     pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_autograd(
                         agent.actor,
                         agent.critic,
                         log_std,
-                        *columns,
+                        *batch,
                         args.clip_coef,
                         args.vf_coef,
                         args.ent_coef,
@@ -705,7 +725,7 @@ def ppo_update(
                         actor,
                         critic,
                         log_std,
-                        *columns,
+                        *batch,
                         args.clip_coef,
                         args.vf_coef,
                         args.ent_coef,
