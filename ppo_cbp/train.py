@@ -24,10 +24,10 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -247,10 +247,6 @@ class Args:
     """Run the first segment with the model's default friction instead of the first sample."""
 
 
-ConfigError = UsageError
-"""Bad settings, found before any work starts (the package's one usage-error class)."""
-
-
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/Inf; the last good state was checkpointed."""
 
@@ -258,20 +254,20 @@ class NonFiniteLossError(RuntimeError):
 # --- environments ---------------------------------------------------------------------------------
 
 
-def make_env(a: Args, index: int) -> EnvFactory:
+def make_env(args: Args, index: int) -> EnvFactory:
     """The factory of env ``index`` of a run: its MuJoCo env with the run's friction changes."""
     friction = None
-    if a.friction_every > 0:
+    if args.friction_every > 0:
         friction = dict(
-            every=a.friction_every,
-            low=a.friction_low,
-            high=a.friction_high,
-            seed=a.seed,
-            at_episode_boundary=a.friction_at_episode_boundary,
-            start_with_default=a.friction_start_default,
-            steps_per_step=a.num_envs,
+            every=args.friction_every,
+            low=args.friction_low,
+            high=args.friction_high,
+            seed=args.seed,
+            at_episode_boundary=args.friction_at_episode_boundary,
+            start_with_default=args.friction_start_default,
+            steps_per_step=args.num_envs,
         )
-    return EnvFactory(a.env, index, friction)
+    return EnvFactory(args.env, index, friction)
 
 
 # --- agent ----------------------------------------------------------------------------------------
@@ -332,44 +328,79 @@ class Agent:
         plain = is_plain_mlp(self.actor) and is_plain_mlp(self.critic)
         return not plain or self.churn is not None
 
-    def nets(self) -> tuple[tuple[str, nn.Sequential], ...]:
-        """The networks whose units the metrics read (an injected network's own Sequential)."""
-        return tuple((name, getattr(net, "net", net)) for name, net in self.networks())
+    def sequential_networks(self) -> tuple[tuple[str, nn.Sequential], ...]:
+        """The named MLPs whose units the metrics read: each network as built, or the
+        Sequential inside an injected one."""
+        return tuple((name, getattr(net, "net", net)) for name, net in self.networks_as_built())
 
-    def networks(self) -> tuple[tuple[str, nn.Module], ...]:
+    def networks_as_built(self) -> tuple[tuple[str, nn.Module], ...]:
+        """The policy-mean and value networks by name, as :func:`make_agent` built them."""
         return (("policy", self.actor), ("value", self.critic))
+
+    @property
+    def units_replaced(self) -> dict[str, int]:
+        """Units CBP/ReDo replaced so far, per network; empty without either."""
+        return {name: int(r.num_replaced) for name, r in self.resetters.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The networks, log-std, optimizer, CBP/ReDo, other methods and C-CHAIN states, under
+        the checkpoint's keys (not copied: :func:`ppo_run.snapshot` clones them)."""
+        return {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "log_std": self.log_std.detach(),
+            "optimizer": self.optimizer.state_dict(),
+            "resetters": {k: r.state_dict() for k, r in self.resetters.items()},
+            "methods": {k: m.state_dict() for k, m in self.methods.items()},
+            "churn": None if self.churn is None else self.churn.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a checkpoint's entries under its keys)."""
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        with torch.no_grad():
+            self.log_std.copy_(state["log_std"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, r in self.resetters.items():
+            r.load_state_dict(state["resetters"][name])
+        for name, m in self.methods.items():
+            if "methods" in state:  # absent from checkpoints older than the methods' hooks
+                m.load_state_dict(state["methods"][name])
+        if self.churn is not None:
+            self.churn.load_state_dict(state["churn"])
 
 
 def make_agent(
-    a: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: dict[str, int]
+    args: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: dict[str, int]
 ) -> Agent:
     """Both MLPs, the log-std, one Adam over all of them and CBP/ReDo on each MLP."""
     build = make_mlp
-    layer_norm = a.layer_norm or a.nap
-    if a.crelu:
+    layer_norm = args.layer_norm or args.nap
+    if args.crelu:
         build = functools.partial(crelu_mlp, layer_norm=layer_norm)
     elif layer_norm:
         build = layer_norm_mlp
-    actor: nn.Module = build(obs_dim, a.hidden_sizes, act_dim, a.init).to(device)
-    critic: nn.Module = build(obs_dim, a.hidden_sizes, 1, a.init).to(device)
-    if a.injection:
+    actor: nn.Module = build(obs_dim, args.hidden_sizes, act_dim, args.init).to(device)
+    critic: nn.Module = build(obs_dim, args.hidden_sizes, 1, args.init).to(device)
+    if args.injection:
         actor, critic = InjectableNetwork(actor), InjectableNetwork(critic)
-    log_std = nn.Parameter(torch.full((act_dim,), a.log_std_init, device=device))
+    log_std = nn.Parameter(torch.full((act_dim,), args.log_std_init, device=device))
     adam_kwargs = dict(
-        lr=a.learning_rate,
-        betas=(a.adam_beta1, a.adam_beta2),
-        eps=a.adam_eps,
-        weight_decay=a.weight_decay,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_eps,
+        weight_decay=args.weight_decay,
     )
     params = [*actor.parameters(), log_std, *critic.parameters()]
     optimizer: torch.optim.Optimizer
-    if a.upgd:
+    if args.upgd:
         optimizer = UPGD(
             params,
-            lr=a.learning_rate,
-            weight_decay=a.weight_decay,
-            beta_utility=a.upgd_beta_utility,
-            sigma=a.upgd_sigma,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            beta_utility=args.upgd_beta_utility,
+            sigma=args.upgd_sigma,
             seeds=[seeds["perturb"]],  # its own stream (derive_seed) of the perturbation seed
         )
     else:
@@ -378,26 +409,26 @@ def make_agent(
         except (RuntimeError, ValueError):
             optimizer = torch.optim.Adam(params, **adam_kwargs)
     state_owner = optimizer  # TRAC's base holds the state that CBP, ReDo and the resets reset
-    if a.trac:
+    if args.trac:
         optimizer = TRAC(optimizer)
     resetters: dict[str, ContinualBackprop | ReDo] = {}
     for name, net in (("policy", actor), ("value", critic)):
         seed = seeds[name]
-        shared = dict(init=a.init, reset_optimizer_state=a.reset_optimizer_state, seed=seed)
-        if a.cbp:
+        shared = dict(init=args.init, reset_optimizer_state=args.reset_optimizer_state, seed=seed)
+        if args.cbp:
             resetters[name] = ContinualBackprop(
                 net,
                 state_owner,
-                replacement_rate=a.replacement_rate,
-                maturity_threshold=a.maturity_threshold,
-                decay_rate=a.decay_rate,
-                utility=a.utility,
-                accumulate=not a.paper_exact,
+                replacement_rate=args.replacement_rate,
+                maturity_threshold=args.maturity_threshold,
+                decay_rate=args.decay_rate,
+                utility=args.utility,
+                accumulate=not args.paper_exact,
                 **shared,
             )
-        elif a.redo:
+        elif args.redo:
             resetters[name] = ReDo(
-                net, state_owner, threshold=a.redo_threshold, period=a.redo_period, **shared
+                net, state_owner, threshold=args.redo_threshold, period=args.redo_period, **shared
             )
     for r in resetters.values():
         # The update passes each minibatch's activations explicitly: no hooks on the hot path.
@@ -407,32 +438,32 @@ def make_agent(
     for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
         seed = seeds[name]
         ops: list[PlasticityMethod] = []
-        if a.injection:
-            network = net.as_network(state_owner, init=a.init, seeds=[seed])
+        if args.injection:
+            network = net.as_network(state_owner, init=args.init, seeds=[seed])
         else:
-            network = network_of(net, state_owner, a.init, seed)
-        if a.l2_init:
-            ops.append(L2Init(network, a.l2_init))
-        if a.parseval:
-            ops.append(ParsevalRegularization(network, a.parseval))
-        if a.soft_shrink_perturb < 1:
-            ops.append(ShrinkPerturb(network, a.soft_shrink_perturb, every="step"))
-        if a.weight_clipping:
-            ops.append(WeightClipping(network, a.weight_clipping))
-        if a.nap:
+            network = network_of(net, state_owner, args.init, seed)
+        if args.l2_init:
+            ops.append(L2Init(network, args.l2_init))
+        if args.parseval:
+            ops.append(ParsevalRegularization(network, args.parseval))
+        if args.soft_shrink_perturb < 1:
+            ops.append(ShrinkPerturb(network, args.soft_shrink_perturb, every="step"))
+        if args.weight_clipping:
+            ops.append(WeightClipping(network, args.weight_clipping))
+        if args.nap:
             ops.append(NormalizeAndProject(network, layer_norms(net)))
-        if a.shrink_perturb_init < 1:
-            ops.append(ShrinkPerturb(network, a.shrink_perturb_init, every="task_boundary"))
-        if a.head_reset:
-            ops.append(LayerReset(network, a.head_reset))
-        if a.adam_reset:
+        if args.shrink_perturb_init < 1:
+            ops.append(ShrinkPerturb(network, args.shrink_perturb_init, every="task_boundary"))
+        if args.head_reset:
+            ops.append(LayerReset(network, args.head_reset))
+        if args.adam_reset:
             ops.append(AdamStateReset(network))
-        if a.injection:
+        if args.injection:
             ops.append(
                 PlasticityInjection(net, network, at_task_boundaries=True, tag=TAG_INJECTION + k)
             )
         methods[name] = Methods(ops)
-    if a.c_chain:
+    if args.c_chain:
         churn = ChurnReduction(actor, seeds=[seeds["policy"]])
     return Agent(actor, critic, log_std, optimizer, resetters, methods, churn)
 
@@ -443,8 +474,8 @@ def make_agent(
 class Rollout:
     """The rollout's buffers ``[T, N, ...]`` (numpy, with torch views) and its acting."""
 
-    def __init__(self, a: Args, obs_dim: int, act_dim: int, agent: Agent):
-        T, N = a.num_steps, a.num_envs
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, agent: Agent):
+        T, N = args.num_steps, args.num_envs
         self.obs = np.zeros((T, N, obs_dim), np.float32)
         self.act = np.zeros((T, N, act_dim), np.float32)
         self.rew = np.zeros((T, N), np.float64)
@@ -459,39 +490,46 @@ class Rollout:
 
 
 def collect_rollout(
-    a: Args, envs: Any, agent: Agent, st: ppo_run.RunState, ro: Rollout, gen: torch.Generator
+    args: Args,
+    envs: Any,
+    agent: Agent,
+    state: ppo_run.RunState,
+    rollout: Rollout,
+    gen: torch.Generator,
 ) -> None:
-    """Step the envs ``num_steps`` times with the current policy into ``ro``, with Gaussian
+    """Step the envs ``num_steps`` times with the current policy into ``rollout``, with Gaussian
     noise drawn for the whole rollout at once (:class:`GaussianActing`)."""
-    T, N = a.num_steps, a.num_envs
-    step0 = st.global_step
-    ro.finals, ro.episodes, ro.env_time = [], [], 0.0
+    T, N = args.num_steps, args.num_envs
+    step0 = state.global_step
+    rollout.finals, rollout.episodes, rollout.env_time = [], [], 0.0
     envs.wake()
     with torch.inference_mode():
-        ro.noise = torch.randn((T, N, ro.act.shape[2]), generator=gen, device=agent.log_std.device)
-        ro.acting.start(ro.noise)
+        rollout.noise = torch.randn(
+            (T, N, rollout.act.shape[2]), generator=gen, device=agent.log_std.device
+        )
+        rollout.acting.start(rollout.noise)
         for t in range(T):
-            ro.obs[t] = st.next_obs
-            ro.acting.act(t, ro.obs[t], ro.act[t])
-            action = ro.act[t]
-            if a.clip_actions:
+            rollout.obs[t] = state.next_obs
+            rollout.acting.act(t, rollout.obs[t], rollout.act[t])
+            action = rollout.act[t]
+            if args.clip_actions:
                 action = np.clip(
                     action, envs.single_action_space.low, envs.single_action_space.high
                 )
             t_env = time.perf_counter()
             raw_obs, reward, terminated, truncated, final = envs.step(action)
-            ro.env_time += time.perf_counter() - t_env
-            ro.term[t] = terminated
-            ro.trunc[t] = truncated
-            st.episode_return += reward
-            st.episode_length += 1
-            ro.rew[t] = st.scale_reward(reward, a.gamma)
+            rollout.env_time += time.perf_counter() - t_env
+            rollout.term[t] = terminated
+            rollout.trunc[t] = truncated
+            state.episode_return += reward
+            state.episode_length += 1
+            rollout.rew[t] = state.scale_reward(reward, args.gamma)
             for i, fo in final:
                 if truncated[i] and not terminated[i]:
-                    ro.finals.append((t, i, st.normalize_obs(fo[None], False)[0]))
-                ro.episodes.append((step0 + (t + 1) * N, *st.end_episode(i)))
-            st.next_obs = st.normalize_obs(raw_obs, True).astype(np.float32)
-    st.global_step += T * N
+                    rollout.finals.append((t, i, state.normalize_obs(fo[None], False)[0]))
+                rollout.episodes.append((step0 + (t + 1) * N, *state.end_episode(i)))
+            state.next_obs = state.normalize_obs(raw_obs, True).astype(np.float32)
+    state.global_step += T * N
 
 
 # --- ALGO LOGIC: GAE (bootstrap value if not done) ------------------------------------------------
@@ -551,27 +589,34 @@ def compute_gae(
 
 
 def rollout_targets(
-    a: Args, agent: Agent, st: ppo_run.RunState, ro: Rollout
+    args: Args, agent: Agent, state: ppo_run.RunState, rollout: Rollout
 ) -> tuple[Tensor, np.ndarray, np.ndarray, float]:
     """The rollout's states on the device ``[T * N, obs_dim]``, GAE advantages and returns
     ``[T, N]`` (:func:`compute_gae`) and the explained variance of the returns by the values."""
-    T, N = a.num_steps, a.num_envs
+    T, N = args.num_steps, args.num_envs
     device = agent.log_std.device
     with torch.no_grad():
-        b_obs = ro.obs_host.to(device).reshape(T * N, -1)
-        last = torch.from_numpy(st.next_obs).to(device)
+        b_obs = rollout.obs_host.to(device).reshape(T * N, -1)
+        last = torch.from_numpy(state.next_obs).to(device)
         values_all = agent.critic(torch.cat([b_obs, last])).view(T + 1, N)
         final_values = None
-        if ro.finals and a.bootstrap_truncation:
-            fo = torch.from_numpy(np.stack([f for _, _, f in ro.finals]).astype(np.float32))
+        if rollout.finals and args.bootstrap_truncation:
+            fo = torch.from_numpy(np.stack([f for _, _, f in rollout.finals]).astype(np.float32))
             final_values = agent.critic(fo.to(device)).view(-1).cpu().numpy()
     values_np = values_all.cpu().numpy().astype(np.float64)
     v, next_v = values_np[:-1], values_np[1:].copy()  # V(s_t) and V(s'_t)
     if final_values is not None:
-        for (t, i, _), final_value in zip(ro.finals, final_values):
+        for (t, i, _), final_value in zip(rollout.finals, final_values):
             next_v[t, i] = final_value
     adv_np, ret_np = compute_gae(
-        ro.rew, v, next_v, ro.term, ro.trunc, a.gamma, a.gae_lambda, a.bootstrap_truncation
+        rollout.rew,
+        v,
+        next_v,
+        rollout.term,
+        rollout.trunc,
+        args.gamma,
+        args.gae_lambda,
+        args.bootstrap_truncation,
     )
     var_ret = ret_np.var()
     explained_var = math.nan if var_ret == 0 else 1.0 - (ret_np - v).var() / var_ret
@@ -581,11 +626,31 @@ def rollout_targets(
 # --- PPO update -----------------------------------------------------------------------------------
 
 
+class Minibatch(NamedTuple):
+    """A minibatch's columns, views of the rows of the update's one buffer
+    ``[obs | actions | log p | -A | R]`` (no copies), in the order the PPO losses take them."""
+
+    obs: Tensor
+    actions: Tensor
+    logprobs: Tensor
+    """Log-probabilities of the actions under the policy that acted."""
+    neg_advantages: Tensor
+    """Minus the (normalised) advantages: the loss's sign."""
+    returns: Tensor
+
+    @classmethod
+    def of(cls, rows: Tensor, obs_dim: int, act_dim: int) -> Minibatch:
+        actions_end = obs_dim + act_dim
+        return cls(
+            rows[:, :obs_dim], rows[:, obs_dim:actions_end], *rows[:, actions_end:].unbind(1)
+        )
+
+
 def ppo_update(
-    a: Args,
+    args: Args,
     agent: Agent,
     adam_step: AdamStep,
-    ro: Rollout,
+    rollout: Rollout,
     b_obs: Tensor,
     adv_np: np.ndarray,
     ret_np: np.ndarray,
@@ -598,21 +663,22 @@ def ppo_update(
     :return: the device tensors ``[losses (pg, v) per minibatch, log-ratios per minibatch]``,
         the last minibatch's gradient norm of each network (before clipping) and the seconds
         spent in S&P and CBP/ReDo."""
-    B, act_dim = b_obs.shape[0], ro.act.shape[2]
+    B, act_dim = b_obs.shape[0], rollout.act.shape[2]
     device = b_obs.device
-    minibatch = B // a.num_minibatches
+    minibatch_size = B // args.num_minibatches
     b_adv = torch.from_numpy(adv_np.reshape(B).astype(np.float32)).to(device)
-    if a.norm_adv:
+    if args.norm_adv:
         b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
     b_ret = torch.from_numpy(ret_np.reshape(B).astype(np.float32)).to(device)
     log_std = agent.log_std
     with torch.no_grad():
-        b_logp = -0.5 * ro.noise.reshape(B, act_dim).square().sum(1) - log_std.sum()
+        b_logp = -0.5 * rollout.noise.reshape(B, act_dim).square().sum(1) - log_std.sum()
         b_logp -= 0.5 * act_dim * LOG_2PI
-    b_act = ro.act_host.to(device).reshape(B, act_dim)
-    # One tensor, so that each minibatch is one slice; the advantage is negated (the loss uses -A).
+    b_act = rollout.act_host.to(device).reshape(B, act_dim)
+    # One tensor, so that each minibatch is one slice (:class:`Minibatch` names its columns);
+    # the advantage is negated (the loss uses -A).
     data = torch.cat([b_obs, b_act, b_logp[:, None], -b_adv[:, None], b_ret[:, None]], 1)
-    o1, o2 = b_obs.shape[1], b_obs.shape[1] + act_dim
+    obs_dim = b_obs.shape[1]
     autograd, churn = agent.autograd, agent.churn
     if not autograd:
         actor = [m for m in agent.actor if isinstance(m, nn.Linear)]
@@ -623,53 +689,58 @@ def ppo_update(
         p for p in (*agent.actor.parameters(), *agent.critic.parameters()) if p.requires_grad
     ]
     # Per-minibatch losses and log-ratios stay on the device until the update ends.
-    num_mb = a.update_epochs * a.num_minibatches
+    num_mb = args.update_epochs * args.num_minibatches
     losses = torch.zeros(num_mb, 2, device=device)
-    log_ratios = torch.zeros(num_mb, minibatch, device=device)
+    log_ratios = torch.zeros(num_mb, minibatch_size, device=device)
     cbp_time = 0.0
     norm_groups = [list(agent.actor.parameters()), list(agent.critic.parameters())]
     grad_norms = torch.zeros(2, dtype=torch.float64, device=device)
     k = 0
     with torch.no_grad():
-        for _ in range(a.update_epochs):
+        for _ in range(args.update_epochs):
             # One gather per epoch; each minibatch is then a contiguous slice.
             shuffled = data[torch.randperm(B, generator=generators["main"], device=device)]
             reference = None if churn is None else churn.reference_permutation(B)
-            for start in range(0, B, minibatch):
-                d = shuffled[start : start + minibatch]
-                columns = (d[:, :o1], d[:, o1:o2], *d[:, o2:].unbind(1))  # s, a, log p, -A, R
+            for start in range(0, B, minibatch_size):
+                batch = Minibatch.of(shuffled[start : start + minibatch_size], obs_dim, act_dim)
                 if autograd:
                     extra = None
                     if churn is not None:
-                        states = b_obs[reference[start : start + minibatch]]
+                        states = b_obs[reference[start : start + minibatch_size]]
                         extra = functools.partial(churn.loss, states)
                     pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_autograd(
                         agent.actor,
                         agent.critic,
                         log_std,
-                        *columns,
-                        a.clip_coef,
-                        a.vf_coef,
-                        a.ent_coef,
+                        *batch,
+                        args.clip_coef,
+                        args.vf_coef,
+                        args.ent_coef,
                         extra_loss=extra,
                         actor_taps=taps[0],
                         critic_taps=taps[1],
                     )
                 else:
                     pg_loss, v_loss, log_ratio, actor_hidden, critic_hidden = ppo_loss_and_grads(
-                        actor, critic, log_std, *columns, a.clip_coef, a.vf_coef, a.ent_coef
+                        actor,
+                        critic,
+                        log_std,
+                        *batch,
+                        args.clip_coef,
+                        args.vf_coef,
+                        args.ent_coef,
                     )
                 policy, value = agent.methods["policy"], agent.methods["value"]
                 policy.after_backward()
                 value.after_backward()
                 if k == num_mb - 1:  # the last minibatch's, before clipping
                     grad_norms = torch.stack([gradient_norm(p) for p in norm_groups])
-                if a.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+                if args.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 adam_step()
                 t_cbp = time.perf_counter()
-                if a.shrink_perturb:
-                    perturb_(net_params, a.noise_std, generator=generators["perturb"])
+                if args.shrink_perturb:
+                    perturb_(net_params, args.noise_std, generator=generators["perturb"])
                 policy.after_step(actor_hidden)
                 value.after_step(critic_hidden)
                 if agent.resetters:
@@ -683,12 +754,12 @@ def ppo_update(
                 log_ratios[k] = log_ratio
                 k += 1
     if churn is not None:
-        churn.end_update(pg_loss, scale=agent.optimizer.param_groups[0]["lr"] / a.learning_rate)
+        churn.end_update(pg_loss, scale=agent.optimizer.param_groups[0]["lr"] / args.learning_rate)
     return losses, log_ratios, grad_norms, cbp_time
 
 
 def update_statistics(
-    a: Args, log_std: Tensor, losses: Tensor, log_ratios: Tensor, changes: Tensor
+    args: Args, log_std: Tensor, losses: Tensor, log_ratios: Tensor, changes: Tensor
 ) -> tuple[float, float, float, float, float, bool]:
     """Mean policy and value losses, CleanRL's approx_kl ``E[(r - 1) - log r]`` and the clip
     fraction over the update's minibatches, the policy's entropy after the update, and whether
@@ -699,7 +770,7 @@ def update_statistics(
         (
             losses.mean(0),
             ((ratios - 1) - log_ratios).mean().view(1),
-            ((ratios - 1).abs() > a.clip_coef).float().mean().view(1),
+            ((ratios - 1).abs() > args.clip_coef).float().mean().view(1),
             entropy.view(1),
             torch.isfinite(losses).all().view(1),
             torch.isfinite(log_ratios).all().view(1),
@@ -715,7 +786,7 @@ def update_statistics(
 
 def plasticity_scalars(
     agent: Agent,
-    st: ppo_run.RunState,
+    state: ppo_run.RunState,
     b_obs: Tensor,
     grad_norms: Tensor,
     policy_before: tuple[Tensor, Tensor],
@@ -725,10 +796,10 @@ def plasticity_scalars(
     (``grad_norms``), the policy's churn and KL over the update (from its means and log-std
     before it, ``policy_before``) and the units replaced so far."""
     metric_tensors: dict[str, Tensor] = {}
-    for j, (name, net) in enumerate(agent.nets()):
+    for j, (name, net) in enumerate(agent.sequential_networks()):
         for key, v in plasticity_metrics(net, b_obs).items():
             metric_tensors[f"plasticity/{name}/{key}"] = v
-        metric_tensors[f"plasticity/{name}/max_weight_change"] = st.max_change[j]
+        metric_tensors[f"plasticity/{name}/max_weight_change"] = state.max_change[j]
         metric_tensors[f"plasticity/{name}/gradient_norm"] = grad_norms[j]
     with torch.no_grad():
         mean_after = agent.actor(b_obs)
@@ -740,15 +811,15 @@ def plasticity_scalars(
     keys = list(metric_tensors)
     values = torch.stack([metric_tensors[k].to(torch.float64) for k in keys]).tolist()
     scalars = dict(zip(keys, values))
-    for name, _ in agent.nets():
+    for name, _ in agent.sequential_networks():
         r = agent.resetters.get(name)
         scalars[f"plasticity/{name}/units_replaced"] = 0 if r is None else r.num_replaced
-    st.max_change = torch.zeros_like(st.max_change)
+    state.max_change = torch.zeros_like(state.max_change)
     return scalars
 
 
 def update_scalars(
-    a: Args, envs: Any, stats: Sequence[float], explained_var: float, lr: float, sps: float
+    args: Args, envs: Any, stats: Sequence[float], explained_var: float, lr: float, sps: float
 ) -> dict[str, float]:
     """The scalars of every update: speed, learning rate, the update's ``stats`` (from
     :func:`update_statistics`), the explained variance and, with friction changes, env 0's
@@ -757,29 +828,29 @@ def update_scalars(
     scalars = {"charts/SPS": sps, "charts/learning_rate": lr}
     scalars.update({f"losses/{name}": v for name, v in zip(names, stats)})
     scalars["losses/explained_variance"] = explained_var
-    if a.friction_every > 0:
+    if args.friction_every > 0:
         scalars["env/friction"] = float(envs.call("friction")[0])
     return scalars
 
 
 def write_scalars(
-    writer: Any, bar: Any, ro: Rollout, st: ppo_run.RunState, scalars: dict, timings: dict
+    writer: Any, bar: Any, rollout: Rollout, state: ppo_run.RunState, scalars: dict, timings: dict
 ) -> None:
     """The returns and lengths of the episodes that ended in the rollout (at their own steps),
     then ``scalars`` and ``perf/*_fraction`` (each phase's share of the wall time so far,
     ``timings["total"]``) at the current step; then the progress bar moves past the rollout."""
-    for s, r_ep, l_ep in ro.episodes:
+    for s, r_ep, l_ep in rollout.episodes:
         writer.add_scalar("charts/episodic_return", r_ep, s)
         writer.add_scalar("charts/episodic_length", l_ep, s)
     for key in ("env", "acting", "update", "cbp", "metrics"):
         scalars[f"perf/{key}_fraction"] = timings[key] / timings["total"]
     for key, v in scalars.items():
-        writer.add_scalar(key, v, st.global_step)
-    postfix = f"return {st.latest_return:.1f}"
+        writer.add_scalar(key, v, state.global_step)
+    postfix = f"return {state.latest_return:.1f}"
     if "env/friction" in scalars:
         postfix += f", friction {scalars['env/friction']:.3g}"
     bar.set_postfix_str(postfix, refresh=False)  # update() redraws the bar with it
-    bar.update(ro.rew.size)
+    bar.update(rollout.rew.size)
 
 
 # --- main: the algorithm's outline ----------------------------------------------------------------
@@ -791,86 +862,86 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
     ``given``: the fields set on the command line (:func:`ppo_settings.given_fields`), which a resumed run's
     settings must agree with; None counts the fields that differ from their defaults.
 
-    :raises ConfigError: for bad settings, before anything is created or written.
+    :raises UsageError: for bad settings, before anything is created or written.
     :raises NonFiniteLossError: after checkpointing the last good state, if a loss is NaN/Inf.
     """
     t_begin = time.perf_counter()
     # Every check comes before anything is created.
-    raw, a, ckpt, run_dir = ppo_settings.run_settings(args, given)
-    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    given_args, args, ckpt, run_dir = ppo_settings.run_settings(args, given)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     caller_threads = torch.get_num_threads()
 
     # TRY NOT TO MODIFY: seeding
-    generators, seeds = ppo_run.seed_everything(a.seed, device)
+    generators, seeds = ppo_run.seed_everything(args.seed, device)
 
     # env setup
-    envs = vector_env.make([make_env(a, i) for i in range(a.num_envs)])
+    envs = vector_env.make([make_env(args, i) for i in range(args.num_envs)])
     writer = None
     try:
-        torch.set_num_threads(a.threads)  # restored when the run ends
+        torch.set_num_threads(args.threads)  # restored when the run ends
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
         if not isinstance(act_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-            raise ConfigError(f"{a.env}: need a flat Box observation and a Box action space")
+            raise UsageError(f"{args.env}: need a flat Box observation and a Box action space")
         obs_dim, act_dim = int(obs_space.shape[0]), int(act_space.shape[0])
-        B = a.num_envs * a.num_steps
-        num_updates = -(-a.steps // B)
+        B = args.num_envs * args.num_steps
+        num_updates = -(-args.steps // B)
 
-        agent = make_agent(a, obs_dim, act_dim, device, seeds)
-        trackers = [WeightChangeTracker(net) for _, net in agent.nets()]
-        st = ppo_run.start_state(a, obs_dim, device, envs, agent, generators, ckpt)
-        writer = ppo_run.open_outputs(run_dir, a, st, resumed=ckpt is not None)
+        agent = make_agent(args, obs_dim, act_dim, device, seeds)
+        trackers = [WeightChangeTracker(net) for _, net in agent.sequential_networks()]
+        state = ppo_run.start_state(args, obs_dim, device, envs, agent, generators, ckpt)
+        writer = ppo_run.open_outputs(run_dir, args, state, resumed=ckpt is not None)
 
         # ALGO Logic: Storage setup
-        ro = Rollout(a, obs_dim, act_dim, agent)
+        rollout = Rollout(args, obs_dim, act_dim, agent)
         adam_step = AdamStep(agent.optimizer)
         timings = dict.fromkeys(("env", "acting", "update", "cbp", "metrics", "checkpoint"), 0.0)
         t_start = time.perf_counter()
         checkpoints = ppo_run.Checkpoints(
-            raw, a, agent, st, envs, generators, run_dir, writer, timings
+            given_args, args, agent, state, envs, generators, run_dir, writer, timings
         )
-        steps_before = st.global_step
-        bar = ppo_run.progress_bar(a, st)
+        steps_before = state.global_step
+        bar = ppo_run.progress_bar(args, state)
         with run_folder.StopSignal() as stop:
-            while st.global_step < a.steps and stop.signum is None:
-                st.update += 1
+            while state.global_step < args.steps and stop.signum is None:
+                state.update += 1
                 t_iter = time.perf_counter()
                 # Annealing the rate if instructed to do so.
-                if a.anneal_lr:
-                    frac = 1.0 - (st.update - 1.0) / num_updates
-                    agent.optimizer.param_groups[0]["lr"] = frac * a.learning_rate
+                if args.anneal_lr:
+                    frac = 1.0 - (state.update - 1.0) / num_updates
+                    agent.optimizer.param_groups[0]["lr"] = frac * args.learning_rate
                 lr = agent.optimizer.param_groups[0]["lr"]
 
                 # A friction change (in env 0) is a task boundary for the plasticity methods.
-                if a.friction_every > 0:
+                if args.friction_every > 0:
                     segment = int(envs.call("segment")[0])
-                    if segment > st.friction_segment:
+                    if segment > state.friction_segment:
                         for m in agent.methods.values():
                             m.at_task_boundary()
-                        st.friction_segment = segment
+                        state.friction_segment = segment
 
                 # ALGO LOGIC: action logic; TRY NOT TO MODIFY: execute the game and log data.
-                collect_rollout(a, envs, agent, st, ro, generators["main"])
+                collect_rollout(args, envs, agent, state, rollout, generators["main"])
                 t_rollout = time.perf_counter()
-                timings["env"] += ro.env_time
-                timings["acting"] += t_rollout - t_iter - ro.env_time
+                timings["env"] += rollout.env_time
+                timings["acting"] += t_rollout - t_iter - rollout.env_time
 
                 # bootstrap value if not done
-                b_obs, adv_np, ret_np, explained_var = rollout_targets(a, agent, st, ro)
+                b_obs, adv_np, ret_np, explained_var = rollout_targets(args, agent, state, rollout)
 
                 # Optimizing the policy and value network
                 for tr in trackers:
                     tr.snapshot()
-                log_metrics = a.metrics_every and st.update % a.metrics_every == 0
+                log_metrics = args.metrics_every and state.update % args.metrics_every == 0
                 if log_metrics:  # the policy before the update, for its churn
                     with torch.no_grad():
                         policy_before = (agent.actor(b_obs), agent.log_std.detach().clone())
                 losses, log_ratios, grad_norms, cbp_time = ppo_update(
-                    a, agent, adam_step, ro, b_obs, adv_np, ret_np, generators
+                    args, agent, adam_step, rollout, b_obs, adv_np, ret_np, generators
                 )
                 changes = torch.stack([tr.change() for tr in trackers])
-                st.max_change = torch.maximum(st.max_change, changes)
-                *stats, finite = update_statistics(a, agent.log_std, losses, log_ratios, changes)
+                state.max_change = torch.maximum(state.max_change, changes)
+                *stats, finite = update_statistics(args, agent.log_std, losses, log_ratios, changes)
                 t_update = time.perf_counter()
                 timings["update"] += t_update - t_rollout
                 timings["cbp"] += cbp_time
@@ -878,21 +949,27 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
                     raise NonFiniteLossError(checkpoints.save_last_good(B))
 
                 # TRY NOT TO MODIFY: record rewards for plotting purposes
-                scalars = update_scalars(a, envs, stats, explained_var, lr, B / (t_update - t_iter))
+                scalars = update_scalars(
+                    args, envs, stats, explained_var, lr, B / (t_update - t_iter)
+                )
                 if log_metrics:
                     t_m = time.perf_counter()
-                    scalars.update(plasticity_scalars(agent, st, b_obs, grad_norms, policy_before))
+                    scalars.update(
+                        plasticity_scalars(agent, state, b_obs, grad_norms, policy_before)
+                    )
                     timings["metrics"] += time.perf_counter() - t_m
                 timings["total"] = time.perf_counter() - t_start
-                write_scalars(writer, bar, ro, st, scalars, timings)
+                write_scalars(writer, bar, rollout, state, scalars, timings)
                 checkpoints.update_done(stopping=stop.signum is not None)
             bar.close()
             if stop.signum is not None:
                 checkpoints.stopped(stop.signum)
         timings["total"] = time.perf_counter() - t_start
-        result = ppo_run.train_result(run_dir, st, agent, stop.signum, timings)
+        result = ppo_run.train_result(run_dir, state, agent, stop.signum, timings)
         seconds = time.perf_counter() - t_begin
-        print(ppo_run.closing_summary(result, a.steps, st.global_step - steps_before, seconds))
+        print(
+            ppo_run.closing_summary(result, args.steps, state.global_step - steps_before, seconds)
+        )
         return result
     finally:
         if writer is not None:

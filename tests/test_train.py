@@ -15,8 +15,9 @@ import torch
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ppo_cbp.errors import UsageError
 from ppo_cbp.ppo.settings import resolve_args
-from ppo_cbp.train import Args, ConfigError, NonFiniteLossError, main
+from ppo_cbp.train import Args, NonFiniteLossError, main
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "ppo_cbp" / "train.py"
@@ -353,13 +354,13 @@ def test_signal_checkpoints_and_resume_continues_exactly(tmp_path, signum):
 
 def test_checkpoint_from_other_settings_is_refused(tmp_path):
     run = main(small(tmp_path, steps=256, seed=1)).run_dir
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UsageError) as e:
         main(Args(resume=str(run), seed=2, learning_rate=3e-4))
     assert "seed (checkpoint 1, now 2)" in str(e.value)
     assert "learning_rate (checkpoint 0.0001, now 0.0003)" in str(e.value)
     # a flag the checkpoint agrees with is fine
     assert main(Args(resume=str(run), seed=1, steps=512)).global_step == 512
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(UsageError, match="already holds a run"):
         main(small(tmp_path, steps=256))
 
 
@@ -423,7 +424,7 @@ def test_bad_inputs_exit_with_one_line_before_any_work(tmp_path):
     ],
 )
 def test_conflicting_or_invalid_settings(kw, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
         resolve_args(Args(**kw))
 
 

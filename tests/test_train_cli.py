@@ -21,8 +21,9 @@ from terminal import run_on_terminal
 from test_train import small as train_small
 
 from ppo_cbp.benchmarks import scr
+from ppo_cbp.errors import UsageError
 from ppo_cbp.ppo.settings import given_fields
-from ppo_cbp.train import Args, ConfigError, main
+from ppo_cbp.train import Args, main
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "ppo_cbp" / "train.py"
@@ -131,17 +132,17 @@ def test_not_a_checkpoint_of_this_trainer(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"format": 7, "weights": torch.zeros(3)}, run / "checkpoint.pt")
-    with pytest.raises(ConfigError, match="not a checkpoint of this trainer"):
+    with pytest.raises(UsageError, match="not a checkpoint of this trainer"):
         main(Args(resume=str(run)))
     torch.save([1, 2], run / "checkpoint.pt")
-    with pytest.raises(ConfigError, match="not a checkpoint of this trainer"):
+    with pytest.raises(UsageError, match="not a checkpoint of this trainer"):
         main(Args(resume=str(run)))
     torch.save({"format": 1, "args": Path("x")}, run / "checkpoint.pt")  # not weights-only
-    with pytest.raises(ConfigError, match="not a checkpoint of this trainer"):
+    with pytest.raises(UsageError, match="not a checkpoint of this trainer"):
         main(Args(resume=str(run)))
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
     # the parent of run folders: the message names the runs it holds
-    with pytest.raises(ConfigError, match=f"runs in {tmp_path}: {run}"):
+    with pytest.raises(UsageError, match=f"runs in {tmp_path}: {run}"):
         main(Args(resume=str(tmp_path)))
 
 
@@ -204,7 +205,7 @@ def test_resuming_a_finished_run_checks_settings_and_writes_nothing(tmp_path):
 
 def test_finished_run_with_annealed_learning_rate_cannot_be_extended(tmp_path):
     run = main(small(tmp_path, steps=256, anneal_lr=True)).run_dir
-    with pytest.raises(ConfigError, match="finished at step 256; it anneals the learning rate"):
+    with pytest.raises(UsageError, match="finished at step 256; it anneals the learning rate"):
         main(Args(resume=str(run)))
 
 
@@ -213,7 +214,7 @@ def test_default_valued_flag_conflicts_with_an_unfinished_run(tmp_path):
     before = folder_bytes(run)
     # From Python, a default value cannot be told from an absent one; from the command line the
     # flag is known to be given.
-    with pytest.raises(ConfigError, match=r"env \(checkpoint 'Hopper-v4', now 'Ant-v4'\)"):
+    with pytest.raises(UsageError, match=r"env \(checkpoint 'Hopper-v4', now 'Ant-v4'\)"):
         main(Args(resume=str(run), env="Ant-v4", steps=512), given={"env", "resume", "steps"})
     assert folder_bytes(run) == before
     assert main(Args(resume=str(run), steps=512), given={"resume", "steps"}).global_step == 512

@@ -5,8 +5,9 @@ import pytest
 import torch
 from test_train import assert_same_state, deterministic, load, scalars, small
 
+from ppo_cbp.errors import UsageError
 from ppo_cbp.ppo.numerics import AdamStep
-from ppo_cbp.train import Args, ConfigError, main
+from ppo_cbp.train import Args, main
 
 # Short runs with friction changes every 700 steps: task boundaries within a few updates.
 PPO_METHODS = {
@@ -84,14 +85,14 @@ def test_method_run_resumes_exactly(tmp_path, name):
     ],
 )
 def test_bad_method_settings_are_one_error(tmp_path, flags, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UsageError, match=message):
         main(small(tmp_path, **flags))
     assert not any(tmp_path.iterdir())
 
 
 def test_injection_refuses_unit_resets(tmp_path):
     for flag in ("cbp", "redo"):
-        with pytest.raises(ConfigError, match=f"--injection and --{flag} conflict"):
+        with pytest.raises(UsageError, match=f"--injection and --{flag} conflict"):
             main(small(tmp_path, injection=True, **{flag: True}))
     assert not any(tmp_path.iterdir())
 

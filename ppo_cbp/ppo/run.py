@@ -25,7 +25,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,11 +34,9 @@ from torch import Tensor
 from ppo_cbp import run_folder
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.ppo.normalize import RunningMeanStd
+from ppo_cbp.ppo.protocols import Settings, TrainedAgent
 from ppo_cbp.ppo.settings import CHECKPOINT_FORMAT, args_dict
 from ppo_cbp.seeding import PPO_STREAMS, ppo_seeds
-
-if TYPE_CHECKING:
-    from ppo_cbp.train import Agent, Args
 
 __all__ = [
     "Checkpoints",
@@ -128,109 +126,99 @@ class RunState:
         return episode_return, length
 
 
-def snapshot(raw: Args, a: Args, agent: Agent, st: RunState, envs: Any, generators: dict) -> dict:
+def snapshot(
+    given_args: Settings,
+    args: Settings,
+    agent: TrainedAgent,
+    state: RunState,
+    envs: Any,
+    generators: dict,
+) -> dict:
     """The full training state at this update boundary (cloned, device tensors)."""
     return run_folder.clone(
         {
             "format": CHECKPOINT_FORMAT,
-            "args": args_dict(raw),
-            "resolved": args_dict(a),
-            "global_step": st.global_step,
-            "update": st.update,
-            "actor": agent.actor.state_dict(),
-            "critic": agent.critic.state_dict(),
-            "log_std": agent.log_std.detach(),
-            "optimizer": agent.optimizer.state_dict(),
-            "resetters": {k: r.state_dict() for k, r in agent.resetters.items()},
-            "methods": {k: m.state_dict() for k, m in agent.methods.items()},
-            "churn": None if agent.churn is None else agent.churn.state_dict(),
-            "friction_segment": st.friction_segment,
-            "obs_rms": None if st.obs_rms is None else st.obs_rms.state_dict(),
-            "ret_rms": None if st.ret_rms is None else st.ret_rms.state_dict(),
-            "discounted": torch.from_numpy(st.discounted.copy()),
-            "episode_return": torch.from_numpy(st.episode_return.copy()),
-            "episode_length": torch.from_numpy(st.episode_length.copy()),
-            "max_change": st.max_change,
-            "latest_return": st.latest_return,
-            "recent_returns": torch.tensor(list(st.recent_returns), dtype=torch.float64),
-            "next_obs": torch.from_numpy(st.next_obs.copy()),
+            "args": args_dict(given_args),
+            "resolved": args_dict(args),
+            "global_step": state.global_step,
+            "update": state.update,
+            **agent.state_dict(),  # actor, critic, log_std, optimizer, resetters, methods, churn
+            "friction_segment": state.friction_segment,
+            "obs_rms": None if state.obs_rms is None else state.obs_rms.state_dict(),
+            "ret_rms": None if state.ret_rms is None else state.ret_rms.state_dict(),
+            "discounted": torch.from_numpy(state.discounted.copy()),
+            "episode_return": torch.from_numpy(state.episode_return.copy()),
+            "episode_length": torch.from_numpy(state.episode_length.copy()),
+            "max_change": state.max_change,
+            "latest_return": state.latest_return,
+            "recent_returns": torch.tensor(list(state.recent_returns), dtype=torch.float64),
+            "next_obs": torch.from_numpy(state.next_obs.copy()),
             "envs": envs.checkpoint_state(),
             "rng": run_folder.rng_states(generators),
         }
     )
 
 
-def restore(ckpt: dict, agent: Agent, st: RunState, envs: Any, generators: dict) -> None:
-    """Load what :func:`snapshot` saved into ``agent``, ``st``, the envs and the generators."""
-    agent.actor.load_state_dict(ckpt["actor"])
-    agent.critic.load_state_dict(ckpt["critic"])
-    with torch.no_grad():
-        agent.log_std.copy_(ckpt["log_std"])
-    agent.optimizer.load_state_dict(ckpt["optimizer"])
-    for name, r in agent.resetters.items():
-        r.load_state_dict(ckpt["resetters"][name])
-    for name, m in agent.methods.items():
-        if "methods" in ckpt:  # absent from checkpoints older than the methods' hooks
-            m.load_state_dict(ckpt["methods"][name])
-    if agent.churn is not None:
-        agent.churn.load_state_dict(ckpt["churn"])
-    st.friction_segment = int(ckpt.get("friction_segment", 0))
-    if st.obs_rms is not None:
-        st.obs_rms.load_state_dict(ckpt["obs_rms"])
-    if st.ret_rms is not None:
-        st.ret_rms.load_state_dict(ckpt["ret_rms"])
-    st.discounted = ckpt["discounted"].numpy().copy()
-    st.global_step, st.update = int(ckpt["global_step"]), int(ckpt["update"])
-    st.episode_return = ckpt["episode_return"].numpy().copy()
-    st.episode_length = ckpt["episode_length"].numpy().copy()
-    st.max_change = ckpt["max_change"].to(st.max_change.device)
-    st.latest_return = float(ckpt["latest_return"])
-    st.recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
+def restore(ckpt: dict, agent: TrainedAgent, state: RunState, envs: Any, generators: dict) -> None:
+    """Load what :func:`snapshot` saved into ``agent``, ``state``, the envs and the generators."""
+    agent.load_state_dict(ckpt)
+    state.friction_segment = int(ckpt.get("friction_segment", 0))
+    if state.obs_rms is not None:
+        state.obs_rms.load_state_dict(ckpt["obs_rms"])
+    if state.ret_rms is not None:
+        state.ret_rms.load_state_dict(ckpt["ret_rms"])
+    state.discounted = ckpt["discounted"].numpy().copy()
+    state.global_step, state.update = int(ckpt["global_step"]), int(ckpt["update"])
+    state.episode_return = ckpt["episode_return"].numpy().copy()
+    state.episode_length = ckpt["episode_length"].numpy().copy()
+    state.max_change = ckpt["max_change"].to(state.max_change.device)
+    state.latest_return = float(ckpt["latest_return"])
+    state.recent_returns.extend(ckpt.get("recent_returns", torch.zeros(0)).tolist())
     envs.restore_state(ckpt["envs"])
-    st.next_obs = ckpt["next_obs"].numpy().copy()
+    state.next_obs = ckpt["next_obs"].numpy().copy()
     run_folder.set_rng_states(ckpt["rng"], generators)
 
 
 def start_state(
-    a: Args,
+    args: Settings,
     obs_dim: int,
     device: torch.device,
     envs: Any,
-    agent: Agent,
+    agent: TrainedAgent,
     generators: dict[str, torch.Generator],
     ckpt: dict | None,
 ) -> RunState:
     """A new run's state after its seeded env resets (env i with ``seed + i``), or a resumed
     run's, restored with the agent, envs and generators from ``ckpt`` (:func:`restore`)."""
-    st = RunState(
-        a.num_envs,
-        obs_rms=RunningMeanStd((obs_dim,)) if a.normalize_obs else None,
-        ret_rms=RunningMeanStd(()) if a.normalize_reward else None,
+    state = RunState(
+        args.num_envs,
+        obs_rms=RunningMeanStd((obs_dim,)) if args.normalize_obs else None,
+        ret_rms=RunningMeanStd(()) if args.normalize_reward else None,
         max_change=torch.zeros(2, dtype=torch.float64, device=device),
     )
     if ckpt is None:
-        seeded = envs.reset([a.seed + i for i in range(a.num_envs)])
-        st.next_obs = st.normalize_obs(seeded, True).astype(np.float32)
+        seeded = envs.reset([args.seed + i for i in range(args.num_envs)])
+        state.next_obs = state.normalize_obs(seeded, True).astype(np.float32)
     else:
-        restore(ckpt, agent, st, envs, generators)
-    return st
+        restore(ckpt, agent, state, envs, generators)
+    return state
 
 
-def open_outputs(run_dir: Path, a: Args, st: RunState, resumed: bool) -> Any:
+def open_outputs(run_dir: Path, args: Settings, state: RunState, resumed: bool) -> Any:
     """Print where the run writes, then create its folder, its TensorBoard writer (a resumed
     run's with ``purge_step`` = its checkpoint's step + 1: that step's points were logged and
     flushed before the checkpoint was written), ``config.json`` and, for a new run, the
     hyperparameters table. Called once every check has passed."""
     if resumed:
-        print(f"resuming {run_dir} at step {st.global_step:,} of {a.steps:,}")
+        print(f"resuming {run_dir} at step {state.global_step:,} of {args.steps:,}")
     else:
         print(
             f"writing to {run_dir} (TensorBoard events, config.json, {run_folder.CHECKPOINT_NAME})"
         )
     sys.stdout.flush()
     run_dir.mkdir(parents=True, exist_ok=True)
-    writer = run_folder.open_writer(run_dir, st.global_step + 1 if resumed else None)
-    resolved = args_dict(a)
+    writer = run_folder.open_writer(run_dir, state.global_step + 1 if resumed else None)
+    resolved = args_dict(args)
     run_folder.write_config(run_dir / "config.json", resolved)
     if not resumed:
         table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
@@ -238,18 +226,18 @@ def open_outputs(run_dir: Path, a: Args, st: RunState, resumed: bool) -> Any:
     return writer
 
 
-def progress_bar(a: Args, st: RunState) -> Any:
-    """tqdm's bar over ``a.steps`` from the run's current step; only on a terminal, and none
+def progress_bar(args: Settings, state: RunState) -> Any:
+    """tqdm's bar over ``args.steps`` from the run's current step; only on a terminal, and none
     with ``--no-progress``."""
     from tqdm import tqdm
 
     return tqdm(
-        total=a.steps,
-        initial=st.global_step,
+        total=args.steps,
+        initial=state.global_step,
         unit="step",
         unit_scale=True,
         dynamic_ncols=True,
-        disable=None if a.progress else True,  # None: only on a terminal
+        disable=None if args.progress else True,  # None: only on a terminal
     )
 
 
@@ -261,29 +249,35 @@ class Checkpoints:
 
     def __init__(
         self,
-        raw: Args,
-        a: Args,
-        agent: Agent,
-        st: RunState,
+        given_args: Settings,
+        args: Settings,
+        agent: TrainedAgent,
+        state: RunState,
         envs: Any,
         generators: dict[str, torch.Generator],
         run_dir: Path,
         writer: Any,
         timings: dict[str, float],
     ):
-        self._parts = (raw, a, agent, st, envs, generators)
-        self.a, self.st, self.run_dir, self.writer, self.timings = a, st, run_dir, writer, timings
+        self._parts = (given_args, args, agent, state, envs, generators)
+        self.args, self.state, self.run_dir, self.writer, self.timings = (
+            args,
+            state,
+            run_dir,
+            writer,
+            timings,
+        )
         self.file = run_dir / run_folder.CHECKPOINT_NAME
         self.good = snapshot(*self._parts)
-        self.last_step = st.global_step
+        self.last_step = state.global_step
 
     def update_done(self, stopping: bool) -> None:
         """Take the snapshot of this boundary; write it if one is due, the run has reached its
         steps or it is ``stopping`` (events flushed first, so they are never behind it)."""
         self.good = snapshot(*self._parts)
-        step, every = self.st.global_step, self.a.checkpoint_every
+        step, every = self.state.global_step, self.args.checkpoint_every
         due = every and step // every > self.last_step // every
-        if due or step >= self.a.steps or stopping:
+        if due or step >= self.args.steps or stopping:
             t_c = time.perf_counter()
             self.writer.flush()
             run_folder.save_checkpoint(self.good, self.file)
@@ -294,22 +288,22 @@ class Checkpoints:
         """Write the state before the current update (whose loss is not finite); the message."""
         run_folder.save_checkpoint(self.good, self.file)
         self.writer.flush()
-        st = self.st
+        state = self.state
         return (
-            f"non-finite loss in update {st.update} (steps {st.global_step - batch}-"
-            f"{st.global_step}); stopped. The last good state (step "
+            f"non-finite loss in update {state.update} (steps {state.global_step - batch}-"
+            f"{state.global_step}); stopped. The last good state (step "
             f"{self.good['global_step']}) is saved in {self.file}"
         )
 
     def stopped(self, signum: int) -> None:
         """After SIGINT/SIGTERM: write the last state if the signal came after the save check,
         and say how to continue."""
-        if self.last_step != self.st.global_step:
+        if self.last_step != self.state.global_step:
             run_folder.save_checkpoint(self.good, self.file)
-            self.last_step = self.st.global_step
+            self.last_step = self.state.global_step
         name = signal.Signals(signum).name
         print(
-            f"{name}: stopped at step {self.st.global_step}; checkpoint saved to {self.file}. "
+            f"{name}: stopped at step {self.state.global_step}; checkpoint saved to {self.file}. "
             f"Continue with: python ppo_cbp/train.py --resume {self.run_dir}",
             file=sys.stderr,
         )
@@ -335,20 +329,20 @@ class TrainResult:
 
 def train_result(
     run_dir: Path,
-    st: RunState,
-    agent: Agent,
+    state: RunState,
+    agent: TrainedAgent,
     interrupted_by: int | None,
     timings: dict[str, float],
 ) -> TrainResult:
-    """What :func:`ppo_cbp.train.main` returns at the end of a run."""
+    """What the trainer's ``main`` returns at the end of a run."""
     return TrainResult(
         run_dir,
-        st.global_step,
-        st.update,
+        state.global_step,
+        state.update,
         interrupted_by,
         timings,
-        recent_returns=list(st.recent_returns),
-        units_replaced={k: int(r.num_replaced) for k, r in agent.resetters.items()},
+        recent_returns=list(state.recent_returns),
+        units_replaced=agent.units_replaced,
     )
 
 

@@ -6,8 +6,9 @@
 run takes its settings from its checkpoint (:func:`read_checkpoint`), with the command line's
 where it gives them (:func:`given_fields`), and refuses those that would change the training
 (:func:`merge_resume`); :func:`run_settings` does all of it for a run and names its folder.
-``Args`` is the dataclass of ``ppo_cbp/train.py``; these functions take
-it (or its class) as an argument, so that running that file as a script works.
+``Args`` is the dataclass of ``ppo_cbp/train.py``; these functions take it (or its class) as an
+argument and read it as a :class:`~ppo_cbp.ppo.protocols.Settings`, so that they do not import
+that file (which imports them).
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gymnasium as gym
 import torch
 
 from ppo_cbp import run_folder
-from ppo_cbp.errors import UsageError as ConfigError
-
-if TYPE_CHECKING:
-    from ppo_cbp.train import Args
+from ppo_cbp.errors import UsageError
+from ppo_cbp.ppo.protocols import Settings, SettingsT
 
 __all__ = [
     "args_dict",
@@ -63,173 +62,176 @@ def check_env_id(env_id: str) -> None:
         spec = None
     entry = str(getattr(spec, "entry_point", ""))
     if spec is None or "envs.mujoco" not in entry or (spec.version or 0) < 4:
-        raise ConfigError(
+        raise UsageError(
             f"unknown env id {env_id!r}: expected one of {', '.join(TESTED_ENVS)} "
             "(or another gymnasium MuJoCo env of version >= 4)"
         )
 
 
-def resolve_args(args: Args) -> Args:
+def resolve_args(args: SettingsT) -> SettingsT:
     """Validate ``args`` and return a copy with the presets applied (no ``None`` left).
 
-    :raises ConfigError: naming the bad value or the conflicting flags.
+    :raises UsageError: naming the bad value or the conflicting flags.
     """
-    a = args
-    defaults = type(a)()
-    check_env_id(a.env)
-    if a.seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {a.seed}")
+    defaults = type(args)()
+    check_env_id(args.env)
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     positive = ("steps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "threads")
     for name in positive:
-        if getattr(a, name) is not None and getattr(a, name) <= 0:
-            raise ConfigError(f"{_flag(name)} must be positive, got {getattr(a, name)}")
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"{_flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("checkpoint_every", "metrics_every", "friction_every", "maturity_threshold"):
-        if getattr(a, name) < 0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
-    if a.redo_period <= 0:
-        raise ConfigError(f"--redo-period must be positive, got {a.redo_period}")
+        if getattr(args, name) < 0:
+            raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    if args.redo_period <= 0:
+        raise UsageError(f"--redo-period must be positive, got {args.redo_period}")
     rates = ["replacement_rate", "decay_rate", "gamma", "gae_lambda", "clip_coef"]
-    rates += [n for n in ("adam_beta1", "adam_beta2") if getattr(a, n) is not None]
+    rates += [n for n in ("adam_beta1", "adam_beta2") if getattr(args, n) is not None]
     for name in rates:
-        value = getattr(a, name)
+        value = getattr(args, name)
         if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {value}")
+            raise UsageError(f"{_flag(name)} must be in [0, 1], got {value}")
     for name in ("adam_beta1", "adam_beta2", "decay_rate"):
-        if getattr(a, name) is not None and getattr(a, name) >= 1.0:
-            raise ConfigError(f"{_flag(name)} must be < 1, got {getattr(a, name)}")
-    if not a.learning_rate > 0 or not math.isfinite(a.learning_rate):
-        raise ConfigError(f"--learning-rate must be positive, got {a.learning_rate}")
+        if getattr(args, name) is not None and getattr(args, name) >= 1.0:
+            raise UsageError(f"{_flag(name)} must be < 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
+        raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
     nonneg = ["adam_eps", "ent_coef", "vf_coef", "redo_threshold"]
     nonneg += [
-        n for n in ("weight_decay", "noise_std", "max_grad_norm") if getattr(a, n) is not None
+        n for n in ("weight_decay", "noise_std", "max_grad_norm") if getattr(args, n) is not None
     ]
     for name in nonneg:
-        if not getattr(a, name) >= 0.0:
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
-    if not 0.0 < a.friction_low <= a.friction_high:
-        raise ConfigError(
-            f"need 0 < --friction-low <= --friction-high, got {a.friction_low}, {a.friction_high}"
+        if not getattr(args, name) >= 0.0:
+            raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.friction_low <= args.friction_high:
+        raise UsageError(
+            f"need 0 < --friction-low <= --friction-high, got {args.friction_low}, {args.friction_high}"
         )
-    if not a.hidden_sizes or min(a.hidden_sizes) <= 0:
-        raise ConfigError(f"--hidden-sizes must be positive widths, got {a.hidden_sizes}")
-    batch = a.num_steps * a.num_envs
-    if batch % a.num_minibatches:
-        raise ConfigError(
-            f"--num-minibatches {a.num_minibatches} does not divide the batch of "
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        raise UsageError(f"--hidden-sizes must be positive widths, got {args.hidden_sizes}")
+    batch = args.num_steps * args.num_envs
+    if batch % args.num_minibatches:
+        raise UsageError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch of "
             f"num_steps * num_envs = {batch}"
         )
 
     # conflicts
-    if a.cbp and a.redo:
-        raise ConfigError("--cbp and --redo conflict: choose one unit-reset method")
+    if args.cbp and args.redo:
+        raise UsageError("--cbp and --redo conflict: choose one unit-reset method")
     for name in ("l2_init", "parseval", "weight_clipping"):
-        if not getattr(a, name) >= 0.0 or not math.isfinite(getattr(a, name)):
-            raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(a, name)}")
+        if not getattr(args, name) >= 0.0 or not math.isfinite(getattr(args, name)):
+            raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
     for name in ("soft_shrink_perturb", "shrink_perturb_init"):
-        if not 0.0 <= getattr(a, name) <= 1.0:
-            raise ConfigError(f"{_flag(name)} must be in [0, 1], got {getattr(a, name)}")
-    layers = len(a.hidden_sizes) + 1 if a.hidden_sizes else 1
-    if not 0 <= a.head_reset <= layers:
-        raise ConfigError(
-            f"--head-reset must be in [0, {layers}] (the Linear layers), got {a.head_reset}"
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"{_flag(name)} must be in [0, 1], got {getattr(args, name)}")
+    layers = len(args.hidden_sizes) + 1 if args.hidden_sizes else 1
+    if not 0 <= args.head_reset <= layers:
+        raise UsageError(
+            f"--head-reset must be in [0, {layers}] (the Linear layers), got {args.head_reset}"
         )
-    if a.upgd and (a.standard_adam or a.adam_beta1 is not None or a.adam_beta2 is not None):
-        raise ConfigError("--upgd replaces Adam: drop --standard-adam/--adam-beta1/--adam-beta2")
-    if a.upgd and a.adam_reset:
-        raise ConfigError("--upgd and --adam-reset conflict: there is no Adam state to reset")
-    if not a.upgd_sigma >= 0 or not 0 <= a.upgd_beta_utility < 1:
-        raise ConfigError(
-            f"need --upgd-sigma >= 0 and --upgd-beta-utility in [0, 1), got {a.upgd_sigma}, "
-            f"{a.upgd_beta_utility}"
+    if args.upgd and (
+        args.standard_adam or args.adam_beta1 is not None or args.adam_beta2 is not None
+    ):
+        raise UsageError("--upgd replaces Adam: drop --standard-adam/--adam-beta1/--adam-beta2")
+    if args.upgd and args.adam_reset:
+        raise UsageError("--upgd and --adam-reset conflict: there is no Adam state to reset")
+    if not args.upgd_sigma >= 0 or not 0 <= args.upgd_beta_utility < 1:
+        raise UsageError(
+            f"need --upgd-sigma >= 0 and --upgd-beta-utility in [0, 1), got {args.upgd_sigma}, "
+            f"{args.upgd_beta_utility}"
         )
-    if a.trac and a.injection:
-        raise ConfigError(
+    if args.trac and args.injection:
+        raise UsageError(
             "--trac and --injection conflict: TRAC's reference point has no entry for an "
             "injected branch"
         )
-    if a.layer_norm and a.nap:
-        raise ConfigError(
+    if args.layer_norm and args.nap:
+        raise UsageError(
             "--layer-norm and --nap conflict: --nap already puts a LayerNorm after every hidden layer"
         )
-    if a.injection and (a.layer_norm or a.nap or a.crelu):
-        raise ConfigError(
+    if args.injection and (args.layer_norm or args.nap or args.crelu):
+        raise UsageError(
             "--injection injects a head of Linear layers and ReLUs: it does not take "
             "--layer-norm, --nap or --crelu"
         )
-    if a.injection and a.head_reset:
-        raise ConfigError(
+    if args.injection and args.head_reset:
+        raise UsageError(
             "--injection and --head-reset conflict: both renew the heads at a friction change"
         )
-    if a.friction_every == 0 and (
-        a.injection or a.adam_reset or a.head_reset or a.shrink_perturb_init < 1
+    if args.friction_every == 0 and (
+        args.injection or args.adam_reset or args.head_reset or args.shrink_perturb_init < 1
     ):
-        raise ConfigError(
+        raise UsageError(
             "--friction-every 0 has no friction changes: the task-boundary methods "
             "(--injection, --adam-reset, --head-reset, --shrink-perturb-init) would never act"
         )
-    if a.injection and (a.cbp or a.redo):
-        raise ConfigError(
-            f"--injection and --{'cbp' if a.cbp else 'redo'} conflict: the injected head's "
+    if args.injection and (args.cbp or args.redo):
+        raise UsageError(
+            f"--injection and --{'cbp' if args.cbp else 'redo'} conflict: the injected head's "
             "frozen units are not theirs to replace"
         )
-    if a.standard_adam and (a.adam_beta1 is not None or a.adam_beta2 is not None):
-        raise ConfigError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
-    if a.l2 and a.weight_decay is not None:
-        raise ConfigError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
-    if a.noise_std is not None and not a.shrink_perturb:
-        raise ConfigError("--noise-std only applies with --shrink-perturb")
+    if args.standard_adam and (args.adam_beta1 is not None or args.adam_beta2 is not None):
+        raise UsageError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
+    if args.l2 and args.weight_decay is not None:
+        raise UsageError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
+    if args.noise_std is not None and not args.shrink_perturb:
+        raise UsageError("--noise-std only applies with --shrink-perturb")
     for method, fields in (("cbp", _CBP_FIELDS), ("redo", _REDO_FIELDS)):
-        if not getattr(a, method):
+        if not getattr(args, method):
             for name in fields:
-                if getattr(a, name) != getattr(defaults, name):
-                    raise ConfigError(f"{_flag(name)} only applies with {_flag(method)}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but no CUDA GPU is available")
+                if getattr(args, name) != getattr(defaults, name):
+                    raise UsageError(f"{_flag(name)} only applies with {_flag(method)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA GPU is available")
 
-    if a.weight_decay is not None:
-        weight_decay = a.weight_decay
-    elif a.l2:
+    if args.weight_decay is not None:
+        weight_decay = args.weight_decay
+    elif args.l2:
         weight_decay = 1e-3
-    elif a.cbp or a.redo or a.shrink_perturb:
+    elif args.cbp or args.redo or args.shrink_perturb:
         weight_decay = 1e-4
     else:
         weight_decay = 0.0
-    betas = (0.9, 0.999) if a.standard_adam else (0.99, 0.99)
+    betas = (0.9, 0.999) if args.standard_adam else (0.99, 0.99)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = a.threads or min(a.num_envs, cores or 1)
+    threads = args.threads or min(args.num_envs, cores or 1)
     return dataclasses.replace(
-        a,
-        bootstrap_truncation=a.bootstrap_truncation and not a.paper_exact,
-        reset_optimizer_state=a.reset_optimizer_state and not a.paper_exact,
-        adam_beta1=betas[0] if a.adam_beta1 is None else a.adam_beta1,
-        adam_beta2=betas[1] if a.adam_beta2 is None else a.adam_beta2,
+        args,
+        bootstrap_truncation=args.bootstrap_truncation and not args.paper_exact,
+        reset_optimizer_state=args.reset_optimizer_state and not args.paper_exact,
+        adam_beta1=betas[0] if args.adam_beta1 is None else args.adam_beta1,
+        adam_beta2=betas[1] if args.adam_beta2 is None else args.adam_beta2,
         weight_decay=weight_decay,
-        noise_std=(1e-5 if a.noise_std is None else a.noise_std) if a.shrink_perturb else 0.0,
+        noise_std=(1e-5 if args.noise_std is None else args.noise_std)
+        if args.shrink_perturb
+        else 0.0,
         threads=threads,
     )
 
 
-def method_tag(a: Args) -> str:
-    tags = [t for t, on in (("cbp", a.cbp), ("redo", a.redo), ("l2", a.l2)) if on]
-    tags += ["snp"] if a.shrink_perturb else []
-    tags += ["stdadam"] if a.standard_adam else []
-    tags += ["exact"] if a.paper_exact else []
+def method_tag(args: Settings) -> str:
+    tags = [t for t, on in (("cbp", args.cbp), ("redo", args.redo), ("l2", args.l2)) if on]
+    tags += ["snp"] if args.shrink_perturb else []
+    tags += ["stdadam"] if args.standard_adam else []
+    tags += ["exact"] if args.paper_exact else []
     return "+".join(tags) or "ppo"
 
 
-def args_dict(a: Args) -> dict[str, Any]:
-    d = dataclasses.asdict(a)
-    d["hidden_sizes"] = list(a.hidden_sizes)
+def args_dict(args: Settings) -> dict[str, Any]:
+    d = dataclasses.asdict(args)
+    d["hidden_sizes"] = list(args.hidden_sizes)
     return d
 
 
-def args_from_dict(cls: type[Args], d: dict[str, Any]) -> Args:
+def args_from_dict(cls: type[SettingsT], d: dict[str, Any]) -> SettingsT:
     d = dict(d)
     d["hidden_sizes"] = tuple(d["hidden_sizes"])
     return cls(**d)
 
 
-def given_fields(cls: type[Args], argv: Sequence[str]) -> set[str]:
+def given_fields(cls: type[Settings], argv: Sequence[str]) -> set[str]:
     """The ``Args`` fields named on a command line: ``--name``, ``--name=value`` or ``--no-name``.
 
     A flag given with its default value counts as given (``--env Ant-v4`` on a resumed Hopper
@@ -248,7 +250,7 @@ def given_fields(cls: type[Args], argv: Sequence[str]) -> set[str]:
     return given
 
 
-def merge_resume(args: Args, saved: Args, given: set[str] | None = None) -> Args:
+def merge_resume(args: SettingsT, saved: SettingsT, given: set[str] | None = None) -> SettingsT:
     """Settings for a resumed run: the checkpoint's, with the command line's where it is given.
 
     ``given`` names the fields set on the command line (:func:`given_fields`); None (a call from
@@ -274,19 +276,19 @@ def merge_resume(args: Args, saved: Args, given: set[str] | None = None) -> Args
 def find_checkpoint(resume: str) -> Path:
     p = Path(resume)
     if not p.exists():
-        raise ConfigError(f"resume path {resume} does not exist")
+        raise UsageError(f"resume path {resume} does not exist")
     path = p if p.is_file() else p / CHECKPOINT_NAME
     if not path.is_file():
         runs = sorted(str(c.parent) for c in p.glob(f"*/{CHECKPOINT_NAME}"))
         hint = f" (runs in {p}: {', '.join(runs[:3])}{', ...' * (len(runs) > 3)})" if runs else ""
-        raise ConfigError(f"no checkpoint to resume from: {path} does not exist{hint}")
+        raise UsageError(f"no checkpoint to resume from: {path} does not exist{hint}")
     return path
 
 
-def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
+def read_checkpoint(cls: type[SettingsT], path: Path) -> tuple[dict[str, Any], SettingsT]:
     """The checkpoint at ``path`` and the settings it was written with.
 
-    :raises ConfigError: if the file cannot be read (empty, truncated, corrupt, no permission)
+    :raises UsageError: if the file cannot be read (empty, truncated, corrupt, no permission)
         or was not written by this trainer (a supervised benchmark's checkpoint is named as
         such, with the command that resumes it); the message says what to do instead."""
     instead = "pass the checkpoint.pt of a train.py run folder, or start a new run without --resume"
@@ -301,7 +303,7 @@ def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
     if isinstance(state, dict) and "rows" in state and "config" in state:
         benchmark = state.get("benchmark")  # absent from checkpoints written before it was kept
         command = f"python scripts/supervised.py {benchmark or '<benchmark>'} --out {path.parent}"
-        raise ConfigError(
+        raise UsageError(
             f"{path.parent} is a run folder of scripts/supervised.py"
             f"{f' ({benchmark})' if benchmark else ''}, not of train.py: continue it with "
             f"{command} --resume and the flags it was started with"
@@ -312,11 +314,11 @@ def read_checkpoint(cls: type[Args], path: Path) -> tuple[dict[str, Any], Args]:
             if isinstance(state, dict)
             else f"it holds a {type(state).__name__}"
         )
-        raise ConfigError(f"{path} is not a checkpoint of this trainer ({found}); {instead}")
+        raise UsageError(f"{path} is not a checkpoint of this trainer ({found}); {instead}")
     try:
         saved = args_from_dict(cls, state["args"])
     except (KeyError, TypeError) as e:
-        raise ConfigError(
+        raise UsageError(
             f"{path} holds settings this version of the trainer does not know ({e})"
         ) from None
     return state, saved
@@ -327,46 +329,46 @@ PAPER_EXACT_OFF = ("bootstrap_truncation", "reset_optimizer_state")
 
 
 def run_settings(
-    args: Args, given: set[str] | None = None
-) -> tuple[Args, Args, dict[str, Any] | None, Path]:
+    args: SettingsT, given: set[str] | None = None
+) -> tuple[SettingsT, SettingsT, dict[str, Any] | None, Path]:
     """A run's settings and folder, every check done before anything is created or written.
 
-    :return: ``(raw, resolved, checkpoint, run_dir)``: the settings as given (a resumed run's
+    :return: ``(given_args, args, checkpoint, run_dir)``: the settings as given (a resumed run's
         merged with its checkpoint's, :func:`merge_resume`), the same after
         :func:`resolve_args`, the checkpoint to resume from (``None`` for a new run) and the
         run's folder (a new run's: ``runs_dir/run_name``, by default
         ``<env>__<method>__s<seed>__<YYYYmmdd-HHMMSS>``).
-    :raises ConfigError: for bad settings, a resumed run that already reached ``--steps``, a
+    :raises UsageError: for bad settings, a resumed run that already reached ``--steps``, a
         new run whose folder already holds one, or a folder that cannot be written.
     """
-    raw, ckpt = args, None
-    if raw.resume is not None:
-        ckpt_path = find_checkpoint(raw.resume)
+    given_args, ckpt = args, None
+    if given_args.resume is not None:
+        ckpt_path = find_checkpoint(given_args.resume)
         ckpt, saved = read_checkpoint(type(args), ckpt_path)
-        raw = merge_resume(raw, saved, given)
+        given_args = merge_resume(given_args, saved, given)
         run_dir = ckpt_path.parent
-    if raw.paper_exact and given:
+    if given_args.paper_exact and given:
         # --paper-exact would silently turn these off: say so instead
-        clash = [f for f in PAPER_EXACT_OFF if f in given and getattr(raw, f)]
+        clash = [f for f in PAPER_EXACT_OFF if f in given and getattr(given_args, f)]
         if clash:
             names = " and ".join("--" + f.replace("_", "-") for f in clash)
-            raise ConfigError(f"--paper-exact turns off {names}: drop one of them")
-    a = resolve_args(raw)
+            raise UsageError(f"--paper-exact turns off {names}: drop one of them")
+    args = resolve_args(given_args)
     if ckpt is not None:
         advice = (
             "it anneals the learning rate over --steps, so it cannot be extended"
-            if a.anneal_lr
+            if args.anneal_lr
             else "pass a larger --steps to extend it"
         )
-        run_folder.refuse_finished(run_dir, "step", int(ckpt["global_step"]), a.steps, advice)
+        run_folder.refuse_finished(run_dir, "step", int(ckpt["global_step"]), args.steps, advice)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_name = a.run_name or f"{a.env}__{method_tag(a)}__s{a.seed}__{stamp}"
-        run_dir = Path(a.runs_dir) / run_name
+        run_name = args.run_name or f"{args.env}__{method_tag(args)}__s{args.seed}__{stamp}"
+        run_dir = Path(args.runs_dir) / run_name
         if (run_dir / CHECKPOINT_NAME).exists():
-            raise ConfigError(
+            raise UsageError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
     run_folder.check_writable(run_dir, "the run folder")
     run_folder.warn_other_code(ckpt)
-    return raw, a, ckpt, run_dir
+    return given_args, args, ckpt, run_dir
