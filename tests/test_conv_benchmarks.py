@@ -411,6 +411,7 @@ def test_continual_imagenet_resume_is_exact(tmp_path):
 @pytest.mark.parametrize(
     "spec", ["cbp+l2_init+weight_clipping", "snp_init+soft_snp+parseval", "upgd", "linear+trac"]
 )
+@pytest.mark.slow
 def test_continual_imagenet_with_plasticity_methods_resumes_exactly(tmp_path, spec):
     """Combined methods on the ConvNet: an interrupted run resumes into the rows of the run
     that never stopped, and two stacked seeds give the rows of each seed alone."""
@@ -473,6 +474,7 @@ def cifar_cfg(tmp_path, name, **kw):
     return IncrementalCIFARConfig(**base)
 
 
+@pytest.mark.slow
 def test_incremental_cifar_learns(tmp_path):
     # BatchNorm's running statistics (used in eval mode for validation and test) need a few
     # dozen steps to follow the weights: 24 full-batch steps on 2 x 4 images
@@ -491,6 +493,7 @@ def test_incremental_cifar_learns(tmp_path):
     assert 0 <= row["dead_percentage"] <= 100 and 1 <= row["stable_rank"] <= 8
 
 
+@pytest.mark.slow
 def test_incremental_cifar_reports_the_max_test_accuracy_over_epochs(tmp_path, monkeypatch):
     """``max_test_accuracy_over_epochs`` is the largest of the test accuracies measured after
     the epochs: the evaluation is wrapped so that after each epoch it returns scripted counts
@@ -530,6 +533,7 @@ def test_incremental_cifar_reports_the_max_test_accuracy_over_epochs(tmp_path, m
     assert row["accuracy"] == real[0]
 
 
+@pytest.mark.slow
 def test_incremental_cifar_resume_is_exact(tmp_path):
     write_cifar(tmp_path / "cifar" / "cifar-100-python")
     method = CIFARMethodConfig(method="cbp", replacement_rate=0.01, maturity_threshold=1)

@@ -202,6 +202,7 @@ def test_flag_docstrings_are_one_line():
     assert [name for name, doc in docs.items() if "\n" in doc] == []
 
 
+@pytest.mark.slow
 def test_help_on_a_terminal_fits_it_too():
     """On a terminal tyro colours the help: the lines still fit once the colours are taken out
     (80 columns: too narrow for the example commands and the list of benchmarks, which are

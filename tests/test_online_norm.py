@@ -264,6 +264,7 @@ def test_stacked_equals_alone(path):
                 )
 
 
+@pytest.mark.slow
 def test_command_line_decays(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts/supervised.py"), "permuted-mnist"]
     help_text = subprocess.run(cmd + ["--help"], capture_output=True, text=True, cwd=ROOT).stdout
@@ -283,6 +284,7 @@ def test_command_line_decays(tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_permuted_mnist_command_line_run(tmp_path):
     out = tmp_path / "cli"
@@ -299,6 +301,7 @@ def test_permuted_mnist_command_line_run(tmp_path):
     assert len(read_rows(out, 2)) == 2
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_permuted_mnist_resume_equals_uninterrupted(tmp_path):
     def config(name):

@@ -280,6 +280,7 @@ def test_empty_or_wrong_folder_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_script_runs_from_the_shell(tmp_path):
     supervised_run(tmp_path / "r", "adam", {0: pm_rows([0.5, 0.6])})
     ok = subprocess.run(
@@ -346,6 +347,7 @@ def _axes_inches(fig) -> list[tuple[float, float]]:
     return [(ax.get_position().width * w, ax.get_position().height * h) for ax in fig.axes]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["supervised", "ppo"])
 def test_a_150_character_label_leaves_the_axes_their_size(tmp_path, monkeypatch, kind):
     sizes = {}
@@ -466,6 +468,7 @@ def test_reproduce_skips_finished_resumes_partial_refuses_conflict(tmp_path, cap
     assert [r["status"] for r in records] == ["skipped", "dry-run", "conflict", "dry-run"]
 
 
+@pytest.mark.slow
 def test_reproduce_paper_budget_prints_without_running(tmp_path, capsys):
     """The printed commands parse with the trainers' own parsers and carry the paper's
     protocols: Ant with friction changes every 2M steps, Hopper and Walker2d stationary for 100M
@@ -634,6 +637,7 @@ def test_drawn_points_skip_empty_bins_and_keep_band_gaps():
     assert np.isnan(lo[1]) and np.isnan(hi[1])
 
 
+@pytest.mark.slow
 def test_figures_default_to_the_runs_common_parent(tmp_path, capsys):
     sweep = tmp_path / "runs" / "scr"
     supervised_run(sweep / "lr=0.01__s0", "bp", {0: pm_rows([0.5, 0.6])})
@@ -653,6 +657,7 @@ def test_figures_default_to_the_runs_common_parent(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_run_folders_inside_a_run_folder_are_named_in_a_warning(tmp_path, capsys):
     """Fix: a sweep written into a benchmark run's folder had its trials skipped without a word."""
     run = tmp_path / "runs" / "scr"

@@ -157,6 +157,7 @@ def test_pooled_envs_are_strata_and_labels_are_one_per_method(tmp_path):
     assert "## Pooled over ppo_Hopper-v4, ppo_Walker2d-v4" in md and "| CBP | 4+6 |" in md
 
 
+@pytest.mark.slow
 def test_table_is_deterministic_given_the_seed(tmp_path):
     rng = np.random.default_rng(4)
     rows = {s: pm_rows(list(rng.uniform(size=10))) for s in range(4)}

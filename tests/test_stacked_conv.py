@@ -139,6 +139,7 @@ def reset_alone_(learner: ModuleLearner) -> None:
                 buf.zero_()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_stacked_learner_equals_module_learner_per_seed(method, device):
@@ -228,6 +229,7 @@ def run_cfg(tmp_path, name, method, seeds, **kw):
     return ContinualImageNetConfig(**base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_stacked_run_equals_runs_alone(tmp_path, method):
     write_imagenet(tmp_path / "inet", classes=5)
@@ -241,6 +243,7 @@ def test_stacked_run_equals_runs_alone(tmp_path, method):
         assert all(rows[-1]["units_replaced"] > 0 for rows in stacked_rows.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["snp", "cbp"])
 def test_stacked_resume_is_exact(tmp_path, method):
     write_imagenet(tmp_path / "inet", classes=5)

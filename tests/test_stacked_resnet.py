@@ -38,6 +38,7 @@ def nets(seeds, device):
     return [build_resnet(s).to(device=device, dtype=F64) for s in seeds]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_stacked_resnet_equals_each_network_alone(device):
     """Outputs, the 17 unit activations, the post-ReLU features and the BatchNorm running
@@ -99,6 +100,7 @@ def released_dead_percentage(net, x, mode):
     return 100.0 * dead / 3904, features
 
 
+@pytest.mark.slow
 def test_resnet_metrics_use_the_batch_statistics_as_released():
     """Dead units and ranks on one batch with BatchNorm in training mode (the released analysis
     never calls eval()); running statistics that differ from the batch's do not enter, and
@@ -142,6 +144,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_stacked_resnet_learner_equals_module_learner_per_seed(method, device):
@@ -236,6 +239,7 @@ def run_cfg(tmp_path, name, method, seeds, **kw):
 # test_stacked_resnet_learner_equals_module_learner_per_seed covers step by step, and
 # head_reset only in the head rows it redraws, whose per-seed draws
 # tests/test_conv_benchmarks.py checks against each seed's generator.
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["retrained", "cbp"])
 def test_stacked_run_equals_runs_alone(tmp_path, method):
     """Seeds 0 and 1 trained as one stacked network write the CSV rows and end with the
@@ -251,6 +255,7 @@ def test_stacked_run_equals_runs_alone(tmp_path, method):
         assert all(rows[-1]["units_replaced"] > 0 for rows in stacked_rows.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["cbp"])
 def test_stacked_resume_is_exact(tmp_path, method):
     write_cifar(tmp_path / "cifar" / "cifar-100-python", classes=(0, 1, 2, 3))

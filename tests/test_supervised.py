@@ -83,6 +83,7 @@ def test_task_start_metrics_are_measured_before_training_on_the_task(tmp_path):
         assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 @needs_mnist
 @pytest.mark.parametrize("method", ["cbp", "dropout"])
 def test_permuted_mnist_resume_equals_uninterrupted(tmp_path, method):
@@ -202,6 +203,7 @@ def test_clear_errors_before_any_work(tmp_path):
         run_scr(cfg)
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, str(ROOT / "scripts/supervised.py"), "slowly-changing-regression"]

@@ -257,6 +257,7 @@ def test_unwritable_out_is_one_line_before_any_work(tmp_path, capsys):
     assert not Path("/proc/x").exists()
 
 
+@pytest.mark.slow
 def test_error_in_a_real_process_has_no_traceback(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), "slowly-changing-regression", "--examples", "0"]
@@ -269,6 +270,7 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path):
 SCR_TINY = ["slowly-changing-regression", "--examples", "40", "--bin-size", "20", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), *SCR_TINY, "--out", str(out)]  # --progress by default
@@ -279,6 +281,7 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path):
     assert proc.stdout.startswith("slowly_changing_regression relu bp, 1 seed(s): writing to ")
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal(tmp_path):
     cmd = [sys.executable, str(SCRIPT), *SCR_TINY, "--out", str(tmp_path / "run")]
     code, bar, _ = run_on_terminal(cmd, ROOT, 120)
@@ -506,6 +509,7 @@ def raw_steps(tb: Path, tag: str) -> list[int]:
     return steps
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_logs_every_row_once(tmp_path):
     common = ["slowly-changing-regression", "--examples", "200", "--bin-size", "20"]
     common += ["--seeds", "0", "1", "--method", "cbp", "--replacement-rate", "0.05"]

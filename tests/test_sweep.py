@@ -57,6 +57,7 @@ def test_parse_program_and_grid():
             sw.parse_grid(bad)
 
 
+@pytest.mark.slow
 def test_known_subcommands_are_those_of_supervised_py():
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "supervised.py"), "--help"],
@@ -166,6 +167,7 @@ def test_ppo_metrics_from_tensorboard_events(tmp_path):
     assert m["episodes"] == 100 and m["last_step"] == 1000
 
 
+@pytest.mark.slow
 def test_trial_that_finished_before_the_sweep_recorded_it_counts_as_done(tmp_path):
     """The sweep died between a PPO trial's end and recording it: the next attempt resumes the
     finished run, the trainer refuses with its one 'already finished' line, and the trial is
@@ -209,6 +211,7 @@ def _metrics_csv(run_dir: Path, seed: int) -> list[dict[str, str]]:
     return _read_csv(run_dir / f"seed_{seed}" / "metrics.csv")
 
 
+@pytest.mark.slow
 def test_sweep_completes_and_writes_tables(tmp_path, ray_address, capsys):
     logged = []
     out = sw.run_sweep(
@@ -263,6 +266,7 @@ def test_sweep_completes_and_writes_tables(tmp_path, ray_address, capsys):
         assert line.split() == cells
 
 
+@pytest.mark.slow
 def test_killed_sweep_reruns_only_missing_trials(tmp_path, ray_address):
     # One trial at a time (2 CPUs each on the 2-CPU cluster), 10 bins each so that the kill
     # lands while a later trial runs.
@@ -316,6 +320,7 @@ def test_killed_sweep_reruns_only_missing_trials(tmp_path, ray_address):
         assert [int(b["bin"]) for b in _metrics_csv(Path(r["run_dir"]), int(r["seed"]))] == list(range(10))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_programs_and_leaves_trials_pending(tmp_path, ray_address):
     cmd = [
         sys.executable, str(SCRIPT), "scripts/supervised.py", "slowly-changing-regression",
@@ -341,6 +346,7 @@ def test_sigterm_stops_the_programs_and_leaves_trials_pending(tmp_path, ray_addr
         os.kill(pid, 0)
 
 
+@pytest.mark.slow
 def test_refused_trial_is_not_retried_and_reported(tmp_path, ray_address):
     """Fix: a trial whose program refused its input (exit code 2: lr = -1 parses but is out of
     range) was retried, to be refused again."""
@@ -370,6 +376,7 @@ def test_refused_trial_is_not_retried_and_reported(tmp_path, ray_address):
     assert [(s["lr"], s["n"]) for s in summary] == [("0.01", "2")]
 
 
+@pytest.mark.slow
 def test_failing_trial_is_retried_then_reported(tmp_path, ray_address):
     """A step size that makes PPO's loss non-finite: exit code 1, retried (from the checkpoint
     the trainer left), then failed."""
@@ -391,6 +398,7 @@ def test_failing_trial_is_retried_then_reported(tmp_path, ray_address):
     )
 
 
+@pytest.mark.slow
 def test_without_ray_the_script_says_how_to_install(tmp_path):
     fake = tmp_path / "fake" / "ray"
     fake.mkdir(parents=True)

@@ -127,6 +127,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", ["Hopper-v4", "Ant-v4"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_run_writes_every_scalar(tmp_path, env, method):
@@ -261,6 +262,7 @@ def test_paper_exact_run_keeps_adam_state_and_draws_cbp_counts(tmp_path, paper_e
         assert moments[name].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_threads_default_to_one_per_env_up_to_the_cores(tmp_path):
     import os
 
@@ -298,6 +300,7 @@ def _resume_kwargs(num_envs: int) -> dict:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_envs", [1, 2])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, num_envs):
     kw = _resume_kwargs(num_envs)
@@ -324,6 +327,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, num_envs):
     assert load(run)["resetters"]["policy"]["num_replaced"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_checkpoints_and_resume_continues_exactly(tmp_path, signum):
     cmd = [sys.executable, str(TRAIN), "--env", "Hopper-v4", "--steps", "1_000_000"]
@@ -388,6 +392,7 @@ BAD_CLI = {
 }
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_with_one_line_before_any_work(tmp_path):
     runs = tmp_path / "runs"
     procs = {}
@@ -428,6 +433,7 @@ def test_conflicting_or_invalid_settings(kw, message):
         resolve_args(Args(**kw))
 
 
+@pytest.mark.slow
 def test_help_lists_field_docs():
     out = subprocess.run(
         [sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, timeout=120
@@ -465,6 +471,7 @@ def test_running_mean_std_matches_numpy():
     assert math.isclose(rms.count, 100.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spin", [True, False])
 def test_parallel_envs_step_like_separate_envs(spin):
     """Env i of ParallelEnvs follows the same trajectory as the same env stepped alone."""

@@ -99,6 +99,7 @@ def test_given_fields_reads_flags_as_tyro_writes_them():
         (["--env", "Foo-v1"], ["Foo-v1"]),
     ],
 )
+@pytest.mark.slow
 def test_values_that_do_not_parse_are_one_line(tmp_path, argv, needles):
     assert_one_error_line(
         train_cli([*argv, "--runs-dir", str(tmp_path / "runs")], tmp_path), *needles
@@ -106,6 +107,7 @@ def test_values_that_do_not_parse_are_one_line(tmp_path, argv, needles):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["empty", "truncated", "truncated_with_older"])
 def test_unreadable_checkpoint_is_one_line_and_changes_nothing(tmp_path, damage):
     run = main(small(tmp_path, steps=256)).run_dir
@@ -182,6 +184,7 @@ def test_a_supervised_run_folder_is_named_with_the_command_that_resumes_it(tmp_p
     assert folder_bytes(out) == before
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_checks_settings_and_writes_nothing(tmp_path):
     run = main(small(tmp_path, steps=512)).run_dir
     before = folder_bytes(run)
@@ -220,6 +223,7 @@ def test_default_valued_flag_conflicts_with_an_unfinished_run(tmp_path):
     assert main(Args(resume=str(run), steps=512), given={"resume", "steps"}).global_step == 512
 
 
+@pytest.mark.slow
 def test_unwritable_run_folder_fails_before_anything_is_created(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
@@ -255,6 +259,7 @@ SUMMARY_RE = re.compile(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
 def test_start_line_and_closing_summary(tmp_path, progress):
     argv = ["--env", "Hopper-v4", "--steps", "1024", "--num-steps", "256"]
@@ -296,6 +301,7 @@ def test_start_line_and_closing_summary(tmp_path, progress):
         assert step == 1024 and value == counts[net]
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_shows_percentage_and_eta_once(tmp_path):
     argv = ["--env", "Hopper-v4", "--steps", "1024", "--num-steps", "256"]
     argv += ["--num-minibatches", "4", "--update-epochs", "1", "--device", "cpu"]
@@ -400,6 +406,7 @@ def _kill_between_checkpoints(tmp_path: Path, name: str) -> tuple[Path, int, int
     return run, _checkpoint_step(run), max(raw_scalar_steps(run)["charts/SPS"])
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_logs_each_step_once(tmp_path):
     for attempt in range(3):
         run, saved, logged = _kill_between_checkpoints(tmp_path, f"killed{attempt}")
@@ -423,6 +430,7 @@ def test_resume_after_kill_9_logs_each_step_once(tmp_path):
             assert points == expected[tag], tag
 
 
+@pytest.mark.slow
 def test_paper_exact_refuses_the_flags_it_would_turn_off(tmp_path):
     runs = tmp_path / "runs"
     for flag in ("--bootstrap-truncation", "--reset-optimizer-state"):

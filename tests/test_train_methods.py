@@ -53,6 +53,7 @@ def _acted(name: str, state: dict) -> None:
         assert actor[weights[-1]].shape[1] == 2 * Args().hidden_sizes[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PPO_METHODS))
 def test_method_run_resumes_exactly(tmp_path, name):
     kw = dict(env="Hopper-v4", friction_every=700, checkpoint_every=0, **PPO_METHODS[name])
