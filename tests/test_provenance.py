@@ -15,6 +15,7 @@ import mujoco
 import numpy as np
 import pytest
 import torch
+from test_supervised_cli import KILLER  # stops a supervised run as kill -9 would
 
 from ppo_cbp import provenance, run_folder
 
@@ -228,26 +229,6 @@ def test_provenance_does_not_split_groups_of_seeds_in_the_figures():
 
 # ------------------------------------------------------------------------------------------------
 # real runs
-
-
-# Makes a supervised run stop as kill -9 would, right after its row KILL_AFTER_ROWS.
-KILLER = """
-import os, runpy, signal, sys
-from ppo_cbp.benchmarks import common
-
-append = common.RunOutputs.append
-
-
-def append_then_die(self, rows):
-    append(self, rows)
-    if len(self.rows[0]) == int(os.environ["KILL_AFTER_ROWS"]):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-common.RunOutputs.append = append_then_die
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def run(cmd: list, kill_after_rows: int | None = None) -> subprocess.CompletedProcess:

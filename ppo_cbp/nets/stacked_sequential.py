@@ -42,9 +42,9 @@ from torch import Tensor, nn
 from ppo_cbp.nets.crelu import CReLU
 from ppo_cbp.nets.units import UnitLayer, leaf_modules, sequential_unit_layers
 
-__all__ = ["StackedSequential"]
+__all__ = ["ELEMENTWISE", "StackedSequential"]
 
-_ELEMENTWISE = (
+ELEMENTWISE = (
     nn.ReLU,
     nn.Tanh,
     nn.Sigmoid,
@@ -55,8 +55,9 @@ _ELEMENTWISE = (
     nn.SELU,
     nn.Identity,
 )
+"""The elementwise activations a stacked network applies as they are (and that a head may hold)."""
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-_STATELESS = (*_ELEMENTWISE, *_POOLS, CReLU)
+_STATELESS = (*ELEMENTWISE, *_POOLS, CReLU)
 _PARAMETRISED = (nn.Conv2d, nn.Linear, nn.LayerNorm)
 
 
@@ -98,7 +99,7 @@ class StackedSequential(nn.Module):
                     raise ValueError(f"{m} must follow a Linear layer in a stacked network")
                 if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
                     raise ValueError(f"unsupported {m}: only a LayerNorm over the features")
-            elif not isinstance(m, (nn.Linear, *_ELEMENTWISE, *_POOLS)):
+            elif not isinstance(m, (nn.Linear, *ELEMENTWISE, *_POOLS)):
                 raise ValueError(f"unsupported module {type(m).__name__} in a stacked network")
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Flatten, *_POOLS)):
                 after_linear = isinstance(m, nn.Linear)

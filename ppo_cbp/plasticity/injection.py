@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppo_cbp.init import check_scheme, distribution, fans, sample
-from ppo_cbp.nets.stacked_sequential import StackedSequential
+from ppo_cbp.nets.stacked_sequential import ELEMENTWISE, StackedSequential
 from ppo_cbp.nets.units import leaf_modules
 from ppo_cbp.plasticity.hooks import Layer, Network, PlasticityMethod, generators_for
 from ppo_cbp.seeding import INJECTION_TAGS, TAG_INJECTION
@@ -36,17 +36,6 @@ from ppo_cbp.seeding import INJECTION_TAGS, TAG_INJECTION
 __all__ = ["InjectableNetwork", "PlasticityInjection"]
 
 # The head's modules: weight layers and the elementwise activations between them.
-_ELEMENTWISE = (
-    nn.ReLU,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SiLU,
-    nn.GELU,
-    nn.SELU,
-    nn.Identity,
-)
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 # Marks the optimizer's group of a method's trainable branch, by the method's tag.
 _GROUP_KEY = "plasticity_injection"
@@ -167,7 +156,7 @@ class InjectableNetwork(nn.Module):
         for kind, module in zip(kinds[self.cut :], stateless[self.cut :], strict=True):
             if kind is nn.Linear:
                 self._activations.append(None)
-            elif issubclass(kind, _ELEMENTWISE):
+            elif issubclass(kind, ELEMENTWISE):
                 self._activations.append(module)
             else:
                 raise ValueError(
