@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
-import importlib.util
 import itertools
 import json
 import math
@@ -74,7 +73,6 @@ TRIAL_LOG = "trial.log"
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
 CHECKPOINT = "checkpoint.pt"
-STATES = ("pending", "running", "done", "failed")
 USAGE_ERROR = 2  # the programs' exit code for input they refuse (ppo_cbp.cli.report_error)
 FINAL_FRACTION = 0.1
 LOG_TAIL_LINES = 20
@@ -329,12 +327,10 @@ def program_parser(program: Program) -> Callable[[Sequence[str]], Any]:
         from ppo_cbp.train import Args
 
         return lambda argv: cli.parse(Args, argv, prog="train.py")
-    # scripts/ is no package: load supervised.py by its path for its Config union
-    spec = importlib.util.spec_from_file_location("_swept_supervised", REPO_ROOT / program.script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from ppo_cbp.benchmarks.registry import parse
+
     prog = f"supervised.py {program.subcommand}"
-    return lambda argv: cli.parse(module.Config, argv, prog=prog)
+    return lambda argv: parse(argv, prog=prog)
 
 
 def check_commands(program: Program, fixed: Sequence[str], trials: Sequence[Trial]) -> None:
