@@ -20,13 +20,11 @@ from ppo_cbp.benchmarks.continual_imagenet import (
 from ppo_cbp.benchmarks.continual_imagenet import (
     ContinualImageNetConfig,
     ImageNetMethodConfig,
-    StackedLearner,
     build_imagenet_learner,
     imagenet_convnet,
-    reset_head_,
-    resolve_module_method,
     run_continual_imagenet,
 )
+from ppo_cbp.benchmarks.conv_learner import StackedLearner, reset_head_, resolve_module_method
 from ppo_cbp.benchmarks.incremental_cifar import (
     _ALIASES,
     BestWeights,

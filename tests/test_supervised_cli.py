@@ -22,7 +22,7 @@ from terminal import run_on_terminal
 
 from ppo_cbp.benchmarks import continual_imagenet, incremental_cifar, permuted_mnist, registry, scr
 from ppo_cbp.benchmarks.common import MethodConfig, RunOutputs, resolve_method
-from ppo_cbp.benchmarks.continual_imagenet import resolve_module_method
+from ppo_cbp.benchmarks.conv_learner import resolve_module_method
 from ppo_cbp.datasets.mnist import default_data_dir
 from ppo_cbp.errors import UsageError
 

@@ -52,7 +52,7 @@ Metrics per increment and seed (one CSV row), after restoring the best weights:
 
 All seeds of a run train together as one stacked network
 (:class:`~ppo_cbp.nets.stacked_resnet.StackedResNet18` in a
-:class:`~ppo_cbp.benchmarks.continual_imagenet.StackedLearner`): each seed keeps its own class
+:class:`~ppo_cbp.benchmarks.conv_learner.StackedLearner`): each seed keeps its own class
 order, data order, head rows, augmentation draws (:func:`~ppo_cbp.datasets.augment.augment_seeds`),
 best-validation epoch and CBP/Shrink & Perturb randomness, and follows the trajectory it follows
 alone. One seed is the case S = 1.
@@ -81,10 +81,7 @@ from ppo_cbp.benchmarks.common import (
     resolve_device,
     resolve_dtype,
 )
-from ppo_cbp.benchmarks.continual_imagenet import (
-    StackedLearner,
-    resolve_module_method,
-)
+from ppo_cbp.benchmarks.conv_learner import StackedLearner, resolve_module_method
 from ppo_cbp.datasets.augment import augment_seeds, normalize
 from ppo_cbp.datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, load_cifar100, per_class_split
 from ppo_cbp.errors import UsageError
