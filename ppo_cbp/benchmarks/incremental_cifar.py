@@ -105,8 +105,6 @@ from ppo_cbp.seeding import (
     task_rng,
 )
 
-CIFAR_METHODS = ("base", "head_reset", "retrained", "snp", "cbp")
-
 DEFAULTS: dict[str, dict[str, Any]] = {
     "base": dict(lr=0.1, weight_decay=5e-4),
     "head_reset": dict(lr=0.1, weight_decay=5e-4),
