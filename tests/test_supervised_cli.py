@@ -318,7 +318,7 @@ SUBCOMMANDS = {
     ),
     "incremental-cifar": (
         incremental_cifar.DEFAULTS,
-        lambda m, d: resolve_module_method(m, d, incremental_cifar._ALIASES),
+        lambda m, d: resolve_module_method(m, d, incremental_cifar.ALIASES),
     ),
 }
 

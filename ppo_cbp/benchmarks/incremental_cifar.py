@@ -112,7 +112,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "snp": dict(lr=0.1, weight_decay=5e-4, noise_std=1e-5),
     "cbp": dict(lr=0.1, weight_decay=5e-4, replacement_rate=1e-5, maturity_threshold=1000),
 }
-_ALIASES = {"base": "bp", "head_reset": "bp", "retrained": "bp"}
+ALIASES = {"base": "bp", "head_reset": "bp", "retrained": "bp"}
+"""The methods that are plain backpropagation under another name (they differ in what happens
+to the head, or the whole network, at a new increment)."""
 
 
 @method_flags(DEFAULTS)
@@ -355,7 +357,7 @@ def run_incremental_cifar(
     ``stop_after``: return after this many increments of this call (for interrupting in tests).
     """
     seeds = check_seeds(cfg.seeds)
-    method = resolve_module_method(cfg.method, DEFAULTS, _ALIASES)
+    method = resolve_module_method(cfg.method, DEFAULTS, ALIASES)
     _validate(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
