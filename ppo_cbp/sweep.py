@@ -702,9 +702,13 @@ def _import_ray() -> Any:
     return ray
 
 
-def _needs_token(exc: BaseException) -> bool:
-    """Whether ``exc`` or an exception it came from is Ray's refusal of a missing or wrong
-    token (Ray 2.60 wraps it in a ConnectionError whose cause quotes it as text)."""
+def needs_token(exc: BaseException) -> bool:
+    """Whether an exception is Ray's refusal of a missing or wrong token.
+
+    :param exc: the exception raised while joining the cluster.
+    :return: True when ``exc`` or an exception it came from (its cause or context) is that
+        refusal: Ray 2.60 wraps it in a ConnectionError whose cause quotes it as text.
+    """
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -744,7 +748,7 @@ def join_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as e:
-        if _needs_token(e):
+        if needs_token(e):
             token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
             hint = TOKEN_MISMATCH_HINT if token_mode else TOKEN_HINT
             raise UsageError(hint.format(address=address)) from None
