@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
-import importlib.util
 import itertools
 import json
 import math
@@ -74,7 +73,6 @@ TRIAL_LOG = "trial.log"
 RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
 CHECKPOINT = "checkpoint.pt"
-STATES = ("pending", "running", "done", "failed")
 USAGE_ERROR = 2  # the programs' exit code for input they refuse (ppo_cbp.cli.report_error)
 FINAL_FRACTION = 0.1
 LOG_TAIL_LINES = 20
@@ -329,12 +327,10 @@ def program_parser(program: Program) -> Callable[[Sequence[str]], Any]:
         from ppo_cbp.train import Args
 
         return lambda argv: cli.parse(Args, argv, prog="train.py")
-    # scripts/ is no package: load supervised.py by its path for its Config union
-    spec = importlib.util.spec_from_file_location("_swept_supervised", REPO_ROOT / program.script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from ppo_cbp.benchmarks.registry import parse
+
     prog = f"supervised.py {program.subcommand}"
-    return lambda argv: cli.parse(module.Config, argv, prog=prog)
+    return lambda argv: parse(argv, prog=prog)
 
 
 def check_commands(program: Program, fixed: Sequence[str], trials: Sequence[Trial]) -> None:
@@ -706,9 +702,13 @@ def _import_ray() -> Any:
     return ray
 
 
-def _needs_token(exc: BaseException) -> bool:
-    """Whether ``exc`` or an exception it came from is Ray's refusal of a missing or wrong
-    token (Ray 2.60 wraps it in a ConnectionError whose cause quotes it as text)."""
+def needs_token(exc: BaseException) -> bool:
+    """Whether an exception is Ray's refusal of a missing or wrong token.
+
+    :param exc: the exception raised while joining the cluster.
+    :return: True when ``exc`` or an exception it came from (its cause or context) is that
+        refusal: Ray 2.60 wraps it in a ConnectionError whose cause quotes it as text.
+    """
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -748,7 +748,7 @@ def join_ray(ray: Any, address: str | None, num_cpus: int | None) -> None:
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as e:
-        if _needs_token(e):
+        if needs_token(e):
             token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
             hint = TOKEN_MISMATCH_HINT if token_mode else TOKEN_HINT
             raise UsageError(hint.format(address=address)) from None

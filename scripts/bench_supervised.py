@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet, stack_networks
+from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet
+from ppo_cbp.benchmarks.conv_learner import stack_networks
 from ppo_cbp.init import init_layer_
 from ppo_cbp.nets.resnet import ResNet18
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer

@@ -20,51 +20,23 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Any, Union
 
 import torch
-import tyro
 
 from ppo_cbp import cli
 from ppo_cbp.benchmarks.common import closing_summary
-from ppo_cbp.benchmarks.continual_imagenet import ContinualImageNetConfig, run_continual_imagenet
-from ppo_cbp.benchmarks.incremental_cifar import IncrementalCIFARConfig, run_incremental_cifar
-from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig, run_permuted_mnist
-from ppo_cbp.benchmarks.scr import SCRConfig, run_scr
+from ppo_cbp.benchmarks.registry import RUNS, parse
 from ppo_cbp.errors import UsageError
-
-BENCHMARKS = {
-    "permuted-mnist": (PermutedMNISTConfig, run_permuted_mnist),
-    "slowly-changing-regression": (SCRConfig, run_scr),
-    "continual-imagenet": (ContinualImageNetConfig, run_continual_imagenet),
-    "incremental-cifar": (IncrementalCIFARConfig, run_incremental_cifar),
-}
-"""The subcommands: each benchmark's configuration and run."""
-
-# tyro reads the subcommands from the Union
-Config = Union[  # noqa: UP007
-    tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, (cls, _) in BENCHMARKS.items())
-]
-
-RUNS = dict(BENCHMARKS.values())
-
-
-def parse(args: Sequence[str] | None = None) -> Any:
-    """The configuration of a command line (``args`` without the program name); a value that
-    does not parse, or a benchmark this script does not have, is a :class:`UsageError` of one
-    line."""
-    args = sys.argv[1:] if args is None else list(args)
-    choices = f"choose one of: {', '.join(BENCHMARKS)}"
-    if args and not args[0].startswith("-") and args[0] not in BENCHMARKS:
-        raise UsageError(f"unknown benchmark {args[0]!r}; {choices}")
-    if not any(a in BENCHMARKS or a in ("-h", "--help") for a in args):
-        raise UsageError(f"no benchmark given; {choices}")
-    return cli.parse(Config, args, description=__doc__)
 
 
 def main(args: Sequence[str] | None = None) -> None:
+    """Run the benchmark of a command line (``args`` without the program name; by default
+    ``sys.argv[1:]``) and print its closing summary.
+
+    :param args: the subcommand and its flags.
+    """
     try:
-        cfg = parse(args)
+        cfg = parse(args, description=__doc__)
     except UsageError as e:
         sys.exit(cli.report_error(e))
     if "OMP_NUM_THREADS" not in os.environ:

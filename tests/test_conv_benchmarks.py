@@ -20,15 +20,14 @@ from ppo_cbp.benchmarks.continual_imagenet import (
 from ppo_cbp.benchmarks.continual_imagenet import (
     ContinualImageNetConfig,
     ImageNetMethodConfig,
-    StackedLearner,
     build_imagenet_learner,
     imagenet_convnet,
-    reset_head_,
-    resolve_module_method,
     run_continual_imagenet,
 )
+from ppo_cbp.benchmarks.conv_learner import StackedLearner, reset_head_, resolve_module_method
+from ppo_cbp.benchmarks.incremental_cifar import ALIASES as CIFAR_ALIASES
+from ppo_cbp.benchmarks.incremental_cifar import DEFAULTS as CIFAR_DEFAULTS
 from ppo_cbp.benchmarks.incremental_cifar import (
-    _ALIASES,
     BestWeights,
     CIFARMethodConfig,
     IncrementalCIFARConfig,
@@ -39,7 +38,6 @@ from ppo_cbp.benchmarks.incremental_cifar import (
     run_incremental_cifar,
     seen_classes,
 )
-from ppo_cbp.benchmarks.incremental_cifar import DEFAULTS as CIFAR_DEFAULTS
 from ppo_cbp.datasets.imagenet32 import class_pairs
 from ppo_cbp.errors import UsageError
 from ppo_cbp.plasticity.cbp import ContinualBackprop
@@ -199,7 +197,7 @@ def test_method_defaults():
     assert imagenet["cbp"].replacement_rate == 3e-4 and imagenet["cbp"].maturity_threshold == 100
     assert imagenet["linear"].method == "linear" and imagenet["linear"].weight_decay == 0
     cifar = {
-        m: resolve_module_method(CIFARMethodConfig(method=m), CIFAR_DEFAULTS, _ALIASES)
+        m: resolve_module_method(CIFARMethodConfig(method=m), CIFAR_DEFAULTS, CIFAR_ALIASES)
         for m in ("base", "head_reset", "retrained", "snp", "cbp")
     }
     assert all(r.lr == 0.1 and r.weight_decay == 5e-4 for r in cifar.values())
@@ -211,7 +209,7 @@ def test_method_defaults():
         "contribution",
     )
     with pytest.raises(ValueError, match="unknown method 'adam'"):
-        resolve_module_method(CIFARMethodConfig(method="adam"), CIFAR_DEFAULTS, _ALIASES)
+        resolve_module_method(CIFARMethodConfig(method="adam"), CIFAR_DEFAULTS, CIFAR_ALIASES)
 
 
 def test_learning_rate_schedule():
@@ -273,7 +271,7 @@ def test_head_reset_zeroes_head_and_its_momentum_only():
 def test_new_head_rows_are_redrawn_like_the_init():
     """Every seed's new rows are redrawn from its own generator, the others keep their weights
     and momentum."""
-    method = resolve_module_method(CIFARMethodConfig(method="base"), CIFAR_DEFAULTS, _ALIASES)
+    method = resolve_module_method(CIFARMethodConfig(method="base"), CIFAR_DEFAULTS, CIFAR_ALIASES)
 
     def learner(out):
         heads = [nn.Sequential(nn.Linear(512, out)) for _ in range(2)]
@@ -324,7 +322,7 @@ def test_cbp_on_the_resnet_replaces_as_released():
     method = resolve_module_method(
         CIFARMethodConfig(method="cbp", replacement_rate=1.0, maturity_threshold=0),
         CIFAR_DEFAULTS,
-        _ALIASES,
+        CIFAR_ALIASES,
     )
     model = build_resnet(0).double()
     learner = ModuleLearner(model, method, seed=0, momentum=0.9, init="kaiming_normal", device=CPU)

@@ -13,7 +13,7 @@ from ppo_cbp.benchmarks.continual_imagenet import (
     resolve_module_method,
 )
 from ppo_cbp.benchmarks.incremental_cifar import (
-    _ALIASES,
+    ALIASES,
     DEFAULTS,
     CIFARMethodConfig,
     IncrementalCIFARConfig,
@@ -134,7 +134,7 @@ def test_resnet_metrics_use_the_batch_statistics_as_released():
 
 
 def resolved(method, **kw):
-    return resolve_module_method(CIFARMethodConfig(method=method, **kw), DEFAULTS, _ALIASES)
+    return resolve_module_method(CIFARMethodConfig(method=method, **kw), DEFAULTS, ALIASES)
 
 
 METHODS = {

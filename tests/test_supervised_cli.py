@@ -20,9 +20,9 @@ import torch
 from stacked_runs import read_rows
 from terminal import run_on_terminal
 
-from ppo_cbp.benchmarks import continual_imagenet, incremental_cifar, permuted_mnist, scr
+from ppo_cbp.benchmarks import continual_imagenet, incremental_cifar, permuted_mnist, registry, scr
 from ppo_cbp.benchmarks.common import MethodConfig, RunOutputs, resolve_method
-from ppo_cbp.benchmarks.continual_imagenet import resolve_module_method
+from ppo_cbp.benchmarks.conv_learner import resolve_module_method
 from ppo_cbp.datasets.mnist import default_data_dir
 from ppo_cbp.errors import UsageError
 
@@ -37,7 +37,7 @@ def load_script():
     return module
 
 
-cli = load_script()
+script = load_script()
 
 
 def snapshot(folder: Path) -> dict[str, bytes] | None:
@@ -50,7 +50,7 @@ def snapshot(folder: Path) -> dict[str, bytes] | None:
 def run_main(args, capsys):
     """``main(args)``; returns (exit code, stdout, stderr)."""
     with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in args])
+        script.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return info.value.code, out, err
 
@@ -116,7 +116,7 @@ def test_values_that_do_not_parse_give_one_error_line(tmp_path, capsys):
 def test_a_benchmark_that_is_not_there_lists_those_that_are(tmp_path, capsys, args, start):
     out = tmp_path / "run"
     code, stdout, err = run_main([*args, "--out", out] if args else [], capsys)
-    names = [name for name, (config, run) in cli.BENCHMARKS.items()]
+    names = [name for name, (config, run) in registry.BENCHMARKS.items()]
     assert names == ["permuted-mnist", "slowly-changing-regression", "continual-imagenet"] + [
         "incremental-cifar"
     ]
@@ -195,7 +195,7 @@ def test_a_train_checkpoint_in_out_is_named_with_the_command_that_resumes_it(tmp
 
 def test_resuming_with_another_benchmark_names_the_one_in_out(tmp_path, capsys):
     out = tmp_path / "run"
-    cli.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
+    script.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
     capsys.readouterr()
     before = snapshot(out)
     outputs = RunOutputs("permuted-mnist", out, [0], {}, resume=True)
@@ -207,13 +207,13 @@ def test_resuming_with_another_benchmark_names_the_one_in_out(tmp_path, capsys):
         f"--out {out} holds a slowly-changing-regression run, not a permuted-mnist one" in message
     )
     command = re.search(r"python scripts/supervised.py (.+?) and the flags", message)[1]
-    assert type(cli.parse(command.split())) is scr.SCRConfig
+    assert type(registry.parse(command.split())) is scr.SCRConfig
     assert snapshot(out) == before
 
 
 def test_resume_with_other_settings_keeps_the_run(tmp_path, capsys):
     out = tmp_path / "run"
-    cli.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
+    script.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
     before = snapshot(out)
     args = ["slowly-changing-regression", *SCR_SMALL, "--out", out, "--resume", "--lr", "0.5"]
     code, _, err = run_main(args, capsys)
@@ -223,7 +223,7 @@ def test_resume_with_other_settings_keeps_the_run(tmp_path, capsys):
 
 def test_resume_of_a_finished_run_is_refused_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
-    cli.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
+    script.main(["slowly-changing-regression", *SCR_SMALL, "--out", str(out)])
     capsys.readouterr()
     before = snapshot(out)
     events = sorted(p.name for p in out.rglob("events.out.tfevents.*"))
@@ -293,9 +293,9 @@ def test_programming_errors_keep_their_traceback(tmp_path, monkeypatch):
     def broken(cfg):
         raise KeyError("a bug")
 
-    monkeypatch.setitem(cli.RUNS, cli.SCRConfig, broken)
+    monkeypatch.setitem(registry.RUNS, scr.SCRConfig, broken)
     with pytest.raises(KeyError, match="a bug"):
-        cli.main(["slowly-changing-regression", "--out", str(tmp_path / "run")])
+        script.main(["slowly-changing-regression", "--out", str(tmp_path / "run")])
 
 
 # ----------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def help_text(args, capsys, monkeypatch) -> str:
     """``--help`` output with the box drawing removed and whitespace collapsed."""
     monkeypatch.setenv("COLUMNS", "400")
     with pytest.raises(SystemExit) as info:
-        cli.parse([*args, "--help"])
+        script.main([*args, "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
     return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", text))
@@ -321,7 +321,7 @@ SUBCOMMANDS = {
     ),
     "incremental-cifar": (
         incremental_cifar.DEFAULTS,
-        lambda m, d: resolve_module_method(m, d, incremental_cifar._ALIASES),
+        lambda m, d: resolve_module_method(m, d, incremental_cifar.ALIASES),
     ),
 }
 
@@ -386,7 +386,7 @@ def test_default_out_folders_are_not_those_of_the_readme_sweeps():
     readme = (ROOT / "README.md").read_text()
     sweeps = {Path("runs") / n for n in re.findall(r"scripts/sweep\.py .* --name (\S+)", readme)}
     assert Path("runs/scr") in sweeps
-    defaults = {cli.parse([sub]).out for sub in SUBCOMMANDS}
+    defaults = {registry.parse([sub]).out for sub in SUBCOMMANDS}
     assert Path("runs/slowly_changing_regression") in defaults and len(defaults) == 4
     assert not defaults & sweeps
 
@@ -409,14 +409,14 @@ def test_every_documented_command_parses(capsys, monkeypatch):
     for args in ([], *[[s] for s in SUBCOMMANDS]):
         monkeypatch.setenv("COLUMNS", "400")
         with pytest.raises(SystemExit):
-            cli.parse([*args, "--help"])
+            script.main([*args, "--help"])
         helps += documented_commands(capsys.readouterr().out)
     assert len(helps) >= 4
     for args in readme + helps:
         if "--help" in args:
             continue
-        cfg = cli.parse(args)
-        assert type(cfg) in cli.RUNS, args
+        cfg = registry.parse(args)
+        assert type(cfg) in registry.RUNS, args
         if "--method" in args:
             assert cfg.method.method == args[args.index("--method") + 1]
 
@@ -430,7 +430,7 @@ def test_summary_fields_mean_what_they_say(tmp_path, capsys):
     args = ["slowly-changing-regression", "--examples", "90", "--bin-size", "30"]
     args += ["--seeds", "3", "5", "--method", "cbp", "--replacement-rate", "0.05"]
     args += ["--maturity-threshold", "5", "--device", "cpu", "--no-progress", "--out", out]
-    cli.main([str(a) for a in args])
+    script.main([str(a) for a in args])
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "squared_error" and summary["bins_completed"] == 3

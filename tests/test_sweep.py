@@ -594,5 +594,5 @@ def test_cluster_asking_for_a_token_is_one_line_naming_what_to_set(
         assert "refused this machine's token" in err and "~/.ray/auth_token" in err
     assert not (tmp_path / "r").exists()
     # a real AuthenticationError raised directly is recognised too; other errors are not
-    assert sw._needs_token(ray.exceptions.AuthenticationError("RPC error"))
-    assert not sw._needs_token(ConnectionError("Failed to connect to Ray cluster at x:1"))
+    assert sw.needs_token(ray.exceptions.AuthenticationError("RPC error"))
+    assert not sw.needs_token(ConnectionError("Failed to connect to Ray cluster at x:1"))

@@ -22,7 +22,7 @@ import json
 import math
 import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -294,7 +294,6 @@ class ResolvedMethod:
     upgd_sigma: float = 0.0
     upgd_beta_utility: float = 0.999
     methods: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.methods:

@@ -29,8 +29,9 @@ Metrics per task and seed (one CSV row):
   the weight matrices and kernels, biases excluded);
 * ``units_replaced``: units replaced by CBP/ReDo since the start of the run.
 
-All seeds of a run train together as one stacked network (:class:`StackedLearner`, S ConvNets
-as grouped convolutions and batched matmuls): each seed keeps its own class pairs, data order,
+All seeds of a run train together as one stacked network
+(:class:`~ppo_cbp.benchmarks.conv_learner.StackedLearner`, S ConvNets as grouped convolutions
+and batched matmuls): each seed keeps its own class pairs, data order,
 initial weights and CBP/ReDo/Shrink & Perturb randomness, and follows the trajectory it follows
 alone. Everything of a task lives on the device; per step there are no host synchronisations
 (correct counts are accumulated as tensors and read at the task's end).
@@ -38,14 +39,12 @@ alone. Everything of a task lives on the device; per step there are no host sync
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 import tyro
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -60,8 +59,13 @@ from ppo_cbp.benchmarks.common import (
     method_flags,
     resolve_device,
     resolve_dtype,
-    resolve_method,
-    step_methods,
+)
+from ppo_cbp.benchmarks.conv_learner import (
+    PLASTICITY_METHODS,
+    StackedLearner,
+    count_correct_per_seed,
+    reset_head_,
+    resolve_module_method,
 )
 from ppo_cbp.datasets.augment import normalize
 from ppo_cbp.datasets.imagenet32 import channel_stats, class_pairs, load_imagenet32
@@ -73,38 +77,12 @@ from ppo_cbp.metrics import (
     dead_unit_mask,
     feature_rank_metrics,
 )
-from ppo_cbp.nets.resnet import ResNet18
-from ppo_cbp.nets.stacked_resnet import StackedResNet18
 from ppo_cbp.nets.stacked_sequential import StackedSequential
-from ppo_cbp.plasticity.cbp import ContinualBackprop
-from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
-from ppo_cbp.plasticity.redo import ReDo
-from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
-from ppo_cbp.plasticity.trac import TRAC
-from ppo_cbp.plasticity.upgd import UPGD
-from ppo_cbp.seeding import (
-    TAG_CBP,
-    TAG_INIT,
-    TAG_NOISE,
-    TAG_REDO,
-    TAG_SHUFFLE,
-    derive_seed,
-)
+from ppo_cbp.seeding import TAG_INIT, TAG_SHUFFLE, derive_seed
 
-IMAGENET_METHODS = ("bp", "l2", "snp", "cbp", "redo", "linear")
-"""The paper's methods; those of :mod:`ppo_cbp.plasticity` that suit a ConvNet whose head is
-reset at every task (:data:`PLASTICITY_METHODS`) combine with them (``cbp+l2_init``)."""
-PLASTICITY_METHODS = (
-    "l2_init",
-    "parseval",
-    "weight_clipping",
-    "snp_init",
-    "soft_snp",
-    "upgd",
-    "trac",
-)
-
-# The paper's released configurations (SGD momentum 0.9; step size 0.01, for L2 0.03).
+# The paper's methods (bp, l2, snp, cbp, redo, linear) with its released configurations (SGD
+# momentum 0.9; step size 0.01, for L2 0.03); the plasticity methods combine with them
+# (cbp+l2_init).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "bp": dict(lr=0.01),
     "l2": dict(lr=0.03, weight_decay=3e-6),
@@ -125,28 +103,6 @@ class ImageNetMethodConfig(MethodConfig):
 
     method: str = "bp"
     """Learning method, or several joined with + (linear: the linear-network baseline trained with SGD)."""
-
-
-def resolve_module_method(
-    cfg: MethodConfig, defaults: dict[str, dict[str, Any]], aliases: dict[str, str]
-) -> ResolvedMethod:
-    """:func:`~ppo_cbp.benchmarks.common.resolve_method` for methods that are variants of a core
-    method (``aliases``: name -> core method, e.g. ``linear -> bp``); keeps the variant's name."""
-    names = [n.strip() for n in str(cfg.method).split("+")]
-    for name in names:
-        if name not in defaults:
-            raise UsageError(
-                f"unknown method {name!r} in --method {cfg.method}; expected one of "
-                f"{', '.join(defaults)}, or several joined with +"
-            )
-    # a variant's core method; bp, the plain core, drops out of a combination (its defaults,
-    # the step size, stay)
-    core = {aliases.get(n, n): defaults[n] for n in names}
-    spec = [c for c in core if c != "bp"] or ["bp"]
-    plain = {"bp": defaults["bp"]} if "bp" in defaults else {}
-    resolved = resolve_method(replace(cfg, method="+".join(spec)), {**plain, **core})
-    resolved.method = "+".join(names)
-    return resolved
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,225 +142,6 @@ def linear_network(num_classes: int = 2, generator: torch.Generator | None = Non
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))
     init_layer_(net[1], "torch_default", generator=generator, bias="torch_default")
     return net
-
-
-# --------------------------------------------------------------------------------------------
-# The seeds' networks as one, with their optimizer and the method's operator
-
-
-def stack_networks(nets: list[nn.Module]) -> StackedSequential | StackedResNet18:
-    """S networks of one architecture as one stacked network: ResNet-18s as a
-    :class:`~ppo_cbp.nets.stacked_resnet.StackedResNet18`, ``nn.Sequential`` networks as a
-    :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential`."""
-    if nets and all(isinstance(net, ResNet18) for net in nets):
-        return StackedResNet18(nets)
-    return StackedSequential(nets)
-
-
-class StackedLearner:
-    """S seeds' networks as one stacked network (:func:`stack_networks`), trained with SGD
-    (momentum, coupled L2) plus the method's operator.
-
-    A step is one SGD step of every seed's network at once: the loss is the sum over seeds of
-    each seed's mean cross-entropy on its own minibatch, so every seed's slice of the
-    parameters and of the momentum follows the trajectory of its network trained alone. After
-    the optimizer step, Shrink & Perturb adds ``N(0, noise_std^2)`` to every parameter (seed
-    ``s``'s noise drawn from its own generator, parameter by parameter in the order of the
-    network's ``parameters()``, as :func:`~ppo_cbp.plasticity.shrink_perturb.perturb_` draws it alone);
-    CBP and ReDo run on the hidden activations of the step's forward pass with one generator
-    per seed.
-    """
-
-    def __init__(
-        self,
-        nets: list[nn.Module],
-        method: ResolvedMethod,
-        *,
-        seeds: list[int],
-        momentum: float,
-        init: str,
-        device: torch.device,
-        dtype: torch.dtype = torch.float32,
-    ):
-        if len(nets) != len(seeds):
-            raise ValueError(f"{len(seeds)} seeds need {len(seeds)} networks, got {len(nets)}")
-        self.net = stack_networks(nets).to(device=device, dtype=dtype)
-        self.seeds = list(seeds)
-        self.method = method
-        self.device = device
-        self._params = list(self.net.parameters())
-        if method.optimizer == "upgd":
-            self.opt = UPGD(
-                self._params,
-                lr=method.lr,
-                weight_decay=method.weight_decay,
-                beta_utility=method.upgd_beta_utility,
-                sigma=method.upgd_sigma,
-                seed_dims=1,
-                seeds=seeds,
-            )
-        else:
-            self.opt = torch.optim.SGD(
-                self._params, lr=method.lr, momentum=momentum, weight_decay=method.weight_decay
-            )
-        state_owner = self.opt
-        if method.uses("trac"):
-            self.opt = TRAC(self.opt, seed_dims=1)
-        hooked = [n for n in PLASTICITY_METHODS if n not in ("upgd", "trac") and method.uses(n)]
-        self.methods = Methods(
-            plasticity_methods(self.net, state_owner, method, init, seeds) if hooked else []
-        )
-        self.cbp: ContinualBackprop | None = None
-        self.redo: ReDo | None = None
-        if method.uses("cbp"):
-            self.cbp = ContinualBackprop(
-                self.net.unit_layers(init),
-                state_owner,
-                replacement_rate=method.replacement_rate,
-                maturity_threshold=method.maturity_threshold,
-                decay_rate=method.decay_rate,
-                utility=method.utility,
-                init=init,
-                seed=[derive_seed(s, TAG_CBP) for s in seeds],
-            )
-        elif method.uses("redo"):
-            self.redo = ReDo(
-                self.net.unit_layers(init),
-                state_owner,
-                threshold=method.redo_threshold,
-                period=method.redo_period,
-                init=init,
-                seed=[derive_seed(s, TAG_REDO) for s in seeds],
-            )
-        self.noise: list[torch.Generator] = []
-        self._noise: list[Tensor] = []
-        if method.noise_std > 0:
-            self.noise = [
-                torch.Generator(device=device).manual_seed(derive_seed(s, TAG_NOISE)) for s in seeds
-            ]
-            self._noise = [torch.empty_like(p) for p in self._params]
-
-    def step(self, x: Tensor, y: Tensor, num_logits: int | None = None) -> Tensor:
-        """One SGD step of every seed on its minibatch; returns the correct predictions per seed.
-
-        ``x``: ``[B, S, 3, 32, 32]`` (seed ``s``'s images in ``x[:, s]``), ``y``: ``[S, B]``.
-        ``num_logits``: only the first ``num_logits`` outputs enter the loss and the prediction.
-        The counts (``[S]``, int64) stay on the device.
-        """
-        logits, hidden = self.net(x)
-        if num_logits is not None:
-            logits = logits[..., :num_logits]
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            self.methods.after_backward()
-        self.opt.step()
-        with torch.no_grad():
-            self.methods.after_step(hidden)
-            if self.noise:
-                # seed by seed, in each network's own parameter order: its draws alone
-                for s, g in enumerate(self.noise):
-                    for buf in self._noise:
-                        buf[s].normal_(generator=g)
-                torch._foreach_add_(self._params, self._noise, alpha=self.method.noise_std)
-            if self.cbp is not None:
-                self.cbp.step(hidden)
-            elif self.redo is not None:
-                self.redo.step(hidden)
-            return (logits.argmax(-1) == y).sum(1)
-
-    def task_boundary(self) -> None:
-        """The methods' task-boundary hooks (a new pair of classes begins)."""
-        with torch.no_grad():
-            self.methods.at_task_boundary()
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-
-    def units_replaced(self) -> list[int]:
-        """Units replaced so far by CBP or ReDo, per seed (a host read)."""
-        if self.cbp is not None:
-            return [self.cbp.num_replaced] * len(self.seeds)
-        if self.redo is not None:
-            return self.redo.replaced.tolist()
-        return [0] * len(self.seeds)
-
-    def momentum_buffer(self, p: Tensor) -> Tensor | None:
-        return self.opt.state.get(p, {}).get("momentum_buffer")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "net": copy.deepcopy(self.net.state_dict()),
-            "opt": copy.deepcopy(self.opt.state_dict()),
-            "cbp": None if self.cbp is None else self.cbp.state_dict(),
-            "redo": None if self.redo is None else self.redo.state_dict(),
-            "noise": [g.get_state() for g in self.noise],
-            "methods": self.methods.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.opt.load_state_dict(state["opt"])
-        if self.cbp is not None:
-            self.cbp.load_state_dict(state["cbp"])
-        if self.redo is not None:
-            self.redo.load_state_dict(state["redo"])
-        for g, s in zip(self.noise, state["noise"], strict=True):
-            g.set_state(s)
-        if "methods" in state:  # absent from checkpoints older than the methods' hooks
-            self.methods.load_state_dict(state["methods"])
-
-
-def plasticity_methods(
-    net: StackedSequential,
-    optimizer: torch.optim.Optimizer,
-    method: ResolvedMethod,
-    init: str,
-    seeds: list[int],
-) -> list[PlasticityMethod]:
-    """The :mod:`ppo_cbp.plasticity` methods of ``method`` on the stacked network, in the order
-    their hooks run: regularisers, per-step transforms, task-boundary methods."""
-    weights = [net.layer(i) for i in range(len(net))]
-    layers = [(w, b) for _, _, w, b in weights if w is not None]
-    network = Network(
-        [
-            Layer(w, b, init, "relu", head=i == len(layers) - 1, name=f"layer{i}")
-            for i, (w, b) in enumerate(layers)
-        ],
-        list(net.parameters()),
-        optimizer,
-        seed_dims=1,
-        seeds=seeds,
-    )
-    out = step_methods(network, method)
-    if method.uses("snp_init"):
-        out.append(ShrinkPerturb(network, method.shrink, every="task_boundary"))
-    return out
-
-
-@torch.no_grad()
-def reset_head_(learner: StackedLearner) -> None:
-    """Zero the output layer's weight and bias, and their SGD momentum, in every seed."""
-    for p in learner.net.head():
-        if p is None:
-            continue
-        p.zero_()
-        buf = learner.momentum_buffer(p)
-        if buf is not None:
-            buf.zero_()
-
-
-@torch.no_grad()
-def count_correct_per_seed(net: StackedSequential, x: Tensor, y: Tensor, batch: int) -> Tensor:
-    """Correct predictions per seed (``[S]``, on the device) of ``net`` on ``x``
-    (``[N, S, ...]``) with labels ``y`` (``[N]``, the same for every seed), in chunks."""
-    correct = torch.zeros(net.num_seeds, dtype=torch.int64, device=x.device)
-    for i in range(0, x.shape[0], batch):
-        logits, _ = net(x[i : i + batch])
-        correct += (logits.argmax(-1) == y[i : i + batch]).sum(1)
-    return correct
 
 
 @torch.no_grad()
@@ -524,8 +261,9 @@ def run_continual_imagenet(
 ) -> dict[str, Any]:
     """Run (or resume) Continual ImageNet; returns the summary written to ``summary.json``.
 
-    All seeds train together as one stacked network (:class:`StackedLearner`), each on its own
-    class pairs and data order. ``stop_after``: return after this many tasks of this call (for
+    All seeds train together as one stacked network
+    (:class:`~ppo_cbp.benchmarks.conv_learner.StackedLearner`), each on its own class pairs and
+    data order. ``stop_after``: return after this many tasks of this call (for
     interrupting in tests).
     """
     seeds = check_seeds(cfg.seeds)

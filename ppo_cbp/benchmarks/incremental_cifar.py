@@ -52,7 +52,7 @@ Metrics per increment and seed (one CSV row), after restoring the best weights:
 
 All seeds of a run train together as one stacked network
 (:class:`~ppo_cbp.nets.stacked_resnet.StackedResNet18` in a
-:class:`~ppo_cbp.benchmarks.continual_imagenet.StackedLearner`): each seed keeps its own class
+:class:`~ppo_cbp.benchmarks.conv_learner.StackedLearner`): each seed keeps its own class
 order, data order, head rows, augmentation draws (:func:`~ppo_cbp.datasets.augment.augment_seeds`),
 best-validation epoch and CBP/Shrink & Perturb randomness, and follows the trajectory it follows
 alone. One seed is the case S = 1.
@@ -81,10 +81,7 @@ from ppo_cbp.benchmarks.common import (
     resolve_device,
     resolve_dtype,
 )
-from ppo_cbp.benchmarks.continual_imagenet import (
-    StackedLearner,
-    resolve_module_method,
-)
+from ppo_cbp.benchmarks.conv_learner import StackedLearner, resolve_module_method
 from ppo_cbp.datasets.augment import augment_seeds, normalize
 from ppo_cbp.datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, load_cifar100, per_class_split
 from ppo_cbp.errors import UsageError
@@ -108,8 +105,6 @@ from ppo_cbp.seeding import (
     task_rng,
 )
 
-CIFAR_METHODS = ("base", "head_reset", "retrained", "snp", "cbp")
-
 DEFAULTS: dict[str, dict[str, Any]] = {
     "base": dict(lr=0.1, weight_decay=5e-4),
     "head_reset": dict(lr=0.1, weight_decay=5e-4),
@@ -117,7 +112,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "snp": dict(lr=0.1, weight_decay=5e-4, noise_std=1e-5),
     "cbp": dict(lr=0.1, weight_decay=5e-4, replacement_rate=1e-5, maturity_threshold=1000),
 }
-_ALIASES = {"base": "bp", "head_reset": "bp", "retrained": "bp"}
+ALIASES = {"base": "bp", "head_reset": "bp", "retrained": "bp"}
+"""The methods that are plain backpropagation under another name (they differ in what happens
+to the head, or the whole network, at a new increment)."""
 
 
 @method_flags(DEFAULTS)
@@ -360,7 +357,7 @@ def run_incremental_cifar(
     ``stop_after``: return after this many increments of this call (for interrupting in tests).
     """
     seeds = check_seeds(cfg.seeds)
-    method = resolve_module_method(cfg.method, DEFAULTS, _ALIASES)
+    method = resolve_module_method(cfg.method, DEFAULTS, ALIASES)
     _validate(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
