@@ -510,6 +510,40 @@ def raw_steps(tb: Path, tag: str) -> list[int]:
 
 
 @pytest.mark.slow
+def test_a_run_that_recorded_the_empty_extra_field_resumes(tmp_path):
+    """Runs started before ResolvedMethod lost its unused ``extra`` field recorded it (always
+    ``{}``) in the checkpoint's configuration; they resume, and nothing else of the
+    configuration is let through."""
+    common = ["slowly-changing-regression", "--examples", "60", "--bin-size", "20"]
+    common += ["--seeds", "0", "--method", "cbp", "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, KILL_AFTER_ROWS="2", PYTHONPATH=str(ROOT))
+    part = tmp_path / "part"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, str(SCRIPT), *common, "--out", str(part)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    path = part / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    config = json.loads(state["config"])
+
+    def resume_with(resolved_method):
+        torch.save(
+            {**state, "config": json.dumps({**config, "resolved_method": resolved_method})}, path
+        )
+        resume = [sys.executable, str(SCRIPT), *common, "--out", str(part), "--resume"]
+        return subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True)
+
+    refused = resume_with({**config["resolved_method"], "extra": {"x": 1}})
+    assert refused.returncode == 2 and "resolved_method" in refused.stderr
+    resumed = resume_with({**config["resolved_method"], "extra": {}})
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(read_rows(part, 0)) == 3
+
+
+@pytest.mark.slow
 def test_resume_after_kill_9_logs_every_row_once(tmp_path):
     common = ["slowly-changing-regression", "--examples", "200", "--bin-size", "20"]
     common += ["--seeds", "0", "1", "--method", "cbp", "--replacement-rate", "0.05"]

@@ -629,6 +629,9 @@ class RunOutputs:
                 f"with python scripts/supervised.py {other} --out {self.out} --resume and the "
                 f"flags it was started with, or {start_over}"
             )
+        method = saved.get("resolved_method")
+        if isinstance(method, dict) and method.get("extra") == {}:
+            del method["extra"]  # an unused field, always empty, that runs before 0.1.0 recorded
         ignored = {"resume", "progress", "out", "device"}
         run_folder.check_settings(
             path,
