@@ -509,6 +509,18 @@ def raw_steps(tb: Path, tag: str) -> list[int]:
     return steps
 
 
+def kill_after_rows(flags: list[str], out, env: dict) -> None:
+    """Run supervised.py with ``flags`` into ``out``, stopped as kill -9 would after row
+    ``env["KILL_AFTER_ROWS"]``."""
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, str(SCRIPT), *flags, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL
+
+
 @pytest.mark.slow
 def test_a_run_that_recorded_the_empty_extra_field_resumes(tmp_path):
     """Runs started before ResolvedMethod lost its unused ``extra`` field recorded it (always
@@ -518,13 +530,7 @@ def test_a_run_that_recorded_the_empty_extra_field_resumes(tmp_path):
     common += ["--seeds", "0", "--method", "cbp", "--device", "cpu", "--no-progress"]
     env = dict(os.environ, KILL_AFTER_ROWS="2", PYTHONPATH=str(ROOT))
     part = tmp_path / "part"
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLER, str(SCRIPT), *common, "--out", str(part)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-    )
-    assert killed.returncode == -signal.SIGKILL
+    kill_after_rows(common, part, env)
     path = part / "checkpoint.pt"
     state = torch.load(path, weights_only=False)
     config = json.loads(state["config"])
@@ -554,13 +560,7 @@ def test_resume_after_kill_9_logs_every_row_once(tmp_path):
     subprocess.run(
         [sys.executable, str(SCRIPT), *common, "--out", str(clean)], check=True, cwd=ROOT, env=env
     )
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLER, str(SCRIPT), *common, "--out", str(part)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-    )
-    assert killed.returncode == -signal.SIGKILL
+    kill_after_rows(common, part, env)
     # killed after row 3, one row past the checkpoint of rows 1-2
     assert len(read_rows(part, 0)) == 3
     assert len(torch.load(part / "checkpoint.pt", weights_only=True)["rows"][0]) == 2
