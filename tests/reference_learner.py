@@ -1,5 +1,5 @@
 """The plain, one-network learner the stacked learners are tested against: an ``nn.Module``
-with torch SGD, hooked CBP/ReDo and :func:`~ppo_cbp.plasticity.shrink_perturb.perturb_`, each seed's
+with torch SGD, hooked CBP/ReDo and Shrink & Perturb's noise (:func:`add_noise_`), each seed's
 randomness from the generators its run alone would use."""
 
 from __future__ import annotations
@@ -14,8 +14,35 @@ from torch import Tensor, nn
 from ppo_cbp.benchmarks.common import ResolvedMethod
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.redo import ReDo
-from ppo_cbp.plasticity.shrink_perturb import perturb_
 from ppo_cbp.seeding import TAG_CBP, TAG_NOISE, TAG_REDO, derive_seed
+
+
+@torch.no_grad()
+def add_noise_(net: nn.Module, std: float, generator: torch.Generator) -> None:
+    """Shrink & Perturb's noise in its documented layout (one seed): one draw of
+    ``N(0, 1)`` for all entries, laid out over the weight layers as ``[W | b]`` (``[out,
+    fan_in + 1]``, row-major) of each Linear or Conv2d of an ``nn.Sequential`` in order, then
+    over every other parameter in ``parameters()`` order (a ResNet's: all of them)."""
+    layers = []
+    if isinstance(net, nn.Sequential):
+        layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    in_layers = {id(t) for m in layers for t in (m.weight, m.bias) if t is not None}
+    others = [p for p in net.parameters() if id(p) not in in_layers]
+    sizes = [m.weight.numel() + (0 if m.bias is None else m.bias.numel()) for m in layers]
+    total = sum(sizes) + sum(p.numel() for p in others)
+    first = next(net.parameters())
+    xi = torch.randn(total, generator=generator, device=first.device, dtype=first.dtype)
+    offset = 0
+    for m, n in zip(layers, sizes):
+        rows = m.weight.shape[0]
+        block = xi[offset : offset + n].view(rows, -1)
+        m.weight.add_(block[:, : m.weight[0].numel()].reshape(m.weight.shape), alpha=std)
+        if m.bias is not None:
+            m.bias.add_(block[:, -1], alpha=std)
+        offset += n
+    for p in others:
+        p.add_(xi[offset : offset + p.numel()].view(p.shape), alpha=std)
+        offset += p.numel()
 
 
 class ModuleLearner:
@@ -88,7 +115,7 @@ class ModuleLearner:
         loss.backward()
         self.opt.step()
         if self.noise is not None:
-            perturb_(self._params, self.method.noise_std, self.noise)
+            add_noise_(self.net, self.method.noise_std, self.noise)
         if self.cbp is not None:
             self.cbp.step()
         elif self.redo is not None:

@@ -130,14 +130,14 @@ AUTOGRAD_METHODS = [
     ("adam+injection", {"injection_layers": 1}),
     ("l2_init", {"l2_init": 0.1}),
     ("parseval", {}),
-    ("soft_snp", {"soft_shrink": 0.99}),
-    ("weight_clipping", {"clip_kappa": 0.8}),
+    ("soft_snp", {"soft_shrink_perturb": 0.99}),
+    ("weight_clipping", {"weight_clipping": 0.8}),
     ("snp_init", {}),
-    ("head_reset", {"reset_layers": 2}),
+    ("head_reset", {"head_reset": 2}),
     ("adam+adam_reset", {}),
     ("cbp+l2_init+weight_clipping", {"replacement_rate": 0.05, "maturity_threshold": 3}),
     ("adam+redo+parseval+adam_reset", {"redo_period": 4}),
-    ("l2+soft_snp+snp_init+head_reset", {"soft_shrink": 0.9}),
+    ("l2+soft_snp+snp_init+head_reset", {"soft_shrink_perturb": 0.9}),
     ("layer_norm", {}),
     ("nap", {}),
     ("crelu", {}),
@@ -210,7 +210,8 @@ def test_scr_with_combined_methods_resumes_exactly(tmp_path, spec):
 
     from ppo_cbp.benchmarks.scr import run_scr
 
-    m = MethodConfig(method=spec, replacement_rate=0.05, maturity_threshold=5)
+    cbp = dict(replacement_rate=0.05, maturity_threshold=5) if "cbp" in spec else {}
+    m = MethodConfig(method=spec, **cbp)
     kw = dict(method=m, seeds=[1, 2], change_every=100)
     full = scr_config(tmp_path, "full", **kw)
     summary = run_scr(full)

@@ -89,7 +89,8 @@ def test_task_start_metrics_are_measured_before_training_on_the_task(tmp_path):
 def test_permuted_mnist_resume_equals_uninterrupted(tmp_path, method):
     kw = dict(tasks=3, seeds=[0, 3])
     full = pm_config(tmp_path, "full", **kw)
-    full.method = MethodConfig(method=method, replacement_rate=1e-2, maturity_threshold=20)
+    cbp = dict(replacement_rate=1e-2, maturity_threshold=20) if method == "cbp" else {}
+    full.method = MethodConfig(method=method, **cbp)
     run_permuted_mnist(full)
     part = pm_config(tmp_path, "part", **kw)
     part.method = full.method
@@ -122,7 +123,12 @@ def scr_config(tmp_path, name, **kw):
 
 @pytest.mark.parametrize("method", ["snp", "redo", "adam"])
 def test_scr_resume_equals_uninterrupted(tmp_path, method):
-    m = MethodConfig(method=method, redo_period=7, redo_threshold=0.5, noise_std=1e-3)
+    settings = {
+        "snp": dict(noise_std=1e-3),
+        "redo": dict(redo_period=7, redo_threshold=0.5),
+        "adam": {},
+    }
+    m = MethodConfig(method=method, **settings[method])
     full = scr_config(tmp_path, "full", method=m, seeds=[1, 2])
     run_scr(full)
     part = scr_config(tmp_path, "part", method=m, seeds=[1, 2])
@@ -137,7 +143,8 @@ def test_scr_resume_equals_uninterrupted(tmp_path, method):
     "activation,method", [("tanh", "cbp"), ("swish", "cbp"), ("tanh", "l2"), ("linear", "l2")]
 )
 def test_scr_stacked_seeds_equal_seeds_alone(tmp_path, activation, method):
-    m = MethodConfig(method=method, replacement_rate=0.01, maturity_threshold=10)
+    cbp = dict(replacement_rate=0.01, maturity_threshold=10) if method == "cbp" else {}
+    m = MethodConfig(method=method, **cbp)
     stacked = scr_config(tmp_path, "stack", seeds=[5, 6, 7], method=m, activation=activation)
     run_scr(stacked)
     rows = read_rows(stacked.out, 6)

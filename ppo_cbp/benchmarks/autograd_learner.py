@@ -24,22 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod, step_methods
+from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
 from ppo_cbp.nets.crelu import CReLU
 from ppo_cbp.nets.stacked_mlp import LEAKY_RELU_SLOPE
 from ppo_cbp.nets.stacked_sequential import StackedSequential
-from ppo_cbp.plasticity.cbp import ContinualBackprop
-from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
-from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
-from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
-from ppo_cbp.plasticity.redo import ReDo
-from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
-from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
-from ppo_cbp.plasticity.trac import TRAC
+from ppo_cbp.plasticity import suite
+from ppo_cbp.plasticity.hooks import Layer, Network
+from ppo_cbp.plasticity.injection import InjectableNetwork
 from ppo_cbp.plasticity.upgd import UPGD
-from ppo_cbp.seeding import TAG_CBP, TAG_INIT, TAG_REDO, derive_seed
+from ppo_cbp.seeding import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
 
 __all__ = ["AutogradLearner", "make_learner", "uses_fused_trainer"]
 
@@ -55,7 +50,8 @@ _ACTIVATIONS = {
 
 
 def uses_fused_trainer(method: ResolvedMethod) -> bool:
-    """Whether every method of ``method`` is one the fused trainer computes by hand."""
+    """Whether every method of ``method`` is one the fused trainer computes by hand
+    (:data:`~ppo_cbp.plasticity.suite.FUSED`)."""
     return set(method.methods) <= set(FUSED_METHODS)
 
 
@@ -92,26 +88,20 @@ def build_mlp(
     return nn.Sequential(*modules)
 
 
-class _RingReDo(PlasticityMethod):
-    """ReDo scored on the activations of the last ``period`` examples (a ring buffer), as the
-    fused learner runs it: a single example is no estimate of E|h|."""
-
-    def __init__(self, redo: ReDo, rings: list[Tensor]):
-        self.redo, self.rings = redo, rings
-
-    def after_step(self, hidden: Sequence[Tensor]) -> None:
-        slot = self.redo.steps % self.redo.period
-        for ring, h in zip(self.rings, hidden):
-            ring[:, slot] = h[:, -1]
-        self.redo.step(self.rings)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"redo": self.redo.state_dict(), "rings": [r.clone() for r in self.rings]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.redo.load_state_dict(state["redo"])
-        for dst, src in zip(self.rings, state["rings"], strict=True):
-            dst.copy_(src)
+# The order of the methods' states in checkpoints written before the method suite.
+_LEGACY_ORDER = (
+    "l2_init",
+    "parseval",
+    "soft_snp",
+    "weight_clipping",
+    "nap",
+    "cbp",
+    "redo",
+    "snp_init",
+    "head_reset",
+    "adam_reset",
+    "injection",
+)
 
 
 class AutogradLearner:
@@ -173,9 +163,7 @@ class AutogradLearner:
         if method.uses("injection"):
             self.module = InjectableNetwork(stacked, head_layers=method.injection_layers)
         self.params = list(self.module.parameters())
-        self.opt = self._optimizer()
-        # the methods reset the state of the optimizer that holds it (TRAC's base)
-        state_owner = self.opt.base if isinstance(self.opt, TRAC) else self.opt
+        self.opt, state_owner = suite.with_trac(method.methods, self._base_optimizer(), seed_dims=1)
         nonlinearity = "linear" if activation == "linear" else activation
         layers = [
             Layer(
@@ -190,68 +178,44 @@ class AutogradLearner:
         ]
         self.network = Network(layers, self.params, state_owner, seed_dims=1, seeds=self.seeds)
         self.net = _NetView(self.module, self.network)
-        self.cbp: ContinualBackprop | None = None
-        self.redo: ReDo | None = None
-        net = self.network
-        # hooks run in this order: regularisers, per-step transforms, unit resets, then the
-        # task-boundary methods (a replaced unit keeps its fresh draw until the next step)
-        methods: list[PlasticityMethod] = step_methods(net, method)
-        if method.uses("nap"):
-            methods.append(NormalizeAndProject(net, stacked.layer_norms()))
-        units = stacked.unit_layers(init) if len(sizes) >= 3 else []
+        for name, limit in (
+            ("head_reset", method.head_reset),
+            ("injection", method.injection_layers),
+        ):
+            if method.uses(name) and limit > len(layers):
+                flag = "--" + ("injection_layers" if name == "injection" else name).replace(
+                    "_", "-"
+                )
+                raise UsageError(
+                    f"{flag} {limit}: the network has only {len(layers)} weight layers"
+                )
+        if method.uses("adam_reset") and method.optimizer != "adam":
+            raise UsageError(f"--method {method.method}: adam_reset needs adam")
+        units = stacked.unit_layers(init) if len(sizes) >= 3 else None
         if (method.uses("cbp") or method.uses("redo")) and not units:
             raise UsageError(f"method {method.method} needs at least one hidden layer")
-        if method.uses("cbp"):
-            self.cbp = ContinualBackprop(
-                units,
-                self.opt,
-                replacement_rate=method.replacement_rate,
-                maturity_threshold=method.maturity_threshold,
-                decay_rate=method.decay_rate,
-                utility=method.utility,
-                init=init,
-                seed=[derive_seed(s, TAG_CBP) for s in seeds],
-            )
-            methods.append(self.cbp)
-        if method.uses("redo"):
-            self.redo = ReDo(
-                units,
-                self.opt,
-                threshold=method.redo_threshold,
-                period=method.redo_period,
-                init=init,
-                seed=[derive_seed(s, TAG_REDO) for s in seeds],
-            )
-            rings = [
-                torch.zeros(len(seeds), method.redo_period, u.units, device=device, dtype=dtype)
-                for u in units
-            ]
-            methods.append(_RingReDo(self.redo, rings))
-        if method.uses("snp_init"):
-            methods.append(ShrinkPerturb(net, method.shrink, every="task_boundary"))
-        if method.uses("head_reset"):
-            if method.reset_layers > len(layers):
-                raise UsageError(
-                    f"--reset-layers {method.reset_layers}: the network has only "
-                    f"{len(layers)} weight layers"
-                )
-            methods.append(LayerReset(net, method.reset_layers))
-        if method.uses("adam_reset"):
-            if method.optimizer != "adam":
-                raise UsageError(f"--method {method.method}: adam_reset needs adam")
-            methods.append(AdamStateReset(net))
-        if method.uses("injection"):
-            if method.injection_layers > len(layers):
-                raise UsageError(
-                    f"--injection-layers {method.injection_layers}: the network has only "
-                    f"{len(layers)} weight layers"
-                )
-            methods.append(PlasticityInjection(self.module, self.network, at_task_boundaries=True))
-        self.methods = Methods(methods)
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        base = self._base_optimizer()
-        return TRAC(base, seed_dims=1) if self.method.uses("trac") else base
+        stream = "cbp" if method.uses("cbp") else "redo"
+        target = suite.Target(
+            "",
+            self.network,
+            module=self.module,
+            units=units,
+            unit_seeds=[derive_seed(s, TAG_CBP if stream == "cbp" else TAG_REDO) for s in seeds],
+            norms=stacked.layer_norms(),
+        )
+        noise = [
+            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_NOISE)) for s in seeds
+        ]
+        self.methods = suite.build(
+            method.methods,
+            method.settings(),
+            [target],
+            init=init,
+            noise_generators=noise,
+            redo_window=True,
+        )
+        self.cbp = self.methods.resetters.get("") if method.uses("cbp") else None
+        self.redo = self.methods.resetters.get("") if method.uses("redo") else None
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         m = self.method
@@ -319,7 +283,14 @@ class AutogradLearner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.opt.load_state_dict(state["optimizer"])
-        self.methods.load_state_dict(state["methods"])
+        methods = state["methods"]["methods"]
+        if methods and "name" not in methods[0]:  # a checkpoint from before the method suite
+            names = [n for n in _LEGACY_ORDER if self.method.uses(n)]
+            self.methods.load_entries(
+                [(n, "", s) for n, s in zip(names, methods, strict=True)], strict=False
+            )
+        else:
+            self.methods.load_state_dict(state["methods"])
 
 
 def _weight_layers(module: StackedSequential) -> list[tuple[Tensor, Tensor | None]]:

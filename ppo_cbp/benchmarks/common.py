@@ -34,41 +34,23 @@ from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
+from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
-from ppo_cbp.plasticity.hooks import Network, PlasticityMethod
-from ppo_cbp.plasticity.l2_init import L2Init
-from ppo_cbp.plasticity.parseval import ParsevalRegularization
-from ppo_cbp.plasticity.redo import ReDo
-from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
-from ppo_cbp.plasticity.weight_clipping import WeightClipping
+from ppo_cbp.plasticity.redo import ReDo, WindowedReDo
 from ppo_cbp.seeding import TAG_CBP, TAG_REDO, derive_seed
 
-FUSED_METHODS = ("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm")
+METHODS = tuple(name for name, m in suite.METHODS.items() if m.flag != "--c-chain")
+"""Every method name of ``--method`` (the suite's, less PPO's C-CHAIN); a combination joins
+names with ``+``."""
+FUSED_METHODS = tuple(name for name in METHODS if name in suite.FUSED)
 """The methods :class:`~ppo_cbp.nets.stacked_mlp.StackedTrainer` runs by hand (its fast path)."""
-METHODS = (
-    *FUSED_METHODS,
-    "l2_init",
-    "snp_init",
-    "soft_snp",
-    "parseval",
-    "weight_clipping",
-    "head_reset",
-    "adam_reset",
-    "layer_norm",
-    "nap",
-    "crelu",
-    "injection",
-    "upgd",
-    "trac",
-)
-"""Every method name of ``--method``; a combination joins names with ``+``."""
 PLASTICITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "l2_init": dict(l2_init=1e-2),
-    "snp_init": dict(shrink=0.5),
-    "soft_snp": dict(soft_shrink=0.999999),
+    "snp_init": dict(shrink_perturb_init=0.5),
+    "soft_snp": dict(soft_shrink_perturb=0.999999),
     "parseval": dict(parseval=1e-3),
-    "weight_clipping": dict(clip_kappa=1.0),
-    "head_reset": dict(reset_layers=1),
+    "weight_clipping": dict(weight_clipping=1.0),
+    "head_reset": dict(head_reset=1),
     "adam_reset": {},
     "layer_norm": {},
     "nap": {},
@@ -81,18 +63,7 @@ PLASTICITY_DEFAULTS: dict[str, dict[str, Any]] = {
 """The MLP benchmarks' defaults of the :mod:`ppo_cbp.plasticity` operators: their sources'."""
 OPTIMIZERS = ("adam", "upgd")
 """Methods that are the optimizer (at most one); the others run on SGD or on it."""
-CONTRADICTIONS = [
-    ({"cbp", "redo"}, "both choose which units to reinitialise"),
-    ({"adam", "upgd"}, "both are the optimizer"),
-    ({"trac", "upgd"}, "TRAC scales a base optimizer's updates; UPGD is not one it takes"),
-    ({"layer_norm", "nap"}, "nap already puts a LayerNorm after every hidden layer"),
-    ({"online_norm", "layer_norm"}, "two normalisations of the same pre-activations"),
-    ({"online_norm", "nap"}, "two normalisations of the same pre-activations"),
-    ({"cbp", "injection"}, "the injected head's frozen units are not CBP's to replace"),
-    ({"redo", "injection"}, "the injected head's frozen units are not ReDo's to replace"),
-    ({"head_reset", "injection"}, "both renew the head at task boundaries"),
-    ({"trac", "injection"}, "TRAC's reference point has no entry for an injected branch"),
-]
+CONTRADICTIONS = suite.CONTRADICTIONS
 
 
 def parse_methods(spec: str, available: Sequence[str]) -> tuple[str, ...]:
@@ -112,10 +83,10 @@ def parse_methods(spec: str, available: Sequence[str]) -> tuple[str, ...]:
         raise UsageError(f"--method {spec} names a method twice")
     if "bp" in names and len(names) > 1:
         raise UsageError(f"--method {spec}: bp is plain backprop alone; leave it out")
-    for pair, why in CONTRADICTIONS:
-        if pair <= set(names):
-            a, b = sorted(pair)
-            raise UsageError(f"--method {spec}: {a} and {b} contradict each other ({why})")
+    try:
+        suite.check_combination(names)
+    except UsageError as e:
+        raise UsageError(f"--method {spec}: {e}") from None
     return names
 
 
@@ -172,16 +143,16 @@ class MethodConfig:
     """Online normalization's backward decay alpha_b (the two gradient control processes), in (0, 1); default 0.99, the authors' recommended value."""
     l2_init: float | None = None
     """L2-Init's coefficient lambda of (lambda/2) ||theta - theta_0||^2."""
-    shrink: float | None = None
-    """snp_init's alpha in theta <- alpha theta + (1 - alpha) theta_fresh, at every task boundary."""
-    soft_shrink: float | None = None
-    """soft_snp's alpha in theta <- alpha theta + (1 - alpha) theta_fresh, after every update."""
+    shrink_perturb_init: Annotated[float | None, tyro.conf.arg(aliases=("--shrink",))] = None
+    """snp_init's alpha in theta <- alpha theta + (1 - alpha) theta_fresh, at every task boundary (formerly --shrink)."""
+    soft_shrink_perturb: Annotated[float | None, tyro.conf.arg(aliases=("--soft-shrink",))] = None
+    """soft_snp's alpha in theta <- alpha theta + (1 - alpha) theta_fresh, after every update (formerly --soft-shrink)."""
     parseval: float | None = None
     """Parseval regularisation's coefficient lambda of lambda ||W W^T - s I||_F^2."""
-    clip_kappa: float | None = None
-    """Weight clipping's kappa: weights stay within kappa times their layer's initial bound."""
-    reset_layers: int | None = None
-    """head_reset: how many of the last weight layers are reinitialised at a task boundary."""
+    weight_clipping: Annotated[float | None, tyro.conf.arg(aliases=("--clip-kappa",))] = None
+    """Weight clipping's kappa: weights stay within kappa times their layer's initial bound (formerly --clip-kappa)."""
+    head_reset: Annotated[int | None, tyro.conf.arg(aliases=("--reset-layers",))] = None
+    """head_reset: how many of the last weight layers are reinitialised at a task boundary (formerly --reset-layers)."""
     injection_layers: int | None = None
     """Plasticity injection: how many of the last weight layers form the injected head."""
     upgd_sigma: float | None = None
@@ -190,30 +161,8 @@ class MethodConfig:
     """UPGD's utility trace decay."""
 
 
-# The core method that uses a method flag; the flags of methods a benchmark lacks are hidden.
-USED_BY = {
-    "noise_std": "snp",
-    "replacement_rate": "cbp",
-    "maturity_threshold": "cbp",
-    "decay_rate": "cbp",
-    "utility": "cbp",
-    "redo_threshold": "redo",
-    "redo_period": "redo",
-    "dropout": "dropout",
-    "adam_betas": "adam",
-    "adam_eps": "adam",
-    "alpha_f": "online_norm",
-    "alpha_b": "online_norm",
-    "l2_init": "l2_init",
-    "shrink": "snp_init",
-    "soft_shrink": "soft_snp",
-    "parseval": "parseval",
-    "clip_kappa": "weight_clipping",
-    "reset_layers": "head_reset",
-    "injection_layers": "injection",
-    "upgd_sigma": "upgd",
-    "upgd_beta_utility": "upgd",
-}
+# The method that uses a method flag; the flags of methods a benchmark lacks are hidden.
+USED_BY = suite.SETTINGS
 # What :func:`resolve_method` takes for a flag that neither the user nor ``defaults`` sets.
 FALLBACK = {"weight_decay": 0.0}
 
@@ -285,11 +234,11 @@ class ResolvedMethod:
     alpha_f: float = 0.999
     alpha_b: float = 0.99
     l2_init: float = 0.0
-    shrink: float = 1.0
-    soft_shrink: float = 1.0
+    shrink_perturb_init: float = 1.0
+    soft_shrink_perturb: float = 1.0
     parseval: float = 0.0
-    clip_kappa: float = 0.0
-    reset_layers: int = 1
+    weight_clipping: float = 0.0
+    head_reset: int = 1
     injection_layers: int = 2
     upgd_sigma: float = 0.0
     upgd_beta_utility: float = 0.999
@@ -302,6 +251,10 @@ class ResolvedMethod:
     def uses(self, name: str) -> bool:
         return name in self.methods
 
+    def settings(self) -> dict[str, Any]:
+        """The methods' settings by their :data:`~ppo_cbp.plasticity.suite.SETTINGS` names."""
+        return {name: getattr(self, name) for name in suite.SETTINGS if hasattr(self, name)}
+
 
 def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> ResolvedMethod:
     """Fill ``cfg``'s unset values from the defaults of its methods and check every value.
@@ -311,6 +264,13 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
     states one, else of ``bp``.
     """
     names = parse_methods(cfg.method, list(defaults))
+    plain = type(cfg)()
+    given = [
+        f.name
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) is not None and getattr(cfg, f.name) != getattr(plain, f.name)
+    ]
+    suite.check_settings(names, given, spell=lambda m: f"--method {m}")
     d: dict[str, Any] = {}
     for name in names:
         d.update(defaults[name])
@@ -345,11 +305,11 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         alpha_f=float(pick("alpha_f", 0.999)),
         alpha_b=float(pick("alpha_b", 0.99)),
         l2_init=float(used("l2_init", 0.0)),
-        shrink=float(used("shrink", 1.0)),
-        soft_shrink=float(used("soft_shrink", 1.0)),
+        shrink_perturb_init=float(used("shrink_perturb_init", 1.0)),
+        soft_shrink_perturb=float(used("soft_shrink_perturb", 1.0)),
         parseval=float(used("parseval", 0.0)),
-        clip_kappa=float(used("clip_kappa", 0.0)),
-        reset_layers=int(used("reset_layers", 1)),
+        weight_clipping=float(used("weight_clipping", 0.0)),
+        head_reset=int(used("head_reset", 1)),
         injection_layers=int(used("injection_layers", 2)),
         upgd_sigma=float(used("upgd_sigma", 0.0)),
         upgd_beta_utility=float(used("upgd_beta_utility", 0.999)),
@@ -367,11 +327,11 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         ("alpha_f", 0 < r.alpha_f < 1),
         ("alpha_b", 0 < r.alpha_b < 1),
         ("l2_init", r.l2_init >= 0),
-        ("shrink", 0 <= r.shrink <= 1),
-        ("soft_shrink", 0 <= r.soft_shrink <= 1),
+        ("shrink_perturb_init", 0 <= r.shrink_perturb_init <= 1),
+        ("soft_shrink_perturb", 0 <= r.soft_shrink_perturb <= 1),
         ("parseval", r.parseval >= 0),
-        ("clip_kappa", r.clip_kappa > 0 or not r.uses("weight_clipping")),
-        ("reset_layers", r.reset_layers >= 1),
+        ("weight_clipping", r.weight_clipping > 0 or not r.uses("weight_clipping")),
+        ("head_reset", r.head_reset >= 1),
         ("injection_layers", r.injection_layers >= 1),
         ("upgd_sigma", r.upgd_sigma >= 0),
         ("upgd_beta_utility", 0 <= r.upgd_beta_utility < 1),
@@ -382,21 +342,6 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
     if r.utility not in UTILITIES:
         raise UsageError(f"unknown utility {r.utility!r}; expected one of {', '.join(UTILITIES)}")
     return r
-
-
-def step_methods(net: Network, method: ResolvedMethod) -> list[PlasticityMethod]:
-    """The per-step :mod:`ppo_cbp.plasticity` methods of ``method`` on ``net``, in the order
-    their hooks run: the regularisers (after backward), then the transforms (after the step)."""
-    out: list[PlasticityMethod] = []
-    if method.uses("l2_init"):
-        out.append(L2Init(net, method.l2_init))
-    if method.uses("parseval"):
-        out.append(ParsevalRegularization(net, method.parseval))
-    if method.uses("soft_snp"):
-        out.append(ShrinkPerturb(net, method.soft_shrink, every="step"))
-    if method.uses("weight_clipping"):
-        out.append(WeightClipping(net, method.clip_kappa))
-    return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -462,8 +407,7 @@ class Learner:
             dropout=method.dropout,
         )
         self.cbp: ContinualBackprop | None = None
-        self.redo: ReDo | None = None
-        self._ring: list[Tensor] = []
+        self.redo: WindowedReDo | None = None
         if method.uses("cbp"):
             self.cbp = ContinualBackprop(
                 self.trainer.unit_layers(),
@@ -475,27 +419,22 @@ class Learner:
                 seed=[derive_seed(s, TAG_CBP) for s in seeds],
             )
         elif method.uses("redo"):
-            self.redo = ReDo(
-                self.trainer.unit_layers(),
-                self.trainer.state_tensors,
-                threshold=method.redo_threshold,
-                period=method.redo_period,
-                seed=[derive_seed(s, TAG_REDO) for s in seeds],
+            self.redo = WindowedReDo(
+                ReDo(
+                    self.trainer.unit_layers(),
+                    self.trainer.state_tensors,
+                    threshold=method.redo_threshold,
+                    period=method.redo_period,
+                    seed=[derive_seed(s, TAG_REDO) for s in seeds],
+                )
             )
-            self._ring = [
-                torch.zeros(len(seeds), method.redo_period, n, device=device, dtype=dtype)
-                for n in sizes[1:-1]
-            ]
 
     def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> None:
         hidden = self.trainer.step(x_aug, target, out=out)
         if self.cbp is not None:
             self.cbp.step(hidden, self.trainer.magnitudes)
         elif self.redo is not None:
-            slot = self.redo.steps % self.redo.period
-            for ring, h in zip(self._ring, hidden):
-                ring[:, slot] = h[:, -1]
-            self.redo.step(self._ring)
+            self.redo.after_step(hidden)
 
     def new_segment(self) -> None:
         """Called at the start of every task or bin (:meth:`StackedTrainer.new_segment`)."""
@@ -509,16 +448,17 @@ class Learner:
         if self.cbp is not None:
             return torch.full((len(self.seeds),), self.cbp.num_replaced, dtype=torch.int64)
         if self.redo is not None:
-            return self.redo.replaced.cpu()
+            return self.redo.redo.replaced.cpu()
         return torch.zeros(len(self.seeds), dtype=torch.int64)
 
     def state_dict(self) -> dict[str, Any]:
+        redo = None if self.redo is None else self.redo.state_dict()
         return {
             "net": self.net.state_dict(),
             "trainer": self.trainer.state_dict(),
             "cbp": None if self.cbp is None else self.cbp.state_dict(),
-            "redo": None if self.redo is None else self.redo.state_dict(),
-            "ring": [r.clone() for r in self._ring],
+            "redo": None if redo is None else redo["redo"],
+            "ring": [] if redo is None else redo["rings"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -527,9 +467,7 @@ class Learner:
         if self.cbp is not None:
             self.cbp.load_state_dict(state["cbp"])
         if self.redo is not None:
-            self.redo.load_state_dict(state["redo"])
-        for dst, src in zip(self._ring, state["ring"]):
-            dst.copy_(src)
+            self.redo.load_state_dict({"redo": state["redo"], "rings": state["ring"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,6 +570,9 @@ class RunOutputs:
         method = saved.get("resolved_method")
         if isinstance(method, dict) and method.get("extra") == {}:
             del method["extra"]  # an unused field, always empty, that runs before 0.1.0 recorded
+        for key in ("method", "resolved_method"):  # settings renamed since
+            if isinstance(saved.get(key), dict):
+                saved[key] = {suite.RENAMED.get(k, k): v for k, v in saved[key].items()}
         ignored = {"resume", "progress", "out", "device"}
         run_folder.check_settings(
             path,

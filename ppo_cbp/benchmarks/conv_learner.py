@@ -16,16 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppo_cbp.benchmarks.common import MethodConfig, ResolvedMethod, resolve_method, step_methods
+from ppo_cbp.benchmarks.common import MethodConfig, ResolvedMethod, resolve_method
 from ppo_cbp.errors import UsageError
 from ppo_cbp.nets.resnet import ResNet18
 from ppo_cbp.nets.stacked_resnet import StackedResNet18
 from ppo_cbp.nets.stacked_sequential import StackedSequential
-from ppo_cbp.plasticity.cbp import ContinualBackprop
-from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
-from ppo_cbp.plasticity.redo import ReDo
-from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb
-from ppo_cbp.plasticity.trac import TRAC
+from ppo_cbp.plasticity import suite
+from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_NOISE, TAG_REDO, derive_seed
 
@@ -143,42 +140,26 @@ class StackedLearner:
             self.opt = torch.optim.SGD(
                 self._params, lr=method.lr, momentum=momentum, weight_decay=method.weight_decay
             )
-        state_owner = self.opt
-        if method.uses("trac"):
-            self.opt = TRAC(self.opt, seed_dims=1)
-        hooked = [n for n in PLASTICITY_METHODS if n not in ("upgd", "trac") and method.uses(n)]
-        self.methods = Methods(
-            plasticity_methods(self.net, state_owner, method, init, seeds) if hooked else []
+        self.opt, state_owner = suite.with_trac(method.methods, self.opt, seed_dims=1)
+        stream = TAG_CBP if method.uses("cbp") else TAG_REDO
+        units = self.net.unit_layers(init) if method.uses("cbp") or method.uses("redo") else None
+        target = suite.Target(
+            "",
+            network_of(self.net, state_owner, init, seeds),
+            units=units,
+            unit_seeds=[derive_seed(s, stream) for s in seeds],
         )
-        self.cbp: ContinualBackprop | None = None
-        self.redo: ReDo | None = None
-        if method.uses("cbp"):
-            self.cbp = ContinualBackprop(
-                self.net.unit_layers(init),
-                state_owner,
-                replacement_rate=method.replacement_rate,
-                maturity_threshold=method.maturity_threshold,
-                decay_rate=method.decay_rate,
-                utility=method.utility,
-                init=init,
-                seed=[derive_seed(s, TAG_CBP) for s in seeds],
-            )
-        elif method.uses("redo"):
-            self.redo = ReDo(
-                self.net.unit_layers(init),
-                state_owner,
-                threshold=method.redo_threshold,
-                period=method.redo_period,
-                init=init,
-                seed=[derive_seed(s, TAG_REDO) for s in seeds],
-            )
-        self.noise: list[torch.Generator] = []
-        self._noise: list[Tensor] = []
-        if method.noise_std > 0:
-            self.noise = [
+        self.methods = suite.build(
+            [n for n in method.methods if n in suite.ORDER],
+            method.settings(),
+            [target],
+            init=init,
+            noise_generators=[
                 torch.Generator(device=device).manual_seed(derive_seed(s, TAG_NOISE)) for s in seeds
-            ]
-            self._noise = [torch.empty_like(p) for p in self._params]
+            ],
+        )
+        self.cbp = self.methods.resetters.get("") if method.uses("cbp") else None
+        self.redo = self.methods.resetters.get("") if method.uses("redo") else None
 
     def step(self, x: Tensor, y: Tensor, num_logits: int | None = None) -> Tensor:
         """One SGD step of every seed on its minibatch.
@@ -201,16 +182,6 @@ class StackedLearner:
         self.opt.step()
         with torch.no_grad():
             self.methods.after_step(hidden)
-            if self.noise:
-                # seed by seed, in each network's own parameter order: its draws alone
-                for s, g in enumerate(self.noise):
-                    for buf in self._noise:
-                        buf[s].normal_(generator=g)
-                torch._foreach_add_(self._params, self._noise, alpha=self.method.noise_std)
-            if self.cbp is not None:
-                self.cbp.step(hidden)
-            elif self.redo is not None:
-                self.redo.step(hidden)
             return (logits.argmax(-1) == y).sum(1)
 
     def task_boundary(self) -> None:
@@ -254,50 +225,54 @@ class StackedLearner:
         return {
             "net": copy.deepcopy(self.net.state_dict()),
             "opt": copy.deepcopy(self.opt.state_dict()),
-            "cbp": None if self.cbp is None else self.cbp.state_dict(),
-            "redo": None if self.redo is None else self.redo.state_dict(),
-            "noise": [g.get_state() for g in self.noise],
             "methods": self.methods.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state :meth:`state_dict` returned.
 
-        :param state: the learner's state (checkpoints older than the plasticity methods'
-            hooks lack ``methods``).
+        :param state: the learner's state (also as written before the method suite: CBP's,
+            ReDo's and the noise's states under their own keys).
         """
         self.net.load_state_dict(state["net"])
         self.opt.load_state_dict(state["opt"])
-        if self.cbp is not None:
-            self.cbp.load_state_dict(state["cbp"])
-        if self.redo is not None:
-            self.redo.load_state_dict(state["redo"])
-        for g, s in zip(self.noise, state["noise"], strict=True):
-            g.set_state(s)
-        if "methods" in state:  # absent from checkpoints older than the methods' hooks
+        methods = state.get("methods", {"methods": []})["methods"]
+        if "cbp" not in state:
             self.methods.load_state_dict(state["methods"])
+            return
+        # a checkpoint from before the method suite
+        legacy = [n for n in _LEGACY_ORDER if self.method.uses(n)]
+        entries = [(n, "", s) for n, s in zip(legacy, methods, strict=False)]
+        for name in ("cbp", "redo"):
+            if state[name] is not None:
+                entries.append((name, "", state[name]))
+        if state["noise"]:
+            entries.append(("snp", "", {"generators": state["noise"]}))
+        self.methods.load_entries(entries, strict=False)
 
 
-def plasticity_methods(
-    net: StackedSequential,
+# The order of the methods' states in checkpoints written before the method suite.
+_LEGACY_ORDER = ("l2_init", "parseval", "soft_snp", "weight_clipping", "snp_init")
+
+
+def network_of(
+    net: StackedSequential | StackedResNet18,
     optimizer: torch.optim.Optimizer,
-    method: ResolvedMethod,
     init: str,
     seeds: list[int],
-) -> list[PlasticityMethod]:
-    """The :mod:`ppo_cbp.plasticity` methods of ``method`` on the stacked network.
+) -> Network:
+    """What the plasticity methods see of the stacked network: its weight layers (the last one
+    the head, each drawn from ``init`` with ReLU's gain) and every parameter.
 
-    :param net: the stacked network; its last weight layer is the head.
+    :param net: the stacked network (a ResNet-18's layers are not listed: the methods that
+        read layers do not run on it).
     :param optimizer: the optimizer whose state the methods reset.
-    :param method: the resolved method.
     :param init: the initialisation of the units that the methods redraw.
     :param seeds: the seeds, one per network of the stack.
-    :return: the methods in the order their hooks run: regularisers, per-step transforms,
-        task-boundary methods.
     """
-    weights = [net.layer(i) for i in range(len(net))]
+    weights = [net.layer(i) for i in range(len(net))] if hasattr(net, "layer") else []
     layers = [(w, b) for _, _, w, b in weights if w is not None]
-    network = Network(
+    return Network(
         [
             Layer(w, b, init, "relu", head=i == len(layers) - 1, name=f"layer{i}")
             for i, (w, b) in enumerate(layers)
@@ -307,10 +282,6 @@ def plasticity_methods(
         seed_dims=1,
         seeds=seeds,
     )
-    out = step_methods(network, method)
-    if method.uses("snp_init"):
-        out.append(ShrinkPerturb(network, method.shrink, every="task_boundary"))
-    return out
 
 
 @torch.no_grad()

@@ -126,3 +126,45 @@ class ReDo(PlasticityMethod):
         self.replaced.copy_(state["replaced"])
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s)
+
+
+class WindowedReDo(PlasticityMethod):
+    """ReDo scored on the activations of its last ``period`` steps (a ring buffer of each
+    step's last example) instead of the period's last batch: in online learning (one example
+    per step) a single example is no estimate of ``E|h|``. The MLP benchmarks run ReDo so.
+
+    :param redo: the ReDo to run; its ``period`` is the window's length.
+    """
+
+    name = "redo"
+
+    def __init__(self, redo: ReDo):
+        self.redo = redo
+        self.rings = [
+            torch.zeros(
+                layer.num_seeds,
+                redo.period,
+                layer.units,
+                device=layer.weight.device,
+                dtype=layer.weight.dtype,
+            )
+            for layer in redo.layers
+        ]
+
+    @property
+    def num_replaced(self) -> int:
+        return self.redo.num_replaced
+
+    def after_step(self, hidden: Sequence[Tensor]) -> None:
+        slot = self.redo.steps % self.redo.period
+        for ring, h in zip(self.rings, hidden):
+            ring[:, slot] = h[:, -1]
+        self.redo.step(self.rings)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"redo": self.redo.state_dict(), "rings": [r.clone() for r in self.rings]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.redo.load_state_dict(state["redo"])
+        for dst, src in zip(self.rings, state["rings"], strict=True):
+            dst.copy_(src)
