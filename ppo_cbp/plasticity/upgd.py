@@ -18,7 +18,75 @@ from ppo_cbp.seeding import TAG_UPGD, derive_seed
 __all__ = ["UPGD"]
 
 
-class UPGD(torch.optim.Optimizer):
+class _SeededPerturbation(torch.optim.Optimizer):
+    """The UPGD optimizers' shared parts: stacked seeds (``seed_dims``), one noise generator per
+    seed (stream :data:`~ppo_cbp.seeding.TAG_UPGD`), the per-seed maximum of the utility traces
+    and a ``state_dict`` that carries the generators' states."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        seed_dims: int,
+        seeds: Sequence[int],
+    ):
+        if seed_dims not in (0, 1):
+            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
+        seeds = [int(s) for s in seeds]
+        if not seeds or (seed_dims == 0 and len(seeds) != 1):
+            raise ValueError(f"one seed per stacked network (one when seed_dims=0), got {seeds}")
+        super().__init__(params, defaults)
+        self.seed_dims = seed_dims
+        device = self.param_groups[0]["params"][0].device
+        self.generators = [
+            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_UPGD)) for s in seeds
+        ]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if seed_dims and p.shape[0] != len(seeds):
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)}: not {len(seeds)} seeds"
+                    )
+
+    def _per_seed_max(self, u: Tensor) -> Tensor:
+        """``max u`` of one parameter: ``[S]`` when stacked, else 0-dim."""
+        if not self.seed_dims:
+            return u.max()
+        return u.reshape(u.shape[0], -1).amax(1)
+
+    def _broadcast(self, top: Tensor, p: Tensor) -> Tensor:
+        """The global maximum (``[S]`` or 0-dim) shaped to divide ``p``'s trace; a maximum of
+        exactly 0 (no utility anywhere) becomes 1 instead of giving 0/0."""
+        if self.seed_dims:
+            top = top.reshape(-1, *([1] * (p.dim() - 1)))
+        return torch.where(top == 0, torch.ones_like(top), top)
+
+    def _noise(self, params: list[Tensor]) -> list[Tensor]:
+        """Standard normal draws shaped like ``params``: seed by seed, parameter by parameter."""
+        noise = [torch.empty_like(p) for p in params]
+        for s, g in enumerate(self.generators):
+            for n in noise:
+                (n[s] if self.seed_dims else n).normal_(generator=g)
+        return noise
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["generators"] = [g.get_state() for g in self.generators]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("generators")
+        if len(generators) != len(self.generators):
+            raise ValueError(
+                f"the state has {len(generators)} generators, expected {len(self.generators)}"
+            )
+        super().load_state_dict(state_dict)
+        for g, s in zip(self.generators, generators):
+            g.set_state(s)
+
+
+class UPGD(_SeededPerturbation):
     """First-order global UPGD with weight decay (the authors' ``FirstOrderGlobalUPGD``).
 
     For every weight ``theta`` with gradient ``g``, at step ``t``:
@@ -70,30 +138,8 @@ class UPGD(torch.optim.Optimizer):
             raise ValueError(f"beta_utility must be in [0, 1), got {beta_utility}")
         if not sigma >= 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
-        if seed_dims not in (0, 1):
-            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
-        seeds = [int(s) for s in seeds]
-        if not seeds or (seed_dims == 0 and len(seeds) != 1):
-            raise ValueError(f"one seed per stacked network (one when seed_dims=0), got {seeds}")
         defaults = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
-        super().__init__(params, defaults)
-        self.seed_dims = seed_dims
-        device = self.param_groups[0]["params"][0].device
-        self.generators = [
-            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_UPGD)) for s in seeds
-        ]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if seed_dims and p.shape[0] != len(seeds):
-                    raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)}: not {len(seeds)} seeds"
-                    )
-
-    def _per_seed_max(self, u: Tensor) -> Tensor:
-        """``max u`` of one parameter, ``[S, 1, ...]`` (broadcastable) or 0-dim."""
-        if not self.seed_dims:
-            return u.max()
-        return u.reshape(u.shape[0], -1).amax(1).reshape(-1, *([1] * (u.dim() - 1)))
+        super().__init__(params, defaults, seed_dims, seeds)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -114,43 +160,18 @@ class UPGD(torch.optim.Optimizer):
                 u = state["avg_utility"]
                 u.mul_(beta).add_(p.grad * p, alpha=-(1.0 - beta))
                 m = self._per_seed_max(u)
-                if self.seed_dims:
-                    m = m.reshape(-1)
                 global_max = m if global_max is None else torch.maximum(global_max, m)
         if global_max is None:
             return
-        noise = [torch.empty_like(p) for p in params]
-        for s, g in enumerate(self.generators):  # seed by seed, parameter by parameter
-            for n in noise:
-                (n[s] if self.seed_dims else n).normal_(generator=g)
+        noise = self._noise(params)
         i = 0
         for group in self.param_groups:
             lr, wd, sigma = group["lr"], group["weight_decay"], group["sigma"]
             for p in group["params"]:
                 state = self.state[p]
                 correction = 1.0 - group["beta_utility"] ** state["step"]
-                top = global_max
-                if self.seed_dims:
-                    top = global_max.reshape(-1, *([1] * (p.dim() - 1)))
-                # a zero maximum (no gradient anywhere) would give 0/0: scale by 1 instead
-                top = torch.where(top == 0, torch.ones_like(top), top)
+                top = self._broadcast(global_max, p)
                 scaled = torch.sigmoid(state["avg_utility"] / correction / top)
                 step = noise[i].mul_(sigma).add_(p.grad).mul_(1.0 - scaled)
                 p.mul_(1.0 - lr * wd).add_(step, alpha=-lr)
                 i += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generators"] = [g.get_state() for g in self.generators]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        generators = state_dict.pop("generators")
-        if len(generators) != len(self.generators):
-            raise ValueError(
-                f"the state has {len(generators)} generators, expected {len(self.generators)}"
-            )
-        super().load_state_dict(state_dict)
-        for g, s in zip(self.generators, generators):
-            g.set_state(s)
