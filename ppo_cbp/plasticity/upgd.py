@@ -113,8 +113,11 @@ class UPGD(_SeededPerturbation):
 
     :param params: parameters or groups (every parameter needs a gradient at each step).
     :param lr: step size (the code's default 1e-5; the benchmarks set their own).
-    :param weight_decay: ``wd`` (default 0, the constructor's in ``first_order.py``; the
-        repository README's stand-alone UPGD uses 1e-3, as the benchmarks do).
+    :param weight_decay: ``wd`` (default 0, the constructor's in ``first_order.py``, and the
+        MLP benchmarks' default; the repository README's stand-alone UPGD has 1e-3, and a step
+        of ``2 * lr``; the authors' chosen ``FirstOrderGlobalUPGD`` settings,
+        ``experiments/statistics_*.py``, use 0 on the label-permuted tasks and 0.01 on
+        input-permuted MNIST).
     :param beta_utility: ``beta_u`` in [0, 1) (default 0, the constructor's: the instantaneous
         utility; the README's 0.999, the benchmarks' default).
     :param sigma: the perturbation's standard deviation (default 1, the constructor's; the
