@@ -21,13 +21,14 @@ from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
 from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb, perturb_
 from ppo_cbp.plasticity.trac import TRAC
-from ppo_cbp.plasticity.upgd import UPGD
+from ppo_cbp.plasticity.upgd import UPGD, AdaptiveUPGD
 from ppo_cbp.plasticity.weight_clipping import WeightClipping
 
 __all__ = [
     "TRAC",
     "UPGD",
     "AdamStateReset",
+    "AdaptiveUPGD",
     "CReLU",
     "ChurnReduction",
     "ContinualBackprop",

@@ -1,8 +1,12 @@
 """UPGD: utility-based perturbed gradient descent (Elsayed and Mahmood, "Addressing Loss of
 Plasticity and Catastrophic Forgetting in Continual Learning", ICLR 2024; code:
-github.com/mohmdelsayed/upgd, ``core/optim/weight_upgd/first_order.py``,
-``FirstOrderGlobalUPGD``: the first-order, globally scaled variant with weight decay,
-"UPGD-W").
+github.com/mohmdelsayed/upgd).
+
+- :class:`UPGD`: ``core/optim/weight_upgd/first_order.py``, ``FirstOrderGlobalUPGD``, the
+  first-order, globally scaled variant with weight decay ("UPGD-W"), the supervised benchmarks'
+  rule.
+- :class:`AdaptiveUPGD`: ``core/run/rl/adaupgd.py``, the Adam-style variant the authors ran
+  PPO with (``core/run/rl/ppo_continuous_action_upgd.py``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,78 @@ from torch import Tensor
 
 from ppo_cbp.seeding import TAG_UPGD, derive_seed
 
-__all__ = ["UPGD"]
+__all__ = ["UPGD", "AdaptiveUPGD"]
 
 
-class UPGD(torch.optim.Optimizer):
+class _SeededPerturbation(torch.optim.Optimizer):
+    """The UPGD optimizers' shared parts: stacked seeds (``seed_dims``), one noise generator per
+    seed (stream :data:`~ppo_cbp.seeding.TAG_UPGD`), the per-seed maximum of the utility traces
+    and a ``state_dict`` that carries the generators' states."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        seed_dims: int,
+        seeds: Sequence[int],
+    ):
+        if seed_dims not in (0, 1):
+            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
+        seeds = [int(s) for s in seeds]
+        if not seeds or (seed_dims == 0 and len(seeds) != 1):
+            raise ValueError(f"one seed per stacked network (one when seed_dims=0), got {seeds}")
+        super().__init__(params, defaults)
+        self.seed_dims = seed_dims
+        device = self.param_groups[0]["params"][0].device
+        self.generators = [
+            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_UPGD)) for s in seeds
+        ]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if seed_dims and p.shape[0] != len(seeds):
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)}: not {len(seeds)} seeds"
+                    )
+
+    def _per_seed_max(self, u: Tensor) -> Tensor:
+        """``max u`` of one parameter: ``[S]`` when stacked, else 0-dim."""
+        if not self.seed_dims:
+            return u.max()
+        return u.reshape(u.shape[0], -1).amax(1)
+
+    def _broadcast(self, top: Tensor, p: Tensor) -> Tensor:
+        """The global maximum (``[S]`` or 0-dim) shaped to divide ``p``'s trace; a maximum of
+        exactly 0 (no utility anywhere) becomes 1 instead of giving 0/0."""
+        if self.seed_dims:
+            top = top.reshape(-1, *([1] * (p.dim() - 1)))
+        return torch.where(top == 0, torch.ones_like(top), top)
+
+    def _noise(self, params: list[Tensor]) -> list[Tensor]:
+        """Standard normal draws shaped like ``params``: seed by seed, parameter by parameter."""
+        noise = [torch.empty_like(p) for p in params]
+        for s, g in enumerate(self.generators):
+            for n in noise:
+                (n[s] if self.seed_dims else n).normal_(generator=g)
+        return noise
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["generators"] = [g.get_state() for g in self.generators]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("generators")
+        if len(generators) != len(self.generators):
+            raise ValueError(
+                f"the state has {len(generators)} generators, expected {len(self.generators)}"
+            )
+        super().load_state_dict(state_dict)
+        for g, s in zip(self.generators, generators):
+            g.set_state(s)
+
+
+class UPGD(_SeededPerturbation):
     """First-order global UPGD with weight decay (the authors' ``FirstOrderGlobalUPGD``).
 
     For every weight ``theta`` with gradient ``g``, at step ``t``:
@@ -41,8 +113,11 @@ class UPGD(torch.optim.Optimizer):
 
     :param params: parameters or groups (every parameter needs a gradient at each step).
     :param lr: step size (the code's default 1e-5; the benchmarks set their own).
-    :param weight_decay: ``wd`` (default 0, the constructor's in ``first_order.py``; the
-        repository README's stand-alone UPGD uses 1e-3, as the benchmarks do).
+    :param weight_decay: ``wd`` (default 0, the constructor's in ``first_order.py``, and the
+        MLP benchmarks' default; the repository README's stand-alone UPGD has 1e-3, and a step
+        of ``2 * lr``; the authors' chosen ``FirstOrderGlobalUPGD`` settings,
+        ``experiments/statistics_*.py``, use 0 on the label-permuted tasks and 0.01 on
+        input-permuted MNIST).
     :param beta_utility: ``beta_u`` in [0, 1) (default 0, the constructor's: the instantaneous
         utility; the README's 0.999, the benchmarks' default).
     :param sigma: the perturbation's standard deviation (default 1, the constructor's; the
@@ -70,30 +145,8 @@ class UPGD(torch.optim.Optimizer):
             raise ValueError(f"beta_utility must be in [0, 1), got {beta_utility}")
         if not sigma >= 0:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
-        if seed_dims not in (0, 1):
-            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
-        seeds = [int(s) for s in seeds]
-        if not seeds or (seed_dims == 0 and len(seeds) != 1):
-            raise ValueError(f"one seed per stacked network (one when seed_dims=0), got {seeds}")
         defaults = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
-        super().__init__(params, defaults)
-        self.seed_dims = seed_dims
-        device = self.param_groups[0]["params"][0].device
-        self.generators = [
-            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_UPGD)) for s in seeds
-        ]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if seed_dims and p.shape[0] != len(seeds):
-                    raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)}: not {len(seeds)} seeds"
-                    )
-
-    def _per_seed_max(self, u: Tensor) -> Tensor:
-        """``max u`` of one parameter, ``[S, 1, ...]`` (broadcastable) or 0-dim."""
-        if not self.seed_dims:
-            return u.max()
-        return u.reshape(u.shape[0], -1).amax(1).reshape(-1, *([1] * (u.dim() - 1)))
+        super().__init__(params, defaults, seed_dims, seeds)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -114,43 +167,150 @@ class UPGD(torch.optim.Optimizer):
                 u = state["avg_utility"]
                 u.mul_(beta).add_(p.grad * p, alpha=-(1.0 - beta))
                 m = self._per_seed_max(u)
-                if self.seed_dims:
-                    m = m.reshape(-1)
                 global_max = m if global_max is None else torch.maximum(global_max, m)
         if global_max is None:
             return
-        noise = [torch.empty_like(p) for p in params]
-        for s, g in enumerate(self.generators):  # seed by seed, parameter by parameter
-            for n in noise:
-                (n[s] if self.seed_dims else n).normal_(generator=g)
+        noise = self._noise(params)
         i = 0
         for group in self.param_groups:
             lr, wd, sigma = group["lr"], group["weight_decay"], group["sigma"]
             for p in group["params"]:
                 state = self.state[p]
                 correction = 1.0 - group["beta_utility"] ** state["step"]
-                top = global_max
-                if self.seed_dims:
-                    top = global_max.reshape(-1, *([1] * (p.dim() - 1)))
-                # a zero maximum (no gradient anywhere) would give 0/0: scale by 1 instead
-                top = torch.where(top == 0, torch.ones_like(top), top)
+                top = self._broadcast(global_max, p)
                 scaled = torch.sigmoid(state["avg_utility"] / correction / top)
                 step = noise[i].mul_(sigma).add_(p.grad).mul_(1.0 - scaled)
                 p.mul_(1.0 - lr * wd).add_(step, alpha=-lr)
                 i += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generators"] = [g.get_state() for g in self.generators]
-        return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        generators = state_dict.pop("generators")
-        if len(generators) != len(self.generators):
-            raise ValueError(
-                f"the state has {len(generators)} generators, expected {len(self.generators)}"
-            )
-        super().load_state_dict(state_dict)
-        for g, s in zip(self.generators, generators):
-            g.set_state(s)
+class AdaptiveUPGD(_SeededPerturbation):
+    """Adam-style UPGD, the authors' optimizer for PPO (``AdaptiveUPGD`` of
+    ``core/run/rl/adaupgd.py``, run by ``core/run/rl/ppo_continuous_action_upgd.py``); the
+    supervised benchmarks keep the first-order rule of :class:`UPGD`.
+
+    For every weight ``theta`` with gradient ``g``, at step ``t``:
+
+        u     <- beta_u * u + (1 - beta_u) * (-g * theta)            (utility trace, first order)
+        m     <- beta_1 * m + (1 - beta_1) * g
+        v     <- beta_2 * v + (1 - beta_2) * g^2
+        u_hat  = u / (1 - beta_u^t),  m_hat = m / (1 - beta_1^t),  v_hat = v / (1 - beta_2^t)
+        s      = sigmoid(u_hat / max u)                               (max over all weights)
+        theta <- (1 - lr * wd) * theta
+                 - 2 * lr * (m_hat * (1 - s) / (sqrt(v_hat) + eps) + sigma * xi * (1 - s)),
+                 xi ~ N(0, 1)
+
+    in the code's order of operations: ``m_hat * (1 - s)`` is divided by ``sqrt(v_hat) + eps``,
+    the noise ``xi * sigma`` is multiplied by ``1 - s`` (it is not divided by the second
+    moment), and the sum is added to the decayed weights with ``alpha = -2 * lr`` (the decay
+    uses ``lr``, the step twice ``lr``). ``max u`` is the largest (not bias-corrected) trace
+    entry over every parameter after this step's update of the traces. As in :class:`UPGD`,
+    ``max u`` never leaves the device (no host sync), and a maximum of exactly 0 divides by 1
+    instead of giving 0/0 (the code's NaN).
+
+    Stacked seeds (``seed_dims=1``): every parameter is ``[S, ...]``; ``max u`` is taken per
+    seed over dims 1.., and seed ``s``'s noise is drawn from its own generator (stream
+    :data:`~ppo_cbp.seeding.TAG_UPGD` of ``seeds[s]``), parameter by parameter in the order of
+    the groups, so a stack of S seeds follows each seed's run alone. The code draws one
+    ``randn_like`` per parameter in the same order from the global generator.
+
+    Every parameter needs a gradient at each step: the code reads ``p.grad`` of every parameter
+    (a missing one fails there); here a missing gradient raises ``ValueError`` before any state
+    or weight changes.
+
+    :param params: parameters or groups.
+    :param lr: step size (default 3e-4, ``learning_rate`` of
+        ``ppo_continuous_action_upgd.py``; ``adaupgd.py``'s constructor has 1e-5). The script
+        anneals it linearly to 0 (``anneal_lr``).
+    :param weight_decay: ``wd`` (default 1e-3, ``weight_decay`` of
+        ``ppo_continuous_action_upgd.py`` and ``adaupgd.py``'s constructor).
+    :param beta_utility: ``beta_u`` in [0, 1) (default 0.999, ``beta_utility`` of
+        ``ppo_continuous_action_upgd.py`` and ``adaupgd.py``'s constructor).
+    :param sigma: the perturbation's standard deviation (default 1e-3, ``sigma`` of
+        ``ppo_continuous_action_upgd.py`` and ``adaupgd.py``'s constructor).
+    :param betas: ``(beta_1, beta_2)`` in [0, 1) (default (0.9, 0.999), ``adaupgd.py``'s
+        constructor's ``beta1``, ``beta2``; ``ppo_continuous_action_upgd.py`` leaves them).
+    :param eps: ``eps`` (default 1e-5, passed by ``ppo_continuous_action_upgd.py``, as
+        CleanRL's PPO passes it to Adam; also ``adaupgd.py``'s constructor's).
+    :param seed_dims: 0, or 1 for stacked parameters.
+    :param seeds: one run seed per stacked network (one when ``seed_dims=0``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 3e-4,
+        weight_decay: float = 1e-3,
+        beta_utility: float = 0.999,
+        sigma: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-5,
+        *,
+        seed_dims: int = 0,
+        seeds: Sequence[int] = (0,),
+    ):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= beta_utility < 1.0:
+            raise ValueError(f"beta_utility must be in [0, 1), got {beta_utility}")
+        if not sigma >= 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            beta_utility=beta_utility,
+            sigma=sigma,
+            betas=tuple(betas),
+            eps=eps,
+        )
+        super().__init__(params, defaults, seed_dims, seeds)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("AdaptiveUPGD.step takes no closure")
+        params = [p for g in self.param_groups for p in g["params"]]
+        if any(p.grad is None for p in params):
+            raise ValueError("AdaptiveUPGD needs a gradient for every parameter")
+        global_max: Tensor | None = None
+        for group in self.param_groups:
+            beta = group["beta_utility"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["avg_utility"] = torch.zeros_like(p)
+                    state["first_moment"] = torch.zeros_like(p)
+                    state["sec_moment"] = torch.zeros_like(p)
+                state["step"] += 1
+                u = state["avg_utility"]
+                u.mul_(beta).add_(p.grad * p, alpha=-(1.0 - beta))
+                state["first_moment"].mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
+                state["sec_moment"].mul_(beta2).add_(p.grad.square(), alpha=1.0 - beta2)
+                m = self._per_seed_max(u)
+                global_max = m if global_max is None else torch.maximum(global_max, m)
+        if global_max is None:
+            return
+        noise = self._noise(params)
+        i = 0
+        for group in self.param_groups:
+            lr, wd, sigma, eps = group["lr"], group["weight_decay"], group["sigma"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                t = state["step"]
+                top = self._broadcast(global_max, p)
+                u_hat = state["avg_utility"] / (1.0 - group["beta_utility"] ** t)
+                keep = 1.0 - torch.sigmoid_(u_hat.div_(top))  # 1 - s
+                denom = (state["sec_moment"] / (1.0 - beta2**t)).sqrt_().add_(eps)
+                update = (state["first_moment"] / (1.0 - beta1**t)).mul_(keep).div_(denom)
+                update.add_(noise[i].mul_(sigma).mul_(keep))
+                p.mul_(1.0 - lr * wd).add_(update, alpha=-2.0 * lr)
+                i += 1
