@@ -24,7 +24,7 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -45,7 +45,7 @@ from ppo_cbp.cli import parse as cli_parse
 from ppo_cbp.cli import report_error
 from ppo_cbp.envs.vector import EnvFactory
 from ppo_cbp.errors import UsageError
-from ppo_cbp.init import Scheme, init_linear_
+from ppo_cbp.init import Scheme
 from ppo_cbp.metrics import (
     WeightChangeTracker,
     gradient_norm,
@@ -53,36 +53,17 @@ from ppo_cbp.metrics import (
     policy_churn,
     policy_kl,
 )
-from ppo_cbp.nets.crelu import crelu_mlp
-from ppo_cbp.plasticity.c_chain import ChurnReduction
-from ppo_cbp.plasticity.cbp import ContinualBackprop
-from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
-from ppo_cbp.plasticity.injection import InjectableNetwork, PlasticityInjection
-from ppo_cbp.plasticity.l2_init import L2Init
-from ppo_cbp.plasticity.normalize_project import (
-    NormalizeAndProject,
-    layer_norm_mlp,
-    layer_norms,
-)
-from ppo_cbp.plasticity.parseval import ParsevalRegularization
-from ppo_cbp.plasticity.redo import ReDo
-from ppo_cbp.plasticity.resets import AdamStateReset, LayerReset
-from ppo_cbp.plasticity.shrink_perturb import ShrinkPerturb, perturb_
-from ppo_cbp.plasticity.trac import TRAC
-from ppo_cbp.plasticity.upgd import UPGD
-from ppo_cbp.plasticity.weight_clipping import WeightClipping
 from ppo_cbp.ppo import run as ppo_run
 from ppo_cbp.ppo import settings as ppo_settings
+from ppo_cbp.ppo.agent import Agent, make_agent
 from ppo_cbp.ppo.numerics import (
     LOG_2PI,
     AdamStep,
     GaussianActing,
     hidden_taps,
-    is_plain_mlp,
     ppo_loss_and_grads,
     ppo_loss_autograd,
 )
-from ppo_cbp.seeding import TAG_INJECTION
 
 
 @dataclass
@@ -129,8 +110,8 @@ class Args:
     """Minibatches per epoch; must divide num_steps * num_envs."""
     update_epochs: int = 10
     """Passes over the rollout per update."""
-    learning_rate: float = 1e-4
-    """Adam step size."""
+    learning_rate: float | None = None
+    """Step size; default 1e-4 (the paper's Adam), 3e-4 with --upgd (the UPGD authors' PPO script, core/run/rl/ppo_continuous_action_upgd.py of mohmdelsayed/upgd)."""
     anneal_lr: bool = False
     """Decay the learning rate linearly to 0 over the run (CleanRL's option; off in the paper)."""
     gamma: float = 0.99
@@ -164,13 +145,13 @@ class Args:
     log_std_init: float = 0.0
     """Initial value of the state-independent log standard deviation of the policy."""
     adam_beta1: float | None = None
-    """Adam beta1; default 0.99 (the paper's tuned Adam), 0.9 with --standard-adam."""
+    """Adam beta1; default 0.99 (the paper's tuned Adam), 0.9 with --standard-adam or --upgd (the UPGD authors' AdaptiveUPGD default)."""
     adam_beta2: float | None = None
-    """Adam beta2; default 0.99 (the paper's tuned Adam), 0.999 with --standard-adam."""
-    adam_eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam beta2; default 0.99 (the paper's tuned Adam), 0.999 with --standard-adam or --upgd."""
+    adam_eps: float | None = None
+    """Adam epsilon; default 1e-8, 1e-5 with --upgd (the UPGD authors' PPO script)."""
     weight_decay: float | None = None
-    """Adam's coupled L2 weight decay. Default 0, or 1e-4 with --cbp/--redo/--shrink-perturb, 1e-3 with --l2."""
+    """Weight decay: Adam's coupled L2, or UPGD's decoupled (1 - lr wd) shrink. Default 0, or 1e-4 with --cbp/--redo/--shrink-perturb, 1e-3 with --l2 or --upgd (the UPGD authors' PPO script)."""
 
     # ---- methods
     cbp: bool = False
@@ -218,15 +199,17 @@ class Args:
     crelu: bool = False
     """CReLU (Abbas et al. 2023) as the hidden activation of both networks: concat(relu(x), relu(-x)), each next layer taking twice the width."""
     upgd: bool = False
-    """UPGD (Elsayed & Mahmood 2024) instead of Adam: first-order global UPGD-W with --learning-rate and --weight-decay."""
+    """UPGD (Elsayed & Mahmood 2024) instead of Adam: the authors' Adam-style AdaptiveUPGD for PPO (core/run/rl/adaupgd.py of mohmdelsayed/upgd), with their PPO script's lr 3e-4, eps 1e-5, betas (0.9, 0.999) and weight decay 1e-3 unless given. Their script also clips the gradient norm at 0.5 and anneals the step size to 0 (CleanRL's defaults, which their Adam baseline shares): add --max-grad-norm 0.5 --anneal-lr for that; off here, as for every other method."""
     upgd_sigma: float = 1e-3
-    """UPGD: standard deviation of the perturbation."""
+    """UPGD: standard deviation of the perturbation (the authors' PPO script's 1e-3)."""
     upgd_beta_utility: float = 0.999
-    """UPGD: decay of the utility trace, in [0, 1)."""
+    """UPGD: decay of the utility trace, in [0, 1) (the authors' PPO script's 0.999)."""
     trac: bool = False
     """TRAC (Muppidi et al. 2024) around the optimizer: its updates scaled by the parameter-free tuners (the authors' betas, s_prior 1e-8)."""
     injection: bool = False
-    """Plasticity injection (Nikishin et al. 2023) into both networks' heads (their last two Linear layers) at every friction change."""
+    """Plasticity injection (Nikishin et al. 2023) into both networks' heads (their last --injection-layers Linear layers) at every friction change."""
+    injection_layers: int = 2
+    """Plasticity injection: how many of the last Linear layers form the injected head (2: the paper's Atari head of two fully connected layers)."""
     c_chain: bool = False
     """C-CHAIN churn reduction (Tang et al. 2025) on the policy mean, with the authors' PPO defaults (target relative loss 0.05)."""
     standard_adam: bool = False
@@ -271,201 +254,6 @@ def make_env(args: Args, index: int) -> EnvFactory:
 
 
 # --- agent ----------------------------------------------------------------------------------------
-
-
-def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, init: str) -> nn.Sequential:
-    """``Linear, ReLU, ..., Linear`` with every layer from ``init`` and zero biases."""
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.ReLU()]
-        in_dim = width
-    layers.append(nn.Linear(in_dim, out_dim))
-    net = nn.Sequential(*layers)
-    for m in net:
-        if isinstance(m, nn.Linear):
-            init_linear_(m, init, "relu")
-    return net
-
-
-def network_of(
-    net: nn.Sequential, optimizer: torch.optim.Optimizer, init: str, seed: int
-) -> Network:
-    """What the plasticity methods see of an MLP of :func:`make_mlp` (every layer drawn from
-    ``init`` with ReLU's gain)."""
-    linears = [m for m in net if isinstance(m, nn.Linear)]
-    layers = [
-        Layer(m.weight, m.bias, init, "relu", head=i == len(linears) - 1, name=f"layer{i}")
-        for i, m in enumerate(linears)
-    ]
-    return Network(layers, list(net.parameters()), optimizer, seed_dims=0, seeds=[seed])
-
-
-@dataclass
-class Agent:
-    """The policy ``N(actor(s), exp(log_std)^2)``, the value ``critic(s)``, their Adam and the
-    unit-reset method (CBP or ReDo) of each network."""
-
-    actor: nn.Module
-    critic: nn.Module
-    log_std: nn.Parameter
-    optimizer: torch.optim.Optimizer
-    resetters: dict[str, ContinualBackprop | ReDo]
-    methods: dict[str, Methods]
-    """Each network's other plasticity methods, run through their hooks before its resetter."""
-    churn: ChurnReduction | None = None
-    """C-CHAIN's churn term on the policy mean (it adds to the loss: the autograd path)."""
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """The trained parameters (an injection's frozen ones left out)."""
-        every = [*self.actor.parameters(), self.log_std, *self.critic.parameters()]
-        return [p for p in every if p.requires_grad]
-
-    @property
-    def autograd(self) -> bool:
-        """Whether the update needs autograd: a network the closed-form gradient does not
-        cover, or a loss term it does not know."""
-        plain = is_plain_mlp(self.actor) and is_plain_mlp(self.critic)
-        return not plain or self.churn is not None
-
-    def sequential_networks(self) -> tuple[tuple[str, nn.Sequential], ...]:
-        """The named MLPs whose units the metrics read: each network as built, or the
-        Sequential inside an injected one."""
-        return tuple((name, getattr(net, "net", net)) for name, net in self.networks_as_built())
-
-    def networks_as_built(self) -> tuple[tuple[str, nn.Module], ...]:
-        """The policy-mean and value networks by name, as :func:`make_agent` built them."""
-        return (("policy", self.actor), ("value", self.critic))
-
-    @property
-    def units_replaced(self) -> dict[str, int]:
-        """Units CBP/ReDo replaced so far, per network; empty without either."""
-        return {name: int(r.num_replaced) for name, r in self.resetters.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The networks, log-std, optimizer, CBP/ReDo, other methods and C-CHAIN states, under
-        the checkpoint's keys (not copied: :func:`ppo_run.snapshot` clones them)."""
-        return {
-            "actor": self.actor.state_dict(),
-            "critic": self.critic.state_dict(),
-            "log_std": self.log_std.detach(),
-            "optimizer": self.optimizer.state_dict(),
-            "resetters": {k: r.state_dict() for k, r in self.resetters.items()},
-            "methods": {k: m.state_dict() for k, m in self.methods.items()},
-            "churn": None if self.churn is None else self.churn.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (a checkpoint's entries under its keys)."""
-        self.actor.load_state_dict(state["actor"])
-        self.critic.load_state_dict(state["critic"])
-        with torch.no_grad():
-            self.log_std.copy_(state["log_std"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name, r in self.resetters.items():
-            r.load_state_dict(state["resetters"][name])
-        for name, m in self.methods.items():
-            if "methods" in state:  # absent from checkpoints older than the methods' hooks
-                m.load_state_dict(state["methods"][name])
-        if self.churn is not None:
-            self.churn.load_state_dict(state["churn"])
-
-
-def make_agent(
-    args: Args, obs_dim: int, act_dim: int, device: torch.device, seeds: dict[str, int]
-) -> Agent:
-    """Both MLPs, the log-std, one Adam over all of them and CBP/ReDo on each MLP."""
-    build = make_mlp
-    layer_norm = args.layer_norm or args.nap
-    if args.crelu:
-        build = functools.partial(crelu_mlp, layer_norm=layer_norm)
-    elif layer_norm:
-        build = layer_norm_mlp
-    actor: nn.Module = build(obs_dim, args.hidden_sizes, act_dim, args.init).to(device)
-    critic: nn.Module = build(obs_dim, args.hidden_sizes, 1, args.init).to(device)
-    if args.injection:
-        actor, critic = InjectableNetwork(actor), InjectableNetwork(critic)
-    log_std = nn.Parameter(torch.full((act_dim,), args.log_std_init, device=device))
-    adam_kwargs = dict(
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_eps,
-        weight_decay=args.weight_decay,
-    )
-    params = [*actor.parameters(), log_std, *critic.parameters()]
-    optimizer: torch.optim.Optimizer
-    if args.upgd:
-        optimizer = UPGD(
-            params,
-            lr=args.learning_rate,
-            weight_decay=args.weight_decay,
-            beta_utility=args.upgd_beta_utility,
-            sigma=args.upgd_sigma,
-            seeds=[seeds["perturb"]],  # its own stream (derive_seed) of the perturbation seed
-        )
-    else:
-        try:  # the fused kernel: one call per step (CPU support since torch 2.4)
-            optimizer = torch.optim.Adam(params, **adam_kwargs, fused=True)
-        except (RuntimeError, ValueError):
-            optimizer = torch.optim.Adam(params, **adam_kwargs)
-    state_owner = optimizer  # TRAC's base holds the state that CBP, ReDo and the resets reset
-    if args.trac:
-        optimizer = TRAC(optimizer)
-    resetters: dict[str, ContinualBackprop | ReDo] = {}
-    for name, net in (("policy", actor), ("value", critic)):
-        seed = seeds[name]
-        shared = dict(init=args.init, reset_optimizer_state=args.reset_optimizer_state, seed=seed)
-        if args.cbp:
-            resetters[name] = ContinualBackprop(
-                net,
-                state_owner,
-                replacement_rate=args.replacement_rate,
-                maturity_threshold=args.maturity_threshold,
-                decay_rate=args.decay_rate,
-                utility=args.utility,
-                accumulate=not args.paper_exact,
-                **shared,
-            )
-        elif args.redo:
-            resetters[name] = ReDo(
-                net, state_owner, threshold=args.redo_threshold, period=args.redo_period, **shared
-            )
-    for r in resetters.values():
-        # The update passes each minibatch's activations explicitly: no hooks on the hot path.
-        r.remove_hooks()
-    methods: dict[str, Methods] = {}
-    churn = None
-    for k, (name, net) in enumerate((("policy", actor), ("value", critic))):
-        seed = seeds[name]
-        ops: list[PlasticityMethod] = []
-        if args.injection:
-            network = net.as_network(state_owner, init=args.init, seeds=[seed])
-        else:
-            network = network_of(net, state_owner, args.init, seed)
-        if args.l2_init:
-            ops.append(L2Init(network, args.l2_init))
-        if args.parseval:
-            ops.append(ParsevalRegularization(network, args.parseval))
-        if args.soft_shrink_perturb < 1:
-            ops.append(ShrinkPerturb(network, args.soft_shrink_perturb, every="step"))
-        if args.weight_clipping:
-            ops.append(WeightClipping(network, args.weight_clipping))
-        if args.nap:
-            ops.append(NormalizeAndProject(network, layer_norms(net)))
-        if args.shrink_perturb_init < 1:
-            ops.append(ShrinkPerturb(network, args.shrink_perturb_init, every="task_boundary"))
-        if args.head_reset:
-            ops.append(LayerReset(network, args.head_reset))
-        if args.adam_reset:
-            ops.append(AdamStateReset(network))
-        if args.injection:
-            ops.append(
-                PlasticityInjection(net, network, at_task_boundaries=True, tag=TAG_INJECTION + k)
-            )
-        methods[name] = Methods(ops)
-    if args.c_chain:
-        churn = ChurnReduction(actor, seeds=[seeds["policy"]])
-    return Agent(actor, critic, log_std, optimizer, resetters, methods, churn)
 
 
 # --- rollout --------------------------------------------------------------------------------------
@@ -685,9 +473,6 @@ def ppo_update(
         critic = [m for m in agent.critic if isinstance(m, nn.Linear)]
     taps = [hidden_taps(agent.actor), hidden_taps(agent.critic)] if autograd else [None, None]
     params = agent.params
-    net_params = [
-        p for p in (*agent.actor.parameters(), *agent.critic.parameters()) if p.requires_grad
-    ]
     # Per-minibatch losses and log-ratios stay on the device until the update ends.
     num_mb = args.update_epochs * args.num_minibatches
     losses = torch.zeros(num_mb, 2, device=device)
@@ -730,24 +515,14 @@ def ppo_update(
                         args.vf_coef,
                         args.ent_coef,
                     )
-                policy, value = agent.methods["policy"], agent.methods["value"]
-                policy.after_backward()
-                value.after_backward()
+                agent.methods.after_backward()
                 if k == num_mb - 1:  # the last minibatch's, before clipping
                     grad_norms = torch.stack([gradient_norm(p) for p in norm_groups])
                 if args.max_grad_norm is not None:
                     nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 adam_step()
                 t_cbp = time.perf_counter()
-                if args.shrink_perturb:
-                    perturb_(net_params, args.noise_std, generator=generators["perturb"])
-                policy.after_step(actor_hidden)
-                value.after_step(critic_hidden)
-                if agent.resetters:
-                    agent.resetters["policy"].step(actor_hidden)
-                    agent.resetters["value"].step(critic_hidden)
-                if churn is not None:  # theta_{t-1} of the next step: after every change
-                    churn.after_step()
+                agent.methods.after_step(actor_hidden, critic_hidden)
                 cbp_time += time.perf_counter() - t_cbp
                 losses[k, 0] = pg_loss
                 losses[k, 1] = v_loss
@@ -811,9 +586,9 @@ def plasticity_scalars(
     keys = list(metric_tensors)
     values = torch.stack([metric_tensors[k].to(torch.float64) for k in keys]).tolist()
     scalars = dict(zip(keys, values))
+    replaced = agent.units_replaced
     for name, _ in agent.sequential_networks():
-        r = agent.resetters.get(name)
-        scalars[f"plasticity/{name}/units_replaced"] = 0 if r is None else r.num_replaced
+        scalars[f"plasticity/{name}/units_replaced"] = replaced.get(name, 0)
     state.max_change = torch.zeros_like(state.max_change)
     return scalars
 
@@ -887,7 +662,7 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
         B = args.num_envs * args.num_steps
         num_updates = -(-args.steps // B)
 
-        agent = make_agent(args, obs_dim, act_dim, device, seeds)
+        agent = make_agent(args, obs_dim, act_dim, device, seeds, generators["perturb"])
         trackers = [WeightChangeTracker(net) for _, net in agent.sequential_networks()]
         state = ppo_run.start_state(args, obs_dim, device, envs, agent, generators, ckpt)
         writer = ppo_run.open_outputs(run_dir, args, state, resumed=ckpt is not None)
@@ -916,8 +691,7 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
                 if args.friction_every > 0:
                     segment = int(envs.call("segment")[0])
                     if segment > state.friction_segment:
-                        for m in agent.methods.values():
-                            m.at_task_boundary()
+                        agent.methods.at_task_boundary()
                         state.friction_segment = segment
 
                 # ALGO LOGIC: action logic; TRY NOT TO MODIFY: execute the game and log data.

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
+from ppo_cbp.ppo.agent import make_mlp
 from ppo_cbp.ppo.numerics import hidden_taps, ppo_loss_and_grads, ppo_loss_autograd
-from ppo_cbp.train import make_mlp
 
 DEVICES = [
     "cpu",

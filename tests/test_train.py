@@ -16,6 +16,7 @@ import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ppo_cbp.errors import UsageError
+from ppo_cbp.ppo.agent import method_state
 from ppo_cbp.ppo.settings import resolve_args
 from ppo_cbp.train import Args, NonFiniteLossError, main
 
@@ -251,7 +252,7 @@ def test_paper_exact_run_keeps_adam_state_and_draws_cbp_counts(tmp_path, paper_e
     assert config["paper_exact"] is paper_exact
     assert config["bootstrap_truncation"] is config["reset_optimizer_state"] is (not paper_exact)
     state = load(result.run_dir)
-    policy = state["resetters"]["policy"]
+    policy = method_state(state, "cbp", "policy")
     assert (policy["count_rng"] is not None) is paper_exact
     replaced = torch.nonzero(policy["birth"][0][0] == policy["steps"]).flatten()
     assert len(replaced) == 2
@@ -324,7 +325,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, num_envs):
     for tag in a:
         assert a[tag] == b[tag], tag
     assert len({v for _, v in a["env/friction"]}) >= 2  # the friction did change
-    assert load(run)["resetters"]["policy"]["num_replaced"] > 0
+    assert method_state(load(run), "cbp", "policy")["num_replaced"] > 0
 
 
 @pytest.mark.slow
@@ -361,7 +362,7 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
     with pytest.raises(UsageError) as e:
         main(Args(resume=str(run), seed=2, learning_rate=3e-4))
     assert "seed (checkpoint 1, now 2)" in str(e.value)
-    assert "learning_rate (checkpoint 0.0001, now 0.0003)" in str(e.value)
+    assert "learning_rate (checkpoint None, now 0.0003)" in str(e.value)
     # a flag the checkpoint agrees with is fine
     assert main(Args(resume=str(run), seed=1, steps=512)).global_step == 512
     with pytest.raises(UsageError, match="already holds a run"):
@@ -388,7 +389,7 @@ BAD_CLI = {
     "--gamma must be in [0, 1], got -0.1": ["--gamma", "-0.1"],
     "resume path {tmp}/nowhere does not exist": ["--resume", "{tmp}/nowhere"],
     "--device cuda requested but no CUDA GPU is available": ["--device", "cuda"],
-    "--cbp and --redo conflict": ["--cbp", "--redo"],
+    "--cbp and --redo contradict": ["--cbp", "--redo"],
 }
 
 

@@ -22,6 +22,7 @@ from test_train import small as train_small
 
 from ppo_cbp.benchmarks import scr
 from ppo_cbp.errors import UsageError
+from ppo_cbp.ppo.agent import method_state
 from ppo_cbp.ppo.settings import given_fields
 from ppo_cbp.train import Args, main
 
@@ -291,7 +292,7 @@ def test_start_line_and_closing_summary(tmp_path, progress):
     assert m["ret"] == (f"{mean:,.0f}" if abs(mean) >= 1000 else f"{mean:.4g}")
     # units replaced: the checkpoint's counts, and the last logged cumulative scalars
     state = torch.load(tmp_path / run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    counts = {k: state["resetters"][k]["num_replaced"] for k in ("policy", "value")}
+    counts = {k: method_state(state, "cbp", k)["num_replaced"] for k in ("policy", "value")}
     assert int(m["pol"].replace(",", "")) == counts["policy"] > 0
     assert int(m["val"].replace(",", "")) == counts["value"] > 0
     assert int(m["units"].replace(",", "")) == counts["policy"] + counts["value"]

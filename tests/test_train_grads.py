@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from ppo_cbp.ppo.agent import make_mlp
 from ppo_cbp.ppo.numerics import AdamStep, GaussianActing, ppo_loss_and_grads
 from ppo_cbp.ppo.numerics import act_forward as _act_forward
 from ppo_cbp.ppo.numerics import act_forward_np as _act_forward_np
 from ppo_cbp.ppo.numerics import linear_layers as _linear_layers
 from ppo_cbp.ppo.numerics import numpy_layers as _numpy_layers
-from ppo_cbp.train import make_mlp
 
 LOG_2PI = math.log(2.0 * math.pi)
 

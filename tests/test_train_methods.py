@@ -6,6 +6,7 @@ import torch
 from test_train import assert_same_state, deterministic, load, scalars, small
 
 from ppo_cbp.errors import UsageError
+from ppo_cbp.ppo.agent import method_state
 from ppo_cbp.ppo.numerics import AdamStep
 from ppo_cbp.train import Args, main
 
@@ -30,17 +31,16 @@ PPO_METHODS = {
 
 def _acted(name: str, state: dict) -> None:
     """What each method must have left in the checkpoint of a run with friction changes."""
-    methods = state["methods"]["policy"]["methods"]
     actor = state["actor"]
     if "injection" in name:
-        assert methods[0]["injections"] >= 1
+        assert method_state(state, "injection", "policy")["injections"] >= 1
         assert any(k.startswith("trainable.") for k in actor)
     if "c_chain" in name:
-        assert state["churn"]["updates"] >= 1
+        assert method_state(state, "c_chain", "policy")["updates"] >= 1
     if "l2_init" in name:  # theta_0 kept for resuming
-        assert len(methods[0]["initial"]) == 6
+        assert len(method_state(state, "l2_init", "policy")["initial"]) == 6
     if "cbp" in name:
-        assert state["resetters"]["policy"]["num_replaced"] > 0
+        assert method_state(state, "cbp", "policy")["num_replaced"] > 0
     if "layer_norm" in name or "nap" in name:
         assert any(k.endswith(".weight") and actor[k].dim() == 1 for k in actor)
     if "upgd" in name:  # the optimizer's utility traces and noise generator are checkpointed
@@ -77,10 +77,14 @@ def test_method_run_resumes_exactly(tmp_path, name):
         (dict(l2_init=-1.0), "--l2-init must be >= 0"),
         (dict(soft_shrink_perturb=1.5), "--soft-shrink-perturb must be in"),
         (dict(head_reset=4), "--head-reset must be in"),
-        (dict(injection=True, head_reset=1), "--injection and --head-reset conflict"),
-        (dict(layer_norm=True, nap=True), "--layer-norm and --nap conflict"),
-        (dict(upgd=True, standard_adam=True), "--upgd replaces Adam"),
-        (dict(trac=True, injection=True), "--trac and --injection conflict"),
+        (dict(injection=True, head_reset=1), "--head-reset and --injection contradict"),
+        (dict(layer_norm=True, nap=True), "--layer-norm and --nap contradict"),
+        (dict(upgd=True, standard_adam=True), "--upgd has its own betas"),
+        (dict(trac=True, injection=True), "--injection and --trac contradict"),
+        (dict(trac=True, upgd=True), "--trac and --upgd contradict"),
+        (dict(upgd_sigma=0.1), "--upgd-sigma only applies with --upgd"),
+        (dict(replacement_rate=0.1), "--replacement-rate only applies with --cbp"),
+        (dict(injection_layers=1), "--injection-layers only applies with --injection"),
         (dict(injection=True, crelu=True), "does not take"),
         (dict(adam_reset=True, friction_every=0), "no friction changes"),
     ],
@@ -93,7 +97,10 @@ def test_bad_method_settings_are_one_error(tmp_path, flags, message):
 
 def test_injection_refuses_unit_resets(tmp_path):
     for flag in ("cbp", "redo"):
-        with pytest.raises(UsageError, match=f"--injection and --{flag} conflict"):
+        with pytest.raises(
+            UsageError,
+            match=f"--{flag} and --injection contradict|--injection and --{flag} contradict",
+        ):
             main(small(tmp_path, injection=True, **{flag: True}))
     assert not any(tmp_path.iterdir())
 

@@ -64,7 +64,7 @@ def crelu_mlp(
 
     The layer after a hidden layer of ``n`` units takes ``2n`` inputs, as in the paper, whose
     networks keep their widths and grow the next layer. Every Linear is drawn from ``init`` with
-    the ReLU gain and a zero bias, as :func:`ppo_cbp.train.make_mlp` draws them: each of the
+    the ReLU gain and a zero bias, as :func:`ppo_cbp.ppo.agent.make_mlp` draws them: each of the
     consumer's ``2n`` inputs ``relu(+-z)`` has second moment ``Var(z) / 2``, as a ReLU output has,
     so the ReLU gain with fan-in ``2n`` keeps the pre-activation variance that it keeps in a ReLU
     network. ``layer_norm`` puts a LayerNorm (gain 1, offset 0) between each hidden Linear and its

@@ -32,7 +32,7 @@ def layer_norm_mlp(
     in_dim: int, hidden: Sequence[int], out_dim: int, init: str = "kaiming_uniform"
 ) -> nn.Sequential:
     """``Linear, LayerNorm, ReLU, ..., Linear``, every Linear drawn from ``init`` with the ReLU
-    gain and a zero bias (as :func:`ppo_cbp.train.make_mlp`), every LayerNorm with gain 1 and
+    gain and a zero bias (as :func:`ppo_cbp.ppo.agent.make_mlp`), every LayerNorm with gain 1 and
     offset 0 (PyTorch's, eps 1e-5)."""
     if in_dim < 1 or out_dim < 1 or any(w < 1 for w in hidden):
         raise ValueError(

@@ -36,7 +36,7 @@ class Settings(Protocol):
     # PPO
     num_steps: int
     num_minibatches: int
-    learning_rate: float
+    learning_rate: float | None
     anneal_lr: bool
     bootstrap_truncation: bool
     normalize_obs: bool

@@ -26,6 +26,8 @@ import torch
 
 from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
+from ppo_cbp.plasticity import suite
+from ppo_cbp.ppo import agent
 from ppo_cbp.ppo.protocols import Settings, SettingsT
 
 __all__ = [
@@ -47,8 +49,6 @@ CHECKPOINT_FORMAT = 1
 # (steps only without --anneal-lr, whose schedule depends on it.)
 _RESUME_FREE = {"steps", "checkpoint_every", "metrics_every", "device", "threads", "progress"}
 _RESUME_IGNORED = {"resume", "run_name", "runs_dir"}
-_CBP_FIELDS = ("replacement_rate", "maturity_threshold", "decay_rate", "utility")
-_REDO_FIELDS = ("redo_threshold", "redo_period")
 
 
 def _flag(name: str) -> str:
@@ -95,11 +95,15 @@ def resolve_args(args: SettingsT) -> SettingsT:
     for name in ("adam_beta1", "adam_beta2", "decay_rate"):
         if getattr(args, name) is not None and getattr(args, name) >= 1.0:
             raise UsageError(f"{_flag(name)} must be < 1, got {getattr(args, name)}")
-    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
+    if args.learning_rate is not None and not (
+        args.learning_rate > 0 and math.isfinite(args.learning_rate)
+    ):
         raise UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
-    nonneg = ["adam_eps", "ent_coef", "vf_coef", "redo_threshold"]
+    nonneg = ["ent_coef", "vf_coef", "redo_threshold"]
     nonneg += [
-        n for n in ("weight_decay", "noise_std", "max_grad_norm") if getattr(args, n) is not None
+        n
+        for n in ("adam_eps", "weight_decay", "noise_std", "max_grad_norm")
+        if getattr(args, n) is not None
     ]
     for name in nonneg:
         if not getattr(args, name) >= 0.0:
@@ -118,8 +122,14 @@ def resolve_args(args: SettingsT) -> SettingsT:
         )
 
     # conflicts
-    if args.cbp and args.redo:
-        raise UsageError("--cbp and --redo conflict: choose one unit-reset method")
+    names = agent.method_names(args)
+    suite.check_combination(names, agent.spell)
+    given = [
+        f.name
+        for f in dataclasses.fields(args)
+        if getattr(args, f.name) != getattr(defaults, f.name)
+    ]
+    suite.check_settings(names, given, agent.spell)
     for name in ("l2_init", "parseval", "weight_clipping"):
         if not getattr(args, name) >= 0.0 or not math.isfinite(getattr(args, name)):
             raise UsageError(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
@@ -131,34 +141,24 @@ def resolve_args(args: SettingsT) -> SettingsT:
         raise UsageError(
             f"--head-reset must be in [0, {layers}] (the Linear layers), got {args.head_reset}"
         )
-    if args.upgd and (
-        args.standard_adam or args.adam_beta1 is not None or args.adam_beta2 is not None
-    ):
-        raise UsageError("--upgd replaces Adam: drop --standard-adam/--adam-beta1/--adam-beta2")
-    if args.upgd and args.adam_reset:
-        raise UsageError("--upgd and --adam-reset conflict: there is no Adam state to reset")
+    if args.upgd and args.standard_adam:
+        raise UsageError(
+            "--upgd has its own betas (0.9, 0.999, the authors'): drop --standard-adam"
+        )
     if not args.upgd_sigma >= 0 or not 0 <= args.upgd_beta_utility < 1:
         raise UsageError(
             f"need --upgd-sigma >= 0 and --upgd-beta-utility in [0, 1), got {args.upgd_sigma}, "
             f"{args.upgd_beta_utility}"
         )
-    if args.trac and args.injection:
+    if not 1 <= args.injection_layers <= layers:
         raise UsageError(
-            "--trac and --injection conflict: TRAC's reference point has no entry for an "
-            "injected branch"
+            f"--injection-layers must be in [1, {layers}] (the Linear layers), got "
+            f"{args.injection_layers}"
         )
-    if args.layer_norm and args.nap:
+    if args.injection and args.injection_layers > 1 and (args.layer_norm or args.nap or args.crelu):
         raise UsageError(
-            "--layer-norm and --nap conflict: --nap already puts a LayerNorm after every hidden layer"
-        )
-    if args.injection and (args.layer_norm or args.nap or args.crelu):
-        raise UsageError(
-            "--injection injects a head of Linear layers and ReLUs: it does not take "
-            "--layer-norm, --nap or --crelu"
-        )
-    if args.injection and args.head_reset:
-        raise UsageError(
-            "--injection and --head-reset conflict: both renew the heads at a friction change"
+            "--injection with --injection-layers > 1 injects a head of Linear layers and ReLUs: "
+            "it does not take --layer-norm, --nap or --crelu (use --injection-layers 1)"
         )
     if args.friction_every == 0 and (
         args.injection or args.adam_reset or args.head_reset or args.shrink_perturb_init < 1
@@ -167,34 +167,25 @@ def resolve_args(args: SettingsT) -> SettingsT:
             "--friction-every 0 has no friction changes: the task-boundary methods "
             "(--injection, --adam-reset, --head-reset, --shrink-perturb-init) would never act"
         )
-    if args.injection and (args.cbp or args.redo):
-        raise UsageError(
-            f"--injection and --{'cbp' if args.cbp else 'redo'} conflict: the injected head's "
-            "frozen units are not theirs to replace"
-        )
     if args.standard_adam and (args.adam_beta1 is not None or args.adam_beta2 is not None):
         raise UsageError("--standard-adam sets the betas to 0.9/0.999: drop --adam-beta1/2")
     if args.l2 and args.weight_decay is not None:
         raise UsageError("--l2 sets weight decay 1e-3: drop --weight-decay or --l2")
-    if args.noise_std is not None and not args.shrink_perturb:
-        raise UsageError("--noise-std only applies with --shrink-perturb")
-    for method, fields in (("cbp", _CBP_FIELDS), ("redo", _REDO_FIELDS)):
-        if not getattr(args, method):
-            for name in fields:
-                if getattr(args, name) != getattr(defaults, name):
-                    raise UsageError(f"{_flag(name)} only applies with {_flag(method)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA GPU is available")
 
     if args.weight_decay is not None:
         weight_decay = args.weight_decay
-    elif args.l2:
+    elif args.l2 or args.upgd:  # the paper's L2; the UPGD authors' PPO script
         weight_decay = 1e-3
     elif args.cbp or args.redo or args.shrink_perturb:
         weight_decay = 1e-4
     else:
         weight_decay = 0.0
-    betas = (0.9, 0.999) if args.standard_adam else (0.99, 0.99)
+    # the UPGD authors' PPO script: their AdaptiveUPGD's defaults, lr 3e-4 and eps 1e-5
+    betas = (0.9, 0.999) if args.standard_adam or args.upgd else (0.99, 0.99)
+    learning_rate = 3e-4 if args.upgd else 1e-4
+    adam_eps = 1e-5 if args.upgd else 1e-8
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or min(args.num_envs, cores or 1)
     return dataclasses.replace(
@@ -204,6 +195,8 @@ def resolve_args(args: SettingsT) -> SettingsT:
         adam_beta1=betas[0] if args.adam_beta1 is None else args.adam_beta1,
         adam_beta2=betas[1] if args.adam_beta2 is None else args.adam_beta2,
         weight_decay=weight_decay,
+        learning_rate=learning_rate if args.learning_rate is None else args.learning_rate,
+        adam_eps=adam_eps if args.adam_eps is None else args.adam_eps,
         noise_std=(1e-5 if args.noise_std is None else args.noise_std)
         if args.shrink_perturb
         else 0.0,
