@@ -11,6 +11,11 @@ Conventions shared by every function:
 - Activations are ``[..., N, units]``: N samples (dimension -2) of a layer with ``units`` hidden
   units (dimension -1). Leading dimensions are batch dimensions, e.g. ``[S, N, units]`` for S
   seeds trained side by side, and every result keeps them (a ``[S]`` or ``[S, units]`` tensor).
+- On a CReLU network (:class:`~ppo_cbp.nets.crelu.CReLU`) a hidden layer of ``n`` units hands
+  the next layer ``2n`` features ``relu(z_i), relu(-z_i)``. The feature metrics (feature norm,
+  every rank) take those ``[..., N, 2n]`` features, what the next layer reads; the unit metrics
+  (dead and dormant units) take each unit's activation, the mean of its two outputs
+  ``|z_i| / 2`` (:func:`unit_activations`), as continual backprop and ReDo see the unit.
 - Convolutional feature maps ``[N, C, H, W]`` are first turned into ``[N * H * W, C]`` with
   :func:`conv_activations_as_samples`: a (sample, spatial position) pair counts as one sample and a
   channel counts as one unit, as in the paper's CIFAR-100 analysis and in official ReDo.
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ppo_cbp.nets.units import hidden_activations
+from ppo_cbp.nets.units import hidden_features
 
 __all__ = [
     "DORMANT_SCORE_EPS",
@@ -52,6 +57,7 @@ __all__ = [
     "policy_churn",
     "policy_kl",
     "stable_rank",
+    "unit_activations",
     "unit_activity",
     "weight_magnitudes",
 ]
@@ -133,6 +139,30 @@ def conv_activations_as_samples(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def unit_activations(features: Tensor, outputs_per_unit: int = 1) -> Tensor:
+    """Each unit's activation from a layer's features: the mean of the unit's outputs.
+
+    ``features`` is ``[..., N, units * outputs_per_unit]`` with unit ``i``'s outputs at columns
+    ``i * g, ..., i * g + g - 1`` (``g = outputs_per_unit``), the layout of
+    :class:`~ppo_cbp.nets.crelu.CReLU` (``g = 2``: ``relu(z_i), relu(-z_i)``, whose mean is
+    ``|z_i| / 2``, :meth:`CReLU.unit_activation`). With ``g = 1`` (every other activation) the
+    features are the units' activations and are returned as they are.
+
+    :param features: ``[..., N, units * outputs_per_unit]``.
+    :param outputs_per_unit: features per unit, >= 1.
+    :return: ``[..., N, units]`` (the input itself for ``outputs_per_unit = 1``).
+    """
+    if isinstance(outputs_per_unit, bool) or not isinstance(outputs_per_unit, int):
+        raise ValueError(f"outputs_per_unit must be a positive int, got {outputs_per_unit!r}")
+    if outputs_per_unit < 1 or features.shape[-1] % outputs_per_unit:
+        raise ValueError(
+            f"{features.shape[-1]} features are not {outputs_per_unit} outputs per unit"
+        )
+    if outputs_per_unit == 1:
+        return features
+    return features.unflatten(-1, (-1, outputs_per_unit)).mean(dim=-1)
+
+
 @torch.no_grad()
 def unit_activity(activations: Tensor) -> Tensor:
     """Fraction of samples on which each unit is active, i.e. its activation is non-zero.
@@ -161,6 +191,14 @@ def dead_unit_mask(activations: Tensor, max_active_fraction: float = 0.0) -> Ten
       supervised definition (Permuted MNIST: zero on all of the first 2,000 examples of a new task).
     - ``max_active_fraction = 0.01``: the paper's RL definition (active on at most 1% of the last
       1,000 acting steps).
+
+    On a CReLU network pass the units' activations, not the ``2n`` features
+    (``unit_activations(features, 2)``, ``|z_i| / 2``): a CReLU unit is active on a sample where
+    either of its outputs ``relu(z_i), relu(-z_i)`` is non-zero, i.e. where ``z_i != 0``, and dead
+    only when ``z_i = 0`` on (nearly) every sample, the only way it stops passing both signal and
+    gradient. A unit whose ``z_i`` keeps one sign has one output that is zero throughout, but
+    the other carries its signal and gradient, so it is not dead; the denominator of a dead
+    fraction is the number of units, as for ReLU networks, not of features.
 
     Per-layer dead counts, for logging, are ``dead_unit_mask(h).sum(-1)``.
 
@@ -368,7 +406,8 @@ def effective_rank(matrix: Tensor) -> Tensor:
     layer whose units are all dead carries no information). The official code returns 1 there.
 
     The paper computes it on the representation (activations) of a layer for 2,000 samples, not
-    centred: pass ``[..., N, units]`` activations.
+    centred: pass ``[..., N, units]`` activations, the features the next layer reads (on a CReLU
+    network its ``[..., N, 2 * units]`` outputs ``[relu(z), relu(-z)]``).
 
     :param matrix: ``[..., n, m]``; singular values are computed in float64.
     :return: float64 tensor ``[...]``.
@@ -417,7 +456,8 @@ def approximate_rank(matrix: Tensor, threshold: float = 0.99) -> Tensor:
 def feature_rank_metrics(matrix: Tensor, threshold: float = 0.99) -> dict[str, Tensor]:
     """:func:`effective_rank`, :func:`stable_rank` and :func:`approximate_rank` from one SVD.
 
-    :param matrix: ``[..., n, m]``, e.g. a layer's ``[N, units]`` activations.
+    :param matrix: ``[..., n, m]``, e.g. a layer's ``[N, units]`` activations: the features the
+        next layer reads, ``[N, 2 * units]`` ``[relu(z), relu(-z)]`` on a CReLU network.
     :param threshold: threshold of the stable and approximate ranks, in (0, 1].
     :return: ``{"effective_rank": float64 [...], "stable_rank": int64 [...],
         "approximate_rank": int64 [...]}``.
@@ -504,9 +544,10 @@ def feature_norm(activations: Tensor) -> Tensor:
     The feature norm of Lyle et al. ("Disentangling the causes of plasticity loss in neural
     networks", 2024) as plasticity studies log it (e.g. Plasticine's ``compute_feature_norm``):
     on the penultimate layer, i.e. the last hidden layer's activations, the features the output
-    layer reads (``hidden_activations(net, states)[-1]``). For a conv layer pass each sample's
-    whole feature map as one vector (``h.flatten(-3)``), not
-    :func:`conv_activations_as_samples`.
+    layer reads (``hidden_features(net, states)[-1][0]``). On a CReLU network these are the
+    ``2n`` outputs ``[relu(z), relu(-z)]`` (so ``||h[n, :]||_2 = ||z[n, :]||_2``), not the units'
+    activations ``|z| / 2``, whose norm is half of it. For a conv layer pass each sample's whole
+    feature map as one vector (``h.flatten(-3)``), not :func:`conv_activations_as_samples`.
 
     :param activations: ``[..., N, units]``.
     :return: float64 tensor ``[...]``.
@@ -663,9 +704,9 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
       most 1% of the states (the paper's RL definition);
     * ``dormant_ratio``: fraction of all hidden units whose tau-dormant score (ReDo, per layer)
       is <= 0.1;
-    * ``effective_rank``, ``stable_rank``: of the last hidden layer's ``[states, units]``
-      activation matrix (stable rank: singular values holding 99% of their sum);
-    * ``feature_norm``: :func:`feature_norm` of the last hidden layer;
+    * ``effective_rank``, ``stable_rank``: of the last hidden layer's ``[states, features]``
+      feature matrix (stable rank: singular values holding 99% of their sum);
+    * ``feature_norm``: :func:`feature_norm` of the last hidden layer's features;
     * ``weight_magnitude/layer{i}`` (mean |W| of Linear layer i, output layer included) and
       ``weight_magnitude/overall`` (sum |W| / number of weights; biases excluded).
 
@@ -677,19 +718,27 @@ def plasticity_metrics(net: nn.Sequential, states: Tensor) -> dict[str, Tensor]:
     before the log, before clipping) and, for the policy, ``churn`` and ``kl``
     (:func:`policy_churn` and :func:`policy_kl` over the last update, on its rollout's states).
 
+    The features are what the next layer reads (:func:`~ppo_cbp.nets.units.hidden_features`):
+    a ReLU layer's ``[states, units]`` activations; on a CReLU network its ``[states, 2 * units]``
+    outputs ``[relu(z), relu(-z)]``. The unit counts (``dead_units``, ``dormant_ratio``) are of
+    units, on each unit's activation (:func:`unit_activations`; for CReLU ``|z| / 2``, as CBP and
+    ReDo see it): a CReLU unit is dead only where ``z = 0`` (see :func:`dead_unit_mask`).
+
     All values are device tensors; the caller synchronises once.
     """
-    acts = hidden_activations(net, states)
-    units = sum(h.shape[1] for h in acts)
+    layers = hidden_features(net, states)
+    acts = [unit_activations(f, g) for f, g in layers]
+    units = sum(h.shape[-1] for h in acts)
     dead = sum(dead_unit_mask(h, 0.01).sum() for h in acts) / units
     dormant = sum((dormant_scores(h) <= 0.1).sum() for h in acts) / units
-    ranks = feature_rank_metrics(acts[-1])
+    features = layers[-1][0]
+    ranks = feature_rank_metrics(features)
     out = {
         "dead_units": dead,
         "dormant_ratio": dormant,
         "effective_rank": ranks["effective_rank"],
         "stable_rank": ranks["stable_rank"],
-        "feature_norm": feature_norm(acts[-1]),
+        "feature_norm": feature_norm(features),
     }
     mags = weight_magnitudes(net)
     for i, key in enumerate(k for k in mags if k != "overall"):

@@ -260,6 +260,8 @@ def test_scr_hidden_unit_metrics_follow_their_definitions():
     h[1, :, 3:] = 0  # seed 1: two
 
     class Net:
+        outputs_per_unit = [1]
+
         def forward(self, x_aug):
             return None, [h]
 

@@ -177,7 +177,7 @@ class AutogradLearner:
             for i, (w, b) in enumerate(weights)
         ]
         self.network = Network(layers, self.params, state_owner, seed_dims=1, seeds=self.seeds)
-        self.net = _NetView(self.module, self.network)
+        self.net = _NetView(self.module, self.network, stacked)
         for name, limit in (
             ("head_reset", method.head_reset),
             ("injection", method.injection_layers),
@@ -301,15 +301,24 @@ def _weight_layers(module: StackedSequential) -> list[tuple[Tensor, Tensor | Non
 
 class _NetView:
     """What the benchmarks' metrics read of a network, as :class:`StackedMLP` offers it: the
-    outputs and hidden activations, and the weights of the trained layers (after a plasticity
+    outputs and hidden features, and the weights of the trained layers (after a plasticity
     injection the head's are the injected branch's)."""
 
-    def __init__(self, module: nn.Module, network: Network):
-        self.module, self.network = module, network
+    def __init__(self, module: nn.Module, network: Network, stacked: StackedSequential):
+        self.module, self.network, self.stacked = module, network, stacked
 
     @torch.no_grad()
     def forward(self, x_aug: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return self.module(x_aug[..., :-1].transpose(0, 1))
+        """Outputs ``[S, B, out]`` and each hidden layer's features, what the next layer reads:
+        ``[S, B, units]``, or after a CReLU its ``[S, B, 2 * units]`` outputs
+        ``relu(z_i), relu(-z_i)`` (:attr:`outputs_per_unit`), not the units' activations
+        ``|z| / 2`` that the training step hands CBP and ReDo."""
+        return self.module(x_aug[..., :-1].transpose(0, 1), features=True)
+
+    @property
+    def outputs_per_unit(self) -> list[int]:
+        """Per hidden layer, the features of each unit in :meth:`forward`'s (2 for CReLU)."""
+        return self.stacked.outputs_per_unit
 
     def weights(self) -> list[Tensor]:
         return [layer.weight.detach() for layer in self.network.layers]

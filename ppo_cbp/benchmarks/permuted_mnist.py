@@ -14,8 +14,11 @@ Metrics per task and seed (one CSV row):
   training on them (no dropout): ``dead_units_l`` (units of hidden layer ``l`` whose activation
   is 0 on all of them), ``dead_fraction`` (dead units / all hidden units),
   ``effective_rank_l``, ``stable_rank_l`` and ``approximate_rank_l`` of the ``[2000, units]``
-  representation (:mod:`ppo_cbp.metrics`), and ``weight_magnitude`` (sum |w| over all weight
-  matrices / number of weights, biases excluded);
+  representation (:mod:`ppo_cbp.metrics`), ``feature_norm`` of the last hidden layer's, and
+  ``weight_magnitude`` (sum |w| over all weight matrices / number of weights, biases excluded);
+  with ``crelu`` the representation is the ``[2000, 2 * units]`` features
+  ``[relu(z), relu(-z)]`` the next layer reads, and a unit is dead when both are 0, i.e. z = 0
+  (:func:`~ppo_cbp.metrics.dead_unit_mask`);
 * ``units_replaced``: total units replaced by CBP/ReDo since the start of the run (at the
   end of the task).
 
@@ -54,6 +57,7 @@ from ppo_cbp.metrics import (
     dead_unit_mask,
     feature_norm,
     feature_rank_metrics,
+    unit_activations,
 )
 
 # Method defaults of the paper's released Permuted MNIST configurations (step size 0.003).
@@ -166,22 +170,32 @@ def _validate(cfg: PermutedMNISTConfig) -> tuple[int, int]:
 def task_start_metrics(
     learner: Learner | AutogradLearner, x_aug: torch.Tensor
 ) -> list[dict[str, float]]:
-    """The correlates of loss of plasticity on ``x_aug`` (``[S, N, 785]``), one dict per seed."""
-    _, hidden = learner.net.forward(x_aug)
+    """The correlates of loss of plasticity on ``x_aug`` (``[S, N, 785]``), one dict per seed.
+
+    The ranks and the feature norm are of each hidden layer's features, what the next layer
+    reads (``learner.net.forward``'s: on a CReLU network ``[relu(z), relu(-z)]``, 2 per unit);
+    the dead units are of units, each unit's activation the mean of its features
+    (:func:`~ppo_cbp.metrics.unit_activations`; ``|z| / 2`` for CReLU, 0 only where z = 0).
+    """
+    _, features = learner.net.forward(x_aug)
     S = x_aug.shape[0]
     rows: list[dict[str, float]] = [{} for _ in range(S)]
     dead_total = torch.zeros(S, dtype=torch.int64, device=x_aug.device)
+    units_total = 0
     cols: dict[str, torch.Tensor] = {}
-    for i, h in enumerate(hidden, start=1):
+    groups = learner.net.outputs_per_unit
+    for i, (f, g) in enumerate(zip(features, groups, strict=True), start=1):
+        h = unit_activations(f, g)
         dead = dead_unit_mask(h).sum(-1)
         dead_total += dead
+        units_total += h.shape[-1]
         cols[f"dead_units_{i}"] = dead
-        ranks = feature_rank_metrics(h)
+        ranks = feature_rank_metrics(f)
         cols[f"effective_rank_{i}"] = ranks["effective_rank"]
         cols[f"stable_rank_{i}"] = ranks["stable_rank"]
         cols[f"approximate_rank_{i}"] = ranks["approximate_rank"]
-    cols["dead_fraction"] = dead_total.double() / sum(h.shape[-1] for h in hidden)
-    cols["feature_norm"] = feature_norm(hidden[-1])
+    cols["dead_fraction"] = dead_total.double() / units_total
+    cols["feature_norm"] = feature_norm(features[-1])
     cols["weight_magnitude"] = average_weight_magnitude(learner.net.weights(), seed_dims=1)
     host = {k: v.cpu().tolist() for k, v in cols.items()}
     for s in range(S):

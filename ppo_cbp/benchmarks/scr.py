@@ -12,7 +12,9 @@ baseline (no hidden layer).
 Metrics per bin of ``bin_size`` (40,000) examples and seed: ``squared_error``, the mean of
 ``(y_hat - y)^2`` over the bin with ``y_hat`` the prediction made *before* the update on the
 example; ``weight_magnitude`` (sum |w| / number of weights, biases excluded),
-``effective_rank`` of the hidden layer and, for ReLU, its ``dead_units`` (both on the bin's
+``effective_rank`` of the hidden layer's features (with ``crelu`` its ``2 * hidden`` outputs
+``[relu(z), relu(-z)]``, what the output layer reads) and, for ReLU, its ``dead_units`` (units
+whose activation is 0 on every input; a CReLU unit only where z = 0) (both on the bin's
 last chunk of inputs) and ``units_replaced`` (CBP/ReDo, cumulative), all at the end of the bin.
 """
 
@@ -41,7 +43,12 @@ from ppo_cbp.benchmarks.common import (
 )
 from ppo_cbp.datasets.scr import SlowlyChangingRegressionBatch
 from ppo_cbp.errors import UsageError
-from ppo_cbp.metrics import average_weight_magnitude, dead_unit_mask, feature_rank_metrics
+from ppo_cbp.metrics import (
+    average_weight_magnitude,
+    dead_unit_mask,
+    feature_rank_metrics,
+    unit_activations,
+)
 from ppo_cbp.nets.stacked_mlp import ACTIVATIONS
 
 # SGD step size 0.01 as in the paper's text; the other values are not given there (the
@@ -135,14 +142,17 @@ def _validate(cfg: SCRConfig) -> int:
 def hidden_unit_metrics(
     learner: Any, x_aug: torch.Tensor, count_dead: bool
 ) -> list[dict[str, float]]:
-    """Per seed, on ``x_aug`` (``[S, N, inputs + 1]``): the hidden layer's effective rank and,
-    with ``count_dead`` (ReLU units), its dead units (zero on all N inputs,
-    :func:`dead_unit_mask`)."""
-    _, hidden = learner.net.forward(x_aug)
-    h = hidden[0]
-    rank = feature_rank_metrics(h)["effective_rank"].cpu().tolist()
+    """Per seed, on ``x_aug`` (``[S, N, inputs + 1]``): the effective rank of the hidden
+    layer's features, what the output layer reads (on a CReLU network ``[relu(z), relu(-z)]``)
+    and, with ``count_dead`` (ReLU units), its dead units (zero on all N inputs,
+    :func:`dead_unit_mask`, on each unit's activation: for CReLU ``|z| / 2``, zero only where
+    z = 0)."""
+    _, features = learner.net.forward(x_aug)
+    f = features[0]
+    rank = feature_rank_metrics(f)["effective_rank"].cpu().tolist()
     rows: list[dict[str, float]] = [{"effective_rank": r} for r in rank]
     if count_dead:
+        h = unit_activations(f, learner.net.outputs_per_unit[0])
         for row, dead in zip(rows, dead_unit_mask(h).sum(-1).cpu().tolist()):
             row["dead_units"] = dead
     return rows

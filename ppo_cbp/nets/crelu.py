@@ -35,7 +35,10 @@ class CReLU(nn.Module):
     conv channel flattened into ``H*W`` consumer columns has the mean over its positions as its
     activation and all of those columns as its outgoing weights. Continual backprop's contribution
     utility of a CReLU unit is therefore ``E|h_i| * sum_k (|w[k, 2i]| + |w[k, 2i + 1]|)``, ReDo's
-    score ``E|h_i| / mean_j E|h_j|``, and a unit is dead only when ``z_i = 0``.
+    score ``E|h_i| / mean_j E|h_j|``, and a unit is dead only when ``z_i = 0``. The feature
+    metrics (feature norm, ranks) are not of these per-unit activations but of the ``2n``
+    outputs themselves, the features the consumer reads
+    (:func:`~ppo_cbp.nets.units.hidden_features`).
 
     The input's last dimension holds the units (``[..., n]`` -> ``[..., 2n]``): it follows a Linear
     layer (or a LayerNorm after one).

@@ -224,6 +224,12 @@ class StackedMLP:
         ones = torch.ones(*x.shape[:-1], 1, device=x.device, dtype=x.dtype)
         return torch.cat([x, ones], dim=-1)
 
+    @property
+    def outputs_per_unit(self) -> list[int]:
+        """Per hidden layer, the features of each unit in :meth:`forward`'s hidden activations:
+        1 (elementwise activations; the metrics' interface of the stacked networks)."""
+        return [1] * self.num_hidden
+
     @torch.no_grad()
     def forward(self, x_aug: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Outputs ``[S, B, n_out]`` and hidden activations ``[S, B, units]`` (no dropout;

@@ -28,7 +28,9 @@ gain and offset are their ``norm`` entries), and :meth:`StackedSequential.forwar
 their activations ``[S, B, C, H, W]`` or ``[S, B, units]`` for
 :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop` and :class:`~ppo_cbp.plasticity.redo.ReDo`
 (for a CReLU unit, the mean of its two outputs, as :func:`~ppo_cbp.nets.units.sequential_unit_layers`
-defines it).
+defines it). With ``features=True`` it returns instead the features each hidden layer hands the
+next, for the metrics: a CReLU layer's ``[S, B, 2 * units]`` outputs
+(:attr:`StackedSequential.outputs_per_unit`).
 """
 
 from __future__ import annotations
@@ -152,6 +154,12 @@ class StackedSequential(nn.Module):
             for u in units
         ]
 
+    @property
+    def outputs_per_unit(self) -> list[int]:
+        """Per hidden (unit) layer, the features each unit hands the next layer: 2 after a
+        CReLU (its ``relu(z_i), relu(-z_i)``), else 1."""
+        return [2 if t in self._per_unit_taps else 1 for t in self._taps]
+
     def weights(self) -> list[Tensor]:
         """The weight of every Conv2d and Linear layer, ``[S, ...]`` each (biases excluded)."""
         return [
@@ -216,13 +224,16 @@ class StackedSequential(nn.Module):
         ]
 
     def forward(
-        self, x: Tensor, start: int = 0, stop: int | None = None
+        self, x: Tensor, start: int = 0, stop: int | None = None, *, features: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
         """Outputs ``[S, B, out]`` and the hidden activations of every unit layer.
 
         ``x``: ``[B, S, *example]``, seed ``s``'s examples in ``x[:, s]`` (this layout makes
         the seed-major channels of the grouped convolutions a view). The hidden activations
-        are ``[S, B, C, H, W]`` (conv) or ``[S, B, units]`` (Linear) views, detached.
+        are ``[S, B, C, H, W]`` (conv) or ``[S, B, units]`` (Linear) views, detached: each
+        unit's activation, for a CReLU unit the mean of its two outputs (what CBP and ReDo
+        read). With ``features`` a CReLU layer's are instead its outputs ``[S, B, 2 * units]``,
+        the features the next layer reads (for the metrics; the other layers' are the same).
 
         ``start``, ``stop``: run modules ``start`` to ``stop - 1`` only, with the hidden
         activations tapped in that range: a network split in two (a body and a head) computes
@@ -281,7 +292,7 @@ class StackedSequential(nn.Module):
                 h = self._stateless[i](h)
             if i == tap:
                 d = h.detach()
-                if i in self._per_unit_taps:
+                if i in self._per_unit_taps and not features:
                     d = CReLU.unit_activation(d)
                 hidden.append(d if seed_first else d.view(B, S, -1, *d.shape[2:]).transpose(0, 1))
                 tap = next(taps, None)

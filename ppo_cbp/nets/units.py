@@ -740,11 +740,37 @@ class ActivationRecorder:
 
 @torch.no_grad()
 def hidden_activations(net: nn.Sequential, x: Tensor) -> list[Tensor]:
-    """The activation output ``h`` of every hidden layer of ``net`` on input ``x``."""
+    """The activation output ``h`` of every hidden layer of ``net`` on input ``x``: each unit's
+    activation as the operators see it (for a CReLU unit the mean of its two outputs,
+    ``|z| / 2``; :func:`hidden_features` gives the outputs themselves)."""
     _, taps = sequential_unit_layers(net, "kaiming_uniform")
     recorder = ActivationRecorder(taps)
     try:
         net(x)
         return list(recorder.latest())
+    finally:
+        recorder.remove()
+
+
+@torch.no_grad()
+def hidden_features(net: nn.Sequential, x: Tensor) -> list[tuple[Tensor, int]]:
+    """The features every hidden layer of ``net`` hands its consumer on input ``x``, with the
+    number of features per unit: ``(features, outputs_per_unit)`` per hidden layer.
+
+    The features are the recorded output of the layer's tap (:func:`sequential_unit_layers`),
+    detached: what the next layer reads. For a ReLU (or any elementwise) layer they are the
+    activations ``[..., units]`` of :func:`hidden_activations` and ``outputs_per_unit`` is 1; after
+    a :class:`~ppo_cbp.nets.crelu.CReLU` they are its ``[..., 2 * units]`` outputs
+    ``relu(z_i), relu(-z_i)`` (unit ``i``'s at columns ``2i, 2i + 1``) and ``outputs_per_unit``
+    is 2. One forward pass; the per-unit activations are ``CReLU.unit_activation`` of them.
+    """
+    layers, taps = sequential_unit_layers(net, "kaiming_uniform")
+    recorder = ActivationRecorder(taps)
+    try:
+        net(x)
+        return [
+            (o.detach(), u.averaged_outputs)  # type: ignore[union-attr]
+            for o, u in zip(recorder.outputs, layers, strict=True)
+        ]
     finally:
         recorder.remove()

@@ -235,14 +235,16 @@ class InjectableNetwork(nn.Module):
         # then receive their saved parameters
         self.rebuild_(state["injections"])
 
-    def _body_and_head(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def _body_and_head(
+        self, x: Tensor, tap_features: bool = False
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """``phi(x)``, ``h_theta(phi(x))`` and the network's hidden activations."""
         if self.seed_dims:
             if self.cut == 0:
-                out, hidden = self.net(x)
+                out, hidden = self.net(x, features=tap_features)
                 return x.transpose(0, 1), out, hidden
-            features, hidden = self.net(x, stop=self.cut)
-            out, head_hidden = self.net(features, start=self.cut)
+            features, hidden = self.net(x, stop=self.cut, features=tap_features)
+            out, head_hidden = self.net(features, start=self.cut, features=tap_features)
             return features, out, hidden + head_hidden
         h = x
         for m in self._leaves[: self.cut]:
@@ -252,12 +254,16 @@ class InjectableNetwork(nn.Module):
             h = m(h)
         return features, h, []
 
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, *, features: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """The output (and, stacked, the hidden activations); ``features``: a stacked network's
+        hidden features instead (:meth:`StackedSequential.forward`)."""
+        if features and not self.seed_dims:
+            raise ValueError("features=True needs a StackedSequential network")
         if not self.injections:
-            return self.net(x)
-        features, out, hidden = self._body_and_head(x)
+            return self.net(x, features=True) if features else self.net(x)
+        phi, out, hidden = self._body_and_head(x, features)
         for trainable, frozen in zip(self.trainable, self.frozen, strict=True):
-            out = out + (trainable(features) - frozen(features))
+            out = out + (trainable(phi) - frozen(phi))
         return (out, hidden) if self.seed_dims else out
 
     def as_network(
