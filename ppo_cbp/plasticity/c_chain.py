@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ppo_cbp.plasticity.hooks import PlasticityMethod
+from ppo_cbp.plasticity.injection import InjectableNetwork
 from ppo_cbp.seeding import TAG_CHURN_REFERENCE, derive_seed
 
 __all__ = ["ChurnReduction"]
@@ -79,6 +80,18 @@ class ChurnReduction(PlasticityMethod):
     method that changes the weights after the step (CBP, ReDo, S&P), so that the copy is the
     network the next step starts from.
 
+    Injections: the copy covers every parameter and buffer the module has at each call. When
+    the module's tensors change (a plasticity injection adds a branch ``theta'`` and its
+    frozen copy ``theta'_0`` to an :class:`~ppo_cbp.plasticity.injection.InjectableNetwork`,
+    detected by its number of injections, so no per-step walk over the module) the names and
+    copies are rebuilt: the tensors already there keep their copies, and each new one enters
+    theta_{t-1} (and the latest copy) at its value at the injection. For a branch that value
+    is read from its frozen copy ``theta'_0``, which equals ``theta'`` at the injection
+    whenever this method first sees it; any other new tensor enters at its current value. At
+    the injection the branch and its copy cancel, so the output is unchanged, and the churn of
+    the first step after it is exactly the output change the trained parameters (the body and
+    the branch) made. Call :meth:`refresh` after any other change to the module's tensors.
+
     :param module: the network whose outputs are regularised (the actor, for the policy mean).
     :param output: maps ``module(states)`` to the regularised tensor (default: the output itself;
         e.g. ``lambda r: r[0]`` for a :class:`~ppo_cbp.nets.stacked_sequential.StackedSequential`).
@@ -94,6 +107,11 @@ class ChurnReduction(PlasticityMethod):
     :param seed_dims: 1 if the module's outputs carry a leading seed dimension, else 0.
     :param seeds: the run seed of each stacked network (one when ``seed_dims == 0``), for the
         reference batches' generators (stream :data:`ppo_cbp.seeding.TAG_CHURN_REFERENCE`).
+
+    Checkpoints: :meth:`state_dict` names the tensors of its copies; :meth:`load_state_dict`
+    binds them to the module's tensors of those names, at once if the module has them, else at
+    the next call (after the module's own load has rebuilt its branches). States without names
+    (older checkpoints) hold the copies of the tensors the method was built with.
     """
 
     name = "c_chain"
@@ -140,6 +158,16 @@ class ChurnReduction(PlasticityMethod):
         self._live = [t.detach() for _, t in named]
         self._latest = [t.clone() for t in self._live]
         self._previous = [t.clone() for t in self._live]
+        self._built = (list(self._names), list(self._live))
+        # the InjectableNetworks in the module and their number of injections: a change means
+        # new tensors
+        self._injectables = [
+            (f"{n}." if n else "", m)
+            for n, m in module.named_modules()
+            if isinstance(m, InjectableNetwork)
+        ]
+        self._signature = self._current_signature()
+        self._pending: dict[str, Any] | None = None
         device = self._live[0].device
         S = len(seeds)
         stats = dict(dtype=torch.float64, device=device)
@@ -161,6 +189,66 @@ class ChurnReduction(PlasticityMethod):
     @property
     def num_seeds(self) -> int:
         return len(self.seeds)
+
+    def _current_signature(self) -> tuple[int, ...]:
+        return tuple(m.injections for _, m in self._injectables)
+
+    def _sync(self) -> None:
+        """Rebuild the names and copies if the module's tensors changed, or bind a loaded state."""
+        if self._pending is None and self._current_signature() == self._signature:
+            return
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Read the module's parameters and buffers anew (see the class docstring)."""
+        named = [*self.module.named_parameters(), *self.module.named_buffers()]
+        live = {n: t.detach() for n, t in named}
+        if self._pending is not None:
+            saved, self._pending = self._pending, None
+            if saved["names"] != [n for n, _ in named]:
+                raise ValueError(
+                    "the state's snapshot does not match the module's tensors: it names "
+                    f"{saved['names']}, the module has {[n for n, _ in named]}"
+                )
+            self._bind(saved["names"], [live[n] for n in saved["names"]], saved)
+        known = {
+            n: (latest, previous)
+            for n, latest, previous in zip(self._names, self._latest, self._previous)
+        }
+        names, latest, previous = [], [], []
+        for n, _ in named:
+            if n in known:
+                a, b = known[n]
+            else:
+                start = self._value_at_injection(n, live)
+                a, b = start.clone(), start.clone()
+            names.append(n)
+            latest.append(a)
+            previous.append(b)
+        self._names, self._live = names, [live[n] for n in names]
+        self._latest, self._previous = latest, previous
+        self._signature = self._current_signature()
+
+    def _value_at_injection(self, name: str, live: dict[str, Tensor]) -> Tensor:
+        """A new tensor's value at its injection: a branch's frozen copy, else its value now."""
+        for prefix, _ in self._injectables:
+            branch = prefix + "trainable."
+            if name.startswith(branch):
+                twin = live.get(prefix + "frozen." + name[len(branch) :])
+                if twin is not None and twin.shape == live[name].shape:
+                    return twin
+        return live[name]
+
+    @torch.no_grad()
+    def _bind(self, names: list[str], tensors: list[Tensor], state: dict[str, Any]) -> None:
+        """Take the state's copies for these tensors (the state lists them in this order)."""
+        for key in ("latest", "previous"):
+            if [tuple(t.shape) for t in state[key]] != [tuple(t.shape) for t in tensors]:
+                raise ValueError(f"state's {key!r} snapshot does not match the module's tensors")
+        self._names, self._live = list(names), list(tensors)
+        self._latest = [torch.empty_like(t).copy_(s) for t, s in zip(tensors, state["latest"])]
+        self._previous = [torch.empty_like(t).copy_(s) for t, s in zip(tensors, state["previous"])]
 
     @property
     def active(self) -> bool:
@@ -186,6 +274,7 @@ class ChurnReduction(PlasticityMethod):
     def loss(self, states: Tensor) -> Tensor:
         """``sum_s lambda_s * L_churn,s`` on the reference ``states`` (0-dim, with the graph of
         ``module(states)``); a constant 0 on the steps the term is skipped."""
+        self._sync()
         if not self.active:
             self.churn.zero_()
             return torch.zeros((), dtype=self._live[0].dtype, device=self.churn.device)
@@ -201,6 +290,7 @@ class ChurnReduction(PlasticityMethod):
     @torch.no_grad()
     def after_step(self, hidden: Sequence[Tensor] = ()) -> None:
         """The parameters before this step become theta_{t-1}; copy the current ones."""
+        self._sync()
         self._previous, self._latest = self._latest, self._previous
         torch._foreach_copy_(self._latest, self._live)
         self.steps += 1
@@ -231,6 +321,7 @@ class ChurnReduction(PlasticityMethod):
     def at_task_boundary(self) -> None:
         if not self.reset_at_task_boundary:
             return
+        self._sync()
         torch._foreach_copy_(self._latest, self._live)
         self.steps = self.updates = 0
         self.coefficient.fill_(self.initial_coefficient)
@@ -239,6 +330,12 @@ class ChurnReduction(PlasticityMethod):
         self._churn_history.zero_()
 
     def state_dict(self) -> dict[str, Any]:
+        if self._pending is not None:
+            names = self._pending["names"]
+            latest, previous = self._pending["latest"], self._pending["previous"]
+        else:
+            self._sync()
+            names, latest, previous = self._names, self._latest, self._previous
         return {
             "steps": self.steps,
             "updates": self.updates,
@@ -246,16 +343,14 @@ class ChurnReduction(PlasticityMethod):
             "churn": self.churn.clone(),
             "abs_loss": self._abs_loss.clone(),
             "churn_history": self._churn_history.clone(),
-            "latest": [t.clone() for t in self._latest],
-            "previous": [t.clone() for t in self._previous],
+            "names": list(names),
+            "latest": [t.clone() for t in latest],
+            "previous": [t.clone() for t in previous],
             "generators": [g.get_state() for g in self.generators],
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("latest", "previous"):
-            if [tuple(t.shape) for t in state[key]] != [tuple(t.shape) for t in self._live]:
-                raise ValueError(f"state's {key!r} snapshot does not match the module's tensors")
         if len(state["generators"]) != self.num_seeds:
             raise ValueError(
                 f"state has {len(state['generators'])} generators, expected {self.num_seeds}"
@@ -265,15 +360,27 @@ class ChurnReduction(PlasticityMethod):
                 f"state's running means have shape {tuple(state['abs_loss'].shape)}, expected "
                 f"{tuple(self._abs_loss.shape)} (seeds x window)"
             )
+        if "names" not in state:  # older states: the tensors this method was built with
+            self._pending = None
+            self._bind(*self._built, state)
+            self.refresh()
+        else:
+            self._pending = {
+                "names": list(state["names"]),
+                "latest": [t.detach().clone() for t in state["latest"]],
+                "previous": [t.detach().clone() for t in state["previous"]],
+            }
+            if len({len(self._pending[k]) for k in ("names", "latest", "previous")}) != 1:
+                raise ValueError("state's snapshot names and tensors differ in number")
+            names = [n for n, _ in self.module.named_parameters()]
+            names += [n for n, _ in self.module.named_buffers()]
+            if names == self._pending["names"]:
+                self.refresh()  # else at the next call, once the module has these tensors
         self.steps = int(state["steps"])
         self.updates = int(state["updates"])
         self.coefficient.copy_(state["coefficient"])
         self.churn.copy_(state["churn"])
         self._abs_loss.copy_(state["abs_loss"])
         self._churn_history.copy_(state["churn_history"])
-        for mine, saved in zip(
-            [*self._latest, *self._previous], [*state["latest"], *state["previous"]]
-        ):
-            mine.copy_(saved)
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s)

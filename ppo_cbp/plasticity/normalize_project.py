@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ppo_cbp.init import init_linear_
 from ppo_cbp.plasticity.hooks import Network, PlasticityMethod
+from ppo_cbp.plasticity.l2_init import STATE_VERSION, FollowedTensors
 
 __all__ = ["NormalizeAndProject", "layer_norm_mlp", "layer_norms"]
 
@@ -90,6 +91,19 @@ class NormalizeAndProject(PlasticityMethod):
     ``project_head=False`` leaves the output layer free, ``project_norms=False`` the gains and
     offsets.
 
+    Regrouped layers: the weights are those of ``net.layers`` as they are at each call
+    (:class:`~ppo_cbp.plasticity.l2_init.FollowedTensors`). A weight that takes a layer's place
+    after the build (the trainable branch of a plasticity injection) is held at its own norm
+    when the method first sees it, at the next :meth:`after_backward` (before its first step:
+    its initialisation), as L2 Init takes its ``theta_0``; a weight that left (the head an
+    injection freezes) is no longer projected, so the frozen head keeps its values and the
+    output stays unchanged at the injection. The normalisation layers are not regrouped.
+
+    Checkpoints: :meth:`state_dict` holds the weights' initial norms in the order of the
+    current layers and :meth:`load_state_dict` binds them at the next call (it may run before
+    an injection's load regroups the layers); states without a ``version`` hold those of the
+    layers the method was built with.
+
     :param net: the network; every layer of ``net.layers`` is projected (the head only with
         ``project_head``).
     :param norms: the ``(gain, offset)`` of each normalisation layer, ``[*seed, n]`` each or None
@@ -114,7 +128,7 @@ class NormalizeAndProject(PlasticityMethod):
         self.project_head = project_head
         self.project_norms = project_norms
         seeds = net.num_seeds
-        self.weights = [layer.weight for layer in net.layers if project_head or not layer.head]
+        weights = self._projected()
         self.norm_groups: list[list[Tensor]] = []
         if project_norms:
             for i, pair in enumerate(norms):
@@ -126,11 +140,13 @@ class NormalizeAndProject(PlasticityMethod):
                         f"norms[{i}]: gain and offset must be [*seed, n] with seed_dims="
                         f"{net.seed_dims}, got shapes {[tuple(t.shape) for t in group]}"
                     )
-        for t in [*self.weights, *(t for g in self.norm_groups for t in g)]:
+        for t in [*weights, *(t for g in self.norm_groups for t in g)]:
             if net.seed_dims and t.shape[0] != seeds:
                 raise ValueError(f"a tensor of shape {tuple(t.shape)} does not hold {seeds} seeds")
         with torch.no_grad():
-            self.initial_weight_norms = [self._norm([w]) for w in self.weights]
+            self._weight_norms = FollowedTensors(
+                self._projected, lambda w: self._norm([w.detach()]), "initial_weight_norms"
+            )
             self.initial_norm_norms = [self._norm(g) for g in self.norm_groups]
         for kind, values in (
             ("weight", self.initial_weight_norms),
@@ -142,14 +158,29 @@ class NormalizeAndProject(PlasticityMethod):
                         f"{kind} {i} has norm 0 at initialisation: projecting it would hold it at 0"
                     )
 
+    def _projected(self) -> list[Tensor]:
+        """The projected weights of ``net.layers`` now."""
+        return [layer.weight for layer in self.net.layers if self.project_head or not layer.head]
+
+    @property
+    def weights(self) -> list[Tensor]:
+        """The projected weights: those of ``net.layers`` now (the head's with ``project_head``)."""
+        return list(self._weight_norms.sync()[0])
+
+    @property
+    def initial_weight_norms(self) -> list[Tensor]:
+        """The norm, per seed ``[S]``, each of :attr:`weights` is held at."""
+        return list(self._weight_norms.sync()[1])
+
     def _norm(self, tensors: Sequence[Tensor]) -> Tensor:
         return _per_seed_norm(tensors, self.net.seeded)
 
     @torch.no_grad()
     def project_(self) -> None:
         """Project every weight and every gain-and-offset pair to its initial norm, per seed."""
-        groups = [[w] for w in self.weights] + self.norm_groups
-        targets = self.initial_weight_norms + self.initial_norm_norms
+        weights, weight_norms = self._weight_norms.sync()
+        groups = [[w] for w in weights] + self.norm_groups
+        targets = [*weight_norms, *self.initial_norm_norms]
         for group, target in zip(groups, targets):
             norm = self._norm(group)
             # a group whose entries are all 0 has no direction to keep: it is left at 0
@@ -158,26 +189,30 @@ class NormalizeAndProject(PlasticityMethod):
                 seeded = self.net.seeded(t)
                 seeded.mul_(scale.view(-1, *([1] * (seeded.dim() - 1))))
 
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        # a weight new to net.layers is first seen here, before its first step
+        self._weight_norms.sync()
+
     def after_step(self, hidden: Sequence[Tensor]) -> None:
         self.project_()
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "initial_weight_norms": [n.clone() for n in self.initial_weight_norms],
+            "version": STATE_VERSION,
+            "initial_weight_norms": self._weight_norms.state(),
             "initial_norm_norms": [n.clone() for n in self.initial_norm_norms],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, own in (
-            ("initial_weight_norms", self.initial_weight_norms),
-            ("initial_norm_norms", self.initial_norm_norms),
-        ):
-            saved = state[key]
-            if len(saved) != len(own) or any(a.shape != b.shape for a, b in zip(saved, own)):
-                raise ValueError(
-                    f"{key}: the state holds {len(saved)} norms of shapes "
-                    f"{[tuple(a.shape) for a in saved]}, this network {len(own)} of shapes "
-                    f"{[tuple(b.shape) for b in own]}"
-                )
-            for dst, src in zip(own, saved):
-                dst.copy_(src)
+        legacy = state.get("version", 1) < STATE_VERSION
+        self._weight_norms.load(state["initial_weight_norms"], legacy=legacy)
+        saved, own = state["initial_norm_norms"], self.initial_norm_norms
+        if len(saved) != len(own) or any(a.shape != b.shape for a, b in zip(saved, own)):
+            raise ValueError(
+                f"initial_norm_norms: the state holds {len(saved)} norms of shapes "
+                f"{[tuple(a.shape) for a in saved]}, this network {len(own)} of shapes "
+                f"{[tuple(b.shape) for b in own]}"
+            )
+        for dst, src in zip(own, saved):
+            dst.copy_(src)

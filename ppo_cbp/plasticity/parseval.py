@@ -48,6 +48,22 @@ class ParsevalRegularization(PlasticityMethod):
     ``(64 / width)^2`` to carry a value tuned at width 64 to other widths; that factor is not
     applied here (it is 1 at their width, 64).
 
+    The authors' diagonal layers are left out. With ``add_diag_layer`` (``--add_diag_layer``,
+    which ``main.py`` sets for Parseval on MetaWorld) their networks put a learnable diagonal
+    layer after each regularised layer, between it and its activation: ``DiagLinear`` of
+    ``parseval_reg/utils.py`` (github.com/wechu/parseval_reg), ``y = x * c + b`` with a
+    per-unit scale ``c`` (initialised to 1) and offset ``b`` (initialised to 0), which gives
+    back each unit the freedom of scale that orthogonal rows take away (``agent.py``,
+    ``build_network``). They are not added here because this project's networks come from
+    builders that every method shares, and a diagonal layer would change the architecture the
+    other methods are compared on (and the checkpoints' modules); the regulariser itself, the
+    penalty and its gradient, is exact.
+
+    The layers are ``net.layers`` as they are at each call, the head left out: after a
+    plasticity injection of a two-layer head, the injected branch's first layer (now in the
+    place of the head's hidden layer) is regularised and the frozen one is not. ``s_l`` is
+    cached per scheme, nonlinearity and weight shape, so it follows a replaced layer.
+
     :param net: the network; every layer but the head is regularised.
     :param coefficient: ``lambda`` >= 0.
     :param scale: ``s`` > 0 for every layer, or None for each layer's initial squared row norm.
@@ -60,17 +76,36 @@ class ParsevalRegularization(PlasticityMethod):
             raise ValueError(f"coefficient must be a finite number >= 0, got {coefficient}")
         if scale is not None and not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite number > 0 (or None), got {scale}")
-        self.layers = [layer for layer in net.layers if not layer.head]
+        self.net = net
         if not self.layers:
             raise ValueError(
                 "Parseval regularisation needs a hidden layer; the net has only a head"
             )
-        self.net = net
         self.coefficient = float(coefficient)
-        self.scales = [
-            float(scale) if scale is not None else initial_row_norm_sq(layer, net.seed_dims)
-            for layer in self.layers
-        ]
+        self.scale = None if scale is None else float(scale)
+        self._scales: dict[tuple[str, str, tuple[int, ...]], float] = {}
+        for layer in self.layers:  # an unknown scheme fails here, not at the first step
+            self._scale(layer)
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The regularised layers: those of ``net.layers`` now, but the head."""
+        return [layer for layer in self.net.layers if not layer.head]
+
+    @property
+    def scales(self) -> list[float]:
+        """``s_l`` per layer of :attr:`layers`."""
+        return [self._scale(layer) for layer in self.layers]
+
+    def _scale(self, layer: Layer) -> float:
+        """``s_l`` of ``layer`` (cached: it depends on the scheme, gain and shape only)."""
+        if self.scale is not None:
+            return self.scale
+        key = (layer.init, layer.nonlinearity, tuple(layer.weight.shape))
+        s = self._scales.get(key)
+        if s is None:
+            s = self._scales[key] = initial_row_norm_sq(layer, self.net.seed_dims)
+        return s
 
     def _matrices(self, layer: Layer) -> Tensor:
         """The weight as ``[S, out, fan_in]``."""
@@ -87,7 +122,8 @@ class ParsevalRegularization(PlasticityMethod):
     def after_backward(self) -> None:
         if self.coefficient == 0:
             return
-        for layer, s in zip(self.layers, self.scales):
+        for layer in self.layers:
+            s = self._scale(layer)
             w = self._matrices(layer)
             grad = torch.bmm(self._residuals(w, s), w).mul_(4.0 * self.coefficient)
             grad = grad.reshape(layer.weight.shape)
@@ -100,7 +136,7 @@ class ParsevalRegularization(PlasticityMethod):
     def penalty(self) -> Tensor:
         """``lambda * sum_l ||W_l W_l^T - s_l I||_F^2`` per seed: shape ``[S]``."""
         per_layer = [
-            self._residuals(self._matrices(layer), s).square().sum((1, 2))
-            for layer, s in zip(self.layers, self.scales)
+            self._residuals(self._matrices(layer), self._scale(layer)).square().sum((1, 2))
+            for layer in self.layers
         ]
         return torch.stack(per_layer).sum(0).mul_(self.coefficient)

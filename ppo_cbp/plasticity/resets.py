@@ -92,6 +92,10 @@ class AdamStateReset(PlasticityMethod):
     at every target-network update; Juliani and Ash (2024, "A Study of Plasticity Loss in
     On-Policy Deep Reinforcement Learning") build a new Adam(W) at every distribution shift.
 
+    The parameters are ``net.parameters`` as they are at the boundary, so after a plasticity
+    injection the trainable branch's state is reset and the frozen head (which has none) is
+    not looked at.
+
     :param net: the network; ``net.optimizer`` must be ``torch.optim.Adam`` or ``AdamW``
         (fused, foreach or for-loop; amsgrad or not).
     """
@@ -100,11 +104,16 @@ class AdamStateReset(PlasticityMethod):
 
     def __init__(self, net: Network):
         check_adam(net.optimizer, "AdamStateReset")
+        self.net = net
         self.optimizer = net.optimizer
-        self.params = list(net.parameters)
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters whose state is reset: ``net.parameters`` now."""
+        return list(self.net.parameters)
 
     def at_task_boundary(self) -> None:
-        reset_adam_state_(self.optimizer, self.params)
+        reset_adam_state_(self.optimizer, self.net.parameters)
 
 
 class LayerReset(PlasticityMethod):
@@ -125,6 +134,9 @@ class LayerReset(PlasticityMethod):
     github.com/evgenii-nikishin/rl_with_resets); for SAC they reset every layer
     (``layers=len(net.layers)``).
 
+    The layers are the last ``layers`` of ``net.layers`` as they are at the boundary, so a layer
+    that took another's place (a plasticity injection's trainable branch) is the one reset.
+
     :param net: the network; its optimizer, if any, must be ``torch.optim.Adam``, ``AdamW`` or
         ``SGD`` (whose momentum buffers are zeroed: with no dampening, the next step is a
         fresh SGD's first) or None (only the weights are reset).
@@ -144,8 +156,13 @@ class LayerReset(PlasticityMethod):
         if net.optimizer is not None and not isinstance(net.optimizer, torch.optim.SGD):
             check_adam(net.optimizer, "LayerReset")
         self.net = net
-        self.layers = net.layers[len(net.layers) - int(layers) :]
+        self.count = int(layers)
         self.generators = generators_for(net, TAG_LAYER_RESET)
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The layers reset: the last :attr:`count` of ``net.layers`` now."""
+        return self.net.layers[len(self.net.layers) - self.count :]
 
     @torch.no_grad()
     def at_task_boundary(self) -> None:

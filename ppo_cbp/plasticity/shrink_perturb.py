@@ -56,7 +56,9 @@ class ShrinkPerturb(PlasticityMethod):
     seed ``s`` draws its slice from its own generator, stream :data:`~ppo_cbp.seeding.TAG_SHRINK_PERTURB`, one
     whole weight per layer, input side first). Biases start at 0 in this project, so their fresh
     value is 0 and they are only shrunk: ``b <- alpha * b``. Parameters outside ``net.layers``
-    (norm gains, a policy's log-std) and the optimizer state are left alone; compose with
+    (norm gains, a policy's log-std) and the optimizer state are left alone; the layers are
+    ``net.layers`` as they are at each application (after a plasticity injection, the trainable
+    branch in the head's place, not the frozen head). Compose with
     :class:`~ppo_cbp.plasticity.resets.AdamStateReset` for a new optimizer at a boundary.
 
     Two schedules (``every``):

@@ -41,6 +41,18 @@ class WeightClipping(PlasticityMethod):
     supervised sweeps cover kappa in {1, ..., 5} and their PPO script defaults to 3.0
     (``rl_experiments/ppo_continuous_action_clipped.py``).
 
+    The layers are ``net.layers`` as they are at each step, so a layer that replaced another
+    (a plasticity injection's trainable branch in the head's place) is clipped and the frozen
+    head is not; ``b_l`` is cached per scheme, nonlinearity and weight shape, so it follows a
+    replaced layer.
+
+    Order: in every trainer this method runs after the optimizer step's other weight changes,
+    after CBP's and ReDo's unit resets and after the noise of Shrink & Perturb, so that every
+    weight, a freshly reinitialised one included, is inside its bound after every step, as in
+    the source, which clips after each update. It is the last per-step transform of the
+    weights; only C-CHAIN's snapshot of the parameters (which records them and changes nothing)
+    comes after it.
+
     :param net: the network.
     :param kappa: the clipping multiple, > 0.
     """
@@ -51,13 +63,33 @@ class WeightClipping(PlasticityMethod):
         if not (math.isfinite(kappa) and kappa > 0):
             raise ValueError(f"kappa must be a finite number > 0, got {kappa}")
         self.kappa = float(kappa)
-        self.layers = list(net.layers)
-        self.bounds = [self.kappa * init_bound(layer, net.seed_dims) for layer in self.layers]
-        """``kappa * b_l`` per layer."""
+        self.net = net
+        self._bounds: dict[tuple[str, str, tuple[int, ...]], float] = {}
+        for layer in net.layers:  # an unknown scheme fails here, not at the first step
+            self._bound(layer)
+
+    def _bound(self, layer: Layer) -> float:
+        """``kappa * b_l`` of ``layer`` (cached: it depends on the scheme, gain and shape only)."""
+        key = (layer.init, layer.nonlinearity, tuple(layer.weight.shape))
+        bound = self._bounds.get(key)
+        if bound is None:
+            bound = self._bounds[key] = self.kappa * init_bound(layer, self.net.seed_dims)
+        return bound
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The clipped layers: ``net.layers`` now."""
+        return list(self.net.layers)
+
+    @property
+    def bounds(self) -> list[float]:
+        """``kappa * b_l`` per layer of :attr:`layers`."""
+        return [self._bound(layer) for layer in self.net.layers]
 
     @torch.no_grad()
     def after_step(self, hidden: Sequence[Tensor]) -> None:
-        for layer, c in zip(self.layers, self.bounds):
+        for layer in self.net.layers:
+            c = self._bound(layer)
             layer.weight.clamp_(-c, c)
             if layer.bias is not None:
                 layer.bias.clamp_(-c, c)
