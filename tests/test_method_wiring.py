@@ -189,3 +189,15 @@ def _assert_equal(a, b) -> None:
         assert torch.equal(a, b)
     else:
         assert a == b
+
+
+def test_runs_with_the_old_setting_names_pool_with_new_ones_in_the_figures(tmp_path):
+    """scripts/plot.py groups seeds by configuration: a run whose config.json names a setting
+    as before (``clip_kappa``) is the same configuration as one naming it now."""
+    from ppo_cbp.reporting.figures import _read_config, group_key
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    resolved = {"method": "weight_clipping", "lr": 0.01}
+    old.write_text(json.dumps({"resolved_method": {**resolved, "clip_kappa": 2.0}, "seed": 0}))
+    new.write_text(json.dumps({"resolved_method": {**resolved, "weight_clipping": 2.0}, "seed": 1}))
+    assert group_key(_read_config(old)) == group_key(_read_config(new))

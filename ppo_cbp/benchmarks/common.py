@@ -572,7 +572,7 @@ class RunOutputs:
             del method["extra"]  # an unused field, always empty, that runs before 0.1.0 recorded
         for key in ("method", "resolved_method"):  # settings renamed since
             if isinstance(saved.get(key), dict):
-                saved[key] = {suite.RENAMED.get(k, k): v for k, v in saved[key].items()}
+                saved[key] = suite.current_names(saved[key])
         ignored = {"resume", "progress", "out", "device"}
         run_folder.check_settings(
             path,

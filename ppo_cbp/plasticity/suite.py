@@ -161,6 +161,13 @@ RENAMED = {
 """Settings' former names on ``scripts/supervised.py`` -> their names now (still accepted as
 flags, and read in ``config.json`` files and checkpoints written before)."""
 
+
+def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with each former setting name (:data:`RENAMED`) replaced by its name now:
+    for ``config.json`` files and checkpoints written before the renaming."""
+    return {RENAMED.get(k, k): v for k, v in settings.items()}
+
+
 ORDER = (
     "l2_init",
     "parseval",

@@ -56,6 +56,7 @@ import numpy as np
 
 from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
+from ppo_cbp.plasticity import suite
 from ppo_cbp.reporting.stats import RESAMPLES, bootstrap_mean_ci
 from ppo_cbp.reporting.tables import table_rows, write_table
 
@@ -267,6 +268,9 @@ def _read_config(path: Path) -> dict[str, Any]:
         ) from e
     if not isinstance(config, dict):
         raise UsageError(f"{path} is not a JSON object; remove that run folder or fix the file")
+    for key in ("method", "resolved_method"):  # settings renamed since: runs before still pool
+        if isinstance(config.get(key), dict):
+            config[key] = suite.current_names(config[key])
     return config
 
 
