@@ -62,7 +62,15 @@ def tyro_message(text: str) -> str:
         if not rule:
             message.append(row.strip())
     line = " ".join(" ".join(message).split())
+    # an optional number's message names tyro's internals: say what was expected instead
+    line = _OPTIONAL.sub(
+        lambda m: f"expected {_KINDS.get(m[1], m[1].lower())} (or None), got {m[2]}", line
+    )
     return line.removeprefix("Error parsing ")
+
+
+_OPTIONAL = re.compile(r"no type matching \{None\}\|(\w+) could be instantiated from \[(.*?)\]")
+_KINDS = {"FLOAT": "a number", "INT": "an integer"}
 
 
 def help_width() -> int:

@@ -448,7 +448,7 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path):
         ),
         (
             ["ppo_cbp/train.py", "--seeds", "0", "--name", "x", "--grid", "learning-rate=1e-4,abc"],
-            "grid point learning-rate=abc: --learning-rate: could not convert string to float",
+            "grid point learning-rate=abc: --learning-rate: expected a number (or None), got 'abc'",
         ),
         (
             [

@@ -96,6 +96,7 @@ def test_given_fields_reads_flags_as_tyro_writes_them():
     "argv, needles",
     [
         (["--steps", "abc"], ["--steps", "abc"]),
+        (["--learning-rate", "abc"], ["--learning-rate: expected a number (or None), got 'abc'"]),
         (["--no-such-flag"], ["--no-such-flag"]),
         (["--env", "Foo-v1"], ["Foo-v1"]),
     ],
