@@ -469,10 +469,6 @@ def test_weight_clipping_comes_after_cbps_redraws():
 
 # --- plasticity injection: properties ---------------------------------------------------------
 INJECTION_PARTNERS = [n for n in HOOKED if allowed(("injection", n))]
-XFAIL_BUILD_TIME_LISTS = pytest.mark.xfail(
-    strict=True, reason="methods read the network's lists at build time"
-)
-INJECTION_FAILS = {"l2_init", "parseval", "nap", "weight_clipping", "c_chain"}
 
 
 def frozen_values(module: InjectableNetwork):
@@ -481,10 +477,7 @@ def frozen_values(module: InjectableNetwork):
 
 @pytest.mark.parametrize(
     "partner",
-    [
-        pytest.param(n, marks=[XFAIL_BUILD_TIME_LISTS] if n in INJECTION_FAILS else [])
-        for n in INJECTION_PARTNERS
-    ],
+    INJECTION_PARTNERS,
 )
 def test_injection_combinations(partner):
     """injection+X, by the definitions: right after the injection the output is that of the
