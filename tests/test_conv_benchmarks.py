@@ -414,7 +414,8 @@ def test_continual_imagenet_with_plasticity_methods_resumes_exactly(tmp_path, sp
     """Combined methods on the ConvNet: an interrupted run resumes into the rows of the run
     that never stopped, and two stacked seeds give the rows of each seed alone."""
     write_imagenet(tmp_path / "inet")
-    method = ImageNetMethodConfig(method=spec, replacement_rate=0.01, maturity_threshold=3)
+    cbp = dict(replacement_rate=0.01, maturity_threshold=3) if "cbp" in spec else {}
+    method = ImageNetMethodConfig(method=spec, **cbp)
     kw = dict(epochs=2, dtype="float64")
     full = imagenet_cfg(tmp_path, "full", seeds=[0, 1], **kw)
     full.method = method
