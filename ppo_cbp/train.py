@@ -94,7 +94,7 @@ class Args:
     threads: int | None = None
     """torch threads of this process (the minibatch update). Default: one per env, up to the cores this process may use: the update runs while the env workers sleep, so their cores are free; with one env, 1 thread is fastest for these small networks and lets runs share a machine."""
     run_name: str | None = None
-    """Run directory name under runs_dir; default <env>__<method>__s<seed>__<YYYYmmdd-HHMMSS> (local start time)."""
+    """Run directory name under runs_dir; default <env>__<label>__s<seed>__<YYYYmmdd-HHMMSS> (local start time), the label being the methods and the settings that differ from their defaults, e.g. Hopper-v4__cbp+layer_norm__replacement_rate=0.001__s1__20261207-101500."""
     runs_dir: str = "runs"
     """Parent directory of run directories."""
     resume: str | None = None

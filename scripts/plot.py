@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 from ppo_cbp.cli import UsageError, parse, report_error
 from ppo_cbp.reporting.figures import plot_runs
 from ppo_cbp.reporting.stats import RESAMPLES
+from ppo_cbp.train import Args
 
 
 @dataclass
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             band=args.band,
             resamples=args.resamples,
             bootstrap_seed=args.bootstrap_seed,
+            ppo_settings=Args,
         )
     except UsageError as e:
         return report_error(e)

@@ -53,6 +53,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from ppo_cbp.cli import UsageError, parse, report_error
+from ppo_cbp.train import Args
 
 # ---- small budget: each experiment sized for about an hour on a 2-core CPU (one job at a time)
 SCR_METHODS = ("bp", "l2", "snp", "cbp")
@@ -404,7 +405,7 @@ def make_figures(exps: list[Experiment], figures: Path, bin_size: int) -> list[s
         if not dirs:
             continue
         try:
-            for r in plot_runs(dirs, figures, bin_size=bin_size, name=name):
+            for r in plot_runs(dirs, figures, bin_size=bin_size, name=name, ppo_settings=Args):
                 files += [_rel(f) for f in r.files]
         except ValueError as err:
             print(f"note: {bench} not plotted: {err}", flush=True)

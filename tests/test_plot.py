@@ -6,11 +6,13 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tyro
 
+from ppo_cbp.ppo.settings import presets
 from ppo_cbp.reporting import figures as plotting
 from ppo_cbp.reporting.figures import bin_by_step, group_runs, load_runs, mean_and_se, plot_runs
 
@@ -156,7 +158,7 @@ def test_same_method_different_config_gets_distinct_labels(tmp_path):
         )
     groups = group_runs(load_runs([runs]))
     assert sorted(g.label for g in groups) == [
-        "L2 (weight_decay=0.0001)",
+        "L2",  # the benchmark's L2 default, 1e-4
         "L2 (weight_decay=0.001)",
     ]
 
@@ -167,7 +169,14 @@ def test_missing_metric_skips_panel_and_one_seed_has_no_band(tmp_path, capsys):
         {"bin": b, "examples": (b + 1) * 40000, "squared_error": e}
         for b, e in enumerate([2.0, 1.0])
     ]
-    supervised_run(run, "bp", {3: rows}, bin_size=40000, examples=80000)
+    supervised_run(
+        run,
+        "bp",
+        {3: rows},
+        bin_size=40000,
+        examples=80000,
+        resolved_method={"method": "bp", "lr": 0.01, "weight_decay": 0.0},  # SCR's defaults
+    )
     results = plot_runs([run], tmp_path / "fig", name="scr_small")
     assert [r.name for r in results] == ["scr_small", "scr_small_table"]
     assert {f.name for f in results[1].files} == {"scr_small_table.md", "scr_small_table.csv"}
@@ -197,12 +206,11 @@ def ppo_run(folder: Path, seed: int, scalars: dict[str, list[tuple[int, float]]]
         "redo": False,
         "shrink_perturb": False,
         "standard_adam": False,
-        "adam_beta1": 0.99,
-        "adam_beta2": 0.99,
-        "weight_decay": 0.0,
         "friction_every": 100,
     }
     config.update(cfg)
+    # the optimizer settings the trainer's presets give these method flags, unless given
+    config = {**presets(SimpleNamespace(**config)), **config}
     (folder / "config.json").write_text(json.dumps(config))
     w = SummaryWriter(str(folder))
     for tag, points in scalars.items():
@@ -356,14 +364,14 @@ def test_a_150_character_label_leaves_the_axes_their_size(tmp_path, monkeypatch,
         for other in ("b", value):
             if kind == "supervised":
                 rows = {s: pm_rows([0.5 + 0.1 * s, 0.6]) for s in (0, 1)}
-                supervised_run(runs / other[:9], "cbp", rows, paper_exact=other)
+                supervised_run(runs / other[:9], "cbp", rows, paper_exact=other, label=other)
             else:
                 for seed in (1, 2):
                     ppo_run(
                         runs / f"{other[:9]}_{seed}", seed,
                         {"charts/episodic_return": [(100, seed), (200, 2.0 * seed)],
                          "plasticity/policy/dead_units": [(100, 0.1), (200, 0.2)]},
-                        cbp=True, paper_exact=other,
+                        cbp=True, paper_exact=other, label=other,
                     )  # fmt: skip
         figures = _close_recorder(monkeypatch)
         assert (

@@ -277,8 +277,11 @@ def test_start_line_and_closing_summary(tmp_path, progress):
     run_dirs = list((tmp_path / "runs").iterdir())
     assert len(run_dirs) == 1
     run = Path("runs") / run_dirs[0].name
-    # default name: <env>__<method>__s<seed>__<YYYYmmdd-HHMMSS>
-    assert re.fullmatch(r"Hopper-v4__cbp__s1__\d{8}-\d{6}", run.name), run.name
+    # default name: <env>__<label's slug>__s<seed>__<YYYYmmdd-HHMMSS>: the methods, then the
+    # settings that differ from those of --cbp alone
+    settings = "maturity_threshold=4,num_minibatches=4,num_steps=256,replacement_rate=0.05"
+    name = rf"Hopper-v4__cbp__{settings},update_epochs=2__s1__\d{{8}}-\d{{6}}"
+    assert re.fullmatch(name, run.name), run.name
     assert first == f"writing to {run} (TensorBoard events, config.json, checkpoint.pt)"
 
     m = SUMMARY_RE.fullmatch(rest)

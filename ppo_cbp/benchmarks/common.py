@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -344,6 +344,43 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
     return r
 
 
+# Configuration fields that do not define an experiment (where it writes, which seeds, how
+# long it runs): left out of its label.
+NOT_IN_LABEL = frozenset(
+    {"out", "seeds", "device", "progress", "resume", "data_dir", "download", "chunk", "label"}
+    | {"tasks", "examples", "bins", "method"}
+)
+
+
+def run_label(
+    cfg: Any, method: ResolvedMethod, resolve: Callable[[MethodConfig], ResolvedMethod]
+) -> suite.Label:
+    """The label of a run's configuration (:class:`~ppo_cbp.plasticity.suite.Label`): the
+    methods of ``--method`` and every setting that differs from the benchmark's default (the
+    method's settings from those of the same ``--method`` alone).
+
+    :param cfg: the benchmark's configuration (a dataclass with a ``method`` field).
+    :param method: its resolved method.
+    :param resolve: resolves a method configuration with the benchmark's defaults.
+    """
+    plain = resolve(type(cfg.method)(method=cfg.method.method))
+    config: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in NOT_IN_LABEL:
+            continue
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+        config[f.name] = getattr(cfg, f.name)
+    skip = {"method", "methods"}
+    config.update({k: v for k, v in asdict(method).items() if k not in skip})
+    defaults.update({k: v for k, v in asdict(plain).items() if k not in skip})
+    names = [n.strip() for n in str(cfg.method.method).split("+")]
+    return suite.Label.of(names, config, defaults, NOT_IN_LABEL)
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if device == "auto":
@@ -573,7 +610,7 @@ class RunOutputs:
         for key in ("method", "resolved_method"):  # settings renamed since
             if isinstance(saved.get(key), dict):
                 saved[key] = suite.current_names(saved[key])
-        ignored = {"resume", "progress", "out", "device"}
+        ignored = {"resume", "progress", "out", "device", "label"}
         run_folder.check_settings(
             path,
             [

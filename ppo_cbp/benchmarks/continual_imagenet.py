@@ -59,6 +59,7 @@ from ppo_cbp.benchmarks.common import (
     method_flags,
     resolve_device,
     resolve_dtype,
+    run_label,
 )
 from ppo_cbp.benchmarks.conv_learner import (
     PLASTICITY_METHODS,
@@ -272,6 +273,9 @@ def run_continual_imagenet(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
+    config["label"] = run_label(
+        cfg, method, lambda m: resolve_module_method(m, DEFAULTS, {"linear": "bp"})
+    ).text
     outputs = RunOutputs("continual-imagenet", cfg.out, seeds, config, cfg.resume)
     data = load_imagenet32(
         cfg.data_dir, cfg.images_per_class, cfg.test_images_per_class, cfg.layout, cfg.test_source

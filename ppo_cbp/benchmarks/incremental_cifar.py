@@ -80,6 +80,7 @@ from ppo_cbp.benchmarks.common import (
     method_flags,
     resolve_device,
     resolve_dtype,
+    run_label,
 )
 from ppo_cbp.benchmarks.conv_learner import StackedLearner, resolve_module_method
 from ppo_cbp.datasets.augment import augment_seeds, normalize
@@ -362,6 +363,9 @@ def run_incremental_cifar(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
+    config["label"] = run_label(
+        cfg, method, lambda m: resolve_module_method(m, DEFAULTS, ALIASES)
+    ).text
     outputs = RunOutputs("incremental-cifar", cfg.out, seeds, config, cfg.resume)
     data = load_cifar100(cfg.data_dir, download=cfg.download)
     classes = np.unique(data.train_labels)

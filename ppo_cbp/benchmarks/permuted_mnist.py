@@ -49,6 +49,7 @@ from ppo_cbp.benchmarks.common import (
     resolve_device,
     resolve_dtype,
     resolve_method,
+    run_label,
 )
 from ppo_cbp.datasets.mnist import example_indices, load_mnist, permuted_mnist_task
 from ppo_cbp.errors import UsageError
@@ -237,6 +238,7 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
+    config["label"] = run_label(cfg, method, lambda m: resolve_method(m, DEFAULTS)).text
     config.update(resolved_method=config_dict(method), resolved_tasks=tasks, task_examples=n)
     outputs = RunOutputs("permuted-mnist", cfg.out, seeds, config, cfg.resume)
     images, labels = load_mnist(cfg.data_dir, "train", download=cfg.download, device=device)

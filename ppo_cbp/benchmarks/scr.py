@@ -40,6 +40,7 @@ from ppo_cbp.benchmarks.common import (
     resolve_device,
     resolve_dtype,
     resolve_method,
+    run_label,
 )
 from ppo_cbp.datasets.scr import SlowlyChangingRegressionBatch
 from ppo_cbp.errors import UsageError
@@ -169,6 +170,7 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype)
     config = config_dict(cfg)
+    config["label"] = run_label(cfg, method, lambda m: resolve_method(m, DEFAULTS)).text
     config.update(resolved_method=config_dict(method), bins=bins)
     stream = SlowlyChangingRegressionBatch(
         seeds,

@@ -80,6 +80,7 @@ class Method:
         option of the network builders) or ``"baseline"``.
     :param settings: the names of its settings (:data:`SETTINGS`).
     :param source: where its definition and defaults come from.
+    :param title: its name in figures, tables and summaries.
     """
 
     name: str
@@ -87,32 +88,74 @@ class Method:
     kind: str
     settings: tuple[str, ...] = ()
     source: str = ""
+    title: str = ""
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("bp", None, "baseline", (), "SGD (Dohare et al. 2024)"),
-        Method("l2", "--l2", "regulariser", (), "coupled L2 in the optimizer (Dohare et al.)"),
-        Method("snp", "--shrink-perturb", "per-step", ("noise_std",), "Ash & Adams 2020"),
+        Method("bp", None, "baseline", (), "SGD (Dohare et al. 2024)", title="Backprop"),
+        Method(
+            "l2",
+            "--l2",
+            "regulariser",
+            (),
+            "coupled L2 in the optimizer (Dohare et al.)",
+            title="L2",
+        ),
+        Method(
+            "snp",
+            "--shrink-perturb",
+            "per-step",
+            ("noise_std",),
+            "Ash & Adams 2020",
+            title="Shrink & Perturb",
+        ),
         Method(
             "cbp",
             "--cbp",
             "unit reset",
             ("replacement_rate", "maturity_threshold", "decay_rate", "utility"),
             "Dohare et al. 2024, Algorithm 1",
+            title="CBP",
         ),
-        Method("redo", "--redo", "unit reset", ("redo_threshold", "redo_period"), "Sokar 2023"),
-        Method("adam", None, "optimizer", ("adam_betas", "adam_eps"), "Kingma & Ba 2015"),
-        Method("dropout", None, "architecture", ("dropout",), "Srivastava et al. 2014"),
-        Method("online_norm", None, "architecture", ("alpha_f", "alpha_b"), "Chiley 2019"),
-        Method("l2_init", "--l2-init", "regulariser", ("l2_init",), "Kumar et al. 2023"),
+        Method(
+            "redo",
+            "--redo",
+            "unit reset",
+            ("redo_threshold", "redo_period"),
+            "Sokar 2023",
+            title="ReDo",
+        ),
+        Method(
+            "adam", None, "optimizer", ("adam_betas", "adam_eps"), "Kingma & Ba 2015", title="Adam"
+        ),
+        Method(
+            "dropout", None, "architecture", ("dropout",), "Srivastava et al. 2014", title="Dropout"
+        ),
+        Method(
+            "online_norm",
+            None,
+            "architecture",
+            ("alpha_f", "alpha_b"),
+            "Chiley 2019",
+            title="Online norm",
+        ),
+        Method(
+            "l2_init",
+            "--l2-init",
+            "regulariser",
+            ("l2_init",),
+            "Kumar et al. 2023",
+            title="L2-Init",
+        ),
         Method(
             "snp_init",
             "--shrink-perturb-init",
             "task boundary",
             ("shrink_perturb_init",),
             "Ash & Adams 2020",
+            title="S&P to init",
         ),
         Method(
             "soft_snp",
@@ -120,30 +163,63 @@ METHODS: dict[str, Method] = {
             "per-step",
             ("soft_shrink_perturb",),
             "Juliani & Ash 2024",
+            title="Soft S&P",
         ),
-        Method("parseval", "--parseval", "regulariser", ("parseval",), "Chung et al. 2024"),
+        Method(
+            "parseval",
+            "--parseval",
+            "regulariser",
+            ("parseval",),
+            "Chung et al. 2024",
+            title="Parseval",
+        ),
         Method(
             "weight_clipping",
             "--weight-clipping",
             "per-step",
             ("weight_clipping",),
             "Elsayed et al. 2024",
+            title="Weight clipping",
         ),
-        Method("head_reset", "--head-reset", "task boundary", ("head_reset",), "Nikishin 2022"),
-        Method("adam_reset", "--adam-reset", "task boundary", (), "Asadi et al. 2023"),
-        Method("layer_norm", "--layer-norm", "architecture", (), "Lyle et al. 2024"),
-        Method("nap", "--nap", "per-step", (), "Lyle et al. 2024"),
-        Method("crelu", "--crelu", "architecture", (), "Abbas et al. 2023"),
-        Method("injection", "--injection", "task boundary", ("injection_layers",), "Nikishin 2023"),
+        Method(
+            "head_reset",
+            "--head-reset",
+            "task boundary",
+            ("head_reset",),
+            "Nikishin 2022",
+            title="Head reset",
+        ),
+        Method(
+            "adam_reset",
+            "--adam-reset",
+            "task boundary",
+            (),
+            "Asadi et al. 2023",
+            title="Adam reset",
+        ),
+        Method(
+            "layer_norm", "--layer-norm", "architecture", (), "Lyle et al. 2024", title="LayerNorm"
+        ),
+        Method("nap", "--nap", "per-step", (), "Lyle et al. 2024", title="NaP"),
+        Method("crelu", "--crelu", "architecture", (), "Abbas et al. 2023", title="CReLU"),
+        Method(
+            "injection",
+            "--injection",
+            "task boundary",
+            ("injection_layers",),
+            "Nikishin 2023",
+            title="Injection",
+        ),
         Method(
             "upgd",
             "--upgd",
             "optimizer",
             ("upgd_sigma", "upgd_beta_utility"),
             "Elsayed & Mahmood 2024",
+            title="UPGD",
         ),
-        Method("trac", "--trac", "optimizer", (), "Muppidi et al. 2024"),
-        Method("c_chain", "--c-chain", "per-step", (), "Tang et al. 2025"),
+        Method("trac", "--trac", "optimizer", (), "Muppidi et al. 2024", title="TRAC"),
+        Method("c_chain", "--c-chain", "per-step", (), "Tang et al. 2025", title="C-CHAIN"),
     )
 }
 """Every method of the suite, by name."""
@@ -482,3 +558,78 @@ def build(
 
     each("c_chain", churn)
     return suite
+
+
+BASELINES = {"tuned_adam": "Tuned Adam", "standard_adam": "Standard Adam"}
+"""PPO's optimizer baselines, named as the paper names them: what a label says when no method
+is selected (tuned Adam) or when the standard betas are."""
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "/".join(_value(x) for x in v)
+    return str(v)
+
+
+@dataclass(frozen=True)
+class Label:
+    """A configuration's one name: its methods (in :data:`METHODS`' order, or a baseline of
+    :data:`BASELINES`) and the settings whose values differ from what those methods take by
+    default. It depends on the configuration alone, never on which other runs are shown.
+
+    :param methods: the methods' names.
+    :param settings: ``(name, value)`` pairs, sorted by name.
+    """
+
+    methods: tuple[str, ...]
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        methods: Iterable[str],
+        config: Mapping[str, Any],
+        defaults: Mapping[str, Any] | None,
+        ignore: Collection[str] = (),
+    ) -> Label:
+        """The label of ``config`` (a flat dict of settings) with methods ``methods``.
+
+        :param defaults: the settings of the same methods with everything else at its default;
+            ``None`` when unknown (a run written before labels were recorded): every setting of
+            the selected methods, the step size and the weight decay are named then.
+        :param ignore: keys that do not define the configuration (seeds, paths, budgets).
+        """
+        names = set(methods)
+        order = [*BASELINES, *METHODS]
+        methods = tuple(sorted(names, key=lambda n: order.index(n) if n in order else len(order)))
+        if defaults is None:  # the methods' settings, and the optimizer's
+            optimizer = {"lr", "learning_rate", "weight_decay"}
+            keys = [k for k in config if SETTINGS.get(k) in names or k in optimizer]
+        else:
+            keys = [k for k in config if k not in ignore and config[k] != defaults.get(k)]
+        return cls(methods, tuple(sorted((k, config[k]) for k in keys if k not in ignore)))
+
+    @property
+    def text(self) -> str:
+        """For figures and tables: ``CBP + L2-Init (replacement_rate=0.001)``."""
+        titles = [
+            BASELINES.get(n) or METHODS[n].title if n in METHODS or n in BASELINES else n
+            for n in self.methods
+        ]
+        text = " + ".join(titles)
+        if self.settings:
+            text += " (" + ", ".join(f"{k}={_value(v)}" for k, v in self.settings) + ")"
+        return text
+
+    @property
+    def slug(self) -> str:
+        """For folder names: ``cbp+l2_init__replacement_rate=0.001`` (letters, digits and
+        ``+_=.,-`` only)."""
+        slug = "+".join(self.methods)
+        if self.settings:
+            slug += "__" + ",".join(f"{k}={_value(v)}" for k, v in self.settings)
+        return "".join(c if c.isalnum() or c in "+_=.,-" else "-" for c in slug)

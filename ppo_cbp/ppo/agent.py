@@ -57,6 +57,26 @@ _SWITCHES = {
 }
 
 
+# The value a value-switched flag takes when its method is named with its source's default
+# (``--l2-init 0.01``): what a configuration's label takes as the method's default.
+_SOURCE_VALUES = {
+    "l2_init": 1e-2,
+    "parseval": 1e-3,
+    "weight_clipping": 3.0,
+    "soft_snp": 0.999999,
+    "snp_init": 0.5,
+    "head_reset": 1,
+}
+
+
+def switch_default(name: str) -> tuple[str, Any]:
+    """The ``Args`` field that switches method ``name`` on and its value for the method at its
+    source's default: ``("cbp", True)``, ``("l2_init", 0.01)``, ``("shrink_perturb", True)``."""
+    off = _SWITCHES[name]
+    field = off if isinstance(off, str) else off[0] if isinstance(off, tuple) else name
+    return field, _SOURCE_VALUES.get(name, True)
+
+
 def method_names(args: Any) -> tuple[str, ...]:
     """The suite's names of the methods ``args`` (``train.py``'s ``Args``) switch on."""
     names = []

@@ -35,7 +35,7 @@ from ppo_cbp import run_folder
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.ppo.normalize import RunningMeanStd
 from ppo_cbp.ppo.protocols import Settings, TrainedAgent
-from ppo_cbp.ppo.settings import CHECKPOINT_FORMAT, args_dict
+from ppo_cbp.ppo.settings import CHECKPOINT_FORMAT, args_dict, configuration_label
 from ppo_cbp.seeding import PPO_STREAMS, ppo_seeds
 
 __all__ = [
@@ -219,7 +219,9 @@ def open_outputs(run_dir: Path, args: Settings, state: RunState, resumed: bool) 
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = run_folder.open_writer(run_dir, state.global_step + 1 if resumed else None)
     resolved = args_dict(args)
-    run_folder.write_config(run_dir / "config.json", resolved)
+    run_folder.write_config(
+        run_dir / "config.json", dict(resolved, label=configuration_label(args).text)
+    )
     if not resumed:
         table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)

@@ -14,6 +14,7 @@ that file (which imports them).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -35,7 +36,8 @@ __all__ = [
     "find_checkpoint",
     "given_fields",
     "merge_resume",
-    "method_tag",
+    "configuration_label",
+    "run_slug",
     "read_checkpoint",
     "resolve_args",
     "run_settings",
@@ -66,6 +68,37 @@ def check_env_id(env_id: str) -> None:
             f"unknown env id {env_id!r}: expected one of {', '.join(TESTED_ENVS)} "
             "(or another gymnasium MuJoCo env of version >= 4)"
         )
+
+
+def presets(args: Any) -> dict[str, Any]:
+    """The optimizer settings a run takes when its flags leave them out, given its method
+    flags (``args``: ``Args``, or any object or namespace with those flags):
+
+    * ``weight_decay``: 1e-3 with ``--l2`` (the paper's L2) or ``--upgd`` (the UPGD authors' PPO
+      script), 1e-4 with ``--cbp``, ``--redo`` or ``--shrink-perturb`` (the paper's), else 0;
+    * ``adam_beta1``, ``adam_beta2``: the paper's tuned 0.99, 0.99; 0.9, 0.999 with
+      ``--standard-adam`` or ``--upgd`` (AdaptiveUPGD's defaults);
+    * ``learning_rate``: 1e-4 (the paper's), 3e-4 with ``--upgd``; ``adam_eps``: 1e-8, 1e-5 with
+      ``--upgd`` (the UPGD authors' PPO script).
+    """
+
+    def on(name: str) -> bool:
+        return bool(getattr(args, name, False))
+
+    if on("l2") or on("upgd"):
+        weight_decay = 1e-3
+    elif on("cbp") or on("redo") or on("shrink_perturb"):
+        weight_decay = 1e-4
+    else:
+        weight_decay = 0.0
+    standard = on("standard_adam") or on("upgd")
+    return dict(
+        weight_decay=weight_decay,
+        adam_beta1=0.9 if standard else 0.99,
+        adam_beta2=0.999 if standard else 0.99,
+        learning_rate=3e-4 if on("upgd") else 1e-4,
+        adam_eps=1e-5 if on("upgd") else 1e-8,
+    )
 
 
 def resolve_args(args: SettingsT) -> SettingsT:
@@ -174,18 +207,10 @@ def resolve_args(args: SettingsT) -> SettingsT:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA GPU is available")
 
-    if args.weight_decay is not None:
-        weight_decay = args.weight_decay
-    elif args.l2 or args.upgd:  # the paper's L2; the UPGD authors' PPO script
-        weight_decay = 1e-3
-    elif args.cbp or args.redo or args.shrink_perturb:
-        weight_decay = 1e-4
-    else:
-        weight_decay = 0.0
-    # the UPGD authors' PPO script: their AdaptiveUPGD's defaults, lr 3e-4 and eps 1e-5
-    betas = (0.9, 0.999) if args.standard_adam or args.upgd else (0.99, 0.99)
-    learning_rate = 3e-4 if args.upgd else 1e-4
-    adam_eps = 1e-5 if args.upgd else 1e-8
+    preset = presets(args)
+    weight_decay = preset["weight_decay"] if args.weight_decay is None else args.weight_decay
+    betas = (preset["adam_beta1"], preset["adam_beta2"])
+    learning_rate, adam_eps = preset["learning_rate"], preset["adam_eps"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or min(args.num_envs, cores or 1)
     return dataclasses.replace(
@@ -204,12 +229,51 @@ def resolve_args(args: SettingsT) -> SettingsT:
     )
 
 
-def method_tag(args: Settings) -> str:
-    tags = [t for t, on in (("cbp", args.cbp), ("redo", args.redo), ("l2", args.l2)) if on]
-    tags += ["snp"] if args.shrink_perturb else []
-    tags += ["stdadam"] if args.standard_adam else []
-    tags += ["exact"] if args.paper_exact else []
-    return "+".join(tags) or "ppo"
+# Fields that do not define a configuration (where and how long it runs, its seed), left out
+# of its label.
+NOT_IN_LABEL = frozenset(
+    {"env", "steps", "seed", "device", "threads", "run_name", "runs_dir", "resume"}
+    | {"checkpoint_every", "metrics_every", "progress", "provenance", "label"}
+)
+
+
+def configuration_label(args: Settings) -> suite.Label:
+    """The label of a run's configuration (:class:`~ppo_cbp.plasticity.suite.Label`): its
+    methods, or the Adam baseline, and the settings that differ from those of the same methods
+    with every other flag at its default (a value-switched method at its source's value, e.g.
+    ``--l2-init 0.01``).
+
+    :param args: the resolved settings.
+    """
+    names = agent.method_names(args)
+    # --paper-exact's presets (bootstrap, optimizer-state reset) belong to it, not to the label
+    baseline = dict(
+        env=args.env, device="cpu", standard_adam=args.standard_adam, paper_exact=args.paper_exact
+    )
+    for name in names:
+        field, value = agent.switch_default(name)
+        baseline[field] = value
+    defaults = args_dict(resolve_args(type(args)(**baseline)))
+    methods = list(names) or ["tuned_adam"]
+    if args.standard_adam:
+        methods = [n for n in methods if n != "tuned_adam"] + ["standard_adam"]
+    switches = {agent.switch_default(n)[0] for n in suite.METHODS if suite.METHODS[n].flag}
+    bools = {f for f in switches if isinstance(getattr(args, f), bool)} | {"standard_adam"}
+    label = suite.Label.of(methods, args_dict(args), defaults, NOT_IN_LABEL | bools)
+    if args.paper_exact:
+        label = dataclasses.replace(
+            label, settings=tuple(sorted((*label.settings, ("paper_exact", True))))
+        )
+    return label
+
+
+def run_slug(label: suite.Label) -> str:
+    """A label's slug for a folder name, at most 100 characters (a longer one is cut and
+    ends in a hash of the whole, so that two configurations never share a folder name)."""
+    slug = label.slug
+    if len(slug) <= 100:
+        return slug
+    return slug[:90] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:9]
 
 
 def args_dict(args: Settings) -> dict[str, Any]:
@@ -356,7 +420,8 @@ def run_settings(
         run_folder.refuse_finished(run_dir, "step", int(ckpt["global_step"]), args.steps, advice)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_name = args.run_name or f"{args.env}__{method_tag(args)}__s{args.seed}__{stamp}"
+        slug = run_slug(configuration_label(args))
+        run_name = args.run_name or f"{args.env}__{slug}__s{args.seed}__{stamp}"
         run_dir = Path(args.runs_dir) / run_name
         if (run_dir / CHECKPOINT_NAME).exists():
             raise UsageError(

@@ -42,7 +42,9 @@ labels leave the axes their size. Figures go to ``out_dir``, by default
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -71,6 +73,7 @@ IGNORED_KEYS = frozenset(
         "progress",
         "checkpoint_every",
         "provenance",  # which code ran: seeds run by other commits still pool
+        "label",  # the configuration's name, made from the other keys
         "started_with",
         # supervised
         "out",
@@ -181,6 +184,8 @@ class SeedRun:
     """PPO: TensorBoard tag -> (steps, values)."""
     length: int = 0
     """Supervised: rows; PPO: the last logged environment step."""
+    label: str = ""
+    """The configuration's label (:func:`run_label`)."""
 
 
 def is_run_dir(path: Path) -> bool:
@@ -271,7 +276,92 @@ def _read_config(path: Path) -> dict[str, Any]:
     for key in ("method", "resolved_method"):  # settings renamed since: runs before still pool
         if isinstance(config.get(key), dict):
             config[key] = suite.current_names(config[key])
+            spec = config[key].get("method")
+            if isinstance(spec, str):  # the suite's order is the methods' order: one name
+                config[key]["method"] = "+".join(_in_suite_order(spec.split("+")))
     return config
+
+
+def _in_suite_order(names: Sequence[str]) -> list[str]:
+    order = list(suite.METHODS)
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def run_label(config: dict[str, Any], kind: str, ppo_settings: type | None = None) -> str:
+    """The label of a run: the one its ``config.json`` recorded (the run's own
+    :class:`~ppo_cbp.plasticity.suite.Label`). A run written before labels were recorded gets
+    the label it would get now where its settings are known: a PPO run through ``ppo_settings``
+    (``train.py``'s ``Args``, which the command lines pass), a supervised run through its
+    benchmark's method defaults; otherwise its methods with each of their settings, the step
+    size and the weight decay."""
+    if isinstance(config.get("label"), str):
+        return config["label"]
+    if kind == "ppo":
+        return _ppo_label(config, ppo_settings)
+    resolved = config.get("resolved_method") or {}
+    spec = str(resolved.get("method", "bp")) if isinstance(resolved, dict) else str(resolved)
+    flat = resolved if isinstance(resolved, dict) else {}
+    names = spec.split("+")
+    defaults = _method_defaults(kind, spec)
+    if defaults is None:
+        return suite.Label.of(names, flat, None).text
+    keys = {k for k in flat if k not in ("method", "methods")}
+    return suite.Label.of(names, {k: flat[k] for k in keys}, defaults, ()).text
+
+
+def _method_defaults(kind: str, spec: str) -> dict[str, Any] | None:
+    """The resolved settings of ``--method spec`` alone on benchmark ``kind``, or None."""
+    from dataclasses import asdict
+
+    from ppo_cbp.benchmarks import continual_imagenet, incremental_cifar, permuted_mnist, scr
+    from ppo_cbp.benchmarks.common import MethodConfig, resolve_method
+    from ppo_cbp.benchmarks.conv_learner import resolve_module_method
+
+    try:
+        if kind in ("permuted_mnist", "scr"):
+            module = permuted_mnist if kind == "permuted_mnist" else scr
+            return asdict(resolve_method(MethodConfig(method=spec), module.DEFAULTS))
+        if kind == "imagenet":
+            cfg = continual_imagenet.ImageNetMethodConfig(method=spec)
+            return asdict(resolve_module_method(cfg, continual_imagenet.DEFAULTS, {"linear": "bp"}))
+        if kind == "cifar":
+            cfg = incremental_cifar.CIFARMethodConfig(method=spec)
+            m = resolve_module_method(cfg, incremental_cifar.DEFAULTS, incremental_cifar.ALIASES)
+            return asdict(m)
+    except (UsageError, TypeError, ValueError):
+        pass
+    return None
+
+
+def _ppo_label(config: dict[str, Any], ppo_settings: type | None) -> str:
+    from ppo_cbp.ppo.settings import args_from_dict, configuration_label, resolve_args
+
+    if ppo_settings is not None:
+        known = {f.name for f in dataclasses.fields(ppo_settings)}
+        defaults = dataclasses.asdict(ppo_settings())
+        given = {k: v for k, v in config.items() if k in known}
+        try:
+            args = args_from_dict(ppo_settings, {**defaults, **given, "device": "cpu"})
+            return configuration_label(resolve_args(args)).text
+        except (UsageError, TypeError, ValueError):
+            pass
+    # unknown settings: the methods' own settings, and the optimizer's against the presets
+    from types import SimpleNamespace
+
+    from ppo_cbp.ppo.agent import method_names
+    from ppo_cbp.ppo.settings import presets
+
+    flags = SimpleNamespace(**config)
+    try:
+        names = list(method_names(flags))
+    except AttributeError:  # written before some method flags: only the paper's methods
+        names = [n for n in ("cbp", "redo", "l2") if config.get(n)]
+        names += ["snp"] if config.get("shrink_perturb") else []
+    names += ["standard_adam"] if config.get("standard_adam") else []
+    defaults = presets(flags)
+    keys = [k for k in config if k in defaults or suite.SETTINGS.get(k) in names]
+    shown = {k: config[k] for k in keys}
+    return suite.Label.of(names or ["tuned_adam"], shown, {**shown, **defaults}).text
 
 
 def group_key(config: dict[str, Any]) -> dict[str, Any]:
@@ -360,12 +450,13 @@ def load_supervised(run_dir: Path) -> list[SeedRun]:
                 config=group_key(config),
                 columns=columns,
                 length=len(next(iter(columns.values()))),
+                label=run_label(config, _supervised_kind(config, columns)),
             )
         )
     return runs
 
 
-def load_ppo(run_dir: Path) -> list[SeedRun]:
+def load_ppo(run_dir: Path, ppo_settings: type | None = None) -> list[SeedRun]:
     """The run's TensorBoard scalars (all of them, every event file in the folder)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -390,18 +481,22 @@ def load_ppo(run_dir: Path) -> list[SeedRun]:
             config=group_key(config),
             scalars=scalars,
             length=int(max(s.max() for s, _ in scalars.values() if len(s))),
+            label=run_label(config, "ppo", ppo_settings),
         )
     ]
 
 
-def load_runs(paths: Sequence[Path | str]) -> list[SeedRun]:
+def load_runs(paths: Sequence[Path | str], ppo_settings: type | None = None) -> list[SeedRun]:
     """Every seed of every run folder among and below ``paths``.
 
+    :param ppo_settings: ``train.py``'s ``Args``, to label PPO runs that recorded no label as
+        a new run is labelled (:func:`run_label`).
     :raises UsageError: when no folder is found, a file is unreadable or no run holds data.
     """
     runs: list[SeedRun] = []
     for d in find_run_dirs(paths):
-        runs += load_supervised(d) if any(d.glob("seed_*/metrics.csv")) else load_ppo(d)
+        supervised = any(d.glob("seed_*/metrics.csv"))
+        runs += load_supervised(d) if supervised else load_ppo(d, ppo_settings)
     if not runs:
         raise UsageError(f"the run folders under {', '.join(map(str, paths))} hold no data yet")
     return runs
@@ -435,11 +530,11 @@ def _canonical(config: dict[str, Any]) -> str:
 
 
 def group_runs(runs: Sequence[SeedRun]) -> list[Group]:
-    """Runs grouped by (kind, configuration); labels made unique within each figure (each
-    supervised benchmark, each PPO env), so one method has one label across the PPO envs.
-
-    Two groups of the same method get the configuration values in which they differ appended
-    to the label, e.g. ``L2 (weight_decay=0.001)``.
+    """Runs grouped by (kind, configuration), each group labelled with its configuration's
+    label (:func:`run_label`: its methods and the settings that differ from their defaults),
+    which does not depend on the other runs shown. Should two groups of one figure still share
+    a label (runs written before labels were recorded differing in a setting outside their
+    methods'), each gets a short hash of its configuration appended.
 
     :raises UsageError: when run folders hold the same seed of one configuration (naming them
         all: the figure would count that seed twice).
@@ -463,18 +558,15 @@ def group_runs(runs: Sequence[SeedRun]) -> list[Group]:
     out = list(groups.values())
     for g in out:
         g.runs.sort(key=lambda r: r.seed)
-        names = PPO_NAMES if g.kind == "ppo" else SUPERVISED_NAMES
-        g.label = names.get(g.method, g.method)
+        g.label = g.runs[0].label
     for fig in {figure_key(g) for g in out}:
         same_fig = [g for g in out if figure_key(g) == fig]
         for label in {g.label for g in same_fig}:
             clash = [g for g in same_fig if g.label == label]
-            if len(clash) < 2:
-                continue
-            flat = [_flatten(g.config) for g in clash]
-            keys = sorted({k for f in flat for k in f if len({str(x.get(k)) for x in flat}) > 1})
-            for g, f in zip(clash, flat):
-                g.label += " (" + ", ".join(f"{k}={f.get(k)}" for k in keys[:3]) + ")"
+            if len(clash) > 1:  # runs that recorded no label, or settings a label leaves out
+                for g in clash:
+                    digest = hashlib.sha1(_canonical(g.config).encode()).hexdigest()[:6]
+                    g.label += f" [{digest}]"
     out.sort(key=lambda g: (g.kind, _METHOD_ORDER.get(g.method, len(_METHOD_ORDER)), g.label))
     return out
 
@@ -725,13 +817,23 @@ class FigureResult:
 
 
 def _colour_map(groups: Sequence[Group]) -> dict[str, str]:
+    """One colour per group, never two groups the same: the paper's colour for the first group
+    of each of its methods, then distinct colours of matplotlib's palettes, then evenly spaced
+    hues (as many as needed)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import hsv_to_rgb, to_hex
+
     colours: dict[str, str] = {}
     used: set[str] = set()
-    spare = iter(_FALLBACK_COLOURS * 4)
-    for g in groups:
+    palette = [to_hex(c) for name in ("tab10", "Dark2", "tab20b") for c in colormaps[name].colors]
+    spare = iter([to_hex(c) for c in _FALLBACK_COLOURS] + palette)
+    for i, g in enumerate(groups):
         c = METHOD_COLOURS.get(g.method)
-        if c is None or c in used:
-            c = next(spare)
+        c = None if c is None else to_hex(c)
+        while c is None or c in used:
+            c = next(spare, None) or to_hex(hsv_to_rgb(((i * 0.618034) % 1, 0.75, 0.8)))
+            if c in used:
+                i += 1
         colours[g.label] = c
         used.add(c)
     return colours
@@ -976,6 +1078,7 @@ def plot_runs(
     band: str = "ci",
     resamples: int = RESAMPLES,
     bootstrap_seed: int = 0,
+    ppo_settings: type | None = None,
 ) -> list[FigureResult]:
     """Read the runs among and below ``paths`` (folders or glob patterns) and write one figure
     per benchmark (per env for PPO) to ``out_dir`` (default :func:`default_out_dir`):
@@ -985,7 +1088,8 @@ def plot_runs(
     run in the figure). ``task_bin``: consecutive rows (tasks, bins, increments) averaged into
     one point for the supervised benchmarks (1 = every row). ``name``: the figure's file name
     (with the benchmark appended when there are several). ``band``: ``"ci"``, the 95% bootstrap
-    CI of the mean, or ``"se"``, one standard error. ``resamples`` and ``bootstrap_seed``: of
+    CI of the mean, or ``"se"``, one standard error. ``ppo_settings``: ``train.py``'s ``Args``,
+    to label PPO runs that recorded no label (:func:`run_label`). ``resamples`` and ``bootstrap_seed``: of
     every bootstrap, in the figures and the table.
 
     Besides the figures, ``<name>_table.md`` and ``.csv`` (``table`` without a ``name``): the
@@ -1005,7 +1109,7 @@ def plot_runs(
         raise UsageError(f"band must be one of {', '.join(BANDS)}, got {band!r}")
     if resamples < 1:
         raise UsageError(f"resamples must be >= 1, got {resamples}")
-    runs = load_runs(paths)
+    runs = load_runs(paths, ppo_settings)
     out = default_out_dir([r.run_dir for r in runs]) if out_dir is None else Path(out_dir)
     run_folder.check_writable(out, "the figures folder" if out_dir is None else "--out")
     groups = group_runs(runs)
