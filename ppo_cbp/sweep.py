@@ -19,13 +19,16 @@ Layout under ``<runs_dir>/<sweep name>/``:
   standard error ``s / sqrt(n)`` (``s`` the sample standard deviation, ``ddof = 1``; empty for
   ``n = 1``).
 
-Metrics per seed. Supervised runs (from ``summary.json``): ``final_<m>``, the value of ``m`` in
-the last row of ``metrics.csv`` (last task or bin), and ``mean_<m>``, its mean over all rows
-(for measured metrics only, not for labels such as class ids or the cumulative units replaced).
-PPO runs (from the TensorBoard scalar ``charts/episodic_return``, step = environment step at
-the episode's end): ``mean_episodic_return`` over all episodes, ``final_episodic_return`` over
-the episodes that end in the last ``FINAL_FRACTION`` (10%) of the run's last logged step (at
-least the last episode), ``episodes`` and ``last_step``.
+Metrics per seed, "final" as the tables of ``scripts/plot.py`` define it
+(:func:`ppo_cbp.reporting.tables.seed_metrics`). Supervised runs (from ``metrics.csv`` and
+``summary.json``): ``final_<m>``, the mean of ``m`` over the last tenth of the rows (tasks or
+bins; at least the last row), and ``mean_<m>``, its mean over all rows (for measured metrics
+only, not for labels such as class ids or the cumulative units replaced). PPO runs (from the
+TensorBoard scalar ``charts/episodic_return``, step = environment step at the episode's end,
+in bins of :func:`~ppo_cbp.reporting.figures.readable_bin` steps as the figures bin one run):
+``final_episodic_return``, the mean over the bins of the last complete friction segment (with
+friction changes) or of the last tenth of the bins; ``mean_episodic_return`` over all
+episodes, ``episodes`` and ``last_step``.
 
 Re-running a sweep skips ``done`` trials; any other trial starts again, continuing from its
 checkpoint when its folder holds one (``--resume``), otherwise from scratch after clearing the
@@ -74,7 +77,6 @@ RESULTS_CSV = "results.csv"
 SUMMARY_CSV = "summary.csv"
 CHECKPOINT = "checkpoint.pt"
 USAGE_ERROR = 2  # the programs' exit code for input they refuse (ppo_cbp.cli.report_error)
-FINAL_FRACTION = 0.1
 LOG_TAIL_LINES = 20
 
 INSTALL_HINT = "sweeps run on Ray: pip install -e '.[sweep]' (from the repository root)"
@@ -424,9 +426,12 @@ def init_manifest(
 
 
 def supervised_metrics(run_dir: Path, seeds: Sequence[int]) -> dict[int, dict[str, float]]:
-    """Per seed, from ``summary.json``: ``final_<m>`` for every column of the run's last row
-    (the row counters :data:`COUNTERS` excluded) and ``mean_<m>`` for every metric averaged
-    over the rows (``mean_over_rows``: no labels, no cumulative counts)."""
+    """Per seed: ``final_<m>`` for every column of ``metrics.csv`` (the row counters
+    :data:`COUNTERS` excluded), its mean over the last tenth of the rows (the tables' final),
+    and ``mean_<m>`` for every metric averaged over the rows (``summary.json``'s
+    ``mean_over_rows``: no labels, no cumulative counts)."""
+    from ppo_cbp.reporting.tables import final_points
+
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         raise FileNotFoundError(f"no summary of the finished run: expected {path}")
@@ -434,30 +439,45 @@ def supervised_metrics(run_dir: Path, seeds: Sequence[int]) -> dict[int, dict[st
     out: dict[int, dict[str, float]] = {}
     for seed in seeds:
         s = per_seed[str(seed)]
-        keys = [k for k in s["last"] if k not in COUNTERS]
-        out[seed] = {f"final_{k}": float(s["last"][k]) for k in keys}
+        with open(Path(run_dir) / f"seed_{seed}" / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        last = rows[-final_points(len(rows)) :]
+        keys = [k for k in rows[-1] if k not in COUNTERS]
+        out[seed] = {f"final_{k}": sum(float(r[k]) for r in last) / len(last) for k in keys}
         out[seed].update({f"mean_{k}": float(v) for k, v in s["mean_over_rows"].items()})
     return out
 
 
-def ppo_metrics(run_dir: Path, final_fraction: float = FINAL_FRACTION) -> dict[str, float]:
+def ppo_metrics(run_dir: Path) -> dict[str, float]:
     """Episodic-return metrics of a PPO run from its TensorBoard events (see module doc)."""
+    import numpy as np
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ppo_cbp.reporting.figures import bin_by_step, readable_bin
+    from ppo_cbp.reporting.tables import seed_metrics
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     tag = "charts/episodic_return"
-    if tag not in acc.Tags().get("scalars", []):
+    tags = acc.Tags().get("scalars", [])
+    if tag not in tags:
         return {"episodes": 0.0}
     events = sorted(acc.Scalars(tag), key=lambda e: e.step)
-    steps = [e.step for e in events]
-    returns = [e.value for e in events]
-    last = steps[-1]
-    cut = last * (1.0 - final_fraction)
-    final = [r for s, r in zip(steps, returns) if s > cut] or returns[-1:]
+    steps = np.array([e.step for e in events])
+    returns = np.array([e.value for e in events], dtype=np.float64)
+    last = int(steps[-1])
+    length = max(max(e.step for e in acc.Scalars(t)) for t in tags)  # as the figures read it
+    path = Path(run_dir) / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    bin_size = readable_bin(length)
+    n_bins = max(1, length // bin_size)
+    binned = bin_by_step(steps, returns, bin_size, n_bins)
+    x = (np.arange(n_bins) + 1) * bin_size
+    every = int(config.get("friction_every") or 0)
+    final = float(seed_metrics(binned[None, :], x, every)["final"][0])
     return {
-        "final_episodic_return": sum(final) / len(final),
-        "mean_episodic_return": sum(returns) / len(returns),
+        "final_episodic_return": final,
+        "mean_episodic_return": float(returns.mean()),
         "episodes": float(len(returns)),
         "last_step": float(last),
     }

@@ -167,6 +167,27 @@ def test_ppo_metrics_from_tensorboard_events(tmp_path):
     assert m["episodes"] == 100 and m["last_step"] == 1000
 
 
+def test_sweep_final_is_the_tables_final(tmp_path):
+    """One definition of "final": with friction changes every 300 steps over 1,000 steps the
+    sweep's final_episodic_return is the table's final, the mean over the bins of the last
+    complete friction segment (steps 600-900: returns 61..90 in bins of 10 steps)."""
+    from test_plot import ppo_run
+
+    from ppo_cbp.reporting.figures import plot_runs
+
+    run = tmp_path / "runs" / "cbp_1"
+    points = [(step, step / 10) for step in range(10, 1001, 10)]
+    ppo_run(run, 1, {"charts/episodic_return": points}, cbp=True, friction_every=300, steps=1000)
+    m = sw.ppo_metrics(run)
+    assert m["final_episodic_return"] == pytest.approx(sum(range(61, 91)) / 30)
+    plot_runs([run], tmp_path / "fig", name="f")
+    table = (tmp_path / "fig" / "f_table.csv").read_text().splitlines()
+    header = table[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in table[1:]]
+    final = [r for r in rows if r["metric"] == "final" and r["score"] == "episodic_return"]
+    assert float(final[0]["mean"]) == pytest.approx(m["final_episodic_return"])
+
+
 @pytest.mark.slow
 def test_trial_that_finished_before_the_sweep_recorded_it_counts_as_done(tmp_path):
     """The sweep died between a PPO trial's end and recording it: the next attempt resumes the
