@@ -62,6 +62,7 @@ from ppo_cbp.ppo.numerics import (
     ppo_loss_autograd,
 )
 from ppo_cbp.ppo.scalars import (
+    initial_plasticity_scalars,
     plasticity_scalars,
     update_scalars,
     update_statistics,
@@ -607,6 +608,9 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
 
                 # bootstrap value if not done
                 b_obs, adv_np, ret_np, explained_var = rollout_targets(args, agent, state, rollout)
+                if args.metrics_every and state.update == 1:  # update 0: the networks as built
+                    for key, v in initial_plasticity_scalars(agent, b_obs).items():
+                        writer.add_scalar(key, v, 0)
 
                 # Optimizing the policy and value network
                 for tr in trackers:

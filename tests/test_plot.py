@@ -823,3 +823,24 @@ def test_reproduce_unreadable_checkpoint_fails_that_run_only(tmp_path, capsys):
     assert [r["status"] for r in records] == ["conflict", "dry-run"]
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"[fail] {bad.name}: ") and "is unreadable" in out[0]
+
+
+def test_a_panel_without_data_in_range_says_so(tmp_path, monkeypatch):
+    """A plasticity scalar logged only at step 0 (update 0) has no point in the bins
+    ``(0, bin], (bin, 2 bin], ...``: its panel says so instead of drawing empty axes."""
+    ppo_run(
+        tmp_path / "runs" / "a_1",
+        1,
+        {
+            "charts/episodic_return": [(100, 1.0), (200, 2.0), (300, 3.0)],
+            "plasticity/policy/dead_units": [(0, 0.1)],
+        },
+    )
+    figures = _close_recorder(monkeypatch)
+    out = str(tmp_path / "f")
+    assert plot_script.main([str(tmp_path / "runs"), "--out", out, "--bin", "100"]) == 0
+    (fig,) = figures
+    texts = {ax.get_ylabel(): [t.get_text() for t in ax.texts] for ax in fig.axes}
+    dead = next(label for label in texts if label.startswith("Dead units"))
+    assert texts[dead] == [f"no {dead.lower()} logged\nin the plotted range"]
+    assert not fig.axes[0].texts and fig.axes[0].lines  # the return is drawn

@@ -16,7 +16,8 @@ import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ppo_cbp.errors import UsageError
-from ppo_cbp.ppo.agent import method_state
+from ppo_cbp.ppo.agent import make_agent, method_state
+from ppo_cbp.ppo.run import seed_everything
 from ppo_cbp.ppo.settings import resolve_args
 from ppo_cbp.train import Args, NonFiniteLossError, main
 
@@ -138,7 +139,19 @@ def test_method_run_writes_every_scalar(tmp_path, env, method):
     missing = [k for k in REQUIRED if k not in s]
     assert not missing, f"missing scalars: {missing}"
     assert [step for step, _ in s["charts/SPS"]] == [256, 512, 768, 1024]
-    assert [step for step, _ in s["plasticity/policy/dead_units"]] == [512, 1024]
+    # update 0 (the networks as built) and every metrics_every = 2 updates
+    assert [step for step, _ in s["plasticity/policy/dead_units"]] == [0, 512, 1024]
+    # at step 0 the networks as the seed initialises them: a fresh agent's weights
+    args = resolve_args(small(tmp_path, env=env, **METHODS[method]))
+    seeds = seed_everything(args.seed, torch.device("cpu"))[1]
+    fresh = make_agent(args, 11, 3, torch.device("cpu"), seeds, torch.Generator())
+    linears = [m for m in fresh.sequential_networks()[0][1] if isinstance(m, torch.nn.Linear)]
+    overall = sum(m.weight.abs().sum().item() for m in linears) / sum(
+        m.weight.numel() for m in linears
+    )
+    if env.startswith("Hopper"):  # 11 observations, 3 actions
+        (step0,) = [v for step, v in s["plasticity/policy/weight_magnitude/overall"] if step == 0]
+        assert step0 == pytest.approx(overall, rel=1e-6)
     assert all(v == pytest.approx(1e-4) for _, v in s["charts/learning_rate"])
     for net in ("policy", "value"):
         for _, v in s[f"plasticity/{net}/dead_units"] + s[f"plasticity/{net}/dormant_ratio"]:
@@ -149,7 +162,7 @@ def test_method_run_writes_every_scalar(tmp_path, env, method):
     if method in ("cbp", "redo"):
         assert replaced == sorted(replaced)  # cumulative
     else:
-        assert replaced == [0.0, 0.0]
+        assert replaced == [0.0, 0.0, 0.0]
     if method == "cbp":
         # 2 layers x 256 units, eligible after 4 steps, 5% per step: many replacements.
         assert replaced[-1] > 100

@@ -16,7 +16,13 @@ from ppo_cbp.ppo import run as ppo_run
 from ppo_cbp.ppo.agent import Agent
 from ppo_cbp.ppo.numerics import LOG_2PI
 
-__all__ = ["plasticity_scalars", "update_scalars", "update_statistics", "write_scalars"]
+__all__ = [
+    "initial_plasticity_scalars",
+    "plasticity_scalars",
+    "update_scalars",
+    "update_statistics",
+    "write_scalars",
+]
 
 
 def update_statistics(
@@ -40,6 +46,24 @@ def update_statistics(
     )
     *means, ok_losses, ok_ratios, ok_changes = stats.tolist()
     return (*means, ok_losses and ok_ratios and ok_changes)
+
+
+def initial_plasticity_scalars(agent: Agent, b_obs: Tensor) -> dict[str, float]:
+    """``plasticity/{policy,value}/...`` of the networks as initialised, on the first rollout's
+    states, logged at step 0 (update 0): the metrics of :func:`plasticity_metrics` and no units
+    replaced; the quantities of an update (weight change, gradient norm, churn, KL) have none
+    yet."""
+    metric_tensors = {
+        f"plasticity/{name}/{key}": v
+        for name, net in agent.sequential_networks()
+        for key, v in plasticity_metrics(net, b_obs).items()
+    }
+    keys = list(metric_tensors)
+    values = torch.stack([metric_tensors[k].to(torch.float64) for k in keys]).tolist()
+    scalars = dict(zip(keys, values))
+    for name, _ in agent.sequential_networks():
+        scalars[f"plasticity/{name}/units_replaced"] = 0
+    return scalars
 
 
 def plasticity_scalars(

@@ -903,6 +903,14 @@ def _draw(
         )
         axes = list(ax_arr[0])
     for i, (ax, (panel, series)) in enumerate(zip(axes, panel_series)):
+        if not any(np.isfinite(s.mean).any() for s in series):  # say so, not empty axes
+            ax.text(
+                0.5, 0.5, f"no {panel.ylabel.lower()} logged\nin the plotted range",
+                ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.4",
+            )  # fmt: skip
+            ax.set_ylabel(panel.ylabel)
+            ax.set_xlabel(xlabel)
+            continue
         for s in series:
             c = colours[s.label]
             x, mean, lo, hi = drawn_points(s, band)
