@@ -178,8 +178,8 @@ def test_missing_metric_skips_panel_and_one_seed_has_no_band(tmp_path, capsys):
         resolved_method={"method": "bp", "lr": 0.01, "weight_decay": 0.0},  # SCR's defaults
     )
     results = plot_runs([run], tmp_path / "fig", name="scr_small")
-    assert [r.name for r in results] == ["scr_small", "scr_small_table"]
-    assert {f.name for f in results[1].files} == {"scr_small_table.md", "scr_small_table.csv"}
+    assert [r.name for r in results] == ["scr_small", "scr_small_all", "scr_small_table"]
+    assert {f.name for f in results[2].files} == {"scr_small_table.md", "scr_small_table.csv"}
     # one seed: final (the last bin, 1) and AUC (1.5 over both bins) without an interval
     assert "| Backprop | 1 | 1 | 1.5 |" in (tmp_path / "fig" / "scr_small_table.md").read_text()
     assert (tmp_path / "fig" / "scr_small.png").exists()
@@ -333,7 +333,7 @@ def test_bands_are_the_bootstrap_ci_and_say_so(tmp_path, monkeypatch):
         assert num(rows[t]["ci_low"]) == pytest.approx(ref.low, rel=1e-9)
         assert num(rows[t]["ci_high"]) == pytest.approx(ref.high, rel=1e-9)
     assert num(rows[2]["ci_low"]) == num(rows[2]["ci_high"]) == 0.2  # equal scores
-    (fig,) = figures
+    fig = figures[0]  # then the figure of every metric
     title = fig.legends[0].get_title().get_text().replace("\n", " ")
     assert title == "shaded: 95% bootstrap CI of the mean over seeds (BCa, 2,000 resamples)"
     ax = fig.axes[0]
@@ -377,7 +377,7 @@ def test_a_150_character_label_leaves_the_axes_their_size(tmp_path, monkeypatch,
         assert (
             plot_script.main([str(runs), "--out", str(tmp_path / f"f_{name}"), "--bin", "100"]) == 0
         )
-        (fig,) = figures
+        fig = figures[0]  # then the figure of every metric
         labels = [t.get_text() for t in fig.legends[0].get_texts()]
         assert any(len(t) > 150 for t in labels) == (name == "long")
         sizes[name] = _axes_inches(fig)
@@ -389,7 +389,7 @@ def test_one_task_run_has_integer_ticks(tmp_path, monkeypatch):
     supervised_run(tmp_path / "runs" / "bp", "bp", {0: pm_rows([0.5]), 1: pm_rows([0.7])})
     figures = _close_recorder(monkeypatch)
     assert plot_script.main([str(tmp_path / "runs"), "--out", str(tmp_path / "f")]) == 0
-    (fig,) = figures
+    fig = figures[0]  # then the figure of every metric
     for ax in fig.axes:
         lo, hi = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
@@ -616,7 +616,7 @@ def test_ppo_bins_from_the_data_and_lines_across_empty_bins(tmp_path, monkeypatc
     dead = got[("dead_units_pct", "CBP")]
     assert len(dead) == 100 and sum(r["mean"] != "" for r in dead) == 9
 
-    (fig,) = figures
+    fig = figures[0]  # then the figure of every metric
     ax_dead = next(ax for ax in fig.axes if ax.get_ylabel().startswith("Dead units"))
     (line,) = ax_dead.get_lines()
     x, y = line.get_xdata(), line.get_ydata()
@@ -839,8 +839,39 @@ def test_a_panel_without_data_in_range_says_so(tmp_path, monkeypatch):
     figures = _close_recorder(monkeypatch)
     out = str(tmp_path / "f")
     assert plot_script.main([str(tmp_path / "runs"), "--out", out, "--bin", "100"]) == 0
-    (fig,) = figures
+    fig = figures[0]  # then the figure of every metric
     texts = {ax.get_ylabel(): [t.get_text() for t in ax.texts] for ax in fig.axes}
     dead = next(label for label in texts if label.startswith("Dead units"))
     assert texts[dead] == [f"no {dead.lower()} logged\nin the plotted range"]
     assert not fig.axes[0].texts and fig.axes[0].lines  # the return is drawn
+
+
+@pytest.mark.parametrize(
+    "kind, columns",
+    [
+        ("imagenet", {"test_accuracy": [0.5, 0.6], "dead_fraction": [0.1, 0.2],
+                      "effective_rank": [30.0, 20.0], "stable_rank": [9.0, 8.0],
+                      "weight_magnitude": [0.1, 0.2]}),
+        ("cifar", {"increment": [0, 1], "test_accuracy": [0.5, 0.4],
+                   "dead_percentage": [3.0, 5.0], "effective_rank": [40.0, 35.0]}),
+    ],
+)  # fmt: skip
+def test_every_benchmarks_metrics_are_drawn(tmp_path, kind, columns):
+    """One vocabulary: Continual ImageNet's and CIFAR's dead units and effective rank (written
+    as ``dead_fraction``/``dead_percentage`` and one ``effective_rank``) are drawn in the
+    benchmark's panels, and the companion figure has one panel per column the run wrote."""
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    benchmark = {"imagenet": "continual-imagenet", "cifar": "incremental-cifar"}[kind]
+    supervised_run(tmp_path / "runs" / "r", "bp", {0: rows}, benchmark=benchmark)
+    results = plot_runs([tmp_path / "runs"], tmp_path / "fig", name="f")
+    assert [r.name for r in results] == ["f", "f_all", "f_table"]
+    every = results[1]
+    assert every.name == "f_all"
+    plotted = read_plotted(tmp_path / "fig" / "f.csv")
+    dead = [v for (panel, _), v in plotted.items() if panel == "dead_units_pct"]
+    rank = [v for (panel, _), v in plotted.items() if panel == "effective_rank"]
+    expected_dead = columns.get("dead_percentage") or [100 * x for x in columns["dead_fraction"]]
+    assert [num(row["mean"]) for row in dead[0]] == pytest.approx(expected_dead)
+    assert [num(row["mean"]) for row in rank[0]] == pytest.approx(columns["effective_rank"])
+    drawn = {panel for panel, _ in read_plotted(tmp_path / "fig" / "f_all.csv")}
+    assert drawn == {c for c in columns if c != "increment"}

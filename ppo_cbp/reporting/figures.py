@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from ppo_cbp import run_folder
+from ppo_cbp.benchmarks.common import ROW_LABELS
 from ppo_cbp.errors import UsageError
 from ppo_cbp.plasticity import suite
 from ppo_cbp.reporting.stats import RESAMPLES, bootstrap_mean_ci
@@ -675,6 +676,35 @@ def _first_column(names: Sequence[str]) -> Callable[[SeedRun], np.ndarray | None
     return f
 
 
+def _dead_units_pct(r: SeedRun) -> np.ndarray | None:
+    """Dead units in %: the MLP benchmarks' and Continual ImageNet's ``dead_fraction`` x 100,
+    or CIFAR's ``dead_percentage``."""
+    if "dead_fraction" in r.columns:
+        return r.columns["dead_fraction"] * 100.0
+    return r.columns.get("dead_percentage")
+
+
+def _effective_rank(r: SeedRun) -> np.ndarray | None:
+    """The effective rank summed over the layers the run measured: ``effective_rank_<k>`` per
+    hidden layer (the MLP benchmarks), or one ``effective_rank`` (SCR's one hidden layer,
+    the last hidden layer of Continual ImageNet and CIFAR-100)."""
+    summed = _layer_sum("effective_rank_")(r)
+    return summed if summed is not None else r.columns.get("effective_rank")
+
+
+def every_metric_panels(runs: Sequence[SeedRun], bin_size: int) -> list[Panel]:
+    """One panel per metric any of ``runs`` wrote: every CSV column but the row labels
+    (task, bin, examples, ...) of a supervised run, every TensorBoard scalar of a PPO run
+    (binned by ``bin_size`` steps), in the order first written."""
+    keys: dict[str, None] = {}
+    for r in runs:
+        names = r.scalars if r.kind == "ppo" else r.columns
+        keys.update((k, None) for k in names if k not in ROW_LABELS)
+    if runs and runs[0].kind == "ppo":
+        return [Panel(k, k, _scalar_binned(k, bin_size)) for k in keys]
+    return [Panel(k, k, _column(k)) for k in keys]
+
+
 def _cifar_relative(r: SeedRun) -> np.ndarray | None:
     acc = _first_column(("test_accuracy", "accuracy"))(r)
     ref = _first_column(("scratch_accuracy", "reference_accuracy"))(r)
@@ -695,17 +725,15 @@ def supervised_panels(kind: str) -> list[Panel]:
         return [
             Panel("accuracy", "Test accuracy", _first_column(("test_accuracy", "accuracy"))),
             Panel("relative_accuracy", "Accuracy - retrained from scratch", _cifar_relative),
-            Panel("dead_units_pct", "Dead units (%)", _column("dead_fraction", 100.0)),
-            Panel(
-                "effective_rank", "Effective rank (sum over layers)", _layer_sum("effective_rank_")
-            ),
+            Panel("dead_units_pct", "Dead units (%)", _dead_units_pct),
+            Panel("effective_rank", "Effective rank (sum over layers)", _effective_rank),
         ]
     acc_label = "Online accuracy" if kind == "permuted_mnist" else "Test accuracy"
     return [
         Panel("accuracy", acc_label, _first_column(("accuracy", "test_accuracy"))),
-        Panel("dead_units_pct", "Dead units (%)", _column("dead_fraction", 100.0)),
+        Panel("dead_units_pct", "Dead units (%)", _dead_units_pct),
         Panel("weight_magnitude", "Average weight magnitude", _column("weight_magnitude")),
-        Panel("effective_rank", "Effective rank (sum over layers)", _layer_sum("effective_rank_")),
+        Panel("effective_rank", "Effective rank (sum over layers)", _effective_rank),
     ]
 
 
@@ -898,10 +926,15 @@ def _draw(
         gs = fig.add_gridspec(2, rest, height_ratios=[1.3, 1.0])
         axes = [fig.add_subplot(gs[0, :])] + [fig.add_subplot(gs[1, i]) for i in range(rest)]
     else:
+        cols = min(k, 5)  # many panels (every metric): rows of five
+        rows = -(-k // cols)
         fig, ax_arr = plt.subplots(
-            1, k, figsize=(3.6 * k + 0.4, 3.6), layout="constrained", squeeze=False
+            rows, cols, figsize=(3.6 * cols + 0.4, 3.6 * rows), layout="constrained", squeeze=False
         )
-        axes = list(ax_arr[0])
+        axes = list(ax_arr.flat)
+        for ax in axes[k:]:
+            ax.set_visible(False)
+        axes = axes[:k]
     for i, (ax, (panel, series)) in enumerate(zip(axes, panel_series)):
         if not any(np.isfinite(s.mean).any() for s in series):  # say so, not empty axes
             ax.text(
@@ -1100,8 +1133,10 @@ def plot_runs(
     to label PPO runs that recorded no label (:func:`run_label`). ``resamples`` and ``bootstrap_seed``: of
     every bootstrap, in the figures and the table.
 
-    Besides the figures, ``<name>_table.md`` and ``.csv`` (``table`` without a ``name``): the
-    method x metric table of :func:`ppo_cbp.reporting.tables.write_table`.
+    Each figure has a companion ``<name>_all`` with one panel per metric the runs wrote (every
+    CSV column, every TensorBoard scalar). Besides the figures, ``<name>_table.md`` and ``.csv``
+    (``table`` without a ``name``): the method x metric table of
+    :func:`ppo_cbp.reporting.tables.write_table`.
 
     Every figure is computed before the first file is written, so bad input writes nothing.
 
@@ -1133,6 +1168,11 @@ def plot_runs(
             _figure(final_name, fgroups, bin_size, task_bin, network, resamples, bootstrap_seed)
         )
     tables = table_rows(figures, resamples=resamples, seed=bootstrap_seed)
+    figures += [
+        _figure(f"{f.name}_all", f.groups, bin_size, task_bin, network, resamples,
+                bootstrap_seed, every_metric=True)
+        for f in list(figures)
+    ]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for f in figures:
@@ -1166,7 +1206,10 @@ def _figure(
     network: str,
     resamples: int,
     seed: int,
+    every_metric: bool = False,
 ) -> _Figure:
+    """The figure of ``groups``: the benchmark's panels, or with ``every_metric`` one panel per
+    metric the runs wrote (:func:`every_metric_panels`)."""
     kind = groups[0].kind
     notes: list[str] = []
     vlines = None
@@ -1181,6 +1224,8 @@ def _figure(
             )
         step = bin_size
         panels = ppo_panels(step, network)
+        if every_metric:
+            panels = every_metric_panels(all_runs, step)
         title = f"{KIND_TITLES[kind]} on {groups[0].config.get('env', '?')}, bins of {step:,} steps"
         xlabel = "Environment steps"
 
@@ -1193,6 +1238,8 @@ def _figure(
                 notes.append(f"{r.run_dir}: {r.length} steps, shorter than one bin of {step}")
     else:
         base = supervised_panels(kind)
+        if every_metric:
+            base = every_metric_panels([r for g in groups for r in g.runs], 1)
         panels = [Panel(p.key, p.ylabel, _row_binned(p.extract, task_bin)) for p in base]
         unit = {"scr": "Example", "cifar": "Increment"}.get(kind, "Task")
         title = KIND_TITLES[kind] + (f", bins of {task_bin} rows" if task_bin > 1 else "")
