@@ -611,18 +611,31 @@ def run_trial(
 # Tables
 
 
+def recorded_label(run_dir: Path | str) -> str:
+    """The configuration's label that the run recorded in its ``config.json`` (as in the
+    figures and tables of ``scripts/plot.py``); empty before the run wrote one."""
+    try:
+        label = json.loads((Path(run_dir) / "config.json").read_text()).get("label")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return label if isinstance(label, str) else ""
+
+
 def result_rows(manifest: dict[str, Any], ids: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per trial and seed: ``trial``, ``state``, the configuration, ``seed``,
-    ``run_dir`` and the metrics (empty unless done)."""
+    """One row per trial and seed: ``trial``, ``state``, the configuration's ``label``
+    (:func:`recorded_label`), the grid's settings, ``seed``, ``run_dir`` and the metrics (empty
+    unless done)."""
     rows = []
     for tid in ids:
         t = manifest["trials"][tid]
+        label = recorded_label(t["run_dir"])
         for seed in t["seeds"]:
             metrics = (t.get("metrics") or {}).get(str(seed), {}) if t["state"] == "done" else {}
             rows.append(
                 {
                     "trial": tid,
                     "state": t["state"],
+                    "label": label,
                     **t["config"],
                     "seed": seed,
                     "run_dir": t["run_dir"],
@@ -653,7 +666,8 @@ def group_rows(
             groups.setdefault(tuple(r[k] for k in config_keys), []).append(r)
     table = []
     for key, members in groups.items():
-        out: dict[str, Any] = dict(zip(config_keys, key))
+        out: dict[str, Any] = {"label": members[0].get("label", "")}
+        out.update(zip(config_keys, key))
         out["n"] = len(members)
         for m in metric_keys:
             vals = [float(r[m]) for r in members if r.get(m) not in (None, "")]
@@ -1000,7 +1014,7 @@ def run_sweep(
 
     outcome.rows = result_rows(manifest, ids)
     config_keys = list(grid)
-    base = {"trial", "state", "seed", "run_dir", *config_keys}
+    base = {"trial", "state", "label", "seed", "run_dir", *config_keys}
     metric_keys: list[str] = []
     for r in outcome.rows:
         metric_keys.extend(k for k in r if k not in base and k not in metric_keys)
@@ -1022,7 +1036,7 @@ def run_sweep(
             for r in outcome.summary
         ]
         log("mean +- standard error over seeds:")
-        log(format_table(table, [*config_keys, "n", *shown]))
+        log(format_table(table, ["label", *config_keys, "n", *shown]))
     log(f"per trial: {sweep_dir / RESULTS_CSV}\nper configuration: {sweep_dir / SUMMARY_CSV}")
     for tid in outcome.failed:
         log(f"failed: {tid} (log: {by_id[tid].run_dir / TRIAL_LOG})")

@@ -275,13 +275,16 @@ def test_sweep_completes_and_writes_tables(tmp_path, ray_address, capsys):
     table = logged[-2].splitlines()
     finals = [k.removesuffix("_mean") for k in summary[0] if re.fullmatch(r"final_.*_mean", k)]
     assert "final_squared_error" in finals
-    assert table[0].split() == ["lr", "n", *finals]
+    assert table[0].split() == ["label", "lr", "n", *finals]
+    # the configuration's label as the run recorded it (SCR's default step size is 0.01)
+    labels = ["Backprop (bin_size=1000)", "Backprop (bin_size=1000, lr=0.05)"]
+    assert [s["label"] for s in summary] == labels
 
     def shown(v: float, digits: int) -> str:  # whole with separators from 10^(digits-1) on
         return f"{v:,.0f}" if abs(v) >= 10 ** (digits - 1) else f"{v:.{digits}g}"
 
     for line, s in zip(table[2:], summary):
-        cells = [s["lr"], "2"]
+        cells = [*s["label"].split(), s["lr"], "2"]
         for m in finals:
             cells += [shown(float(s[m + "_mean"]), 4), "+-", shown(float(s[m + "_se"]), 2)]
         assert line.split() == cells
