@@ -296,3 +296,15 @@ def test_bad_arguments():
         wrapper(scales={"gravity": (0.0, 2.0)})
     with pytest.raises(ValueError, match="no seed"):
         DynamicsChange(make(), scales={"gravity": (0.5, 2.0)})
+
+
+def test_pyproject_ships_the_table_with_its_source_and_licence():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    shipped = config["tool"]["setuptools"]["package-data"]["ppo_cbp.envs"]
+    assert {"data/paper_frictions.npy", "data/README.md", "data/LICENSE"} <= set(shipped)
+    readme = (root / "envs" / "data" / "README.md").read_text()
+    assert "63c35f3c758bbb713dd42c72d43dc192fde0d109" in readme and "MIT License" in readme
