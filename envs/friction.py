@@ -219,7 +219,7 @@ class FrictionChange(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if self._using_default:
             self.friction = self._default_friction
         else:
-            self.friction = _log_uniform(self._rng, None, low, high)
+            self.friction = self._draw_friction()
             self._apply()
 
     # ------------------------------------------------------------------ schedule
@@ -230,8 +230,12 @@ class FrictionChange(gym.Wrapper, gym.utils.RecordConstructorArgs):
         else:
             self._geom_friction[:, 0] = self.friction
 
+    def _draw_friction(self) -> float:
+        """The sequence's next coefficient (one ``random()`` double of the generator)."""
+        return _log_uniform(self._rng, None, self.low, self.high)
+
     def _change(self) -> None:
-        self.friction = _log_uniform(self._rng, None, self.low, self.high)
+        self.friction = self._draw_friction()
         self._using_default = False
         self.segment += 1
         self._apply()

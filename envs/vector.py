@@ -39,6 +39,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from ppo_cbp.envs.dynamics import DynamicsChange
 from ppo_cbp.envs.friction import FrictionChange
 
 __all__ = ["CheckpointableEnv", "EnvFactory", "ParallelEnvs", "SingleEnv", "make"]
@@ -133,9 +134,9 @@ class CheckpointableEnv(gym.Wrapper):
 
 @dataclass(frozen=True)
 class EnvFactory:
-    """Builds env ``index`` of a vector env: ``gym.make(env_id)``, then :class:`FrictionChange`
-    with the keyword arguments ``friction`` (none when ``None``), then
-    :class:`CheckpointableEnv`. A picklable stand-in for a closure, for worker processes."""
+    """Builds env ``index`` of a vector env: ``gym.make(env_id)``, then :class:`DynamicsChange`
+    (a :class:`FrictionChange` with the other changes) with the keyword arguments ``friction``
+    (none when ``None``), then :class:`CheckpointableEnv`. A picklable stand-in for a closure, for worker processes."""
 
     env_id: str
     index: int = 0
@@ -149,7 +150,7 @@ class EnvFactory:
             warnings.filterwarnings("ignore", message=".*is out of date.*")
             env = gym.make(self.env_id)
         if self.friction is not None:
-            env = FrictionChange(env, **self.friction)
+            env = DynamicsChange(env, **self.friction)
         return CheckpointableEnv(env, self.index)
 
 

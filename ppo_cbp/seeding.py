@@ -20,7 +20,8 @@ versions and platforms):
   (:data:`PPO_STREAMS`).
 
 Outside this table: environment ``i`` of a PPO run is reset with ``seed + i``, its friction
-sequence is ``PCG64(seed)`` (:mod:`ppo_cbp.envs.friction`), and continual backprop draws its
+sequence is ``PCG64(seed)`` (:mod:`ppo_cbp.envs.friction`; the other env changes' streams are
+:func:`env_change_seed`'s), and continual backprop draws its
 fractional replacement counts from ``default_rng(seed)`` of the seed it is given.
 """
 
@@ -33,6 +34,7 @@ __all__ = [
     "PPO_STREAMS",
     "STREAM_TAGS",
     "derive_seed",
+    "env_change_seed",
     "increment_init_tag",
     "indexed_rng",
     "ppo_seeds",
@@ -70,6 +72,23 @@ TAG_INJECTION = INJECTION_TAGS.start
 """The first of :data:`INJECTION_TAGS`, the default."""
 TAG_CHURN_REFERENCE = 60
 """C-CHAIN's reference batches (:class:`~ppo_cbp.plasticity.c_chain.ChurnReduction`)."""
+TAG_GRAVITY = 70
+"""The PPO trainer's gravity multipliers (:class:`~ppo_cbp.envs.dynamics.DynamicsChange`, through
+:func:`env_change_seed`; friction keeps ``PCG64(seed)``, and each quantity has its own stream so
+that adding one leaves the others' sequences as they were)."""
+TAG_MASS = 71
+"""The PPO trainer's body-mass multipliers."""
+TAG_DAMPING = 72
+"""The PPO trainer's joint-damping multipliers."""
+TAG_GEAR = 73
+"""The PPO trainer's actuator-gear multipliers."""
+TAG_OBS_PERMUTE = 74
+"""The PPO trainer's per-segment observation permutations."""
+TAG_OBS_OFFSET = 75
+"""The PPO trainer's per-segment observation offsets."""
+TAG_EVAL = 76
+"""The PPO trainer's evaluation episodes: their env's first reset seed
+(:mod:`ppo_cbp.ppo.evaluation`)."""
 INCREMENT_INIT_STRIDE = 1000
 """Class-incremental CIFAR-100's network of increment ``k`` (retrained from scratch) is initialised
 from tag ``TAG_INIT + 1000 * k`` (:func:`increment_init_tag`): increment 0 is the run's own
@@ -120,6 +139,13 @@ STREAM_TAGS: dict[str, dict[str, int | range]] = {
         "TAG_UPGD": TAG_UPGD,
         "INJECTION_TAGS": INJECTION_TAGS,
         "TAG_CHURN_REFERENCE": TAG_CHURN_REFERENCE,
+        "TAG_GRAVITY": TAG_GRAVITY,
+        "TAG_MASS": TAG_MASS,
+        "TAG_DAMPING": TAG_DAMPING,
+        "TAG_GEAR": TAG_GEAR,
+        "TAG_OBS_PERMUTE": TAG_OBS_PERMUTE,
+        "TAG_OBS_OFFSET": TAG_OBS_OFFSET,
+        "TAG_EVAL": TAG_EVAL,
     },
     "task_rng": {
         "STREAM_PIXELS": STREAM_PIXELS,
@@ -148,6 +174,20 @@ def derive_seed(seed: int, tag: int) -> int:
     :return: the first 64-bit word of ``SeedSequence([seed, tag])``, shifted right by one bit.
     """
     return int(np.random.SeedSequence([int(seed), int(tag)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def env_change_seed(seed: int, stream: str) -> int:
+    """The seed of env-change stream ``stream`` (``gravity``, ``mass``, ``damping``, ``gear``,
+    ``permute``, ``offset``) of run ``seed``: :func:`derive_seed` with its ``TAG_*``."""
+    tags = {
+        "gravity": TAG_GRAVITY,
+        "mass": TAG_MASS,
+        "damping": TAG_DAMPING,
+        "gear": TAG_GEAR,
+        "permute": TAG_OBS_PERMUTE,
+        "offset": TAG_OBS_OFFSET,
+    }
+    return derive_seed(seed, tags[stream])
 
 
 def increment_init_tag(increment: int) -> int:

@@ -43,7 +43,6 @@ import ppo_cbp.envs.vector as vector_env
 from ppo_cbp import run_folder
 from ppo_cbp.cli import parse as cli_parse
 from ppo_cbp.cli import report_error
-from ppo_cbp.envs.vector import EnvFactory
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import Scheme
 from ppo_cbp.metrics import (
@@ -53,6 +52,7 @@ from ppo_cbp.metrics import (
 from ppo_cbp.ppo import run as ppo_run
 from ppo_cbp.ppo import settings as ppo_settings
 from ppo_cbp.ppo.agent import Agent, make_agent
+from ppo_cbp.ppo.environments import Segments, make_env
 from ppo_cbp.ppo.numerics import (
     LOG_2PI,
     AdamStep,
@@ -223,7 +223,7 @@ class Args:
 
     # ---- friction
     friction_every: int = 2_000_000
-    """Change friction after every this many total steps (0: the standard, stationary env)."""
+    """Change friction (and every other change below) after every this many total steps: the segment length (0: the standard, stationary env)."""
     friction_low: float = 0.02
     """Lower end of the log-uniform friction range."""
     friction_high: float = 2.0
@@ -231,30 +231,31 @@ class Args:
     friction_at_episode_boundary: bool = True
     """Change at the first episode boundary once due (the paper); off: exactly at the step."""
     friction_start_default: bool = False
-    """Run the first segment with the model's default friction instead of the first sample."""
+    """Run the first segment with the model's default friction (and default values of every other change) instead of the first sample."""
+    friction_table: Literal["drawn", "paper"] | None = None
+    """Friction sequence: drawn (log-uniform, PCG64(seed)) or paper (the released code's table, lop/rl/cfg/frictions of shibhansh/loss-of-plasticity: row --seed 0-99, one of 50 values per segment, column 0 first). Default: paper with --paper-exact on a friction-changing Ant (the released slippery-Ant runs), else drawn (the released Hopper, Walker2d and Ant configurations are stationary: --friction-every 0)."""
+    dynamics: tuple[str, ...] = ("friction",)
+    """What changes per segment, one or several of: friction (absolute coefficient, the paper's), gravity (its magnitude), mass (body masses with their inertias), damping (every dof's), gear (every actuator's); all but friction are multipliers of the model's own values, log-uniform in --dynamics-range. none: only the observation/reward changes."""
+    dynamics_range: tuple[str, ...] = ()
+    """Multiplier ranges, QUANTITY=LOW,HIGH (e.g. gravity=0.8,1.25). Default 0.5,2 for each: a factor 2 either way, covering CARL's widest context variation (relative std 0.5; Benjamins et al., TMLR 2023)."""
+    dynamics_drift: bool = False
+    """Drift linearly from each segment's values to the next over the segment instead of jumping (a segment's start stays the task boundary)."""
+    obs_permute: bool = False
+    """Permute the observation vector per segment (a uniformly random permutation, Permuted MNIST's change applied to the state)."""
+    obs_offset: float = 0.0
+    """Std of a per-segment offset N(0, std^2 I) added to the observation (0: none; 1 is the size of a normalised feature, our choice)."""
+    reward_flip: bool = False
+    """Negate the forward-velocity reward term in every other segment (odd ones), the other terms unchanged."""
+    eval_every: int = 0
+    """Evaluate the deterministic policy (mean action) in separate envs every this many steps (at the next update boundary) and at each segment's end: eval/return (0: never)."""
+    eval_episodes: int = 10
+    """Episodes per evaluation."""
+    eval_previous: int = 0
+    """Also evaluate with the settings of the previous k segments: eval/return_previous (their mean)."""
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/Inf; the last good state was checkpointed."""
-
-
-# --- environments ---------------------------------------------------------------------------------
-
-
-def make_env(args: Args, index: int) -> EnvFactory:
-    """The factory of env ``index`` of a run: its MuJoCo env with the run's friction changes."""
-    friction = None
-    if args.friction_every > 0:
-        friction = dict(
-            every=args.friction_every,
-            low=args.friction_low,
-            high=args.friction_high,
-            seed=args.seed,
-            at_episode_boundary=args.friction_at_episode_boundary,
-            start_with_default=args.friction_start_default,
-            steps_per_step=args.num_envs,
-        )
-    return EnvFactory(args.env, index, friction)
 
 
 # --- rollout --------------------------------------------------------------------------------------
@@ -583,6 +584,7 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
         )
         steps_before = state.global_step
         bar = ppo_run.progress_bar(args, state)
+        segments = Segments(args, envs, agent, state, writer)
         with run_folder.StopSignal() as stop:
             while state.global_step < args.steps and stop.signum is None:
                 state.update += 1
@@ -593,12 +595,8 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
                     agent.optimizer.param_groups[0]["lr"] = frac * args.learning_rate
                 lr = agent.optimizer.param_groups[0]["lr"]
 
-                # A friction change (in env 0) is a task boundary for the plasticity methods.
-                if args.friction_every > 0:
-                    segment = int(envs.call("segment")[0])
-                    if segment > state.friction_segment:
-                        agent.methods.at_task_boundary()
-                        state.friction_segment = segment
+                # A new segment of env 0 is a task boundary for the plasticity methods; evaluations.
+                t_iter += segments.update_start()  # the evaluations' time is not training's
 
                 # ALGO LOGIC: action logic; TRY NOT TO MODIFY: execute the game and log data.
                 collect_rollout(args, envs, agent, state, rollout, generators["main"])

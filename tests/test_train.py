@@ -237,14 +237,19 @@ def test_paper_exact_sets_the_released_behaviour():
     default = resolve_args(Args(cbp=True))
     assert not default.paper_exact
     assert default.bootstrap_truncation and default.reset_optimizer_state
-    exact = resolve_args(tyro.cli(Args, args=["--cbp", "--paper-exact"]))
-    assert exact.paper_exact
+    # the released slippery-Ant runs: 20M steps on the released friction table
+    exact = resolve_args(tyro.cli(Args, args=["--cbp", "--paper-exact", "--steps", "20_000_000"]))
+    assert (
+        exact.paper_exact and exact.friction_table == "paper" and default.friction_table == "drawn"
+    )
     assert not exact.bootstrap_truncation and not exact.reset_optimizer_state
     # the rest stays the paper's configuration
     same = {f for f in Args.__dataclass_fields__} - {
         "paper_exact",
         "bootstrap_truncation",
         "reset_optimizer_state",
+        "friction_table",
+        "steps",
     }
     assert all(getattr(exact, f) == getattr(default, f) for f in same)
     # each part is also reachable on its own

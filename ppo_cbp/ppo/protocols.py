@@ -71,6 +71,17 @@ class Settings(Protocol):
     friction_every: int
     friction_low: float
     friction_high: float
+    friction_start_default: bool
+    friction_table: str | None
+    dynamics: tuple[str, ...]
+    dynamics_range: tuple[str, ...]
+    dynamics_drift: bool
+    obs_permute: bool
+    obs_offset: float
+    reward_flip: bool
+    eval_every: int
+    eval_episodes: int
+    eval_previous: int
 
 
 SettingsT = TypeVar("SettingsT", bound=Settings)

@@ -105,13 +105,13 @@ def update_scalars(
 ) -> dict[str, float]:
     """The scalars of every update: speed, learning rate, the update's ``stats`` (from
     :func:`update_statistics`), the explained variance and, with friction changes, env 0's
-    current friction coefficient."""
+    current friction coefficient and the other changed quantities' multipliers."""
     names = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy")
     scalars = {"charts/SPS": sps, "charts/learning_rate": lr}
     scalars.update({f"losses/{name}": v for name, v in zip(names, stats)})
     scalars["losses/explained_variance"] = explained_var
-    if args.friction_every > 0:
-        scalars["env/friction"] = float(envs.call("friction")[0])
+    if args.friction_every > 0:  # env 0's values: friction's coefficient, the multipliers
+        scalars.update({f"env/{q}": float(v) for q, v in envs.call("values")[0].items()})
     return scalars
 
 

@@ -26,9 +26,11 @@ import gymnasium as gym
 import torch
 
 from ppo_cbp import run_folder
+from ppo_cbp.envs.dynamics import QUANTITIES, SCALES
 from ppo_cbp.errors import UsageError
 from ppo_cbp.plasticity import suite
 from ppo_cbp.ppo import agent
+from ppo_cbp.ppo.environments import scale_ranges
 from ppo_cbp.ppo.protocols import Settings, SettingsT
 
 __all__ = [
@@ -43,7 +45,13 @@ __all__ = [
     "run_settings",
 ]
 
-TESTED_ENVS = tuple(f"{name}-v{v}" for name in ("Ant", "Hopper", "Walker2d") for v in (4, 5))
+TESTED_ENVS = tuple(
+    f"{name}-v{v}"
+    for name in ("Ant", "Hopper", "Walker2d", "HalfCheetah", "Humanoid")
+    for v in (4, 5)
+)
+TABLE_SEEDS, TABLE_SEGMENTS = 100, 50
+"""The released friction table's rows (seeds 0-99) and columns (segments)."""
 CHECKPOINT_NAME = run_folder.CHECKPOINT_NAME
 CHECKPOINT_FORMAT = 1
 
@@ -145,6 +153,7 @@ def resolve_args(args: SettingsT) -> SettingsT:
         raise UsageError(
             f"need 0 < --friction-low <= --friction-high, got {args.friction_low}, {args.friction_high}"
         )
+    friction_table = check_env_changes(args)
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         raise UsageError(f"--hidden-sizes must be positive widths, got {args.hidden_sizes}")
     batch = args.num_steps * args.num_envs
@@ -226,6 +235,7 @@ def resolve_args(args: SettingsT) -> SettingsT:
         if args.shrink_perturb
         else 0.0,
         threads=threads,
+        friction_table=friction_table,
     )
 
 
@@ -234,6 +244,8 @@ def resolve_args(args: SettingsT) -> SettingsT:
 NOT_IN_LABEL = frozenset(
     {"env", "steps", "seed", "device", "threads", "run_name", "runs_dir", "resume"}
     | {"checkpoint_every", "metrics_every", "progress", "provenance", "label"}
+    # evaluation does not change the training (tested): runs with and without it pool
+    | {"eval_every", "eval_episodes", "eval_previous"}
 )
 
 
@@ -248,12 +260,19 @@ def configuration_label(args: Settings) -> suite.Label:
     names = agent.method_names(args)
     # --paper-exact's presets (bootstrap, optimizer-state reset) belong to it, not to the label
     baseline = dict(
-        env=args.env, device="cpu", standard_adam=args.standard_adam, paper_exact=args.paper_exact
-    )
+        env=args.env, steps=args.steps, device="cpu", standard_adam=args.standard_adam,
+        paper_exact=args.paper_exact,
+    )  # fmt: skip
     for name in names:
         field, value = agent.switch_default(name)
         baseline[field] = value
-    defaults = args_dict(resolve_args(type(args)(**baseline)))
+    try:
+        defaults = args_dict(resolve_args(type(args)(**baseline)))
+    except UsageError:  # the default schedule does not fit (the paper's friction table): its own
+        schedule = {k: getattr(args, k) for k in ("friction_every", "friction_table")}
+        defaults = args_dict(resolve_args(type(args)(**baseline, **schedule)))
+        plain = type(args)()
+        defaults.update({k: getattr(plain, k) for k in schedule})
     methods = list(names) or ["tuned_adam"]
     if args.standard_adam:
         methods = [n for n in methods if n != "tuned_adam"] + ["standard_adam"]
@@ -276,15 +295,115 @@ def run_slug(label: suite.Label) -> str:
     return slug[:90] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:9]
 
 
+def check_env_changes(args: Settings) -> str:
+    """Check the env-change and evaluation settings; return the friction table in use:
+    ``--friction-table``, or by default ``paper`` with ``--paper-exact`` on a friction-changing
+    Ant (the released slippery-Ant runs) and ``drawn`` otherwise.
+
+    :raises UsageError: naming the bad value."""
+    changing = args.friction_every > 0
+    dynamics = [q for q in args.dynamics if q != "none"]
+    unknown = [q for q in dynamics if q not in QUANTITIES]
+    if unknown or len(set(dynamics)) < len(dynamics) or not args.dynamics:
+        raise UsageError(
+            f"--dynamics takes distinct names among {', '.join(QUANTITIES)} (or none), got "
+            f"{' '.join(args.dynamics) or 'nothing'}"
+        )
+    try:
+        ranges = scale_ranges(args.dynamics_range)
+    except ValueError as e:
+        raise UsageError(f"--dynamics-range: {e}") from None
+    for entry in args.dynamics_range:
+        name = entry.partition("=")[0].strip()
+        low, high = ranges.get(name, (1.0, 1.0))
+        if name not in SCALES or name not in dynamics:
+            raise UsageError(
+                f"--dynamics-range {entry}: {name!r} is not a multiplier that --dynamics changes "
+                f"({', '.join(q for q in dynamics if q in SCALES) or 'none'})"
+            )
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise UsageError(f"--dynamics-range {entry}: need 0 < LOW <= HIGH")
+    if not (math.isfinite(args.obs_offset) and args.obs_offset >= 0):
+        raise UsageError(f"--obs-offset must be >= 0, got {args.obs_offset}")
+    changes = [
+        name
+        for name, on in (
+            ("--dynamics", tuple(args.dynamics) != ("friction",)),
+            ("--dynamics-range", bool(args.dynamics_range)),
+            ("--dynamics-drift", args.dynamics_drift),
+            ("--obs-permute", args.obs_permute),
+            ("--obs-offset", args.obs_offset > 0),
+            ("--reward-flip", args.reward_flip),
+            ("--friction-table paper", args.friction_table == "paper"),
+        )
+        if on
+    ]
+    if changes and not changing:
+        raise UsageError(
+            f"--friction-every 0 has no segments: {', '.join(changes)} would never act"
+        )
+    if args.eval_every < 0 or args.eval_previous < 0 or args.eval_episodes < 1:
+        raise UsageError(
+            "need --eval-every >= 0, --eval-episodes >= 1 and --eval-previous >= 0, got "
+            f"{args.eval_every}, {args.eval_episodes}, {args.eval_previous}"
+        )
+    if args.eval_previous and not (args.eval_every and changing):
+        raise UsageError("--eval-previous needs --eval-every > 0 and --friction-every > 0")
+    table = args.friction_table
+    if table is None:
+        ant = args.env.startswith("Ant-")
+        table = (
+            "paper" if args.paper_exact and ant and changing and "friction" in dynamics else "drawn"
+        )
+    if table not in ("drawn", "paper"):
+        raise UsageError(f"--friction-table must be drawn or paper, got {table}")
+    if table == "paper":
+        if "friction" not in dynamics:
+            raise UsageError("--friction-table paper needs friction among --dynamics")
+        if not 0 <= args.seed < TABLE_SEEDS:
+            raise UsageError(
+                f"--friction-table paper has rows for seeds 0-{TABLE_SEEDS - 1}, got --seed {args.seed}"
+            )
+        batch = args.num_steps * args.num_envs
+        total = -(-args.steps // batch) * batch  # a run stops at an update boundary
+        needed = total // args.friction_every + 1  # segments
+        needed += int(args.dynamics_drift) - int(args.friction_start_default)
+        if needed > TABLE_SEGMENTS:
+            raise UsageError(
+                f"--friction-table paper has {TABLE_SEGMENTS} frictions per seed: a run of "
+                f"{total} steps changing every {args.friction_every} needs {needed}"
+                f"{' (with the drift target)' if args.dynamics_drift else ''}; lower --steps (the "
+                "released slippery-Ant runs: 20_000_000) or raise --friction-every, or pass "
+                "--friction-table drawn"
+            )
+    return table
+
+
+def method_tag(args: Settings) -> str:
+    tags = [t for t, on in (("cbp", args.cbp), ("redo", args.redo), ("l2", args.l2)) if on]
+    tags += ["snp"] if args.shrink_perturb else []
+    tags += ["stdadam"] if args.standard_adam else []
+    tags += ["exact"] if args.paper_exact else []
+    return "+".join(tags) or "ppo"
+
+
 def args_dict(args: Settings) -> dict[str, Any]:
     d = dataclasses.asdict(args)
     d["hidden_sizes"] = list(args.hidden_sizes)
+    for name in ("dynamics", "dynamics_range"):
+        d[name] = list(d[name])
     return d
 
 
 def args_from_dict(cls: type[SettingsT], d: dict[str, Any]) -> SettingsT:
     d = dict(d)
     d["hidden_sizes"] = tuple(d["hidden_sizes"])
+    # A run saved before --friction-table existed keeps its drawn sequence (--paper-exact on
+    # Ant would now choose the table).
+    d.setdefault("friction_table", "drawn")
+    for name in ("dynamics", "dynamics_range"):
+        if name in d:
+            d[name] = tuple(d[name])
     return cls(**d)
 
 

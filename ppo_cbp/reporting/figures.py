@@ -75,6 +75,9 @@ IGNORED_KEYS = frozenset(
         "checkpoint_every",
         "provenance",  # which code ran: seeds run by other commits still pool
         "label",  # the configuration's name, made from the other keys
+        "eval_every",  # evaluation does not change the training: runs with and without it pool
+        "eval_episodes",
+        "eval_previous",
         "started_with",
         # supervised
         "out",
