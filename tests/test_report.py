@@ -168,3 +168,28 @@ def test_table_is_deterministic_given_the_seed(tmp_path):
         assert plot_script.main(argv + ["--resamples", "500", "--name", "pm"]) == 0
         texts.append((tmp_path / out / "pm_table.csv").read_text())
     assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
+def test_ppo_evaluation_returns_get_panels_and_tables(tmp_path):
+    """Runs with --eval-every log eval/return and eval/return_previous: the figure draws them
+    and the table scores them as it scores the training return (final: the last tenth of the
+    bins, without friction changes)."""
+    from test_plot import ppo_run
+
+    from ppo_cbp.reporting.figures import plot_runs
+
+    for seed in (1, 2):
+        points = [(100 * b, float(seed * b)) for b in range(1, 11)]
+        ppo_run(
+            tmp_path / "runs" / f"a_{seed}", seed,
+            {"charts/episodic_return": points, "eval/return": points,
+             "eval/return_previous": [(s, v / 2) for s, v in points]},
+            friction_every=0,
+        )  # fmt: skip
+    plot_runs([tmp_path / "runs"], tmp_path / "fig", name="f", bin_size=100)
+    rows = list(csv.DictReader(open(tmp_path / "fig" / "f_table.csv")))
+    final = {r["score"]: float(r["mean"]) for r in rows if r["metric"] == "final"}
+    # last tenth of 10 bins: bin 10, seed s returns 10 s: mean over seeds 15; halved 7.5
+    assert final["eval_return"] == pytest.approx(15.0)
+    assert final["eval_return_previous"] == pytest.approx(7.5)
+    assert final["episodic_return"] == pytest.approx(15.0)

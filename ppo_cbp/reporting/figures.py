@@ -144,6 +144,13 @@ _METHOD_ORDER = {
 }
 _FALLBACK_COLOURS = ["tab:brown", "tab:olive", "tab:gray", "gold", "navy", "teal", "maroon"]
 
+EVAL_PANELS = {
+    "eval/return": "Evaluation return",
+    "eval/return_previous": "Evaluation return, earlier dynamics",
+}
+"""PPO's evaluation scalars (``--eval-every``): the deterministic policy's return with the
+current dynamics and with those of earlier segments; panels and tables when a run has them."""
+
 BANDS = ("ci", "se")
 """Shaded bands: the 95% bootstrap CI of the mean (the paper's RL figures) or one SE."""
 
@@ -1227,6 +1234,9 @@ def _figure(
             )
         step = bin_size
         panels = ppo_panels(step, network)
+        for tag, ylabel in EVAL_PANELS.items():  # with --eval-every: scores of their own
+            if any(tag in r.scalars for r in all_runs):
+                panels.append(Panel(tag.replace("/", "_"), ylabel, _scalar_binned(tag, step)))
         if every_metric:
             panels = every_metric_panels(all_runs, step)
         title = f"{KIND_TITLES[kind]} on {groups[0].config.get('env', '?')}, bins of {step:,} steps"

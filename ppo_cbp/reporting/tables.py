@@ -43,8 +43,8 @@ import numpy as np
 
 from ppo_cbp.reporting.stats import RESAMPLES, bootstrap_mean_ci, iqm, stratified_ci
 
-SCORES = ("accuracy", "squared_error", "episodic_return")
-"""Panel keys that are a benchmark's score; a figure whose first panel is another has no table."""
+SCORES = ("accuracy", "squared_error", "episodic_return", "eval_return", "eval_return_previous")
+"""Panel keys that are a score (a benchmark's, PPO's evaluation returns): each gets a table."""
 
 METRIC_TITLES = {"final": "final", "auc": "AUC"}
 
@@ -134,12 +134,20 @@ def cell(strata: Sequence[np.ndarray], *, resamples: int = RESAMPLES, seed: int 
     return Cell(len(pooled), float(pooled.mean()), *mean_ci, float(iqm(pooled)), *iqm_ci)
 
 
-def figure_table(figure: Any, *, resamples: int = RESAMPLES, seed: int = 0) -> Table | None:
-    """The table of one :class:`ppo_cbp.reporting.figures._Figure` (None when its first panel is no
-    score)."""
-    panel, series = figure.panel_series[0]
-    if panel.key not in SCORES:
-        return None
+def figure_tables(figure: Any, *, resamples: int = RESAMPLES, seed: int = 0) -> list[Table]:
+    """The tables of one :class:`ppo_cbp.reporting.figures._Figure`: one per panel that is a
+    score (:data:`SCORES`), in the panels' order."""
+    return [
+        figure_table(figure, panel, series, resamples=resamples, seed=seed)
+        for panel, series in figure.panel_series
+        if panel.key in SCORES
+    ]
+
+
+def figure_table(
+    figure: Any, panel: Any, series: Sequence[Any], *, resamples: int = RESAMPLES, seed: int = 0
+) -> Table:
+    """The table of one score panel of a :class:`ppo_cbp.reporting.figures._Figure`."""
     table = Table(figure.name, panel.key, panel.ylabel, [])
     for g in figure.groups:
         s = next((s for s in series if s.label == g.label), None)
@@ -186,7 +194,7 @@ def pooled_tables(
 
 def table_rows(figures: Sequence[Any], *, resamples: int = RESAMPLES, seed: int = 0) -> list[Table]:
     """Every figure's table, then the pooled ones."""
-    tables = [t for f in figures if (t := figure_table(f, resamples=resamples, seed=seed))]
+    tables = [t for f in figures for t in figure_tables(f, resamples=resamples, seed=seed)]
     return tables + pooled_tables(tables, resamples=resamples, seed=seed)
 
 
