@@ -113,9 +113,9 @@ PPO_NAMES = {
     "tuned_adam": "Tuned Adam",
     "l2": "L2",
     "cbp": "CBP",
-    "cbp+l2": "CBP + L2",
+    "cbp+l2": "CBP",  # --cbp's L2 1e-4 is its own setting: no suffix in its label
     "redo": "ReDo",
-    "redo+l2": "ReDo + L2",
+    "redo+l2": "ReDo",
     "snp": "Shrink & Perturb",
     "adam": "Adam",
 }
@@ -866,8 +866,9 @@ def _colour_map(groups: Sequence[Group]) -> dict[str, str]:
     palette = [to_hex(c) for name in ("tab10", "Dark2", "tab20b") for c in colormaps[name].colors]
     spare = iter([to_hex(c) for c in _FALLBACK_COLOURS] + palette)
     for i, g in enumerate(groups):
-        c = METHOD_COLOURS.get(g.method)
-        c = None if c is None else to_hex(c)
+        names = PPO_NAMES if g.kind == "ppo" else SUPERVISED_NAMES
+        paper = names.get(g.method) == g.label  # the paper's method, at its own settings
+        c = to_hex(METHOD_COLOURS[g.method]) if paper and g.method in METHOD_COLOURS else None
         while c is None or c in used:
             c = next(spare, None) or to_hex(hsv_to_rgb(((i * 0.618034) % 1, 0.75, 0.8)))
             if c in used:
@@ -1008,13 +1009,15 @@ def _legend_below(fig: Any, ax: Any, caption: str) -> None:
     labels = [textwrap.fill(t, min(LEGEND_WRAP, fits)) for t in labels]
     caption = textwrap.fill(caption, fits)
     ncols = len(labels)
+    # measured with the renderer alone: a full draw would lay the axes out around a legend
+    # the figure has not yet grown for (and collapse them when the legend is tall)
+    renderer = fig.canvas.get_renderer()
     while True:
         legend = fig.legend(
             handles, labels, loc="outside lower center", ncols=max(ncols, 1), fontsize=8,
             title=caption, title_fontsize=8, frameon=False,
         )  # fmt: skip
-        fig.canvas.draw()
-        box = legend.get_window_extent()
+        box = legend.get_window_extent(renderer)
         if box.width <= 0.98 * width * fig.dpi or ncols <= 1:
             break
         legend.remove()
