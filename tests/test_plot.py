@@ -825,15 +825,22 @@ def test_reproduce_unreadable_checkpoint_fails_that_run_only(tmp_path, capsys):
     assert out[0].startswith(f"[fail] {bad.name}: ") and "is unreadable" in out[0]
 
 
+def test_update_zero_falls_in_the_first_bin():
+    """PPO logs the networks as built at step 0: in the first bin, with the steps up to one bin."""
+    binned = bin_by_step(np.array([0, 50, 100, 150]), np.array([1.0, 3.0, 5.0, 7.0]), 100, 2)
+    assert binned.tolist() == [3.0, 7.0]
+
+
 def test_a_panel_without_data_in_range_says_so(tmp_path, monkeypatch):
-    """A plasticity scalar logged only at step 0 (update 0) has no point in the bins
-    ``(0, bin], (bin, 2 bin], ...``: its panel says so instead of drawing empty axes."""
+    """A plasticity scalar logged only past the last whole bin (step 350 of a run whose bins
+    of 100 steps end at 300) has no point in the plotted range: its panel says so instead of
+    drawing empty axes."""
     ppo_run(
         tmp_path / "runs" / "a_1",
         1,
         {
             "charts/episodic_return": [(100, 1.0), (200, 2.0), (300, 3.0)],
-            "plasticity/policy/dead_units": [(0, 0.1)],
+            "plasticity/policy/dead_units": [(350, 0.1)],
         },
     )
     figures = _close_recorder(monkeypatch)

@@ -621,14 +621,15 @@ def mean_and_se(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def bin_by_step(
     steps: np.ndarray, values: np.ndarray, bin_size: int, n_bins: int, reduce: str = "mean"
 ) -> np.ndarray:
-    """Per bin ``b`` (steps ``b * bin_size < s <= (b + 1) * bin_size``) the mean or max of the
-    values logged there; NaN for an empty bin. Values beyond ``n_bins`` bins are dropped."""
+    """Per bin ``b`` (steps ``b * bin_size < s <= (b + 1) * bin_size``; the first bin also
+    holds step 0, where PPO logs the networks as built) the mean or max of the values logged
+    there; NaN for an empty bin. Values beyond ``n_bins`` bins are dropped."""
     if bin_size < 1:
         raise ValueError(f"bin size must be >= 1, got {bin_size}")
     out = np.full(n_bins, np.nan)
     steps = np.asarray(steps, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
-    idx = (steps - 1) // bin_size
+    idx = np.maximum(steps - 1, 0) // bin_size
     keep = (idx >= 0) & (idx < n_bins) & np.isfinite(values)
     idx, values = idx[keep], values[keep]
     if reduce == "mean":
