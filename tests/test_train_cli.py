@@ -445,7 +445,9 @@ def test_paper_exact_refuses_the_flags_it_would_turn_off(tmp_path):
     # the values it sets anyway, and the defaults, are no clash
     from ppo_cbp.ppo.settings import run_settings
 
+    # (20M steps: the released slippery-Ant length, which the paper's friction table covers)
     argv = ["--paper-exact", "--no-bootstrap-truncation", "--runs-dir", str(runs)]
-    given = Args(paper_exact=True, bootstrap_truncation=False, runs_dir=str(runs))
+    argv += ["--steps", "20_000_000"]
+    given = Args(paper_exact=True, bootstrap_truncation=False, runs_dir=str(runs), steps=20_000_000)
     _, a, _, _ = run_settings(given, given_fields(Args, argv))
     assert a.paper_exact and not a.bootstrap_truncation and not a.reset_optimizer_state
