@@ -252,6 +252,16 @@ class Args:
     """Episodes per evaluation."""
     eval_previous: int = 0
     """Also evaluate with the settings of the previous k segments: eval/return_previous (their mean)."""
+    track: bool = False
+    """Also log the config and scalars to Weights & Biases (pip install -e '.[wandb]')."""
+    wandb_project_name: str = "ppo_cbp"
+    """W&B project of --track."""
+    wandb_entity: str | None = None
+    """W&B entity (team) of --track; None: yours."""
+    capture_video: bool = False
+    """Render episodes of the deterministic policy to videos/<step>.mp4 (pip install -e '.[video]')."""
+    video_every: int = 1_000_000
+    """Steps between --capture-video's videos (also at step 0 and each segment's end)."""
 
 
 class NonFiniteLossError(RuntimeError):

@@ -22,7 +22,10 @@ LAYERS = [
         "foundations",
         {"ppo_cbp.errors", "ppo_cbp.formatting", "ppo_cbp.seeding", "ppo_cbp.provenance"},
     ),
-    ("run infrastructure", {"ppo_cbp.run_folder", "ppo_cbp.cli", "ppo_cbp.init"}),
+    (
+        "run infrastructure",
+        {"ppo_cbp.run_folder", "ppo_cbp.cli", "ppo_cbp.init", "ppo_cbp.tracking"},
+    ),
     ("data and networks", {"ppo_cbp.nets", "ppo_cbp.datasets", "ppo_cbp.envs"}),
     ("metrics", {"ppo_cbp.metrics"}),
     ("operators", {"ppo_cbp.plasticity"}),

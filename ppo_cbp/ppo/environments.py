@@ -94,16 +94,24 @@ class Segments:
         self.evaluation = None
         if args.eval_every > 0:
             self.evaluation = Evaluation(args, agent, state, writer)
+        self.videos = None
+        if getattr(args, "capture_video", False):
+            from ppo_cbp.ppo.video import Videos
+
+            self.videos = Videos(args, agent, state, writer)
 
     def update_start(self) -> float:
         """The task boundary and evaluations due now; returns the seconds spent evaluating
         (which the trainer leaves out of its timings)."""
         args, state, evaluation = self.args, self.state, self.evaluation
         t0 = time.perf_counter()
-        evaluated = False
+        evaluated, ended = False, None
         if args.friction_every > 0:
             segment = int(self.envs.call("segment")[0])
             if segment > state.friction_segment:
+                if self.videos is not None:
+                    setting = self.envs.call("segment_setting", state.friction_segment)[0]
+                    ended = (state.friction_segment, setting)
                 if evaluation is not None:  # the segment that ended, with its setting
                     setting = self.envs.call("segment_setting", state.friction_segment)[0]
                     evaluation.run(self.envs, setting, state.friction_segment)
@@ -120,4 +128,7 @@ class Segments:
             current = self.envs.call("setting")[0] if args.friction_every > 0 else {}
             evaluation.run(self.envs, current, state.friction_segment)
             evaluated = True
-        return time.perf_counter() - t0 if evaluated else 0.0
+        spent = time.perf_counter() - t0 if evaluated else 0.0
+        if self.videos is not None:
+            spent += self.videos.update_start(self.envs, ended)
+        return spent

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ppo_cbp import run_folder
+from ppo_cbp import run_folder, tracking
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.ppo.normalize import RunningMeanStd
 from ppo_cbp.ppo.protocols import Settings, TrainedAgent
@@ -205,7 +205,8 @@ def start_state(
 
 
 def open_outputs(run_dir: Path, args: Settings, state: RunState, resumed: bool) -> Any:
-    """Print where the run writes, then create its folder, its TensorBoard writer (a resumed
+    """Print where the run writes, then create its folder, its writer (TensorBoard, and W&B
+    with ``--track``: :class:`~ppo_cbp.tracking.FanOutWriter`; TensorBoard's of a resumed
     run's with ``purge_step`` = its checkpoint's step + 1: that step's points were logged and
     flushed before the checkpoint was written), ``config.json`` and, for a new run, the
     hyperparameters table. Called once every check has passed."""
@@ -219,9 +220,14 @@ def open_outputs(run_dir: Path, args: Settings, state: RunState, resumed: bool) 
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = run_folder.open_writer(run_dir, state.global_step + 1 if resumed else None)
     resolved = args_dict(args)
-    run_folder.write_config(
-        run_dir / "config.json", dict(resolved, label=configuration_label(args).text)
-    )
+    config = dict(resolved, label=configuration_label(args).text)
+    run_folder.write_config(run_dir / "config.json", config)
+    wandb_run = None
+    if getattr(args, "track", False):
+        wandb_run = tracking.start_wandb(
+            run_dir, config, args.wandb_project_name, args.wandb_entity
+        )
+    writer = tracking.FanOutWriter(writer, wandb_run)
     if not resumed:
         table = "\n".join(f"|{k}|{v}|" for k, v in resolved.items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table, 0)

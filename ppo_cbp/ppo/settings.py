@@ -25,7 +25,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 
-from ppo_cbp import run_folder
+from ppo_cbp import run_folder, tracking
 from ppo_cbp.envs.dynamics import QUANTITIES, SCALES
 from ppo_cbp.errors import UsageError
 from ppo_cbp.plasticity import suite
@@ -57,7 +57,13 @@ CHECKPOINT_FORMAT = 1
 
 # Fields that may differ from the checkpoint when resuming: they do not change the training.
 # (steps only without --anneal-lr, whose schedule depends on it.)
-_RESUME_FREE = {"steps", "checkpoint_every", "metrics_every", "device", "threads", "progress"}
+_RESUME_FREE = {"steps", "checkpoint_every", "metrics_every", "device", "threads", "progress"} | {
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "capture_video",
+    "video_every",
+}
 _RESUME_IGNORED = {"resume", "run_name", "runs_dir"}
 
 
@@ -246,6 +252,8 @@ NOT_IN_LABEL = frozenset(
     | {"checkpoint_every", "metrics_every", "progress", "provenance", "label"}
     # evaluation does not change the training (tested): runs with and without it pool
     | {"eval_every", "eval_episodes", "eval_previous"}
+    # nor do tracking and videos (tested)
+    | {"track", "wandb_project_name", "wandb_entity", "capture_video", "video_every"}
 )
 
 
@@ -546,6 +554,14 @@ def run_settings(
             raise UsageError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
+    tracking.require(getattr(args, "track", False), getattr(args, "capture_video", False))
+    if getattr(args, "capture_video", False):
+        from ppo_cbp.ppo.video import check_rendering
+
+        if args.video_every < 0:
+            raise UsageError(f"--video-every must be >= 0 (0: only step 0), not {args.video_every}")
+
+        check_rendering(args.env)
     run_folder.check_writable(run_dir, "the run folder")
     run_folder.warn_other_code(ckpt)
     return given_args, args, ckpt, run_dir
