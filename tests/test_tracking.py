@@ -144,3 +144,37 @@ def test_real_wandb_offline(tmp_path, monkeypatch):
     main(small(tmp_path, env="Hopper-v4", steps=512, track=True))
     run_id = (tmp_path / "run" / tracking.ID_FILE).read_text().strip()
     assert list((tmp_path / "wandb").rglob(f"*{run_id}*"))
+
+
+def test_supervised_track_sends_each_seed_under_its_prefix(tmp_path, fake_wandb):
+    from ppo_cbp.benchmarks import registry
+
+    out = tmp_path / "scr"
+    argv = ["slowly-changing-regression", "--examples", "400", "--bin-size", "200"]
+    argv += ["--seeds", "0", "1", "--out", str(out), "--no-progress", "--device", "cpu"]
+    cfg = registry.parse([*argv, "--track"])
+    registry.RUNS[type(cfg)](cfg)
+    (run,) = fake_wandb.runs
+    assert run.init["name"] == "scr" and run.finished
+    sent = logged_scalars(run)
+    for seed in (0, 1):
+        board = scalars(out / f"seed_{seed}" / "tb")
+        assert {
+            t.removeprefix(f"seed_{seed}/") for t in sent if t.startswith(f"seed_{seed}/")
+        } == set(board)
+        for tag, points in board.items():
+            got = sent[f"seed_{seed}/{tag}"]
+            assert [s for s, _ in got] == [s for s, _ in points]
+            np.testing.assert_array_equal(
+                np.float32([v for _, v in got]), np.float32([v for _, v in points])
+            )
+
+
+def test_supervised_track_without_wandb_is_one_error(tmp_path, monkeypatch):
+    from ppo_cbp.benchmarks import registry
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg = registry.parse(["slowly-changing-regression", "--out", str(tmp_path / "o"), "--track"])
+    with pytest.raises(UsageError, match=r"pip install -e '\.\[wandb\]'"):
+        registry.RUNS[type(cfg)](cfg)
+    assert not (tmp_path / "o").exists()

@@ -30,7 +30,7 @@ import torch
 import tyro
 from torch import Tensor
 
-from ppo_cbp import run_folder
+from ppo_cbp import run_folder, tracking
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
@@ -348,6 +348,7 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
 # long it runs): left out of its label.
 NOT_IN_LABEL = frozenset(
     {"out", "seeds", "device", "progress", "resume", "data_dir", "download", "chunk", "label"}
+    | {"track", "wandb_project_name", "wandb_entity"}
     | {"tasks", "examples", "bins", "method"}
 )
 
@@ -556,6 +557,7 @@ class RunOutputs:
         self.seeds = list(seeds)
         self.config = config
         self.resume = resume
+        tracking.require(bool(config.get("track")), False)
         run_folder.check_writable(self.out, "--out")
         # Without a checkpoint a folder holds nothing that --resume would keep: a run that
         # stopped before its first checkpoint starts over.
@@ -610,7 +612,16 @@ class RunOutputs:
         for key in ("method", "resolved_method"):  # settings renamed since
             if isinstance(saved.get(key), dict):
                 saved[key] = suite.current_names(saved[key])
-        ignored = {"resume", "progress", "out", "device", "label"}
+        ignored = {
+            "resume",
+            "progress",
+            "out",
+            "device",
+            "label",
+            "track",
+            "wandb_project_name",
+            "wandb_entity",
+        }
         run_folder.check_settings(
             path,
             [
@@ -659,6 +670,17 @@ class RunOutputs:
                     w.writeheader()
                     w.writerows(rows)
             self._writers.append(run_folder.open_writer(folder / "tb", len(rows)))
+        if self.config.get("track"):  # one W&B run for all seeds: seed_<seed>/<tag>
+            run = tracking.start_wandb(
+                self.out,
+                self.config,
+                self.config["wandb_project_name"],
+                self.config["wandb_entity"],
+            )
+            self._writers = [
+                tracking.FanOutWriter(w, run, f"seed_{seed}/", finish=s == len(self.seeds) - 1)
+                for s, (seed, w) in enumerate(zip(self.seeds, self._writers))
+            ]
         resumed = f", resuming after row {done}" if done else ""
         print(
             f"{what + ': ' if what else ''}writing to {self.out}/ (config.json, summary.json, "

@@ -317,6 +317,12 @@ class IncrementalCIFARConfig:
     """Continue the run saved in --out."""
     progress: bool = True
     """Show a progress bar on a terminal; none when stderr is not a terminal."""
+    track: bool = False
+    """Also log the config and each seed's scalars to one W&B run (pip install -e '.[wandb]')."""
+    wandb_project_name: str = "ppo_cbp"
+    """W&B project of --track."""
+    wandb_entity: str | None = None
+    """W&B entity (team) of --track; None: yours."""
 
 
 def _validate(cfg: IncrementalCIFARConfig) -> None:

@@ -136,6 +136,12 @@ class PermutedMNISTConfig:
     """Examples gathered per data chunk (memory vs. overhead; does not change results)."""
     progress: bool = True
     """Show a progress bar on a terminal; none when stderr is not a terminal."""
+    track: bool = False
+    """Also log the config and each seed's scalars to one W&B run (pip install -e '.[wandb]')."""
+    wandb_project_name: str = "ppo_cbp"
+    """W&B project of --track."""
+    wandb_entity: str | None = None
+    """W&B entity (team) of --track; None: yours."""
 
 
 def hidden_sizes(cfg: PermutedMNISTConfig) -> list[int]:
