@@ -29,7 +29,15 @@ from ppo_cbp.plasticity.upgd import AdaptiveUPGD
 from ppo_cbp.ppo.numerics import is_plain_mlp
 from ppo_cbp.seeding import TAG_INJECTION
 
-__all__ = ["Agent", "make_agent", "make_mlp", "method_names", "network_of", "settings"]
+__all__ = [
+    "Agent",
+    "make_agent",
+    "make_mlp",
+    "make_networks",
+    "method_names",
+    "network_of",
+    "settings",
+]
 
 NETWORKS = ("policy", "value")
 """The agent's networks, in the order the methods see them."""
@@ -230,6 +238,27 @@ def _legacy_entries(methods: suite.Suite, state: Mapping[str, Any]) -> list[tupl
     return entries
 
 
+def make_networks(
+    args: Any, obs_dim: int, act_dim: int, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
+    """The policy-mean and value networks of ``args`` (``hidden_sizes``, ``init``,
+    ``layer_norm``/``nap``, ``crelu``, ``injection``/``injection_layers``), freshly initialised
+    on ``device``: what :func:`make_agent` builds, and what a saved run is loaded into
+    (:mod:`ppo_cbp.ppo.load`)."""
+    build = make_mlp
+    layer_norm = args.layer_norm or args.nap
+    if args.crelu:
+        build = functools.partial(crelu_mlp, layer_norm=layer_norm)
+    elif layer_norm:
+        build = layer_norm_mlp
+    actor: nn.Module = build(obs_dim, args.hidden_sizes, act_dim, args.init).to(device)
+    critic: nn.Module = build(obs_dim, args.hidden_sizes, 1, args.init).to(device)
+    if args.injection:
+        actor = InjectableNetwork(actor, head_layers=args.injection_layers)
+        critic = InjectableNetwork(critic, head_layers=args.injection_layers)
+    return actor, critic
+
+
 def make_agent(
     args: Any,
     obs_dim: int,
@@ -246,17 +275,7 @@ def make_agent(
     :param noise_generator: Shrink & Perturb's noise generator (the run's ``perturb`` one).
     """
     names = method_names(args)
-    build = make_mlp
-    layer_norm = args.layer_norm or args.nap
-    if args.crelu:
-        build = functools.partial(crelu_mlp, layer_norm=layer_norm)
-    elif layer_norm:
-        build = layer_norm_mlp
-    actor: nn.Module = build(obs_dim, args.hidden_sizes, act_dim, args.init).to(device)
-    critic: nn.Module = build(obs_dim, args.hidden_sizes, 1, args.init).to(device)
-    if args.injection:
-        actor = InjectableNetwork(actor, head_layers=args.injection_layers)
-        critic = InjectableNetwork(critic, head_layers=args.injection_layers)
+    actor, critic = make_networks(args, obs_dim, act_dim, device)
     log_std = nn.Parameter(torch.full((act_dim,), args.log_std_init, device=device))
     params = [*actor.parameters(), log_std, *critic.parameters()]
     betas = (args.adam_beta1, args.adam_beta2)

@@ -1,0 +1,100 @@
+"""One seed's network of a supervised run (``scripts/supervised.py``), as a plain ``nn.Module``.
+
+:func:`load_learner` reads ``out/checkpoint.pt`` and returns seed ``seed``'s slice of the fused
+:class:`~ppo_cbp.benchmarks.common.Learner`'s :class:`~ppo_cbp.nets.stacked_mlp.StackedMLP`
+(``params[layer][s]``: ``[n_out, n_in + 1]``, the bias last) as ``Linear, activation, ...,
+Linear`` (:class:`SeedMLP`), computing what :meth:`StackedMLP.forward` computes for that seed.
+The autograd and conv learners' checkpoints (``"module"``) are not covered yet: one ``error:``
+line says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ppo_cbp import run_folder
+from ppo_cbp.errors import UsageError
+from ppo_cbp.nets.stacked_mlp import LEAKY_RELU_SLOPE
+
+__all__ = ["SeedMLP", "load_learner"]
+
+_ACTIVATIONS = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda z: z,
+    "elu": F.elu,
+    "leaky_relu": lambda z: F.leaky_relu(z, LEAKY_RELU_SLOPE),
+    "swish": F.silu,
+}
+
+
+class SeedMLP(nn.Module):
+    """``Linear, activation, ..., Linear`` with the weights of one seed of a stacked MLP."""
+
+    def __init__(self, params: list[Tensor], activation: str):
+        super().__init__()
+        self.activation = activation
+        self.layers = nn.ModuleList()
+        for p in params:
+            linear = nn.Linear(p.shape[1] - 1, p.shape[0], dtype=p.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(p[:, :-1])
+                linear.bias.copy_(p[:, -1])
+            self.layers.append(linear)
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = _ACTIVATIONS[self.activation]
+        for linear in self.layers[:-1]:
+            x = f(linear(x))
+        return self.layers[-1](x)
+
+
+def load_learner(out: str | Path, seed: int) -> nn.Module:
+    """Seed ``seed``'s network of the supervised run in ``out`` (its ``--out`` folder or its
+    ``checkpoint.pt``), on the CPU in the run's dtype.
+
+    :raises UsageError: one line for a missing folder or checkpoint, an unreadable one, a
+        ``train.py`` run (use ``load_policy``), a seed the run did not train, or a learner
+        this loader does not cover."""
+    p = Path(out)
+    if not p.exists():
+        raise UsageError(f"run folder {out} does not exist")
+    path = p if p.is_file() else p / "checkpoint.pt"
+    if not path.is_file():
+        raise UsageError(f"{p} holds no checkpoint.pt: pass a scripts/supervised.py --out folder")
+    state = run_folder.load_checkpoint(
+        path,
+        "scripts/supervised.py",
+        "pass a scripts/supervised.py --out folder",
+        "it cannot be loaded",
+    )
+    if isinstance(state, dict) and "format" in state and "args" in state:
+        raise UsageError(
+            f"{path.parent} is a run folder of train.py, not of scripts/supervised.py: load its "
+            f"policy with ppo_cbp.load_policy({str(path.parent)!r})"
+        )
+    try:
+        config: dict[str, Any] = json.loads(state["config"])
+        learner = state["learner"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path} is not a checkpoint of scripts/supervised.py ({e})") from None
+    seeds = [int(s) for s in config.get("seeds", [])]
+    if seed not in seeds:
+        raise UsageError(f"seed {seed} is not one of the run's seeds {seeds}")
+    net = learner.get("net") if isinstance(learner, dict) else None
+    if not isinstance(net, dict) or "params" not in net:
+        raise UsageError(
+            f"{path}: load_learner covers the fused trainer's networks only (this run's "
+            f"learner, --method {config.get('method')}, is not covered yet)"
+        )
+    if net.get("norms"):
+        raise UsageError(f"{path}: load_learner does not cover online normalisation yet")
+    s = seeds.index(seed)
+    return SeedMLP([p[s] for p in net["params"]], config.get("activation", "relu")).eval()

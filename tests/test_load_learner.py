@@ -1,0 +1,50 @@
+"""``ppo_cbp.load_learner``: one seed's network of a supervised run computes exactly what that
+seed's slice of the stacked network computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_supervised import scr_config
+
+from ppo_cbp import load_learner
+from ppo_cbp.benchmarks.common import MethodConfig
+from ppo_cbp.benchmarks.scr import run_scr
+from ppo_cbp.errors import UsageError
+from ppo_cbp.nets.stacked_mlp import StackedMLP
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_a_seed_of_a_fused_scr_run_equals_its_slice(tmp_path, activation):
+    cfg = scr_config(tmp_path, "scr", method=MethodConfig(method="bp"), seeds=[3, 5, 8])
+    cfg.activation = activation
+    run_scr(cfg)
+    state = torch.load(cfg.out / "checkpoint.pt", weights_only=True)["learner"]["net"]
+    stacked = StackedMLP(
+        [cfg.n_inputs, cfg.hidden, 1], [3, 5, 8], activation=activation, dtype=torch.float64
+    )
+    stacked.load_state_dict(state)
+    x = torch.randn(
+        3, 7, cfg.n_inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    expected, _ = stacked.forward(stacked.with_ones(x))
+    for s, seed in enumerate([3, 5, 8]):
+        net = load_learner(cfg.out, seed)
+        assert isinstance(net, torch.nn.Module)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x[s]), expected[s], rtol=1e-12, atol=1e-12)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_learner(tmp_path / "nowhere", 0)
+    with pytest.raises(UsageError, match="holds no checkpoint"):
+        load_learner(tmp_path, 0)
+    cfg = scr_config(tmp_path, "scr", method=MethodConfig(method="bp"), seeds=[1])
+    run_scr(cfg)
+    with pytest.raises(UsageError, match="not one of the run's seeds"):
+        load_learner(cfg.out, 2)
+    auto = scr_config(tmp_path, "auto", method=MethodConfig(method="cbp+layer_norm"), seeds=[1])
+    run_scr(auto)
+    with pytest.raises(UsageError, match="not covered yet"):
+        load_learner(auto.out, 1)
