@@ -123,8 +123,10 @@ class SCRConfig:
     """Also log the config and each seed's scalars to one W&B run (pip install -e '.[wandb]')."""
     wandb_project_name: str = "ppo_cbp"
     """W&B project of --track."""
-    wandb_entity: str | None = None
-    """W&B entity (team) of --track; None: yours."""
+    wandb_entity: Annotated[
+        str | None, tyro.conf.arg(help_behavior_hint="(default: your W&B default entity)")
+    ] = None
+    """W&B entity (team) of --track."""
 
 
 def _validate(cfg: SCRConfig) -> int:
