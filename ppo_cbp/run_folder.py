@@ -303,14 +303,26 @@ def set_rng_states(state: dict[str, Any], generators: Mapping[str, torch.Generat
 def check_settings(path: Path, conflicts: Iterable[tuple[str, Any, Any]]) -> None:
     """:raises UsageError: naming every ``(setting, checkpoint's value, value now)`` in
     ``conflicts``, if there is any: a resumed run keeps the configuration it started with."""
-    conflicts = list(conflicts)
-    if conflicts:
+    differences = [d for name, then, now in conflicts for d in _differences(name, then, now)]
+    if differences:
         raise UsageError(
             f"{path} was written with a different configuration: "
             + "; ".join(
-                f"{name} (checkpoint {then!r}, now {now!r})" for name, then, now in conflicts
+                f"{name} (checkpoint {then!r}, now {now!r})" for name, then, now in differences
             )
         )
+
+
+def _differences(name: str, then: Any, now: Any) -> list[tuple[str, Any, Any]]:
+    """``(name, then, now)``, or for two dicts the keys that differ (``name.key``, recursively;
+    a key missing on one side shows as ``None`` there)."""
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        return [(name, then, now)] if then != now else []
+    return [
+        d
+        for key in dict.fromkeys([*then, *now])
+        for d in _differences(f"{name}.{key}", then.get(key), now.get(key))
+    ]
 
 
 def warn_other_code(state: Any) -> None:
