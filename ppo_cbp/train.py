@@ -657,6 +657,7 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
             writer.close()
         envs.close()
         torch.set_num_threads(caller_threads)
+        run_folder.discard_if_empty(run_dir)  # a new run that stopped before writing anything
 
 
 def cli() -> None:

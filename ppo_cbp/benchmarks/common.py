@@ -557,6 +557,7 @@ class RunOutputs:
         self.config = config
         self.resume = resume
         run_folder.check_writable(self.out, "--out")
+        run_folder.check_not_foreign(self.out, "--out", "choose another --out")
         # Without a checkpoint a folder holds nothing that --resume would keep: a run that
         # stopped before its first checkpoint starts over.
         if self.checkpoint_path.exists() and not resume:
