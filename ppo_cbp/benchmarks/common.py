@@ -558,6 +558,11 @@ class RunOutputs:
         self.resume = resume
         run_folder.check_writable(self.out, "--out")
         run_folder.check_not_foreign(self.out, "--out", "choose another --out")
+        if resume and not self.checkpoint_path.exists():  # as train.py --resume refuses
+            raise UsageError(
+                f"--out {self.out} holds no run to resume ({self.checkpoint_path} does not "
+                "exist): drop --resume to start a new run there"
+            )
         # Without a checkpoint a folder holds nothing that --resume would keep: a run that
         # stopped before its first checkpoint starts over.
         if self.checkpoint_path.exists() and not resume:
