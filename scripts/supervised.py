@@ -8,7 +8,11 @@
 Defaults reproduce the paper; flags scale a run down (``--tasks``, ``--examples-per-task``,
 ``--width``, ``--examples``, ``--epochs``, ``--images-per-class``, ``--classes-per-increment``).
 Outputs (per seed CSV and TensorBoard, ``summary.json``, the resolved ``config.json``, an atomic
-``checkpoint.pt``) go to ``--out``; ``--resume`` continues a run exactly.
+``checkpoint.pt``) go to ``--out``; ``--resume`` continues a run exactly, with the settings it
+was started with for every flag not given again. A run, finished or not, is extended with a
+larger ``--tasks`` (Permuted MNIST) or ``--examples`` (Slowly-Changing Regression); Continual
+ImageNet's and Incremental CIFAR's schedules are drawn for the whole run and cannot be
+extended.
 
 PyTorch runs on one CPU thread unless ``OMP_NUM_THREADS`` says otherwise: online (batch-1)
 training is latency-bound, and a second intra-op thread made it many times slower on a busy
@@ -25,7 +29,7 @@ import torch
 
 from ppo_cbp import cli
 from ppo_cbp.benchmarks.common import closing_summary
-from ppo_cbp.benchmarks.registry import RUNS, parse
+from ppo_cbp.benchmarks.registry import RUNS, parse, with_checkpoint_settings
 from ppo_cbp.errors import UsageError
 
 
@@ -36,7 +40,8 @@ def main(args: Sequence[str] | None = None) -> None:
     :param args: the subcommand and its flags.
     """
     try:
-        cfg = parse(args, description=__doc__)
+        argv = sys.argv[1:] if args is None else list(args)
+        cfg = with_checkpoint_settings(parse(argv, description=__doc__), argv)
     except UsageError as e:
         sys.exit(cli.report_error(e))
     if "OMP_NUM_THREADS" not in os.environ:

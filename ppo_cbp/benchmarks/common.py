@@ -532,6 +532,16 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float | Non
     return mean, math.sqrt(var / n)
 
 
+EXTENDABLE: dict[str, tuple[str, ...]] = {
+    "permuted-mnist": ("tasks", "resolved_tasks"),
+    "slowly-changing-regression": ("examples", "bins"),
+}
+"""The settings that a resumed run may raise to extend it (a finished run too), and the
+resolved values they change: each task or bin only depends on its own index, so a longer run
+has the same first rows. Continual ImageNet's and Incremental CIFAR's schedules (the classes
+of each task, the increments and their epochs) are drawn for the whole run: not extendable."""
+
+
 class RunOutputs:
     """Per-seed CSV and TensorBoard writers plus the run's checkpoint and summary files.
 
@@ -617,6 +627,7 @@ class RunOutputs:
             if isinstance(saved.get(key), dict):
                 saved[key] = suite.current_names(saved[key])
         ignored = {"resume", "progress", "out", "device", "label"}
+        ignored |= set(EXTENDABLE.get(self.benchmark, ()))  # a longer run has the same first rows
         run_folder.check_settings(
             path,
             [
@@ -630,8 +641,13 @@ class RunOutputs:
             unit,
             len(rows[0]),
             total,
-            f"nothing to do (its results are in {self.out / 'summary.json'}); choose another "
-            "--out for a new run",
+            f"nothing to do (its results are in {self.out / 'summary.json'}); "
+            + (
+                f"extend it with a larger --{EXTENDABLE[self.benchmark][0]}, or choose another "
+                if self.benchmark in EXTENDABLE
+                else "choose another "
+            )
+            + "--out for a new run",
         )
         run_folder.warn_other_code(state)
         self.rows = rows
