@@ -7,7 +7,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ppo_cbp.commands.supervised import __doc__, main  # noqa: E402, F401  (--help shows the command's docstring)
+from ppo_cbp.commands.supervised import (  # noqa: E402, F401  (--help shows its docstring)
+    __doc__,
+    main,
+    parse,
+)
 
 if __name__ == "__main__":
     main()
