@@ -778,7 +778,8 @@ def closing_summary(summary: dict[str, Any], out: Path) -> str:
         values = ", ".join(f"seed {s} {measured(v['last'][metric])}" for s, v in seeds.items())
         lines.append(f"final {metric}: {values}")
         f = summary["final_over_seeds"][metric]
-        se = "" if f["standard_error"] is None else f" +- {measured(f['standard_error'], 2)}"
+        se = f["standard_error"]
+        se = "" if se is None else f" +- {measured(se, 2)} (standard error over seeds)"
         lines.append(f"final {metric}, mean over {len(seeds)} seed(s): {measured(f['mean'])}{se}")
         counts = {f"seed {s}": int(v["units_replaced"]) for s, v in seeds.items()}
         if any(counts.values()):
