@@ -138,9 +138,9 @@ def check_name(name: str, what: str) -> None:
         )
 
 
-RUN_FILES = ("config.json", CHECKPOINT_NAME)
+RUN_FILES = ("config.json", CHECKPOINT_NAME, "trial.log")
 """The files that make a folder one of our run folders (a run that stopped early holds at
-least its ``config.json``)."""
+least its ``config.json``; a sweep's trial folder its ``trial.log`` before the run starts)."""
 
 
 def check_not_foreign(folder: Path, what: str, instead: str) -> None:

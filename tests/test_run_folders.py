@@ -100,6 +100,12 @@ def test_a_partial_run_of_ours_is_started_over(tmp_path):
     (folder / "events.out.tfevents.1.host").write_bytes(b"")
     args = Args(runs_dir=str(tmp_path), run_name="run", progress=False)
     assert settings.run_settings(args, {"run_name", "runs_dir"})[3] == folder
+    # a sweep's trial folder: its log of attempts is written before the run starts
+    trial = tmp_path / "trial"
+    trial.mkdir()
+    (trial / "trial.log").write_text("=== attempt 1\n")
+    args = Args(runs_dir=str(tmp_path), run_name="trial", progress=False)
+    assert settings.run_settings(args, {"run_name", "runs_dir"})[3] == trial
 
 
 def test_supervised_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
