@@ -19,7 +19,8 @@ reset inputs (seed, generator state, friction state) and its actions, and redoes
 restore, which reproduces MuJoCo's full state including the solver's warm start.
 
 With ``N > 1`` env 0 steps in the caller's process and envs 1..N-1 in one worker process each;
-steps are handed over through shared memory with spin-waiting on x86 (see ``_SPIN``).
+steps are handed over through the pipes, or through shared memory with spin-waiting on x86 when
+every process has a spare core (see ``_SPIN``).
 
 This package imports nothing from ``ppo_cbp``.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import platform
 import signal
 import time
@@ -208,8 +210,35 @@ class SingleEnv:
 # itself is ~100-250 us), which made 2 envs slower than 1. Spinning on a shared counter hands
 # a step over in < 1 us. This relies on x86's total store order (data written before the
 # counter is seen before it); elsewhere the pipe is used for steps too.
+#
+# Spinning only pays when every spinning process has a core of its own: on a busy machine the
+# trainer and the workers spin on cores that the others need to step their envs (on a busy
+# 2-core VM, --num-envs 2 ran 9-20x slower than one env). ParallelEnvs therefore spins only when
+# the cores this process may use, less the load average, leave one for each of its processes
+# (``spare_cores() >= N``); otherwise every step goes through the pipes, a blocking wait that
+# leaves the cores to whoever needs them.
 _SPIN = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
 _SPIN_SECONDS = 2e-3  # a worker sleeps on its pipe after this long without a step
+
+
+def spare_cores() -> float:
+    """The cores this process may run on, less the 1-minute load average (it counts this
+    process when it is running)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return cores - load
+
+
+def spin_pays(num_envs: int) -> bool:
+    """Whether ``num_envs`` envs should hand steps over by spinning: on x86, with a spare core
+    for each of their processes (see ``_SPIN``)."""
+    return _SPIN and spare_cores() >= num_envs
 
 
 class _SharedStep:
@@ -320,13 +349,17 @@ class ParallelEnvs:
     """``N`` envs stepped in parallel: env 0 in this process, envs 1..N-1 in one worker each.
 
     The trainer's own process steps env 0 while the workers step theirs. Steps are handed over
-    through shared memory with busy-waiting on x86 (see ``_SPIN``): a worker spins for up to
+    through the pipes (blocking waits), or, on x86 with a spare core for every process, through
+    shared memory with busy-waiting (see ``_SPIN``): a worker spins for up to
     2 ms after each step, so during a rollout it answers within a microsecond, and sleeps
     during the update. Same-step autoreset: an env whose episode ends is reset at once and its
     final observation returned in the step's ``finals``.
     """
 
-    def __init__(self, fns: list[Callable[[], CheckpointableEnv]], spin: bool = _SPIN):
+    def __init__(self, fns: list[Callable[[], CheckpointableEnv]], spin: bool | None = None):
+        """``spin``: hand steps over by spinning (True) or through the pipes (False); by
+        default spin when it pays (:func:`spin_pays`)."""
+        spin = spin_pays(len(fns)) if spin is None else spin
         ctx = multiprocessing.get_context()
         self.num_envs = len(fns)
         self.local = SingleEnv(fns[0])

@@ -17,8 +17,12 @@ Used by the PPO trainer (``ppo_cbp/train.py``) and the supervised benchmarks
 * provenance: ``config.json`` and every checkpoint hold :func:`ppo_cbp.provenance.record`
   under ``"provenance"``; :func:`warn_other_code` prints one ``warning:`` line when a resumed
   run's checkpoint was written by other code (never a refusal);
+* a new run's folder: :func:`check_name` (one folder name, never a path), :func:`check_not_foreign`
+  (never a non-empty folder that is not a run folder), :func:`claim` (created exclusively; a
+  default name taken by a run started in the same second gets ``-2``, ``-3``, ...),
+  :func:`discard_if_empty`;
 * resuming: :func:`check_settings` (a resumed run must keep its configuration: every conflict
-  is named with both values) and :func:`refuse_finished` (a run that already reached its end is
+  is named with both values, dicts key by key) and :func:`refuse_finished` (a run that already reached its end is
   left untouched: nothing rewritten, no new event file);
 * :func:`open_writer`: TensorBoard's writer, with ``purge_step`` on resume so that the points a
   killed process logged after its last checkpoint are dropped instead of drawn twice;
@@ -57,9 +61,13 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_NAME",
     "StopSignal",
+    "check_name",
+    "check_not_foreign",
     "check_settings",
     "check_writable",
+    "claim",
     "clone",
+    "discard_if_empty",
     "load_checkpoint",
     "open_writer",
     "refuse_finished",
@@ -117,6 +125,65 @@ def check_writable(folder: Path, what: str) -> None:
         for d in reversed(created):
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def check_name(name: str, what: str) -> None:
+    """:raises UsageError: unless ``name`` is one folder name (no path separator, not ``.`` or
+    ``..``): a run's folder stays inside the folder it is named in."""
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    if not name or name in (".", "..") or any(sep in name for sep in seps):
+        raise UsageError(
+            f"{what} {name!r} must be a folder name, without path separators or '..' "
+            "(choose the parent folder with --runs-dir)"
+        )
+
+
+RUN_FILES = ("config.json", CHECKPOINT_NAME, "trial.log")
+"""The files that make a folder one of our run folders (a run that stopped early holds at
+least its ``config.json``; a sweep's trial folder its ``trial.log`` before the run starts)."""
+
+
+def check_not_foreign(folder: Path, what: str, instead: str) -> None:
+    """:raises UsageError: when ``folder`` exists, holds anything (hidden files aside) and none
+    of :data:`RUN_FILES`: it is not a run folder, and a run would mix its files with others'.
+    The message names what is there and ends with ``instead`` (what to do)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if entries and not any(name in entries for name in RUN_FILES):
+        shown = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" * (len(entries) > 3))
+        raise UsageError(
+            f"{what} {folder} is not empty and is not a run folder (it holds {shown}); {instead}"
+        )
+
+
+def claim(parent: Path, name: str, unique: bool) -> Path:
+    """Create the folder ``parent/name`` of a new run, exclusively (``mkdir(exist_ok=False)``),
+    and return it: two runs never share a folder.
+
+    ``unique`` (a default name): when the folder exists, the next free one of ``name-2``,
+    ``name-3``, ... is created instead. Otherwise an existing folder is used as it is when it is
+    empty or holds a run of ours that stopped before its first checkpoint (the caller has
+    refused one with a checkpoint, and :func:`check_not_foreign` anything else).
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        folder = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            if not unique:
+                return folder
+    raise UsageError(f"no free run folder name {name}-<n> in {parent}")
+
+
+def discard_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when it is empty (a new run that stopped before writing anything)."""
+    with contextlib.suppress(OSError):
+        Path(folder).rmdir()
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -303,14 +370,26 @@ def set_rng_states(state: dict[str, Any], generators: Mapping[str, torch.Generat
 def check_settings(path: Path, conflicts: Iterable[tuple[str, Any, Any]]) -> None:
     """:raises UsageError: naming every ``(setting, checkpoint's value, value now)`` in
     ``conflicts``, if there is any: a resumed run keeps the configuration it started with."""
-    conflicts = list(conflicts)
-    if conflicts:
+    differences = [d for name, then, now in conflicts for d in _differences(name, then, now)]
+    if differences:
         raise UsageError(
             f"{path} was written with a different configuration: "
             + "; ".join(
-                f"{name} (checkpoint {then!r}, now {now!r})" for name, then, now in conflicts
+                f"{name} (checkpoint {then!r}, now {now!r})" for name, then, now in differences
             )
         )
+
+
+def _differences(name: str, then: Any, now: Any) -> list[tuple[str, Any, Any]]:
+    """``(name, then, now)``, or for two dicts the keys that differ (``name.key``, recursively;
+    a key missing on one side shows as ``None`` there)."""
+    if not (isinstance(then, dict) and isinstance(now, dict)):
+        return [(name, then, now)] if then != now else []
+    return [
+        d
+        for key in dict.fromkeys([*then, *now])
+        for d in _differences(f"{name}.{key}", then.get(key), now.get(key))
+    ]
 
 
 def warn_other_code(state: Any) -> None:

@@ -89,7 +89,7 @@ class Args:
     seed: int = 1
     """Seed of everything: network init, action noise, minibatch order, CBP/ReDo draws, the friction sequence; env i is reset with seed + i."""
     num_envs: int = 1
-    """Parallel environments. With N > 1, env 0 steps in the trainer's process and envs 1..N-1 in one worker process each. The rollout has num_steps steps per env."""
+    """Parallel environments. With N > 1, env 0 steps in the trainer's process and envs 1..N-1 in one worker process each. The rollout has num_steps steps per env. More envs pay when the env steps dominate (small networks) and there is an idle core per env; on a busy machine they cost more than they gain."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the networks live: auto = cuda if available, else cpu."""
     threads: int | None = None
@@ -667,6 +667,7 @@ def main(args: Args, given: set[str] | None = None) -> ppo_run.TrainResult:
             writer.close()
         envs.close()
         torch.set_num_threads(caller_threads)
+        run_folder.discard_if_empty(run_dir)  # a new run that stopped before writing anything
 
 
 def cli() -> None:

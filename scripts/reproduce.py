@@ -24,7 +24,10 @@ Extended Data Fig. 5a, which the paper ran on the standard, stationary environme
 (``--friction-every 0``) for 100M steps. Friction changes stay the trainer's default; only the
 Ant runs use them here.
 
-Every command and its wall time is printed. A run whose folder already holds a finished run of
+Every command and its wall time is printed, each command's output going to
+``<runs-dir>/<name>.log`` (``runs/repro/<name>.log``), with the progress (commands done, time
+elapsed and, for the small budget, an estimate of the time left). Ctrl-C lets the running
+commands checkpoint, then exits with 130; the same command resumes them. A run whose folder already holds a finished run of
 the requested size is skipped (so the script can be re-run after an interruption); an
 unfinished one is resumed. The small budget then plots everything with
 :func:`ppo_cbp.reporting.figures.plot_runs` into ``--figures`` (by default ``figures/`` in
@@ -335,6 +338,28 @@ def run_state(e: Experiment) -> tuple[str, str]:
 # Running
 
 
+# Seed-examples per second of Permuted MNIST's methods at PM_WIDTH (measured as above).
+PM_RATES = {"bp": 16e3, "l2": 16e3, "cbp": 4.3e3, "adam": 2.1e3, "snp": 1.4e3}
+SCR_SECONDS = 15 * 60  # one method, all SCR_SEEDS, SCR_EXAMPLES (about an hour for four)
+PPO_SECONDS = 15 * 60  # one 1M-step run (four take about an hour)
+
+
+def estimate_s(e: Experiment) -> float:
+    """About how long ``e`` of the small budget takes on a 2-core CPU, one job at a time (from
+    the measurements that sized the budget)."""
+    if e.benchmark == "scr":
+        return SCR_SECONDS * e.size["examples"] / SCR_EXAMPLES
+    if e.benchmark == "permuted_mnist":
+        examples = len(e.seeds) * e.size["tasks"] * e.size["examples_per_task"]
+        return examples / PM_RATES.get(e.method, min(PM_RATES.values()))
+    return PPO_SECONDS * e.size["steps"] / PPO_STEPS
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _execute(e: Experiment, argv: list[str], log: Path) -> tuple[int, float]:
     real = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(argv)]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -343,13 +368,43 @@ def _execute(e: Experiment, argv: list[str], log: Path) -> tuple[int, float]:
         f.write(f"$ {e.shell(argv)}\n")
         f.flush()
         env = dict(os.environ, **e.env)
-        rc = subprocess.run(real, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(real, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the command too: it checkpoints and stops; let it finish (a second
+            # Ctrl-C kills it, and it resumes from its previous checkpoint)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.kill()
+                proc.wait()
+            raise
     return rc, time.perf_counter() - t0
 
 
 def run_all(exps: list[Experiment], jobs: int, dry_run: bool) -> list[dict[str, Any]]:
     """Run (or skip, or resume) each experiment; print each command and its wall time."""
     records: list[dict[str, Any]] = []
+    small = all(not e.protocol for e in exps)  # the paper budget's protocols are not timed
+    left = {e.name: estimate_s(e) for e in exps} if small else {}
+    t_start = time.perf_counter()
+    done: list[str] = []
+    if exps and not dry_run:
+        where = _rel(exps[0].run_dir.parent)
+        print(f"each command's output goes to {where}/<name>.log", flush=True)
+        if small:
+            print(
+                f"{len(exps)} commands, about {_hms(sum(left.values()))} on a 2-core CPU one at a "
+                "time (finished runs are skipped, unfinished ones resumed)",
+                flush=True,
+            )
+
+    def progress(e: Experiment) -> str:
+        done.append(e.name)
+        left.pop(e.name, None)
+        text = f"{len(done)}/{len(exps)} done, {_hms(time.perf_counter() - t_start)} elapsed"
+        return text + (f", about {_hms(sum(left.values()))} left" if small else "")
 
     def one(e: Experiment) -> dict[str, Any]:
         state, reason = run_state(e)
@@ -380,15 +435,24 @@ def run_all(exps: list[Experiment], jobs: int, dry_run: bool) -> list[dict[str, 
         rc, wall = _execute(e, argv, log)
         status = "ran" if rc == 0 else f"failed (exit {rc}, see {_rel(log)})"
         resumed = " (resumed)" if state == "partial" else ""
-        print(f"[done] {e.name}{resumed}: {wall:.1f} s, {status}", flush=True)
+        print(f"[done] {e.name}{resumed}: {wall:.1f} s, {status} ({progress(e)})", flush=True)
         return dict(rec, status=status, wall_time_s=round(wall, 1), resumed=state == "partial")
 
     if jobs <= 1 or dry_run:
         records = [one(e) for e in exps]
     else:
-        with ThreadPoolExecutor(jobs) as pool:
+        pool = ThreadPoolExecutor(jobs)
+        try:
             records = list(pool.map(one, exps))
+        finally:  # on Ctrl-C: start nothing more, wait for the running commands to checkpoint
+            pool.shutdown(wait=True, cancel_futures=True)
     return records
+
+
+INTERRUPTED = (
+    "interrupted: the running commands checkpointed and stopped; the same reproduce.py command "
+    "resumes them (finished runs are skipped)"
+)
 
 
 def make_figures(exps: list[Experiment], figures: Path, bin_size: int) -> list[str]:
@@ -480,12 +544,20 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# {protocol}")
                 print(e.shell())
             return 0
-        records = run_all(exps, a.jobs, a.dry_run)
+        try:
+            records = run_all(exps, a.jobs, a.dry_run)
+        except KeyboardInterrupt:
+            print(f"\n{INTERRUPTED}", file=sys.stderr)
+            return 130
         return 0 if all(r["status"] in ("ran", "skipped", "dry-run") for r in records) else 1
 
     exps = small_experiments(runs_dir, a.scale, data_dir, a.only)
     t0 = time.perf_counter()
-    records = run_all(exps, a.jobs, a.dry_run)
+    try:
+        records = run_all(exps, a.jobs, a.dry_run)
+    except KeyboardInterrupt:
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return 130
     if a.dry_run:
         return 0
     figures = runs_dir / "figures" if a.figures is None else Path(os.path.abspath(a.figures))

@@ -82,6 +82,6 @@ def test_supervised_closing_summary_numbers(tmp_path):
         "permuted_mnist cbp: 1,200/5,000 tasks, 3m07s in this call, 12,346 examples/s per seed "
         "(2 seed(s))",
         "final accuracy: seed 0 0.9123, seed 1 0.8946",
-        "final accuracy, mean over 2 seed(s): 0.9035 +- 0.0089",
+        "final accuracy, mean over 2 seed(s): 0.9035 +- 0.0089 (standard error over seeds)",
         "units replaced: 13,332 (seed 0 12,345, seed 1 987)",
     ]

@@ -31,7 +31,15 @@ LAYERS = [
     ("operators", {"ppo_cbp.plasticity"}),
     ("trainers and benchmarks", {"ppo_cbp.ppo", "ppo_cbp.benchmarks"}),
     ("reporting", {"ppo_cbp.reporting"}),
-    ("command lines", {"ppo_cbp.train", "ppo_cbp.sweep", "ppo_cbp"}),
+    (
+        "command lines",
+        {
+            "ppo_cbp.train",
+            "ppo_cbp.sweep",
+            "ppo_cbp.commands",
+            "ppo_cbp",
+        },
+    ),
 ]
 """The layers, lowest first. A new module at the package root or a new folder takes its place
 here (and in docs/architecture.md)."""

@@ -336,4 +336,10 @@ def make_learner(
 ) -> Learner | AutogradLearner:
     """The fused :class:`Learner` where it computes every method, else :class:`AutogradLearner`."""
     kind = Learner if uses_fused_trainer(method) else AutogradLearner
+    if kind is AutogradLearner:
+        print(
+            f"note: {'+'.join(method.methods) or 'this method'} runs on the autograd learner, "
+            f"slower than the fused trainer (which computes only {', '.join(FUSED_METHODS)})",
+            flush=True,
+        )
     return kind(sizes, seeds, method, loss=loss, activation=activation, device=device, dtype=dtype)

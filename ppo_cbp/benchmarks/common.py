@@ -533,6 +533,16 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float | Non
     return mean, math.sqrt(var / n)
 
 
+EXTENDABLE: dict[str, tuple[str, ...]] = {
+    "permuted-mnist": ("tasks", "resolved_tasks"),
+    "slowly-changing-regression": ("examples", "bins"),
+}
+"""The settings that a resumed run may raise to extend it (a finished run too), and the
+resolved values they change: each task or bin only depends on its own index, so a longer run
+has the same first rows. Continual ImageNet's and Incremental CIFAR's schedules (the classes
+of each task, the increments and their epochs) are drawn for the whole run: not extendable."""
+
+
 class RunOutputs:
     """Per-seed CSV and TensorBoard writers plus the run's checkpoint and summary files.
 
@@ -559,6 +569,12 @@ class RunOutputs:
         self.resume = resume
         tracking.require(bool(config.get("track")), False)
         run_folder.check_writable(self.out, "--out")
+        run_folder.check_not_foreign(self.out, "--out", "choose another --out")
+        if resume and not self.checkpoint_path.exists():  # as train.py --resume refuses
+            raise UsageError(
+                f"--out {self.out} holds no run to resume ({self.checkpoint_path} does not "
+                "exist): drop --resume to start a new run there"
+            )
         # Without a checkpoint a folder holds nothing that --resume would keep: a run that
         # stopped before its first checkpoint starts over.
         if self.checkpoint_path.exists() and not resume:
@@ -612,16 +628,9 @@ class RunOutputs:
         for key in ("method", "resolved_method"):  # settings renamed since
             if isinstance(saved.get(key), dict):
                 saved[key] = suite.current_names(saved[key])
-        ignored = {
-            "resume",
-            "progress",
-            "out",
-            "device",
-            "label",
-            "track",
-            "wandb_project_name",
-            "wandb_entity",
-        }
+        ignored = {"resume", "progress", "out", "device", "label"}
+        ignored |= {"track", "wandb_project_name", "wandb_entity"}  # how it is watched
+        ignored |= set(EXTENDABLE.get(self.benchmark, ()))  # a longer run has the same first rows
         run_folder.check_settings(
             path,
             [
@@ -635,8 +644,13 @@ class RunOutputs:
             unit,
             len(rows[0]),
             total,
-            f"nothing to do (its results are in {self.out / 'summary.json'}); choose another "
-            "--out for a new run",
+            f"nothing to do (its results are in {self.out / 'summary.json'}); "
+            + (
+                f"extend it with a larger --{EXTENDABLE[self.benchmark][0]}, or choose another "
+                if self.benchmark in EXTENDABLE
+                else "choose another "
+            )
+            + "--out for a new run",
         )
         run_folder.warn_other_code(state)
         self.rows = rows
@@ -778,7 +792,8 @@ def closing_summary(summary: dict[str, Any], out: Path) -> str:
         values = ", ".join(f"seed {s} {measured(v['last'][metric])}" for s, v in seeds.items())
         lines.append(f"final {metric}: {values}")
         f = summary["final_over_seeds"][metric]
-        se = "" if f["standard_error"] is None else f" +- {measured(f['standard_error'], 2)}"
+        se = f["standard_error"]
+        se = "" if se is None else f" +- {measured(se, 2)} (standard error over seeds)"
         lines.append(f"final {metric}, mean over {len(seeds)} seed(s): {measured(f['mean'])}{se}")
         counts = {f"seed {s}": int(v["units_replaced"]) for s, v in seeds.items()}
         if any(counts.values()):

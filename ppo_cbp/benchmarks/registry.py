@@ -7,13 +7,16 @@ commands before starting them) both read command lines with :func:`parse`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Union
 
 import tyro
 
-from ppo_cbp import cli
+from ppo_cbp import cli, run_folder
 from ppo_cbp.benchmarks.continual_imagenet import ContinualImageNetConfig, run_continual_imagenet
 from ppo_cbp.benchmarks.incremental_cifar import IncrementalCIFARConfig, run_incremental_cifar
 from ppo_cbp.benchmarks.permuted_mnist import PermutedMNISTConfig, run_permuted_mnist
@@ -62,3 +65,52 @@ def parse(
     if not any(a in BENCHMARKS or a in ("-h", "--help") for a in args):
         raise UsageError(f"no benchmark given; {choices}")
     return cli.parse(Config, args, description=description, prog=prog)
+
+
+_OWN = {"resume", "out", "progress", "device"}
+"""Flags that a resume never takes from the checkpoint."""
+
+
+def given_flags(args: Sequence[str]) -> set[str]:
+    """The field names a command line sets (``--name``, ``--name=v``, ``--no-name``), as
+    :func:`ppo_cbp.ppo.settings.given_fields` reads ``train.py``'s."""
+    names = set()
+    for word in args:
+        if word.startswith("--"):
+            name = word[2:].split("=", 1)[0].replace("-", "_")
+            names |= {name, name.removeprefix("no_")}
+    return names
+
+
+def with_checkpoint_settings(cfg: Any, args: Sequence[str]) -> Any:
+    """For ``--resume``: ``cfg`` with every setting not given in ``args`` taken from the
+    ``config.json`` of the run in ``cfg.out`` (as ``train.py --resume`` takes its settings from
+    the checkpoint). Unchanged when ``cfg.resume`` is off or ``--out`` holds no run (the run
+    then says so)."""
+    path = Path(cfg.out) / "config.json"
+    if not cfg.resume or not (Path(cfg.out) / run_folder.CHECKPOINT_NAME).exists():
+        return cfg
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return cfg  # the checkpoint's own check names what is wrong
+    given = given_flags(args)
+
+    def fill(obj: Any, values: dict[str, Any]) -> Any:
+        changes = {}
+        for f in dataclasses.fields(obj):
+            nested = dataclasses.is_dataclass(getattr(obj, f.name))
+            if f.name in _OWN or (f.name in given and not nested) or f.name not in values:
+                continue
+            now, then = getattr(obj, f.name), values[f.name]
+            if dataclasses.is_dataclass(now) and isinstance(then, dict):
+                changes[f.name] = fill(now, then)  # its flags are top-level: --method, --lr
+            elif isinstance(then, list) and isinstance(now, tuple):  # JSON has no tuples
+                changes[f.name] = tuple(then)
+            elif isinstance(then, str) and ("Path" in str(f.type) or isinstance(now, Path)):
+                changes[f.name] = Path(then)
+            else:
+                changes[f.name] = then
+        return dataclasses.replace(obj, **changes)
+
+    return fill(cfg, saved) if isinstance(saved, dict) else cfg

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppo_cbp.datasets.download import fetch_url, file_md5
+from ppo_cbp.datasets.download import DownloadError, download_folder, fetch_url, file_md5
 from ppo_cbp.errors import MissingFileError, UsageError
 
 __all__ = [
@@ -153,20 +153,26 @@ def download_cifar100(
     folder = data_dir / "cifar-100-python"
     if all((folder / name).is_file() for name in _FILES):
         return folder
-    data_dir.mkdir(parents=True, exist_ok=True)
     fetch = fetch_url if fetch is None else fetch
-    fd, tmp_name = tempfile.mkstemp(prefix=".cifar-100-", suffix=".tar.gz", dir=data_dir)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        fetch(url, tmp)
-        actual = file_md5(tmp)
-        if actual != md5.lower():
-            raise UsageError(f"MD5 of {url} is {actual}, expected {md5}")
-        with tarfile.open(tmp, "r:gz") as tar:
-            tar.extractall(data_dir, members=_safe_members(tar))
-    finally:
-        tmp.unlink(missing_ok=True)
+    with download_folder(data_dir):
+        fd, tmp_name = tempfile.mkstemp(prefix=".cifar-100-", suffix=".tar.gz", dir=data_dir)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            try:
+                fetch(url, tmp)
+            except OSError as e:  # no network (URLError), HTTP errors, a failing write
+                raise DownloadError(
+                    f"could not download {url} to {data_dir}: {type(e).__name__}: {e} (without "
+                    "a network, unpack cifar-100-python.tar.gz into --data-dir by hand)"
+                ) from None
+            actual = file_md5(tmp)
+            if actual != md5.lower():
+                raise UsageError(f"MD5 of {url} is {actual}, expected {md5}")
+            with tarfile.open(tmp, "r:gz") as tar:
+                tar.extractall(data_dir, members=_safe_members(tar))
+        finally:
+            tmp.unlink(missing_ok=True)
     return folder
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ppo_cbp.datasets.download import fetch_url, file_md5
+from ppo_cbp.datasets.download import DownloadError, download_folder, fetch_url, file_md5
 from ppo_cbp.errors import MissingFileError, UsageError
 from ppo_cbp.seeding import STREAM_EXAMPLES, STREAM_PIXELS, task_rng
 
@@ -266,13 +266,25 @@ def download_mnist(
     :param fetch: ``fetch(url, dest_path)`` writing the body to ``dest_path``
         (default: :func:`fetch_url`).
     :return: the data folder.
-    :raises RuntimeError: every mirror failed for some file; the message lists each attempt.
+    :raises DownloadError: (a ``UsageError`` and a ``RuntimeError``) every mirror failed for
+        some file, the message (one line) lists each attempt; or ``data_dir`` cannot be
+        written. The folders it created are removed again then.
     """
     if not mirrors:
         raise ValueError("mirrors is empty")
     data_dir = default_data_dir() if data_dir is None else Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
     fetch = fetch_url if fetch is None else fetch
+    with download_folder(data_dir):
+        _download_files(data_dir, mirrors, checksums, fetch)
+    return data_dir
+
+
+def _download_files(
+    data_dir: Path,
+    mirrors: Sequence[str],
+    checksums: Mapping[str, str],
+    fetch: Callable[[str, Path], None],
+) -> None:
     for split in ("train", "test"):
         for name in MNIST_FILES[split]:
             if name not in checksums:
@@ -300,11 +312,11 @@ def download_mnist(
                 finally:
                     tmp.unlink(missing_ok=True)
             else:
-                raise RuntimeError(
-                    f"could not download {name} to {final} (md5 {expected}):\n  "
-                    + "\n  ".join(failures)
+                raise DownloadError(
+                    f"could not download {name} to {final} (md5 {expected}): "
+                    + "; ".join(failures)
+                    + " (without a network, copy the MNIST files into --data-dir by hand)"
                 )
-    return data_dir
 
 
 # --------------------------------------------------------------------------------------------------

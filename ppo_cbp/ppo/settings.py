@@ -521,13 +521,23 @@ def run_settings(
         merged with its checkpoint's, :func:`merge_resume`), the same after
         :func:`resolve_args`, the checkpoint to resume from (``None`` for a new run) and the
         run's folder (a new run's: ``runs_dir/run_name``, by default
-        ``<env>__<method>__s<seed>__<YYYYmmdd-HHMMSS>``).
-    :raises UsageError: for bad settings, a resumed run that already reached ``--steps``, a
-        new run whose folder already holds one, or a folder that cannot be written.
+        ``<env>__<method>__s<seed>__<YYYYmmdd-HHMMSS>``, with ``-2``, ``-3``, ... when a run
+        started in the same second took it). A new run's folder is created here, exclusively
+        (:func:`run_folder.claim`), once every check has passed.
+    :raises UsageError: for bad settings, a resumed run that already reached ``--steps`` or
+        given another ``--run-name``, a ``--run-name`` that is not one folder name, a new run
+        whose folder already holds one or is a non-empty folder that is not a run folder, or a
+        folder that cannot be written.
     """
     given_args, ckpt = args, None
+    named = args.run_name is not None and (given is None or "run_name" in given)
     if given_args.resume is not None:
         ckpt_path = find_checkpoint(given_args.resume)
+        if named and args.run_name != ckpt_path.parent.name:
+            raise UsageError(
+                f"--resume continues the run in {ckpt_path.parent}: drop --run-name "
+                f"{args.run_name} (a resumed run keeps its folder)"
+            )
         ckpt, saved = read_checkpoint(type(args), ckpt_path)
         given_args = merge_resume(given_args, saved, given)
         run_dir = ckpt_path.parent
@@ -546,6 +556,8 @@ def run_settings(
         )
         run_folder.refuse_finished(run_dir, "step", int(ckpt["global_step"]), args.steps, advice)
     else:
+        if args.run_name is not None:
+            run_folder.check_name(args.run_name, "--run-name")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         slug = run_slug(configuration_label(args))
         run_name = args.run_name or f"{args.env}__{slug}__s{args.seed}__{stamp}"
@@ -554,6 +566,9 @@ def run_settings(
             raise UsageError(
                 f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --run-name"
             )
+        run_folder.check_not_foreign(
+            run_dir, "the run folder", "pick another --run-name or --runs-dir"
+        )
     tracking.require(getattr(args, "track", False), getattr(args, "capture_video", False))
     if getattr(args, "capture_video", False):
         from ppo_cbp.ppo.video import check_rendering
@@ -563,5 +578,7 @@ def run_settings(
 
         check_rendering(args.env)
     run_folder.check_writable(run_dir, "the run folder")
+    if ckpt is None:  # the last step: claimed exclusively, a default name made unique
+        run_dir = run_folder.claim(Path(args.runs_dir), run_name, unique=args.run_name is None)
     run_folder.warn_other_code(ckpt)
     return given_args, args, ckpt, run_dir
