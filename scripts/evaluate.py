@@ -28,8 +28,6 @@ import numpy as np
 from ppo_cbp.cli import report_error
 from ppo_cbp.errors import UsageError
 
-VIDEO_ERROR = "video needs a frame renderer and video writer (not implemented here)"
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one error: line, exit 2
@@ -48,7 +46,11 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--friction", type=float, help="evaluate with this friction")
     which.add_argument("--segment", type=int, help="evaluate with the run's segment K's setting")
     p.add_argument("--seed", type=int, help="first reset's seed (default: the run's eval seed)")
-    p.add_argument("--video", type=Path, help="record the first episode (needs imageio)")
+    p.add_argument(
+        "--video",
+        type=Path,
+        help="record each run's first evaluated episode to this mp4 (pip install -e '.[video]'; off-screen MuJoCo: MUJOCO_GL=egl or osmesa)",
+    )
     p.add_argument("--device", default="cpu", help="the policy's device (default cpu)")
     return p
 
@@ -109,7 +111,11 @@ def prepare(opts: argparse.Namespace) -> list[tuple[Path, Any, dict[str, Any], i
     if opts.episodes < 1:
         raise UsageError(f"--episodes must be at least 1, got {opts.episodes}")
     if opts.video is not None:
-        raise UsageError(f"--video {opts.video}: {VIDEO_ERROR}")
+        from ppo_cbp import tracking
+
+        tracking.require(False, True)  # the encoder, before any work
+        if opts.video.suffix != ".mp4":
+            raise UsageError(f"--video {opts.video}: the video is an mp4 file (name it .mp4)")
     if opts.friction is not None and not (math.isfinite(opts.friction) and opts.friction > 0):
         raise UsageError(f"--friction must be a positive number, got {opts.friction}")
     plan = []
@@ -123,6 +129,10 @@ def prepare(opts: argparse.Namespace) -> list[tuple[Path, Any, dict[str, Any], i
             reached = int(policy.checkpoint.get("friction_segment", 0))
             setting = segment_setting(args, opts.segment, reached, run)
         seed = opts.seed if opts.seed is not None else derive_seed(args.seed, TAG_EVAL) % 2**31
+        if opts.video is not None:
+            from ppo_cbp.ppo.video import check_rendering
+
+            check_rendering(args.env)
         plan.append((run, policy, setting, seed))
     return plan
 
@@ -130,7 +140,15 @@ def prepare(opts: argparse.Namespace) -> list[tuple[Path, Any, dict[str, Any], i
 def evaluate_run(policy: Any, setting: dict[str, Any], episodes: int, seed: int) -> list[float]:
     """The returns of ``episodes`` episodes of ``policy``'s mean action under ``setting``: the
     trainer's evaluation (its normalisation, its clipping with ``--clip-actions``)."""
-    from ppo_cbp.ppo.evaluation import deterministic_policy, evaluate, make_eval_env
+    from ppo_cbp.ppo.evaluation import evaluate
+
+    return evaluate(acting(policy), policy.settings.env, setting, episodes, seed)
+
+
+def acting(policy: Any) -> Any:
+    """The mean action of ``policy`` as the trainer evaluates it (its normalisation, its
+    clipping with ``--clip-actions``)."""
+    from ppo_cbp.ppo.evaluation import deterministic_policy, make_eval_env
 
     args = policy.settings
     clip = None
@@ -138,8 +156,7 @@ def evaluate_run(policy: Any, setting: dict[str, Any], episodes: int, seed: int)
         env = make_eval_env(args.env, {})
         clip = (env.action_space.low, env.action_space.high)
         env.close()
-    act = deterministic_policy(policy.actor, policy.normalize, clip)
-    return evaluate(act, args.env, setting, episodes, seed)
+    return deterministic_policy(policy.actor, policy.normalize, clip)
 
 
 def summary(returns: list[float]) -> tuple[float, float, float]:
@@ -173,12 +190,26 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         return report_error(e)
     rows = []
-    for run, policy, setting, seed in plan:
+    for k, (run, policy, setting, seed) in enumerate(plan):
         returns = evaluate_run(policy, setting, opts.episodes, seed)
         mean, low, high = summary(returns)
         rows.append((label_of(run), mean, low, high, len(returns), describe(setting)))
+        if opts.video is not None:
+            path = opts.video if len(plan) == 1 else opts.video.with_stem(f"{opts.video.stem}_{k}")
+            record_video(policy, setting, seed, path)
+            print(f"video of the first episode of {label_of(run)}: {path}")
     print(table(rows))
     return 0
+
+
+def record_video(policy: Any, setting: dict[str, Any], seed: int, path: Path) -> None:
+    """The first evaluated episode (reset with ``seed``, as :func:`evaluate_run`'s first),
+    rendered off-screen to the mp4 ``path``."""
+    from ppo_cbp import tracking
+    from ppo_cbp.ppo.video import record_episode
+
+    frames, fps = record_episode(acting(policy), policy.settings.env, setting, seed)
+    tracking.write_video(path, frames, fps)
 
 
 if __name__ == "__main__":
