@@ -44,7 +44,35 @@ def test_errors(tmp_path):
     run_scr(cfg)
     with pytest.raises(UsageError, match="not one of the run's seeds"):
         load_learner(cfg.out, 2)
-    auto = scr_config(tmp_path, "auto", method=MethodConfig(method="cbp+layer_norm"), seeds=[1])
-    run_scr(auto)
+    inj = scr_config(tmp_path, "inj", method=MethodConfig(method="injection"), seeds=[1])
+    run_scr(inj)
     with pytest.raises(UsageError, match="not covered yet"):
-        load_learner(auto.out, 1)
+        load_learner(inj.out, 1)
+
+
+@pytest.mark.parametrize("spec", ["cbp+layer_norm", "crelu+l2_init", "nap"])
+def test_a_seed_of_an_autograd_scr_run_equals_its_slice(tmp_path, spec):
+    """Methods the fused trainer lacks run on the autograd learner: the loaded network of each
+    seed computes what the learner's stacked network computes for that seed."""
+    from ppo_cbp.benchmarks.autograd_learner import AutogradLearner
+    from ppo_cbp.benchmarks.common import resolve_method
+    from ppo_cbp.benchmarks.scr import DEFAULTS
+
+    cfg = scr_config(tmp_path, "scr", method=MethodConfig(method=spec), seeds=[2, 7])
+    run_scr(cfg)
+    state = torch.load(cfg.out / "checkpoint.pt", weights_only=True)["learner"]
+    method = resolve_method(MethodConfig(method=spec), DEFAULTS)
+    learner = AutogradLearner(
+        [cfg.n_inputs, cfg.hidden, 1], [2, 7], method, loss="squared_error",
+        device=torch.device("cpu"), dtype=torch.float64,
+    )  # fmt: skip
+    learner.module.load_state_dict(state["module"])
+    x = torch.randn(
+        2, 5, cfg.n_inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        expected, _ = learner.module(x.transpose(0, 1))
+    for s, seed in enumerate([2, 7]):
+        net = load_learner(cfg.out, seed)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x[s]), expected[s], rtol=1e-12, atol=1e-12)

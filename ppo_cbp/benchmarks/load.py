@@ -3,9 +3,11 @@
 :func:`load_learner` reads ``out/checkpoint.pt`` and returns seed ``seed``'s slice of the fused
 :class:`~ppo_cbp.benchmarks.common.Learner`'s :class:`~ppo_cbp.nets.stacked_mlp.StackedMLP`
 (``params[layer][s]``: ``[n_out, n_in + 1]``, the bias last) as ``Linear, activation, ...,
-Linear`` (:class:`SeedMLP`), computing what :meth:`StackedMLP.forward` computes for that seed.
-The autograd and conv learners' checkpoints (``"module"``) are not covered yet: one ``error:``
-line says so.
+Linear`` (:class:`SeedMLP`), computing what :meth:`StackedMLP.forward` computes for that seed;
+or, for the autograd learner (methods the fused trainer lacks), the seed's ``nn.Sequential``
+as :func:`~ppo_cbp.benchmarks.autograd_learner.build_mlp` builds it (LayerNorm, CReLU) with
+slice ``s`` of every stacked parameter. Injected heads and the convolutional learners'
+networks are not covered yet: one ``error:`` line says so.
 """
 
 from __future__ import annotations
@@ -88,13 +90,46 @@ def load_learner(out: str | Path, seed: int) -> nn.Module:
     seeds = [int(s) for s in config.get("seeds", [])]
     if seed not in seeds:
         raise UsageError(f"seed {seed} is not one of the run's seeds {seeds}")
+    s = seeds.index(seed)
+    module = learner.get("module") if isinstance(learner, dict) else None
+    if isinstance(module, dict) and module and all(k.startswith("params.") for k in module):
+        return _autograd_mlp(module, s, config)
     net = learner.get("net") if isinstance(learner, dict) else None
     if not isinstance(net, dict) or "params" not in net:
         raise UsageError(
-            f"{path}: load_learner covers the fused trainer's networks only (this run's "
-            f"learner, --method {config.get('method')}, is not covered yet)"
+            f"{path}: load_learner covers the MLP benchmarks' networks (fused and autograd "
+            f"learners, without an injected head); this run's learner, --method "
+            f"{config.get('method')}, is not covered yet"
         )
     if net.get("norms"):
         raise UsageError(f"{path}: load_learner does not cover online normalisation yet")
-    s = seeds.index(seed)
     return SeedMLP([p[s] for p in net["params"]], config.get("activation", "relu")).eval()
+
+
+def _autograd_mlp(module: dict[str, Tensor], s: int, config: dict[str, Any]) -> nn.Module:
+    """Seed ``s``'s ``nn.Sequential`` of an autograd learner's stacked state (``params.<i>``,
+    aligned with each seed's ``parameters()``)."""
+    from ppo_cbp.benchmarks.autograd_learner import build_mlp
+
+    params = [module[f"params.{i}"] for i in range(len(module))]
+    names = set((config.get("resolved_method") or {}).get("methods") or [])
+    crelu = "crelu" in names
+    weights = [p for p in params if p.dim() == 3]
+    sizes = [weights[0].shape[2]] + [w.shape[1] for w in weights]
+    net = build_mlp(
+        sizes,
+        0,  # the draw is overwritten by the saved values
+        activation=config.get("activation", "relu"),
+        init="kaiming_uniform",
+        layer_norm=bool(names & {"layer_norm", "nap"}),
+        crelu=crelu,
+        device=torch.device("cpu"),
+        dtype=params[0].dtype,
+    )
+    mine = list(net.parameters())
+    if [tuple(p.shape) for p in mine] != [tuple(p.shape[1:]) for p in params]:
+        raise UsageError("load_learner: the checkpoint's network is not the autograd learner's MLP")
+    with torch.no_grad():
+        for dst, src in zip(mine, params, strict=True):
+            dst.copy_(src[s])
+    return net.eval()
