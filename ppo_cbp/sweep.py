@@ -300,9 +300,19 @@ def make_trials(
     return trials
 
 
+# The programs as modules: what an installed copy, without the checkout's files, runs.
+MODULES = {
+    "ppo_cbp/train.py": "ppo_cbp.train",
+    "scripts/supervised.py": "ppo_cbp.commands.supervised",
+}
+
+
 def trial_command(program: Program, fixed: Sequence[str], trial: Trial, resume: bool) -> list[str]:
-    """The program's argument list (without the interpreter) for ``trial``."""
-    words = [str(REPO_ROOT / program.script)]
+    """The program's argument list (without the interpreter) for ``trial``: the checkout's
+    script, or ``-m <module>`` in an installed copy (``ppo-cbp-sweep``), which has no
+    ``scripts/``."""
+    script = REPO_ROOT / program.script
+    words = [str(script)] if script.is_file() else ["-m", MODULES[program.script]]
     if program.subcommand:
         words.append(program.subcommand)
     words += list(fixed) + config_flags(program, trial.config)
@@ -564,7 +574,7 @@ def run_trial(
             stdout=f,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=REPO_ROOT,
+            cwd=REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else None,
             preexec_fn=_die_with_parent,
         )
         try:

@@ -620,3 +620,25 @@ def test_cluster_asking_for_a_token_is_one_line_naming_what_to_set(
     # a real AuthenticationError raised directly is recognised too; other errors are not
     assert sw.needs_token(ray.exceptions.AuthenticationError("RPC error"))
     assert not sw.needs_token(ConnectionError("Failed to connect to Ray cluster at x:1"))
+
+
+def test_an_installed_copy_runs_the_programs_as_modules(tmp_path, monkeypatch):
+    """ppo-cbp-sweep from an installed package has no scripts/ beside it: the trials run the
+    programs' modules (python -m ppo_cbp.train, python -m ppo_cbp.commands.supervised)."""
+    trial = sw.Trial("t", {}, [0], tmp_path / "t")
+    checkout = sw.trial_command(sw.Program("ppo", "ppo_cbp/train.py"), [], trial, False)
+    assert checkout[0] == str(sw.REPO_ROOT / "ppo_cbp" / "train.py")
+    monkeypatch.setattr(sw, "REPO_ROOT", tmp_path)
+    ppo = sw.trial_command(sw.Program("ppo", "ppo_cbp/train.py"), [], trial, False)
+    assert ppo[:2] == ["-m", "ppo_cbp.train"]
+    sup = sw.Program("supervised", "scripts/supervised.py", "slowly-changing-regression")
+    words = sw.trial_command(sup, [], trial, False)
+    assert words[:3] == ["-m", "ppo_cbp.commands.supervised", "slowly-changing-regression"]
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "ppo_cbp.commands.supervised", "--help"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0 and "slowly-changing-regression" in out.stdout
