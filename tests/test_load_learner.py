@@ -76,3 +76,50 @@ def test_a_seed_of_an_autograd_scr_run_equals_its_slice(tmp_path, spec):
         net = load_learner(cfg.out, seed)
         with torch.no_grad():
             torch.testing.assert_close(net(x[s]), expected[s], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("benchmark", ["imagenet", "cifar"])
+def test_a_seed_of_a_conv_run_equals_its_slice(tmp_path, benchmark):
+    """Continual ImageNet's ConvNet and CIFAR-100's ResNet-18: each seed's loaded network (in
+    eval mode, BatchNorm's running statistics) computes the stacked network's slice."""
+    from test_conv_benchmarks import cifar_cfg, imagenet_cfg, write_cifar, write_imagenet
+
+    from ppo_cbp.benchmarks.continual_imagenet import (
+        ImageNetMethodConfig,
+        imagenet_convnet,
+        run_continual_imagenet,
+    )
+    from ppo_cbp.benchmarks.conv_learner import stack_networks
+    from ppo_cbp.benchmarks.incremental_cifar import (
+        CIFARMethodConfig,
+        build_resnet,
+        run_incremental_cifar,
+    )
+
+    seeds = [0, 4]
+    if benchmark == "imagenet":
+        write_imagenet(tmp_path / "inet")
+        cfg = imagenet_cfg(tmp_path, "run", seeds=seeds, tasks=1, epochs=1, dtype="float64")
+        cfg.method = ImageNetMethodConfig(method="cbp")
+        run_continual_imagenet(cfg)
+        nets = [imagenet_convnet(2).double() for _ in seeds]
+    else:
+        write_cifar(tmp_path / "cifar" / "cifar-100-python", classes=(0, 1))
+        cfg = cifar_cfg(tmp_path, "run", seeds=seeds, dtype="float64")
+        cfg.method = CIFARMethodConfig(method="base")
+        run_incremental_cifar(cfg)
+        nets = [build_resnet(s).double() for s in seeds]
+    stacked = stack_networks(nets).double()
+    state = torch.load(cfg.out / "checkpoint.pt", weights_only=True)["learner"]["net"]
+    stacked.load_state_dict(state)
+    stacked.eval()
+    x = torch.randn(
+        3, 2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        expected, _ = stacked(x)
+        for s, seed in enumerate(seeds):
+            torch.testing.assert_close(
+                load_learner(cfg.out, seed)(x[:, s]), expected[s], rtol=1e-10, atol=1e-10
+            )

@@ -6,8 +6,10 @@
 Linear`` (:class:`SeedMLP`), computing what :meth:`StackedMLP.forward` computes for that seed;
 or, for the autograd learner (methods the fused trainer lacks), the seed's ``nn.Sequential``
 as :func:`~ppo_cbp.benchmarks.autograd_learner.build_mlp` builds it (LayerNorm, CReLU) with
-slice ``s`` of every stacked parameter. Injected heads and the convolutional learners'
-networks are not covered yet: one ``error:`` line says so.
+slice ``s`` of every stacked parameter; for Continual ImageNet the seed's ConvNet (or linear
+network) and for class-incremental CIFAR-100 the seed's ResNet-18 (all 100 outputs: the run
+masks the classes not yet seen; BatchNorm's running statistics included), in eval mode.
+Injected heads are not covered yet: one ``error:`` line says so.
 """
 
 from __future__ import annotations
@@ -95,11 +97,13 @@ def load_learner(out: str | Path, seed: int) -> nn.Module:
     if isinstance(module, dict) and module and all(k.startswith("params.") for k in module):
         return _autograd_mlp(module, s, config)
     net = learner.get("net") if isinstance(learner, dict) else None
+    conv = _conv_network(state.get("benchmark"), net, s, config)
+    if conv is not None:
+        return conv
     if not isinstance(net, dict) or "params" not in net:
         raise UsageError(
-            f"{path}: load_learner covers the MLP benchmarks' networks (fused and autograd "
-            f"learners, without an injected head); this run's learner, --method "
-            f"{config.get('method')}, is not covered yet"
+            f"{path}: load_learner covers every benchmark's network but an injected head; "
+            f"this run's learner, --method {config.get('method')}, is not covered yet"
         )
     if net.get("norms"):
         raise UsageError(f"{path}: load_learner does not cover online normalisation yet")
@@ -133,3 +137,33 @@ def _autograd_mlp(module: dict[str, Tensor], s: int, config: dict[str, Any]) -> 
         for dst, src in zip(mine, params, strict=True):
             dst.copy_(src[s])
     return net.eval()
+
+
+def _conv_network(benchmark: Any, net: Any, s: int, config: dict[str, Any]) -> nn.Module | None:
+    """Seed ``s``'s network of a Continual ImageNet or CIFAR-100 run, or None for another
+    benchmark."""
+    if benchmark not in ("continual-imagenet", "incremental-cifar") or not isinstance(net, dict):
+        return None
+    tensors = [t for t in net.values() if isinstance(t, Tensor) and t.is_floating_point()]
+    dtype = tensors[0].dtype if tensors else torch.float32
+    if benchmark == "continual-imagenet":
+        from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet, linear_network
+
+        spec = str((config.get("method") or {}).get("method", ""))
+        model = linear_network(2) if "linear" in spec.split("+") else imagenet_convnet(2)
+        model = model.to(dtype)
+        params = [net[f"params.{i}"] for i in range(len(net))]
+        mine = list(model.parameters())
+        if [tuple(p.shape) for p in mine] != [tuple(p.shape[1:]) for p in params]:
+            raise UsageError("load_learner: the checkpoint's network is not the ImageNet ConvNet")
+        with torch.no_grad():
+            for dst, src in zip(mine, params, strict=True):
+                dst.copy_(src[s])
+        return model.eval()
+    from ppo_cbp.nets.resnet import ResNet18
+
+    model = ResNet18(num_classes=100).to(dtype)
+    missing, unexpected = model.load_state_dict({k: v[s] for k, v in net.items()}, strict=False)
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise UsageError("load_learner: the checkpoint's network is not the CIFAR ResNet-18")
+    return model.eval()
