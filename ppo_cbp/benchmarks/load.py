@@ -1,63 +1,29 @@
 """One seed's network of a supervised run (``scripts/supervised.py``), as a plain ``nn.Module``.
 
-:func:`load_learner` reads ``out/checkpoint.pt`` and returns seed ``seed``'s slice of the fused
-:class:`~ppo_cbp.benchmarks.common.Learner`'s :class:`~ppo_cbp.nets.stacked_mlp.StackedMLP`
-(``params[layer][s]``: ``[n_out, n_in + 1]``, the bias last) as ``Linear, activation, ...,
-Linear`` (:class:`SeedMLP`), computing what :meth:`StackedMLP.forward` computes for that seed;
-or, for the autograd learner (methods the fused trainer lacks), the seed's ``nn.Sequential``
-as :func:`~ppo_cbp.benchmarks.autograd_learner.build_mlp` builds it (LayerNorm, CReLU) with
-slice ``s`` of every stacked parameter; for Continual ImageNet the seed's ConvNet (or linear
-network) and for class-incremental CIFAR-100 the seed's ResNet-18 (all 100 outputs: the run
-masks the classes not yet seen; BatchNorm's running statistics included), in eval mode.
-Injected heads are not covered yet: one ``error:`` line says so.
+:func:`load_learner` reads ``out/checkpoint.pt`` and builds seed ``seed``'s network as its run
+builds one seed's (the MLP of :func:`~ppo_cbp.benchmarks.autograd_learner.build_mlp`, with
+LayerNorm or CReLU where the method has them; Continual ImageNet's ConvNet or linear network;
+CIFAR-100's ResNet-18, all 100 outputs: the run masks the classes not yet seen), then copies
+slice ``s`` of every stacked tensor into it: the fused trainer's ``[n_out, n_in + 1]`` layer
+matrices (the bias last), the autograd and conv learners' parameters in the seed's
+``parameters()`` order, the ResNet's BatchNorm statistics by name. In eval mode, on the CPU,
+in the run's dtype. Injected heads are not covered yet: one ``error:`` line says so.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ppo_cbp import run_folder
 from ppo_cbp.errors import UsageError
-from ppo_cbp.nets.stacked_mlp import LEAKY_RELU_SLOPE
 
-__all__ = ["SeedMLP", "load_learner"]
-
-_ACTIVATIONS = {
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "linear": lambda z: z,
-    "elu": F.elu,
-    "leaky_relu": lambda z: F.leaky_relu(z, LEAKY_RELU_SLOPE),
-    "swish": F.silu,
-}
-
-
-class SeedMLP(nn.Module):
-    """``Linear, activation, ..., Linear`` with the weights of one seed of a stacked MLP."""
-
-    def __init__(self, params: list[Tensor], activation: str):
-        super().__init__()
-        self.activation = activation
-        self.layers = nn.ModuleList()
-        for p in params:
-            linear = nn.Linear(p.shape[1] - 1, p.shape[0], dtype=p.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(p[:, :-1])
-                linear.bias.copy_(p[:, -1])
-            self.layers.append(linear)
-
-    def forward(self, x: Tensor) -> Tensor:
-        f = _ACTIVATIONS[self.activation]
-        for linear in self.layers[:-1]:
-            x = f(linear(x))
-        return self.layers[-1](x)
+__all__ = ["load_learner"]
 
 
 def load_learner(out: str | Path, seed: int) -> nn.Module:
@@ -107,36 +73,52 @@ def load_learner(out: str | Path, seed: int) -> nn.Module:
         )
     if net.get("norms"):
         raise UsageError(f"{path}: load_learner does not cover online normalisation yet")
-    return SeedMLP([p[s] for p in net["params"]], config.get("activation", "relu")).eval()
+    matrices = net["params"]  # [S, n_out, n_in + 1] per layer, the bias last
+    sizes = [matrices[0].shape[2] - 1] + [m.shape[1] for m in matrices]
+    mlp = _mlp(sizes, config, set(), matrices[0].dtype)
+    params = [t for m in matrices for t in (m[..., :-1], m[..., -1])]
+    return _copy_slice(mlp, params, s, "the fused trainer's MLP")
 
 
-def _autograd_mlp(module: dict[str, Tensor], s: int, config: dict[str, Any]) -> nn.Module:
-    """Seed ``s``'s ``nn.Sequential`` of an autograd learner's stacked state (``params.<i>``,
-    aligned with each seed's ``parameters()``)."""
+def _copy_slice(model: nn.Module, stacked: Sequence[Tensor], s: int, what: str) -> nn.Module:
+    """``model`` (in eval mode) with slice ``s`` of each of ``stacked``, which are aligned with
+    ``model.parameters()``."""
+    mine = list(model.parameters())
+    if [tuple(p.shape) for p in mine] != [tuple(p.shape[1:]) for p in stacked]:
+        raise UsageError(f"load_learner: the checkpoint's network is not {what}")
+    with torch.no_grad():
+        for dst, src in zip(mine, stacked, strict=True):
+            dst.copy_(src[s])
+    return model.eval()
+
+
+def _mlp(
+    sizes: list[int], config: dict[str, Any], names: set[str], dtype: torch.dtype
+) -> nn.Module:
+    """One seed's MLP as the autograd learner builds it (its draw is overwritten)."""
     from ppo_cbp.benchmarks.autograd_learner import build_mlp
 
-    params = [module[f"params.{i}"] for i in range(len(module))]
-    names = set((config.get("resolved_method") or {}).get("methods") or [])
-    crelu = "crelu" in names
-    weights = [p for p in params if p.dim() == 3]
-    sizes = [weights[0].shape[2]] + [w.shape[1] for w in weights]
-    net = build_mlp(
+    return build_mlp(
         sizes,
-        0,  # the draw is overwritten by the saved values
+        0,
         activation=config.get("activation", "relu"),
         init="kaiming_uniform",
         layer_norm=bool(names & {"layer_norm", "nap"}),
-        crelu=crelu,
+        crelu="crelu" in names,
         device=torch.device("cpu"),
-        dtype=params[0].dtype,
+        dtype=dtype,
     )
-    mine = list(net.parameters())
-    if [tuple(p.shape) for p in mine] != [tuple(p.shape[1:]) for p in params]:
-        raise UsageError("load_learner: the checkpoint's network is not the autograd learner's MLP")
-    with torch.no_grad():
-        for dst, src in zip(mine, params, strict=True):
-            dst.copy_(src[s])
-    return net.eval()
+
+
+def _autograd_mlp(module: dict[str, Tensor], s: int, config: dict[str, Any]) -> nn.Module:
+    """Seed ``s``'s MLP of an autograd learner's stacked state (``params.<i>``, aligned with
+    each seed's ``parameters()``)."""
+    params = [module[f"params.{i}"] for i in range(len(module))]
+    names = set((config.get("resolved_method") or {}).get("methods") or [])
+    weights = [p for p in params if p.dim() == 3]
+    sizes = [weights[0].shape[2]] + [w.shape[1] for w in weights]
+    mlp = _mlp(sizes, config, names, params[0].dtype)
+    return _copy_slice(mlp, params, s, "the autograd learner's MLP")
 
 
 def _conv_network(benchmark: Any, net: Any, s: int, config: dict[str, Any]) -> nn.Module | None:
@@ -151,15 +133,8 @@ def _conv_network(benchmark: Any, net: Any, s: int, config: dict[str, Any]) -> n
 
         spec = str((config.get("method") or {}).get("method", ""))
         model = linear_network(2) if "linear" in spec.split("+") else imagenet_convnet(2)
-        model = model.to(dtype)
         params = [net[f"params.{i}"] for i in range(len(net))]
-        mine = list(model.parameters())
-        if [tuple(p.shape) for p in mine] != [tuple(p.shape[1:]) for p in params]:
-            raise UsageError("load_learner: the checkpoint's network is not the ImageNet ConvNet")
-        with torch.no_grad():
-            for dst, src in zip(mine, params, strict=True):
-                dst.copy_(src[s])
-        return model.eval()
+        return _copy_slice(model.to(dtype), params, s, "the ImageNet ConvNet")
     from ppo_cbp.nets.resnet import ResNet18
 
     model = ResNet18(num_classes=100).to(dtype)

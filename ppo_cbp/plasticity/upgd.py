@@ -22,6 +22,19 @@ from ppo_cbp.seeding import TAG_UPGD, derive_seed
 __all__ = ["UPGD", "AdaptiveUPGD"]
 
 
+def _upgd_defaults(lr: float, weight_decay: float, beta_utility: float, sigma: float) -> dict:
+    """The settings both UPGD optimizers share, checked."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0.0 <= beta_utility < 1.0:
+        raise ValueError(f"beta_utility must be in [0, 1), got {beta_utility}")
+    if not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    return dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
+
+
 class _SeededPerturbation(torch.optim.Optimizer):
     """The UPGD optimizers' shared parts: stacked seeds (``seed_dims``), one noise generator per
     seed (stream :data:`~ppo_cbp.seeding.TAG_UPGD`), the per-seed maximum of the utility traces
@@ -137,15 +150,7 @@ class UPGD(_SeededPerturbation):
         seed_dims: int = 0,
         seeds: Sequence[int] = (0,),
     ):
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not 0.0 <= beta_utility < 1.0:
-            raise ValueError(f"beta_utility must be in [0, 1), got {beta_utility}")
-        if not sigma >= 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
-        defaults = dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
+        defaults = _upgd_defaults(lr, weight_decay, beta_utility, sigma)
         super().__init__(params, defaults, seed_dims, seeds)
 
     @torch.no_grad()
@@ -153,12 +158,12 @@ class UPGD(_SeededPerturbation):
         if closure is not None:
             raise ValueError("UPGD.step takes no closure")
         params = [p for g in self.param_groups for p in g["params"]]
+        if any(p.grad is None for p in params):  # before any state changes
+            raise ValueError("UPGD needs a gradient for every parameter")
         global_max: Tensor | None = None
         for group in self.param_groups:
             beta = group["beta_utility"]
             for p in group["params"]:
-                if p.grad is None:
-                    raise ValueError("UPGD needs a gradient for every parameter")
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -249,26 +254,12 @@ class AdaptiveUPGD(_SeededPerturbation):
         seed_dims: int = 0,
         seeds: Sequence[int] = (0,),
     ):
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not 0.0 <= beta_utility < 1.0:
-            raise ValueError(f"beta_utility must be in [0, 1), got {beta_utility}")
-        if not sigma >= 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        defaults = _upgd_defaults(lr, weight_decay, beta_utility, sigma)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        defaults = dict(
-            lr=lr,
-            weight_decay=weight_decay,
-            beta_utility=beta_utility,
-            sigma=sigma,
-            betas=tuple(betas),
-            eps=eps,
-        )
+        defaults.update(betas=tuple(betas), eps=eps)
         super().__init__(params, defaults, seed_dims, seeds)
 
     @torch.no_grad()
