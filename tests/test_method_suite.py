@@ -654,7 +654,7 @@ def test_suite_state_round_trip_continues_exactly(names):
         assert whole.suite.units_replaced() == resumed.suite.units_replaced()
 
 
-# --- snp on the autograd learner ------------------------------------------------------------------
+# --- snp with a regulariser ------------------------------------------------------------------------
 def test_scr_snp_with_l2_init_adds_its_noise(tmp_path):
     """``scr --method snp+l2_init``: the noise is applied (noise_std 1e-2 and 0 end with different
     weights) and the rest of the step is the same (at noise 0 the run is l2_init on SGD with
@@ -674,8 +674,8 @@ def test_scr_snp_with_l2_init_adds_its_noise(tmp_path):
             dtype="float64",
         )
         scr.run_scr(cfg)
-        state = torch.load(cfg.out / "checkpoint.pt", weights_only=False)
-        return state["learner"]["module"]
+        learner = torch.load(cfg.out / "checkpoint.pt", weights_only=False)["learner"]
+        return dict(enumerate(learner["net"]["params"]))  # the fused learner's [W | b]
 
     noisy = weights("noisy", "snp+l2_init", noise_std=1e-2)
     quiet = weights("quiet", "snp+l2_init", noise_std=0.0)

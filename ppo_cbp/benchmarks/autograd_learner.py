@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod
+from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod, make_optimizer
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
 from ppo_cbp.nets.crelu import CReLU
@@ -33,7 +33,6 @@ from ppo_cbp.nets.stacked_sequential import StackedSequential
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.injection import InjectableNetwork
-from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
 
 __all__ = ["AutogradLearner", "make_learner", "uses_fused_trainer"]
@@ -163,7 +162,9 @@ class AutogradLearner:
         if method.uses("injection"):
             self.module = InjectableNetwork(stacked, head_layers=method.injection_layers)
         self.params = list(self.module.parameters())
-        self.opt, state_owner = suite.with_trac(method.methods, self._base_optimizer(), seed_dims=1)
+        self.opt, state_owner = suite.with_trac(
+            method.methods, make_optimizer(self.params, method, self.seeds), seed_dims=1
+        )
         nonlinearity = "linear" if activation == "linear" else activation
         layers = [
             Layer(
@@ -216,28 +217,6 @@ class AutogradLearner:
         )
         self.cbp = self.methods.resetters.get("") if method.uses("cbp") else None
         self.redo = self.methods.resetters.get("") if method.uses("redo") else None
-
-    def _base_optimizer(self) -> torch.optim.Optimizer:
-        m = self.method
-        if m.optimizer == "adam":
-            return torch.optim.Adam(
-                self.params,
-                lr=m.lr,
-                betas=m.adam_betas,
-                eps=m.adam_eps,
-                weight_decay=m.weight_decay,
-            )
-        if m.optimizer == "upgd":
-            return UPGD(
-                self.params,
-                lr=m.lr,
-                weight_decay=m.weight_decay,
-                beta_utility=m.upgd_beta_utility,
-                sigma=m.upgd_sigma,
-                seed_dims=1,
-                seeds=self.seeds,
-            )
-        return torch.optim.SGD(self.params, lr=m.lr, weight_decay=m.weight_decay)
 
     def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> list[Tensor]:
         """One step on ``x_aug`` (``[S, B, n_in + 1]``, last column 1): the output before the

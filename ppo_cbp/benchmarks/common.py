@@ -16,6 +16,7 @@ A run trains S seeds in lockstep (:mod:`ppo_cbp.nets.stacked_mlp`) and writes, u
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import json
@@ -34,9 +35,12 @@ from ppo_cbp import run_folder, tracking
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
+from ppo_cbp.nets.units import UnitLayer
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
+from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.redo import ReDo, WindowedReDo
+from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_REDO, derive_seed
 
 METHODS = tuple(name for name, m in suite.METHODS.items() if m.flag != "--c-chain")
@@ -406,12 +410,50 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
-class Learner:
-    """Stacked networks, their trainer and the method's operator (CBP or ReDo).
+GRADIENT_METHODS = frozenset({"l2_init", "parseval", "upgd", "trac", "adam_reset"})
+"""Methods for which the fused trainer hands the gradient to a ``torch.optim`` optimizer (they
+add to the gradient, are the optimizer, or reset its state) instead of updating in its pass."""
 
-    :meth:`step` trains on one example (or batch) per seed and runs the operator on that
-    step's hidden activations. ReDo scores units on the activations of the last
-    ``redo_period`` examples (a ring buffer), since a single example is no estimate of E|h|.
+
+def make_optimizer(
+    params: list[Tensor], method: ResolvedMethod, seeds: Sequence[int]
+) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer of ``method`` over stacked ``params`` (one seed per slice):
+    Adam, UPGD or SGD, with the coupled weight decay."""
+    m = method
+    if m.optimizer == "adam":
+        # not torch's fused kernel: its rounding depends on the tensor's size, so a seed's
+        # slice of a stack would not follow that seed alone bit for bit
+        return torch.optim.Adam(
+            params, lr=m.lr, betas=m.adam_betas, eps=m.adam_eps, weight_decay=m.weight_decay
+        )
+    if m.optimizer == "upgd":
+        return UPGD(
+            params,
+            lr=m.lr,
+            weight_decay=m.weight_decay,
+            beta_utility=m.upgd_beta_utility,
+            sigma=m.upgd_sigma,
+            seed_dims=1,
+            seeds=list(seeds),
+        )
+    return torch.optim.SGD(params, lr=m.lr, weight_decay=m.weight_decay)
+
+
+class Learner:
+    """Stacked networks, their fused trainer and the method suite's hooks.
+
+    :meth:`step` trains on one example (or batch) per seed: the trainer's forward and backward
+    pass by hand (:class:`~ppo_cbp.nets.stacked_mlp.StackedTrainer`), then the methods in
+    :data:`~ppo_cbp.plasticity.suite.ORDER`. SGD and Adam alone update in the trainer's own
+    pass; with a method of :data:`GRADIENT_METHODS` the trainer writes the gradient of every
+    weight and bias view instead and the step is ``after_backward`` hooks, then the
+    ``torch.optim`` optimizer (:func:`make_optimizer`, inside TRAC if selected), then
+    Shrink & Perturb's noise. The per-step hooks then run in the suite's order around the
+    unit resets: soft Shrink & Perturb, CBP or ReDo, weight clipping. CBP takes the trainer's
+    weight magnitudes when nothing changed the weights after its pass. ReDo scores units on
+    the activations of the last ``redo_period`` examples (a ring buffer), since a single
+    example is no estimate of E|h|.
     """
 
     def __init__(
@@ -422,6 +464,7 @@ class Learner:
         *,
         loss: str,
         activation: str = "relu",
+        init: str = "kaiming_uniform",
         device: torch.device,
         dtype: torch.dtype,
     ):
@@ -429,27 +472,113 @@ class Learner:
             raise UsageError(f"method {method.method} needs at least one hidden layer")
         self.seeds = list(seeds)
         self.method = method
+        names = set(method.methods)
+        self.gradients = bool(names & GRADIENT_METHODS) or method.optimizer != "sgd"
+        if method.uses("online_norm") and self.gradients:
+            raise UsageError(
+                f"--method {method.method}: online_norm is trained with plain SGD in the fused "
+                f"trainer; it does not combine with {', '.join(sorted(names & GRADIENT_METHODS))}"
+            )
         norm = (method.alpha_f, method.alpha_b) if method.uses("online_norm") else None
         self.net = StackedMLP(
-            sizes, seeds, activation=activation, norm_decays=norm, device=device, dtype=dtype
+            sizes,
+            seeds,
+            activation=activation,
+            init=init,
+            norm_decays=norm,
+            device=device,
+            dtype=dtype,
         )
         self.trainer = StackedTrainer(
             self.net,
             loss=loss,
-            optimizer=method.optimizer,
+            optimizer="sgd",
             lr=method.lr,
             weight_decay=method.weight_decay,
             betas=method.adam_betas,
             eps=method.adam_eps,
             noise_std=method.noise_std,
             dropout=method.dropout,
+            gradients=self.gradients,
         )
+        net = self.net
+        n = len(net.params)
+        # The optimizer steps each layer's P = [W | b] whole (one contiguous tensor per layer),
+        # UPGD the weight and bias views (its noise is drawn per tensor, as on the
+        # autograd learner); the methods find either's state from a view (nets.units).
+        views = [t for i in range(n) for t in (net.weight(i), net.bias(i))]
+        params = views if method.optimizer == "upgd" else list(net.params)
+        self.opt: torch.optim.Optimizer | None = None
+        state_owner: Any = self.trainer.state_tensors
+        if self.gradients:
+            for i, g in enumerate(self.trainer.grads):
+                net.params[i].grad = g
+                net.weight(i).grad, net.bias(i).grad = g[..., :-1], g[..., -1]
+            self.opt, state_owner = suite.with_trac(
+                names, make_optimizer(params, method, seeds), seed_dims=1
+            )
+        nonlinearity = "linear" if activation == "linear" else activation
+        layers = [
+            Layer(
+                weight=net.weight(i),
+                bias=net.bias(i),
+                init=init,
+                nonlinearity=nonlinearity if i < n - 1 else "linear",
+                head=i == n - 1,
+                name=f"layer{i}",
+            )
+            for i in range(n)
+        ]
+        network = Network(
+            layers,
+            params,
+            state_owner if self.gradients else None,
+            seed_dims=1,
+            seeds=self.seeds,
+        )
+        if method.uses("head_reset") and method.head_reset > n:
+            raise UsageError(
+                f"--head-reset {method.head_reset}: the network has only {n} weight layers"
+            )
+        if method.uses("adam_reset") and method.optimizer != "adam":
+            raise UsageError(f"--method {method.method}: adam_reset needs adam")
+        # CBP, ReDo and the noise are the trainer's and this class's; the rest the suite's
+        hooked = [n for n in method.methods if n in suite.ORDER and n not in ("cbp", "redo", "snp")]
+        self.methods = suite.build(
+            hooked, method.settings(), [suite.Target("", network)], init=init
+        )
+        # the per-step transforms, on either side of the unit resets in the suite's order
+        resets = suite.ORDER.index("cbp")
+        per_step = [
+            (suite.ORDER.index(n), m)
+            for n, _, m in self.methods.entries
+            if suite.METHODS[n].kind == "per-step"
+        ]
+        self._before = [m for i, m in per_step if i < resets]
+        self._after = [m for i, m in per_step if i > resets]
         self.cbp: ContinualBackprop | None = None
         self.redo: WindowedReDo | None = None
+        units = (
+            [
+                UnitLayer(
+                    net.weight(i),
+                    net.bias(i),
+                    out_weight=net.weight(i + 1),
+                    out_bias=net.bias(i + 1),
+                    init=init,
+                    nonlinearity=nonlinearity,
+                    seed_dims=1,
+                    name=f"hidden{i + 1}",
+                )
+                for i in range(net.num_hidden)
+            ]
+            if self.gradients
+            else self.trainer.unit_layers()
+        )
         if method.uses("cbp"):
             self.cbp = ContinualBackprop(
-                self.trainer.unit_layers(),
-                self.trainer.state_tensors,
+                units,
+                state_owner,
                 replacement_rate=method.replacement_rate,
                 maturity_threshold=method.maturity_threshold,
                 decay_rate=method.decay_rate,
@@ -459,8 +588,8 @@ class Learner:
         elif method.uses("redo"):
             self.redo = WindowedReDo(
                 ReDo(
-                    self.trainer.unit_layers(),
-                    self.trainer.state_tensors,
+                    units,
+                    state_owner,
                     threshold=method.redo_threshold,
                     period=method.redo_period,
                     seed=[derive_seed(s, TAG_REDO) for s in seeds],
@@ -469,17 +598,28 @@ class Learner:
 
     def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> None:
         hidden = self.trainer.step(x_aug, target, out=out)
+        if self.opt is not None:
+            with torch.no_grad():
+                self.methods.after_backward()
+            self.trainer.update_(self.opt)
+            self.trainer.perturb_()
+        for m in self._before:
+            m.after_step(hidden)
         if self.cbp is not None:
-            self.cbp.step(hidden, self.trainer.magnitudes)
+            # the trainer's magnitudes are of its updated weights: stale once a hook moved them
+            self.cbp.step(hidden, None if self._before else self.trainer.magnitudes)
         elif self.redo is not None:
             self.redo.after_step(hidden)
+        for m in self._after:
+            m.after_step(hidden)
 
     def new_segment(self) -> None:
         """Called at the start of every task or bin (:meth:`StackedTrainer.new_segment`)."""
         self.trainer.new_segment()
 
     def task_boundary(self) -> None:
-        """The fused methods do nothing at a task boundary."""
+        with torch.no_grad():
+            self.methods.at_task_boundary()
 
     def units_replaced(self) -> Tensor:
         """Units replaced so far per seed (``[S]``, int64, host)."""
@@ -497,15 +637,37 @@ class Learner:
             "cbp": None if self.cbp is None else self.cbp.state_dict(),
             "redo": None if redo is None else redo["redo"],
             "ring": [] if redo is None else redo["rings"],
+            "optimizer": None if self.opt is None else copy.deepcopy(self.opt.state_dict()),
+            "methods": self.methods.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
-        self.trainer.load_state_dict(state["trainer"])
+        trainer = dict(state["trainer"])
+        if self.opt is not None and state.get("optimizer") is None:
+            # a checkpoint of the trainer's own Adam, before Adam went to torch.optim
+            state = {**state, "optimizer": self._adam_state(trainer)}
+            trainer.update(exp_avg=[], exp_avg_sq=[])
+        self.trainer.load_state_dict(trainer)
         if self.cbp is not None:
             self.cbp.load_state_dict(state["cbp"])
         if self.redo is not None:
             self.redo.load_state_dict({"redo": state["redo"], "rings": state["ring"]})
+        if self.opt is not None:
+            self.opt.load_state_dict(state["optimizer"])
+        if "methods" in state:  # checkpoints of the fused methods alone had none
+            self.methods.load_state_dict(state["methods"])
+
+    def _adam_state(self, trainer: dict[str, Any]) -> dict[str, Any]:
+        """The ``torch.optim.Adam`` state equal to that of the trainer's own Adam (moments of
+        each ``P = [W | b]``, one step count)."""
+        step = torch.tensor(float(trainer["steps"]))
+        moments = zip(trainer["exp_avg"], trainer["exp_avg_sq"], strict=True)
+        state = {
+            i: {"step": step.clone(), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+            for i, (m, v) in enumerate(moments)
+        }
+        return {"state": state, "param_groups": self.opt.state_dict()["param_groups"]}
 
 
 # --------------------------------------------------------------------------------------------

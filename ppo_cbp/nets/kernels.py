@@ -224,6 +224,105 @@ def sgd_backward_update_(
         )
 
 
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _backward_gradient(p, delta, x, below, grad):  # pragma: no cover
+    S, K, J1 = p.shape
+    J = J1 - 1
+    for s in range(S):
+        bl, xs, ds = below[s], x[s], delta[s]
+        for j in range(J):
+            bl[j] = 0.0
+        for k in range(K):
+            d = ds[k]
+            row, g = p[s, k], grad[s, k]
+            for j in range(J):
+                bl[j] += d * row[j]
+                g[j] = d * xs[j]
+            g[J] = d * xs[J]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _gradient(delta, x, grad):  # pragma: no cover
+    S, K, J1 = grad.shape
+    for s in range(S):
+        xs = x[s]
+        for k in range(K):
+            d = delta[s, k]
+            g = grad[s, k]
+            for j in range(J1):
+                g[j] = d * xs[j]
+
+
+def backward_gradient_(
+    param: np.ndarray,
+    delta: np.ndarray,
+    inputs: np.ndarray,
+    below: np.ndarray | None,
+    grad: np.ndarray,
+) -> None:
+    """Backward pass of one stacked layer for one example, the gradient materialised.
+
+    With ``P = [W | b]`` ``[S, K, J + 1]``, ``delta = dL/dz`` ``[S, K]`` and the input
+    ``x = [h, 1]`` ``[S, J + 1]``: ``grad[s] = delta[s] x[s]^T`` (the gradient of ``P``, bias
+    column included) and ``below[s, j] = sum_k delta[s, k] W[s, k, j]``, in one pass over
+    ``P``; ``below`` None (the first layer) skips the latter. For trainers whose optimizer and
+    regularisers need the gradient (:class:`~ppo_cbp.nets.stacked_mlp.StackedTrainer` with
+    ``gradients=True``). Arrays as for :func:`sgd_backward_update_`, ``grad`` C-contiguous.
+    """
+    if below is None:
+        _gradient(delta, inputs, grad)
+    else:
+        _backward_gradient(param, delta, inputs, below, grad)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _sgd_apply(p, g, beta, alpha, out_abs, in_abs, sums):  # pragma: no cover
+    S, K, J1 = p.shape
+    J = J1 - 1
+    zero = beta - beta
+    for s in range(S):
+        oa = out_abs[s]
+        if sums:
+            for j in range(J):
+                oa[j] = 0.0
+        for k in range(K):
+            row, gr = p[s, k], g[s, k]
+            total = zero
+            for j in range(J):
+                w = beta * row[j] + alpha * gr[j]
+                row[j] = w
+                total += abs(w)
+            row[J] = beta * row[J] + alpha * gr[J]
+            in_abs[s, k] = total
+            if sums:  # a second loop over the row, in cache: both loops vectorise
+                for j in range(J):
+                    oa[j] += abs(row[j])
+
+
+def sgd_apply_(
+    param: np.ndarray,
+    grad: np.ndarray,
+    beta: float,
+    alpha: float,
+    out_abs: np.ndarray | None,
+    in_abs: np.ndarray,
+) -> None:
+    """``P <- beta * P + alpha * grad`` in place (SGD with coupled L2: ``beta = 1 - lr * wd``,
+    ``alpha = -lr``), with the magnitudes of :func:`sgd_backward_update_` of the updated
+    weights (``out_abs`` None: not computed). ``param`` and ``grad`` ``[S, K, J + 1]``,
+    C-contiguous."""
+    scalar = param.dtype.type
+    _sgd_apply(
+        param,
+        grad,
+        scalar(beta),
+        scalar(alpha),
+        in_abs if out_abs is None else out_abs,
+        in_abs,
+        out_abs is not None,
+    )
+
+
 def full_correction_age(decay_rate: float, dtype: np.dtype) -> float:
     """Age beyond which ``1 - eta^age`` rounds to exactly 1 in ``dtype``: no need to compute it."""
     if decay_rate == 0.0:

@@ -175,6 +175,8 @@ class StackedMLP:
             g = torch.Generator(device=self.device).manual_seed(derive_seed(seed, TAG_INIT))
             for layer, p in enumerate(self.params):
                 sample_(p[s, :, :-1], init, gain_of[layer], generator=g)
+        self._weights = [p[..., :-1] for p in self.params]
+        self._biases = [p[..., -1] for p in self.params]
         self.norms: list[OnlineNorm] = []
         if norm_decays is not None:
             alpha_f, alpha_b = norm_decays
@@ -192,12 +194,13 @@ class StackedMLP:
         return len(self.sizes) - 2
 
     def weight(self, layer: int) -> Tensor:
-        """View of layer ``layer``'s weights ``[S, n_out, n_in]``."""
-        return self.params[layer][..., :-1]
+        """View of layer ``layer``'s weights ``[S, n_out, n_in]`` (the same object at every call,
+        so that an optimizer's state and the methods' records keyed by it agree)."""
+        return self._weights[layer]
 
     def bias(self, layer: int) -> Tensor:
-        """View of layer ``layer``'s bias ``[S, n_out]``."""
-        return self.params[layer][..., -1]
+        """View of layer ``layer``'s bias ``[S, n_out]`` (the same object at every call)."""
+        return self._biases[layer]
 
     def weights(self) -> list[Tensor]:
         return [self.weight(i) for i in range(len(self.params))]
@@ -278,6 +281,10 @@ class StackedTrainer:
     :param noise_std: Shrink & Perturb's noise standard deviation (>= 0; 0 = off).
     :param dropout: dropout probability of the hidden units, in [0, 1).
     :param dropout_chunk: steps of dropout masks drawn at once per seed.
+    :param gradients: compute each step's gradient into :attr:`grads` and leave the update to
+        the caller (an optimizer over the weight and bias views, regularisers that add to the
+        gradient first; then :meth:`perturb_` for the noise): ``optimizer``, ``lr``,
+        ``weight_decay`` and Adam's settings are then not used.
     """
 
     def __init__(
@@ -293,6 +300,7 @@ class StackedTrainer:
         noise_std: float = 0.0,
         dropout: float = 0.0,
         dropout_chunk: int = 1024,
+        gradients: bool = False,
     ):
         _check_choice("loss", loss, LOSSES)
         _check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -306,7 +314,7 @@ class StackedTrainer:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0) or eps <= 0:
             raise ValueError(f"Adam needs betas in [0, 1) and eps > 0, got {betas}, {eps}")
-        if net.norms and (optimizer != "sgd" or noise_std > 0):
+        if net.norms and (optimizer != "sgd" or noise_std > 0 or gradients):
             raise ValueError("online normalization is trained with plain SGD (no Adam, no noise)")
         self.net = net
         self.loss = loss
@@ -319,7 +327,12 @@ class StackedTrainer:
         self.dropout = float(dropout)
         self.dropout_chunk = int(dropout_chunk)
         self.steps = 0
+        self.gradients = bool(gradients)
+        self.grads = [torch.zeros_like(p) for p in net.params] if gradients else []
+        """With ``gradients``: after each step, the gradient of every layer's ``P = [W | b]``."""
         dev, dt = net.device, net.dtype
+        if gradients:
+            optimizer = "sgd"  # no state of its own: the caller's optimizer updates
         self.exp_avg = [torch.zeros_like(p) for p in net.params] if optimizer == "adam" else []
         self.exp_avg_sq = [torch.zeros_like(p) for p in net.params] if optimizer == "adam" else []
         self._state_views: dict[int, list[Tensor]] = {}
@@ -341,7 +354,7 @@ class StackedTrainer:
         self._buffers: dict[int, list[Tensor]] = {}
         self._hidden_views: dict[int, list[Tensor]] = {}
         self._cpu = kernels.available(*net.params)
-        self._fused = optimizer == "sgd" and self._cpu
+        self._fused = optimizer == "sgd" and self._cpu and not gradients
         self._arrays = kernels.ArrayViews()  # of the parameters and the fused buffers
         self._z: list[Tensor] = []  # batch-1 pre-activations, kept across steps
         self._own_rows: dict[int, np.ndarray] = {}  # [S, n] rows of the batch-1 buffers
@@ -478,7 +491,8 @@ class StackedTrainer:
         # backward and update, last layer first; delta of the layer below uses the old weights
         self.steps += 1
         fused = self._fused and batch == 1
-        if fused and not self._fused_buffers:
+        by_kernel = self._cpu and batch == 1 and (fused or self.gradients)
+        if by_kernel and not self._fused_buffers:
             self._fused_buffers = [
                 (p.new_empty(S, n_in), p.new_empty(S, n_in), p.new_empty(S, n_out))
                 for p in params
@@ -487,7 +501,20 @@ class StackedTrainer:
         beta, alpha = 1.0 - self.lr * self.weight_decay, -self.lr
         for layer in range(n_hidden, -1, -1):
             p = params[layer]
-            if fused:
+            if self.gradients and by_kernel:
+                below_buf = self._fused_buffers[layer][0]
+                kernels.backward_gradient_(
+                    self._arrays(p),
+                    self._rows(delta),
+                    self._rows(inputs[layer]),
+                    self._arrays(below_buf) if layer > 0 else None,
+                    self._arrays(self.grads[layer]),
+                )
+                below = below_buf.unsqueeze(1) if layer > 0 else None
+            elif self.gradients:
+                below = torch.bmm(delta, p[..., :-1]) if layer > 0 else None
+                torch.bmm(delta.transpose(1, 2), inputs[layer], out=self.grads[layer])
+            elif fused:
                 grad_in, out_abs, in_abs = map(self._arrays, self._fused_buffers[layer])
                 kernels.sgd_backward_update_(
                     self._arrays(p),
@@ -516,7 +543,8 @@ class StackedTrainer:
             delta = below
         self.magnitudes = None
         if self._noise is not None:
-            self._perturb_()
+            if not self.gradients:  # else the caller's update comes first
+                self.perturb_()
         elif fused:
             b = self._fused_buffers
             self.magnitudes = [(b[i + 1][1], b[i][2]) for i in range(n_hidden)]
@@ -554,7 +582,50 @@ class StackedTrainer:
         denom = v.sqrt().div_(bc2**0.5).add_(self.eps)
         p.addcdiv_(m, denom, value=-self.lr / bc1)
 
-    def _perturb_(self) -> None:
+    @torch.no_grad()
+    def update_(self, optimizer: torch.optim.Optimizer) -> None:
+        """With ``gradients``: one step of ``optimizer`` over the weight and bias views
+        ``[weight(0), bias(0), weight(1), ...]`` whose gradients are :attr:`grads`.
+
+        On CPU, plain SGD (with coupled weight decay) runs as one kernel pass per layer over
+        ``P`` and its gradient (:func:`~ppo_cbp.nets.kernels.sgd_apply_`), which also leaves
+        :attr:`magnitudes`; any other optimizer is ``optimizer.step()``.
+        """
+        self.magnitudes = None
+        groups = optimizer.param_groups
+        g = groups[0]
+        plain = (
+            self._cpu
+            and len(groups) == 1
+            and type(optimizer) is torch.optim.SGD
+            and not any(g.get(k) for k in ("maximize", "nesterov", "momentum"))
+            and self._fused_buffers
+        )
+        params = self.net.params
+        if plain:
+            beta, alpha = 1.0 - g["lr"] * g["weight_decay"], -g["lr"]
+            buffers = self._fused_buffers
+            for layer, p in enumerate(params):
+                _, out_abs, in_abs = buffers[layer]
+                kernels.sgd_apply_(
+                    self._arrays(p),
+                    self._arrays(self.grads[layer]),
+                    beta,
+                    alpha,
+                    self._arrays(out_abs) if layer > 0 else None,
+                    self._arrays(in_abs),
+                )
+            self.magnitudes = [
+                (buffers[i + 1][1], buffers[i][2]) for i in range(self.net.num_hidden)
+            ]
+            return
+        optimizer.step()
+
+    def perturb_(self) -> None:
+        """Shrink & Perturb's noise: ``P <- P + noise_std * N(0, 1)`` for every parameter, each
+        seed's draw from its own generator (in :meth:`step` unless ``gradients``)."""
+        if self._noise is None:
+            return
         noise = self._noise
         for s, g in enumerate(self.noise_generators):
             torch.randn(noise.shape[1], generator=g, out=noise[s])

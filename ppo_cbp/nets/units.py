@@ -454,10 +454,34 @@ def optimizer_state_tensors(
         return optimizer
 
     def tensors(p: Tensor) -> list[Tensor]:
-        state = optimizer.state.get(p, {})
+        state = optimizer.state.get(p)
+        if state is None:
+            return [view_of(v, p) for v in state_of_base(optimizer, p).values()]
         return [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]
 
     return tensors
+
+
+def state_of_base(optimizer: torch.optim.Optimizer, p: Tensor) -> dict[str, Tensor]:
+    """For ``p`` a view of a tensor that ``optimizer`` trains (a weight or bias view of the
+    fused trainer's ``P = [W | b]``, which its optimizer steps whole): that tensor's state
+    tensors shaped like it (moments; not the step count), else ``{}``."""
+    base = p._base
+    state = optimizer.state.get(base) if base is not None else None
+    if not state:
+        return {}
+    return {
+        k: v
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.shape == base.shape and v.stride() == base.stride()
+    }
+
+
+def view_of(t: Tensor, p: Tensor) -> Tensor:
+    """The part of ``t`` (laid out as ``p``'s base) that ``p`` views."""
+    return t.as_strided(
+        p.shape, p.stride(), t.storage_offset() + p.storage_offset() - p._base.storage_offset()
+    )
 
 
 @torch.no_grad()

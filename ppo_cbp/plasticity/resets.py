@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ppo_cbp.init import distribution, fans, sample
+from ppo_cbp.nets.units import state_of_base, view_of
 from ppo_cbp.plasticity.hooks import Layer, Network, PlasticityMethod, generators_for
 from ppo_cbp.seeding import TAG_LAYER_RESET
 
@@ -67,7 +68,25 @@ def reset_adam_state_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]
     directly; fused and capturable Adam keep the step count on the device). A parameter with
     no state yet (no step taken) is left as it is: Adam creates fresh state on its first step.
     """
+    # Views of a tensor the optimizer steps whole (a layer's weight and bias of the fused
+    # trainer's P = [W | b]): that tensor's state is reset when the views given cover it,
+    # else only the moments of the views' entries (its step count is the whole tensor's).
+    direct: list[Tensor] = []
+    views: dict[int, tuple[Tensor, list[Tensor]]] = {}
     for p in params:
+        base = p._base
+        if p in optimizer.state or base is None or base not in optimizer.state:
+            direct.append(p)
+        else:
+            views.setdefault(id(base), (base, []))[1].append(p)
+    for base, parts in views.values():
+        if sum(v.numel() for v in parts) == base.numel():
+            direct.append(base)
+        else:
+            for v in parts:
+                for t in state_of_base(optimizer, v).values():
+                    view_of(t, v).zero_()
+    for p in direct:
         state = optimizer.state.get(p)
         if not state:
             continue

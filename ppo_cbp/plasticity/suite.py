@@ -261,8 +261,17 @@ ORDER = (
 )
 """The methods with hooks, in the order their hooks run (the module docstring says why)."""
 
-FUSED = frozenset({"bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm"})
-"""The methods the fused MLP trainer (:mod:`ppo_cbp.nets.stacked_mlp`) computes by hand."""
+FUSED = frozenset(
+    {
+        *("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm"),
+        *("l2_init", "parseval", "soft_snp", "weight_clipping", "snp_init", "head_reset"),
+        *("adam_reset", "upgd", "trac"),
+    }
+)
+"""The methods the MLP benchmarks' fused trainer runs (:class:`ppo_cbp.benchmarks.common.Learner`:
+the forward and backward pass by hand, :mod:`ppo_cbp.nets.stacked_mlp`, and these methods'
+hooks); the architectural methods outside it (LayerNorm, NaP, CReLU, injection) run on the
+autograd learner."""
 
 CONTRADICTIONS: list[tuple[frozenset[str], str]] = [
     (frozenset(p), why)
