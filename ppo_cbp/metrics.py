@@ -15,7 +15,9 @@ Conventions shared by every function:
   the next layer ``2n`` features ``relu(z_i), relu(-z_i)``. The feature metrics (feature norm,
   every rank) take those ``[..., N, 2n]`` features, what the next layer reads; the unit metrics
   (dead and dormant units) take each unit's activation, the mean of its two outputs
-  ``|z_i| / 2`` (:func:`unit_activations`), as continual backprop and ReDo see the unit.
+  ``|z_i| / 2`` (:func:`unit_activations`), as continual backprop and ReDo see the unit. A DFF
+  network (:class:`~ppo_cbp.nets.dff.DFF`) likewise hands ``sin(z_i), cos(z_i)``, and a unit's
+  activation is the mean magnitude of its two outputs, ``(|sin z_i| + |cos z_i|) / 2``.
 - Convolutional feature maps ``[N, C, H, W]`` are first turned into ``[N * H * W, C]`` with
   :func:`conv_activations_as_samples`: a (sample, spatial position) pair counts as one sample and a
   channel counts as one unit, as in the paper's CIFAR-100 analysis and in official ReDo.
@@ -140,13 +142,16 @@ def conv_activations_as_samples(x: Tensor) -> Tensor:
 
 
 def unit_activations(features: Tensor, outputs_per_unit: int = 1) -> Tensor:
-    """Each unit's activation from a layer's features: the mean of the unit's outputs.
+    """Each unit's activation from a layer's features: the mean magnitude of the unit's outputs.
 
     ``features`` is ``[..., N, units * outputs_per_unit]`` with unit ``i``'s outputs at columns
     ``i * g, ..., i * g + g - 1`` (``g = outputs_per_unit``), the layout of
-    :class:`~ppo_cbp.nets.crelu.CReLU` (``g = 2``: ``relu(z_i), relu(-z_i)``, whose mean is
-    ``|z_i| / 2``, :meth:`CReLU.unit_activation`). With ``g = 1`` (every other activation) the
-    features are the units' activations and are returned as they are.
+    :class:`~ppo_cbp.nets.crelu.CReLU` (``g = 2``: ``relu(z_i), relu(-z_i)``, non-negative, whose
+    mean is ``|z_i| / 2``, :meth:`CReLU.unit_activation`) and of :class:`~ppo_cbp.nets.dff.DFF`
+    (``g = 2``: ``sin(z_i), cos(z_i)``, giving ``(|sin z_i| + |cos z_i|) / 2``,
+    :meth:`DFF.unit_activation`; the magnitudes, because a signed mean ``sin(z + pi/4) / sqrt(2)``
+    would vanish at an arbitrary phase). With ``g = 1`` (every other activation) the features
+    are the units' activations and are returned as they are.
 
     :param features: ``[..., N, units * outputs_per_unit]``.
     :param outputs_per_unit: features per unit, >= 1.
@@ -160,7 +165,7 @@ def unit_activations(features: Tensor, outputs_per_unit: int = 1) -> Tensor:
         )
     if outputs_per_unit == 1:
         return features
-    return features.unflatten(-1, (-1, outputs_per_unit)).mean(dim=-1)
+    return features.unflatten(-1, (-1, outputs_per_unit)).abs().mean(dim=-1)
 
 
 @torch.no_grad()

@@ -202,6 +202,8 @@ class Args:
     """Normalize-and-Project (Lyle et al. 2024): LayerNorm as --layer-norm, and every weight matrix projected back to its initial norm after each update."""
     crelu: bool = False
     """CReLU (Abbas et al. 2023) as the hidden activation of both networks: concat(relu(x), relu(-x)), each next layer taking twice the width."""
+    dff: bool = False
+    """Deep Fourier features (Lewandowski et al. 2024; Plasticine's DFF4Linear) as the hidden activation of both networks: concat(sin(x), cos(x)), each next layer taking twice the width."""
     upgd: bool = False
     """UPGD (Elsayed & Mahmood 2024) instead of Adam: the authors' Adam-style AdaptiveUPGD for PPO (core/run/rl/adaupgd.py of mohmdelsayed/upgd), with their PPO script's lr 3e-4, eps 1e-5, betas (0.9, 0.999) and weight decay 1e-3 unless given. Their script also clips the gradient norm at 0.5 and anneals the step size to 0 (CleanRL's defaults, which their Adam baseline shares): add --max-grad-norm 0.5 --anneal-lr for that; off here, as for every other method."""
     upgd_sigma: float = 1e-3

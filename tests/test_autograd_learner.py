@@ -141,6 +141,8 @@ AUTOGRAD_METHODS = [
     ("layer_norm", {}),
     ("nap", {}),
     ("crelu", {}),
+    ("dff", {}),
+    ("cbp+dff+layer_norm", {"replacement_rate": 0.05, "maturity_threshold": 3}),
     ("cbp+l2_init+layer_norm", {"replacement_rate": 0.05, "maturity_threshold": 3}),
     ("adam+redo+crelu+nap", {"redo_period": 4, "redo_threshold": 0.5}),
     ("injection+layer_norm", {"injection_layers": 1}),

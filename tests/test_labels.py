@@ -42,6 +42,7 @@ PPO_CONFIGURATIONS = [
     dict(cbp=True, paper_exact=True, steps=20_000_000),  # README
     dict(cbp=True, layer_norm=True),
     dict(l2_init=1e-2, crelu=True),
+    dict(dff=True),
     dict(cbp=True, replacement_rate=1e-3),
     dict(dynamics=["friction", "gravity"]),  # README
 ]

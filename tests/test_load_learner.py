@@ -50,7 +50,7 @@ def test_errors(tmp_path):
         load_learner(inj.out, 1)
 
 
-@pytest.mark.parametrize("spec", ["cbp+layer_norm", "crelu+l2_init", "nap"])
+@pytest.mark.parametrize("spec", ["cbp+layer_norm", "crelu+l2_init", "nap", "dff+layer_norm"])
 def test_a_seed_of_an_autograd_scr_run_equals_its_slice(tmp_path, spec):
     """Methods the fused trainer lacks run on the autograd learner: the loaded network of each
     seed computes what the learner's stacked network computes for that seed."""

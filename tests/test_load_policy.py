@@ -24,6 +24,7 @@ KINDS = {
     "plain": {},
     "layer_norm": dict(layer_norm=True),
     "crelu": dict(crelu=True),
+    "dff": dict(dff=True),
     "injection": dict(injection=True, friction_every=100, steps=384),
     "normalize_obs": dict(normalize_obs=True, cbp=True),
 }
@@ -54,9 +55,9 @@ def runs(tmp_path_factory):
     return {kind: tiny_run(root, kind, **kw) for kind, kw in KINDS.items()}
 
 
-def by_hand(state, x, hidden, layer_norm=False, crelu=False, prefix=""):
-    """The MLP of ``state`` on ``x`` in float64 numpy: Linear, [LayerNorm,] ReLU|CReLU, ...,
-    Linear (indices as the trainer's ``nn.Sequential``s number them)."""
+def by_hand(state, x, hidden, layer_norm=False, crelu=False, dff=False, prefix=""):
+    """The MLP of ``state`` on ``x`` in float64 numpy: Linear, [LayerNorm,] ReLU|CReLU|DFF,
+    ..., Linear (indices as the trainer's ``nn.Sequential``s number them)."""
     p = {k[len(prefix) :]: v.double().numpy() for k, v in state.items() if k.startswith(prefix)}
     i = 0
     for _ in range(hidden):
@@ -66,11 +67,12 @@ def by_hand(state, x, hidden, layer_norm=False, crelu=False, prefix=""):
             mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
             x = (x - mu) / np.sqrt(var + 1e-5) * p[f"{i}.weight"] + p[f"{i}.bias"]
             i += 1
-        x = (
-            np.stack((np.maximum(x, 0), np.maximum(-x, 0)), -1).reshape(len(x), -1)
-            if crelu
-            else np.maximum(x, 0)
-        )
+        if crelu:
+            x = np.stack((np.maximum(x, 0), np.maximum(-x, 0)), -1).reshape(len(x), -1)
+        elif dff:  # unit i's sin at column 2i, cos at 2i + 1
+            x = np.stack((np.sin(x), np.cos(x)), -1).reshape(len(x), -1)
+        else:
+            x = np.maximum(x, 0)
         i += 1
     return x @ p[f"{i}.weight"].T + p[f"{i}.bias"]
 
@@ -96,13 +98,13 @@ def trainer_agent(ckpt):
     return agent
 
 
-@pytest.mark.parametrize("kind", ["plain", "layer_norm", "crelu", "normalize_obs"])
+@pytest.mark.parametrize("kind", ["plain", "layer_norm", "crelu", "dff", "normalize_obs"])
 def test_actions_and_values_equal_the_networks_by_hand(runs, kind):
     policy = load_policy(runs[kind])
     ckpt = torch.load(runs[kind] / "checkpoint.pt", weights_only=True)
     obs = observations()
     x = normalized(ckpt, obs)
-    flags = dict(layer_norm=kind == "layer_norm", crelu=kind == "crelu")
+    flags = dict(layer_norm=kind == "layer_norm", crelu=kind == "crelu", dff=kind == "dff")
     mean = by_hand(ckpt["actor"], x, 2, **flags)
     value = by_hand(ckpt["critic"], x, 2, **flags)[:, 0]
     np.testing.assert_allclose(policy(obs), mean, rtol=1e-5, atol=1e-6)

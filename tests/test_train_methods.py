@@ -19,6 +19,9 @@ PPO_METHODS = {
     ),
     "layer_norm+cbp": dict(layer_norm=True, cbp=True, maturity_threshold=4, replacement_rate=0.05),
     "nap+crelu+redo": dict(nap=True, crelu=True, redo=True, redo_period=2, redo_threshold=0.5),
+    "layer_norm+dff+cbp": dict(
+        layer_norm=True, dff=True, cbp=True, maturity_threshold=4, replacement_rate=0.05
+    ),
     "upgd+cbp": dict(upgd=True, cbp=True, maturity_threshold=4, replacement_rate=0.05),
     "trac+cbp+adam_reset": dict(
         trac=True, cbp=True, adam_reset=True, maturity_threshold=4, replacement_rate=0.05
@@ -48,7 +51,7 @@ def _acted(name: str, state: dict) -> None:
         assert all("avg_utility" in st for st in state["optimizer"]["state"].values())
     if "trac" in name:  # the tuners' state and the reference point are checkpointed
         assert state["optimizer"]["s"].shape == (1, 6) and state["optimizer"]["reference"]
-    if "crelu" in name:  # the output layer takes both signs of the last hidden layer's units
+    if "crelu" in name or "dff" in name:  # the output layer takes both outputs of each unit
         weights = [k for k in actor if k.endswith("weight") and actor[k].dim() == 2]
         assert actor[weights[-1]].shape[1] == 2 * Args().hidden_sizes[-1]
 
@@ -86,6 +89,10 @@ def test_method_run_resumes_exactly(tmp_path, name):
         (dict(replacement_rate=0.1), "--replacement-rate only applies with --cbp"),
         (dict(injection_layers=1), "--injection-layers only applies with --injection"),
         (dict(injection=True, crelu=True), "does not take"),
+        (dict(injection=True, dff=True), "does not take --layer-norm, --nap, --crelu or --dff"),
+        (dict(crelu=True, dff=True), "--crelu and --dff contradict"),
+        (dict(redo=True, dff=True), "--dff and --redo contradict .*never dormant"),
+        (dict(nap=True, dff=True), "--dff and --nap contradict"),
         (dict(adam_reset=True, friction_every=0), "no friction changes"),
     ],
 )

@@ -28,6 +28,7 @@ from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod, ma
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
 from ppo_cbp.nets.crelu import CReLU
+from ppo_cbp.nets.dff import DFF
 from ppo_cbp.nets.stacked_mlp import LEAKY_RELU_SLOPE
 from ppo_cbp.nets.stacked_sequential import StackedSequential
 from ppo_cbp.plasticity import suite
@@ -62,18 +63,23 @@ def build_mlp(
     init: str,
     layer_norm: bool,
     crelu: bool = False,
+    dff: bool = False,
     device: torch.device,
     dtype: torch.dtype,
 ) -> nn.Sequential:
     """Seed ``seed``'s MLP: ``Linear [LayerNorm] activation ... Linear``, the weights drawn from
     ``init`` layer by layer from the seed's init generator (as :class:`StackedMLP` draws them),
     biases 0. ``crelu``: CReLU as every hidden activation (ReLU's gain), each hidden layer's
-    consumer taking twice its width."""
+    consumer taking twice its width. ``dff``: deep Fourier features (:class:`DFF`,
+    ``sin z, cos z``) the same way, with ReLU's gain (as :func:`~ppo_cbp.nets.dff.dff_mlp`)."""
+    if crelu and dff:
+        raise ValueError("crelu and dff both replace the hidden activation: choose one")
+    paired = CReLU if crelu else DFF if dff else None
     g = torch.Generator(device=device).manual_seed(derive_seed(seed, TAG_INIT))
     modules: list[nn.Module] = []
     n_layers = len(sizes) - 1
     for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
-        fan_in = 2 * n_in if crelu and i > 0 else n_in
+        fan_in = paired.outputs_per_unit * n_in if paired and i > 0 else n_in
         linear = nn.Linear(fan_in, n_out, device=device, dtype=dtype)
         hidden = i < n_layers - 1
         with torch.no_grad():
@@ -83,7 +89,7 @@ def build_mlp(
         if hidden:
             if layer_norm:
                 modules.append(nn.LayerNorm(n_out, device=device, dtype=dtype))
-            modules.append(CReLU() if crelu else _ACTIVATIONS[activation]())
+            modules.append(paired() if paired else _ACTIVATIONS[activation]())
     return nn.Sequential(*modules)
 
 
@@ -123,10 +129,13 @@ class AutogradLearner:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        if method.uses("crelu") and activation != "relu":
-            raise UsageError(f"--method {method.method}: crelu replaces ReLU, not {activation}")
+        for name in ("crelu", "dff"):
+            if method.uses(name) and activation != "relu":
+                raise UsageError(
+                    f"--method {method.method}: {name} replaces ReLU, not {activation}"
+                )
         if method.uses("injection") and method.injection_layers > 1:
-            for name in ("layer_norm", "nap", "crelu"):
+            for name in ("layer_norm", "nap", "crelu", "dff"):
                 if method.uses(name):
                     raise UsageError(
                         f"--method {method.method}: an injected head of more than one layer is "
@@ -151,6 +160,7 @@ class AutogradLearner:
                 init=init,
                 layer_norm=method.uses("layer_norm") or method.uses("nap"),
                 crelu=method.uses("crelu"),
+                dff=method.uses("dff"),
                 device=device,
                 dtype=dtype,
             )
@@ -290,13 +300,15 @@ class _NetView:
     def forward(self, x_aug: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Outputs ``[S, B, out]`` and each hidden layer's features, what the next layer reads:
         ``[S, B, units]``, or after a CReLU its ``[S, B, 2 * units]`` outputs
-        ``relu(z_i), relu(-z_i)`` (:attr:`outputs_per_unit`), not the units' activations
-        ``|z| / 2`` that the training step hands CBP and ReDo."""
+        ``relu(z_i), relu(-z_i)`` (after a DFF ``sin(z_i), cos(z_i)``; :attr:`outputs_per_unit`),
+        not the units' activations (``|z| / 2``, ``(|sin z| + |cos z|) / 2``) that the training
+        step hands CBP."""
         return self.module(x_aug[..., :-1].transpose(0, 1), features=True)
 
     @property
     def outputs_per_unit(self) -> list[int]:
-        """Per hidden layer, the features of each unit in :meth:`forward`'s (2 for CReLU)."""
+        """Per hidden layer, the features of each unit in :meth:`forward`'s (2 for CReLU and
+        DFF)."""
         return self.stacked.outputs_per_unit
 
     def weights(self) -> list[Tensor]:

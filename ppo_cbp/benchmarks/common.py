@@ -59,6 +59,7 @@ PLASTICITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "layer_norm": {},
     "nap": {},
     "crelu": {},
+    "dff": {},
     "injection": dict(injection_layers=2),
     # sigma and beta: the UPGD repository README's stand-alone optimizer; the step size is ours
     "upgd": dict(lr=0.01, upgd_sigma=1e-3, upgd_beta_utility=0.999),
@@ -109,7 +110,8 @@ class MethodConfig:
     regularisation), ``weight_clipping``, ``head_reset`` (reinitialise the last layers at task
     boundaries), ``adam_reset`` (Adam's moments and step count reset at task boundaries),
     ``layer_norm`` (LayerNorm before every hidden activation), ``nap`` (Normalize-and-Project),
-    ``crelu`` (concatenated ReLU), ``injection`` (plasticity injection at task boundaries),
+    ``crelu`` (concatenated ReLU), ``dff`` (deep Fourier features, ``[sin z, cos z]``),
+    ``injection`` (plasticity injection at task boundaries),
     ``upgd`` (utility-based perturbed gradient descent) and ``trac`` (TRAC around SGD or Adam).
     Several combine with ``+`` (``cbp+l2_init+layer_norm``); the optimizer is SGD unless one of
     them is ``adam`` or ``upgd``.

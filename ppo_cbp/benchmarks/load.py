@@ -2,7 +2,7 @@
 
 :func:`load_learner` reads ``out/checkpoint.pt`` and builds seed ``seed``'s network as its run
 builds one seed's (the MLP of :func:`~ppo_cbp.benchmarks.autograd_learner.build_mlp`, with
-LayerNorm or CReLU where the method has them; Continual ImageNet's ConvNet or linear network;
+LayerNorm, CReLU or DFF where the method has them; Continual ImageNet's ConvNet or linear network;
 CIFAR-100's ResNet-18, all 100 outputs: the run masks the classes not yet seen), then copies
 slice ``s`` of every stacked tensor into it: the fused trainer's ``[n_out, n_in + 1]`` layer
 matrices (the bias last), the autograd and conv learners' parameters in the seed's
@@ -105,6 +105,7 @@ def _mlp(
         init="kaiming_uniform",
         layer_norm=bool(names & {"layer_norm", "nap"}),
         crelu="crelu" in names,
+        dff="dff" in names,
         device=torch.device("cpu"),
         dtype=dtype,
     )

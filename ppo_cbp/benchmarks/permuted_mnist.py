@@ -18,7 +18,8 @@ Metrics per task and seed (one CSV row):
   ``weight_magnitude`` (sum |w| over all weight matrices / number of weights, biases excluded);
   with ``crelu`` the representation is the ``[2000, 2 * units]`` features
   ``[relu(z), relu(-z)]`` the next layer reads, and a unit is dead when both are 0, i.e. z = 0
-  (:func:`~ppo_cbp.metrics.dead_unit_mask`);
+  (:func:`~ppo_cbp.metrics.dead_unit_mask`); with ``dff`` the features are ``[sin(z), cos(z)]``
+  and no unit is ever dead;
 * ``units_replaced``: total units replaced by CBP/ReDo since the start of the run (at the
   end of the task).
 
@@ -183,8 +184,9 @@ def task_start_metrics(
 
     The ranks and the feature norm are of each hidden layer's features, what the next layer
     reads (``learner.net.forward``'s: on a CReLU network ``[relu(z), relu(-z)]``, 2 per unit);
-    the dead units are of units, each unit's activation the mean of its features
-    (:func:`~ppo_cbp.metrics.unit_activations`; ``|z| / 2`` for CReLU, 0 only where z = 0).
+    the dead units are of units, each unit's activation the mean magnitude of its features
+    (:func:`~ppo_cbp.metrics.unit_activations`; ``|z| / 2`` for CReLU, 0 only where z = 0;
+    ``(|sin z| + |cos z|) / 2`` for DFF, never 0).
     """
     _, features = learner.net.forward(x_aug)
     S = x_aug.shape[0]

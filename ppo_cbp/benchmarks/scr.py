@@ -13,8 +13,9 @@ Metrics per bin of ``bin_size`` (40,000) examples and seed: ``squared_error``, t
 ``(y_hat - y)^2`` over the bin with ``y_hat`` the prediction made *before* the update on the
 example; ``weight_magnitude`` (sum |w| / number of weights, biases excluded),
 ``effective_rank`` of the hidden layer's features (with ``crelu`` its ``2 * hidden`` outputs
-``[relu(z), relu(-z)]``, what the output layer reads) and, for ReLU, its ``dead_units`` (units
-whose activation is 0 on every input; a CReLU unit only where z = 0) (both on the bin's
+``[relu(z), relu(-z)]``, with ``dff`` its ``[sin(z), cos(z)]``, what the output layer reads)
+and, for ReLU, its ``dead_units`` (units whose activation is 0 on every input; a CReLU unit
+only where z = 0, a DFF unit never) (both on the bin's
 last chunk of inputs) and ``units_replaced`` (CBP/ReDo, cumulative), all at the end of the bin.
 """
 
@@ -155,7 +156,7 @@ def hidden_unit_metrics(
     layer's features, what the output layer reads (on a CReLU network ``[relu(z), relu(-z)]``)
     and, with ``count_dead`` (ReLU units), its dead units (zero on all N inputs,
     :func:`dead_unit_mask`, on each unit's activation: for CReLU ``|z| / 2``, zero only where
-    z = 0)."""
+    z = 0; for DFF ``(|sin z| + |cos z|) / 2``, never zero)."""
     _, features = learner.net.forward(x_aug)
     f = features[0]
     rank = feature_rank_metrics(f)["effective_rank"].cpu().tolist()

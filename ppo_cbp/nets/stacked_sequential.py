@@ -12,7 +12,8 @@ holds exactly the tensor of its network alone:
 * a Linear's weight ``[S, out, in]`` and bias ``[S, out]`` run as one batched matmul
   ``z = b + h W^T`` on ``[S, B, in]``;
 * elementwise activations and pooling act per channel and are applied as they are, and so is
-  a :class:`~ppo_cbp.nets.crelu.CReLU` after a Linear (it doubles the last dimension);
+  a :class:`~ppo_cbp.nets.crelu.CReLU` or :class:`~ppo_cbp.nets.dff.DFF` after a Linear
+  (it doubles the last dimension);
 * a LayerNorm after a Linear normalises each seed's own features (the last dimension of
   ``[S, B, n]``) and applies its gain and offset ``[S, n]`` per seed;
 * a channel-major Flatten of ``[B, S * C, H, W]`` is ``view(B, S, C * H * W)`` with the seed
@@ -27,9 +28,10 @@ stacked parameters themselves (so the optimizer's state is found by parameter; a
 gain and offset are their ``norm`` entries), and :meth:`StackedSequential.forward` returns
 their activations ``[S, B, C, H, W]`` or ``[S, B, units]`` for
 :class:`~ppo_cbp.plasticity.cbp.ContinualBackprop` and :class:`~ppo_cbp.plasticity.redo.ReDo`
-(for a CReLU unit, the mean of its two outputs, as :func:`~ppo_cbp.nets.units.sequential_unit_layers`
-defines it). With ``features=True`` it returns instead the features each hidden layer hands the
-next, for the metrics: a CReLU layer's ``[S, B, 2 * units]`` outputs
+(for a CReLU or DFF unit, the mean magnitude of its two outputs, as
+:func:`~ppo_cbp.nets.units.sequential_unit_layers` defines it). With ``features=True`` it
+returns instead the features each hidden layer hands the next, for the metrics: a CReLU or DFF
+layer's ``[S, B, 2 * units]`` outputs
 (:attr:`StackedSequential.outputs_per_unit`).
 """
 
@@ -41,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppo_cbp.nets.crelu import CReLU
-from ppo_cbp.nets.units import UnitLayer, leaf_modules, sequential_unit_layers
+from ppo_cbp.nets.units import PAIRED, UnitLayer, leaf_modules, sequential_unit_layers
 
 __all__ = ["ELEMENTWISE", "StackedSequential"]
 
@@ -59,7 +60,7 @@ ELEMENTWISE = (
 )
 """The elementwise activations a stacked network applies as they are (and that a head may hold)."""
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-_STATELESS = (*ELEMENTWISE, *_POOLS, CReLU)
+_STATELESS = (*ELEMENTWISE, *_POOLS, *PAIRED)
 _PARAMETRISED = (nn.Conv2d, nn.Linear, nn.LayerNorm)
 
 
@@ -75,7 +76,7 @@ class StackedSequential(nn.Module):
     :param nets: the S networks, each an ``nn.Sequential`` (nested ones are flattened) of
         Conv2d (no groups or dilation, zero padding), Linear, elementwise activations,
         max or average pooling and ``Flatten()``, ending in a Linear; after a Linear also
-        LayerNorm (over its features) and CReLU. Their parameters are copied (stacked);
+        LayerNorm (over its features), CReLU and DFF. Their parameters are copied (stacked);
         the networks themselves are not kept.
     """
 
@@ -96,7 +97,7 @@ class StackedSequential(nn.Module):
             elif isinstance(m, nn.Flatten):
                 if (m.start_dim, m.end_dim) != (1, -1):
                     raise ValueError(f"unsupported {m}: only Flatten() of whole examples")
-            elif isinstance(m, (nn.LayerNorm, CReLU)):
+            elif isinstance(m, (nn.LayerNorm, *PAIRED)):
                 if not after_linear:
                     raise ValueError(f"{m} must follow a Linear layer in a stacked network")
                 if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
@@ -139,7 +140,7 @@ class StackedSequential(nn.Module):
         else:
             units, taps = [], []
         self._taps = [next(i for i, m in enumerate(first) if m is t) for t in taps]
-        self._per_unit_taps = {i for i in self._taps if self._kinds[i] is CReLU}
+        self._per_unit_taps = {i for i in self._taps if self._kinds[i] in PAIRED}
         self._units = [
             (
                 index[id(u.weight)],
@@ -157,7 +158,7 @@ class StackedSequential(nn.Module):
     @property
     def outputs_per_unit(self) -> list[int]:
         """Per hidden (unit) layer, the features each unit hands the next layer: 2 after a
-        CReLU (its ``relu(z_i), relu(-z_i)``), else 1."""
+        CReLU (its ``relu(z_i), relu(-z_i)``) or a DFF (its ``sin(z_i), cos(z_i)``), else 1."""
         return [2 if t in self._per_unit_taps else 1 for t in self._taps]
 
     def weights(self) -> list[Tensor]:
@@ -231,9 +232,10 @@ class StackedSequential(nn.Module):
         ``x``: ``[B, S, *example]``, seed ``s``'s examples in ``x[:, s]`` (this layout makes
         the seed-major channels of the grouped convolutions a view). The hidden activations
         are ``[S, B, C, H, W]`` (conv) or ``[S, B, units]`` (Linear) views, detached: each
-        unit's activation, for a CReLU unit the mean of its two outputs (what CBP and ReDo
-        read). With ``features`` a CReLU layer's are instead its outputs ``[S, B, 2 * units]``,
-        the features the next layer reads (for the metrics; the other layers' are the same).
+        unit's activation, for a CReLU or DFF unit the mean magnitude of its two outputs (what
+        CBP and ReDo read). With ``features`` such a layer's are instead its outputs
+        ``[S, B, 2 * units]``, the features the next layer reads (for the metrics; the other
+        layers' are the same).
 
         ``start``, ``stop``: run modules ``start`` to ``stop - 1`` only, with the hidden
         activations tapped in that range: a network split in two (a body and a head) computes
@@ -293,7 +295,7 @@ class StackedSequential(nn.Module):
             if i == tap:
                 d = h.detach()
                 if i in self._per_unit_taps and not features:
-                    d = CReLU.unit_activation(d)
+                    d = self._stateless[i].unit_activation(d)
                 hidden.append(d if seed_first else d.view(B, S, -1, *d.shape[2:]).transpose(0, 1))
                 tap = next(taps, None)
         if not seed_first:

@@ -11,7 +11,8 @@ replace unit ``i`` the operators touch every place it appears:
   input channel ``i`` of a Conv2d consumer, or the ``g`` consecutive columns
   ``i*g, ..., i*g + g - 1`` of a Linear consumer fed by a channel-major flatten of a conv
   output with ``g = H*W`` positions per channel, or by a CReLU with its ``g = 2`` outputs
-  ``relu(z_i), relu(-z_i)`` per unit (:class:`~ppo_cbp.nets.crelu.CReLU`);
+  ``relu(z_i), relu(-z_i)`` per unit (:class:`~ppo_cbp.nets.crelu.CReLU`), or by a DFF with
+  its ``sin(z_i), cos(z_i)`` (:class:`~ppo_cbp.nets.dff.DFF`);
 * the optimizer state (Adam moments, SGD momentum, ...) of exactly those entries.
 
 :class:`UnitLayer` names these tensors for one layer. Every tensor may carry a leading seed
@@ -33,6 +34,11 @@ from torch import Tensor, nn
 from ppo_cbp.init import check_scheme, distribution, fans, sample
 from ppo_cbp.nets import kernels
 from ppo_cbp.nets.crelu import CReLU
+from ppo_cbp.nets.dff import DFF
+
+PAIRED = (CReLU, DFF)
+"""The activations with two outputs per unit (interleaved, unit ``i``'s at ``2i, 2i + 1``),
+each with a ``unit_activation(output)``: the mean magnitude of the unit's outputs."""
 
 
 def _abs_sum(h: Tensor) -> tuple[Tensor, int]:
@@ -61,10 +67,10 @@ class UnitLayer:
         ``[*seed, n_next, units, kh, kw]`` (Conv2d). None for units with no weighted
         consumer: their utility then has no outgoing-magnitude factor.
     :param out_group: consumer columns per unit (``H*W`` after a channel-major flatten, 2 after a
-        CReLU, else 1).
+        CReLU or a DFF, else 1).
     :param out_bias: the consumer's bias, used only when folding a replaced unit's mean output.
     :param averaged_outputs: how many distinct outputs the activation ``h`` of a unit is the mean
-        of (2 for a CReLU unit, whose two outputs differ; else 1). A replaced unit's mean
+        (magnitude) of (2 for a CReLU or DFF unit, whose two outputs differ; else 1). A replaced unit's mean
         output cannot then be folded into ``out_bias`` column by column.
     :param norm: ``(tensor [*seed, units], value)`` pairs reset to ``value`` for replaced units.
     :param init: name of the scheme the layer was initialised with (see :mod:`ppo_cbp.init`).
@@ -505,7 +511,7 @@ def replace_units_(
     if mean_output is not None and layer.averaged_outputs > 1:
         raise ValueError(
             f"{layer.name}: a unit's activation is the mean of its {layer.averaged_outputs} "
-            "outputs (CReLU), which have different means: its mean output cannot be folded "
+            "outputs (CReLU, DFF), which have different means: its mean output cannot be folded "
             "into the consumer's bias"
         )
 
@@ -619,6 +625,7 @@ _NONLINEARITY = {
     nn.GELU: "gelu",
     nn.SELU: "selu",
     CReLU: "relu",
+    DFF: "relu",  # dff_mlp draws its layers with ReLU's gain, as crelu_mlp (see its docstring)
 }
 
 
@@ -656,10 +663,12 @@ def sequential_unit_layers(
     the pooling after it (before flatten and dropout); the activation's nonlinearity gives the
     init gain unless ``nonlinearity`` is given.
 
-    A :class:`~ppo_cbp.nets.crelu.CReLU` between two Linear layers makes units of two
-    outputs each: ``out_group=2`` (the consumer takes ``2 * units`` inputs), the ReLU gain, and
-    ``h`` is :meth:`CReLU.unit_activation` of its output, the mean of each unit's two outputs
-    (:class:`ActivationRecorder` maps the recorded output to it).
+    A :class:`~ppo_cbp.nets.crelu.CReLU` or :class:`~ppo_cbp.nets.dff.DFF` between two
+    Linear layers makes units of two outputs each: ``out_group=2`` (the consumer takes
+    ``2 * units`` inputs), the ReLU gain, and ``h`` is the module's ``unit_activation`` of its
+    output, the mean magnitude of each unit's two outputs (``|z| / 2`` for CReLU,
+    ``(|sin z| + |cos z|) / 2`` for DFF; :class:`ActivationRecorder` maps the recorded output
+    to it).
     """
     leaves = leaf_modules(net)
     positions = [i for i, m in enumerate(leaves) if isinstance(m, _WEIGHT_LAYERS)]
@@ -677,9 +686,10 @@ def sequential_unit_layers(
         tap = (readable or [layer])[-1]
         act_name = nonlinearity or (_NONLINEARITY.get(type(acts[-1]), "relu") if acts else "linear")
         group = averaged = 1
-        if any(isinstance(m, CReLU) for m in between):
-            _check_crelu(layer, consumer, tap)
-            group = averaged = CReLU.outputs_per_unit
+        paired = [m for m in between if isinstance(m, PAIRED)]
+        if paired:
+            _check_paired(type(paired[0]), layer, consumer, tap)
+            group = averaged = paired[0].outputs_per_unit
         elif isinstance(layer, nn.Conv2d) and isinstance(consumer, nn.Linear):
             if consumer.in_features % layer.out_channels:
                 raise ValueError(
@@ -706,19 +716,21 @@ def sequential_unit_layers(
     return layers, taps
 
 
-def _check_crelu(layer: nn.Module, consumer: nn.Module, tap: nn.Module) -> None:
-    """A CReLU's units are those of a Linear layer read by a Linear consumer of twice the width."""
+def _check_paired(kind: type, layer: nn.Module, consumer: nn.Module, tap: nn.Module) -> None:
+    """A CReLU's (or DFF's) units are those of a Linear layer read by a Linear consumer of twice
+    the width."""
+    name = kind.__name__
     if not (isinstance(layer, nn.Linear) and isinstance(consumer, nn.Linear)):
-        raise ValueError(f"a CReLU must sit between two Linear layers, not after {layer}")
-    if not isinstance(tap, CReLU):
+        raise ValueError(f"a {name} must sit between two Linear layers, not after {layer}")
+    if not isinstance(tap, kind):
         raise ValueError(
-            f"nothing but dropout may follow the CReLU after {layer}: the consumer must read "
+            f"nothing but dropout may follow the {name} after {layer}: the consumer must read "
             "its outputs"
         )
-    if consumer.in_features != CReLU.outputs_per_unit * layer.out_features:
+    if consumer.in_features != kind.outputs_per_unit * layer.out_features:
         raise ValueError(
-            f"{consumer} must take {CReLU.outputs_per_unit * layer.out_features} inputs, the two "
-            f"outputs of each of the {layer.out_features} CReLU units"
+            f"{consumer} must take {kind.outputs_per_unit * layer.out_features} inputs, the two "
+            f"outputs of each of the {layer.out_features} {name} units"
         )
 
 
@@ -728,7 +740,8 @@ class ActivationRecorder:
     The outputs are kept as they are (still attached to the autograd graph, which the backward
     pass frees): a ``detach`` per layer would add an op to every forward pass. Read them under
     ``torch.no_grad()``, as the operators do. A module with a ``unit_activation(output)`` method
-    (:class:`~ppo_cbp.nets.crelu.CReLU`) has several outputs per unit: :meth:`latest`
+    (:class:`~ppo_cbp.nets.crelu.CReLU`, :class:`~ppo_cbp.nets.dff.DFF`) has several outputs
+    per unit: :meth:`latest`
     gives that method's per-unit activation of its recorded output, computed when read, so
     that forward passes nobody reads (acting steps) cost nothing more.
     """
@@ -766,7 +779,8 @@ class ActivationRecorder:
 def hidden_activations(net: nn.Sequential, x: Tensor) -> list[Tensor]:
     """The activation output ``h`` of every hidden layer of ``net`` on input ``x``: each unit's
     activation as the operators see it (for a CReLU unit the mean of its two outputs,
-    ``|z| / 2``; :func:`hidden_features` gives the outputs themselves)."""
+    ``|z| / 2``; for a DFF unit ``(|sin z| + |cos z|) / 2``; :func:`hidden_features` gives the
+    outputs themselves)."""
     _, taps = sequential_unit_layers(net, "kaiming_uniform")
     recorder = ActivationRecorder(taps)
     try:
@@ -785,8 +799,9 @@ def hidden_features(net: nn.Sequential, x: Tensor) -> list[tuple[Tensor, int]]:
     detached: what the next layer reads. For a ReLU (or any elementwise) layer they are the
     activations ``[..., units]`` of :func:`hidden_activations` and ``outputs_per_unit`` is 1; after
     a :class:`~ppo_cbp.nets.crelu.CReLU` they are its ``[..., 2 * units]`` outputs
-    ``relu(z_i), relu(-z_i)`` (unit ``i``'s at columns ``2i, 2i + 1``) and ``outputs_per_unit``
-    is 2. One forward pass; the per-unit activations are ``CReLU.unit_activation`` of them.
+    ``relu(z_i), relu(-z_i)`` (unit ``i``'s at columns ``2i, 2i + 1``; after a
+    :class:`~ppo_cbp.nets.dff.DFF` its ``sin(z_i), cos(z_i)``) and ``outputs_per_unit`` is 2.
+    One forward pass; the per-unit activations are the module's ``unit_activation`` of them.
     """
     layers, taps = sequential_unit_layers(net, "kaiming_uniform")
     recorder = ActivationRecorder(taps)

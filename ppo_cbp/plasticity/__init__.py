@@ -6,10 +6,12 @@ The method classes and the hook types are importable from here::
     from ppo_cbp.plasticity import ContinualBackprop, L2Init, Methods, Network
 
 Architectural methods are options of the networks: LayerNorm (``layer_norm_mlp``), CReLU
-(:class:`ppo_cbp.nets.crelu.CReLU`, re-exported here) and plasticity injection.
+(:class:`ppo_cbp.nets.crelu.CReLU`), deep Fourier features (:class:`ppo_cbp.nets.dff.DFF`),
+both re-exported here, and plasticity injection.
 """
 
 from ppo_cbp.nets.crelu import CReLU, crelu_mlp
+from ppo_cbp.nets.dff import DFF, dff_mlp
 from ppo_cbp.plasticity.c_chain import ChurnReduction
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Methods, Network, PlasticityMethod
@@ -30,6 +32,7 @@ __all__ = [
     "AdamStateReset",
     "AdaptiveUPGD",
     "CReLU",
+    "DFF",
     "ChurnReduction",
     "ContinualBackprop",
     "InjectableNetwork",
@@ -46,6 +49,7 @@ __all__ = [
     "ShrinkPerturb",
     "WeightClipping",
     "crelu_mlp",
+    "dff_mlp",
     "layer_norm_mlp",
     "perturb_",
 ]

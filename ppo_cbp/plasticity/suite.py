@@ -203,6 +203,14 @@ METHODS: dict[str, Method] = {
         Method("nap", "--nap", "per-step", (), "Lyle et al. 2024", title="NaP"),
         Method("crelu", "--crelu", "architecture", (), "Abbas et al. 2023", title="CReLU"),
         Method(
+            "dff",
+            "--dff",
+            "architecture",
+            (),
+            "Lewandowski et al. 2024; Plasticine DFF4Linear (RLE-Foundation/Plasticine@aa00b4b)",
+            title="DFF",
+        ),
+        Method(
             "injection",
             "--injection",
             "task boundary",
@@ -287,6 +295,18 @@ CONTRADICTIONS: list[tuple[frozenset[str], str]] = [
         ({"redo", "injection"}, "the injected head's frozen units are not ReDo's to replace"),
         ({"head_reset", "injection"}, "both renew the head at task boundaries"),
         ({"trac", "injection"}, "TRAC's reference point has no entry for an injected branch"),
+        ({"crelu", "dff"}, "both replace the hidden activation"),
+        (
+            {"redo", "dff"},
+            "a DFF unit is never dormant: |sin z| + |cos z| >= 1, so its ReDo score is at least "
+            "1/sqrt(2)",
+        ),
+        (
+            {"nap", "dff"},
+            "NaP's joint projection of a LayerNorm's gain and offset assumes a positively "
+            "homogeneous activation; under sin and cos it changes the features' frequency and "
+            "so the network's function",
+        ),
     )
 ]
 """Pairs of methods that cannot combine, and why (both entry points refuse them)."""
@@ -456,7 +476,7 @@ def build(
 ) -> Suite:
     """The :class:`Suite` of the methods ``names`` on ``targets``, in :data:`ORDER`.
 
-    Architectural methods (``layer_norm``, ``crelu``, ``dropout``, ``online_norm``, the
+    Architectural methods (``layer_norm``, ``crelu``, ``dff``, ``dropout``, ``online_norm``, the
     injectable wrapper) are the network builders' options and optimizers the trainer's; here
     they add nothing.
 

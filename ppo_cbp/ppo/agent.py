@@ -21,6 +21,7 @@ from torch import nn
 
 from ppo_cbp.init import init_linear_
 from ppo_cbp.nets.crelu import crelu_mlp
+from ppo_cbp.nets.dff import dff_mlp
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.injection import InjectableNetwork
@@ -58,6 +59,7 @@ _SWITCHES = {
     "layer_norm": True,
     "nap": True,
     "crelu": True,
+    "dff": True,
     "injection": True,
     "upgd": True,
     "trac": True,
@@ -242,13 +244,15 @@ def make_networks(
     args: Any, obs_dim: int, act_dim: int, device: torch.device
 ) -> tuple[nn.Module, nn.Module]:
     """The policy-mean and value networks of ``args`` (``hidden_sizes``, ``init``,
-    ``layer_norm``/``nap``, ``crelu``, ``injection``/``injection_layers``), freshly initialised
+    ``layer_norm``/``nap``, ``crelu``, ``dff``, ``injection``/``injection_layers``), freshly initialised
     on ``device``: what :func:`make_agent` builds, and what a saved run is loaded into
     (:mod:`ppo_cbp.ppo.load`)."""
     build = make_mlp
     layer_norm = args.layer_norm or args.nap
     if args.crelu:
         build = functools.partial(crelu_mlp, layer_norm=layer_norm)
+    elif args.dff:
+        build = functools.partial(dff_mlp, layer_norm=layer_norm)
     elif layer_norm:
         build = layer_norm_mlp
     actor: nn.Module = build(obs_dim, args.hidden_sizes, act_dim, args.init).to(device)

@@ -3,7 +3,7 @@
 :func:`load_policy` reads a ``train.py`` run's ``checkpoint.pt`` (the folder or the file) and
 returns a :class:`Policy`: the policy-mean network built as the trainer builds it
 (:func:`ppo_cbp.ppo.agent.make_networks` from the checkpoint's resolved settings: plain MLP,
-LayerNorm for ``--layer-norm``/``--nap``, CReLU, injected heads, whose branches the state dict
+LayerNorm for ``--layer-norm``/``--nap``, CReLU, DFF, injected heads, whose branches the state dict
 rebuilds), its log-std and the run's observation normalisation (its statistics read, not
 updated: :meth:`ppo_cbp.ppo.run.RunState.normalize_obs`, the trainer's own). ``policy(obs)``
 is the mean action, or an action drawn as the trainer draws them (``mean + exp(log_std) *
@@ -45,6 +45,7 @@ def settings_of(saved: dict[str, Any]) -> types.SimpleNamespace:
         if name in d:
             d[name] = tuple(d[name])
     d.setdefault("friction_table", "drawn")
+    d.setdefault("dff", False)  # settings saved before --dff existed
     return types.SimpleNamespace(**d)
 
 

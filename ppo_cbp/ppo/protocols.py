@@ -60,6 +60,7 @@ class Settings(Protocol):
     layer_norm: bool
     nap: bool
     crelu: bool
+    dff: bool
     upgd: bool
     upgd_sigma: float
     upgd_beta_utility: float

@@ -203,10 +203,14 @@ def resolve_args(args: SettingsT) -> SettingsT:
             f"--injection-layers must be in [1, {layers}] (the Linear layers), got "
             f"{args.injection_layers}"
         )
-    if args.injection and args.injection_layers > 1 and (args.layer_norm or args.nap or args.crelu):
+    if (
+        args.injection
+        and args.injection_layers > 1
+        and (args.layer_norm or args.nap or args.crelu or args.dff)
+    ):
         raise UsageError(
             "--injection with --injection-layers > 1 injects a head of Linear layers and ReLUs: "
-            "it does not take --layer-norm, --nap or --crelu (use --injection-layers 1)"
+            "it does not take --layer-norm, --nap, --crelu or --dff (use --injection-layers 1)"
         )
     if args.friction_every == 0 and (
         args.injection or args.adam_reset or args.head_reset or args.shrink_perturb_init < 1
