@@ -20,15 +20,36 @@ m 100, adaptable contribution; ResNet: rho 1e-5, m 1000, contribution); CBP <= 1
 
     python scripts/bench_supervised.py [--rounds 5] [--threads 1] [--out docs/bench_supervised.json]
     python scripts/bench_supervised.py --only-conv   # just the conv networks
+
+Every method (``--methods``): steps per second of each method of the MLP benchmarks alone (with
+its benchmark's defaults), plus ``adam+adam_reset``, ``adam+trac`` and the README's
+combinations, on Permuted MNIST's network at batch 1 (widths 100 and 2,000) and on
+Slowly-Changing Regression's 20-5-1 network, each against the fused trainer's plain SGD step
+(``bp``) on the same network, seeds and device, interleaved in rounds. Targets: Permuted MNIST
+>= 50% of ``bp``'s steps/s, SCR >= 25%. A method whose definition needs arithmetic beyond the
+training step is also held to 50% of the step plus that arithmetic, timed at the rates this run
+measures: Parseval's ``2 out^2 in`` multiply-adds per regularised layer at ``torch.bmm``'s
+rate; one random number per weight per step (soft S&P's fresh draw, uniform; UPGD's and S&P's
+noise, Gaussian) at the generator's rate. ``--memory`` also runs Slowly-Changing Regression
+for 10% and for 100% of a run in child processes and compares their peak RSS (target: within
+5%).
+
+    python scripts/bench_supervised.py --methods [--cases pm100 pm2000 scr] [--memory] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -36,6 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ppo_cbp.benchmarks import permuted_mnist, scr
+from ppo_cbp.benchmarks.autograd_learner import make_learner, uses_fused_trainer
+from ppo_cbp.benchmarks.common import MethodConfig, resolve_method
 from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet
 from ppo_cbp.benchmarks.conv_learner import stack_networks
 from ppo_cbp.init import init_layer_
@@ -199,6 +223,215 @@ def conv_step(
     return step, seeds * batch
 
 
+# ---- every method -------------------------------------------------------------------------
+
+METHOD_CASES = {
+    # network, seeds, loss, the benchmark's method defaults, target share of bp's steps/s
+    "pm100": ([784, 100, 100, 100, 10], 3, "cross_entropy", permuted_mnist.DEFAULTS, 0.5),
+    "pm2000": ([784, 2000, 2000, 2000, 10], 1, "cross_entropy", permuted_mnist.DEFAULTS, 0.5),
+    "scr": ([20, 5, 1], 3, "squared_error", scr.DEFAULTS, 0.25),
+}
+COMBINATIONS = ("adam+adam_reset", "adam+trac", "cbp+l2_init+layer_norm", "adam+redo+adam_reset")
+"""Beyond each method alone: the methods that need another, and the README's combinations."""
+
+
+def method_specs(defaults: dict) -> list[str]:
+    return [m for m in defaults if m != "adam_reset"] + list(COMBINATIONS)
+
+
+def method_step(sizes, seeds, loss, spec, defaults, device):
+    """run(steps) -> seconds of ``spec``'s learner (the one ``scripts/supervised.py`` builds)."""
+    method = resolve_method(MethodConfig(method=spec), defaults)
+    with contextlib.redirect_stdout(io.StringIO()):  # the autograd learner's note
+        learner = make_learner(
+            sizes, list(range(seeds)), method, loss=loss, device=device, dtype=torch.float32
+        )
+    g = torch.Generator(device=device).manual_seed(0)
+    n = 64
+    x = torch.rand(n, seeds, 1, sizes[0] + 1, generator=g, device=device)
+    x[..., -1] = 1.0
+    if loss == "cross_entropy":
+        y = torch.randint(0, sizes[-1], (n, seeds, 1), generator=g, device=device)
+    else:
+        y = torch.randn(n, seeds, 1, sizes[-1], generator=g, device=device)
+    out = torch.empty(seeds, 1, sizes[-1], device=device)
+
+    def run(steps: int) -> float:
+        sync(device)
+        t = time.perf_counter()
+        for i in range(steps):
+            learner.step(x[i % n], y[i % n], out)
+        sync(device)
+        return time.perf_counter() - t
+
+    return run, uses_fused_trainer(method)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_rates(sizes, seeds, device, rounds: int) -> dict[str, float]:
+    """``torch.bmm``'s multiply-adds per second on the widest hidden layer's Parseval product
+    and the generator's uniform and Gaussian numbers per second (one seed's weights at a
+    time, as the methods draw them)."""
+    out, fan_in = max(zip(sizes[1:-1], sizes[:-2]))
+    w = torch.randn(seeds, out, fan_in, device=device)
+    gram = torch.empty(seeds, out, out, device=device)
+    count = sum(a * b for a, b in zip(sizes, sizes[1:]))
+    buf = torch.empty(count, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rate(work: float, fn: Callable[[], object], reps: int) -> float:
+        fn()
+        best = []
+        for _ in range(rounds):
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            sync(device)
+            best.append(reps * work / (time.perf_counter() - t))
+        return statistics.median(best)
+
+    reps = max(1, int(2e8 / (seeds * out * out * fan_in)))
+    return {
+        "bmm_macs_per_s": rate(
+            seeds * out * out * fan_in, lambda: torch.bmm(w, w.transpose(1, 2), out=gram), reps
+        ),
+        "uniform_per_s": rate(count, lambda: buf.uniform_(generator=g), max(1, int(2e7 / count))),
+        "normal_per_s": rate(count, lambda: buf.normal_(generator=g), max(1, int(2e7 / count))),
+    }
+
+
+def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[float, str]:
+    """Seconds per step of the arithmetic that ``spec``'s definition adds to the step, at the
+    measured rates, and what it is."""
+    weights = sum(a * b for a, b in zip(sizes, sizes[1:]))
+    params = weights + sum(sizes[1:])
+    names = set(spec.split("+"))
+    total, what = 0.0, []
+    if "parseval" in names:
+        macs = sum(2 * o * o * i for i, o in zip(sizes[:-2], sizes[1:-1]))
+        total += seeds * macs / rates["bmm_macs_per_s"]
+        what.append(f"{seeds * macs / 1e6:.1f}M multiply-adds")
+    if "soft_snp" in names:
+        total += seeds * weights / rates["uniform_per_s"]
+        what.append(f"{seeds * weights / 1e3:.0f}k uniform draws")
+    for name in ("upgd", "snp"):
+        if name in names:
+            total += seeds * params / rates["normal_per_s"]
+            what.append(f"{seeds * params / 1e3:.0f}k Gaussian draws")
+    return total, ", ".join(what)
+
+
+def peak_rss_mib(argv: list[str]) -> float:
+    """Peak resident memory of a child process running ``argv``, in MiB."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_checks(examples: int) -> list[dict]:
+    """Peak RSS of SCR runs stopped at 10% and run to 100% of ``examples``, per method."""
+    rows = []
+    for spec in ("bp", "cbp", "adam+adam_reset", "upgd", "layer_norm"):
+        peaks = []
+        for n in (examples // 10, examples):
+            with tempfile.TemporaryDirectory() as out:
+                argv = [sys.executable, "scripts/supervised.py", "slowly-changing-regression"]
+                argv += ["--method", spec, "--examples", str(n), "--bin-size", str(examples // 100)]
+                argv += ["--seeds", "0", "1", "2", "--out", out, "--device", "cpu", "--no-progress"]
+                peaks.append(peak_rss_mib(argv))
+        growth = peaks[1] / peaks[0] - 1
+        rows.append(
+            dict(
+                method=spec,
+                examples=examples,
+                rss_10_mib=peaks[0],
+                rss_100_mib=peaks[1],
+                growth=growth,
+                ok=abs(growth) <= 0.05,
+            )
+        )
+        print(
+            f"memory {spec:<22} {peaks[0]:8.1f} MiB at 10%  {peaks[1]:8.1f} MiB at 100%  {growth:+.1%}",
+            flush=True,
+        )
+    return rows
+
+
+def methods_main(args) -> None:
+    device = torch.device(args.device)
+    report: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "cases": {},
+    }
+    for case in args.cases:
+        sizes, seeds, loss, defaults, target = METHOD_CASES[case]
+        specs = method_specs(defaults)
+        rates = reference_rates(sizes, seeds, device, args.rounds)
+        runs = {}
+        for spec in specs:
+            run, fused = method_step(sizes, seeds, loss, spec, defaults, device)
+            run(2)
+            per_step = run(3) / 3
+            steps = max(3, int(args.seconds / per_step))
+            runs[spec] = (run, steps, fused)
+        times: dict[str, list[float]] = {spec: [] for spec in specs}
+        for _ in range(args.rounds):
+            for spec, (run, steps, _) in runs.items():
+                times[spec].append(run(steps) / steps)
+        t = {spec: statistics.median(v) for spec, v in times.items()}
+        base = t["bp"]
+        rows = []
+        print(
+            f"\n{case}: {'-'.join(map(str, sizes))}, {seeds} seed(s), {device}; target >= {target:.0%} of bp"
+        )
+        print(
+            f"{'method':<24} {'learner':<8} {'us/step':>9} {'steps/s':>9} {'overhead us':>11} {'/ bp':>6} {'extra us':>9} {'/ (bp+extra)':>12}  ok"
+        )
+        for spec in specs:
+            extra, what = extra_seconds(spec, sizes, seeds, rates)
+            share = base / t[spec]
+            with_extra = (base + extra) / t[spec]
+            ok = share >= target or (extra > 0 and with_extra >= target)
+            row = dict(
+                method=spec,
+                learner="fused" if runs[spec][2] else "autograd",
+                us_per_step=t[spec] * 1e6,
+                steps_per_s=1 / t[spec],
+                overhead_us=(t[spec] - base) * 1e6,
+                share_of_bp=share,
+                extra_us=extra * 1e6,
+                extra=what,
+                share_of_bp_plus_extra=with_extra if extra > 0 else None,
+                target=target,
+                ok=ok,
+                rounds_us=[x * 1e6 for x in times[spec]],
+            )
+            rows.append(row)
+            print(
+                f"{spec:<24} {row['learner']:<8} {row['us_per_step']:>9.0f} {row['steps_per_s']:>9.0f}"
+                f" {row['overhead_us']:>11.0f} {share:>6.2f} {extra * 1e6:>9.0f}"
+                f" {'' if extra == 0 else f'{with_extra:.2f}':>12}  {'yes' if ok else 'NO'}",
+                flush=True,
+            )
+        report["cases"][case] = dict(sizes=sizes, seeds=seeds, rates=rates, rows=rows)
+    if args.memory:
+        report["memory"] = memory_checks(args.memory_examples)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -207,8 +440,18 @@ def main() -> None:
     parser.add_argument("--out", default="docs/bench_supervised.json")
     parser.add_argument("--no-conv", action="store_true", help="skip the conv networks")
     parser.add_argument("--only-conv", action="store_true", help="only the conv networks")
+    parser.add_argument("--methods", action="store_true", help="every method against bp")
+    parser.add_argument("--cases", nargs="+", default=list(METHOD_CASES), choices=METHOD_CASES)
+    parser.add_argument("--device", default="cpu", help="with --methods: cpu or cuda")
+    parser.add_argument("--memory", action="store_true", help="with --methods: peak RSS check")
+    parser.add_argument("--memory-examples", type=int, default=300_000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.methods:
+        if args.out == "docs/bench_supervised.json":
+            args.out = "docs/bench_methods.json"
+        methods_main(args)
+        return
     mnist = lambda w: [784, w, w, w, 10]  # noqa: E731
     scr = [20, 5, 1]
     cases: dict[str, tuple[Callable[[int], float], int]] = {}

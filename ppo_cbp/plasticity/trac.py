@@ -30,13 +30,33 @@ _ERFI_TERMS = 900
 def erfi(x: Tensor) -> Tensor:
     """The imaginary error function ``erfi(x) = 2 / sqrt(pi) sum_n x^(2n+1) / (n! (2n+1))`` of
     real ``x`` (clamped to +-:data:`ERFI_MAX`), summed in float64 in log space: the series
-    converges for every ``x`` and its largest term, near ``n = x^2``, stays finite."""
+    converges for every ``x`` and its largest term, near ``n = x^2``, stays finite. The terms
+    are summed relative to the largest; those below ``e^-60`` of it are left out (together
+    under ``1e-23`` of the sum)."""
     z = x.to(torch.float64).clamp(-ERFI_MAX, ERFI_MAX)
-    n = torch.arange(_ERFI_TERMS, dtype=torch.float64, device=x.device)
-    log_coef = -torch.lgamma(n + 1) - torch.log(2 * n + 1)
+    power, log_coef = _series(x.device)
     log_abs = torch.log(z.abs().clamp_min(1e-300)).unsqueeze(-1)
-    terms = torch.exp((2 * n + 1) * log_abs + log_coef).sum(-1)
+    log_terms = torch.addcmul(log_coef, power, log_abs)
+    # relative to the largest term: the terms below e^-60 of it (far under float64's
+    # resolution of the sum) are dropped, so that exp never meets the slow denormal range
+    top = log_terms.amax(-1, keepdim=True)
+    relative = log_terms.sub_(top)
+    terms = torch.exp(relative.clamp_min(-60.0)).masked_fill_(relative < -60.0, 0.0).sum(-1)
+    terms = terms * torch.exp(top.squeeze(-1))
     return (torch.sign(z) * terms * (2 / math.sqrt(math.pi))).to(x.dtype)
+
+
+_SERIES: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _series(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The series' powers ``2n + 1`` and log coefficients ``-log(n! (2n + 1))`` (made once per
+    device)."""
+    cached = _SERIES.get(device)
+    if cached is None:
+        n = torch.arange(_ERFI_TERMS, dtype=torch.float64, device=device)
+        cached = _SERIES[device] = (2 * n + 1, -torch.lgamma(n + 1) - torch.log(2 * n + 1))
+    return cached
 
 
 class TRAC(torch.optim.Optimizer):
@@ -95,6 +115,7 @@ class TRAC(torch.optim.Optimizer):
         self.s = torch.zeros(seeds, len(betas), **stats)
         self.variance = torch.zeros(seeds, len(betas), **stats)
         self.sigma = torch.full((seeds, len(betas)), 1e-8, **stats)
+        self._prior = self.s_prior / erfi(torch.tensor(1.0 / math.sqrt(2.0), **stats))
         self.reference: list[Tensor] = []
         """``theta_ref`` of every parameter, in the order of the groups (set at the first step)."""
 
@@ -128,9 +149,9 @@ class TRAC(torch.optim.Optimizer):
         h2 = h.unsqueeze(1)
         self.variance.mul_(self.betas**2).add_(h2.square())
         self.sigma.mul_(self.betas).sub_(h2)
-        one = torch.tensor(1.0 / math.sqrt(2.0), dtype=torch.float64, device=h.device)
-        prior = self.s_prior / erfi(one)
-        self.s.copy_(prior * erfi(self.sigma / (math.sqrt(2.0) * self.variance.sqrt() + self.eps)))
+        self.s.copy_(
+            self._prior * erfi(self.sigma / (math.sqrt(2.0) * self.variance.sqrt() + self.eps))
+        )
         scale = self.s.sum(1).clamp_min(0.0)
         for p, delta in zip(params, deltas):
             p.copy_(ref_of[id(p)] + delta * self._expand(scale, p))
