@@ -160,33 +160,45 @@ class UPGD(_SeededPerturbation):
         params = [p for g in self.param_groups for p in g["params"]]
         if any(p.grad is None for p in params):  # before any state changes
             raise ValueError("UPGD needs a gradient for every parameter")
-        global_max: Tensor | None = None
+        # each operation over every parameter of a group at once (torch._foreach_*): at batch 1
+        # the step is a few dozen small tensors, where per-tensor calls cost more than the math
+        maxima = []
         for group in self.param_groups:
-            beta = group["beta_utility"]
-            for p in group["params"]:
+            ps = group["params"]
+            for p in ps:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["avg_utility"] = torch.zeros_like(p)
                 state["step"] += 1
-                u = state["avg_utility"]
-                u.mul_(beta).add_(p.grad * p, alpha=-(1.0 - beta))
-                m = self._per_seed_max(u)
-                global_max = m if global_max is None else torch.maximum(global_max, m)
-        if global_max is None:
+            beta = group["beta_utility"]
+            traces = [self.state[p]["avg_utility"] for p in ps]
+            torch._foreach_mul_(traces, beta)
+            torch._foreach_add_(
+                traces, torch._foreach_mul([p.grad for p in ps], ps), alpha=-(1.0 - beta)
+            )
+            maxima += [self._per_seed_max(u) for u in traces]
+        if not maxima:
             return
+        global_max = torch.stack(maxima).amax(0)
         noise = self._noise(params)
         i = 0
         for group in self.param_groups:
+            ps = group["params"]
             lr, wd, sigma = group["lr"], group["weight_decay"], group["sigma"]
-            for p in group["params"]:
-                state = self.state[p]
-                correction = 1.0 - group["beta_utility"] ** state["step"]
-                top = self._broadcast(global_max, p)
-                scaled = torch.sigmoid(state["avg_utility"] / correction / top)
-                step = noise[i].mul_(sigma).add_(p.grad).mul_(1.0 - scaled)
-                p.mul_(1.0 - lr * wd).add_(step, alpha=-lr)
-                i += 1
+            corrections = [1.0 - group["beta_utility"] ** self.state[p]["step"] for p in ps]
+            keep = torch._foreach_div([self.state[p]["avg_utility"] for p in ps], corrections)
+            torch._foreach_div_(keep, [self._broadcast(global_max, p) for p in ps])
+            torch._foreach_sigmoid_(keep)
+            torch._foreach_neg_(keep)
+            torch._foreach_add_(keep, 1.0)  # 1 - s
+            steps = noise[i : i + len(ps)]
+            torch._foreach_mul_(steps, sigma)
+            torch._foreach_add_(steps, [p.grad for p in ps])
+            torch._foreach_mul_(steps, keep)
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+            torch._foreach_add_(ps, steps, alpha=-lr)
+            i += len(ps)
 
 
 class AdaptiveUPGD(_SeededPerturbation):
