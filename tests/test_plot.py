@@ -179,7 +179,11 @@ def test_missing_metric_skips_panel_and_one_seed_has_no_band(tmp_path, capsys):
     )
     results = plot_runs([run], tmp_path / "fig", name="scr_small")
     assert [r.name for r in results] == ["scr_small", "scr_small_all", "scr_small_table"]
-    assert {f.name for f in results[2].files} == {"scr_small_table.md", "scr_small_table.csv"}
+    assert {f.name for f in results[2].files} == {
+        "scr_small_table.md",
+        "scr_small_table.csv",
+        "scr_small_table_metrics.md",
+    }
     # one seed: final (the last bin, 1) and AUC (1.5 over both bins) without an interval
     assert "| Backprop | 1 | 1 | 1.5 |" in (tmp_path / "fig" / "scr_small_table.md").read_text()
     assert (tmp_path / "fig" / "scr_small.png").exists()
@@ -882,3 +886,30 @@ def test_every_benchmarks_metrics_are_drawn(tmp_path, kind, columns):
     assert [num(row["mean"]) for row in rank[0]] == pytest.approx(columns["effective_rank"])
     drawn = {panel for panel, _ in read_plotted(tmp_path / "fig" / "f_all.csv")}
     assert drawn == {c for c in columns if c != "increment"}
+
+
+def test_method_by_metric_table_by_hand(tmp_path):
+    """The wide table: per configuration and metric, the mean over seeds of each seed's final
+    value (the last tenth of the rows: the last of 10) and of its AUC (the mean of the rows),
+    written independently here; the IQM only with 8 seeds or more, else a line saying so."""
+    values = {0: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.2, 0.1], 1: [0.5] * 10}
+    for method, scale in (("bp", 1.0), ("cbp", 2.0)):
+        supervised_run(
+            tmp_path / f"pm_{method}",
+            method,
+            {s: pm_rows([scale * a for a in acc], wm=s) for s, acc in values.items()},
+        )
+    plot_runs([tmp_path / "pm_bp", tmp_path / "pm_cbp"], tmp_path / "fig")
+    text = (tmp_path / "fig" / "table_metrics.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| Backprop |")]
+    final, auc = ([c.strip() for c in r.split("|")[1:-1]] for r in rows)
+    header = next(line for line in text.splitlines() if line.startswith("| Method |"))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    accuracy = columns.index("accuracy" if "accuracy" in columns else columns[2])
+    # final accuracy: seeds' last rows 0.1 and 0.5 -> 0.3; AUC: means 0.47 and 0.5 -> 0.485
+    assert final[accuracy].startswith("0.3 [")
+    assert auc[accuracy].startswith("0.485 [")
+    weight = next(i for i, c in enumerate(columns) if "eight" in c)
+    # weight magnitude wm + t: final 9 + seed (mean 9.5), AUC 4.5 + seed (mean 5)
+    assert final[weight].startswith("9.5 [") and auc[weight].startswith("5 [")
+    assert "No IQM: 2 seeds" in text and "IQM of the final" not in text

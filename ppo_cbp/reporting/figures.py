@@ -61,7 +61,7 @@ from ppo_cbp.benchmarks.common import ROW_LABELS
 from ppo_cbp.errors import UsageError
 from ppo_cbp.plasticity import suite
 from ppo_cbp.reporting.stats import RESAMPLES, bootstrap_mean_ci
-from ppo_cbp.reporting.tables import table_rows, write_table
+from ppo_cbp.reporting.tables import metric_tables, table_rows, wide_markdown, write_table
 
 # Keys that do not change what is learned (or only how long): removed before grouping.
 IGNORED_KEYS = frozenset(
@@ -1207,9 +1207,32 @@ def plot_runs(
     if tables:
         stem = "table" if name is None else f"{name}_table"
         files = write_table(tables, out, stem, resamples, bootstrap_seed)
+        wide = out / f"{stem}_metrics.md"
+        wide.write_text(
+            "# Method x metric tables\n\n"
+            + METRICS_CAPTION.format(resamples=resamples, seed=bootstrap_seed)
+            + "".join(
+                "\n"
+                + wide_markdown(
+                    f.name.removesuffix("_all"),
+                    metric_tables(f, resamples=resamples, seed=bootstrap_seed),
+                )
+                for f in figures
+                if f.name.endswith("_all") and f.groups[0].kind != "ppo"
+            )
+        )
+        files.append(wide)
         groups = [g for f in figures for g in f.groups]
         results.append(FigureResult(stem, "table", files, [], groups))
     return results
+
+
+METRICS_CAPTION = (
+    "Per supervised benchmark, every metric its runs wrote (the panels of `<name>_all`): the "
+    "mean over seeds with its 95% bootstrap CI (BCa, {resamples:,} resamples, seed {seed}) of "
+    "each seed's final value (mean over the last tenth of the points) and of its AUC (mean over "
+    "all points). See ppo_cbp/reporting/tables.py.\n"
+)
 
 
 def _figure(

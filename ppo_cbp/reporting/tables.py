@@ -198,6 +198,59 @@ def table_rows(figures: Sequence[Any], *, resamples: int = RESAMPLES, seed: int 
     return tables + pooled_tables(tables, resamples=resamples, seed=seed)
 
 
+IQM_MIN_SEEDS = 8
+"""The fewest seeds per configuration for which the wide tables give the IQM: with fewer, the
+mean of the middle 50% is the mean of three or fewer seeds (five seeds: three)."""
+
+
+def metric_tables(figure: Any, *, resamples: int = RESAMPLES, seed: int = 0) -> list[Table]:
+    """One table per panel of ``figure`` (every metric, not only the scores), for
+    :func:`wide_markdown`."""
+    return [
+        figure_table(figure, panel, series, resamples=resamples, seed=seed)
+        for panel, series in figure.panel_series
+    ]
+
+
+def wide_markdown(name: str, tables: Sequence[Table]) -> str:
+    """The method x metric tables of one figure's panels (:func:`metric_tables`): one of the
+    final values and one of the AUCs, each cell the mean over seeds with its 95% CI, rows the
+    configurations in the figure's order; a third of the final values' IQMs where every
+    configuration has :data:`IQM_MIN_SEEDS` seeds or more, else a line saying why not."""
+    labels = list(dict.fromkeys(lb for t in tables for lb in t.rows))
+    seeds = {lb: next(t.seeds[lb] for t in tables if lb in t.seeds) for lb in labels}
+    lines = [f"## {name}: method x metric"]
+    header = "| Method | n | " + " | ".join(t.ylabel for t in tables) + " |"
+    rule = "|---|---|" + "---|" * len(tables)
+    stats = [("final", "mean"), ("auc", "mean")]
+    if all(int(n) >= IQM_MIN_SEEDS for n in seeds.values()):
+        stats.append(("final", "iqm"))
+    for metric, stat in stats:
+        what = "IQM" if stat == "iqm" else "Mean"
+        lines += ["", f"{what} of the {_title(metric)} values [95% CI]:", "", header, rule]
+        for lb in labels:
+            texts = []
+            for t in tables:
+                c = t.rows.get(lb, {}).get(metric)
+                if c is None:
+                    texts.append("")
+                elif stat == "iqm":
+                    texts.append(_cell_text(c.iqm, c.iqm_low, c.iqm_high))
+                else:
+                    texts.append(_cell_text(c.mean, c.mean_low, c.mean_high))
+            lines.append(
+                f"| {lb.replace('|', chr(92) + '|')} | {seeds[lb]} | " + " | ".join(texts) + " |"
+            )
+    if len(stats) == 2:
+        fewest = min(int(n) for n in seeds.values())
+        lines += [
+            "",
+            f"No IQM: {fewest} seeds for some configuration, fewer than {IQM_MIN_SEEDS}; the mean "
+            f"of the middle 50% would be that of {fewest - 2 * int(0.25 * fewest)} seeds.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def _union(items: Any) -> list[str]:
     """The metrics in order: final, auc, then the segments by number."""
     found = set(items)
