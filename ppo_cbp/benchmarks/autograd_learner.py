@@ -33,6 +33,7 @@ from ppo_cbp.nets.stacked_sequential import StackedSequential
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.injection import InjectableNetwork
+from ppo_cbp.plasticity.kron import Kron
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_INIT, TAG_NOISE, TAG_REDO, derive_seed
 
@@ -234,6 +235,17 @@ class AutogradLearner:
                 weight_decay=m.weight_decay,
                 beta_utility=m.upgd_beta_utility,
                 sigma=m.upgd_sigma,
+                seed_dims=1,
+                seeds=self.seeds,
+            )
+        if m.optimizer == "kron":
+            return Kron(
+                self.params,
+                lr=m.lr,
+                b1=m.kron_b1,
+                weight_decay=m.weight_decay,
+                precond_lr=m.kron_precond_lr,
+                max_size_triangular=m.kron_max_size_triangular,
                 seed_dims=1,
                 seeds=self.seeds,
             )

@@ -58,10 +58,12 @@ PLASTICITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "injection": dict(injection_layers=2),
     # sigma and beta: the UPGD repository README's stand-alone optimizer; the step size is ours
     "upgd": dict(lr=0.01, upgd_sigma=1e-3, upgd_beta_utility=0.999),
+    # kron_torch's defaults; lr 3e-4, kron_torch's and Plasticine's (its continual DMC PPO)
+    "kron": dict(lr=3e-4, kron_b1=0.9, kron_precond_lr=0.1, kron_max_size_triangular=8192),
     "trac": {},
 }
 """The MLP benchmarks' defaults of the :mod:`ppo_cbp.plasticity` operators: their sources'."""
-OPTIMIZERS = ("adam", "upgd")
+OPTIMIZERS = ("adam", "upgd", "kron")
 """Methods that are the optimizer (at most one); the others run on SGD or on it."""
 CONTRADICTIONS = suite.CONTRADICTIONS
 
@@ -106,9 +108,10 @@ class MethodConfig:
     boundaries), ``adam_reset`` (Adam's moments and step count reset at task boundaries),
     ``layer_norm`` (LayerNorm before every hidden activation), ``nap`` (Normalize-and-Project),
     ``crelu`` (concatenated ReLU), ``injection`` (plasticity injection at task boundaries),
-    ``upgd`` (utility-based perturbed gradient descent) and ``trac`` (TRAC around SGD or Adam).
-    Several combine with ``+`` (``cbp+l2_init+layer_norm``); the optimizer is SGD unless one of
-    them is ``adam`` or ``upgd``.
+    ``upgd`` (utility-based perturbed gradient descent), ``kron`` (the PSGD Kron optimizer) and
+    ``trac`` (TRAC around SGD, Adam or Kron). Several combine with ``+``
+    (``cbp+l2_init+layer_norm``); the optimizer is SGD unless one of them is ``adam``, ``upgd``
+    or ``kron``.
     """
 
     method: str = "bp"
@@ -159,6 +162,12 @@ class MethodConfig:
     """UPGD's perturbation noise standard deviation."""
     upgd_beta_utility: float | None = None
     """UPGD's utility trace decay."""
+    kron_b1: float | None = None
+    """Kron's momentum b1 in [0, 1); default 0.9, kron_torch's (Plasticine keeps it)."""
+    kron_precond_lr: float | None = None
+    """Kron's preconditioner step size; default 0.1, kron_torch's (Plasticine keeps it)."""
+    kron_max_size_triangular: int | None = None
+    """Kron: a dimension wider than this gets a diagonal factor instead of a triangular one (O(d) instead of O(d^3) per update); default 8192, kron_torch's (Plasticine keeps it)."""
 
 
 # The method that uses a method flag; the flags of methods a benchmark lacks are hidden.
@@ -242,6 +251,9 @@ class ResolvedMethod:
     injection_layers: int = 2
     upgd_sigma: float = 0.0
     upgd_beta_utility: float = 0.999
+    kron_b1: float = 0.9
+    kron_precond_lr: float = 0.1
+    kron_max_size_triangular: int = 8192
     methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -260,7 +272,7 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
     """Fill ``cfg``'s unset values from the defaults of its methods and check every value.
 
     A combination takes each method's defaults in the order given (``defaults[name]``), and
-    the step size of its optimizer (``adam`` or ``upgd``), else of the first method that
+    the step size of its optimizer (``adam``, ``upgd`` or ``kron``), else of the first method that
     states one, else of ``bp``.
     """
     names = parse_methods(cfg.method, list(defaults))
@@ -313,6 +325,9 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         injection_layers=int(used("injection_layers", 2)),
         upgd_sigma=float(used("upgd_sigma", 0.0)),
         upgd_beta_utility=float(used("upgd_beta_utility", 0.999)),
+        kron_b1=float(used("kron_b1", 0.9)),
+        kron_precond_lr=float(used("kron_precond_lr", 0.1)),
+        kron_max_size_triangular=int(used("kron_max_size_triangular", 8192)),
     )
     checks = [
         ("lr", r.lr > 0),
@@ -335,6 +350,9 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         ("injection_layers", r.injection_layers >= 1),
         ("upgd_sigma", r.upgd_sigma >= 0),
         ("upgd_beta_utility", 0 <= r.upgd_beta_utility < 1),
+        ("kron_b1", 0 <= r.kron_b1 < 1),
+        ("kron_precond_lr", r.kron_precond_lr > 0),
+        ("kron_max_size_triangular", r.kron_max_size_triangular >= 0),
     ]
     for name, ok in checks:
         if not ok or (isinstance(getattr(r, name), float) and math.isnan(getattr(r, name))):
