@@ -66,6 +66,9 @@ TAG_LAYER_RESET = 21
 """Layer and head resets (:class:`~ppo_cbp.plasticity.resets.LayerReset`)."""
 TAG_UPGD = 30
 """UPGD's perturbations (:class:`~ppo_cbp.plasticity.upgd.UPGD`)."""
+TAG_KRON = 31
+"""PSGD Kron's draws: its balancing trigger and preconditioner-update probes
+(:class:`~ppo_cbp.plasticity.kron.Kron`)."""
 INJECTION_TAGS = range(50, 60)
 """Plasticity injection's new branches, one tag per network that shares an optimizer."""
 TAG_INJECTION = INJECTION_TAGS.start
@@ -119,7 +122,7 @@ SCR_RANDOM = 4
 # ---- ppo_seeds(seed): the PPO trainer's streams, by position ------------------------------------
 PPO_STREAMS = {"main": 0, "perturb": 1, "policy": 2, "value": 3}
 """Position in :func:`ppo_seeds` of each stream of the PPO trainer: ``main`` (action noise and
-minibatch order), ``perturb`` (Shrink & Perturb's noise, and UPGD's draws through
+minibatch order), ``perturb`` (Shrink & Perturb's noise, and UPGD's and Kron's draws through
 :func:`derive_seed`), ``policy`` and ``value`` (each network's CBP, ReDo and per-network methods;
 C-CHAIN's reference batches through :func:`derive_seed` of the policy's)."""
 
@@ -137,6 +140,7 @@ STREAM_TAGS: dict[str, dict[str, int | range]] = {
         "TAG_SHRINK_PERTURB": TAG_SHRINK_PERTURB,
         "TAG_LAYER_RESET": TAG_LAYER_RESET,
         "TAG_UPGD": TAG_UPGD,
+        "TAG_KRON": TAG_KRON,
         "INJECTION_TAGS": INJECTION_TAGS,
         "TAG_CHURN_REFERENCE": TAG_CHURN_REFERENCE,
         "TAG_GRAVITY": TAG_GRAVITY,

@@ -115,7 +115,7 @@ class Args:
     update_epochs: int = 10
     """Passes over the rollout per update."""
     learning_rate: float | None = None
-    """Step size; default 1e-4 (the paper's Adam), 3e-4 with --upgd (the UPGD authors' PPO script, core/run/rl/ppo_continuous_action_upgd.py of mohmdelsayed/upgd)."""
+    """Step size; default 1e-4 (the paper's Adam), 3e-4 with --upgd (the UPGD authors' PPO script, core/run/rl/ppo_continuous_action_upgd.py of mohmdelsayed/upgd) or --kron (Plasticine's)."""
     anneal_lr: bool = False
     """Decay the learning rate linearly to 0 over the run (CleanRL's option; off in the paper)."""
     gamma: float = 0.99
@@ -210,6 +210,8 @@ class Args:
     """UPGD: standard deviation of the perturbation (the authors' PPO script's 1e-3)."""
     upgd_beta_utility: float = 0.999
     """UPGD: decay of the utility trace, in [0, 1) (the authors' PPO script's 0.999)."""
+    kron: bool = False
+    """PSGD Kron (Li 2018) instead of Adam, as the plasticity library Plasticine runs it (RLE-Foundation/Plasticine): kron_torch's Kron (evanatyourservice/kron_torch) with its defaults (momentum 0.9, preconditioner step 0.1, update probability annealed from 1 to 0.03 after 500 steps, triangular factors up to width 8192, update RMS clipped at 1.1) and lr 3e-4 unless given (Plasticine's continual DMC PPO, also kron_torch's default); --weight-decay is Kron's own (added to the preconditioned step of weight matrices), default 0 as Plasticine's. Adam's betas and eps are unused."""
     trac: bool = False
     """TRAC (Muppidi et al. 2024) around the optimizer: its updates scaled by the parameter-free tuners (the authors' betas, s_prior 1e-8)."""
     injection: bool = False

@@ -62,6 +62,8 @@ SPECS = [
     "l2+parseval+snp_init",
     "cbp+upgd",
     "cbp+trac+head_reset",
+    "kron",
+    "cbp+kron+l2_init",
 ]
 
 

@@ -101,7 +101,10 @@ def assert_same_state(a: dict, b: dict) -> None:
     for pid, st in opt_a["state"].items():
         for k, v in st.items():
             other = opt_b["state"][pid][k]
-            same = torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other
+            if isinstance(v, list):  # Kron's factors
+                same = len(v) == len(other) and all(map(torch.equal, v, other))
+            else:
+                same = torch.equal(v, other) if isinstance(v, torch.Tensor) else v == other
             assert same, f"optimizer {pid}.{k} differs"
 
 

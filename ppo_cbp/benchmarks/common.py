@@ -39,6 +39,7 @@ from ppo_cbp.nets.units import UnitLayer
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Network
+from ppo_cbp.plasticity.kron import Kron
 from ppo_cbp.plasticity.redo import ReDo, WindowedReDo
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_REDO, derive_seed
@@ -63,10 +64,12 @@ PLASTICITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "injection": dict(injection_layers=2),
     # sigma and beta: the UPGD repository README's stand-alone optimizer; the step size is ours
     "upgd": dict(lr=0.01, upgd_sigma=1e-3, upgd_beta_utility=0.999),
+    # kron_torch's defaults; lr 3e-4, kron_torch's and Plasticine's (its continual DMC PPO)
+    "kron": dict(lr=3e-4, kron_b1=0.9, kron_precond_lr=0.1, kron_max_size_triangular=8192),
     "trac": {},
 }
 """The MLP benchmarks' defaults of the :mod:`ppo_cbp.plasticity` operators: their sources'."""
-OPTIMIZERS = ("adam", "upgd")
+OPTIMIZERS = ("adam", "upgd", "kron")
 """Methods that are the optimizer (at most one); the others run on SGD or on it."""
 CONTRADICTIONS = suite.CONTRADICTIONS
 
@@ -111,10 +114,10 @@ class MethodConfig:
     boundaries), ``adam_reset`` (Adam's moments and step count reset at task boundaries),
     ``layer_norm`` (LayerNorm before every hidden activation), ``nap`` (Normalize-and-Project),
     ``crelu`` (concatenated ReLU), ``dff`` (deep Fourier features, ``[sin z, cos z]``),
-    ``injection`` (plasticity injection at task boundaries),
-    ``upgd`` (utility-based perturbed gradient descent) and ``trac`` (TRAC around SGD or Adam).
-    Several combine with ``+`` (``cbp+l2_init+layer_norm``); the optimizer is SGD unless one of
-    them is ``adam`` or ``upgd``.
+    ``injection`` (plasticity injection at task boundaries), ``upgd`` (utility-based perturbed
+    gradient descent), ``kron`` (the PSGD Kron optimizer) and ``trac`` (TRAC around SGD, Adam
+    or Kron). Several combine with ``+`` (``cbp+l2_init+layer_norm``); the optimizer is SGD
+    unless one of them is ``adam``, ``upgd`` or ``kron``.
     """
 
     method: str = "bp"
@@ -165,6 +168,12 @@ class MethodConfig:
     """UPGD's perturbation noise standard deviation."""
     upgd_beta_utility: float | None = None
     """UPGD's utility trace decay."""
+    kron_b1: float | None = None
+    """Kron's momentum b1 in [0, 1); default 0.9, kron_torch's (Plasticine keeps it)."""
+    kron_precond_lr: float | None = None
+    """Kron's preconditioner step size; default 0.1, kron_torch's (Plasticine keeps it)."""
+    kron_max_size_triangular: int | None = None
+    """Kron: a dimension wider than this gets a diagonal factor instead of a triangular one (O(d) instead of O(d^3) per update); default 8192, kron_torch's (Plasticine keeps it)."""
 
 
 # The method that uses a method flag; the flags of methods a benchmark lacks are hidden.
@@ -248,6 +257,9 @@ class ResolvedMethod:
     injection_layers: int = 2
     upgd_sigma: float = 0.0
     upgd_beta_utility: float = 0.999
+    kron_b1: float = 0.9
+    kron_precond_lr: float = 0.1
+    kron_max_size_triangular: int = 8192
     methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -266,7 +278,7 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
     """Fill ``cfg``'s unset values from the defaults of its methods and check every value.
 
     A combination takes each method's defaults in the order given (``defaults[name]``), and
-    the step size of its optimizer (``adam`` or ``upgd``), else of the first method that
+    the step size of its optimizer (``adam``, ``upgd`` or ``kron``), else of the first method that
     states one, else of ``bp``.
     """
     names = parse_methods(cfg.method, list(defaults))
@@ -319,6 +331,9 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         injection_layers=int(used("injection_layers", 2)),
         upgd_sigma=float(used("upgd_sigma", 0.0)),
         upgd_beta_utility=float(used("upgd_beta_utility", 0.999)),
+        kron_b1=float(used("kron_b1", 0.9)),
+        kron_precond_lr=float(used("kron_precond_lr", 0.1)),
+        kron_max_size_triangular=int(used("kron_max_size_triangular", 8192)),
     )
     checks = [
         ("lr", r.lr > 0),
@@ -341,6 +356,9 @@ def resolve_method(cfg: MethodConfig, defaults: dict[str, dict[str, Any]]) -> Re
         ("injection_layers", r.injection_layers >= 1),
         ("upgd_sigma", r.upgd_sigma >= 0),
         ("upgd_beta_utility", 0 <= r.upgd_beta_utility < 1),
+        ("kron_b1", 0 <= r.kron_b1 < 1),
+        ("kron_precond_lr", r.kron_precond_lr > 0),
+        ("kron_max_size_triangular", r.kron_max_size_triangular >= 0),
     ]
     for name, ok in checks:
         if not ok or (isinstance(getattr(r, name), float) and math.isnan(getattr(r, name))):
@@ -412,7 +430,7 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
-GRADIENT_METHODS = frozenset({"l2_init", "parseval", "upgd", "trac", "adam_reset"})
+GRADIENT_METHODS = frozenset({"l2_init", "parseval", "upgd", "kron", "trac", "adam_reset"})
 """Methods for which the fused trainer hands the gradient to a ``torch.optim`` optimizer (they
 add to the gradient, are the optimizer, or reset its state) instead of updating in its pass."""
 
@@ -436,6 +454,17 @@ def make_optimizer(
             weight_decay=m.weight_decay,
             beta_utility=m.upgd_beta_utility,
             sigma=m.upgd_sigma,
+            seed_dims=1,
+            seeds=list(seeds),
+        )
+    if m.optimizer == "kron":
+        return Kron(
+            params,
+            lr=m.lr,
+            b1=m.kron_b1,
+            weight_decay=m.weight_decay,
+            precond_lr=m.kron_precond_lr,
+            max_size_triangular=m.kron_max_size_triangular,
             seed_dims=1,
             seeds=list(seeds),
         )
@@ -506,10 +535,10 @@ class Learner:
         net = self.net
         n = len(net.params)
         # The optimizer steps each layer's P = [W | b] whole (one contiguous tensor per layer),
-        # UPGD the weight and bias views (its noise is drawn per tensor, as on the
-        # autograd learner); the methods find either's state from a view (nets.units).
+        # UPGD and Kron the weight and bias views (UPGD's noise is drawn per tensor and Kron's
+        # preconditioners are shaped by it, as on the autograd learner); the methods find either's state from a view (nets.units).
         views = [t for i in range(n) for t in (net.weight(i), net.bias(i))]
-        params = views if method.optimizer == "upgd" else list(net.params)
+        params = views if method.optimizer in ("upgd", "kron") else list(net.params)
         self.opt: torch.optim.Optimizer | None = None
         state_owner: Any = self.trainer.state_tensors
         if self.gradients:

@@ -99,7 +99,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 @dataclass
 class ImageNetMethodConfig(MethodConfig):
     """Method of Continual ImageNet: bp, l2, snp, cbp, redo, or the linear-network baseline,
-    alone or with l2_init, parseval, weight_clipping, snp_init, soft_snp, upgd or trac joined
+    alone or with l2_init, parseval, weight_clipping, snp_init, soft_snp, upgd, kron or trac joined
     by + (e.g. cbp+l2_init)."""
 
     method: str = "bp"

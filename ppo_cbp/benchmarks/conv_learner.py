@@ -1,5 +1,5 @@
 """The learner of the convolutional benchmarks (Continual ImageNet and class-incremental
-CIFAR-100): S seeds' networks trained as one stacked network with SGD (or UPGD) plus the
+CIFAR-100): S seeds' networks trained as one stacked network with SGD (or UPGD, or Kron) plus the
 method's operators, and the resolution of the benchmarks' method names.
 
 Each seed's slice of the stacked network, of the optimizer state and of the methods'
@@ -23,6 +23,7 @@ from ppo_cbp.nets.stacked_resnet import StackedResNet18
 from ppo_cbp.nets.stacked_sequential import StackedSequential
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.hooks import Layer, Network
+from ppo_cbp.plasticity.kron import Kron
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_NOISE, TAG_REDO, derive_seed
 
@@ -33,6 +34,7 @@ PLASTICITY_METHODS = (
     "snp_init",
     "soft_snp",
     "upgd",
+    "kron",
     "trac",
 )
 
@@ -84,7 +86,8 @@ def stack_networks(nets: list[nn.Module]) -> StackedSequential | StackedResNet18
 
 class StackedLearner:
     """S seeds' networks as one stacked network (:func:`stack_networks`), trained with SGD
-    (momentum, coupled L2; UPGD for ``upgd``, either wrapped in TRAC for ``trac``) plus the
+    (momentum, coupled L2; UPGD for ``upgd``, Kron for ``kron``, any of them wrapped in TRAC for
+    ``trac``) plus the
     method's operators.
 
     A step is one SGD step of every seed's network at once: the loss is the sum over seeds of
@@ -100,7 +103,7 @@ class StackedLearner:
         :func:`stack_networks`).
     :param method: the resolved method: optimizer, step size, weight decay and operators.
     :param seeds: the seeds, one per network; they seed the operators' generators.
-    :param momentum: SGD momentum (unused by UPGD).
+    :param momentum: SGD momentum (unused by UPGD and Kron, which keeps its own ``b1``).
     :param init: the initialisation of the units that CBP, ReDo or the plasticity methods
         redraw.
     :param device: where the stacked network and its state live.
@@ -133,6 +136,17 @@ class StackedLearner:
                 weight_decay=method.weight_decay,
                 beta_utility=method.upgd_beta_utility,
                 sigma=method.upgd_sigma,
+                seed_dims=1,
+                seeds=seeds,
+            )
+        elif method.optimizer == "kron":
+            self.opt = Kron(
+                self._params,
+                lr=method.lr,
+                b1=method.kron_b1,
+                weight_decay=method.weight_decay,
+                precond_lr=method.kron_precond_lr,
+                max_size_triangular=method.kron_max_size_triangular,
                 seed_dims=1,
                 seeds=seeds,
             )

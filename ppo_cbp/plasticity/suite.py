@@ -10,7 +10,7 @@ hand (:data:`FUSED`); it is tested equal to this composition on that subset.
 The order (:data:`ORDER`) in which the hooks of a step run, whatever the trainer:
 
 1. after the backward pass, the regularisers add their gradients: L2-Init, Parseval;
-2. the optimizer step (Adam, SGD, UPGD, each possibly inside TRAC: the trainer's);
+2. the optimizer step (Adam, SGD, UPGD, Kron, each possibly inside TRAC: the trainer's);
 3. after the step: Shrink & Perturb's noise, soft Shrink & Perturb, Normalize-and-Project's
    projection, the unit resets (CBP or ReDo), weight clipping, and last C-CHAIN's copy of the
    parameters (``theta_{t-1}`` of the next step: after every change);
@@ -226,6 +226,14 @@ METHODS: dict[str, Method] = {
             "Elsayed & Mahmood 2024",
             title="UPGD",
         ),
+        Method(
+            "kron",
+            "--kron",
+            "optimizer",
+            ("kron_b1", "kron_precond_lr", "kron_max_size_triangular"),
+            "Li 2018 (PSGD Kron, kron_torch)",
+            title="Kron",
+        ),
         Method("trac", "--trac", "optimizer", (), "Muppidi et al. 2024", title="TRAC"),
         Method("c_chain", "--c-chain", "per-step", (), "Tang et al. 2025", title="C-CHAIN"),
     )
@@ -273,7 +281,7 @@ FUSED = frozenset(
     {
         *("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm"),
         *("l2_init", "parseval", "soft_snp", "weight_clipping", "snp_init", "head_reset"),
-        *("adam_reset", "upgd", "trac"),
+        *("adam_reset", "upgd", "kron", "trac"),
     }
 )
 """The methods the MLP benchmarks' fused trainer runs (:class:`ppo_cbp.benchmarks.common.Learner`:
@@ -288,6 +296,9 @@ CONTRADICTIONS: list[tuple[frozenset[str], str]] = [
         ({"adam", "upgd"}, "both are the optimizer"),
         ({"trac", "upgd"}, "TRAC scales a base optimizer's updates; UPGD perturbs its own"),
         ({"adam_reset", "upgd"}, "UPGD keeps no Adam state to reset"),
+        ({"adam", "kron"}, "both are the optimizer"),
+        ({"upgd", "kron"}, "both are the optimizer"),
+        ({"adam_reset", "kron"}, "Kron keeps no Adam state to reset"),
         ({"layer_norm", "nap"}, "nap already puts a LayerNorm after every hidden layer"),
         ({"online_norm", "layer_norm"}, "two normalisations of the same pre-activations"),
         ({"online_norm", "nap"}, "two normalisations of the same pre-activations"),

@@ -4,8 +4,9 @@ plasticity methods, built from the trainer's flags through the method suite
 
 :func:`method_names` reads which methods ``ppo_cbp/train.py``'s flags select, :func:`settings`
 their settings under the suite's names, and :func:`make_agent` builds the networks (with the
-architecture the flags ask for), the optimizer (Adam, or the UPGD authors' Adam-style
-:class:`~ppo_cbp.plasticity.upgd.AdaptiveUPGD` for ``--upgd``, either inside TRAC for
+architecture the flags ask for), the optimizer (Adam, the UPGD authors' Adam-style
+:class:`~ppo_cbp.plasticity.upgd.AdaptiveUPGD` for ``--upgd`` or PSGD
+:class:`~ppo_cbp.plasticity.kron.Kron` for ``--kron``, any of them inside TRAC for
 ``--trac``) and one :class:`~ppo_cbp.plasticity.suite.Suite` over both networks.
 """
 
@@ -25,6 +26,7 @@ from ppo_cbp.nets.dff import dff_mlp
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.injection import InjectableNetwork
+from ppo_cbp.plasticity.kron import Kron
 from ppo_cbp.plasticity.normalize_project import layer_norm_mlp, layer_norms
 from ppo_cbp.plasticity.upgd import AdaptiveUPGD
 from ppo_cbp.ppo.numerics import is_plain_mlp
@@ -62,6 +64,7 @@ _SWITCHES = {
     "dff": True,
     "injection": True,
     "upgd": True,
+    "kron": True,
     "trac": True,
     "c_chain": True,
 }
@@ -275,7 +278,7 @@ def make_agent(
 
     :param args: the trainer's resolved settings.
     :param seeds: the run's stream seeds (:func:`ppo_cbp.seeding.ppo_seeds`): each network's
-        methods draw from its own, UPGD's from a stream of ``perturb``.
+        methods draw from its own, UPGD's and Kron's from streams of ``perturb``.
     :param noise_generator: Shrink & Perturb's noise generator (the run's ``perturb`` one).
     """
     names = method_names(args)
@@ -294,6 +297,10 @@ def make_agent(
             betas=betas,
             eps=args.adam_eps,
             seeds=[seeds["perturb"]],  # its own stream (derive_seed) of the perturbation seed
+        )
+    elif args.kron:  # Plasticine's Kron(params, lr=...): kron_torch's other defaults
+        optimizer = Kron(
+            params, lr=args.learning_rate, weight_decay=args.weight_decay, seeds=[seeds["perturb"]]
         )
     else:
         kwargs = dict(lr=args.learning_rate, betas=betas, eps=args.adam_eps)

@@ -64,6 +64,7 @@ class Settings(Protocol):
     upgd: bool
     upgd_sigma: float
     upgd_beta_utility: float
+    kron: bool
     trac: bool
     injection: bool
     standard_adam: bool

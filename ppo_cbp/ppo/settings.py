@@ -92,7 +92,8 @@ def presets(args: Any) -> dict[str, Any]:
       script), 1e-4 with ``--cbp``, ``--redo`` or ``--shrink-perturb`` (the paper's), else 0;
     * ``adam_beta1``, ``adam_beta2``: the paper's tuned 0.99, 0.99; 0.9, 0.999 with
       ``--standard-adam`` or ``--upgd`` (AdaptiveUPGD's defaults);
-    * ``learning_rate``: 1e-4 (the paper's), 3e-4 with ``--upgd``; ``adam_eps``: 1e-8, 1e-5 with
+    * ``learning_rate``: 1e-4 (the paper's), 3e-4 with ``--upgd`` or ``--kron`` (Plasticine's
+      PPO, kron_torch's default); ``adam_eps``: 1e-8, 1e-5 with
       ``--upgd`` (the UPGD authors' PPO script).
     """
 
@@ -110,7 +111,7 @@ def presets(args: Any) -> dict[str, Any]:
         weight_decay=weight_decay,
         adam_beta1=0.9 if standard else 0.99,
         adam_beta2=0.999 if standard else 0.99,
-        learning_rate=3e-4 if on("upgd") else 1e-4,
+        learning_rate=3e-4 if on("upgd") or on("kron") else 1e-4,
         adam_eps=1e-5 if on("upgd") else 1e-8,
     )
 
@@ -193,6 +194,8 @@ def resolve_args(args: SettingsT) -> SettingsT:
         raise UsageError(
             "--upgd has its own betas (0.9, 0.999, the authors'): drop --standard-adam"
         )
+    if args.kron and args.standard_adam:
+        raise UsageError("--kron is not Adam: drop --standard-adam")
     if not args.upgd_sigma >= 0 or not 0 <= args.upgd_beta_utility < 1:
         raise UsageError(
             f"need --upgd-sigma >= 0 and --upgd-beta-utility in [0, 1), got {args.upgd_sigma}, "

@@ -1,0 +1,444 @@
+"""PSGD Kron: preconditioned SGD with a Kronecker-factored preconditioner (Li, "Preconditioned
+Stochastic Gradient Descent", IEEE TNNLS 2018, and "Stochastic Hessian Fittings with Lie
+Groups", 2024), as implemented by ``kron_torch`` (github.com/evanatyourservice/kron_torch, file
+``kron_torch/kron.py``; repository commit ``884427c32bc45e8293e20c26c85e4ccc4f68c9d1``, the
+file as last changed by ``7a725ea4007ec1d22e4c46347a18f224260116ed``), the optimizer the
+plasticity library Plasticine runs as its "Kron" method (github.com/RLE-Foundation/Plasticine,
+commit ``aa00b4bb18f7fe298a47e1ce36c32ba55ce064e8``: ``Kron(agent.parameters(),
+lr=args.learning_rate)``, every other setting kron_torch's default; the learning rate is
+3e-4 in its continual DMC PPO, ``plasticine/ppo_continual_dmc_plasticine.py``, also
+kron_torch's default).
+
+Written from those definitions, for stacked seeds and seeded draws; see :class:`Kron`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppo_cbp.seeding import TAG_KRON, derive_seed
+
+__all__ = ["Kron", "update_probability"]
+
+MEMORY_SAVE_MODES = (None, "smart_one_diag", "one_diag", "all_diag")
+"""kron_torch's ``memory_save_mode`` values: which dimensions get a diagonal factor."""
+
+
+def update_probability(
+    n: int,
+    max_prob: float = 1.0,
+    min_prob: float = 0.03,
+    decay: float = 0.001,
+    flat_start: float = 500,
+) -> Tensor:
+    """The probability of a preconditioner update at step ``n`` (0 at the first step), in
+    float32 as kron_torch's ``ProbScheduler`` computes it:
+
+        p(n) = clamp(max_prob * exp(-decay * (n - flat_start)), min_prob, max_prob)
+
+    Defaults are ``precond_update_prob_schedule``'s: 1 for the first 500 steps, then an
+    exponential decay that reaches 0.03 after about 4,000 steps.
+
+    :return: a 0-dim float32 tensor (on the CPU).
+    """
+    f32 = dict(dtype=torch.float32)
+    prob = torch.tensor(max_prob, **f32) * torch.exp(
+        -torch.tensor(decay, **f32) * (torch.tensor(n, **f32) - torch.tensor(flat_start, **f32))
+    )
+    return prob.clamp(min=torch.tensor(min_prob, **f32), max=torch.tensor(max_prob, **f32))
+
+
+def _merged_shape(shape: tuple[int, ...], merge_dims: bool) -> tuple[int, ...]:
+    """kron_torch's view of a gradient of ``shape`` (one seed's): a tensor of more than two
+    dimensions becomes the matrix ``[prod(shape[:-1]), shape[-1]]`` or ``[shape[0],
+    prod(shape[1:])]``, whichever has the smaller signed difference ``cols - rows`` (the
+    first on a tie: for a conv kernel ``[out, in, kh, kw]`` nearly always ``[out in kh, kw]``,
+    so Continual ImageNet's ``64 x 32 x 3 x 3`` kernel gets a 6144-wide triangular factor;
+    kron_torch's rule, kept); a scalar becomes ``[1]`` (kron_torch's scalar preconditioner is the same
+    as a diagonal one of size 1)."""
+    if len(shape) == 0:
+        return (1,)
+    if len(shape) > 2 and merge_dims:
+        shape1 = (math.prod(shape[:-1]), shape[-1])
+        shape2 = (shape[0], math.prod(shape[1:]))
+        return shape1 if shape1[1] - shape1[0] <= shape2[1] - shape2[0] else shape2
+    return tuple(shape)
+
+
+def _diagonal_dims(
+    shape: tuple[int, ...], max_size: float, min_ndim: int, memory_save_mode: str | None
+) -> list[bool]:
+    """Which dimensions of a (merged) gradient get a diagonal factor (kron_torch's
+    ``_init_Q_exprs``): size 1, size above ``max_size_triangular``, fewer than
+    ``min_ndim_triangular`` dimensions, or chosen by ``memory_save_mode``."""
+    if memory_save_mode is None:
+        chosen = [False] * len(shape)
+    elif memory_save_mode == "all_diag":
+        chosen = [True] * len(shape)
+    else:
+        largest = max(range(len(shape)), key=lambda i: (shape[i], i))  # argsort's last
+        chosen = [False] * len(shape)
+        ordered = sorted(shape)
+        if memory_save_mode == "one_diag" or (len(shape) > 1 and ordered[-1] > ordered[-2]):
+            chosen[largest] = True
+    return [
+        size == 1 or size > max_size or len(shape) < min_ndim or d for size, d in zip(shape, chosen)
+    ]
+
+
+def _mode(x: Tensor, i: int) -> Tensor:
+    """``x`` (``[S, d_0, ..., d_k]``) with dimension ``i`` of each seed's tensor moved last,
+    flattened to ``[S, rest, d_i]``."""
+    moved = x.movedim(i + 1, -1)
+    return moved.reshape(x.shape[0], -1, x.shape[i + 1])
+
+
+def _unmode(y: Tensor, i: int, like: Tensor) -> Tensor:
+    """The inverse of :func:`_mode` (``y`` ``[S, rest, d_i]`` back to ``like``'s layout)."""
+    moved_shape = like.movedim(i + 1, -1).shape
+    return y.reshape(moved_shape).movedim(-1, i + 1)
+
+
+def _left(q: Tensor, x: Tensor, i: int, transpose: bool = False) -> Tensor:
+    """``Q x`` along dimension ``i`` of each seed's ``x`` (``Q^T x`` with ``transpose``):
+    ``y[..a..] = sum_n Q[a, n] x[..n..]``; a diagonal ``q`` (``[S, d]``) scales instead."""
+    if q.dim() == 2:
+        return x * q.reshape(q.shape[0], *([1] * i), -1, *([1] * (x.dim() - i - 2)))
+    m = q if transpose else q.transpose(-1, -2)
+    return _unmode(torch.bmm(_mode(x, i), m), i, x)
+
+
+def _gram(x: Tensor, i: int, diagonal: bool) -> Tensor:
+    """kron_torch's ``einsum(exprG, x, x)``: the contraction of ``x`` with itself over every
+    dimension but ``i``: ``[S, d, d]`` (``X_(i) X_(i)^T``), or its diagonal ``[S, d]``."""
+    m = _mode(x, i)
+    if diagonal:
+        return (m * m).sum(1)
+    return torch.bmm(m.transpose(-1, -2), m)
+
+
+def _spectral_lower_bound(a: Tensor, max_abs: Tensor) -> Tensor:
+    """kron_torch's ``_lb``: a cheap lower bound of the spectral norm of each seed's
+    symmetric ``a`` (``[S, d, d]``), with ``max_abs`` (``[S]``) its largest ``|entry|``:
+    ``a / max_abs``, its column ``j`` of largest norm, ``x = col^T a``, ``x / ||x||``,
+    ``||a x|| * max_abs``."""
+    a = a / max_abs[:, None, None]
+    col_norms = (a * a).sum(1)  # [S, d]
+    j = torch.argmax(col_norms, dim=1)
+    x = a.gather(2, j[:, None, None].expand(a.shape[0], a.shape[1], 1)).squeeze(2)
+    x = torch.bmm(x.unsqueeze(1), a).squeeze(1)
+    x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    x = torch.bmm(a, x.unsqueeze(2)).squeeze(2)
+    return torch.linalg.vector_norm(x, dim=1) * max_abs
+
+
+def _per_seed(x: Tensor) -> Tensor:
+    """``x`` (``[S, ...]``) as ``[S, n]``."""
+    return x.reshape(x.shape[0], -1)
+
+
+def _as_seeds(v: Tensor, like: Tensor) -> Tensor:
+    """A per-seed ``[S]`` value shaped to broadcast against ``like`` (``[S, ...]``)."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class Kron(torch.optim.Optimizer):
+    """PSGD Kron (kron_torch's ``Kron``, see the module docstring), with stacked seeds.
+
+    For each parameter with gradient ``g``, viewed as kron_torch views it (a tensor of more than
+    two dimensions merged into a matrix, :func:`_merged_shape`), with one factor ``Q_i`` per
+    dimension (upper triangular ``[d_i, d_i]``, initially ``c^(1/k) I``, or diagonal ``[d_i]``
+    for the dimensions of :func:`_diagonal_dims`; ``c`` is ``precond_init_scale``, ``k`` the
+    number of dimensions), at step ``t`` (``n = t - 1``):
+
+        m      <- b1 m + (1 - b1) g;   G = m / (1 - b1^t)                  (debiased momentum)
+        update  = (counter <- counter + 1) >= 1 / p(n)   (then counter <- 0; p: the schedule,
+                  :func:`update_probability`; deterministic, as in kron_torch)
+        balance = u < 0.01 and update,  u ~ U[0, 1) drawn at every step
+        if balance and G has 2+ dims: Q_i <- Q_i * gm / max|Q_i|,  gm = geometric mean of the
+                  max|Q_j| (rescales the factors, their Kronecker product unchanged)
+        if update:
+            V ~ N(0, I) shaped like G;  G <- G + sqrt(eps_f32) * mean|G| * V
+            A     = G x_0 Q_0 x_1 Q_1 ...            (Q_i applied along dimension i)
+            conjB = V x_0 Q_0^-T x_1 Q_1^-T ...     (Q_i^-1 applied from the right)
+            for each i (A and conjB from the old factors):
+                T1 = A_(i) A_(i)^T - conjB_(i) conjB_(i)^T,  T2 = A_(i) A_(i)^T + conjB_(i) ..^T
+                    (the diagonals only, for a diagonal Q_i)
+                diagonal:    Q_i <- Q_i - precond_lr * T1 * Q_i / max(max|T2|, tiny)
+                triangular:  Q_i <- Q_i - precond_lr * triu(T1) Q_i / max(lb(T2), tiny)
+                    (lb: :func:`_spectral_lower_bound`; 0 when T2 = 0)
+        U = G x_0 (Q_0^T Q_0) x_1 (Q_1^T Q_1) ...  (with G the noised one after an update,
+            as in kron_torch, whose in-place noise reaches the preconditioned gradient)
+        U <- U * min(1, 1.1 / (rms(U) + 1e-12))                (update RMS clipped at 1.1)
+        U <- U + wd * theta   (parameters of two or more dimensions only)
+        theta <- theta - lr * U
+
+    The factors' cost per step, for a weight ``[out, in]`` with both factors triangular: the
+    preconditioned gradient, four products, ``2 out in (out + in)`` multiply-adds; a
+    preconditioner update (every step for the first 500 steps, then about every 34th once
+    ``p`` is 0.03) adds two triangular solves (``out in (out + in) / 2`` each), four
+    ``A A^T``-type products (``out in (out + in)`` in all, twice), ``A = Q_0 G Q_1^T``
+    (``out in (out + in)``) and ``triu(T1) Q`` (``out^3 + in^3``, halved by the triangle):
+    ``O(out^3 + in^3 + out in (out + in))``, against SGD's ``out in``. A 2000-wide layer thus
+    costs ~10^10 multiply-adds per update; ``max_size_triangular`` below a width makes that
+    dimension's factor diagonal (``O(out in)``), as Plasticine's memory-saving variant does
+    with 0. Memory: ``out^2 + in^2`` per weight and seed.
+
+    Random draws: ``u`` and ``V`` come from one generator per seed, stream
+    :data:`~ppo_cbp.seeding.TAG_KRON` of ``seeds[s]``: at every step ``u`` (one number), then,
+    at an update, each parameter's ``V`` in the order of the groups, so seed ``s`` of a stack
+    draws exactly what it draws alone. kron_torch draws ``u`` from ``random.Random(42)`` (one
+    number per step, shared by all parameters) and ``V`` from torch's global generator.
+
+    Deviations from kron_torch, each for stacked seeds, exact resuming or float64:
+
+    - stacked seeds (``seed_dims=1``): every parameter is ``[S, ...]``; each seed has its own
+      factors (``[S, d, d]``, ``[S, d]``), momentum, ``mean|G|``, ``max|T2|``, ``lb``, RMS
+      clip and balancing draw; the step counts and the deterministic update schedule are
+      shared (they are the same for every seed);
+    - the factors are kept in float32, as kron_torch's default ``precond_dtype``, or float64
+      for float64 parameters (kron_torch: float32, and its triangular solve in float32);
+    - the momentum is kept in the parameter's shape (not the merged one), so that CBP's and
+      ReDo's resets of a parameter's optimizer state reach it;
+    - the balancing probability 0.01 is the argument ``balance_prob`` (for the tests);
+    - ``momentum_into_precond_update`` is always True (kron_torch's default), ``mu_dtype``
+      is the parameter's, and nothing is printed;
+    - :meth:`state_dict` also holds the schedule's step and counter and the generators.
+
+    :param params: parameters or groups (a parameter without a gradient is skipped, as in
+        kron_torch; the schedule's settings are read from the first group, as there).
+    :param lr: step size (default 3e-4, kron_torch's, and the learning rate Plasticine passes
+        in its continual DMC PPO).
+    :param b1: momentum ``b1`` in [0, 1) (default 0.9, kron_torch's).
+    :param weight_decay: ``wd`` (default 0, kron_torch's; Plasticine leaves it).
+    :param precond_lr: the preconditioner's step size (default 0.1, kron_torch's).
+    :param precond_init_scale: ``c`` (default 1, kron_torch's).
+    :param max_size_triangular: a dimension larger than this gets a diagonal factor (default
+        8192, kron_torch's; Plasticine's memory-saving option sets 0, all diagonal).
+    :param min_ndim_triangular: a tensor with fewer dimensions gets diagonal factors only
+        (default 2, kron_torch's: biases are diagonal).
+    :param memory_save_mode: None (default, kron_torch's), ``"smart_one_diag"``,
+        ``"one_diag"`` or ``"all_diag"`` (kron_torch's meanings).
+    :param merge_dims: merge a tensor of more than two dimensions into a matrix (default True,
+        kron_torch's).
+    :param max_prob, min_prob, decay, flat_start: the update-probability schedule
+        (:func:`update_probability`; defaults kron_torch's 1, 0.03, 0.001, 500).
+    :param balance_prob: the probability of balancing the factors at an update (kron_torch's
+        0.01, "roughly every 100 updates").
+    :param seed_dims: 0, or 1 for stacked parameters.
+    :param seeds: one run seed per stacked network (one when ``seed_dims=0``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 3e-4,
+        b1: float = 0.9,
+        weight_decay: float = 0.0,
+        precond_lr: float = 0.1,
+        precond_init_scale: float = 1.0,
+        max_size_triangular: float = 8192,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: str | None = None,
+        merge_dims: bool = True,
+        max_prob: float = 1.0,
+        min_prob: float = 0.03,
+        decay: float = 0.001,
+        flat_start: float = 500,
+        balance_prob: float = 0.01,
+        *,
+        seed_dims: int = 0,
+        seeds: Sequence[int] = (0,),
+    ):
+        checks = (
+            ("lr", lr > 0),
+            ("b1", 0.0 <= b1 < 1.0),
+            ("weight_decay", weight_decay >= 0),
+            ("precond_lr", precond_lr > 0),
+            ("precond_init_scale", precond_init_scale > 0),
+            ("max_size_triangular", max_size_triangular >= 0),
+            ("min_prob", 0.0 < min_prob <= max_prob <= 1.0),
+            ("decay", decay >= 0),
+            ("balance_prob", 0.0 <= balance_prob <= 1.0),
+        )
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name} out of range in Kron: {locals()[name]}")
+        if memory_save_mode not in MEMORY_SAVE_MODES:
+            raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}")
+        if seed_dims not in (0, 1):
+            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
+        seeds = [int(s) for s in seeds]
+        if not seeds or (seed_dims == 0 and len(seeds) != 1):
+            raise ValueError(f"one seed per stacked network (one when seed_dims=0), got {seeds}")
+        defaults = dict(
+            lr=lr,
+            b1=b1,
+            weight_decay=weight_decay,
+            precond_lr=precond_lr,
+            precond_init_scale=precond_init_scale,
+            max_size_triangular=max_size_triangular,
+            min_ndim_triangular=min_ndim_triangular,
+            memory_save_mode=memory_save_mode,
+            merge_dims=merge_dims,
+            max_prob=max_prob,
+            min_prob=min_prob,
+            decay=decay,
+            flat_start=flat_start,
+            balance_prob=balance_prob,
+        )
+        super().__init__(params, defaults)
+        self.seed_dims = seed_dims
+        device = self.param_groups[0]["params"][0].device
+        self.generators = [
+            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_KRON)) for s in seeds
+        ]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if seed_dims and (p.dim() == 0 or p.shape[0] != len(seeds)):
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)}: not {len(seeds)} seeds"
+                    )
+        self.prob_step = 0
+        """Steps taken (kron_torch's ``_prob_step``): the schedule's ``n``."""
+        self.update_counter = 0
+        """Steps since the last preconditioner update (kron_torch's ``_update_counter``)."""
+
+    def _stacked(self, x: Tensor) -> Tensor:
+        """``x`` with its seed dimension (``[1, ...]`` when not stacked)."""
+        return x if self.seed_dims else x.unsqueeze(0)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        shape = _merged_shape(tuple(p.shape[self.seed_dims :]), group["merge_dims"])
+        diagonal = _diagonal_dims(
+            shape,
+            group["max_size_triangular"],
+            group["min_ndim_triangular"],
+            group["memory_save_mode"],
+        )
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        scale = group["precond_init_scale"] ** (1 / len(shape))
+        seeds = len(self.generators)
+        factors = []
+        for size, diag in zip(shape, diagonal):
+            one = torch.ones(size, dtype=dtype, device=p.device)
+            q = scale * (one if diag else torch.diag(one))
+            factors.append(q.expand(seeds, *q.shape).clone())
+        return {"step": 0, "momentum_buffer": torch.zeros_like(p), "Q": factors}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("Kron.step takes no closure")
+        g0 = self.param_groups[0]
+        prob = update_probability(
+            self.prob_step, g0["max_prob"], g0["min_prob"], g0["decay"], g0["flat_start"]
+        )
+        self.update_counter += 1
+        # the counter (an int) against 1 / p in float32, as kron_torch compares them
+        do_update = self.update_counter >= float(1 / prob)
+        if do_update:
+            self.update_counter = 0
+        self.prob_step += 1
+        # one number per seed at every step, whether or not it is used
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in self.generators])
+        balance = u < g0["balance_prob"] if do_update else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p, group))
+                self._step_parameter(p, state, group, do_update, balance)
+
+    def _step_parameter(
+        self,
+        p: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        do_update: bool,
+        balance: Tensor | None,
+    ) -> None:
+        factors: list[Tensor] = state["Q"]
+        b1 = group["b1"]
+        state["step"] += 1
+        momentum = state["momentum_buffer"]
+        momentum.mul_(b1).add_(p.grad, alpha=1 - b1)
+        shape = tuple(q.shape[1] for q in factors)
+        debiased = momentum / (1 - b1 ** state["step"])
+        G = self._stacked(debiased).reshape(-1, *shape).to(factors[0].dtype)
+        if balance is not None and len(shape) > 1:
+            norms = torch.stack([_per_seed(q).abs().amax(1) for q in factors])  # [k, S]
+            target = norms.log().mean(0).exp()
+            for q, n in zip(factors, norms):
+                # seeds that do not balance multiply by exactly 1
+                q.mul_(_as_seeds(torch.where(balance, target / n, torch.ones_like(n)), q))
+        if do_update:
+            self._update_preconditioner(factors, G, group["precond_lr"])
+        U = G
+        for i, q in enumerate(factors):
+            U = _left(q, _left(q, U, i), i, transpose=True)
+        rms = _per_seed(U).square().mean(1).sqrt()
+        U = U * _as_seeds(torch.clamp(1.1 / (rms + 1e-12), max=1.0), U)
+        U = U.reshape(p.shape)
+        if group["weight_decay"] != 0 and p.dim() - self.seed_dims >= 2:
+            U = U + group["weight_decay"] * p
+        p.add_(U.to(p.dtype), alpha=-group["lr"])
+
+    def _update_preconditioner(self, factors: list[Tensor], G: Tensor, precond_lr: float) -> None:
+        """kron_torch's ``_update_precond`` for every seed at once; adds the noise to ``G`` in
+        place (kron_torch's ``_calc_A_and_conjB`` does, and the step preconditions that)."""
+        V = torch.empty_like(G)
+        for s, g in enumerate(self.generators):
+            V[s].normal_(generator=g)
+        eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=G.dtype, device=G.device)
+        noise_scale = eps.sqrt() * _per_seed(G).abs().mean(1)
+        G.add_(_as_seeds(noise_scale, G) * V)
+        A, conj_b = G, V
+        for i, q in enumerate(factors):
+            A = _left(q, A, i)
+            if q.dim() == 2:
+                conj_b = conj_b / q.reshape(q.shape[0], *([1] * i), -1, *([1] * (G.dim() - i - 2)))
+            else:
+                solved = torch.linalg.solve_triangular(q, _mode(conj_b, i), upper=True, left=False)
+                conj_b = _unmode(solved, i, conj_b)
+        tiny = torch.finfo(G.dtype).tiny
+        for i, q in enumerate(factors):
+            diagonal = q.dim() == 2
+            aa, bb = _gram(A, i, diagonal), _gram(conj_b, i, diagonal)
+            term1, term2 = (aa - bb) * precond_lr, aa + bb
+            norm = _per_seed(term2).abs().amax(1)
+            if diagonal:
+                q.sub_(term1 * (q / norm.clamp(min=tiny)[:, None]))
+            else:
+                safe = torch.where(norm > 0, norm, torch.ones_like(norm))  # lb of 0 is 0
+                bound = torch.where(norm > 0, _spectral_lower_bound(term2, safe), norm)
+                step = torch.triu(term1) / bound.clamp(min=tiny)[:, None, None]
+                q.sub_(torch.bmm(step, q))
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["prob_step"] = self.prob_step
+        state["update_counter"] = self.update_counter
+        state["generators"] = [g.get_state() for g in self.generators]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        generators = state_dict.pop("generators")
+        if len(generators) != len(self.generators):
+            raise ValueError(
+                f"the state has {len(generators)} generators, expected {len(self.generators)}"
+            )
+        prob_step = int(state_dict.pop("prob_step"))
+        update_counter = int(state_dict.pop("update_counter"))
+        super().load_state_dict(state_dict)
+        self.prob_step, self.update_counter = prob_step, update_counter
+        for g, s in zip(self.generators, generators):
+            g.set_state(s)
