@@ -3,6 +3,7 @@
     python scripts/reproduce.py --budget small --data-dir /path/to/mnist      # run + plot
     python scripts/reproduce.py --budget small --scale 0.01 --runs-dir /tmp/r  # quick check
     python scripts/reproduce.py --budget small --dry-run                       # commands only
+    python scripts/reproduce.py --budget compare --data-dir /path/to/mnist    # every method
     python scripts/reproduce.py --budget paper                                  # print only
     python scripts/reproduce.py --budget paper --launch                         # run full scale
 
@@ -84,6 +85,26 @@ PPO_MIN_STEPS = 2048  # one rollout
 # (30x slower measured with 2 threads on a busy 2-core machine). The PPO trainer sets --threads.
 SUPERVISED_ENV = {"OMP_NUM_THREADS": "1"}
 
+# ---- compare budget: every method of the MLP benchmarks, side by side (docs/results.md)
+COMPARE_METHODS = (
+    *("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm", "l2_init"),
+    *("snp_init", "soft_snp", "parseval", "weight_clipping", "head_reset", "adam+adam_reset"),
+    *("layer_norm", "nap", "crelu", "dff", "injection", "upgd", "kron", "trac", "adam+trac"),
+    *("cbp+l2_init+layer_norm", "adam+redo+adam_reset"),  # the README's combinations
+)
+COMPARE_SKIP = {
+    ("scr", "online_norm"): "Slowly-Changing Regression does not take online normalisation",
+    ("permuted_mnist", "kron"): (
+        "Kron's 784 x 784 preconditioner of the first layer costs 20-150 times an SGD step "
+        "(docs/benchmarks.md): 600,000 steps would take days on the CPU"
+    ),
+}
+"""Runs the comparison leaves out, and why."""
+COMPARE_SCR_SEEDS = tuple(range(8))
+COMPARE_PM_SEEDS = tuple(range(5))
+COMPARE_PM_TASKS = 10  # each a full pass over the 60,000 images
+COMPARE_PM_EXAMPLES_PER_TASK = 60_000
+
 # ---- paper budget (Dohare et al., 2024)
 PAPER_SEEDS = tuple(range(30))
 PAPER_PM_TASKS = 800
@@ -145,11 +166,15 @@ def _scaled(n: int, scale: float, minimum: int = 1) -> int:
 
 
 def scr_experiments(
-    runs_dir: Path, scale: float, seeds=SCR_SEEDS, examples: int = SCR_EXAMPLES
+    runs_dir: Path,
+    scale: float,
+    seeds=SCR_SEEDS,
+    examples: int = SCR_EXAMPLES,
+    methods: tuple[str, ...] = SCR_METHODS,
 ) -> list[Experiment]:
     bins = _scaled(examples // SCR_BIN, scale)
     out = []
-    for m in SCR_METHODS:
+    for m in methods:
         run_dir = runs_dir / f"scr_{m}"
         cmd = ["python", "scripts/supervised.py", "slowly-changing-regression", "--method", m]
         cmd += ["--activation", "relu", "--examples", str(bins * SCR_BIN)]
@@ -170,10 +195,11 @@ def pm_experiments(
     tasks: int = PM_TASKS,
     width: int = PM_WIDTH,
     examples_per_task: int = PM_EXAMPLES_PER_TASK,
+    methods: tuple[str, ...] = PM_METHODS,
 ) -> list[Experiment]:
     tasks = _scaled(tasks, scale)
     out = []
-    for m in PM_METHODS:
+    for m in methods:
         run_dir = runs_dir / f"pm_{m}"
         cmd = ["python", "scripts/supervised.py", "permuted-mnist", "--method", m]
         cmd += ["--width", str(width), "--tasks", str(tasks)]
@@ -228,6 +254,32 @@ def small_experiments(
         exps += pm_experiments(runs_dir, scale, data_dir)
     if "ppo" in only:
         exps += ppo_experiments(runs_dir, scale)
+    return exps
+
+
+def compare_experiments(
+    runs_dir: Path, scale: float, data_dir: Path | None, only: tuple[str, ...]
+) -> list[Experiment]:
+    """Every method of :data:`COMPARE_METHODS` on both MLP benchmarks (less
+    :data:`COMPARE_SKIP`), method by method: SCR at the paper's length with 8 seeds, Permuted
+    MNIST at width 100 with 5 seeds, 10 tasks of a full pass each."""
+    exps: list[Experiment] = []
+    for m in COMPARE_METHODS:
+        if "scr" in only and ("scr", m) not in COMPARE_SKIP:
+            exps += scr_experiments(runs_dir, scale, COMPARE_SCR_SEEDS, SCR_EXAMPLES, (m,))
+        if "permuted_mnist" in only and ("permuted_mnist", m) not in COMPARE_SKIP:
+            exps += pm_experiments(
+                runs_dir,
+                scale,
+                data_dir,
+                COMPARE_PM_SEEDS,
+                COMPARE_PM_TASKS,
+                PM_WIDTH,
+                COMPARE_PM_EXAMPLES_PER_TASK,
+                (m,),
+            )
+    for e in exps:
+        e.protocol = "methods comparison"
     return exps
 
 
@@ -455,16 +507,16 @@ INTERRUPTED = (
 )
 
 
-def make_figures(exps: list[Experiment], figures: Path, bin_size: int) -> list[str]:
-    """Plot each benchmark's runs that hold data; a benchmark without data is noted."""
+def make_figures(
+    exps: list[Experiment], figures: Path, bin_size: int, prefix: str = "small"
+) -> list[str]:
+    """Plot each benchmark's runs that hold data (figures ``<prefix>_<benchmark>``); a
+    benchmark without data is noted."""
     from ppo_cbp.reporting.figures import plot_runs
 
     files: list[str] = []
-    for bench, name in (
-        ("scr", "small_scr"),
-        ("permuted_mnist", "small_permuted_mnist"),
-        ("ppo", "small_ppo"),
-    ):
+    for bench in ("scr", "permuted_mnist", "ppo"):
+        name = f"{prefix}_{bench}"
         dirs = [e.run_dir for e in exps if e.benchmark == bench and e.run_dir.exists()]
         if not dirs:
             continue
@@ -478,14 +530,14 @@ def make_figures(exps: list[Experiment], figures: Path, bin_size: int) -> list[s
 
 @dataclass
 class ReproduceArgs:
-    budget: Literal["small", "paper"] = "small"
-    """small: run the CPU-scale experiments and plot; paper: print the full-scale commands."""
+    budget: Literal["small", "compare", "paper"] = "small"
+    """small: run the CPU-scale experiments and plot; compare: every method of the MLP benchmarks side by side (docs/results.md section 4; hours of compute, resumable) and plot; paper: print the full-scale commands."""
     scale: float = 1.0
     """Multiplier of every length (examples, tasks, steps, friction interval); seeds unchanged."""
     runs_dir: Path | None = None
-    """Folder of the run folders (default runs/repro, or runs/paper with --budget paper)."""
+    """Folder of the run folders (default runs/repro, runs/compare or runs/paper by --budget)."""
     figures: Path | None = None
-    """Folder of the figures and reproduce_small.json (default figures/ in --runs-dir)."""
+    """Folder of the figures and reproduce_<budget>.json (default figures/ in --runs-dir)."""
     data_dir: Path | None = None
     """Folder with the four MNIST .gz files (default: $PPO_CBP_MNIST_DIR if set, else ~/.cache/ppo_cbp/mnist)."""
     only: tuple[Literal["scr", "permuted_mnist", "ppo"], ...] = ("scr", "permuted_mnist", "ppo")
@@ -496,6 +548,38 @@ class ReproduceArgs:
     """Print the commands without running them."""
     launch: bool = False
     """With --budget paper: run the full-scale commands (days of compute)."""
+
+
+def sizes_at_scale_1(budget: str) -> dict[str, Any]:
+    """What each benchmark of ``budget`` runs at ``--scale 1``, for the report."""
+    if budget == "compare":
+        return {
+            "scr": {"examples": SCR_EXAMPLES, "bin": SCR_BIN, "seeds": list(COMPARE_SCR_SEEDS)},
+            "permuted_mnist": {
+                "tasks": COMPARE_PM_TASKS,
+                "examples_per_task": COMPARE_PM_EXAMPLES_PER_TASK,
+                "width": PM_WIDTH,
+                "seeds": list(COMPARE_PM_SEEDS),
+            },
+            "methods": list(COMPARE_METHODS),
+            "left_out": {f"{b} {m}": why for (b, m), why in COMPARE_SKIP.items()},
+        }
+    return {
+        "scr": {"examples": SCR_EXAMPLES, "bin": SCR_BIN, "seeds": list(SCR_SEEDS)},
+        "permuted_mnist": {
+            "tasks": PM_TASKS,
+            "examples_per_task": PM_EXAMPLES_PER_TASK,
+            "width": PM_WIDTH,
+            "seeds": list(PM_SEEDS),
+        },
+        "ppo": {
+            "env": PPO_ENV,
+            "steps": PPO_STEPS,
+            "friction_every": PPO_FRICTION_EVERY,
+            "bin": PPO_BIN,
+            "seeds": list(PPO_SEEDS),
+        },
+    }
 
 
 def check_args(a: ReproduceArgs) -> None:
@@ -530,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(a)
     except UsageError as e:
         return report_error(e)
-    default_runs = "runs/paper" if a.budget == "paper" else "runs/repro"
+    default_runs = {"paper": "runs/paper", "compare": "runs/compare"}.get(a.budget, "runs/repro")
     runs_dir = Path(os.path.abspath(a.runs_dir or default_runs))
     data_dir = None if a.data_dir is None else Path(os.path.abspath(a.data_dir))
     if a.budget == "paper":
@@ -551,7 +635,13 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         return 0 if all(r["status"] in ("ran", "skipped", "dry-run") for r in records) else 1
 
-    exps = small_experiments(runs_dir, a.scale, data_dir, a.only)
+    if a.budget == "compare":
+        exps = compare_experiments(runs_dir, a.scale, data_dir, a.only)
+        for (bench, m), why in COMPARE_SKIP.items():
+            if bench in a.only:
+                print(f"note: {bench} {m} is left out: {why}", flush=True)
+    else:
+        exps = small_experiments(runs_dir, a.scale, data_dir, a.only)
     t0 = time.perf_counter()
     try:
         records = run_all(exps, a.jobs, a.dry_run)
@@ -563,8 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = runs_dir / "figures" if a.figures is None else Path(os.path.abspath(a.figures))
     figures.mkdir(parents=True, exist_ok=True)
     bin_size = _scaled(PPO_BIN, a.scale, PPO_MIN_STEPS)
-    files = make_figures(exps, figures, bin_size)
-    report_path = figures / "reproduce_small.json"
+    files = make_figures(exps, figures, bin_size, prefix=a.budget)
+    report_path = figures / f"reproduce_{a.budget}.json"
     previous = {}
     if report_path.exists():
         previous = {
@@ -577,25 +667,10 @@ def main(argv: list[str] | None = None) -> int:
             r["wall_time_s"] = old.get("wall_time_s")
             r["status"] = "skipped (ran earlier)"
     report = {
-        "budget": "small",
+        "budget": a.budget,
         "scale": a.scale,
         "runs_dir": _rel(runs_dir),
-        "sizes_at_scale_1": {
-            "scr": {"examples": SCR_EXAMPLES, "bin": SCR_BIN, "seeds": list(SCR_SEEDS)},
-            "permuted_mnist": {
-                "tasks": PM_TASKS,
-                "examples_per_task": PM_EXAMPLES_PER_TASK,
-                "width": PM_WIDTH,
-                "seeds": list(PM_SEEDS),
-            },
-            "ppo": {
-                "env": PPO_ENV,
-                "steps": PPO_STEPS,
-                "friction_every": PPO_FRICTION_EVERY,
-                "bin": PPO_BIN,
-                "seeds": list(PPO_SEEDS),
-            },
-        },
+        "sizes_at_scale_1": sizes_at_scale_1(a.budget),
         "jobs": a.jobs,
         "experiments": records,
         "wall_time_this_call_s": round(time.perf_counter() - t0, 1),

@@ -450,6 +450,34 @@ def test_reproduce_small_commands_scale_every_length(tmp_path):
     assert c[c.index("--env") + 1] == reproduce.PPO_ENV
 
 
+def test_reproduce_compare_budget_every_method_both_benchmarks(tmp_path):
+    """The comparison: every method the MLP benchmarks take (each suite method but PPO's
+    C-CHAIN, alone or with the method it needs) and the README's combinations, on SCR at the
+    paper's length with 8 seeds and on Permuted MNIST with 5 seeds, 10 tasks of 60,000; only
+    the runs of COMPARE_SKIP left out."""
+    from ppo_cbp.benchmarks.common import METHODS
+
+    exps = reproduce.compare_experiments(
+        tmp_path, 1.0, tmp_path / "mnist", ("scr", "permuted_mnist")
+    )
+    methods = {m for e in exps for m in e.method.split("+")}
+    assert methods == set(METHODS)
+    assert {"cbp+l2_init+layer_norm", "adam+redo+adam_reset"} <= {e.method for e in exps}
+    for bench in ("scr", "permuted_mnist"):
+        ran = [e.method for e in exps if e.benchmark == bench]
+        skipped = [m for (b, m) in reproduce.COMPARE_SKIP if b == bench]
+        assert sorted(ran + skipped) == sorted(reproduce.COMPARE_METHODS)
+    by = {e.name: e.command for e in exps}
+    scr = by["scr_cbp"]
+    assert scr[scr.index("--examples") + 1] == "3000000"
+    assert scr[scr.index("--seeds") + 1 : scr.index("--out")] == [str(s) for s in range(8)]
+    pm = by["pm_adam+trac"]
+    assert pm[pm.index("--examples-per-task") + 1] == "60000"
+    assert pm[pm.index("--tasks") + 1] == "10" and pm[pm.index("--width") + 1] == "100"
+    assert pm[pm.index("--seeds") + 1 : pm.index("--data-dir")] == [str(s) for s in range(5)]
+    assert all(e.run_dir.parent == tmp_path for e in exps)
+
+
 def test_reproduce_skips_finished_resumes_partial_refuses_conflict(tmp_path, capsys):
     exps = reproduce.scr_experiments(tmp_path, 1.0)
     bins = reproduce.SCR_EXAMPLES // reproduce.SCR_BIN
