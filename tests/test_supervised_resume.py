@@ -59,3 +59,32 @@ def test_resume_takes_the_flags_not_given_from_the_run_and_extends_it(tmp_path, 
         script.main([scr, "--out", str(part), "--resume", "--examples", "120", "--hidden", "5"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "hidden (checkpoint 7, now 5)" in err, err
+
+
+def test_a_run_from_before_a_method_setting_was_added_resumes(tmp_path, capsys):
+    """A checkpoint whose method settings lack ones added since (here Kron's, written before
+    Kron existed) resumes when the added settings hold their defaults, and the extended run
+    equals one run at that length; a setting given away from its default is still refused."""
+    import json
+
+    import torch
+
+    settings = ["--method", "adam", "--hidden", "6", "--bin-size", "20", "--dtype", "float64"]
+    settings += ["--device", "cpu", "--no-progress"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    scr = "slowly-changing-regression"
+    script.main([scr, *settings, "--examples", "80", "--out", str(full)])
+    script.main([scr, *settings, "--examples", "40", "--out", str(part)])
+    state = torch.load(part / "checkpoint.pt", weights_only=False)
+    config = json.loads(state["config"])
+    for key in ("method", "resolved_method"):
+        for name in ("kron_b1", "kron_precond_lr", "kron_max_size_triangular"):
+            del config[key][name]
+    state["config"] = json.dumps(config)
+    torch.save(state, part / "checkpoint.pt")
+    capsys.readouterr()
+    script.main([scr, "--out", str(part), "--resume", "--examples", "80", "--no-progress"])
+    assert rows(part) == rows(full)
+    with pytest.raises(SystemExit) as info:
+        script.main([scr, "--out", str(part), "--resume", "--examples", "100", "--lr", "0.5"])
+    assert info.value.code == 2 and "lr (checkpoint" in capsys.readouterr().err

@@ -726,6 +726,21 @@ def mean_and_standard_error(values: Sequence[float]) -> tuple[float, float | Non
     return mean, math.sqrt(var / n)
 
 
+def _with_added_settings(saved: dict[str, Any], now: Any, cls: type) -> dict[str, Any]:
+    """``saved`` (a method's settings in a checkpoint) with the settings added to ``cls`` since
+    it was written, where they hold their default now: the run was made without them, which
+    is what their defaults compute (a method's settings added with the method)."""
+    if not isinstance(now, dict):
+        return saved
+    defaults = {
+        f.name: json.loads(json.dumps(f.default))
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING
+    }
+    added = {k: v for k, v in now.items() if k not in saved and k in defaults and v == defaults[k]}
+    return {**saved, **added}
+
+
 EXTENDABLE: dict[str, tuple[str, ...]] = {
     "permuted-mnist": ("tasks", "resolved_tasks"),
     "slowly-changing-regression": ("examples", "bins"),
@@ -818,9 +833,10 @@ class RunOutputs:
         method = saved.get("resolved_method")
         if isinstance(method, dict) and method.get("extra") == {}:
             del method["extra"]  # an unused field, always empty, that runs before 0.1.0 recorded
-        for key in ("method", "resolved_method"):  # settings renamed since
+        for key, cls in (("method", MethodConfig), ("resolved_method", ResolvedMethod)):
             if isinstance(saved.get(key), dict):
-                saved[key] = suite.current_names(saved[key])
+                saved[key] = suite.current_names(saved[key])  # settings renamed since
+                saved[key] = _with_added_settings(saved[key], self.config.get(key), cls)
         ignored = {"resume", "progress", "out", "device", "label"}
         ignored |= {"track", "wandb_project_name", "wandb_entity"}  # how it is watched
         ignored |= set(EXTENDABLE.get(self.benchmark, ()))  # a longer run has the same first rows
