@@ -74,9 +74,11 @@ class _SeededPerturbation(torch.optim.Optimizer):
     def _broadcast(self, top: Tensor, p: Tensor) -> Tensor:
         """The global maximum (``[S]`` or 0-dim) shaped to divide ``p``'s trace; a maximum of
         exactly 0 (no utility anywhere) becomes 1 instead of giving 0/0."""
-        if self.seed_dims:
-            top = top.reshape(-1, *([1] * (p.dim() - 1)))
-        return torch.where(top == 0, torch.ones_like(top), top)
+        return self._shaped(_nonzero(top), p)
+
+    def _shaped(self, top: Tensor, p: Tensor) -> Tensor:
+        """A per-seed ``[S]`` value (or 0-dim) as a view that broadcasts against ``p``."""
+        return top.view(-1, *([1] * (p.dim() - 1))) if self.seed_dims else top
 
     def _noise(self, params: list[Tensor]) -> list[Tensor]:
         """Standard normal draws shaped like ``params``: seed by seed, parameter by parameter."""
@@ -101,6 +103,12 @@ class _SeededPerturbation(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for g, s in zip(self.generators, generators):
             g.set_state(s)
+
+
+def _nonzero(top: Tensor) -> Tensor:
+    """``top`` with its entries of exactly 0 (no utility anywhere) replaced by 1, so that
+    dividing by it gives 0 instead of 0/0."""
+    return torch.where(top == 0, torch.ones_like(top), top)
 
 
 class UPGD(_SeededPerturbation):
@@ -180,7 +188,7 @@ class UPGD(_SeededPerturbation):
             maxima += [self._per_seed_max(u) for u in traces]
         if not maxima:
             return
-        global_max = torch.stack(maxima).amax(0)
+        top = _nonzero(torch.stack(maxima).amax(0))
         noise = self._noise(params)
         i = 0
         for group in self.param_groups:
@@ -188,7 +196,7 @@ class UPGD(_SeededPerturbation):
             lr, wd, sigma = group["lr"], group["weight_decay"], group["sigma"]
             corrections = [1.0 - group["beta_utility"] ** self.state[p]["step"] for p in ps]
             keep = torch._foreach_div([self.state[p]["avg_utility"] for p in ps], corrections)
-            torch._foreach_div_(keep, [self._broadcast(global_max, p) for p in ps])
+            torch._foreach_div_(keep, [self._shaped(top, p) for p in ps])
             torch._foreach_sigmoid_(keep)
             torch._foreach_neg_(keep)
             torch._foreach_add_(keep, 1.0)  # 1 - s
