@@ -143,10 +143,10 @@ class AutogradLearner:
                         "--injection-layers 1"
                     )
         for name in ("dropout", "online_norm"):
-            if method.uses(name) and not uses_fused_trainer(method):
+            if method.uses(name):  # this learner's network has neither
                 raise UsageError(
                     f"--method {method.method}: {name} runs only on the fused trainer, with "
-                    f"bp, l2, snp, cbp, redo or adam"
+                    f"{', '.join(n for n in FUSED_METHODS if n not in ('dropout', name))}"
                 )
         self.seeds = list(seeds)
         self.method = method

@@ -35,7 +35,6 @@ from ppo_cbp import run_folder, tracking
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
-from ppo_cbp.nets.units import UnitLayer
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Network
@@ -481,6 +480,15 @@ class Learner:
                 f"--method {method.method}: online_norm is trained with plain SGD in the fused "
                 f"trainer; it does not combine with {', '.join(sorted(names & GRADIENT_METHODS))}"
             )
+        architectural = [n for n in ("layer_norm", "nap", "crelu", "dff") if method.uses(n)]
+        if method.uses("online_norm") and architectural:
+            raise UsageError(
+                f"--method {method.method}: online_norm does not combine with "
+                f"{', '.join(architectural)}"
+            )
+        paired = next((n for n in ("crelu", "dff") if method.uses(n)), None)
+        if paired is not None and activation != "relu":
+            raise UsageError(f"--method {method.method}: {paired} replaces ReLU, not {activation}")
         norm = (method.alpha_f, method.alpha_b) if method.uses("online_norm") else None
         self.net = StackedMLP(
             sizes,
@@ -488,6 +496,8 @@ class Learner:
             activation=activation,
             init=init,
             norm_decays=norm,
+            layer_norm=method.uses("layer_norm") or method.uses("nap"),
+            paired=paired,
             device=device,
             dtype=dtype,
         )
@@ -505,17 +515,24 @@ class Learner:
         )
         net = self.net
         n = len(net.params)
-        # The optimizer steps each layer's P = [W | b] whole (one contiguous tensor per layer),
-        # UPGD the weight and bias views (its noise is drawn per tensor, as on the
-        # autograd learner); the methods find either's state from a view (nets.units).
-        views = [t for i in range(n) for t in (net.weight(i), net.bias(i))]
-        params = views if method.optimizer == "upgd" else list(net.params)
+        # The optimizer steps each layer's P = [W | b] whole (one contiguous tensor per layer)
+        # and each LayerNorm's [gain; offset] after it, UPGD the weight, bias, gain and offset
+        # views in the autograd learner's order (its noise is drawn per tensor, in order); the
+        # methods find either's state from a view (nets.units).
+        norms = net.norm_params
+        params = (
+            net.parameters()
+            if method.optimizer == "upgd"
+            else [t for i, p in enumerate(net.params) for t in (p, *norms[i : i + 1])]
+        )
         self.opt: torch.optim.Optimizer | None = None
         state_owner: Any = self.trainer.state_tensors
         if self.gradients:
             for i, g in enumerate(self.trainer.grads):
                 net.params[i].grad = g
                 net.weight(i).grad, net.bias(i).grad = g[..., :-1], g[..., -1]
+            for (gain, offset), t, g in zip(net.layer_norms(), norms, self.trainer.norm_grads):
+                t.grad, gain.grad, offset.grad = g, g[:, 0], g[:, 1]
             self.opt, state_owner = suite.with_trac(
                 names, make_optimizer(params, method, seeds), seed_dims=1
             )
@@ -547,7 +564,10 @@ class Learner:
         # CBP, ReDo and the noise are the trainer's and this class's; the rest the suite's
         hooked = [n for n in method.methods if n in suite.ORDER and n not in ("cbp", "redo", "snp")]
         self.methods = suite.build(
-            hooked, method.settings(), [suite.Target("", network)], init=init
+            hooked,
+            method.settings(),
+            [suite.Target("", network, norms=net.layer_norms())],
+            init=init,
         )
         # the per-step transforms, on either side of the unit resets in the suite's order
         resets = suite.ORDER.index("cbp")
@@ -560,23 +580,7 @@ class Learner:
         self._after = [m for i, m in per_step if i > resets]
         self.cbp: ContinualBackprop | None = None
         self.redo: WindowedReDo | None = None
-        units = (
-            [
-                UnitLayer(
-                    net.weight(i),
-                    net.bias(i),
-                    out_weight=net.weight(i + 1),
-                    out_bias=net.bias(i + 1),
-                    init=init,
-                    nonlinearity=nonlinearity,
-                    seed_dims=1,
-                    name=f"hidden{i + 1}",
-                )
-                for i in range(net.num_hidden)
-            ]
-            if self.gradients
-            else self.trainer.unit_layers()
-        )
+        units = net.unit_layers() if self.gradients else self.trainer.unit_layers()
         if method.uses("cbp"):
             self.cbp = ContinualBackprop(
                 units,
