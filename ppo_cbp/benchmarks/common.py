@@ -34,10 +34,12 @@ from torch import Tensor
 from ppo_cbp import run_folder, tracking
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
+from ppo_cbp.nets import kernels
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Network
+from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
 from ppo_cbp.plasticity.redo import ReDo, WindowedReDo
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_REDO, derive_seed
@@ -455,6 +457,16 @@ class Learner:
     weight magnitudes when nothing changed the weights after its pass. ReDo scores units on
     the activations of the last ``redo_period`` examples (a ring buffer), since a single
     example is no estimate of E|h|.
+
+    The architectural methods are the network's: ``layer_norm`` and ``nap`` put a LayerNorm
+    before every hidden activation, ``crelu`` and ``dff`` make it paired (two outputs per
+    unit), computed by the trainer (:class:`~ppo_cbp.nets.stacked_mlp.StackedMLP`'s
+    ``layer_norm`` and ``paired``). The optimizer and the methods see the parameters in the
+    autograd learner's order (per layer ``P``, or the weight and bias views for UPGD, then the
+    LayerNorm's ``[S, 2, units]`` gain and offset, or their views), NaP the LayerNorms' gains
+    and offsets; CBP and ReDo reset a replaced unit's gain and offset and both consumer columns
+    of a paired unit, and score it by the mean magnitude of its two outputs. On CPU NaP's
+    projection is one kernel pass per tensor (:class:`_FusedProjection`).
     """
 
     def __init__(
@@ -576,6 +588,11 @@ class Learner:
             for n, _, m in self.methods.entries
             if suite.METHODS[n].kind == "per-step"
         ]
+        if kernels.available(*net.params):  # NaP's projection: one kernel pass per tensor
+            per_step = [
+                (i, _FusedProjection(m, net) if isinstance(m, NormalizeAndProject) else m)
+                for i, m in per_step
+            ]
         self._before = [m for i, m in per_step if i < resets]
         self._after = [m for i, m in per_step if i > resets]
         self.cbp: ContinualBackprop | None = None
@@ -674,6 +691,28 @@ class Learner:
             for i, (m, v) in enumerate(moments)
         }
         return {"state": state, "param_groups": self.opt.state_dict()["param_groups"]}
+
+
+class _FusedProjection:
+    """Normalize-and-Project's projection (:meth:`NormalizeAndProject.project_`) of the fused
+    trainer's tensors on CPU: each layer's weight (the first columns of ``P = [W | b]``) and
+    each LayerNorm's ``[S, 2, units]`` gain and offset, one kernel pass each
+    (:func:`~ppo_cbp.nets.kernels.project_norm_`), to the norms ``nap`` holds (its state and
+    checkpoint stay the method's); the same arithmetic as the tensor operations, without
+    their per-operation cost at batch 1."""
+
+    def __init__(self, nap: NormalizeAndProject, net: StackedMLP):
+        if not nap.project_head or len(nap.norm_groups) != len(net.norm_params):
+            raise ValueError("the fused projection covers every layer and every LayerNorm")
+        self.nap, self.net = nap, net
+        self._arrays = kernels.ArrayViews()
+
+    def after_step(self, hidden: Sequence[Tensor]) -> None:
+        nap, arrays = self.nap, self._arrays
+        for p, target in zip(self.net.params, nap.initial_weight_norms, strict=True):
+            kernels.project_norm_(arrays(p), arrays(target), p.shape[2] - 1)
+        for t, target in zip(self.net.norm_params, nap.initial_norm_norms, strict=True):
+            kernels.project_norm_(arrays(t), arrays(target), t.shape[2])
 
 
 # --------------------------------------------------------------------------------------------

@@ -565,3 +565,29 @@ def paired_backward_(dfeatures: np.ndarray, y: np.ndarray, dy: np.ndarray, kind:
     """Backward pass of :func:`paired_forward_`: ``dy_i = d_{2i} 1[y_i > 0] - d_{2i+1} 1[y_i <
     0]`` (CReLU) or ``d_{2i} cos y_i - d_{2i+1} sin y_i`` (DFF), ``d = dL/dfeatures``."""
     _paired_backward(dfeatures, y, dy, kind == "dff")
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _project_norm(p, target, cols):  # pragma: no cover
+    S, K, _ = p.shape
+    for s in range(S):
+        sq = p[s, 0, 0] - p[s, 0, 0]
+        for k in range(K):
+            row = p[s, k]
+            for j in range(cols):
+                sq += row[j] * row[j]
+        norm = math.sqrt(sq)
+        if norm > 0:  # all zero: no direction to keep, left at 0
+            scale = target[s] / norm
+            for k in range(K):
+                row = p[s, k]
+                for j in range(cols):
+                    row[j] = row[j] * scale
+
+
+def project_norm_(param: np.ndarray, target: np.ndarray, cols: int) -> None:
+    """``T_s <- T_s * target_s / ||T_s||_F`` for each network ``s``, with ``T_s`` the first
+    ``cols`` columns of ``param[s]`` (``[S, K, J]``, C-contiguous; a layer's ``P = [W | b]``
+    with ``cols = J - 1`` projects its weight, not its bias); a ``T_s`` of norm 0 is left
+    as it is. Normalize-and-Project's projection, one pass per tensor."""
+    _project_norm(param, target, cols)

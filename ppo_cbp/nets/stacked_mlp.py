@@ -41,7 +41,24 @@ Online normalization (``norm_decays``): every hidden layer's pre-activation pass
 backward sits between the activation's derivative and the linear layer's update, and its gain
 and bias take the same SGD step as the weights.
 
-Dropout with probability ``p`` multiplies each hidden activation by ``mask / (1 - p)`` with
+LayerNorm (``layer_norm``): every hidden pre-activation passes through ``nn.LayerNorm``'s
+function before the activation, ``y = gain * (z - mu) / sqrt(sigma^2 + eps) + offset`` with the
+mean and biased variance over the layer's units and eps 1e-5; its gain and offset are one
+``[S, 2, units]`` tensor per layer (:attr:`StackedMLP.norm_params`), stepped like the weights
+(SGD with coupled L2 in the trainer's pass, or the caller's optimizer with ``gradients``). Its
+backward, ``dz = rstd (g - mean(g) - xhat mean(g xhat))`` with ``g = dL/dy * gain``, sits
+between the activation's derivative and the linear layer's.
+
+Paired activations (``paired``): CReLU ``[relu(y_i), relu(-y_i)]`` or DFF ``[sin y_i, cos y_i]``
+(:mod:`ppo_cbp.nets.crelu`, :mod:`ppo_cbp.nets.dff`), interleaved per unit, so every consumer
+takes ``2 * units`` inputs (drawn with that fan-in). The features go to the next layer (and to
+dropout); CBP and ReDo take each unit's activation, the mean magnitude of its two outputs.
+
+At batch 1 on CPU LayerNorm and the paired activations are numba kernels, one call per layer
+and direction (:mod:`ppo_cbp.nets.kernels`); otherwise tensor operations
+(``native_layer_norm`` and its backward, as autograd computes them).
+
+Dropout with probability ``p`` multiplies each hidden feature by ``mask / (1 - p)`` with
 ``mask ~ Bernoulli(1 - p)`` (inverted dropout, as ``nn.Dropout`` in training mode).
 
 Per-seed randomness. Every random draw (initial weights, dropout masks, perturbation noise)
