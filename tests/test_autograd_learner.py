@@ -85,7 +85,8 @@ def test_make_learner_picks_the_fused_trainer_only_for_its_methods():
     kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
     assert type(make_learner([3, 4, 2], [0], _method("cbp+l2"), **kw)) is Learner
     assert uses_fused_trainer(_method("adam+redo+l2"))
-    assert not uses_fused_trainer(_method("cbp+layer_norm"))
+    assert uses_fused_trainer(_method("cbp+layer_norm"))
+    assert not uses_fused_trainer(_method("adam+injection"))
 
 
 def test_parse_methods():
@@ -111,7 +112,9 @@ def test_combination_takes_each_methods_defaults():
     assert _method("cbp").weight_decay == 0.0
 
 
-def test_fused_only_methods_are_refused_with_autograd_methods():
+def test_fused_only_methods_are_refused_by_the_autograd_learner():
+    """Its network has no dropout (nor online normalisation): refused, whatever they combine
+    with."""
     with pytest.raises(UsageError, match="dropout runs only on the fused trainer"):
         AutogradLearner(
             [3, 4, 2],

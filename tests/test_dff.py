@@ -25,7 +25,7 @@ from torch import nn
 
 from ppo_cbp import load_learner
 from ppo_cbp.benchmarks.autograd_learner import AutogradLearner, build_mlp
-from ppo_cbp.benchmarks.common import MethodConfig, parse_methods, resolve_method
+from ppo_cbp.benchmarks.common import Learner, MethodConfig, parse_methods, resolve_method
 from ppo_cbp.benchmarks.scr import DEFAULTS as SCR_DEFAULTS
 from ppo_cbp.benchmarks.scr import hidden_unit_metrics, run_scr
 from ppo_cbp.errors import UsageError
@@ -354,14 +354,13 @@ def test_scr_dff_runs_resume_exactly_and_load(tmp_path, spec):
     # load_learner: each seed's network computes its slice of the stacked one
     state = torch.load(full.out / "checkpoint.pt", weights_only=True)["learner"]
     method = resolve_method(m, SCR_DEFAULTS)
-    learner = AutogradLearner(
+    learner = Learner(  # the fused trainer runs DFF
         [full.n_inputs, full.hidden, 1], [1, 2], method, loss="squared_error",
         device=torch.device("cpu"), dtype=F64,
     )  # fmt: skip
-    learner.module.load_state_dict(state["module"])
+    learner.net.load_state_dict(state["net"])
     x = torch.randn(2, 5, full.n_inputs, dtype=F64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected, _ = learner.module(x.transpose(0, 1))
+    expected, _ = learner.net.forward(learner.net.with_ones(x))
     for s, seed in enumerate([1, 2]):
         net = load_learner(full.out, seed)
         assert sum(isinstance(mod, DFF) for mod in net.modules()) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ppo_cbp.benchmarks import scr
 from ppo_cbp.benchmarks.autograd_learner import AutogradLearner, uses_fused_trainer
@@ -64,7 +65,29 @@ SPECS = [
     "cbp+trac+head_reset",
     "kron",
     "cbp+kron+l2_init",
+    "kron+layer_norm",
+    # the architectural methods, alone and with the others
+    "layer_norm",
+    "nap",
+    "crelu",
+    "dff",
+    "cbp+l2_init+layer_norm",
+    "redo+layer_norm",
+    "cbp+crelu",
+    "cbp+dff",
+    "redo+crelu",
+    "cbp+nap",
+    "adam+nap+adam_reset",
+    "upgd+layer_norm",
+    "layer_norm+soft_snp+weight_clipping",
+    "crelu+parseval",
+    "snp+layer_norm",
+    "snp+l2_init+dff",
+    "trac+dff",
+    "adam+crelu+layer_norm+head_reset",
+    "l2+nap+snp_init",
 ]
+ARCHITECTURAL = ("layer_norm", "nap", "crelu", "dff")
 
 
 def method(spec: str, **extra):
@@ -114,12 +137,32 @@ def test_fused_equals_autograd_learner(spec, batch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         if "trac" not in spec:  # TRAC's scale starts at 1e-8 (its source's s_prior)
             assert not torch.equal(a, w0)
+    norms_f, norms_a = fused.net.layer_norms(), autograd.net.stacked.layer_norms()
+    assert len(norms_f) == len(norms_a) == (2 if {"layer_norm", "nap"} & set(m.methods) else 0)
+    for pair_f, pair_a in zip(norms_f, norms_a, strict=True):
+        for a, b in zip(pair_f, pair_a, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    if norms_f and "trac" not in spec:  # the gains and offsets were trained
+        assert not torch.equal(norms_f[0][1], torch.zeros_like(norms_f[0][1]))
     assert torch.equal(fused.units_replaced(), autograd.units_replaced())
     if "cbp" in spec or "redo" in spec:
         assert fused.units_replaced().min() > 0
 
 
-@pytest.mark.parametrize("spec", ["cbp+adam+l2_init", "upgd", "snp+l2_init+soft_snp", "trac"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "cbp+adam+l2_init",
+        "upgd",
+        "snp+l2_init+soft_snp",
+        "trac",
+        "cbp+layer_norm",
+        "snp+nap",
+        "redo+crelu+dropout",
+        "upgd+dff+layer_norm",
+        "dropout+layer_norm",
+    ],
+)
 def test_stacked_seeds_equal_each_seed_alone(spec):
     m = method(spec)
     kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=torch.float32)
@@ -130,11 +173,22 @@ def test_stacked_seeds_equal_each_seed_alone(spec):
     for i, s in enumerate(seeds):
         alone = Learner(SIZES, [s], m, **kw)
         train(alone, [(x[i : i + 1], y[i : i + 1]) for x, y in steps])
-        for a, b in zip(stacked.net.params, alone.net.params, strict=True):
+        for a, b in zip(stacked.net.parameters(), alone.net.parameters(), strict=True):
             assert torch.equal(a[i : i + 1], b)
 
 
-@pytest.mark.parametrize("spec", ["cbp+adam+l2_init", "upgd+snp_init", "trac+head_reset"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "cbp+adam+l2_init",
+        "upgd+snp_init",
+        "trac+head_reset",
+        "cbp+nap",
+        "adam+redo+crelu+layer_norm",
+        "dropout+dff+snp",
+        "upgd+layer_norm",
+    ],
+)
 def test_checkpoint_resumes_exactly(spec):
     m = method(spec)
     kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=torch.float32)
@@ -149,7 +203,7 @@ def test_checkpoint_resumes_exactly(spec):
     resumed.task_boundary()  # step 24 starts a task in the whole run
     resumed.new_segment()
     train(resumed, steps[24:])
-    for a, b in zip(whole.net.params, resumed.net.params, strict=True):
+    for a, b in zip(whole.net.parameters(), resumed.net.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -234,3 +288,130 @@ def test_gradient_kernels_equal_their_formulas(first):
     np.testing.assert_allclose(in_abs, np.abs(expected[..., :-1]).sum(2), rtol=1e-14)
     if not first:
         np.testing.assert_allclose(out_abs, np.abs(expected[..., :-1]).sum(1), rtol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# The architectural methods: dropout with them, the metrics' view, the unit layers, old runs
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("spec", ["dropout+layer_norm", "dropout+dff", "dropout+crelu+nap"])
+def test_dropout_with_the_architectures_equals_its_definition(spec, batch):
+    """The autograd learner has no dropout: each step is checked against the definition, by
+    autograd from the parameters before the step, with the trainer's scaled keep-mask of the
+    step on each hidden layer's features (after the LayerNorm and the activation):
+    ``z_l = h_{l-1} W_l^T + b_l``, ``h_l = (act(LN(z_l)) * keep_l)``, the output before the
+    update, and SGD's step ``theta <- theta - lr (g + wd theta)`` (NaP's projection after it)."""
+    m = method(spec)
+    learner = Learner(SIZES, [0, 5], m, loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
+    net, trainer = learner.net, learner.trainer
+    dropped = 0
+    for x, y in stream(25, 2, batch):
+        before = [t.detach().clone().requires_grad_() for t in net.parameters()]
+        out = torch.empty(2, batch, SIZES[-1], dtype=F64)
+        learner.step(x, y, out)
+        keep = trainer._uniform[:, trainer._uniform_pos - batch : trainer._uniform_pos]
+        dropped += int((keep == 0).sum())
+        h, params, offset = x[..., :-1], iter(before), 0
+        for layer in range(len(net.params)):
+            w, b = next(params), next(params)
+            z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if layer == len(net.params) - 1:
+                break
+            if net.norm_params:
+                gain, shift = next(params), next(params)
+                z = F.layer_norm(z, z.shape[-1:], eps=1e-5) * gain.unsqueeze(1) + shift.unsqueeze(1)
+            if net.paired == "crelu":
+                f = torch.stack((torch.relu(z), torch.relu(-z)), dim=-1).flatten(-2)
+            elif net.paired == "dff":
+                f = torch.stack((torch.sin(z), torch.cos(z)), dim=-1).flatten(-2)
+            else:
+                f = torch.relu(z)
+            h = f * keep[..., offset : offset + f.shape[-1]]
+            offset += f.shape[-1]
+        torch.testing.assert_close(out, z.detach(), rtol=0, atol=1e-12)
+        loss = sum(F.cross_entropy(z[s], y[s]) for s in range(2))
+        grads = torch.autograd.grad(loss, before)
+        stepped = [(p - m.lr * (g + m.weight_decay * p)).detach() for p, g in zip(before, grads)]
+        if "nap" in spec:
+            learner_nap = learner.methods.entries[0][2]
+            weights = stepped[0::4][:2] + [stepped[-2]]  # W of each layer
+            for wt, target in zip(weights, learner_nap.initial_weight_norms, strict=True):
+                wt.mul_((target / wt.flatten(1).norm(dim=1)).view(-1, 1, 1))
+            for i in (2, 6):  # each LayerNorm's gain and offset, jointly
+                scale = learner_nap.initial_norm_norms[i // 4] / torch.cat(
+                    (stepped[i], stepped[i + 1]), 1
+                ).norm(dim=1)
+                stepped[i].mul_(scale.view(-1, 1))
+                stepped[i + 1].mul_(scale.view(-1, 1))
+        for a, b in zip(net.parameters(), stepped, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert dropped > 0
+
+
+@pytest.mark.parametrize("spec", ["crelu+layer_norm", "dff", "nap"])
+def test_the_metrics_read_what_the_autograd_learner_shows(spec):
+    """``net.forward`` (outputs and the features each hidden layer hands the next) and
+    ``net.outputs_per_unit`` of the fused learner are the autograd learner's."""
+    m = method(spec)
+    kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
+    fused, autograd = Learner(SIZES, [0, 5], m, **kw), AutogradLearner(SIZES, [0, 5], m, **kw)
+    steps = list(stream(15, 2, 1))
+    train(fused, steps), train(autograd, steps)
+    x = next(stream(1, 2, 9, seed=4))[0]
+    out_f, hidden_f = fused.net.forward(x)
+    out_a, hidden_a = autograd.net.forward(x)
+    torch.testing.assert_close(out_f, out_a, rtol=0, atol=1e-12)
+    assert len(hidden_f) == len(hidden_a) == 2
+    for a, b in zip(hidden_f, hidden_a, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert fused.net.outputs_per_unit == autograd.net.outputs_per_unit
+
+
+@pytest.mark.parametrize("spec", ["cbp+crelu+layer_norm", "redo+nap", "cbp+dff"])
+def test_unit_layers_are_the_autograd_learners(spec):
+    """CBP and ReDo see the same units: both outputs of a paired unit (``out_group``,
+    ``averaged_outputs``), the LayerNorm's gain and offset reset to 1 and 0 with it."""
+    m = method(spec)
+    kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
+    fused, autograd = Learner(SIZES, [0, 5], m, **kw), AutogradLearner(SIZES, [0, 5], m, **kw)
+    resetter = fused.cbp if fused.cbp is not None else fused.redo.redo
+    for a, b in zip(resetter.layers, autograd.methods.resetters[""].layers, strict=True):
+        assert (a.out_group, a.averaged_outputs, a.nonlinearity) == (
+            b.out_group,
+            b.averaged_outputs,
+            b.nonlinearity,
+        )
+        assert [(tuple(t.shape), v) for t, v in a.norm] == [(tuple(t.shape), v) for t, v in b.norm]
+        assert a.weight.shape == b.weight.shape and a.out_weight.shape == b.out_weight.shape
+
+
+def test_online_norm_does_not_take_the_architectures():
+    for spec in ("online_norm+crelu", "online_norm+dff"):
+        with pytest.raises(UsageError, match="online_norm"):
+            Learner(SIZES, [0], method(spec), loss="cross_entropy", device="cpu", dtype=F64)
+
+
+def test_a_run_written_by_the_autograd_learner_resumes_there(tmp_path, monkeypatch, capsys):
+    """A layer_norm run checkpointed before the fused trainer computed LayerNorm (its learner
+    state holds the autograd learner's ``module``) continues on the autograd learner, exactly."""
+    from stacked_runs import read_rows
+    from test_supervised import scr_config
+
+    from ppo_cbp.benchmarks import autograd_learner
+    from ppo_cbp.benchmarks.scr import run_scr
+
+    m = MethodConfig(method="cbp+layer_norm", replacement_rate=0.01, maturity_threshold=10)
+    with monkeypatch.context() as patch:  # the learner choice before this change
+        patch.setattr(autograd_learner, "uses_fused_trainer", lambda method: False)
+        full = scr_config(tmp_path, "full", method=m, seeds=[1, 2])
+        run_scr(full)
+        part = scr_config(tmp_path, "part", method=m, seeds=[1, 2])
+        run_scr(part, stop_after=1)
+    assert "module" in torch.load(part.out / "checkpoint.pt", weights_only=True)["learner"]
+    capsys.readouterr()
+    part.resume = True
+    run_scr(part)
+    assert "continues there" in capsys.readouterr().out
+    for seed in (1, 2):
+        assert read_rows(part.out, seed) == read_rows(full.out, seed)

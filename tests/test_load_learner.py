@@ -51,13 +51,44 @@ def test_errors(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["cbp+layer_norm", "crelu+l2_init", "nap", "dff+layer_norm"])
-def test_a_seed_of_an_autograd_scr_run_equals_its_slice(tmp_path, spec):
-    """Methods the fused trainer lacks run on the autograd learner: the loaded network of each
-    seed computes what the learner's stacked network computes for that seed."""
+def test_a_seed_of_a_fused_architectural_scr_run_equals_its_slice(tmp_path, spec):
+    """LayerNorm, NaP, CReLU and DFF run on the fused trainer: the loaded network of each seed
+    (``build_mlp``'s, the LayerNorm's gain and offset from the trainer's ``[S, 2, units]``)
+    computes what the fused learner's stacked network computes for that seed."""
+    from ppo_cbp.benchmarks.common import Learner, resolve_method
+    from ppo_cbp.benchmarks.scr import DEFAULTS
+
+    cfg = scr_config(tmp_path, "scr", method=MethodConfig(method=spec), seeds=[2, 7])
+    run_scr(cfg)
+    state = torch.load(cfg.out / "checkpoint.pt", weights_only=True)["learner"]
+    assert "module" not in state
+    method = resolve_method(MethodConfig(method=spec), DEFAULTS)
+    learner = Learner(
+        [cfg.n_inputs, cfg.hidden, 1], [2, 7], method, loss="squared_error",
+        device=torch.device("cpu"), dtype=torch.float64,
+    )  # fmt: skip
+    learner.net.load_state_dict(state["net"])
+    x = torch.randn(
+        2, 5, cfg.n_inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    expected, _ = learner.net.forward(learner.net.with_ones(x))
+    for s, seed in enumerate([2, 7]):
+        net = load_learner(cfg.out, seed)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x[s]), expected[s], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["cbp+layer_norm", "crelu+l2_init"])
+def test_a_seed_of_an_autograd_scr_run_equals_its_slice(tmp_path, monkeypatch, spec):
+    """A run of these methods written by the autograd learner (before the fused trainer
+    computed them): the loaded network of each seed computes what the learner's stacked
+    network computes for that seed."""
+    from ppo_cbp.benchmarks import autograd_learner
     from ppo_cbp.benchmarks.autograd_learner import AutogradLearner
     from ppo_cbp.benchmarks.common import resolve_method
     from ppo_cbp.benchmarks.scr import DEFAULTS
 
+    monkeypatch.setattr(autograd_learner, "uses_fused_trainer", lambda method: False)
     cfg = scr_config(tmp_path, "scr", method=MethodConfig(method=spec), seeds=[2, 7])
     run_scr(cfg)
     state = torch.load(cfg.out / "checkpoint.pt", weights_only=True)["learner"]

@@ -143,10 +143,10 @@ class AutogradLearner:
                         "--injection-layers 1"
                     )
         for name in ("dropout", "online_norm"):
-            if method.uses(name) and not uses_fused_trainer(method):
+            if method.uses(name):  # this learner's network has neither
                 raise UsageError(
                     f"--method {method.method}: {name} runs only on the fused trainer, with "
-                    f"bp, l2, snp, cbp, redo or adam"
+                    f"{', '.join(n for n in FUSED_METHODS if n not in ('dropout', name))}"
                 )
         self.seeds = list(seeds)
         self.method = method
@@ -324,13 +324,33 @@ def make_learner(
     activation: str = "relu",
     device: torch.device,
     dtype: torch.dtype,
+    state: dict[str, Any] | None = None,
 ) -> Learner | AutogradLearner:
-    """The fused :class:`Learner` where it computes every method, else :class:`AutogradLearner`."""
-    kind = Learner if uses_fused_trainer(method) else AutogradLearner
-    if kind is AutogradLearner:
+    """The fused :class:`Learner` where it computes every method, else :class:`AutogradLearner`.
+
+    :param state: the learner state of a checkpoint to resume (loaded into the learner). A
+        state with a ``"module"`` entry was written by :class:`AutogradLearner` (LayerNorm,
+        NaP, CReLU and DFF ran there before the fused trainer computed them): such a run
+        continues on it, as it started.
+    """
+    written_by_autograd = isinstance(state, dict) and "module" in state
+    fused = uses_fused_trainer(method) and not written_by_autograd
+    kind = Learner if fused else AutogradLearner
+    if written_by_autograd and uses_fused_trainer(method):
+        print(
+            f"note: this {'+'.join(method.methods)} run was started on the autograd learner "
+            "(before the fused trainer computed its methods); it continues there, as it started",
+            flush=True,
+        )
+    elif kind is AutogradLearner:
         print(
             f"note: {'+'.join(method.methods) or 'this method'} runs on the autograd learner, "
             f"slower than the fused trainer (which computes only {', '.join(FUSED_METHODS)})",
             flush=True,
         )
-    return kind(sizes, seeds, method, loss=loss, activation=activation, device=device, dtype=dtype)
+    learner = kind(
+        sizes, seeds, method, loss=loss, activation=activation, device=device, dtype=dtype
+    )
+    if state is not None:
+        learner.load_state_dict(state)
+    return learner

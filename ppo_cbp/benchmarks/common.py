@@ -34,12 +34,13 @@ from torch import Tensor
 from ppo_cbp import run_folder, tracking
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
+from ppo_cbp.nets import kernels
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
-from ppo_cbp.nets.units import UnitLayer
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.cbp import UTILITIES, ContinualBackprop
 from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.kron import Kron
+from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
 from ppo_cbp.plasticity.redo import ReDo, WindowedReDo
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_REDO, derive_seed
@@ -485,6 +486,16 @@ class Learner:
     weight magnitudes when nothing changed the weights after its pass. ReDo scores units on
     the activations of the last ``redo_period`` examples (a ring buffer), since a single
     example is no estimate of E|h|.
+
+    The architectural methods are the network's: ``layer_norm`` and ``nap`` put a LayerNorm
+    before every hidden activation, ``crelu`` and ``dff`` make it paired (two outputs per
+    unit), computed by the trainer (:class:`~ppo_cbp.nets.stacked_mlp.StackedMLP`'s
+    ``layer_norm`` and ``paired``). The optimizer and the methods see the parameters in the
+    autograd learner's order (per layer ``P``, or the weight and bias views for UPGD, then the
+    LayerNorm's ``[S, 2, units]`` gain and offset, or their views), NaP the LayerNorms' gains
+    and offsets; CBP and ReDo reset a replaced unit's gain and offset and both consumer columns
+    of a paired unit, and score it by the mean magnitude of its two outputs. On CPU NaP's
+    projection is one kernel pass per tensor (:class:`_FusedProjection`).
     """
 
     def __init__(
@@ -510,6 +521,15 @@ class Learner:
                 f"--method {method.method}: online_norm is trained with plain SGD in the fused "
                 f"trainer; it does not combine with {', '.join(sorted(names & GRADIENT_METHODS))}"
             )
+        architectural = [n for n in ("layer_norm", "nap", "crelu", "dff") if method.uses(n)]
+        if method.uses("online_norm") and architectural:
+            raise UsageError(
+                f"--method {method.method}: online_norm does not combine with "
+                f"{', '.join(architectural)}"
+            )
+        paired = next((n for n in ("crelu", "dff") if method.uses(n)), None)
+        if paired is not None and activation != "relu":
+            raise UsageError(f"--method {method.method}: {paired} replaces ReLU, not {activation}")
         norm = (method.alpha_f, method.alpha_b) if method.uses("online_norm") else None
         self.net = StackedMLP(
             sizes,
@@ -517,6 +537,8 @@ class Learner:
             activation=activation,
             init=init,
             norm_decays=norm,
+            layer_norm=method.uses("layer_norm") or method.uses("nap"),
+            paired=paired,
             device=device,
             dtype=dtype,
         )
@@ -534,17 +556,25 @@ class Learner:
         )
         net = self.net
         n = len(net.params)
-        # The optimizer steps each layer's P = [W | b] whole (one contiguous tensor per layer),
-        # UPGD and Kron the weight and bias views (UPGD's noise is drawn per tensor and Kron's
-        # preconditioners are shaped by it, as on the autograd learner); the methods find either's state from a view (nets.units).
-        views = [t for i in range(n) for t in (net.weight(i), net.bias(i))]
-        params = views if method.optimizer in ("upgd", "kron") else list(net.params)
+        # The optimizer steps each layer's P = [W | b] whole (one contiguous tensor per layer)
+        # and each LayerNorm's [gain; offset] after it; UPGD and Kron the weight, bias, gain and
+        # offset views in the autograd learner's order (UPGD draws its noise per tensor, in
+        # order; Kron's preconditioners are shaped by them); the methods find either's state
+        # from a view (nets.units).
+        norms = net.norm_params
+        params = (
+            net.parameters()
+            if method.optimizer in ("upgd", "kron")
+            else [t for i, p in enumerate(net.params) for t in (p, *norms[i : i + 1])]
+        )
         self.opt: torch.optim.Optimizer | None = None
         state_owner: Any = self.trainer.state_tensors
         if self.gradients:
             for i, g in enumerate(self.trainer.grads):
                 net.params[i].grad = g
                 net.weight(i).grad, net.bias(i).grad = g[..., :-1], g[..., -1]
+            for (gain, offset), t, g in zip(net.layer_norms(), norms, self.trainer.norm_grads):
+                t.grad, gain.grad, offset.grad = g, g[:, 0], g[:, 1]
             self.opt, state_owner = suite.with_trac(
                 names, make_optimizer(params, method, seeds), seed_dims=1
             )
@@ -576,7 +606,10 @@ class Learner:
         # CBP, ReDo and the noise are the trainer's and this class's; the rest the suite's
         hooked = [n for n in method.methods if n in suite.ORDER and n not in ("cbp", "redo", "snp")]
         self.methods = suite.build(
-            hooked, method.settings(), [suite.Target("", network)], init=init
+            hooked,
+            method.settings(),
+            [suite.Target("", network, norms=net.layer_norms())],
+            init=init,
         )
         # the per-step transforms, on either side of the unit resets in the suite's order
         resets = suite.ORDER.index("cbp")
@@ -585,27 +618,16 @@ class Learner:
             for n, _, m in self.methods.entries
             if suite.METHODS[n].kind == "per-step"
         ]
+        if kernels.available(*net.params):  # NaP's projection: one kernel pass per tensor
+            per_step = [
+                (i, _FusedProjection(m, net) if isinstance(m, NormalizeAndProject) else m)
+                for i, m in per_step
+            ]
         self._before = [m for i, m in per_step if i < resets]
         self._after = [m for i, m in per_step if i > resets]
         self.cbp: ContinualBackprop | None = None
         self.redo: WindowedReDo | None = None
-        units = (
-            [
-                UnitLayer(
-                    net.weight(i),
-                    net.bias(i),
-                    out_weight=net.weight(i + 1),
-                    out_bias=net.bias(i + 1),
-                    init=init,
-                    nonlinearity=nonlinearity,
-                    seed_dims=1,
-                    name=f"hidden{i + 1}",
-                )
-                for i in range(net.num_hidden)
-            ]
-            if self.gradients
-            else self.trainer.unit_layers()
-        )
+        units = net.unit_layers() if self.gradients else self.trainer.unit_layers()
         if method.uses("cbp"):
             self.cbp = ContinualBackprop(
                 units,
@@ -699,6 +721,28 @@ class Learner:
             for i, (m, v) in enumerate(moments)
         }
         return {"state": state, "param_groups": self.opt.state_dict()["param_groups"]}
+
+
+class _FusedProjection:
+    """Normalize-and-Project's projection (:meth:`NormalizeAndProject.project_`) of the fused
+    trainer's tensors on CPU: each layer's weight (the first columns of ``P = [W | b]``) and
+    each LayerNorm's ``[S, 2, units]`` gain and offset, one kernel pass each
+    (:func:`~ppo_cbp.nets.kernels.project_norm_`), to the norms ``nap`` holds (its state and
+    checkpoint stay the method's); the same arithmetic as the tensor operations, without
+    their per-operation cost at batch 1."""
+
+    def __init__(self, nap: NormalizeAndProject, net: StackedMLP):
+        if not nap.project_head or len(nap.norm_groups) != len(net.norm_params):
+            raise ValueError("the fused projection covers every layer and every LayerNorm")
+        self.nap, self.net = nap, net
+        self._arrays = kernels.ArrayViews()
+
+    def after_step(self, hidden: Sequence[Tensor]) -> None:
+        nap, arrays = self.nap, self._arrays
+        for p, target in zip(self.net.params, nap.initial_weight_norms, strict=True):
+            kernels.project_norm_(arrays(p), arrays(target), p.shape[2] - 1)
+        for t, target in zip(self.net.norm_params, nap.initial_norm_norms, strict=True):
+            kernels.project_norm_(arrays(t), arrays(target), t.shape[2])
 
 
 # --------------------------------------------------------------------------------------------

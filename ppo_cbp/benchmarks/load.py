@@ -5,7 +5,7 @@ builds one seed's (the MLP of :func:`~ppo_cbp.benchmarks.autograd_learner.build_
 LayerNorm, CReLU or DFF where the method has them; Continual ImageNet's ConvNet or linear network;
 CIFAR-100's ResNet-18, all 100 outputs: the run masks the classes not yet seen), then copies
 slice ``s`` of every stacked tensor into it: the fused trainer's ``[n_out, n_in + 1]`` layer
-matrices (the bias last), the autograd and conv learners' parameters in the seed's
+matrices (the bias last) and ``[2, units]`` LayerNorm gains and offsets, the autograd and conv learners' parameters in the seed's
 ``parameters()`` order, the ResNet's BatchNorm statistics by name. In eval mode, on the CPU,
 in the run's dtype. Injected heads are not covered yet: one ``error:`` line says so.
 """
@@ -75,8 +75,16 @@ def load_learner(out: str | Path, seed: int) -> nn.Module:
         raise UsageError(f"{path}: load_learner does not cover online normalisation yet")
     matrices = net["params"]  # [S, n_out, n_in + 1] per layer, the bias last
     sizes = [matrices[0].shape[2] - 1] + [m.shape[1] for m in matrices]
-    mlp = _mlp(sizes, config, set(), matrices[0].dtype)
-    params = [t for m in matrices for t in (m[..., :-1], m[..., -1])]
+    names = set((config.get("resolved_method") or {}).get("methods") or [])
+    mlp = _mlp(sizes, config, names, matrices[0].dtype)
+    # a seed's parameters(): per layer weight and bias, then its LayerNorm's gain and offset
+    # (the fused trainer's [S, 2, units] per hidden layer)
+    norms = net.get("layer_norms") or []
+    params = [
+        t
+        for i, m in enumerate(matrices)
+        for t in (m[..., :-1], m[..., -1], *(norms[i].unbind(1) if i < len(norms) else ()))
+    ]
     return _copy_slice(mlp, params, s, "the fused trainer's MLP")
 
 

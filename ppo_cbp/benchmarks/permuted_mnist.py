@@ -255,12 +255,18 @@ def run_permuted_mnist(cfg: PermutedMNISTConfig, stop_after: int | None = None) 
     images = images.to(dtype)
     n_data = images.shape[0]
     sizes = [images.shape[1], *hidden_sizes(cfg), 10]
-    learner = make_learner(sizes, seeds, method, loss="cross_entropy", device=device, dtype=dtype)
-
     start_task = 0
     state = outputs.load_checkpoint(tasks, "task") if cfg.resume else None
+    learner = make_learner(
+        sizes,
+        seeds,
+        method,
+        loss="cross_entropy",
+        device=device,
+        dtype=dtype,
+        state=None if state is None else state["learner"],
+    )
     if state is not None:
-        learner.load_state_dict(state["learner"])
         start_task = int(state["task"])
     S = len(seeds)
     outputs.start(f"permuted_mnist {method.method}, {S} seed(s)")

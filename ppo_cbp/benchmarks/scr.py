@@ -196,6 +196,8 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
     outputs = RunOutputs("slowly-changing-regression", cfg.out, seeds, config, cfg.resume)
     hidden = [] if cfg.activation == "linear" else [cfg.hidden]
     sizes = [cfg.n_inputs, *hidden, 1]
+    start_bin = 0
+    state = outputs.load_checkpoint(bins, "bin") if cfg.resume else None
     learner = make_learner(
         sizes,
         seeds,
@@ -204,11 +206,9 @@ def run_scr(cfg: SCRConfig, stop_after: int | None = None) -> dict[str, Any]:
         activation=cfg.activation,
         device=device,
         dtype=dtype,
+        state=None if state is None else state["learner"],
     )
-    start_bin = 0
-    state = outputs.load_checkpoint(bins, "bin") if cfg.resume else None
     if state is not None:
-        learner.load_state_dict(state["learner"])
         start_bin = int(state["bin"])
     S = len(seeds)
     outputs.start(f"slowly_changing_regression {cfg.activation} {method.method}, {S} seed(s)")

@@ -421,3 +421,173 @@ class UtilityUpdate:
             self.mean is not None,
             out_abs is not None,
         )
+
+
+# --- architectural methods: LayerNorm and the paired activations (CReLU, DFF) at batch 1 ---
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _layer_norm_forward(z, norm, eps, xhat, rstd, y):  # pragma: no cover
+    S, n = z.shape
+    zero = eps - eps
+    for s in range(S):
+        zs = z[s]
+        total = zero
+        for i in range(n):
+            total += zs[i]
+        mean = total / n
+        sq = zero
+        for i in range(n):
+            d = zs[i] - mean
+            sq += d * d
+        r = 1.0 / math.sqrt(sq / n + eps)
+        rstd[s] = r
+        gain, offset = norm[s, 0], norm[s, 1]
+        for i in range(n):
+            x = (zs[i] - mean) * r
+            xhat[s, i] = x
+            y[s, i] = gain[i] * x + offset[i]
+
+
+def layer_norm_forward_(
+    z: np.ndarray,
+    norm: np.ndarray,
+    eps: float,
+    xhat: np.ndarray,
+    rstd: np.ndarray,
+    y: np.ndarray,
+) -> None:
+    """LayerNorm of one example per network (``z``, ``xhat``, ``y`` ``[S, n]`` with C-contiguous
+    rows; ``norm`` ``[S, 2, n]``, the gain then the offset): ``mu = mean_i z_i``,
+    ``sigma^2 = mean_i (z_i - mu)^2`` (biased), ``rstd = 1 / sqrt(sigma^2 + eps)`` (``[S]``),
+    ``xhat = (z - mu) rstd`` and ``y = gain * xhat + offset``, as ``nn.LayerNorm``. ``xhat``
+    and ``rstd`` are what :func:`layer_norm_backward_` needs."""
+    _layer_norm_forward(z, norm, z.dtype.type(eps), xhat, rstd, y)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _layer_norm_backward(dy, xhat, rstd, norm, dz, grad, beta, alpha, update):  # pragma: no cover
+    S, n = dy.shape
+    zero = beta - beta
+    for s in range(S):
+        gain, offset = norm[s, 0], norm[s, 1]
+        sum_d = zero
+        sum_dx = zero
+        for i in range(n):
+            g = dy[s, i] * gain[i]
+            sum_d += g
+            sum_dx += g * xhat[s, i]
+        mean_d = sum_d / n
+        mean_dx = sum_dx / n
+        r = rstd[s]
+        for i in range(n):
+            d = dy[s, i]
+            x = xhat[s, i]
+            dz[s, i] = r * (d * gain[i] - mean_d - x * mean_dx)  # with the gain before the step
+            if update:
+                gain[i] = beta * gain[i] + alpha * (d * x)
+                offset[i] = beta * offset[i] + alpha * d
+            else:
+                grad[s, 0, i] = d * x
+                grad[s, 1, i] = d
+
+
+def layer_norm_backward_(
+    dy: np.ndarray,
+    xhat: np.ndarray,
+    rstd: np.ndarray,
+    norm: np.ndarray,
+    dz: np.ndarray,
+    grad: np.ndarray | None,
+    beta: float,
+    alpha: float,
+) -> None:
+    """Backward pass of :func:`layer_norm_forward_` for one example per network (``[S, n]``
+    arrays, ``rstd`` ``[S]``, ``norm`` ``[S, 2, n]``): with ``g = dy * gain``,
+    ``dz = rstd (g - mean_i g_i - xhat mean_i (g_i xhat_i))``, ``dgain = dy * xhat``,
+    ``doffset = dy``. ``grad`` (``[S, 2, n]``): the gradient of ``norm`` is written there; None:
+    SGD with coupled L2 is applied in place instead, ``norm <- beta norm + alpha grad``
+    (``beta = 1 - lr wd``, ``alpha = -lr``), after ``dz`` has read the gain."""
+    scalar = dy.dtype.type
+    _layer_norm_backward(
+        dy,
+        xhat,
+        rstd,
+        norm,
+        dz,
+        norm if grad is None else grad,
+        scalar(beta),
+        scalar(alpha),
+        grad is None,
+    )
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _paired_forward(y, features, units, fourier):  # pragma: no cover
+    S, n = y.shape
+    for s in range(S):
+        for i in range(n):
+            v = y[s, i]
+            if fourier:
+                a, b = math.sin(v), math.cos(v)
+                u = (abs(a) + abs(b)) / 2
+            else:
+                a, b = max(v, 0.0), max(-v, 0.0)
+                u = (a + b) / 2
+            features[s, 2 * i] = a
+            features[s, 2 * i + 1] = b
+            units[s, i] = u
+
+
+def paired_forward_(y: np.ndarray, features: np.ndarray, units: np.ndarray, kind: str) -> None:
+    """A paired activation of one example per network: unit ``i``'s two outputs into
+    ``features[:, 2i], features[:, 2i + 1]`` (``[S, >= 2n]``; CReLU ``relu(y), relu(-y)``,
+    DFF ``sin y, cos y``) and its activation, the mean magnitude of the two, into ``units``
+    (``[S, n]``), as :class:`~ppo_cbp.nets.crelu.CReLU` and :class:`~ppo_cbp.nets.dff.DFF`
+    define them."""
+    _paired_forward(y, features, units, kind == "dff")
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _paired_backward(dfeatures, y, dy, fourier):  # pragma: no cover
+    S, n = y.shape
+    for s in range(S):
+        for i in range(n):
+            v = y[s, i]
+            a, b = dfeatures[s, 2 * i], dfeatures[s, 2 * i + 1]
+            if fourier:
+                dy[s, i] = a * math.cos(v) - b * math.sin(v)
+            else:
+                dy[s, i] = (a if v > 0 else 0.0) - (b if v < 0 else 0.0)
+
+
+def paired_backward_(dfeatures: np.ndarray, y: np.ndarray, dy: np.ndarray, kind: str) -> None:
+    """Backward pass of :func:`paired_forward_`: ``dy_i = d_{2i} 1[y_i > 0] - d_{2i+1} 1[y_i <
+    0]`` (CReLU) or ``d_{2i} cos y_i - d_{2i+1} sin y_i`` (DFF), ``d = dL/dfeatures``."""
+    _paired_backward(dfeatures, y, dy, kind == "dff")
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _project_norm(p, target, cols):  # pragma: no cover
+    S, K, _ = p.shape
+    for s in range(S):
+        sq = p[s, 0, 0] - p[s, 0, 0]
+        for k in range(K):
+            row = p[s, k]
+            for j in range(cols):
+                sq += row[j] * row[j]
+        norm = math.sqrt(sq)
+        if norm > 0:  # all zero: no direction to keep, left at 0
+            scale = target[s] / norm
+            for k in range(K):
+                row = p[s, k]
+                for j in range(cols):
+                    row[j] = row[j] * scale
+
+
+def project_norm_(param: np.ndarray, target: np.ndarray, cols: int) -> None:
+    """``T_s <- T_s * target_s / ||T_s||_F`` for each network ``s``, with ``T_s`` the first
+    ``cols`` columns of ``param[s]`` (``[S, K, J]``, C-contiguous; a layer's ``P = [W | b]``
+    with ``cols = J - 1`` projects its weight, not its bias); a ``T_s`` of norm 0 is left
+    as it is. Normalize-and-Project's projection, one pass per tensor."""
+    _project_norm(param, target, cols)

@@ -41,7 +41,24 @@ Online normalization (``norm_decays``): every hidden layer's pre-activation pass
 backward sits between the activation's derivative and the linear layer's update, and its gain
 and bias take the same SGD step as the weights.
 
-Dropout with probability ``p`` multiplies each hidden activation by ``mask / (1 - p)`` with
+LayerNorm (``layer_norm``): every hidden pre-activation passes through ``nn.LayerNorm``'s
+function before the activation, ``y = gain * (z - mu) / sqrt(sigma^2 + eps) + offset`` with the
+mean and biased variance over the layer's units and eps 1e-5; its gain and offset are one
+``[S, 2, units]`` tensor per layer (:attr:`StackedMLP.norm_params`), stepped like the weights
+(SGD with coupled L2 in the trainer's pass, or the caller's optimizer with ``gradients``). Its
+backward, ``dz = rstd (g - mean(g) - xhat mean(g xhat))`` with ``g = dL/dy * gain``, sits
+between the activation's derivative and the linear layer's.
+
+Paired activations (``paired``): CReLU ``[relu(y_i), relu(-y_i)]`` or DFF ``[sin y_i, cos y_i]``
+(:mod:`ppo_cbp.nets.crelu`, :mod:`ppo_cbp.nets.dff`), interleaved per unit, so every consumer
+takes ``2 * units`` inputs (drawn with that fan-in). The features go to the next layer (and to
+dropout); CBP and ReDo take each unit's activation, the mean magnitude of its two outputs.
+
+At batch 1 on CPU LayerNorm and the paired activations are numba kernels, one call per layer
+and direction (:mod:`ppo_cbp.nets.kernels`); otherwise tensor operations
+(``native_layer_norm`` and its backward, as autograd computes them).
+
+Dropout with probability ``p`` multiplies each hidden feature by ``mask / (1 - p)`` with
 ``mask ~ Bernoulli(1 - p)`` (inverted dropout, as ``nn.Dropout`` in training mode).
 
 Per-seed randomness. Every random draw (initial weights, dropout masks, perturbation noise)
@@ -63,6 +80,8 @@ from torch import Tensor
 
 from ppo_cbp.init import sample_
 from ppo_cbp.nets import kernels
+from ppo_cbp.nets.crelu import CReLU
+from ppo_cbp.nets.dff import DFF
 from ppo_cbp.nets.online_norm import OnlineNorm
 from ppo_cbp.nets.units import UnitLayer
 from ppo_cbp.seeding import TAG_DROPOUT, TAG_INIT, TAG_NOISE, derive_seed
@@ -71,6 +90,7 @@ __all__ = [
     "ACTIVATIONS",
     "LOSSES",
     "OPTIMIZERS",
+    "PAIRED",
     "StackedMLP",
     "StackedTrainer",
 ]
@@ -79,8 +99,14 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "swish", "linear"
 LOSSES = ("cross_entropy", "squared_error")
 OPTIMIZERS = ("sgd", "adam")
 
+PAIRED = {"crelu": CReLU, "dff": DFF}
+"""The paired activations: two outputs per unit (:mod:`ppo_cbp.nets.crelu`, :mod:`ppo_cbp.nets.dff`)."""
+
 LEAKY_RELU_SLOPE = 0.01
 """Negative slope of ``leaky_relu`` (PyTorch's default, as in the paper's code)."""
+
+LAYER_NORM_EPS = 1e-5
+"""``nn.LayerNorm``'s default epsilon."""
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -136,6 +162,14 @@ class StackedMLP:
         use the activation's gain, the output layer gain 1 (it is linear). Biases are 0.
     :param norm_decays: ``(alpha_f, alpha_b)``: put an :class:`~ppo_cbp.nets.online_norm.OnlineNorm`
         after every hidden linear layer, before the activation (:attr:`norms`).
+    :param layer_norm: put a LayerNorm (``nn.LayerNorm`` over the layer's units, eps 1e-5,
+        gain 1 and offset 0 at initialisation; :meth:`layer_norms`) after every hidden linear
+        layer, before the activation.
+    :param paired: ``"crelu"`` or ``"dff"``: that paired activation (two outputs per unit,
+        interleaved, :data:`PAIRED`) in every hidden layer instead of ``activation`` (which
+        must then be ``"relu"``, whose gain the weights are drawn with); each consumer takes
+        twice the units as inputs, so its fan-in (and its draw) is doubled, as
+        :func:`~ppo_cbp.benchmarks.autograd_learner.build_mlp` draws it.
     :param device: of all tensors.
     :param dtype: of all tensors.
     """
@@ -148,10 +182,20 @@ class StackedMLP:
         activation: str = "relu",
         init: str = "kaiming_uniform",
         norm_decays: tuple[float, float] | None = None,
+        layer_norm: bool = False,
+        paired: str | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
         _check_choice("activation", activation, ACTIVATIONS)
+        if paired is not None:
+            _check_choice("paired activation", paired, tuple(PAIRED))
+            if activation != "relu":
+                raise ValueError(f"{paired} replaces relu, not {activation}")
+        if norm_decays is not None and layer_norm:
+            raise ValueError(
+                "online normalization and LayerNorm normalise the same pre-activations"
+            )
         sizes = [int(n) for n in sizes]
         if len(sizes) < 2 or min(sizes) < 1:
             raise ValueError(f"sizes must be >= 2 positive widths, got {sizes}")
@@ -163,10 +207,13 @@ class StackedMLP:
         self.init = init
         self.device = torch.device(device)
         self.dtype = dtype
+        self.paired = paired
         S = len(self.seeds)
+        k = self.features_per_unit
+        fan_ins = [sizes[0], *(k * n for n in sizes[1:-1])]
         self.params: list[Tensor] = [
             torch.zeros(S, n_out, n_in + 1, device=self.device, dtype=dtype)
-            for n_in, n_out in zip(sizes, sizes[1:])
+            for n_in, n_out in zip(fan_ins, sizes[1:])
         ]
         gain_of = [
             "linear" if activation == "linear" else activation for _ in range(self.num_hidden)
@@ -184,6 +231,35 @@ class StackedMLP:
                 OnlineNorm(S, n, alpha_f=alpha_f, alpha_b=alpha_b, device=self.device, dtype=dtype)
                 for n in sizes[1:-1]
             ]
+        self.norm_params: list[Tensor] = []
+        """Per hidden layer with ``layer_norm``, its LayerNorm's gain and offset as one
+        ``[S, 2, units]`` tensor (gain ``[:, 0]``, offset ``[:, 1]``): one tensor to step,
+        perturb and checkpoint, laid out as one seed's gain then offset."""
+        for n in sizes[1:-1] if layer_norm else []:
+            t = torch.zeros(S, 2, n, device=self.device, dtype=dtype)
+            t[:, 0] = 1.0
+            self.norm_params.append(t)
+        self._layer_norms = [(t[:, 0], t[:, 1]) for t in self.norm_params]
+
+    @property
+    def features_per_unit(self) -> int:
+        """Features each hidden unit hands the next layer: 2 with a paired activation, else 1."""
+        return 1 if self.paired is None else 2
+
+    def layer_norms(self) -> list[tuple[Tensor, Tensor]]:
+        """Per hidden layer its LayerNorm's gain and offset ``[S, units]``, views of
+        :attr:`norm_params` (the same objects at every call; empty without LayerNorm)."""
+        return list(self._layer_norms)
+
+    def parameters(self) -> list[Tensor]:
+        """Every trained tensor, in the order of one seed's ``build_mlp(...).parameters()``:
+        per layer the weight and bias views, then the LayerNorm's gain and offset."""
+        out: list[Tensor] = []
+        for i in range(len(self.params)):
+            out += [self.weight(i), self.bias(i)]
+            if i < len(self._layer_norms):
+                out += list(self._layer_norms[i])
+        return out
 
     @property
     def num_seeds(self) -> int:
@@ -208,12 +284,18 @@ class StackedMLP:
     def unit_layers(self) -> list[UnitLayer]:
         """The hidden layers as :class:`~ppo_cbp.nets.units.UnitLayer` views for CBP and ReDo."""
         nonlinearity = "linear" if self.activation == "linear" else self.activation
+        k = self.features_per_unit
+        norms = self._layer_norms
         return [
             UnitLayer(
                 self.weight(i),
                 self.bias(i),
                 out_weight=self.weight(i + 1),
+                out_group=k,
                 out_bias=self.bias(i + 1),
+                averaged_outputs=k,
+                # a replaced unit's LayerNorm entries restart at their initial gain 1, offset 0
+                norm=[(norms[i][0], 1.0), (norms[i][1], 0.0)] if norms else [],
                 init=self.init,
                 nonlinearity=nonlinearity,
                 seed_dims=1,
@@ -230,41 +312,61 @@ class StackedMLP:
     @property
     def outputs_per_unit(self) -> list[int]:
         """Per hidden layer, the features of each unit in :meth:`forward`'s hidden activations:
-        1 (elementwise activations; the metrics' interface of the stacked networks)."""
-        return [1] * self.num_hidden
+        2 with a paired activation, else 1 (the metrics' interface of the stacked networks)."""
+        return [self.features_per_unit] * self.num_hidden
+
+    def layer_norm(self, layer: int, z: Tensor) -> Tensor:
+        """Hidden layer ``layer``'s LayerNorm of ``z`` (``[S, B, units]``), as the autograd
+        learner's stacked network computes it."""
+        gain, offset = self._layer_norms[layer]
+        xhat = F.layer_norm(z, z.shape[-1:], None, None, LAYER_NORM_EPS)
+        return torch.addcmul(offset.unsqueeze(1), xhat, gain.unsqueeze(1))
 
     @torch.no_grad()
     def forward(self, x_aug: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Outputs ``[S, B, n_out]`` and hidden activations ``[S, B, units]`` (no dropout;
-        online normalization with its current statistics, which it does not update).
+        """Outputs ``[S, B, n_out]`` and per hidden layer the features the next layer reads,
+        ``[S, B, units]`` (``[S, B, 2 * units]`` after a paired activation: unit ``i``'s two
+        outputs at ``2i, 2i + 1``) (no dropout; online normalization with its current
+        statistics, which it does not update).
 
         ``x_aug``: ``[S, B, n_in + 1]`` inputs whose last column is 1 (:meth:`with_ones`).
         """
         h = x_aug
         hidden = []
+        k = self.features_per_unit
         for layer in range(self.num_hidden):
             p = self.params[layer]
-            nxt = torch.empty(*h.shape[:-1], p.shape[1] + 1, device=h.device, dtype=h.dtype)
+            nxt = torch.empty(*h.shape[:-1], k * p.shape[1] + 1, device=h.device, dtype=h.dtype)
             nxt[..., -1] = 1.0
             z = torch.bmm(h, p.transpose(1, 2))
             if self.norms:
                 z = self.norms[layer].infer(z)
-            _activate(self.activation, z, nxt[..., :-1])
+            if self._layer_norms:
+                z = self.layer_norm(layer, z)
+            if self.paired is not None:
+                nxt[..., :-1] = PAIRED[self.paired]()(z)
+            else:
+                _activate(self.activation, z, nxt[..., :-1])
             hidden.append(nxt[..., :-1])
             h = nxt
         return torch.bmm(h, self.params[-1].transpose(1, 2)), hidden
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "params": [p.clone() for p in self.params],
             "norms": [n.state_dict() for n in self.norms],
         }
+        if self.norm_params:
+            state["layer_norms"] = [t.clone() for t in self.norm_params]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for dst, src in zip(self.params, state["params"], strict=True):
             dst.copy_(src)
         for norm, src in zip(self.norms, state.get("norms", []), strict=True):
             norm.load_state_dict(src)
+        for dst, src in zip(self.norm_params, state.get("layer_norms", []), strict=True):
+            dst.copy_(src)
 
 
 class StackedTrainer:
@@ -316,6 +418,8 @@ class StackedTrainer:
             raise ValueError(f"Adam needs betas in [0, 1) and eps > 0, got {betas}, {eps}")
         if net.norms and (optimizer != "sgd" or noise_std > 0 or gradients):
             raise ValueError("online normalization is trained with plain SGD (no Adam, no noise)")
+        if (net.norm_params or net.paired) and optimizer != "sgd" and not gradients:
+            raise ValueError("LayerNorm and paired activations take SGD or the caller's optimizer")
         self.net = net
         self.loss = loss
         self.optimizer = optimizer
@@ -330,6 +434,8 @@ class StackedTrainer:
         self.gradients = bool(gradients)
         self.grads = [torch.zeros_like(p) for p in net.params] if gradients else []
         """With ``gradients``: after each step, the gradient of every layer's ``P = [W | b]``."""
+        self.norm_grads = [torch.zeros_like(t) for t in net.norm_params] if gradients else []
+        """With ``gradients``: the gradient of every LayerNorm's ``[S, 2, units]`` gain and offset."""
         dev, dt = net.device, net.dtype
         if gradients:
             optimizer = "sgd"  # no state of its own: the caller's optimizer updates
@@ -337,7 +443,7 @@ class StackedTrainer:
         self.exp_avg_sq = [torch.zeros_like(p) for p in net.params] if optimizer == "adam" else []
         self._state_views: dict[int, list[Tensor]] = {}
         self._layers: list[UnitLayer] | None = None
-        self._hidden_total = sum(net.sizes[1:-1])
+        self._hidden_total = net.features_per_unit * sum(net.sizes[1:-1])
         self.dropout_generators = [
             torch.Generator(device=dev).manual_seed(derive_seed(s, TAG_DROPOUT)) for s in net.seeds
         ]
@@ -347,7 +453,12 @@ class StackedTrainer:
         self._uniform: Tensor | None = None
         self._uniform_pos = 0
         self._noise = (
-            torch.empty(net.num_seeds, sum(p[0].numel() for p in net.params), device=dev, dtype=dt)
+            torch.empty(
+                net.num_seeds,
+                sum(p[0].numel() for p in [*net.params, *net.norm_params]),
+                device=dev,
+                dtype=dt,
+            )
             if self.noise_std > 0
             else None
         )
@@ -359,6 +470,9 @@ class StackedTrainer:
         self._z: list[Tensor] = []  # batch-1 pre-activations, kept across steps
         self._own_rows: dict[int, np.ndarray] = {}  # [S, n] rows of the batch-1 buffers
         self._fused_buffers: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._units: dict[int, list[Tensor]] = {}  # per batch, paired units' activations
+        self._saved: list[tuple[Tensor, ...]] = []  # per hidden layer, what its backward reads
+        self._arch_rows: list[dict[str, Tensor]] = []  # batch-1 buffers of the hidden layers
         self.magnitudes: list[tuple[Tensor, Tensor]] | None = None
         """After a fused step (CPU, SGD, batch 1, no perturbation), per hidden layer the sums
         ``(sum_k |w_out[k, i]|, sum_j |w_in[i, j]|)`` over the updated weights, ``[S, units]``
@@ -388,15 +502,26 @@ class StackedTrainer:
         if bufs is None:
             net = self.net
             bufs = []
+            k = net.features_per_unit
             for units in net.sizes[1:-1]:
-                b = torch.empty(net.num_seeds, batch, units + 1, device=net.device, dtype=net.dtype)
+                b = torch.empty(
+                    net.num_seeds, batch, k * units + 1, device=net.device, dtype=net.dtype
+                )
                 b[..., -1] = 1.0
                 bufs.append(b)
             self._buffers[batch] = bufs
             # the same view objects every step, so that consumers can keep derived views
             self._hidden_views[batch] = [b[..., :-1] for b in bufs]
+            if net.paired is not None:  # CBP and ReDo read each unit's activation
+                self._units[batch] = [
+                    b.new_empty(net.num_seeds, batch, units)
+                    for b, units in zip(bufs, net.sizes[1:-1])
+                ]
+                self._hidden_views[batch] = list(self._units[batch])
             if batch == 1 and self._cpu:
                 self._own_rows.update((id(b), kernels.as_array(b[:, 0])) for b in bufs)
+                for u in self._units.get(batch, []):
+                    self._own_rows[id(u)] = kernels.as_array(u[:, 0])
         return bufs
 
     def new_segment(self) -> None:
@@ -455,8 +580,12 @@ class StackedTrainer:
                 z = norms[layer](z)
             buf = bufs[layer]
             hidden = buf[..., :-1]
-            _activate(act, z, hidden)
-            pre.append(z if act not in ("relu", "tanh", "sigmoid", "linear") else None)
+            if net.norm_params or net.paired is not None:
+                z = self._hidden_forward(layer, z, buf)
+                pre.append(z)
+            else:
+                _activate(act, z, hidden)
+                pre.append(z if act not in ("relu", "tanh", "sigmoid", "linear") else None)
             if keep is not None:
                 units = hidden.shape[-1]
                 mask = keep[..., offset : offset + units]
@@ -536,7 +665,12 @@ class StackedTrainer:
             if below is not None:
                 if masks[layer - 1] is not None:
                     below.mul_(masks[layer - 1])
-                below = _activation_backward_(act, below, pre[layer - 1], bufs[layer - 1][..., :-1])
+                if net.norm_params or net.paired is not None:
+                    below = self._hidden_backward(layer - 1, below, pre[layer - 1], beta, alpha)
+                else:
+                    below = _activation_backward_(
+                        act, below, pre[layer - 1], bufs[layer - 1][..., :-1]
+                    )
                 if norms:
                     below = norms[layer - 1].backward(below)
                     norms[layer - 1].sgd_(beta, alpha)
@@ -545,10 +679,123 @@ class StackedTrainer:
         if self._noise is not None:
             if not self.gradients:  # else the caller's update comes first
                 self.perturb_()
-        elif fused:
+        elif fused and net.paired is None:  # a paired unit's outgoing magnitude spans 2 columns
             b = self._fused_buffers
             self.magnitudes = [(b[i + 1][1], b[i][2]) for i in range(n_hidden)]
         return list(self._hidden_views[batch])
+
+    def _batch1_buffers(self, layer: int) -> dict[str, Tensor]:
+        """Hidden layer ``layer``'s batch-1 buffers of the architectural kernels (made once,
+        their arrays remembered in :attr:`_own_rows`)."""
+        if not self._arch_rows:
+            net = self.net
+            for units in net.sizes[1:-1]:
+                bufs = {
+                    name: torch.empty(net.num_seeds, 1, units, device=net.device, dtype=net.dtype)
+                    for name in ("y", "xhat", "dy", "dz")
+                }
+                bufs["rstd"] = torch.empty(net.num_seeds, device=net.device, dtype=net.dtype)
+                self._own_rows.update(
+                    (id(t), kernels.as_array(t[:, 0])) for t in bufs.values() if t.dim() == 3
+                )
+                self._arch_rows.append(bufs)
+        return self._arch_rows[layer]
+
+    def _hidden_forward(self, layer: int, z: Tensor, buf: Tensor) -> Tensor:
+        """Hidden layer ``layer`` after its linear part ``z`` (``[S, B, units]``): the LayerNorm
+        ``y = gain * (z - mu) / sqrt(sigma^2 + eps) + offset`` (if any, else ``y = z``), then the
+        activation of ``y`` into ``buf`` (its features; a paired unit's activation also into the
+        units buffer). Returns ``y``; what the backward needs is kept in :attr:`_saved`."""
+        net = self.net
+        batch = z.shape[1]
+        kernel = self._cpu and batch == 1
+        if len(self._saved) < net.num_hidden:
+            self._saved = [()] * net.num_hidden
+        y = z
+        if net.norm_params:
+            norm = net.norm_params[layer]
+            if kernel:
+                rows = self._batch1_buffers(layer)
+                y = rows["y"]
+                kernels.layer_norm_forward_(
+                    self._rows(z),
+                    self._arrays(norm),
+                    LAYER_NORM_EPS,
+                    self._rows(rows["xhat"]),
+                    self._arrays(rows["rstd"]),
+                    self._rows(y),
+                )
+                self._saved[layer] = (z, rows["xhat"], None, rows["rstd"])
+            else:
+                xhat, mean, rstd = torch.native_layer_norm(
+                    z, z.shape[-1:], None, None, LAYER_NORM_EPS
+                )
+                self._saved[layer] = (z, xhat, mean, rstd)
+                y = torch.addcmul(norm[:, 1:2], xhat, norm[:, 0:1])
+        if net.paired is None:
+            _activate(net.activation, y, buf[..., :-1])
+            return y
+        units = self._units[batch][layer]
+        if kernel:
+            kernels.paired_forward_(self._rows(y), self._rows(buf), self._rows(units), net.paired)
+        else:
+            act = PAIRED[net.paired]
+            features = buf[..., :-1]
+            features.copy_(act()(y))
+            units.copy_(act.unit_activation(features))
+        return y
+
+    def _hidden_backward(
+        self, layer: int, grad: Tensor, y: Tensor, beta: float, alpha: float
+    ) -> Tensor:
+        """``dL/dz`` of hidden layer ``layer`` from ``grad = dL/dfeatures`` (after dropout's
+        mask): through the activation, then the LayerNorm, whose gain and offset get their
+        gradient (into :attr:`norm_grads` with ``gradients``, else SGD's step ``norm <- beta
+        norm + alpha grad`` after the gain was read)."""
+        net = self.net
+        batch = grad.shape[1]
+        kernel = self._cpu and batch == 1
+        if net.paired is None:
+            dy = _activation_backward_(
+                net.activation, grad, y, self._buffers[batch][layer][..., :-1]
+            )
+        elif kernel:
+            dy = self._batch1_buffers(layer)["dy"]
+            kernels.paired_backward_(self._rows(grad), self._rows(y), self._rows(dy), net.paired)
+        else:
+            d = grad.unflatten(-1, (-1, 2))
+            if net.paired == "crelu":
+                dy = torch.where(y > 0, d[..., 0], 0.0) - torch.where(y < 0, d[..., 1], 0.0)
+            else:
+                dy = d[..., 0] * torch.cos(y) - d[..., 1] * torch.sin(y)
+        if not net.norm_params:
+            return dy
+        norm = net.norm_params[layer]
+        z, xhat, mean, rstd = self._saved[layer]
+        grads = self.norm_grads[layer] if self.gradients else None
+        if kernel:
+            dz = self._batch1_buffers(layer)["dz"]
+            kernels.layer_norm_backward_(
+                self._rows(dy),
+                self._rows(xhat),
+                self._arrays(rstd),
+                self._arrays(norm),
+                self._rows(dz),
+                None if grads is None else self._arrays(grads),
+                beta,
+                alpha,
+            )
+            return dz
+        gain = norm[:, 0:1]
+        dz = torch.ops.aten.native_layer_norm_backward(
+            dy * gain, z, z.shape[-1:], mean, rstd, None, None, [True, False, False]
+        )[0]
+        grad_norm = torch.stack(((dy * xhat).sum(1), dy.sum(1)), dim=1)
+        if grads is not None:
+            grads.copy_(grad_norm)
+        else:
+            norm.mul_(beta).add_(grad_norm, alpha=alpha)
+        return dz
 
     def _rows(self, h: Tensor) -> np.ndarray:
         """A batch-1 ``[S, 1, n]`` tensor as a C-contiguous ``[S, n]`` array for the kernels."""
@@ -615,9 +862,12 @@ class StackedTrainer:
                     self._arrays(out_abs) if layer > 0 else None,
                     self._arrays(in_abs),
                 )
-            self.magnitudes = [
-                (buffers[i + 1][1], buffers[i][2]) for i in range(self.net.num_hidden)
-            ]
+            for t, grad in zip(self.net.norm_params, self.norm_grads):
+                t.mul_(beta).add_(grad, alpha=alpha)
+            if self.net.paired is None:  # a paired unit's outgoing magnitude spans 2 columns
+                self.magnitudes = [
+                    (buffers[i + 1][1], buffers[i][2]) for i in range(self.net.num_hidden)
+                ]
             return
         optimizer.step()
 
@@ -630,7 +880,8 @@ class StackedTrainer:
         for s, g in enumerate(self.noise_generators):
             torch.randn(noise.shape[1], generator=g, out=noise[s])
         offset = 0
-        for p in self.net.params:
+        # the layers' [W | b], then the LayerNorms' gain and offset (PerturbNoise's layout)
+        for p in [*self.net.params, *self.net.norm_params]:
             n = p[0].numel()
             p.add_(noise[:, offset : offset + n].view(p.shape), alpha=self.noise_std)
             offset += n

@@ -281,13 +281,13 @@ FUSED = frozenset(
     {
         *("bp", "l2", "snp", "cbp", "redo", "adam", "dropout", "online_norm"),
         *("l2_init", "parseval", "soft_snp", "weight_clipping", "snp_init", "head_reset"),
-        *("adam_reset", "upgd", "kron", "trac"),
+        *("adam_reset", "upgd", "kron", "trac", "layer_norm", "nap", "crelu", "dff"),
     }
 )
 """The methods the MLP benchmarks' fused trainer runs (:class:`ppo_cbp.benchmarks.common.Learner`:
-the forward and backward pass by hand, :mod:`ppo_cbp.nets.stacked_mlp`, and these methods'
-hooks); the architectural methods outside it (LayerNorm, NaP, CReLU, injection) run on the
-autograd learner."""
+the forward and backward pass by hand, :mod:`ppo_cbp.nets.stacked_mlp`, LayerNorm, CReLU and DFF
+included, and these methods' hooks); plasticity injection, which regroups the layers, runs on
+the autograd learner."""
 
 CONTRADICTIONS: list[tuple[frozenset[str], str]] = [
     (frozenset(p), why)
