@@ -28,8 +28,10 @@ Slowly-Changing Regression's 20-5-1 network, each against the fused trainer's pl
 (``bp``) on the same network, seeds and device, interleaved in rounds. Targets: Permuted MNIST
 >= 50% of ``bp``'s steps/s, SCR >= 25%. A method whose definition needs arithmetic beyond the
 training step is also held to 50% of the step plus that arithmetic, timed at the rates this run
-measures: Parseval's ``2 out^2 in`` multiply-adds per regularised layer at ``torch.bmm``'s
-rate; one random number per weight per step (soft S&P's fresh draw, uniform; UPGD's and S&P's
+measures: Parseval's ``2 out^2 in`` multiply-adds per regularised layer and Kron's
+preconditioner (``2 (out^2 in + out in^2)`` to apply it to a weight matrix, ``out^3 + in^3`` to
+update its factors, which kron_torch does at every one of the first 500 steps) at
+``torch.bmm``'s rate; one random number per weight per step (soft S&P's fresh draw, uniform; UPGD's and S&P's
 noise, Gaussian) at the generator's rate. ``--memory`` also runs Slowly-Changing Regression
 for 10% and for 100% of a run in child processes and compares their peak RSS (target: within
 5%).
@@ -319,6 +321,12 @@ def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[flo
     if "soft_snp" in names:
         total += seeds * weights / rates["uniform_per_s"]
         what.append(f"{seeds * weights / 1e3:.0f}k uniform draws")
+    if "kron" in names:  # kron_torch's preconditioner, triangular below 8,192 (our sizes)
+        matrices = list(zip(sizes[1:], sizes[:-1]))
+        macs = sum(2 * (o * o * i + o * i * i) for o, i in matrices)  # applied on both sides
+        macs += sum(o**3 + i**3 for o, i in matrices)  # its update (every step at first)
+        total += seeds * macs / rates["bmm_macs_per_s"]
+        what.append(f"{seeds * macs / 1e6:.0f}M multiply-adds")
     for name in ("upgd", "snp"):
         if name in names:
             total += seeds * params / rates["normal_per_s"]
@@ -338,7 +346,7 @@ def peak_rss_mib(argv: list[str]) -> float:
 def memory_checks(examples: int) -> list[dict]:
     """Peak RSS of SCR runs stopped at 10% and run to 100% of ``examples``, per method."""
     rows = []
-    for spec in ("bp", "cbp", "adam+adam_reset", "upgd", "layer_norm"):
+    for spec in ("bp", "cbp", "adam+adam_reset", "upgd", "nap", "injection"):
         peaks = []
         for n in (examples // 10, examples):
             with tempfile.TemporaryDirectory() as out:

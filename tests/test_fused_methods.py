@@ -116,21 +116,27 @@ def train(learner, steps, boundary_every: int = 12):
         if t and t % boundary_every == 0:
             learner.task_boundary()
             learner.new_segment()
-        out = torch.empty(x.shape[0], x.shape[1], SIZES[-1], dtype=F64)
+        out = torch.empty(x.shape[0], x.shape[1], SIZES[-1], dtype=F64, device=x.device)
         learner.step(x, y, out)
         outputs.append(out)
     return torch.stack(outputs)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+
+
+@pytest.mark.parametrize(
+    "batch, device", [(1, "cpu"), (2, "cpu"), pytest.param(1, "cuda", marks=CUDA)]
+)
 @pytest.mark.parametrize("spec", SPECS)
-def test_fused_equals_autograd_learner(spec, batch):
+def test_fused_equals_autograd_learner(spec, batch, device):
+    """Batch 1 on the CPU runs the kernels, batch 2 and the GPU the tensor-op path."""
     m = method(spec)
     assert uses_fused_trainer(m)
-    kw = dict(loss="cross_entropy", device=torch.device("cpu"), dtype=F64)
+    kw = dict(loss="cross_entropy", device=torch.device(device), dtype=F64)
     fused, autograd = Learner(SIZES, [0, 5], m, **kw), AutogradLearner(SIZES, [0, 5], m, **kw)
     start = [w.clone() for w in fused.net.weights()]
-    steps = list(stream(40, 2, batch))
+    steps = [(x.to(device), y.to(device)) for x, y in stream(40, 2, batch)]
     out_f, out_a = train(fused, steps), train(autograd, steps)
     torch.testing.assert_close(out_f, out_a, rtol=0, atol=1e-12)
     for a, b, w0 in zip(fused.net.weights(), autograd.net.weights(), start, strict=True):

@@ -25,10 +25,10 @@ def run(tmp_path, capsys, method: str, seeds=("0",)) -> list[str]:
 
 
 def test_the_autograd_learner_is_announced_once(tmp_path, capsys):
-    lines = run(tmp_path, capsys, "parseval")
+    lines = run(tmp_path, capsys, "injection")
     notes = [line for line in lines if "autograd learner" in line]
-    assert len(notes) == 1 and notes[0].startswith("note: parseval runs on the autograd learner")
-    assert "slower" in notes[0]
+    assert len(notes) == 1 and notes[0].startswith("note: injection runs on the autograd learner")
+    assert "slower" in notes[0] and "every method but injection)" in notes[0]
     assert not [line for line in run(tmp_path, capsys, "cbp") if "autograd learner" in line]
 
 

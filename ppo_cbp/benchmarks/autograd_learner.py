@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ppo_cbp.benchmarks.common import FUSED_METHODS, Learner, ResolvedMethod, make_optimizer
+from ppo_cbp.benchmarks.common import (
+    FUSED_METHODS,
+    METHODS,
+    Learner,
+    ResolvedMethod,
+    make_optimizer,
+)
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
 from ppo_cbp.nets.crelu import CReLU
@@ -345,7 +351,8 @@ def make_learner(
     elif kind is AutogradLearner:
         print(
             f"note: {'+'.join(method.methods) or 'this method'} runs on the autograd learner, "
-            f"slower than the fused trainer (which computes only {', '.join(FUSED_METHODS)})",
+            f"slower than the fused trainer (which computes every method but "
+            f"{', '.join(m for m in METHODS if m not in FUSED_METHODS)})",
             flush=True,
         )
     learner = kind(
