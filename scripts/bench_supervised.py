@@ -31,7 +31,8 @@ training step is also held to 50% of the step plus that arithmetic, timed at the
 measures: Parseval's ``2 out^2 in`` multiply-adds per regularised layer and Kron's
 preconditioner (``2 (out^2 in + out in^2)`` to apply it to a weight matrix, ``out^3 + in^3`` to
 update its factors, which kron_torch does at every one of the first 500 steps) at
-``torch.bmm``'s rate; one random number per weight per step (soft S&P's fresh draw, uniform; UPGD's and S&P's
+``torch.bmm``'s rate; Adam's two moments (three elementwise passes over the parameters: each moment, then the
+update) at ``addcmul_``'s rate; one random number per weight per step (soft S&P's fresh draw, uniform; UPGD's and S&P's
 noise, Gaussian) at the generator's rate. ``--memory`` also runs Slowly-Changing Regression
 for 10% and for 100% of a run in child processes and compares their peak RSS (target: within
 5%).
@@ -283,6 +284,7 @@ def reference_rates(sizes, seeds, device, rounds: int) -> dict[str, float]:
     gram = torch.empty(seeds, out, out, device=device)
     count = sum(a * b for a, b in zip(sizes, sizes[1:]))
     buf = torch.empty(count, device=device)
+    other = torch.rand(count, device=device)
     g = torch.Generator(device=device).manual_seed(0)
 
     def rate(work: float, fn: Callable[[], object], reps: int) -> float:
@@ -304,6 +306,9 @@ def reference_rates(sizes, seeds, device, rounds: int) -> dict[str, float]:
         ),
         "uniform_per_s": rate(count, lambda: buf.uniform_(generator=g), max(1, int(2e7 / count))),
         "normal_per_s": rate(count, lambda: buf.normal_(generator=g), max(1, int(2e7 / count))),
+        "addcmul_per_s": rate(
+            count, lambda: buf.addcmul_(other, other, value=0.5), max(1, int(2e7 / count))
+        ),
     }
 
 
@@ -327,6 +332,9 @@ def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[flo
         macs += sum(o**3 + i**3 for o, i in matrices)  # its update (every step at first)
         total += seeds * macs / rates["bmm_macs_per_s"]
         what.append(f"{seeds * macs / 1e6:.0f}M multiply-adds")
+    if "adam" in names:  # its two moments: three elementwise passes over the parameters
+        total += 3 * seeds * params / rates["addcmul_per_s"]
+        what.append("3 elementwise passes (moments)")
     for name in ("upgd", "snp"):
         if name in names:
             total += seeds * params / rates["normal_per_s"]

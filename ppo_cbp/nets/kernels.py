@@ -323,6 +323,59 @@ def sgd_apply_(
     )
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _adam(p, g, m, v, wd, keep1, b2, keep2, step_size, bc2_sqrt, eps):  # pragma: no cover
+    # two loops of elementwise IEEE arithmetic (no fast-math: every element is computed the
+    # same way in the vectorised body and the remainder, so a seed's slice of a stack equals
+    # the seed alone); error_model="numpy" lets the division vectorise
+    n = p.size
+    for j in range(n):
+        d = g[j] + wd * p[j]
+        m[j] = m[j] + keep1 * (d - m[j])
+        v[j] = b2 * v[j] + keep2 * d * d
+    for j in range(n):
+        p[j] = p[j] - step_size * (m[j] / (np.sqrt(v[j]) / bc2_sqrt + eps))
+
+
+def adam_(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """One step of ``torch.optim.Adam`` (coupled weight decay, no amsgrad) on one tensor, in
+    place, ``step`` the step count after it:
+
+        g <- g + wd * p;  m <- m + (1 - b1) (g - m);  v <- b2 v + (1 - b2) g^2
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    torch's formula and order of operations (``lerp_``, ``mul_().addcmul_()``, ``addcdiv_``),
+    in two passes over the tensors instead of eight. All four arrays C-contiguous, flattened
+    (any shape), of one dtype; ``exp_avg`` and ``exp_avg_sq`` are the optimizer's own state.
+    """
+    b1, b2 = betas
+    x = param.dtype.type
+    _adam(
+        param.reshape(-1),
+        grad.reshape(-1),
+        exp_avg.reshape(-1),
+        exp_avg_sq.reshape(-1),
+        x(weight_decay),
+        x(1.0 - b1),
+        x(b2),
+        x(1.0 - b2),
+        x(lr / (1.0 - b1**step)),
+        x(math.sqrt(1.0 - b2**step)),
+        x(eps),
+    )
+
+
 def full_correction_age(decay_rate: float, dtype: np.dtype) -> float:
     """Age beyond which ``1 - eta^age`` rounds to exactly 1 in ``dtype``: no need to compute it."""
     if decay_rate == 0.0:

@@ -869,7 +869,39 @@ class StackedTrainer:
                     (buffers[i + 1][1], buffers[i][2]) for i in range(self.net.num_hidden)
                 ]
             return
-        optimizer.step()
+        if not self._adam_by_kernel(optimizer):
+            optimizer.step()
+
+    def _adam_by_kernel(self, optimizer: torch.optim.Optimizer) -> bool:
+        """``torch.optim.Adam``'s step by :func:`~ppo_cbp.nets.kernels.adam_` on CPU, over
+        contiguous parameters whose state exists (its first step creates it): whether it
+        stepped."""
+        if not self._cpu or type(optimizer) is not torch.optim.Adam:
+            return False
+        groups = optimizer.param_groups
+        g = groups[0]
+        flags = ("amsgrad", "maximize", "capturable", "differentiable", "fused", "foreach")
+        if len(groups) != 1 or any(g.get(k) for k in flags) or g.get("decoupled_weight_decay"):
+            return False
+        state = optimizer.state
+        params = g["params"]
+        if not all(p in state and p.is_contiguous() and p.grad.is_contiguous() for p in params):
+            return False
+        for p in params:
+            st = state[p]
+            st["step"] += 1
+            kernels.adam_(
+                self._arrays(p),
+                self._arrays(p.grad),
+                self._arrays(st["exp_avg"]),
+                self._arrays(st["exp_avg_sq"]),
+                lr=g["lr"],
+                betas=g["betas"],
+                eps=g["eps"],
+                weight_decay=g["weight_decay"],
+                step=int(st["step"]),
+            )
+        return True
 
     def perturb_(self) -> None:
         """Shrink & Perturb's noise: ``P <- P + noise_std * N(0, 1)`` for every parameter, each
