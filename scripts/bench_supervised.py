@@ -47,7 +47,6 @@ import contextlib
 import io
 import itertools
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -342,13 +341,27 @@ def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[flo
     return total, ", ".join(what)
 
 
+_PEAK = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    if e.code:
+        raise
+print("VmHWM", next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmHWM")))
+"""
+"""Runs a script, then prints its process's peak resident memory (kB)."""
+
+
 def peak_rss_mib(argv: list[str]) -> float:
-    """Peak resident memory of a child process running ``argv``, in MiB."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed")
-    return usage.ru_maxrss / 1024  # KiB on Linux
+    """Peak resident memory of ``python argv...`` in MiB: the child's own ``VmHWM`` (the
+    kernel's ``ru_maxrss`` would also count the parent's memory it was forked with)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK, *argv], capture_output=True, text=True, check=True
+    )
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024  # kB
 
 
 def memory_checks(examples: int) -> list[dict]:
@@ -358,7 +371,7 @@ def memory_checks(examples: int) -> list[dict]:
         peaks = []
         for n in (examples // 10, examples):
             with tempfile.TemporaryDirectory() as out:
-                argv = [sys.executable, "scripts/supervised.py", "slowly-changing-regression"]
+                argv = ["scripts/supervised.py", "slowly-changing-regression"]
                 argv += ["--method", spec, "--examples", str(n), "--bin-size", str(examples // 100)]
                 argv += ["--seeds", "0", "1", "2", "--out", out, "--device", "cpu", "--no-progress"]
                 peaks.append(peak_rss_mib(argv))
