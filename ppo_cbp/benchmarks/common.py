@@ -515,7 +515,13 @@ class Learner:
         self.seeds = list(seeds)
         self.method = method
         names = set(method.methods)
-        self.gradients = bool(names & GRADIENT_METHODS) or method.optimizer != "sgd"
+        # L2-Init alone with SGD is folded into the trainer's pass: theta <- theta - lr (g + wd
+        # theta + lambda (theta - theta_0)) is the pass with weight decay wd + lambda, then
+        # + lr lambda theta_0 (one more pass, not a gradient written and read back)
+        self.folded_l2_init = names & GRADIENT_METHODS == {"l2_init"} and method.optimizer == "sgd"
+        self.gradients = (
+            bool(names & GRADIENT_METHODS) or method.optimizer != "sgd"
+        ) and not self.folded_l2_init
         if method.uses("online_norm") and self.gradients:
             raise UsageError(
                 f"--method {method.method}: online_norm is trained with plain SGD in the fused "
@@ -547,7 +553,7 @@ class Learner:
             loss=loss,
             optimizer="sgd",
             lr=method.lr,
-            weight_decay=method.weight_decay,
+            weight_decay=method.weight_decay + (method.l2_init if self.folded_l2_init else 0.0),
             betas=method.adam_betas,
             eps=method.adam_eps,
             noise_std=method.noise_std,
@@ -651,6 +657,11 @@ class Learner:
 
     def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> None:
         hidden = self.trainer.step(x_aug, target, out=out)
+        if self.folded_l2_init:
+            (l2_init,) = self.methods.of("l2_init")
+            self.trainer.pull_(
+                l2_init.params, l2_init.initial, self.method.lr * l2_init.coefficient
+            )
         if self.opt is not None:
             with torch.no_grad():
                 self.methods.after_backward()

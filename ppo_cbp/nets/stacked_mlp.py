@@ -872,6 +872,30 @@ class StackedTrainer:
         if not self._adam_by_kernel(optimizer):
             optimizer.step()
 
+    @torch.no_grad()
+    def pull_(
+        self, params: Sequence[Tensor], targets: Sequence[Tensor], coefficient: float
+    ) -> None:
+        """``p <- p + coefficient * target`` for each parameter (L2-Init's pull toward the
+        initial parameters, folded into SGD). For a layer's ``P`` after a kernel step, one
+        kernel pass that also renews :attr:`magnitudes` of the weights it leaves."""
+        index = {id(p): i for i, p in enumerate(self.net.params)}
+        kernel = self.magnitudes is not None
+        for p, target in zip(params, targets, strict=True):
+            layer = index.get(id(p))
+            if layer is None or not kernel:
+                p.add_(target, alpha=coefficient)
+                continue
+            _, out_abs, in_abs = self._fused_buffers[layer]
+            kernels.sgd_apply_(
+                self._arrays(p),
+                self._arrays(target),
+                1.0,
+                coefficient,
+                self._arrays(out_abs) if layer > 0 else None,
+                self._arrays(in_abs),
+            )
+
     def _adam_by_kernel(self, optimizer: torch.optim.Optimizer) -> bool:
         """``torch.optim.Adam``'s step by :func:`~ppo_cbp.nets.kernels.adam_` on CPU, over
         contiguous parameters whose state exists (its first step creates it): whether it
