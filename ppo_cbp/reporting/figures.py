@@ -723,15 +723,12 @@ def _cifar_relative(r: SeedRun) -> np.ndarray | None:
 
 
 def supervised_panels(kind: str) -> list[Panel]:
-    """Permuted MNIST / ImageNet: Extended Data Fig. 4's row (accuracy, dead units in % of
-    all hidden units, average weight magnitude, effective rank summed over the hidden layers);
-    SCR: squared error per bin and weight magnitude; CIFAR: test accuracy per increment and,
-    with a ``scratch_accuracy`` column, accuracy minus the retrained-from-scratch network's."""
-    if kind == "scr":
-        return [
-            Panel("squared_error", "Squared error", _column("squared_error")),
-            Panel("weight_magnitude", "Average weight magnitude", _column("weight_magnitude")),
-        ]
+    """Extended Data Fig. 4's layout, one panel per metric: Permuted MNIST / ImageNet the
+    accuracy, SCR the squared error per bin, then dead units (% of all hidden units; SCR's
+    count of its 5), the effective rank (summed over the hidden layers), the average weight
+    magnitude and the feature norm of the last hidden layer (where the runs wrote them; a
+    panel without data is skipped); CIFAR: test accuracy per increment and, with a
+    ``scratch_accuracy`` column, accuracy minus the retrained-from-scratch network's."""
     if kind == "cifar":
         return [
             Panel("accuracy", "Test accuracy", _first_column(("test_accuracy", "accuracy"))),
@@ -739,12 +736,19 @@ def supervised_panels(kind: str) -> list[Panel]:
             Panel("dead_units_pct", "Dead units (%)", _dead_units_pct),
             Panel("effective_rank", "Effective rank (sum over layers)", _effective_rank),
         ]
-    acc_label = "Online accuracy" if kind == "permuted_mnist" else "Test accuracy"
+    if kind == "scr":
+        score = Panel("squared_error", "Squared error", _column("squared_error"))
+        dead = Panel("dead_units", "Dead units (of 5)", _column("dead_units"))
+    else:
+        acc_label = "Online accuracy" if kind == "permuted_mnist" else "Test accuracy"
+        score = Panel("accuracy", acc_label, _first_column(("accuracy", "test_accuracy")))
+        dead = Panel("dead_units_pct", "Dead units (%)", _dead_units_pct)
     return [
-        Panel("accuracy", acc_label, _first_column(("accuracy", "test_accuracy"))),
-        Panel("dead_units_pct", "Dead units (%)", _dead_units_pct),
-        Panel("weight_magnitude", "Average weight magnitude", _column("weight_magnitude")),
+        score,
+        dead,
         Panel("effective_rank", "Effective rank (sum over layers)", _effective_rank),
+        Panel("weight_magnitude", "Average weight magnitude", _column("weight_magnitude")),
+        Panel("feature_norm", "Feature norm (last hidden layer)", _column("feature_norm")),
     ]
 
 
@@ -1213,12 +1217,9 @@ def plot_runs(
             + METRICS_CAPTION.format(resamples=resamples, seed=bootstrap_seed)
             + "".join(
                 "\n"
-                + wide_markdown(
-                    f.name.removesuffix("_all"),
-                    metric_tables(f, resamples=resamples, seed=bootstrap_seed),
-                )
+                + wide_markdown(f.name, metric_tables(f, resamples=resamples, seed=bootstrap_seed))
                 for f in figures
-                if f.name.endswith("_all") and f.groups[0].kind != "ppo"
+                if not f.name.endswith("_all") and f.groups[0].kind != "ppo"
             )
         )
         files.append(wide)
@@ -1228,7 +1229,7 @@ def plot_runs(
 
 
 METRICS_CAPTION = (
-    "Per supervised benchmark, every metric its runs wrote (the panels of `<name>_all`): the "
+    "Per supervised benchmark, each metric of its figure (Extended Data Fig. 4's panels): the "
     "mean over seeds with its 95% bootstrap CI (BCa, {resamples:,} resamples, seed {seed}) of "
     "each seed's final value (mean over the last tenth of the points) and of its AUC (mean over "
     "all points). See ppo_cbp/reporting/tables.py.\n"
