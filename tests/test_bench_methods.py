@@ -1,0 +1,42 @@
+"""``scripts/bench_supervised.py --methods``: which rows it measures and the arithmetic it
+credits each method with, by hand."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_supervised as bench  # noqa: E402
+
+from ppo_cbp.benchmarks import permuted_mnist, scr  # noqa: E402
+from ppo_cbp.benchmarks.common import METHODS  # noqa: E402
+
+RATES = {"bmm_macs_per_s": 10.0, "uniform_per_s": 4.0, "normal_per_s": 2.0, "addcmul_per_s": 5.0}
+
+
+@pytest.mark.parametrize("defaults", [permuted_mnist.DEFAULTS, scr.DEFAULTS])
+def test_a_row_for_every_method_and_the_readme_combinations(defaults):
+    specs = bench.method_specs(defaults)
+    alone = {s for s in specs if "+" not in s}
+    assert alone == set(defaults) - {"adam_reset"}  # adam_reset needs adam: adam+adam_reset
+    assert {m for s in specs for m in s.split("+")} == set(defaults) <= set(METHODS)
+    assert {"cbp+l2_init+layer_norm", "adam+redo+adam_reset"} <= set(specs)
+
+
+def test_extra_arithmetic_by_hand():
+    sizes, seeds = [4, 3, 2], 2  # weights 4*3 + 3*2 = 18, parameters 18 + 3 + 2 = 23
+    seconds, _ = bench.extra_seconds("parseval", sizes, seeds, RATES)
+    assert seconds == pytest.approx(seeds * 2 * 3 * 3 * 4 / 10.0)  # 2 out^2 in, hidden only
+    assert bench.extra_seconds("soft_snp", sizes, seeds, RATES)[0] == pytest.approx(2 * 18 / 4)
+    assert bench.extra_seconds("upgd", sizes, seeds, RATES)[0] == pytest.approx(2 * 23 / 2)
+    assert bench.extra_seconds("snp", sizes, seeds, RATES)[0] == pytest.approx(2 * 23 / 2)
+    assert bench.extra_seconds("adam", sizes, seeds, RATES)[0] == pytest.approx(3 * 2 * 23 / 5)
+    kron = 2 * (3 * 3 * 4 + 3 * 4 * 4) + 2 * (2 * 2 * 3 + 2 * 3 * 3)  # applied on both sides
+    kron += 3**3 + 4**3 + 2**3 + 3**3  # each factor's update
+    assert bench.extra_seconds("kron", sizes, seeds, RATES)[0] == pytest.approx(2 * kron / 10)
+    assert bench.extra_seconds("cbp+l2_init", sizes, seeds, RATES) == (0.0, "")
+    both = bench.extra_seconds("snp+parseval", sizes, seeds, RATES)[0]
+    assert both == pytest.approx(2 * 23 / 2 + 2 * 72 / 10)
