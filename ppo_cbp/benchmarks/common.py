@@ -477,11 +477,13 @@ class Learner:
 
     :meth:`step` trains on one example (or batch) per seed: the trainer's forward and backward
     pass by hand (:class:`~ppo_cbp.nets.stacked_mlp.StackedTrainer`), then the methods in
-    :data:`~ppo_cbp.plasticity.suite.ORDER`. SGD and Adam alone update in the trainer's own
-    pass; with a method of :data:`GRADIENT_METHODS` the trainer writes the gradient of every
-    weight and bias view instead and the step is ``after_backward`` hooks, then the
-    ``torch.optim`` optimizer (:func:`make_optimizer`, inside TRAC if selected), then
-    Shrink & Perturb's noise. The per-step hooks then run in the suite's order around the
+    :data:`~ppo_cbp.plasticity.suite.ORDER`. SGD updates in the trainer's own pass (L2-Init
+    folded in: weight decay ``wd + lambda``, then ``+ lr lambda theta_0``); with another
+    optimizer (Adam, UPGD, Kron) or a method of :data:`GRADIENT_METHODS` the trainer writes the
+    gradient of every parameter instead and the step is ``after_backward`` hooks, then the
+    ``torch.optim`` optimizer (:func:`make_optimizer`, inside TRAC if selected; plain SGD and
+    Adam by the trainer's kernels on CPU, :meth:`StackedTrainer.update_`), then Shrink &
+    Perturb's noise. The per-step hooks then run in the suite's order around the
     unit resets: soft Shrink & Perturb, CBP or ReDo, weight clipping. CBP takes the trainer's
     weight magnitudes when nothing changed the weights after its pass. ReDo scores units on
     the activations of the last ``redo_period`` examples (a ring buffer), since a single
