@@ -829,7 +829,7 @@ def test_reproduce_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys
 def test_reproduce_writes_under_runs_and_leaves_docs_figures_alone(tmp_path, monkeypatch, capsys):
     """Fix: the small budget's figures and report went to the tracked docs/figures by default."""
     docs = ROOT / "docs" / "figures"
-    tracked = {p.name: p.read_bytes() for p in docs.iterdir()}
+    tracked = {p: p.read_bytes() for p in docs.rglob("*") if p.is_file()}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(reproduce, "run_all", lambda exps, jobs, dry_run: [])  # nothing to run
     assert reproduce.main(["--budget", "small", "--only", "scr"]) == 0
@@ -839,7 +839,7 @@ def test_reproduce_writes_under_runs_and_leaves_docs_figures_alone(tmp_path, mon
     # another --runs-dir: its own figures/
     assert reproduce.main(["--only", "scr", "--runs-dir", "elsewhere"]) == 0
     assert (tmp_path / "elsewhere" / "figures" / "reproduce_small.json").is_file()
-    assert {p.name: p.read_bytes() for p in docs.iterdir()} == tracked
+    assert {p: p.read_bytes() for p in docs.rglob("*") if p.is_file()} == tracked
 
 
 def test_reproduce_unreadable_checkpoint_fails_that_run_only(tmp_path, capsys):

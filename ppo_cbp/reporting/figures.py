@@ -1023,7 +1023,7 @@ def _legend_below(fig: Any, ax: Any, caption: str) -> None:
             title=caption, title_fontsize=8, frameon=False,
         )  # fmt: skip
         box = legend.get_window_extent(renderer)
-        if box.width <= 0.98 * width * fig.dpi or ncols <= 1:
+        if box.width <= 0.9 * width * fig.dpi or ncols <= 1:  # a margin: the drawn text runs wider
             break
         legend.remove()
         ncols -= 1
