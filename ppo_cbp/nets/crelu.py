@@ -73,6 +73,23 @@ def crelu_mlp(
     network. ``layer_norm`` puts a LayerNorm (gain 1, offset 0) between each hidden Linear and its
     CReLU.
     """
+    return paired_mlp(CReLU, in_dim, hidden, out_dim, init, layer_norm=layer_norm)
+
+
+def paired_mlp(
+    activation: type[nn.Module],
+    in_dim: int,
+    hidden: Sequence[int],
+    out_dim: int,
+    init: str = "kaiming_uniform",
+    *,
+    layer_norm: bool = False,
+) -> nn.Sequential:
+    """``Linear, [LayerNorm,] activation, ..., Linear`` for an activation with
+    ``activation.outputs_per_unit`` outputs per unit (CReLU's and DFF's 2): each hidden
+    Linear's consumer takes that many times its width; every Linear is drawn from ``init``
+    with the ReLU gain and a zero bias (:func:`crelu_mlp`, :func:`ppo_cbp.nets.dff.dff_mlp`
+    say why for each)."""
     if in_dim < 1 or out_dim < 1 or any(w < 1 for w in hidden):
         raise ValueError(
             f"widths must be positive, got in_dim={in_dim}, hidden={list(hidden)}, out_dim={out_dim}"
@@ -82,8 +99,8 @@ def crelu_mlp(
         layers.append(nn.Linear(in_dim, width))
         if layer_norm:
             layers.append(nn.LayerNorm(width))
-        layers.append(CReLU())
-        in_dim = CReLU.outputs_per_unit * width
+        layers.append(activation())
+        in_dim = activation.outputs_per_unit * width
     layers.append(nn.Linear(in_dim, out_dim))
     for m in layers:
         if isinstance(m, nn.Linear):

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ppo_cbp.init import init_linear_
+from ppo_cbp.nets.crelu import paired_mlp
 
 __all__ = ["DFF", "dff_mlp"]
 
@@ -89,19 +89,4 @@ def dff_mlp(
     ``E[z'^2] = n * (1/n) = 1`` over the draw, whatever the input. ``layer_norm`` puts a LayerNorm (gain 1, offset 0) between each hidden Linear
     and its DFF.
     """
-    if in_dim < 1 or out_dim < 1 or any(w < 1 for w in hidden):
-        raise ValueError(
-            f"widths must be positive, got in_dim={in_dim}, hidden={list(hidden)}, out_dim={out_dim}"
-        )
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers.append(nn.Linear(in_dim, width))
-        if layer_norm:
-            layers.append(nn.LayerNorm(width))
-        layers.append(DFF())
-        in_dim = DFF.outputs_per_unit * width
-    layers.append(nn.Linear(in_dim, out_dim))
-    for m in layers:
-        if isinstance(m, nn.Linear):
-            init_linear_(m, init, "relu")
-    return nn.Sequential(*layers)
+    return paired_mlp(DFF, in_dim, hidden, out_dim, init, layer_norm=layer_norm)

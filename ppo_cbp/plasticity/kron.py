@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppo_cbp.seeding import TAG_KRON, derive_seed
+from ppo_cbp.plasticity.seeded import SeededOptimizer
+from ppo_cbp.seeding import TAG_KRON
 
 __all__ = ["Kron", "update_probability"]
 
@@ -147,7 +148,7 @@ def _as_seeds(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-class Kron(torch.optim.Optimizer):
+class Kron(SeededOptimizer):
     """PSGD Kron (kron_torch's ``Kron``, see the module docstring), with stacked seeds.
 
     For each parameter with gradient ``g``, viewed as kron_torch views it (a tensor of more than
@@ -271,11 +272,6 @@ class Kron(torch.optim.Optimizer):
                 raise ValueError(f"{name} out of range in Kron: {locals()[name]}")
         if memory_save_mode not in MEMORY_SAVE_MODES:
             raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}")
-        if seed_dims not in (0, 1):
-            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
-        seeds = [int(s) for s in seeds]
-        if not seeds or (seed_dims == 0 and len(seeds) != 1):
-            raise ValueError(f"one seed per stacked network (one when seed_dims=0), got {seeds}")
         defaults = dict(
             lr=lr,
             b1=b1,
@@ -292,18 +288,7 @@ class Kron(torch.optim.Optimizer):
             flat_start=flat_start,
             balance_prob=balance_prob,
         )
-        super().__init__(params, defaults)
-        self.seed_dims = seed_dims
-        device = self.param_groups[0]["params"][0].device
-        self.generators = [
-            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_KRON)) for s in seeds
-        ]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if seed_dims and (p.dim() == 0 or p.shape[0] != len(seeds)):
-                    raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)}: not {len(seeds)} seeds"
-                    )
+        super().__init__(params, defaults, seed_dims, seeds, TAG_KRON)
         self.prob_step = 0
         """Steps taken (kron_torch's ``_prob_step``): the schedule's ``n``."""
         self.update_counter = 0
@@ -426,19 +411,11 @@ class Kron(torch.optim.Optimizer):
         state = super().state_dict()
         state["prob_step"] = self.prob_step
         state["update_counter"] = self.update_counter
-        state["generators"] = [g.get_state() for g in self.generators]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        generators = state_dict.pop("generators")
-        if len(generators) != len(self.generators):
-            raise ValueError(
-                f"the state has {len(generators)} generators, expected {len(self.generators)}"
-            )
         prob_step = int(state_dict.pop("prob_step"))
         update_counter = int(state_dict.pop("update_counter"))
         super().load_state_dict(state_dict)
         self.prob_step, self.update_counter = prob_step, update_counter
-        for g, s in zip(self.generators, generators):
-            g.set_state(s)

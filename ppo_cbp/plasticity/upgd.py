@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppo_cbp.seeding import TAG_UPGD, derive_seed
+from ppo_cbp.plasticity.seeded import SeededOptimizer
+from ppo_cbp.seeding import TAG_UPGD
 
 __all__ = ["UPGD", "AdaptiveUPGD"]
 
@@ -35,7 +36,7 @@ def _upgd_defaults(lr: float, weight_decay: float, beta_utility: float, sigma: f
     return dict(lr=lr, weight_decay=weight_decay, beta_utility=beta_utility, sigma=sigma)
 
 
-class _SeededPerturbation(torch.optim.Optimizer):
+class _SeededPerturbation(SeededOptimizer):
     """The UPGD optimizers' shared parts: stacked seeds (``seed_dims``), one noise generator per
     seed (stream :data:`~ppo_cbp.seeding.TAG_UPGD`), the per-seed maximum of the utility traces
     and a ``state_dict`` that carries the generators' states."""
@@ -47,23 +48,7 @@ class _SeededPerturbation(torch.optim.Optimizer):
         seed_dims: int,
         seeds: Sequence[int],
     ):
-        if seed_dims not in (0, 1):
-            raise ValueError(f"seed_dims must be 0 or 1, got {seed_dims}")
-        seeds = [int(s) for s in seeds]
-        if not seeds or (seed_dims == 0 and len(seeds) != 1):
-            raise ValueError(f"one seed per stacked network (one when seed_dims=0), got {seeds}")
-        super().__init__(params, defaults)
-        self.seed_dims = seed_dims
-        device = self.param_groups[0]["params"][0].device
-        self.generators = [
-            torch.Generator(device=device).manual_seed(derive_seed(s, TAG_UPGD)) for s in seeds
-        ]
-        for group in self.param_groups:
-            for p in group["params"]:
-                if seed_dims and p.shape[0] != len(seeds):
-                    raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)}: not {len(seeds)} seeds"
-                    )
+        super().__init__(params, defaults, seed_dims, seeds, TAG_UPGD)
 
     def _per_seed_max(self, u: Tensor) -> Tensor:
         """``max u`` of one parameter: ``[S]`` when stacked, else 0-dim."""
@@ -87,22 +72,6 @@ class _SeededPerturbation(torch.optim.Optimizer):
             for n in noise:
                 (n[s] if self.seed_dims else n).normal_(generator=g)
         return noise
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generators"] = [g.get_state() for g in self.generators]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        generators = state_dict.pop("generators")
-        if len(generators) != len(self.generators):
-            raise ValueError(
-                f"the state has {len(generators)} generators, expected {len(self.generators)}"
-            )
-        super().load_state_dict(state_dict)
-        for g, s in zip(self.generators, generators):
-            g.set_state(s)
 
 
 def _nonzero(top: Tensor) -> Tensor:
