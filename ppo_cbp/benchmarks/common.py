@@ -631,6 +631,7 @@ class Learner:
                 (i, _FusedProjection(m, net) if isinstance(m, NormalizeAndProject) else m)
                 for i, m in per_step
             ]
+        self._l2_init = self.methods.of("l2_init")[0] if self.folded_l2_init else None
         self._before = [m for i, m in per_step if i < resets]
         self._after = [m for i, m in per_step if i > resets]
         self.cbp: ContinualBackprop | None = None
@@ -659,11 +660,9 @@ class Learner:
 
     def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> None:
         hidden = self.trainer.step(x_aug, target, out=out)
-        if self.folded_l2_init:
-            (l2_init,) = self.methods.of("l2_init")
-            self.trainer.pull_(
-                l2_init.params, l2_init.initial, self.method.lr * l2_init.coefficient
-            )
+        if self._l2_init is not None:
+            l2 = self._l2_init
+            self.trainer.pull_(l2.params, l2.initial, self.method.lr * l2.coefficient)
         if self.opt is not None:
             with torch.no_grad():
                 self.methods.after_backward()

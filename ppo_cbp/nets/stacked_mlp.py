@@ -470,6 +470,7 @@ class StackedTrainer:
         self._z: list[Tensor] = []  # batch-1 pre-activations, kept across steps
         self._own_rows: dict[int, np.ndarray] = {}  # [S, n] rows of the batch-1 buffers
         self._fused_buffers: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._param_index = {id(p): i for i, p in enumerate(net.params)}  # P -> its layer
         self._units: dict[int, list[Tensor]] = {}  # per batch, paired units' activations
         self._saved: list[tuple[Tensor, ...]] = []  # per hidden layer, what its backward reads
         self._arch_rows: list[dict[str, Tensor]] = []  # batch-1 buffers of the hidden layers
@@ -879,7 +880,7 @@ class StackedTrainer:
         """``p <- p + coefficient * target`` for each parameter (L2-Init's pull toward the
         initial parameters, folded into SGD). For a layer's ``P`` after a kernel step, one
         kernel pass that also renews :attr:`magnitudes` of the weights it leaves."""
-        index = {id(p): i for i, p in enumerate(self.net.params)}
+        index = self._param_index
         kernel = self.magnitudes is not None
         for p, target in zip(params, targets, strict=True):
             layer = index.get(id(p))
