@@ -63,6 +63,8 @@ SPECS = [
     "l2+parseval+snp_init",
     "cbp+upgd",
     "cbp+trac+head_reset",
+    "cbp+adam+trac",
+    "trac+layer_norm",
     "kron",
     "cbp+kron+l2_init",
     "kron+layer_norm",

@@ -8,16 +8,31 @@ import pytest
 import torch
 from scipy import special
 
-from ppo_cbp.plasticity.trac import BETAS, TRAC, erfi
+from ppo_cbp.plasticity import trac
+from ppo_cbp.plasticity.trac import BETAS, TRAC, erfi, erfi_series
 
 F64 = torch.float64
 SHAPES = [(3, 2), (3,)]
 
 
-def test_erfi_matches_scipy():
-    x = np.array([-6.0, -1.3, -0.2, 0.0, 0.3, 1 / math.sqrt(2), 2.0, 4.5, 9.0, 25.0])
-    got = erfi(torch.tensor(x, dtype=F64)).numpy()
-    np.testing.assert_allclose(got, special.erfi(x), rtol=1e-12)
+@pytest.mark.parametrize("function", [erfi, erfi_series], ids=["converged", "900-terms"])
+def test_erfi_matches_scipy(function):
+    x = np.array([-6.0, -1.3, -0.2, 0.0, 1e-300, 1e-9, 0.3, 1 / math.sqrt(2), 2.0, 4.5, 9.0, 25.0])
+    dense = np.random.default_rng(0).uniform(-trac.ERFI_MAX, trac.ERFI_MAX, 2000)
+    for values in (x, dense, dense.reshape(40, 50)):
+        got = function(torch.tensor(values, dtype=F64)).numpy()
+        np.testing.assert_allclose(got, special.erfi(values), rtol=1e-12, atol=1e-300)
+    # beyond +-ERFI_MAX both clamp (float64 overflows at 26.6)
+    over = function(torch.tensor([-40.0, 30.0], dtype=F64)).numpy()
+    np.testing.assert_allclose(over, special.erfi([-26.0, 26.0]), rtol=1e-12)
+
+
+@pytest.fixture(params=["kernels", "tensors"])
+def path(request, monkeypatch):
+    """TRAC's CPU kernels, or the tensor operations that other devices run."""
+    if request.param == "tensors":
+        monkeypatch.setattr(trac.kernels, "available", lambda *tensors: False)
+    return request.param
 
 
 def _params(seed: int):
@@ -54,7 +69,7 @@ def _reference(theta0, steps, lr, target, s_prior=1e-8, eps=1e-8):
     return theta, s
 
 
-def test_trac_follows_its_equations_and_its_scale_grows():
+def test_trac_follows_its_equations_and_its_scale_grows(path):
     params = _params(0)
     theta0 = [p.detach().numpy().copy() for p in params]
     opt = TRAC(torch.optim.SGD(params, lr=0.1))
@@ -72,7 +87,7 @@ def test_trac_follows_its_equations_and_its_scale_grows():
     assert scales[0] < 1e-6 and scales[-1] > 100 * max(scales[0], 1e-12)
 
 
-def test_stacked_seeds_equal_separate_runs():
+def test_stacked_seeds_equal_separate_runs(path):
     alone = [_params(i) for i in range(2)]
     stacked = [torch.stack([a[k].detach() for a in alone]).requires_grad_() for k in range(2)]
     opts = [TRAC(torch.optim.Adam(a, lr=0.05)) for a in alone]
@@ -91,11 +106,32 @@ def test_stacked_seeds_equal_separate_runs():
         torch.testing.assert_close(opt.s[i], opts[i].s[0], rtol=1e-10, atol=1e-300)
 
 
+def test_float32_kernels_equal_tensor_operations(monkeypatch):
+    """In float32 the kernels take TRAC's products and updates in float32 as the tensor path
+    does (only the sum's order differs)."""
+    runs = []
+    for by_kernel in (True, False):
+        if not by_kernel:
+            monkeypatch.setattr(trac.kernels, "available", lambda *tensors: False)
+        params = [p.detach().float().requires_grad_() for p in _params(3)]
+        stacked = [torch.stack([p.detach(), 2 * p.detach()]).requires_grad_() for p in params]
+        opt = TRAC(torch.optim.SGD(stacked, lr=0.1), seed_dims=1)
+        for _ in range(4):
+            _grad(stacked, 5.0)
+            opt.step()
+        runs.append((stacked, opt.s.clone()))
+    (kernel, s_kernel), (tensor, s_tensor) = runs
+    for a, b in zip(kernel, tensor):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s_kernel, s_tensor, rtol=1e-5, atol=0.0)
+
+
 def alone_grad(p, target):
     return (p.detach() - target).clone()
 
 
-def test_resume_is_exact():
+def test_resume_is_exact(path):
     params, other = _params(0), _params(1)
     opt = TRAC(torch.optim.Adam(params, lr=0.05))
     for _ in range(5):

@@ -42,6 +42,7 @@ from ppo_cbp.plasticity.hooks import Layer, Network
 from ppo_cbp.plasticity.kron import Kron
 from ppo_cbp.plasticity.normalize_project import NormalizeAndProject
 from ppo_cbp.plasticity.redo import ReDo, WindowedReDo
+from ppo_cbp.plasticity.trac import TRAC
 from ppo_cbp.plasticity.upgd import UPGD
 from ppo_cbp.seeding import TAG_CBP, TAG_REDO, derive_seed
 
@@ -666,7 +667,13 @@ class Learner:
         if self.opt is not None:
             with torch.no_grad():
                 self.methods.after_backward()
-            self.trainer.update_(self.opt)
+            if isinstance(self.opt, TRAC):  # the base steps as it would alone (its kernels)
+                self.opt.begin_step()
+                self.trainer.update_(self.opt.base)
+                self.opt.end_step()
+                self.trainer.magnitudes = None  # of the weights before TRAC's scaling
+            else:
+                self.trainer.update_(self.opt)
             self.trainer.perturb_()
         for m in self._before:
             m.after_step(hidden)

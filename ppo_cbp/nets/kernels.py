@@ -644,3 +644,83 @@ def project_norm_(param: np.ndarray, target: np.ndarray, cols: int) -> None:
     with ``cols = J - 1`` projects its weight, not its bias); a ``T_s`` of norm 0 is left
     as it is. Normalize-and-Project's projection, one pass per tensor."""
     _project_norm(param, target, cols)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _trac_begin(p, ref, g, before, total, h):  # pragma: no cover
+    S, N = p.shape
+    for s in range(S):
+        t = total[s]
+        acc = 0.0
+        for i in range(N):
+            b = p[s, i]
+            before[s, i] = b
+            acc += np.float64(((b - ref[s, i]) / t) * g[s, i])
+        h[s] += acc
+
+
+def trac_begin_(
+    param: np.ndarray,
+    reference: np.ndarray,
+    grad: np.ndarray,
+    before: np.ndarray,
+    total: np.ndarray,
+    h: np.ndarray,
+) -> None:
+    """TRAC before its base optimizer's step, one pass over a parameter: ``before <- theta``
+    and ``h_s += sum_i float64(((theta - theta_ref) / total_s) * g)``, the product in the
+    parameter's dtype as TRAC's tensor path takes it. ``param``, ``reference``, ``grad`` and
+    ``before`` ``[S, N]`` of one dtype, C-contiguous; ``total`` ``[S]`` in that dtype; ``h``
+    ``[S]`` float64, accumulated into."""
+    _trac_begin(param, reference, grad, before, total, h)
+
+
+@numba.njit(cache=True, nogil=True)
+def _trac_apply(p, ref, before, total, scale):  # pragma: no cover
+    S, N = p.shape
+    for s in range(S):
+        t, c = total[s], scale[s]
+        for i in range(N):
+            b, r = before[s, i], ref[s, i]
+            p[s, i] = r + ((b - r) / t + (p[s, i] - b)) * c
+
+
+def trac_apply_(
+    param: np.ndarray,
+    reference: np.ndarray,
+    before: np.ndarray,
+    total: np.ndarray,
+    scale: np.ndarray,
+) -> None:
+    """TRAC after its base optimizer's step, one pass over a parameter: ``theta <- theta_ref +
+    ((before - theta_ref) / total_s + (theta - before)) * scale_s`` (``theta - before`` is the
+    base's update), in the parameter's dtype, arrays as in :func:`trac_begin_`."""
+    _trac_apply(param, reference, before, total, scale)
+
+
+@numba.njit(cache=True, nogil=True)
+def _erfi(x, out, limit):  # pragma: no cover
+    two_over_root_pi = 2.0 / math.sqrt(math.pi)
+    for k in range(x.size):
+        z = min(max(x[k], -limit), limit)
+        a = abs(z)
+        term = a  # a^(2n+1) / n!
+        total = a
+        x2 = a * a
+        n = 0
+        while term > 0.0:
+            n += 1
+            term *= x2 / n
+            part = term / (2 * n + 1)
+            total += part
+            if n > x2 and part <= total * 1e-17:  # past the largest term, below resolution
+                break
+        out[k] = math.copysign(total * two_over_root_pi, z)
+
+
+def erfi_(x: np.ndarray, out: np.ndarray, limit: float) -> None:
+    """``erfi`` of each element of float64 ``x`` (clamped to ``+-limit``) into ``out``, by its
+    Maclaurin series ``2 / sqrt(pi) sum_n x^(2n+1) / (n! (2n+1))`` (all terms of one sign),
+    summed term by term until past the largest and under ``1e-17`` of the sum: the 30 or so
+    terms a small argument needs instead of a fixed 900."""
+    _erfi(x.reshape(-1), out.reshape(-1), limit)

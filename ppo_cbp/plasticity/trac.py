@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TRAC", "erfi"]
+from ppo_cbp.nets import kernels
+
+__all__ = ["TRAC", "erfi", "erfi_series"]
 
 BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
 """The authors' discount factors, one scale tuner each."""
@@ -29,10 +31,22 @@ _ERFI_TERMS = 900
 
 def erfi(x: Tensor) -> Tensor:
     """The imaginary error function ``erfi(x) = 2 / sqrt(pi) sum_n x^(2n+1) / (n! (2n+1))`` of
-    real ``x`` (clamped to +-:data:`ERFI_MAX`), summed in float64 in log space: the series
-    converges for every ``x`` and its largest term, near ``n = x^2``, stays finite. The terms
-    are summed relative to the largest; those below ``e^-60`` of it are left out (together
-    under ``1e-23`` of the sum)."""
+    real ``x`` (clamped to +-:data:`ERFI_MAX`), in float64. On CPU the series is summed term by
+    term until it has converged (:func:`~ppo_cbp.nets.kernels.erfi_`); elsewhere by
+    :func:`erfi_series`, without a host synchronisation."""
+    z = x.to(torch.float64)
+    if not kernels.available(z):
+        return erfi_series(z).to(x.dtype)
+    out = torch.empty_like(z)
+    kernels.erfi_(z.contiguous().numpy(), out.numpy(), ERFI_MAX)
+    return out.to(x.dtype)
+
+
+def erfi_series(x: Tensor) -> Tensor:
+    """:func:`erfi` by a fixed 900 terms of its series, on any device: summed in float64 in log
+    space, so that the largest term (near ``n = x^2``) stays finite; the terms are summed
+    relative to the largest and those below ``e^-60`` of it are left out (together under
+    ``1e-23`` of the sum)."""
     z = x.to(torch.float64).clamp(-ERFI_MAX, ERFI_MAX)
     power, log_coef = _series(x.device)
     log_abs = torch.log(z.abs().clamp_min(1e-300)).unsqueeze(-1)
@@ -118,6 +132,11 @@ class TRAC(torch.optim.Optimizer):
         self._prior = self.s_prior / erfi(torch.tensor(1.0 / math.sqrt(2.0), **stats))
         self.reference: list[Tensor] = []
         """``theta_ref`` of every parameter, in the order of the groups (set at the first step)."""
+        # within a step: theta_t of each parameter (buffers kept across steps), the seeds'
+        # S_t + eps and h_t, and the parameters stepped (see _plan)
+        self._before: dict[int, Tensor] = {}
+        self._total = self._h = self.s.new_zeros(seeds)
+        self._steps: tuple[list, list] = ([], [])
 
     def _expand(self, scale: Tensor, p: Tensor) -> Tensor:
         """A per-seed ``[S]`` value shaped to multiply parameter ``p``."""
@@ -129,32 +148,82 @@ class TRAC(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> None:
         if closure is not None:
             raise ValueError("TRAC.step takes no closure")
+        self.begin_step()
+        self.base.step()
+        self.end_step()
+
+    @torch.no_grad()
+    def begin_step(self) -> None:
+        """The part of :meth:`step` before the base optimizer's step (a trainer that steps the
+        base its own way calls this, the base's step, then :meth:`end_step`): keeps
+        ``theta_t`` and takes ``h_t`` from the gradients."""
         every = [p for g in self.param_groups for p in g["params"]]
         if not self.reference:
             self.reference = [p.detach().clone() for p in every]
-        ref_of = {id(p): r for p, r in zip(every, self.reference, strict=True)}
-        params = [p for p in every if p.grad is not None]
-        grads = [p.grad.clone() for p in params]
-        before = [p.detach().clone() for p in params]
-        self.base.step()
-        total = self.s.sum(1) + self.eps  # [S]
-        h = torch.zeros(self.s.shape[0], dtype=torch.float64, device=self.s.device)
-        deltas = []
-        for p, g, b in zip(params, grads, before):
-            delta = (b - ref_of[id(p)]) / self._expand(total, p)
-            prod = (delta * g).to(torch.float64)
-            h += prod.reshape(prod.shape[0], -1).sum(1) if self.seed_dims else prod.sum()
-            delta.add_(p - b)  # + the base's update u_t
-            deltas.append(delta)
-        h2 = h.unsqueeze(1)
+        self._total = total = self.s.sum(1) + self.eps  # [S]
+        self._h = h = torch.zeros_like(total)
+        per_seed = self._per_seed(total)
+        for p, ref, before, arrays in self._plan(every):
+            if arrays is not None:
+                kernels.trac_begin_(*arrays, per_seed[p.dtype], h.numpy())
+            else:
+                before.copy_(p)
+                prod = (p - ref).div_(self._expand(total, p)).mul_(p.grad)
+                flat = prod.reshape(prod.shape[0], -1) if self.seed_dims else prod.reshape(1, -1)
+                h += flat.sum(1, dtype=torch.float64)
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """The part of :meth:`step` after the base optimizer's step: the tuners' update and
+        ``theta_{t+1} = theta_ref + (Delta_t + u_t) * max(sum_j s_j, 0)``."""
+        h2 = self._h.unsqueeze(1)
         self.variance.mul_(self.betas**2).add_(h2.square())
         self.sigma.mul_(self.betas).sub_(h2)
         self.s.copy_(
             self._prior * erfi(self.sigma / (math.sqrt(2.0) * self.variance.sqrt() + self.eps))
         )
         scale = self.s.sum(1).clamp_min(0.0)
-        for p, delta in zip(params, deltas):
-            p.copy_(ref_of[id(p)] + delta * self._expand(scale, p))
+        totals, scales = self._per_seed(self._total), self._per_seed(scale)
+        for p, ref, before, arrays in self._steps[1]:
+            if arrays is not None:
+                p_rows, ref_rows, _, before_rows = arrays
+                kernels.trac_apply_(p_rows, ref_rows, before_rows, totals[p.dtype], scales[p.dtype])
+            else:
+                total, factor = self._expand(self._total, p), self._expand(scale, p)
+                p.copy_(ref + ((before - ref).div_(total) + (p - before)) * factor)
+
+    def _plan(self, every: list[Tensor]) -> list[tuple[Tensor, Tensor, Tensor, tuple | None]]:
+        """``(theta, theta_ref, the buffer for theta_t, the kernels' [S, N] views of those and
+        the gradient, or None for tensor operations)`` of each parameter with a gradient,
+        kept while the parameters and their gradient tensors stay the same."""
+        tensors = [(p, p.grad) for p in every if p.grad is not None]
+        key, plan = self._steps
+        if len(key) == len(tensors) and all(
+            p is q and g is h for (p, g), (q, h) in zip(key, tensors)
+        ):
+            return plan
+        ref_of = {id(p): r for p, r in zip(every, self.reference, strict=True)}
+        plan = []
+        for p, g in tensors:
+            ref = ref_of[id(p)]
+            before = self._before.get(id(p))
+            if before is None or before.shape != p.shape or before.dtype != p.dtype:
+                before = self._before[id(p)] = torch.empty_like(p.detach())
+            each = (p, ref, g, before)
+            fused = kernels.available(*each) and all(t.is_contiguous() for t in each)
+            plan.append((p, ref, before, tuple(map(self._rows, each)) if fused else None))
+        self._steps = (tensors, plan)
+        return plan
+
+    def _per_seed(self, value: Tensor) -> dict[torch.dtype, Any]:
+        """A per-seed ``[S]`` float64 value as the kernels take it: in each parameter dtype."""
+        if value.device.type != "cpu":
+            return {}
+        return {dt: value.to(dt).numpy() for dt in (torch.float32, torch.float64)}
+
+    def _rows(self, t: Tensor) -> Any:
+        """The ``[S, N]`` (``[1, N]`` without seeds) NumPy view that the kernels take."""
+        return kernels.as_array(t.detach().reshape(t.shape[0] if self.seed_dims else 1, -1))
 
     @property
     def scale(self) -> Tensor:
@@ -180,3 +249,4 @@ class TRAC(torch.optim.Optimizer):
         for key in ("s", "variance", "sigma"):
             getattr(self, key).copy_(state_dict[key])
         self.reference = [r.clone() for r in state_dict["reference"]]
+        self._steps = ([], [])
