@@ -64,6 +64,7 @@ from ppo_cbp.benchmarks.autograd_learner import make_learner, uses_fused_trainer
 from ppo_cbp.benchmarks.common import MethodConfig, resolve_method
 from ppo_cbp.benchmarks.continual_imagenet import imagenet_convnet
 from ppo_cbp.benchmarks.conv_learner import stack_networks
+from ppo_cbp.errors import UsageError
 from ppo_cbp.init import init_layer_
 from ppo_cbp.nets.resnet import ResNet18
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
@@ -406,6 +407,8 @@ def methods_main(args) -> None:
     for case in args.cases:
         sizes, seeds, loss, defaults, target = METHOD_CASES[case]
         specs = method_specs(defaults)
+        if args.specs:
+            specs = ["bp", *(s for s in args.specs if s != "bp")]
         rates = reference_rates(sizes, seeds, device, args.rounds)
         runs = {}
         for spec in specs:
@@ -471,11 +474,25 @@ def main() -> None:
     parser.add_argument("--only-conv", action="store_true", help="only the conv networks")
     parser.add_argument("--methods", action="store_true", help="every method against bp")
     parser.add_argument("--cases", nargs="+", default=list(METHOD_CASES), choices=METHOD_CASES)
+    parser.add_argument(
+        "--specs",
+        nargs="+",
+        metavar="METHOD",
+        help="with --methods: only these methods or combinations (bp is always measured)",
+    )
     parser.add_argument("--device", default="cpu", help="with --methods: cpu or cuda")
     parser.add_argument("--memory", action="store_true", help="with --methods: peak RSS check")
     parser.add_argument("--memory-examples", type=int, default=300_000)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.specs and not args.methods:
+        parser.error("--specs needs --methods")
+    for case in args.cases if args.specs else ():
+        for spec in args.specs:
+            try:
+                resolve_method(MethodConfig(method=spec), METHOD_CASES[case][3])
+            except UsageError as e:
+                sys.exit(f"error: {case}: {e}")
     if args.methods:
         if args.out == "docs/bench_supervised.json":
             args.out = "docs/bench_methods.json"

@@ -3,6 +3,7 @@ credits each method with, by hand."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +41,12 @@ def test_extra_arithmetic_by_hand():
     assert bench.extra_seconds("cbp+l2_init", sizes, seeds, RATES) == (0.0, "")
     both = bench.extra_seconds("snp+parseval", sizes, seeds, RATES)[0]
     assert both == pytest.approx(2 * 23 / 2 + 2 * 72 / 10)
+
+
+def test_unknown_spec_is_one_line_before_any_work(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, bench.__file__, "--methods", "--cases", "scr", "--out", str(out)]
+    done = subprocess.run([*argv, "--specs", "upgd", "nonsense"], capture_output=True, text=True)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.startswith("error: scr: unknown method 'nonsense'")
+    assert done.stderr.count("\n") == 1 and not out.exists()
