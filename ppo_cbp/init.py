@@ -88,12 +88,14 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """A fresh tensor from U(-scale, scale) (``kind="uniform"``) or N(0, scale^2)."""
+    """A fresh tensor from U(-scale, scale) (``kind="uniform"``) or N(0, scale^2); written into
+    ``out`` (contiguous, of ``shape``) when given, the same numbers."""
     if kind == "uniform":
-        out = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        out = torch.rand(shape, generator=generator, device=device, dtype=dtype, out=out)
         return out.mul_(2.0 * scale).sub_(scale)
-    out = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    out = torch.randn(shape, generator=generator, device=device, dtype=dtype, out=out)
     return out.mul_(scale)
 
 

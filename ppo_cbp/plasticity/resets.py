@@ -29,8 +29,14 @@ __all__ = [
 _ADAMS = (torch.optim.Adam, torch.optim.AdamW)
 
 
-def fresh_weight(layer: Layer, seed_dims: int, generators: Sequence[torch.Generator]) -> Tensor:
-    """A new draw of ``layer.weight`` from its init scheme and gain, shaped like the weight.
+def fresh_weight(
+    layer: Layer,
+    seed_dims: int,
+    generators: Sequence[torch.Generator],
+    out: Tensor | None = None,
+) -> Tensor:
+    """A new draw of ``layer.weight`` from its init scheme and gain, shaped like the weight
+    (into ``out``, contiguous, when given: a method that draws at every step keeps one).
 
     Seed ``s``'s slice is one draw of the slice's shape from ``generators[s]``, so a seed draws
     the same numbers stacked with others as alone.
@@ -41,6 +47,11 @@ def fresh_weight(layer: Layer, seed_dims: int, generators: Sequence[torch.Genera
         raise ValueError(f"{layer.name}: {len(generators)} generators for {num_seeds} seeds")
     kind, scale = distribution(layer.init, layer.nonlinearity, *fans(w.shape, seed_dims))
     shape = tuple(w.shape[seed_dims:])
+    if out is not None:
+        for s, g in enumerate(generators):
+            target = out[s] if seed_dims else out
+            sample(shape, kind, scale, generator=g, device=w.device, dtype=w.dtype, out=target)
+        return out
     draws = [
         sample(shape, kind, scale, generator=g, device=w.device, dtype=w.dtype) for g in generators
     ]

@@ -98,6 +98,7 @@ class ShrinkPerturb(PlasticityMethod):
         self.shrink = shrink
         self.every = every
         self.generators = generators_for(net, TAG_SHRINK_PERTURB)
+        self._draws: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -106,7 +107,13 @@ class ShrinkPerturb(PlasticityMethod):
         if alpha == 1.0:
             return
         for layer in self.net.layers:
-            fresh = fresh_weight(layer, self.net.seed_dims, self.generators)
+            out = None
+            if self.every == "step":  # a buffer per weight, not a fresh tensor every step
+                out = self._draws.get(id(layer.weight))
+                w = layer.weight
+                if out is None or out.shape != w.shape or out.dtype != w.dtype:
+                    out = self._draws[id(w)] = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+            fresh = fresh_weight(layer, self.net.seed_dims, self.generators, out=out)
             layer.weight.mul_(alpha).add_(fresh, alpha=1.0 - alpha)
             if layer.bias is not None:
                 layer.bias.mul_(alpha)
