@@ -32,12 +32,14 @@ measures: Parseval's ``2 out^2 in`` multiply-adds per regularised layer and Kron
 preconditioner (``2 (out^2 in + out in^2)`` to apply it to a weight matrix, ``out^3 + in^3`` to
 update its factors, which kron_torch does at every one of the first 500 steps) at
 ``torch.bmm``'s rate; Adam's two moments (three elementwise passes over the parameters: each moment, then the
-update) at ``addcmul_``'s rate; one random number per weight per step (soft S&P's fresh draw, uniform; UPGD's and S&P's
+update) and TRAC's own two (its inner product ``<theta - theta_ref, g>`` and the rescaled
+update ``theta_ref + (Delta + u) s``) at ``addcmul_``'s rate; one random number per weight per step (soft S&P's fresh draw, uniform; UPGD's and S&P's
 noise, Gaussian) at the generator's rate. ``--memory`` also runs Slowly-Changing Regression
 for 10% and for 100% of a run in child processes and compares their peak RSS (target: within
 5%).
 
     python scripts/bench_supervised.py --methods [--cases pm100 pm2000 scr] [--memory] [--device cuda]
+    python scripts/bench_supervised.py --methods --specs upgd adam+trac   # a few rows, beside bp
 """
 
 from __future__ import annotations
@@ -335,6 +337,9 @@ def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[flo
     if "adam" in names:  # its two moments: three elementwise passes over the parameters
         total += 3 * seeds * params / rates["addcmul_per_s"]
         what.append("3 elementwise passes (moments)")
+    if "trac" in names:  # <theta - theta_ref, g> and theta_ref + (Delta + u) * scale
+        total += 2 * seeds * params / rates["addcmul_per_s"]
+        what.append("2 elementwise passes (inner product, rescaling)")
     for name in ("upgd", "snp"):
         if name in names:
             total += seeds * params / rates["normal_per_s"]

@@ -38,6 +38,9 @@ def test_extra_arithmetic_by_hand():
     kron = 2 * (3 * 3 * 4 + 3 * 4 * 4) + 2 * (2 * 2 * 3 + 2 * 3 * 3)  # applied on both sides
     kron += 3**3 + 4**3 + 2**3 + 3**3  # each factor's update
     assert bench.extra_seconds("kron", sizes, seeds, RATES)[0] == pytest.approx(2 * kron / 10)
+    assert bench.extra_seconds("trac", sizes, seeds, RATES)[0] == pytest.approx(2 * 2 * 23 / 5)
+    adam_trac = bench.extra_seconds("adam+trac", sizes, seeds, RATES)[0]
+    assert adam_trac == pytest.approx(5 * 2 * 23 / 5)
     assert bench.extra_seconds("cbp+l2_init", sizes, seeds, RATES) == (0.0, "")
     both = bench.extra_seconds("snp+parseval", sizes, seeds, RATES)[0]
     assert both == pytest.approx(2 * 23 / 2 + 2 * 72 / 10)

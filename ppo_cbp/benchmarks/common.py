@@ -668,9 +668,7 @@ class Learner:
             with torch.no_grad():
                 self.methods.after_backward()
             if isinstance(self.opt, TRAC):  # the base steps as it would alone (its kernels)
-                self.opt.begin_step()
-                self.trainer.update_(self.opt.base)
-                self.opt.end_step()
+                self.opt.step(base_step=self._step_trac_base)
                 self.trainer.magnitudes = None  # of the weights before TRAC's scaling
             else:
                 self.trainer.update_(self.opt)
@@ -684,6 +682,9 @@ class Learner:
             self.redo.after_step(hidden)
         for m in self._after:
             m.after_step(hidden)
+
+    def _step_trac_base(self) -> None:
+        self.trainer.update_(self.opt.base)
 
     def new_segment(self) -> None:
         """Called at the start of every task or bin (:meth:`StackedTrainer.new_segment`)."""

@@ -646,17 +646,19 @@ def project_norm_(param: np.ndarray, target: np.ndarray, cols: int) -> None:
     _project_norm(param, target, cols)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _trac_begin(p, ref, g, before, total, h):  # pragma: no cover
+@numba.njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")  # vectorised division
+def _trac_begin(p, ref, g, before, total, h, keep):  # pragma: no cover
     S, N = p.shape
     for s in range(S):
         t = total[s]
         acc = 0.0
         for i in range(N):
             b = p[s, i]
-            before[s, i] = b
             acc += np.float64(((b - ref[s, i]) / t) * g[s, i])
         h[s] += acc
+        if keep:
+            for i in range(N):
+                before[s, i] = p[s, i]
 
 
 def trac_begin_(
@@ -666,16 +668,18 @@ def trac_begin_(
     before: np.ndarray,
     total: np.ndarray,
     h: np.ndarray,
+    *,
+    keep: bool = True,
 ) -> None:
-    """TRAC before its base optimizer's step, one pass over a parameter: ``before <- theta``
-    and ``h_s += sum_i float64(((theta - theta_ref) / total_s) * g)``, the product in the
-    parameter's dtype as TRAC's tensor path takes it. ``param``, ``reference``, ``grad`` and
-    ``before`` ``[S, N]`` of one dtype, C-contiguous; ``total`` ``[S]`` in that dtype; ``h``
-    ``[S]`` float64, accumulated into."""
-    _trac_begin(param, reference, grad, before, total, h)
+    """TRAC before its base optimizer's step, one pass over a parameter: ``h_s += sum_i
+    float64(((theta - theta_ref) / total_s) * g)``, the product in the parameter's dtype as
+    TRAC's tensor path takes it, and (``keep``) ``before <- theta``. ``param``, ``reference``,
+    ``grad`` and ``before`` ``[S, N]`` of one dtype, C-contiguous; ``total`` ``[S]`` in that
+    dtype; ``h`` ``[S]`` float64, accumulated into."""
+    _trac_begin(param, reference, grad, before, total, h, keep)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _trac_apply(p, ref, before, total, scale):  # pragma: no cover
     S, N = p.shape
     for s in range(S):
@@ -696,6 +700,33 @@ def trac_apply_(
     ((before - theta_ref) / total_s + (theta - before)) * scale_s`` (``theta - before`` is the
     base's update), in the parameter's dtype, arrays as in :func:`trac_begin_`."""
     _trac_apply(param, reference, before, total, scale)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _trac_sgd_apply(p, ref, g, total, scale, neg_lr, wd):  # pragma: no cover
+    S, N = p.shape
+    for s in range(S):
+        t, c = total[s], scale[s]
+        for i in range(N):
+            b, r = p[s, i], ref[s, i]
+            stepped = b + neg_lr * (g[s, i] + wd * b)
+            p[s, i] = r + ((b - r) / t + (stepped - b)) * c
+
+
+def trac_sgd_apply_(
+    param: np.ndarray,
+    reference: np.ndarray,
+    grad: np.ndarray,
+    total: np.ndarray,
+    scale: np.ndarray,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """:func:`trac_apply_` with a plain SGD base folded in, one pass: ``stepped = theta - lr (g
+    + wd theta)`` (torch's SGD, coupled weight decay), then ``theta <- theta_ref + ((theta -
+    theta_ref) / total_s + (stepped - theta)) * scale_s``, in the parameter's dtype."""
+    x = param.dtype.type
+    _trac_sgd_apply(param, reference, grad, total, scale, x(-lr), x(weight_decay))
 
 
 @numba.njit(cache=True, nogil=True)

@@ -12,7 +12,7 @@ a step (NaN checks, ``max(s, 0)``) and appends to a log file at every step.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -136,7 +136,7 @@ class TRAC(torch.optim.Optimizer):
         # S_t + eps and h_t, and the parameters stepped (see _plan)
         self._before: dict[int, Tensor] = {}
         self._total = self._h = self.s.new_zeros(seeds)
-        self._steps: tuple[list, list] = ([], [])
+        self._steps: tuple[list, list, bool] = ([], [], False)
 
     def _expand(self, scale: Tensor, p: Tensor) -> Tensor:
         """A per-seed ``[S]`` value shaped to multiply parameter ``p``."""
@@ -145,37 +145,41 @@ class TRAC(torch.optim.Optimizer):
         return scale.reshape(()).to(p.dtype)
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None, *, base_step: Callable[[], None] | None = None) -> None:
+        """One step. ``base_step`` steps the base optimizer (default ``base.step``; a trainer
+        passes its own way of stepping it). On CPU, a plain SGD base (no momentum) is folded
+        into TRAC's last pass over each parameter instead of stepped: ``u_t = (theta_t - lr
+        (g + wd theta_t)) - theta_t``, torch's SGD to the rounding."""
         if closure is not None:
             raise ValueError("TRAC.step takes no closure")
-        self.begin_step()
-        self.base.step()
-        self.end_step()
+        folded = self._begin_step()
+        if not folded:
+            (base_step or self.base.step)()
+        self._end_step(folded)
 
-    @torch.no_grad()
-    def begin_step(self) -> None:
-        """The part of :meth:`step` before the base optimizer's step (a trainer that steps the
-        base its own way calls this, the base's step, then :meth:`end_step`): keeps
-        ``theta_t`` and takes ``h_t`` from the gradients."""
+    def _begin_step(self) -> bool:
+        """Keeps ``theta_t`` (unless the base is folded) and takes ``h_t`` from the gradients:
+        whether the base is folded into :meth:`_end_step`."""
         every = [p for g in self.param_groups for p in g["params"]]
         if not self.reference:
             self.reference = [p.detach().clone() for p in every]
         self._total = total = self.s.sum(1) + self.eps  # [S]
         self._h = h = torch.zeros_like(total)
+        plan, folded = self._plan(every)
         per_seed = self._per_seed(total)
-        for p, ref, before, arrays in self._plan(every):
+        for p, ref, before, arrays in plan:
             if arrays is not None:
-                kernels.trac_begin_(*arrays, per_seed[p.dtype], h.numpy())
+                kernels.trac_begin_(*arrays, per_seed[p.dtype], h.numpy(), keep=not folded)
             else:
                 before.copy_(p)
                 prod = (p - ref).div_(self._expand(total, p)).mul_(p.grad)
                 flat = prod.reshape(prod.shape[0], -1) if self.seed_dims else prod.reshape(1, -1)
                 h += flat.sum(1, dtype=torch.float64)
+        return folded
 
-    @torch.no_grad()
-    def end_step(self) -> None:
-        """The part of :meth:`step` after the base optimizer's step: the tuners' update and
-        ``theta_{t+1} = theta_ref + (Delta_t + u_t) * max(sum_j s_j, 0)``."""
+    def _end_step(self, folded: bool) -> None:
+        """The tuners' update and ``theta_{t+1} = theta_ref + (Delta_t + u_t) * max(sum_j s_j,
+        0)``, after the base's step or with the folded SGD's."""
         h2 = self._h.unsqueeze(1)
         self.variance.mul_(self.betas**2).add_(h2.square())
         self.sigma.mul_(self.betas).sub_(h2)
@@ -184,42 +188,61 @@ class TRAC(torch.optim.Optimizer):
         )
         scale = self.s.sum(1).clamp_min(0.0)
         totals, scales = self._per_seed(self._total), self._per_seed(scale)
+        group = self.param_groups[0]
         for p, ref, before, arrays in self._steps[1]:
-            if arrays is not None:
-                p_rows, ref_rows, _, before_rows = arrays
-                kernels.trac_apply_(p_rows, ref_rows, before_rows, totals[p.dtype], scales[p.dtype])
-            else:
+            if arrays is None:
                 total, factor = self._expand(self._total, p), self._expand(scale, p)
                 p.copy_(ref + ((before - ref).div_(total) + (p - before)) * factor)
+                continue
+            p_rows, ref_rows, grad_rows, before_rows = arrays
+            per_seed = totals[p.dtype], scales[p.dtype]
+            if folded:
+                sgd = group["lr"], group["weight_decay"]
+                kernels.trac_sgd_apply_(p_rows, ref_rows, grad_rows, *per_seed, *sgd)
+            else:
+                kernels.trac_apply_(p_rows, ref_rows, before_rows, *per_seed)
 
-    def _plan(self, every: list[Tensor]) -> list[tuple[Tensor, Tensor, Tensor, tuple | None]]:
-        """``(theta, theta_ref, the buffer for theta_t, the kernels' [S, N] views of those and
-        the gradient, or None for tensor operations)`` of each parameter with a gradient,
-        kept while the parameters and their gradient tensors stay the same."""
+    def _plan(self, every: list[Tensor]) -> tuple[list, bool]:
+        """``(theta, theta_ref, the buffer for theta_t, the kernels' [S, N] views of theta,
+        theta_ref, the gradient and that buffer, or None for tensor operations)`` of each
+        parameter with a gradient, and whether the base is plain SGD folded into the last pass
+        (every parameter on the kernels; no buffer then). Kept while the parameters and their
+        gradient tensors stay the same."""
         tensors = [(p, p.grad) for p in every if p.grad is not None]
-        key, plan = self._steps
+        key, plan, folded = self._steps
         if len(key) == len(tensors) and all(
             p is q and g is h for (p, g), (q, h) in zip(key, tensors)
         ):
-            return plan
+            return plan, folded
         ref_of = {id(p): r for p, r in zip(every, self.reference, strict=True)}
+        fused = [
+            kernels.available(p, g) and p.is_contiguous() and g.is_contiguous() for p, g in tensors
+        ]
+        group = self.param_groups[0]
+        folded = (
+            all(fused)
+            and bool(tensors)
+            and type(self.base) is torch.optim.SGD
+            and len(self.param_groups) == 1
+            and not (group["momentum"] or group["nesterov"] or group.get("maximize"))
+        )
         plan = []
-        for p, g in tensors:
+        for (p, g), by_kernel in zip(tensors, fused):
             ref = ref_of[id(p)]
-            before = self._before.get(id(p))
+            before = p if folded else self._before.get(id(p))
             if before is None or before.shape != p.shape or before.dtype != p.dtype:
                 before = self._before[id(p)] = torch.empty_like(p.detach())
             each = (p, ref, g, before)
-            fused = kernels.available(*each) and all(t.is_contiguous() for t in each)
-            plan.append((p, ref, before, tuple(map(self._rows, each)) if fused else None))
-        self._steps = (tensors, plan)
-        return plan
+            plan.append((p, ref, before, tuple(map(self._rows, each)) if by_kernel else None))
+        self._steps = (tensors, plan, folded)
+        return plan, folded
 
     def _per_seed(self, value: Tensor) -> dict[torch.dtype, Any]:
         """A per-seed ``[S]`` float64 value as the kernels take it: in each parameter dtype."""
         if value.device.type != "cpu":
             return {}
-        return {dt: value.to(dt).numpy() for dt in (torch.float32, torch.float64)}
+        dtypes = {p.dtype for p, *_ in self._steps[1]} - {torch.float64}
+        return {torch.float64: value.numpy()} | {dt: value.to(dt).numpy() for dt in dtypes}
 
     def _rows(self, t: Tensor) -> Any:
         """The ``[S, N]`` (``[1, N]`` without seeds) NumPy view that the kernels take."""
@@ -249,4 +272,4 @@ class TRAC(torch.optim.Optimizer):
         for key in ("s", "variance", "sigma"):
             getattr(self, key).copy_(state_dict[key])
         self.reference = [r.clone() for r in state_dict["reference"]]
-        self._steps = ([], [])
+        self._steps = ([], [], False)
