@@ -28,7 +28,10 @@ Slowly-Changing Regression's 20-5-1 network, each against the fused trainer's pl
 (``bp``) on the same network, seeds and device, interleaved in rounds. Targets: Permuted MNIST
 >= 50% of ``bp``'s steps/s, SCR >= 25%. A method whose definition needs arithmetic beyond the
 training step is also held to 50% of the step plus that arithmetic, timed at the rates this run
-measures: Parseval's ``2 out^2 in`` multiply-adds per regularised layer and Kron's
+measures: Parseval's ``2 out^2 in`` multiply-adds per regularised layer, plasticity injection's
+two frozen heads after its first injection (their forward and, below the input layer, the
+gradient through them; the step is measured after one injection, and each further one adds
+two heads' width) and Kron's
 preconditioner (``2 (out^2 in + out in^2)`` to apply it to a weight matrix, ``out^3 + in^3`` to
 update its factors, which kron_torch does at every one of the first 500 steps) at
 ``torch.bmm``'s rate; Adam's two moments (three elementwise passes over the parameters: each moment, then the
@@ -251,6 +254,8 @@ def method_step(sizes, seeds, loss, spec, defaults, device):
         learner = make_learner(
             sizes, list(range(seeds)), method, loss=loss, device=device, dtype=torch.float32
         )
+    if "injection" in spec.split("+"):  # its step from the first task boundary on
+        learner.task_boundary()
     g = torch.Generator(device=device).manual_seed(0)
     n = 64
     x = torch.rand(n, seeds, 1, sizes[0] + 1, generator=g, device=device)
@@ -337,6 +342,13 @@ def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[flo
     if "adam" in names:  # its two moments: three elementwise passes over the parameters
         total += 3 * seeds * params / rates["addcmul_per_s"]
         what.append("3 elementwise passes (moments)")
+    if "injection" in names:  # measured after one injection: theta and theta'_0 are frozen
+        head = list(zip(sizes[-3:-1], sizes[-2:]))  # (in, out) of the two head layers
+        macs = 2 * sum(o * (i + 1) for i, o in head)  # their forward
+        if len(sizes) > 3:  # and phi's gradient through them (none when phi is the input)
+            macs += 2 * sum(o * i for i, o in head)
+        total += seeds * macs / rates["bmm_macs_per_s"]
+        what.append(f"{seeds * macs / 1e3:.0f}k multiply-adds (2 frozen heads)")
     if "trac" in names:  # <theta - theta_ref, g> and theta_ref + (Delta + u) * scale
         total += 2 * seeds * params / rates["addcmul_per_s"]
         what.append("2 elementwise passes (inner product, rescaling)")

@@ -38,6 +38,11 @@ def test_extra_arithmetic_by_hand():
     kron = 2 * (3 * 3 * 4 + 3 * 4 * 4) + 2 * (2 * 2 * 3 + 2 * 3 * 3)  # applied on both sides
     kron += 3**3 + 4**3 + 2**3 + 3**3  # each factor's update
     assert bench.extra_seconds("kron", sizes, seeds, RATES)[0] == pytest.approx(2 * kron / 10)
+    # after one injection: two frozen copies of the head 4-3-2 (phi is the input: no gradient)
+    injection = bench.extra_seconds("injection", sizes, seeds, RATES)[0]
+    assert injection == pytest.approx(2 * 2 * (3 * 5 + 2 * 4) / 10)
+    deeper = bench.extra_seconds("injection", [5, 4, 3, 2], seeds, RATES)[0]
+    assert deeper == pytest.approx(2 * 2 * (3 * 5 + 2 * 4 + 3 * 4 + 2 * 3) / 10)
     assert bench.extra_seconds("trac", sizes, seeds, RATES)[0] == pytest.approx(2 * 2 * 23 / 5)
     adam_trac = bench.extra_seconds("adam+trac", sizes, seeds, RATES)[0]
     assert adam_trac == pytest.approx(5 * 2 * 23 / 5)

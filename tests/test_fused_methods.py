@@ -169,6 +169,7 @@ def test_fused_equals_autograd_learner(spec, batch, device):
         "redo+crelu+dropout",
         "upgd+dff+layer_norm",
         "dropout+layer_norm",
+        "injection+snp",
     ],
 )
 def test_stacked_seeds_equal_each_seed_alone(spec):
@@ -195,6 +196,7 @@ def test_stacked_seeds_equal_each_seed_alone(spec):
         "adam+redo+crelu+layer_norm",
         "dropout+dff+snp",
         "upgd+layer_norm",
+        "injection+adam",
     ],
 )
 def test_checkpoint_resumes_exactly(spec):
@@ -213,6 +215,56 @@ def test_checkpoint_resumes_exactly(spec):
     train(resumed, steps[24:])
     for a, b in zip(whole.net.parameters(), resumed.net.parameters(), strict=True):
         assert torch.equal(a, b)
+    x = steps[0][0]
+    for a, b in zip(whole.net.forward(x), resumed.net.forward(x), strict=True):  # frozen heads
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+INJECTIONS = [
+    ("injection", 2),
+    ("injection", 1),
+    ("injection+adam", 2),
+    ("injection+adam", 1),
+    ("injection+l2+snp", 2),
+]
+
+
+@pytest.mark.parametrize(
+    "batch, device", [(1, "cpu"), (2, "cpu"), pytest.param(1, "cuda", marks=CUDA)]
+)
+@pytest.mark.parametrize("spec, layers", INJECTIONS)
+def test_injection_equals_the_autograd_learner(spec, layers, batch, device):
+    """Three injections (every 12 steps): the fused trainer with the frozen heads joined in one
+    wider MLP equals the autograd learner's InjectableNetwork, step by step, and so do the
+    outputs and features that the metrics read."""
+    m = method(spec, injection_layers=layers)
+    assert uses_fused_trainer(m)
+    kw = dict(loss="cross_entropy", device=torch.device(device), dtype=F64)
+    fused, autograd = Learner(SIZES, [0, 5], m, **kw), AutogradLearner(SIZES, [0, 5], m, **kw)
+    steps = [(x.to(device), y.to(device)) for x, y in stream(40, 2, batch)]
+    out_f, out_a = train(fused, steps), train(autograd, steps)
+    assert fused.injection.injections == autograd.module.injections == 3
+    torch.testing.assert_close(out_f, out_a, rtol=0, atol=1e-12)
+    for a, b in zip(fused.net.weights(), autograd.net.weights(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    x = steps[0][0]
+    (y_f, h_f), (y_a, h_a) = fused.net.forward(x), autograd.net.forward(x)
+    torch.testing.assert_close(y_f, y_a, rtol=0, atol=1e-12)
+    for a, b in zip(h_f, h_a, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # the body trains on all heads' gradients: it has moved since the first injection
+    assert not torch.equal(fused.net.weights()[0], Learner(SIZES, [0, 5], m, **kw).net.weights()[0])
+
+
+def test_injection_on_the_fused_trainer_combines_only_as_tested():
+    for spec, fused in [
+        ("injection+weight_clipping", False),
+        ("injection+upgd", False),
+        ("injection+layer_norm", False),
+        ("injection+l2+adam+snp", True),
+    ]:
+        assert uses_fused_trainer(method(spec, injection_layers=1)) == fused, spec
+    assert not uses_fused_trainer(method("injection", injection_layers=3))
 
 
 def test_adam_checkpoint_of_the_trainers_own_adam_resumes():

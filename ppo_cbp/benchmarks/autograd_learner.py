@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from ppo_cbp.benchmarks.common import (
     FUSED_METHODS,
-    METHODS,
     Learner,
     ResolvedMethod,
     make_optimizer,
@@ -55,10 +54,19 @@ _ACTIVATIONS = {
 }
 
 
+INJECTION_FUSED_WITH = frozenset({"bp", "injection", "l2", "snp", "adam"})
+"""The methods plasticity injection (of a head of one or two layers) combines with on the fused
+trainer (:mod:`ppo_cbp.benchmarks.fused_injection`); other combinations run here."""
+
+
 def uses_fused_trainer(method: ResolvedMethod) -> bool:
     """Whether every method of ``method`` is one the fused trainer computes by hand
-    (:data:`~ppo_cbp.plasticity.suite.FUSED`)."""
-    return set(method.methods) <= set(FUSED_METHODS)
+    (:data:`~ppo_cbp.plasticity.suite.FUSED`, and injection as :data:`INJECTION_FUSED_WITH`
+    says)."""
+    names = set(method.methods)
+    if "injection" in names:
+        return names <= INJECTION_FUSED_WITH and method.injection_layers in (1, 2)
+    return names <= set(FUSED_METHODS)
 
 
 def build_mlp(
@@ -351,8 +359,9 @@ def make_learner(
     elif kind is AutogradLearner:
         print(
             f"note: {'+'.join(method.methods) or 'this method'} runs on the autograd learner, "
-            f"slower than the fused trainer (which computes every method but "
-            f"{', '.join(m for m in METHODS if m not in FUSED_METHODS)})",
+            "slower than the fused trainer (which computes every method, but plasticity "
+            "injection only of a head of 1 or 2 layers and only with "
+            f"{', '.join(sorted(INJECTION_FUSED_WITH - {'bp', 'injection'}))})",
             flush=True,
         )
     learner = kind(

@@ -32,6 +32,7 @@ import tyro
 from torch import Tensor
 
 from ppo_cbp import run_folder, tracking
+from ppo_cbp.benchmarks.fused_injection import FusedInjection
 from ppo_cbp.errors import UsageError
 from ppo_cbp.formatting import count, duration, measured
 from ppo_cbp.nets import kernels
@@ -612,8 +613,18 @@ class Learner:
             )
         if method.uses("adam_reset") and method.optimizer != "adam":
             raise UsageError(f"--method {method.method}: adam_reset needs adam")
-        # CBP, ReDo and the noise are the trainer's and this class's; the rest the suite's
-        hooked = [n for n in method.methods if n in suite.ORDER and n not in ("cbp", "redo", "snp")]
+        self.injection: FusedInjection | None = None
+        if method.uses("injection"):
+            if method.injection_layers > n:
+                raise UsageError(
+                    f"--injection-layers {method.injection_layers}: the network has only {n} "
+                    "weight layers"
+                )
+            self.injection = FusedInjection(net, method.injection_layers, init, self.opt)
+        # CBP, ReDo, the noise and injection are the trainer's and this class's; the rest the
+        # suite's
+        own = ("cbp", "redo", "snp", "injection")
+        hooked = [n for n in method.methods if n in suite.ORDER and n not in own]
         self.methods = suite.build(
             hooked,
             method.settings(),
@@ -692,6 +703,8 @@ class Learner:
 
     def task_boundary(self) -> None:
         with torch.no_grad():
+            if self.injection is not None:  # first in the suite's order
+                self.injection.at_task_boundary()
             self.methods.at_task_boundary()
 
     def units_replaced(self) -> Tensor:
@@ -712,6 +725,7 @@ class Learner:
             "ring": [] if redo is None else redo["rings"],
             "optimizer": None if self.opt is None else copy.deepcopy(self.opt.state_dict()),
             "methods": self.methods.state_dict(),
+            "injection": None if self.injection is None else self.injection.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -730,6 +744,8 @@ class Learner:
             self.opt.load_state_dict(state["optimizer"])
         if "methods" in state:  # checkpoints of the fused methods alone had none
             self.methods.load_state_dict(state["methods"])
+        if self.injection is not None:
+            self.injection.load_state_dict(state["injection"])
 
     def _adam_state(self, trainer: dict[str, Any]) -> dict[str, Any]:
         """The ``torch.optim.Adam`` state equal to that of the trainer's own Adam (moments of

@@ -63,6 +63,8 @@ def load_learner(out: str | Path, seed: int) -> nn.Module:
     if isinstance(module, dict) and module and all(k.startswith("params.") for k in module):
         return _autograd_mlp(module, s, config)
     net = learner.get("net") if isinstance(learner, dict) else None
+    if isinstance(learner, dict) and learner.get("injection"):  # the fused trainer's injection
+        net = None
     conv = _conv_network(state.get("benchmark"), net, s, config)
     if conv is not None:
         return conv

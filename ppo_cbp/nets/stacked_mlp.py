@@ -71,7 +71,7 @@ the per-seed loop out of the step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -85,6 +85,9 @@ from ppo_cbp.nets.dff import DFF
 from ppo_cbp.nets.online_norm import OnlineNorm
 from ppo_cbp.nets.units import UnitLayer
 from ppo_cbp.seeding import TAG_DROPOUT, TAG_INIT, TAG_NOISE, derive_seed
+
+if TYPE_CHECKING:
+    from ppo_cbp.nets.frozen_head import FrozenHead
 
 __all__ = [
     "ACTIVATIONS",
@@ -240,6 +243,9 @@ class StackedMLP:
             t[:, 0] = 1.0
             self.norm_params.append(t)
         self._layer_norms = [(t[:, 0], t[:, 1]) for t in self.norm_params]
+        self.frozen_head: FrozenHead | None = None
+        """A frozen MLP on the input of a layer, added to the output (plasticity injection's
+        frozen heads, :mod:`ppo_cbp.nets.frozen_head`); the trainer runs it too."""
 
     @property
     def features_per_unit(self) -> int:
@@ -330,11 +336,18 @@ class StackedMLP:
         statistics, which it does not update).
 
         ``x_aug``: ``[S, B, n_in + 1]`` inputs whose last column is 1 (:meth:`with_ones`).
+
+        With a :attr:`frozen_head`, its output is added and its hidden features (those of its
+        first head, :attr:`FrozenHead.features`) replace those of the layer it spans.
         """
         h = x_aug
         hidden = []
         k = self.features_per_unit
+        frozen = self.frozen_head
+        phi = x_aug
         for layer in range(self.num_hidden):
+            if frozen is not None and layer == frozen.cut:
+                phi = h
             p = self.params[layer]
             nxt = torch.empty(*h.shape[:-1], k * p.shape[1] + 1, device=h.device, dtype=h.dtype)
             nxt[..., -1] = 1.0
@@ -349,7 +362,14 @@ class StackedMLP:
                 _activate(self.activation, z, nxt[..., :-1])
             hidden.append(nxt[..., :-1])
             h = nxt
-        return torch.bmm(h, self.params[-1].transpose(1, 2)), hidden
+        if frozen is not None and frozen.cut == self.num_hidden:
+            phi = h
+        out = torch.bmm(h, self.params[-1].transpose(1, 2))
+        if frozen is not None:
+            out.add_(frozen.forward(phi))
+            if frozen.features is not None:  # the frozen head's features in its layer's place
+                hidden[frozen.cut] = frozen.features
+        return out, hidden
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -602,6 +622,9 @@ class StackedTrainer:
                 h = buf
             inputs.append(h)
         out = self._linear(n_hidden, h, out)
+        frozen = net.frozen_head
+        if frozen is not None:
+            out.add_(frozen.forward(inputs[frozen.cut]))
 
         # dL/dz of the output (mean over the batch)
         if self.loss == "cross_entropy":
@@ -629,6 +652,7 @@ class StackedTrainer:
                 for S, n_out, n_in in [(p.shape[0], p.shape[1], p.shape[2] - 1)]
             ]
         beta, alpha = 1.0 - self.lr * self.weight_decay, -self.lr
+        delta_out = delta
         for layer in range(n_hidden, -1, -1):
             p = params[layer]
             if self.gradients and by_kernel:
@@ -664,6 +688,8 @@ class StackedTrainer:
                 else:
                     self._adam_(layer, torch.bmm(delta.transpose(1, 2), inputs[layer]))
             if below is not None:
+                if frozen is not None and layer == frozen.cut:  # phi's gradient through F
+                    below.add_(frozen.backward(delta_out))
                 if masks[layer - 1] is not None:
                     below.mul_(masks[layer - 1])
                 if net.norm_params or net.paired is not None:

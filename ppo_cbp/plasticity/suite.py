@@ -286,7 +286,8 @@ FUSED = frozenset(
 )
 """The methods the MLP benchmarks' fused trainer runs (:class:`ppo_cbp.benchmarks.common.Learner`:
 the forward and backward pass by hand, :mod:`ppo_cbp.nets.stacked_mlp`, LayerNorm, CReLU and DFF
-included, and these methods' hooks); plasticity injection, which regroups the layers, runs on
+included, and these methods' hooks); plasticity injection runs there too, with L2, S&P and
+Adam (``ppo_cbp.benchmarks.fused_injection``; the benchmarks' ``uses_fused_trainer``), else on
 the autograd learner."""
 
 CONTRADICTIONS: list[tuple[frozenset[str], str]] = [
