@@ -127,33 +127,39 @@ def test_float32_kernels_equal_tensor_operations(monkeypatch):
     torch.testing.assert_close(s_kernel, s_tensor, rtol=1e-5, atol=0.0)
 
 
-@pytest.mark.parametrize(
-    "sgd",
-    [
-        dict(weight_decay=0.1),
-        dict(momentum=0.9),
-        dict(weight_decay=0.1, nesterov=True, momentum=0.5),
-    ],
-)
-def test_kernels_equal_tensor_operations_around_sgd(monkeypatch, sgd):
-    """Plain SGD (with coupled weight decay) is folded into TRAC's last kernel pass; SGD with
-    momentum is stepped between the passes: both equal the tensor path stepping torch's SGD."""
+BASES = [
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.1)),
+    (None, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+    (None, lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.1, nesterov=True, momentum=0.5)),
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.1)),
+    (None, lambda ps: torch.optim.Adam(ps, lr=0.05, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("folds, base", BASES, ids=[f"b{i}" for i in range(len(BASES))])
+def test_kernels_equal_tensor_operations_around_the_base(monkeypatch, folds, base):
+    """Plain SGD (coupled weight decay) and plain Adam are folded into TRAC's last kernel pass
+    (Adam from its second step, when its state exists); other bases are stepped between the
+    passes: all equal the tensor path stepping torch's optimizer."""
     runs = []
     for by_kernel in (True, False):
         if not by_kernel:
             monkeypatch.setattr(trac.kernels, "available", lambda *tensors: False)
         stacked = [torch.stack([p.detach(), -p.detach()]).requires_grad_() for p in _params(4)]
-        opt = TRAC(torch.optim.SGD(stacked, lr=0.1, **sgd), seed_dims=1)
+        opt = TRAC(base(stacked), seed_dims=1)
         for _ in range(25):
             _grad(stacked, 5.0)
             opt.step()
-        runs.append((opt._steps[2], stacked, opt.s.clone()))
-    (folded, kernel, s_kernel), (_, tensor, s_tensor) = runs
-    assert folded == ("momentum" not in sgd)
+        runs.append((opt._steps[2], stacked, opt.s.clone(), opt.base.state_dict()))
+    (folded, kernel, s_kernel, base_kernel), (_, tensor, s_tensor, base_tensor) = runs
+    assert folded == folds
     assert s_kernel.sum(1).min() > 1e-6  # the scale has grown: the updates matter
     for a, b in zip(kernel, tensor):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(s_kernel, s_tensor, rtol=1e-10, atol=1e-300)
+    for i, st in base_kernel["state"].items():  # Adam's moments and step count too
+        for key, value in st.items():
+            torch.testing.assert_close(value, base_tensor["state"][i][key], rtol=1e-12, atol=0)
 
 
 def alone_grad(p, target):

@@ -729,6 +729,64 @@ def trac_sgd_apply_(
     _trac_sgd_apply(param, reference, grad, total, scale, x(-lr), x(weight_decay))
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _trac_adam_apply(
+    p, ref, g, m, v, total, scale, wd, keep1, b2, keep2, step_size, bc2_sqrt, eps
+):  # pragma: no cover
+    # per seed two loops over rows, as _adam's: each vectorises
+    S, N = p.shape
+    for s in range(S):
+        t, c = total[s], scale[s]
+        ps, rs, gs, ms, vs = p[s], ref[s], g[s], m[s], v[s]
+        for i in range(N):
+            d = gs[i] + wd * ps[i]
+            ms[i] = ms[i] + keep1 * (d - ms[i])
+            vs[i] = b2 * vs[i] + keep2 * d * d
+        for i in range(N):
+            b, r = ps[i], rs[i]
+            stepped = b - step_size * (ms[i] / (np.sqrt(vs[i]) / bc2_sqrt + eps))
+            ps[i] = r + ((b - r) / t + (stepped - b)) * c
+
+
+def trac_adam_apply_(
+    param: np.ndarray,
+    reference: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    total: np.ndarray,
+    scale: np.ndarray,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """:func:`trac_apply_` with ``torch.optim.Adam``'s step folded in, one pass: the moments
+    and ``stepped`` as :func:`adam_` computes them (``step`` the count after this step), then
+    ``theta <- theta_ref + ((theta - theta_ref) / total_s + (stepped - theta)) * scale_s``;
+    ``exp_avg`` and ``exp_avg_sq`` ``[S, N]``, the optimizer's own state."""
+    b1, b2 = betas
+    x = param.dtype.type
+    _trac_adam_apply(
+        param,
+        reference,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        total,
+        scale,
+        x(weight_decay),
+        x(1.0 - b1),
+        x(b2),
+        x(1.0 - b2),
+        x(lr / (1.0 - b1**step)),
+        x(math.sqrt(1.0 - b2**step)),
+        x(eps),
+    )
+
+
 @numba.njit(cache=True, nogil=True)
 def _erfi(x, out, limit):  # pragma: no cover
     two_over_root_pi = 2.0 / math.sqrt(math.pi)

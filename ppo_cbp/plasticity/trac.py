@@ -136,7 +136,7 @@ class TRAC(torch.optim.Optimizer):
         # S_t + eps and h_t, and the parameters stepped (see _plan)
         self._before: dict[int, Tensor] = {}
         self._total = self._h = self.s.new_zeros(seeds)
-        self._steps: tuple[list, list, bool] = ([], [], False)
+        self._steps: tuple[list, list, str | None] = ([], [], None)
 
     def _expand(self, scale: Tensor, p: Tensor) -> Tensor:
         """A per-seed ``[S]`` value shaped to multiply parameter ``p``."""
@@ -147,29 +147,33 @@ class TRAC(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None, *, base_step: Callable[[], None] | None = None) -> None:
         """One step. ``base_step`` steps the base optimizer (default ``base.step``; a trainer
-        passes its own way of stepping it). On CPU, a plain SGD base (no momentum) is folded
-        into TRAC's last pass over each parameter instead of stepped: ``u_t = (theta_t - lr
-        (g + wd theta_t)) - theta_t``, torch's SGD to the rounding."""
+        passes its own way of stepping it). On CPU, a plain SGD base (no momentum) or a plain
+        ``torch.optim.Adam`` (once its state exists) is folded into TRAC's last pass over each
+        parameter instead of stepped, with torch's arithmetic: ``u_t = (theta_t - lr (g + wd
+        theta_t)) - theta_t``, or Adam's moments and step (:func:`~ppo_cbp.nets.kernels.adam_`)."""
         if closure is not None:
             raise ValueError("TRAC.step takes no closure")
         folded = self._begin_step()
-        if not folded:
+        if folded is None:
             (base_step or self.base.step)()
         self._end_step(folded)
 
-    def _begin_step(self) -> bool:
+    def _begin_step(self) -> str | None:
         """Keeps ``theta_t`` (unless the base is folded) and takes ``h_t`` from the gradients:
-        whether the base is folded into :meth:`_end_step`."""
+        the base folded into :meth:`_end_step` (``"sgd"``, ``"adam"``), or None."""
         every = [p for g in self.param_groups for p in g["params"]]
         if not self.reference:
             self.reference = [p.detach().clone() for p in every]
         self._total = total = self.s.sum(1) + self.eps  # [S]
         self._h = h = torch.zeros_like(total)
         plan, folded = self._plan(every)
+        if folded == "adam" and not all(p in self.base.state for p, *_ in plan):
+            folded = None  # Adam's first step makes its state
         per_seed = self._per_seed(total)
         for p, ref, before, arrays in plan:
             if arrays is not None:
-                kernels.trac_begin_(*arrays, per_seed[p.dtype], h.numpy(), keep=not folded)
+                keep = folded is None
+                kernels.trac_begin_(*arrays, per_seed[p.dtype], h.numpy(), keep=keep)
             else:
                 before.copy_(p)
                 prod = (p - ref).div_(self._expand(total, p)).mul_(p.grad)
@@ -177,9 +181,9 @@ class TRAC(torch.optim.Optimizer):
                 h += flat.sum(1, dtype=torch.float64)
         return folded
 
-    def _end_step(self, folded: bool) -> None:
+    def _end_step(self, folded: str | None) -> None:
         """The tuners' update and ``theta_{t+1} = theta_ref + (Delta_t + u_t) * max(sum_j s_j,
-        0)``, after the base's step or with the folded SGD's."""
+        0)``, after the base's step or with the folded base's."""
         h2 = self._h.unsqueeze(1)
         self.variance.mul_(self.betas**2).add_(h2.square())
         self.sigma.mul_(self.betas).sub_(h2)
@@ -196,18 +200,35 @@ class TRAC(torch.optim.Optimizer):
                 continue
             p_rows, ref_rows, grad_rows, before_rows = arrays
             per_seed = totals[p.dtype], scales[p.dtype]
-            if folded:
+            if folded == "sgd":
                 sgd = group["lr"], group["weight_decay"]
                 kernels.trac_sgd_apply_(p_rows, ref_rows, grad_rows, *per_seed, *sgd)
+            elif folded == "adam":
+                state = self.base.state[p]
+                state["step"] += 1
+                moments = self._rows(state["exp_avg"]), self._rows(state["exp_avg_sq"])
+                kernels.trac_adam_apply_(
+                    p_rows,
+                    ref_rows,
+                    grad_rows,
+                    *moments,
+                    *per_seed,
+                    lr=group["lr"],
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=int(state["step"]),
+                )
             else:
                 kernels.trac_apply_(p_rows, ref_rows, before_rows, *per_seed)
 
-    def _plan(self, every: list[Tensor]) -> tuple[list, bool]:
+    def _plan(self, every: list[Tensor]) -> tuple[list, str | None]:
         """``(theta, theta_ref, the buffer for theta_t, the kernels' [S, N] views of theta,
         theta_ref, the gradient and that buffer, or None for tensor operations)`` of each
-        parameter with a gradient, and whether the base is plain SGD folded into the last pass
-        (every parameter on the kernels; no buffer then). Kept while the parameters and their
-        gradient tensors stay the same."""
+        parameter with a gradient, and the base that can be folded into the last pass
+        (``"sgd"``: plain SGD, no buffer then; ``"adam"``: plain Adam; every parameter on the
+        kernels), or None. Kept while the parameters and their gradient tensors stay the
+        same."""
         tensors = [(p, p.grad) for p in every if p.grad is not None]
         key, plan, folded = self._steps
         if len(key) == len(tensors) and all(
@@ -218,24 +239,32 @@ class TRAC(torch.optim.Optimizer):
         fused = [
             kernels.available(p, g) and p.is_contiguous() and g.is_contiguous() for p, g in tensors
         ]
-        group = self.param_groups[0]
-        folded = (
-            all(fused)
-            and bool(tensors)
-            and type(self.base) is torch.optim.SGD
-            and len(self.param_groups) == 1
-            and not (group["momentum"] or group["nesterov"] or group.get("maximize"))
-        )
+        folded = self._foldable() if tensors and all(fused) else None
         plan = []
         for (p, g), by_kernel in zip(tensors, fused):
             ref = ref_of[id(p)]
-            before = p if folded else self._before.get(id(p))
+            before = p if folded == "sgd" else self._before.get(id(p))
             if before is None or before.shape != p.shape or before.dtype != p.dtype:
                 before = self._before[id(p)] = torch.empty_like(p.detach())
             each = (p, ref, g, before)
             plan.append((p, ref, before, tuple(map(self._rows, each)) if by_kernel else None))
         self._steps = (tensors, plan, folded)
         return plan, folded
+
+    def _foldable(self) -> str | None:
+        """``"sgd"`` or ``"adam"`` when the base is one of them with settings the kernels
+        follow (one group; no momentum; no AMSGrad, maximize or other variants), else None."""
+        if len(self.param_groups) != 1:
+            return None
+        group = self.param_groups[0]
+        if type(self.base) is torch.optim.SGD:
+            plain = not (group["momentum"] or group["nesterov"] or group.get("maximize"))
+            return "sgd" if plain else None
+        if type(self.base) is torch.optim.Adam:
+            flags = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
+            variant = any(group.get(k) for k in flags) or group.get("decoupled_weight_decay")
+            return None if variant else "adam"
+        return None
 
     def _per_seed(self, value: Tensor) -> dict[torch.dtype, Any]:
         """A per-seed ``[S]`` float64 value as the kernels take it: in each parameter dtype."""
@@ -272,4 +301,4 @@ class TRAC(torch.optim.Optimizer):
         for key in ("s", "variance", "sigma"):
             getattr(self, key).copy_(state_dict[key])
         self.reference = [r.clone() for r in state_dict["reference"]]
-        self._steps = ([], [], False)
+        self._steps = ([], [], None)
