@@ -29,7 +29,8 @@ Slowly-Changing Regression's 20-5-1 network, each against the fused trainer's pl
 >= 50% of ``bp``'s steps/s, SCR >= 25%. A method whose definition needs arithmetic beyond the
 training step is also held to 50% of the step plus that arithmetic, timed at the rates this run
 measures: Parseval's ``2 out^2 in`` multiply-adds per regularised layer, plasticity injection's
-two frozen heads after its first injection (their forward and, below the input layer, the
+the doubled fan-in of every layer after a CReLU or DFF layer (its added weights read by the
+forward and backward pass and updated), two frozen heads after its first injection (their forward and, below the input layer, the
 gradient through them; the step is measured after one injection, and each further one adds
 two heads' width) and Kron's
 preconditioner (``2 (out^2 in + out in^2)`` to apply it to a weight matrix, ``out^3 + in^3`` to
@@ -342,6 +343,11 @@ def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[flo
     if "adam" in names:  # its two moments: three elementwise passes over the parameters
         total += 3 * seeds * params / rates["addcmul_per_s"]
         what.append("3 elementwise passes (moments)")
+    if names & {"crelu", "dff"}:  # two features per unit: each consumer's fan-in doubled
+        extra = sum(o * i for i, o in zip(sizes[1:-1], sizes[2:]))
+        macs = 3 * extra  # the added weights' forward, backward and update
+        total += seeds * macs / rates["bmm_macs_per_s"]
+        what.append(f"{seeds * macs / 1e6:.1f}M multiply-adds (doubled fan-in)")
     if "injection" in names:  # measured after one injection: theta and theta'_0 are frozen
         head = list(zip(sizes[-3:-1], sizes[-2:]))  # (in, out) of the two head layers
         macs = 2 * sum(o * (i + 1) for i, o in head)  # their forward

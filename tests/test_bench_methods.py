@@ -38,6 +38,11 @@ def test_extra_arithmetic_by_hand():
     kron = 2 * (3 * 3 * 4 + 3 * 4 * 4) + 2 * (2 * 2 * 3 + 2 * 3 * 3)  # applied on both sides
     kron += 3**3 + 4**3 + 2**3 + 3**3  # each factor's update
     assert bench.extra_seconds("kron", sizes, seeds, RATES)[0] == pytest.approx(2 * kron / 10)
+    # CReLU and DFF: the output layer reads 2 * 3 features: 2 * 3 more weights, 3 passes
+    assert bench.extra_seconds("dff", sizes, seeds, RATES)[0] == pytest.approx(2 * 3 * 6 / 10)
+    assert bench.extra_seconds("crelu", [5, 4, 3, 2], seeds, RATES)[0] == pytest.approx(
+        2 * 3 * (3 * 4 + 2 * 3) / 10
+    )
     # after one injection: two frozen copies of the head 4-3-2 (phi is the input: no gradient)
     injection = bench.extra_seconds("injection", sizes, seeds, RATES)[0]
     assert injection == pytest.approx(2 * 2 * (3 * 5 + 2 * 4) / 10)
