@@ -21,6 +21,9 @@ from ppo_cbp.nets.stacked_mlp import _activate, _activation_backward_
 
 __all__ = ["FrozenHead"]
 
+ROWS_UNITS = 1 << 18
+"""At most this many rows x hidden units per seed at once in a forward for the metrics."""
+
 
 class FrozenHead:
     """``F(phi) = A [phi, 1]`` (one layer) or ``F(phi) = A2 [f(A1 [phi, 1]), 1]`` (two), with
@@ -29,10 +32,9 @@ class FrozenHead:
 
     :param cut: the layer whose input ``F`` reads.
     :param layers: one or two ``[S, out, in + 1]`` tensors (not copied; not trained).
-    :param activation: ``f`` between two layers, one of the network's activations; its
-        features are :attr:`features` after :meth:`forward`.
-    :param features_of: how many of the first layer's units :attr:`features` reports (the
-        first head's, when several were joined; None: all).
+    :param activation: ``f`` between two layers, one of the network's activations.
+    :param features_of: how many of the first layer's units :meth:`forward` reports as the
+        hidden features (the first head's, when several were joined; None: all).
     """
 
     def __init__(
@@ -51,24 +53,34 @@ class FrozenHead:
         self._z: Tensor | None = None
         self._h: Tensor | None = None
 
-    @property
-    def features(self) -> Tensor | None:
-        """The hidden features of the last :meth:`forward` (two layers), ``[S, B, units]``."""
-        if self._h is None:
-            return None
-        return self._h[..., : self.features_of or -1]
-
-    def forward(self, phi_aug: Tensor) -> Tensor:
-        """``F(phi)``, ``[S, B, out]``, from ``phi_aug`` ``[S, B, in + 1]`` (last column 1)."""
+    def forward(
+        self, phi_aug: Tensor, *, for_backward: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``F(phi)`` ``[S, B, out]`` from ``phi_aug`` ``[S, B, in + 1]`` (last column 1), and
+        the hidden features of two layers (the first ``features_of`` units, ``[S, B, units]``;
+        None for one layer). ``for_backward``: keep what :meth:`backward` needs (the trainer's
+        step; a forward for the metrics keeps nothing)."""
         first = self.layers[0]
-        z = torch.bmm(phi_aug, first.transpose(1, 2))
         if len(self.layers) == 1:
-            return z
-        h = z.new_empty(*z.shape[:-1], z.shape[-1] + 1)
-        h[..., -1] = 1.0
-        _activate(self.activation, z, h[..., :-1])
-        self._z, self._h = z, h
-        return torch.bmm(h, self.layers[1].transpose(1, 2))
+            return torch.bmm(phi_aug, first.transpose(1, 2)), None
+        # the hidden layer grows by two heads per injection: a large batch goes through in
+        # slices of at most ROWS_UNITS rows x units per seed, so that its peak memory does not
+        rows = phi_aug.shape[1] if for_backward else max(1, ROWS_UNITS // first.shape[1])
+        outs, features = [], []
+        for start in range(0, phi_aug.shape[1], rows):
+            z = torch.bmm(phi_aug[:, start : start + rows], first.transpose(1, 2))
+            h = z.new_empty(*z.shape[:-1], z.shape[-1] + 1)
+            h[..., -1] = 1.0
+            _activate(self.activation, z, h[..., :-1])
+            if for_backward:
+                self._z, self._h = z, h
+            outs.append(torch.bmm(h, self.layers[1].transpose(1, 2)))
+            feature = h[..., : self.features_of or -1]
+            # (a slice's copy, so that the slice's whole hidden layer can go)
+            features.append(feature if rows >= phi_aug.shape[1] else feature.clone())
+        if len(outs) == 1:
+            return outs[0], features[0]
+        return torch.cat(outs, dim=1), torch.cat(features, dim=1)
 
     def backward(self, delta: Tensor) -> Tensor:
         """``dL/dphi`` ``[S, B, in]`` of the last :meth:`forward`, from ``delta = dL/dF``."""

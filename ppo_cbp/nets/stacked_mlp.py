@@ -338,7 +338,7 @@ class StackedMLP:
         ``x_aug``: ``[S, B, n_in + 1]`` inputs whose last column is 1 (:meth:`with_ones`).
 
         With a :attr:`frozen_head`, its output is added and its hidden features (those of its
-        first head, :attr:`FrozenHead.features`) replace those of the layer it spans.
+        first head) replace those of the layer it spans.
         """
         h = x_aug
         hidden = []
@@ -366,9 +366,10 @@ class StackedMLP:
             phi = h
         out = torch.bmm(h, self.params[-1].transpose(1, 2))
         if frozen is not None:
-            out.add_(frozen.forward(phi))
-            if frozen.features is not None:  # the frozen head's features in its layer's place
-                hidden[frozen.cut] = frozen.features
+            extra, features = frozen.forward(phi)
+            out.add_(extra)
+            if features is not None:  # the frozen head's features in its layer's place
+                hidden[frozen.cut] = features
         return out, hidden
 
     def state_dict(self) -> dict[str, Any]:
@@ -624,7 +625,7 @@ class StackedTrainer:
         out = self._linear(n_hidden, h, out)
         frozen = net.frozen_head
         if frozen is not None:
-            out.add_(frozen.forward(inputs[frozen.cut]))
+            out.add_(frozen.forward(inputs[frozen.cut], for_backward=frozen.cut > 0)[0])
 
         # dL/dz of the output (mean over the batch)
         if self.loss == "cross_entropy":
