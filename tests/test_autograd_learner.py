@@ -86,7 +86,10 @@ def test_make_learner_picks_the_fused_trainer_only_for_its_methods():
     assert type(make_learner([3, 4, 2], [0], _method("cbp+l2"), **kw)) is Learner
     assert uses_fused_trainer(_method("adam+redo+l2"))
     assert uses_fused_trainer(_method("cbp+layer_norm"))
-    assert not uses_fused_trainer(_method("adam+injection"))
+    assert uses_fused_trainer(_method("adam+injection"))  # with L2, S&P and Adam
+    assert not uses_fused_trainer(_method("injection+weight_clipping"))
+    picked = make_learner([3, 4, 2], [0], _method("injection+weight_clipping"), **kw)
+    assert type(picked) is AutogradLearner
 
 
 def test_parse_methods():

@@ -25,11 +25,13 @@ def run(tmp_path, capsys, method: str, seeds=("0",)) -> list[str]:
 
 
 def test_the_autograd_learner_is_announced_once(tmp_path, capsys):
-    lines = run(tmp_path, capsys, "injection")
+    lines = run(tmp_path, capsys, "injection+weight_clipping")
     notes = [line for line in lines if "autograd learner" in line]
-    assert len(notes) == 1 and notes[0].startswith("note: injection runs on the autograd learner")
-    assert "slower" in notes[0] and "every method but injection)" in notes[0]
-    assert not [line for line in run(tmp_path, capsys, "cbp") if "autograd learner" in line]
+    start = "note: injection+weight_clipping runs on the autograd learner"
+    assert len(notes) == 1 and notes[0].startswith(start)
+    assert "slower" in notes[0] and "only with adam, l2, snp)" in notes[0]
+    for fused in ("cbp", "injection"):
+        assert not [line for line in run(tmp_path, capsys, fused) if "autograd learner" in line]
 
 
 def test_closing_summary_says_what_the_plus_minus_is(tmp_path, capsys):

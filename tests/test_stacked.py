@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ppo_cbp.init import distribution
-from ppo_cbp.nets.stacked_mlp import ACTIVATIONS, LEAKY_RELU_SLOPE, StackedMLP, StackedTrainer
+from ppo_cbp.nets.activations import LEAKY_RELU_SLOPE
+from ppo_cbp.nets.stacked_mlp import ACTIVATIONS, StackedMLP, StackedTrainer
 from ppo_cbp.plasticity.cbp import ContinualBackprop
 from ppo_cbp.plasticity.redo import ReDo
 from ppo_cbp.seeding import TAG_DROPOUT, TAG_NOISE, derive_seed

@@ -32,9 +32,9 @@ from ppo_cbp.benchmarks.common import (
 )
 from ppo_cbp.errors import UsageError
 from ppo_cbp.init import sample_
+from ppo_cbp.nets.activations import LEAKY_RELU_SLOPE
 from ppo_cbp.nets.crelu import CReLU
 from ppo_cbp.nets.dff import DFF
-from ppo_cbp.nets.stacked_mlp import LEAKY_RELU_SLOPE
 from ppo_cbp.nets.stacked_sequential import StackedSequential
 from ppo_cbp.plasticity import suite
 from ppo_cbp.plasticity.hooks import Layer, Network

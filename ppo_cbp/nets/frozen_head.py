@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ppo_cbp.nets.stacked_mlp import _activate, _activation_backward_
+from ppo_cbp.nets.activations import activate, activation_backward_
 
 __all__ = ["FrozenHead"]
 
@@ -71,7 +71,7 @@ class FrozenHead:
             z = torch.bmm(phi_aug[:, start : start + rows], first.transpose(1, 2))
             h = z.new_empty(*z.shape[:-1], z.shape[-1] + 1)
             h[..., -1] = 1.0
-            _activate(self.activation, z, h[..., :-1])
+            activate(self.activation, z, h[..., :-1])
             if for_backward:
                 self._z, self._h = z, h
             outs.append(torch.bmm(h, self.layers[1].transpose(1, 2)))
@@ -88,5 +88,5 @@ class FrozenHead:
         if len(self.layers) == 2:
             second = self.layers[1]
             grad = torch.bmm(delta, second[..., :-1])
-            delta = _activation_backward_(self.activation, grad, self._z, self._h[..., :-1])
+            delta = activation_backward_(self.activation, grad, self._z, self._h[..., :-1])
         return torch.bmm(delta, self.layers[0][..., :-1])

@@ -80,6 +80,11 @@ from torch import Tensor
 
 from ppo_cbp.init import sample_
 from ppo_cbp.nets import kernels
+from ppo_cbp.nets.activations import (
+    ACTIVATIONS,
+    activate,
+    activation_backward_,
+)
 from ppo_cbp.nets.crelu import CReLU
 from ppo_cbp.nets.dff import DFF
 from ppo_cbp.nets.online_norm import OnlineNorm
@@ -98,15 +103,11 @@ __all__ = [
     "StackedTrainer",
 ]
 
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "leaky_relu", "swish", "linear")
 LOSSES = ("cross_entropy", "squared_error")
 OPTIMIZERS = ("sgd", "adam")
 
 PAIRED = {"crelu": CReLU, "dff": DFF}
 """The paired activations: two outputs per unit (:mod:`ppo_cbp.nets.crelu`, :mod:`ppo_cbp.nets.dff`)."""
-
-LEAKY_RELU_SLOPE = 0.01
-"""Negative slope of ``leaky_relu`` (PyTorch's default, as in the paper's code)."""
 
 LAYER_NORM_EPS = 1e-5
 """``nn.LayerNorm``'s default epsilon."""
@@ -115,42 +116,6 @@ LAYER_NORM_EPS = 1e-5
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
-
-
-def _activate(name: str, z: Tensor, out: Tensor) -> None:
-    """``out <- f(z)`` (``out`` may be a strided view)."""
-    if name == "relu":
-        torch.clamp_min(z, 0.0, out=out)
-    elif name == "tanh":
-        torch.tanh(z, out=out)
-    elif name == "sigmoid":
-        torch.sigmoid(z, out=out)
-    elif name == "linear":
-        out.copy_(z)
-    elif name == "elu":
-        out.copy_(F.elu(z))
-    elif name == "leaky_relu":
-        out.copy_(F.leaky_relu(z, LEAKY_RELU_SLOPE))
-    else:  # swish
-        out.copy_(F.silu(z))
-
-
-def _activation_backward_(name: str, grad: Tensor, z: Tensor, h: Tensor) -> Tensor:
-    """``grad * f'(z)`` (``h = f(z)``), in place on ``grad`` where possible."""
-    if name == "relu":
-        return torch.ops.aten.threshold_backward(grad, h, 0.0)
-    if name == "tanh":
-        return grad.mul_(1.0 - h * h)
-    if name == "sigmoid":
-        return grad.mul_(h * (1.0 - h))
-    if name == "linear":
-        return grad
-    if name == "elu":  # alpha = 1: f' = 1 for z > 0, else exp(z) = h + 1
-        return torch.where(z > 0, grad, grad * (h + 1.0))
-    if name == "leaky_relu":
-        return torch.where(z > 0, grad, grad * LEAKY_RELU_SLOPE)
-    s = torch.sigmoid(z)  # swish: f = z s(z), f' = s (1 + z (1 - s))
-    return grad.mul_(s * (1.0 + z * (1.0 - s)))
 
 
 class StackedMLP:
@@ -359,7 +324,7 @@ class StackedMLP:
             if self.paired is not None:
                 nxt[..., :-1] = PAIRED[self.paired]()(z)
             else:
-                _activate(self.activation, z, nxt[..., :-1])
+                activate(self.activation, z, nxt[..., :-1])
             hidden.append(nxt[..., :-1])
             h = nxt
         if frozen is not None and frozen.cut == self.num_hidden:
@@ -606,7 +571,7 @@ class StackedTrainer:
                 z = self._hidden_forward(layer, z, buf)
                 pre.append(z)
             else:
-                _activate(act, z, hidden)
+                activate(act, z, hidden)
                 pre.append(z if act not in ("relu", "tanh", "sigmoid", "linear") else None)
             if keep is not None:
                 units = hidden.shape[-1]
@@ -696,7 +661,7 @@ class StackedTrainer:
                 if net.norm_params or net.paired is not None:
                     below = self._hidden_backward(layer - 1, below, pre[layer - 1], beta, alpha)
                 else:
-                    below = _activation_backward_(
+                    below = activation_backward_(
                         act, below, pre[layer - 1], bufs[layer - 1][..., :-1]
                     )
                 if norms:
@@ -761,7 +726,7 @@ class StackedTrainer:
                 self._saved[layer] = (z, xhat, mean, rstd)
                 y = torch.addcmul(norm[:, 1:2], xhat, norm[:, 0:1])
         if net.paired is None:
-            _activate(net.activation, y, buf[..., :-1])
+            activate(net.activation, y, buf[..., :-1])
             return y
         units = self._units[batch][layer]
         if kernel:
@@ -784,7 +749,7 @@ class StackedTrainer:
         batch = grad.shape[1]
         kernel = self._cpu and batch == 1
         if net.paired is None:
-            dy = _activation_backward_(
+            dy = activation_backward_(
                 net.activation, grad, y, self._buffers[batch][layer][..., :-1]
             )
         elif kernel:
