@@ -233,14 +233,16 @@ INJECTIONS = [
     "batch, device", [(1, "cpu"), (2, "cpu"), pytest.param(1, "cuda", marks=CUDA)]
 )
 @pytest.mark.parametrize("spec, layers", INJECTIONS)
-def test_injection_equals_the_autograd_learner(spec, layers, batch, device):
+@pytest.mark.parametrize("sizes", [SIZES, [6, 8, 3]], ids=["3-layers", "head-is-all"])
+def test_injection_equals_the_autograd_learner(spec, layers, batch, device, sizes):
     """Three injections (every 12 steps): the fused trainer with the frozen heads joined in one
     wider MLP equals the autograd learner's InjectableNetwork, step by step, and so do the
-    outputs and features that the metrics read."""
+    outputs and features that the metrics read; also where the head is the whole network (SCR's
+    20-5-1 with its default two-layer head: phi is the input)."""
     m = method(spec, injection_layers=layers)
     assert uses_fused_trainer(m)
     kw = dict(loss="cross_entropy", device=torch.device(device), dtype=F64)
-    fused, autograd = Learner(SIZES, [0, 5], m, **kw), AutogradLearner(SIZES, [0, 5], m, **kw)
+    fused, autograd = Learner(sizes, [0, 5], m, **kw), AutogradLearner(sizes, [0, 5], m, **kw)
     steps = [(x.to(device), y.to(device)) for x, y in stream(40, 2, batch)]
     out_f, out_a = train(fused, steps), train(autograd, steps)
     assert fused.injection.injections == autograd.module.injections == 3
@@ -253,7 +255,7 @@ def test_injection_equals_the_autograd_learner(spec, layers, batch, device):
     for a, b in zip(h_f, h_a, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     # the body trains on all heads' gradients: it has moved since the first injection
-    assert not torch.equal(fused.net.weights()[0], Learner(SIZES, [0, 5], m, **kw).net.weights()[0])
+    assert not torch.equal(fused.net.weights()[0], Learner(sizes, [0, 5], m, **kw).net.weights()[0])
 
 
 def test_injection_on_the_fused_trainer_combines_only_as_tested():
