@@ -106,13 +106,12 @@ class ShrinkPerturb(PlasticityMethod):
         alpha = self.shrink
         if alpha == 1.0:
             return
-        for layer in self.net.layers:
+        for i, layer in enumerate(self.net.layers):
             out = None
-            if self.every == "step":  # a buffer per weight, not a fresh tensor every step
-                out = self._draws.get(id(layer.weight))
-                w = layer.weight
+            if self.every == "step":  # a buffer per layer, not a fresh tensor every step
+                out, w = self._draws.get(i), layer.weight
                 if out is None or out.shape != w.shape or out.dtype != w.dtype:
-                    out = self._draws[id(w)] = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+                    out = self._draws[i] = torch.empty(w.shape, dtype=w.dtype, device=w.device)
             fresh = fresh_weight(layer, self.net.seed_dims, self.generators, out=out)
             layer.weight.mul_(alpha).add_(fresh, alpha=1.0 - alpha)
             if layer.bias is not None:
