@@ -87,6 +87,9 @@ class _SeededPerturbation(SeededOptimizer):
         """Contiguous buffers shaped like ``params``, two per parameter, kept from step to
         step: a fresh allocation of a large tensor at every step costs more than a pass over
         it (the pages are mapped anew)."""
+        if len(self._buffers) > sum(len(g["params"]) for g in self.param_groups):
+            live = {id(p) for g in self.param_groups for p in g["params"]}  # (an injection's
+            self._buffers = {k: v for k, v in self._buffers.items() if k in live}  # left)
         out = []
         for p in params:
             buffers = self._buffers.get(id(p))
