@@ -788,23 +788,27 @@ def trac_adam_apply_(
 
 
 @numba.njit(cache=True, nogil=True)
+def _erfi_of(x, limit):  # pragma: no cover
+    z = min(max(x, -limit), limit)
+    a = abs(z)
+    term = a  # a^(2n+1) / n!
+    total = a
+    x2 = a * a
+    n = 0
+    while term > 0.0:
+        n += 1
+        term *= x2 / n
+        part = term / (2 * n + 1)
+        total += part
+        if n > x2 and part <= total * 1e-17:  # past the largest term, below resolution
+            break
+    return math.copysign(total * (2.0 / math.sqrt(math.pi)), z)
+
+
+@numba.njit(cache=True, nogil=True)
 def _erfi(x, out, limit):  # pragma: no cover
-    two_over_root_pi = 2.0 / math.sqrt(math.pi)
     for k in range(x.size):
-        z = min(max(x[k], -limit), limit)
-        a = abs(z)
-        term = a  # a^(2n+1) / n!
-        total = a
-        x2 = a * a
-        n = 0
-        while term > 0.0:
-            n += 1
-            term *= x2 / n
-            part = term / (2 * n + 1)
-            total += part
-            if n > x2 and part <= total * 1e-17:  # past the largest term, below resolution
-                break
-        out[k] = math.copysign(total * two_over_root_pi, z)
+        out[k] = _erfi_of(x[k], limit)
 
 
 def erfi_(x: np.ndarray, out: np.ndarray, limit: float) -> None:
@@ -813,3 +817,38 @@ def erfi_(x: np.ndarray, out: np.ndarray, limit: float) -> None:
     summed term by term until past the largest and under ``1e-17`` of the sum: the 30 or so
     terms a small argument needs instead of a fixed 900."""
     _erfi(x.reshape(-1), out.reshape(-1), limit)
+
+
+@numba.njit(cache=True, nogil=True)
+def _trac_tuners(h, betas, variance, sigma, s, prior, eps, limit, scale):  # pragma: no cover
+    S, B = s.shape
+    root2 = math.sqrt(2.0)
+    for i in range(S):
+        total = 0.0
+        for j in range(B):
+            b = betas[j]
+            variance[i, j] = variance[i, j] * (b * b) + h[i] * h[i]
+            sigma[i, j] = sigma[i, j] * b - h[i]
+            s[i, j] = prior * _erfi_of(
+                sigma[i, j] / (root2 * math.sqrt(variance[i, j]) + eps), limit
+            )
+            total += s[i, j]
+        scale[i] = max(total, 0.0)
+
+
+def trac_tuners_(
+    h: np.ndarray,
+    betas: np.ndarray,
+    variance: np.ndarray,
+    sigma: np.ndarray,
+    s: np.ndarray,
+    prior: float,
+    eps: float,
+    limit: float,
+    scale: np.ndarray,
+) -> None:
+    """TRAC's tuners in one call, float64: for each seed ``i`` and discount ``beta_j``,
+    ``v <- v beta_j^2 + h_i^2``, ``sigma <- sigma beta_j - h_i``, ``s = prior erfi(sigma /
+    (sqrt 2 sqrt v + eps))`` (:func:`erfi_`'s series, clamped to ``+-limit``), and ``scale_i =
+    max(sum_j s_ij, 0)``; ``variance``, ``sigma``, ``s`` ``[S, B]`` in place."""
+    _trac_tuners(h, betas, variance, sigma, s, prior, eps, limit, scale)

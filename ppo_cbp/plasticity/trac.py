@@ -184,13 +184,27 @@ class TRAC(torch.optim.Optimizer):
     def _end_step(self, folded: str | None) -> None:
         """The tuners' update and ``theta_{t+1} = theta_ref + (Delta_t + u_t) * max(sum_j s_j,
         0)``, after the base's step or with the folded base's."""
-        h2 = self._h.unsqueeze(1)
-        self.variance.mul_(self.betas**2).add_(h2.square())
-        self.sigma.mul_(self.betas).sub_(h2)
-        self.s.copy_(
-            self._prior * erfi(self.sigma / (math.sqrt(2.0) * self.variance.sqrt() + self.eps))
-        )
-        scale = self.s.sum(1).clamp_min(0.0)
+        if kernels.available(self.s):  # the tuners in one call, not a dozen small operations
+            scale = torch.empty_like(self._h)
+            state = (self.variance.numpy(), self.sigma.numpy(), self.s.numpy())
+            prior = float(self._prior)
+            kernels.trac_tuners_(
+                self._h.numpy(),
+                self.betas.numpy(),
+                *state,
+                prior,
+                self.eps,
+                ERFI_MAX,
+                scale.numpy(),
+            )
+        else:
+            h2 = self._h.unsqueeze(1)
+            self.variance.mul_(self.betas**2).add_(h2.square())
+            self.sigma.mul_(self.betas).sub_(h2)
+            self.s.copy_(
+                self._prior * erfi(self.sigma / (math.sqrt(2.0) * self.variance.sqrt() + self.eps))
+            )
+            scale = self.s.sum(1).clamp_min(0.0)
         totals, scales = self._per_seed(self._total), self._per_seed(scale)
         group = self.param_groups[0]
         for p, ref, before, arrays in self._steps[1]:
