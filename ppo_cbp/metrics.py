@@ -370,12 +370,15 @@ def weight_magnitudes(module: nn.Module, seed_dims: int = 0) -> dict[str, Tensor
 
 
 def _singular_values(matrix: Tensor) -> Tensor:
-    """Singular values ``[..., min(n, m)]`` in descending order, computed in float64."""
+    """Singular values ``[..., min(n, m)]`` in descending order, computed in float64; all NaN for
+    a matrix with a non-finite entry (a diverged network's features), without failing."""
     _check_matrix(matrix)
     matrix = matrix.detach()
     if matrix.dtype != torch.float64:
         matrix = matrix.to(torch.float64)
-    return torch.linalg.svdvals(matrix)
+    finite = torch.isfinite(matrix).flatten(-2).all(-1)
+    matrix = torch.where(finite[..., None, None], matrix, torch.zeros_like(matrix))
+    return torch.linalg.svdvals(matrix).masked_fill(~finite[..., None], float("nan"))
 
 
 def _effective_rank_from_singular_values(sv: Tensor) -> Tensor:
@@ -384,18 +387,21 @@ def _effective_rank_from_singular_values(sv: Tensor) -> Tensor:
     p = sv / torch.where(nonzero, total, torch.ones_like(total))
     # xlogy(0, 0) = 0 implements the sum over p_k > 0 only.
     entropy = -torch.special.xlogy(p, p).sum(dim=-1)
-    return torch.where(nonzero.squeeze(-1), torch.exp(entropy), torch.zeros_like(entropy))
+    zero_or_nan = total.squeeze(-1) * 0.0  # NaN for a non-finite matrix
+    return torch.where(nonzero.squeeze(-1), torch.exp(entropy), zero_or_nan)
 
 
 def _cumulative_share_rank(values: Tensor, threshold: float) -> Tensor:
-    """Smallest k with ``sum_{i<=k} v_i / sum_j v_j >= threshold`` for v sorted descending; 0 if all v are 0."""
+    """Smallest k with ``sum_{i<=k} v_i / sum_j v_j >= threshold`` for v sorted descending; 0 if
+    all v are 0, -1 if they are NaN (a non-finite matrix)."""
     total = values.sum(dim=-1, keepdim=True)
     nonzero = total > 0
     share = values.cumsum(dim=-1) / torch.where(nonzero, total, torch.ones_like(total))
     # The official code's "sum(cumsum / total < threshold) + 1". The clamp only guards against the
     # last cumulative share rounding to just below a threshold of 1.
     k = ((share < threshold).sum(dim=-1) + 1).clamp(max=values.shape[-1])
-    return torch.where(nonzero.squeeze(-1), k, torch.zeros_like(k))
+    k = torch.where(nonzero.squeeze(-1), k, torch.zeros_like(k))
+    return k.masked_fill(total.squeeze(-1).isnan(), -1)
 
 
 @torch.no_grad()

@@ -577,3 +577,24 @@ def test_max_over_windows_by_hand():
 def test_max_over_windows_bad_window_raises(window):
     with pytest.raises(ValueError, match="window"):
         max_over_windows([1.0, 2.0], window=window)
+
+
+def test_a_diverged_matrix_has_nan_rank_and_the_others_keep_theirs():
+    """A stack with one non-finite matrix (a diverged seed's features): its ranks are NaN (the
+    integer ranks -1) instead of an SVD failure, the finite ones' are unchanged."""
+    good = torch.diag(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))
+    bad = good.clone()
+    bad[0, 1] = float("nan")
+    worse = good.clone()
+    worse[2, 2] = float("inf")
+    got = feature_rank_metrics(
+        torch.stack([good, bad, worse, torch.zeros(3, 3, dtype=torch.float64)])
+    )
+    alone = feature_rank_metrics(good)
+    p = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    assert got["effective_rank"][0].item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item())
+    assert got["effective_rank"][0] == alone["effective_rank"]
+    assert got["effective_rank"][1:3].isnan().all() and got["effective_rank"][3] == 0
+    for key in ("stable_rank", "approximate_rank"):
+        assert got[key][0] == alone[key] and got[key][3] == 0
+        assert (got[key][1:3] == -1).all()
