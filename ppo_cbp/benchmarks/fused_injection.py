@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppo_cbp.init import distribution, fans, sample
 from ppo_cbp.nets.frozen_head import FrozenHead
 from ppo_cbp.nets.stacked_mlp import StackedMLP
+from ppo_cbp.plasticity.injection import draw_head
 from ppo_cbp.plasticity.resets import reset_adam_state_, set_generator_states
 from ppo_cbp.seeding import TAG_INJECTION, derive_seed
 
@@ -91,27 +91,15 @@ class FusedInjection:
         self.inject()
 
     def _draw(self) -> list[Tensor]:
-        """A fresh head, ``P`` per layer, each seed's from its generator, layer by layer."""
+        """A fresh head, ``P`` per layer (:func:`~ppo_cbp.plasticity.injection.draw_head`, as
+        the autograd learner's injection draws it)."""
         last = len(self.net.params) - 1
-        per_seed = []
-        for g in self.generators:
-            drawn = []
-            for i, p in enumerate(self.head, start=self.cut):
-                out_features, in_aug = p.shape[1:]
-                fan_in, fan_out = fans((out_features, in_aug - 1))
-                gain = "linear" if i == last else self.net.activation
-                kind, scale = distribution(self.init, gain, fan_in, fan_out)
-                w = sample(
-                    (out_features, in_aug - 1),
-                    kind,
-                    scale,
-                    generator=g,
-                    device=p.device,
-                    dtype=p.dtype,
-                )
-                drawn.append(torch.cat([w, w.new_zeros(out_features, 1)], dim=1))
-            per_seed.append(drawn)
-        return [torch.stack(layer) for layer in zip(*per_seed, strict=True)]
+        head = [
+            (p[..., :-1], p[..., -1], self.init, "linear" if i == last else self.net.activation)
+            for i, p in enumerate(self.head, start=self.cut)
+        ]
+        weights, biases = draw_head(head, self.generators, seed_dims=1)
+        return [torch.cat([w, b.unsqueeze(-1)], dim=-1) for w, b in zip(weights, biases)]
 
     def _join(self) -> None:
         """The frozen heads as one :class:`FrozenHead` (hidden units side by side, output weights

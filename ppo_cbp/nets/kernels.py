@@ -359,13 +359,28 @@ def adam_(
     in two passes over the tensors instead of eight. All four arrays C-contiguous, flattened
     (any shape), of one dtype; ``exp_avg`` and ``exp_avg_sq`` are the optimizer's own state.
     """
-    b1, b2 = betas
-    x = param.dtype.type
     _adam(
         param.reshape(-1),
         grad.reshape(-1),
         exp_avg.reshape(-1),
         exp_avg_sq.reshape(-1),
+        *_adam_scalars(param.dtype, lr, betas, eps, weight_decay, step),
+    )
+
+
+def _adam_scalars(
+    dtype: np.dtype,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> tuple:
+    """Adam's constants in the kernels' order, in the parameter's dtype: ``wd, 1 - b1, b2,
+    1 - b2, lr / (1 - b1^t), sqrt(1 - b2^t), eps``."""
+    b1, b2 = betas
+    x = dtype.type
+    return (
         x(weight_decay),
         x(1.0 - b1),
         x(b2),
@@ -767,24 +782,8 @@ def trac_adam_apply_(
     and ``stepped`` as :func:`adam_` computes them (``step`` the count after this step), then
     ``theta <- theta_ref + ((theta - theta_ref) / total_s + (stepped - theta)) * scale_s``;
     ``exp_avg`` and ``exp_avg_sq`` ``[S, N]``, the optimizer's own state."""
-    b1, b2 = betas
-    x = param.dtype.type
-    _trac_adam_apply(
-        param,
-        reference,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        total,
-        scale,
-        x(weight_decay),
-        x(1.0 - b1),
-        x(b2),
-        x(1.0 - b2),
-        x(lr / (1.0 - b1**step)),
-        x(math.sqrt(1.0 - b2**step)),
-        x(eps),
-    )
+    constants = _adam_scalars(param.dtype, lr, betas, eps, weight_decay, step)
+    _trac_adam_apply(param, reference, grad, exp_avg, exp_avg_sq, total, scale, *constants)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -33,7 +33,7 @@ from ppo_cbp.nets.units import leaf_modules
 from ppo_cbp.plasticity.hooks import Layer, Network, PlasticityMethod, generators_for
 from ppo_cbp.seeding import INJECTION_TAGS, TAG_INJECTION
 
-__all__ = ["InjectableNetwork", "PlasticityInjection"]
+__all__ = ["InjectableNetwork", "PlasticityInjection", "draw_head"]
 
 # The head's modules: weight layers and the elementwise activations between them.
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
@@ -298,6 +298,48 @@ class InjectableNetwork(nn.Module):
         )
 
 
+def draw_head(
+    layers: Sequence[tuple[Tensor, Tensor | None, str, str]],
+    generators: Sequence[torch.Generator],
+    *,
+    seed_dims: int,
+    bias: str = "zero",
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """A fresh head shaped like ``layers`` (each ``(weight, bias or None, init scheme,
+    nonlinearity)``, stacked along ``seed_dims``): per seed from its generator, layer by layer,
+    the weight from the scheme with the nonlinearity's gain, then the bias, 0 or (``bias=
+    "torch_default"``) PyTorch's ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``. What an injection
+    draws, on either trainer."""
+    per_seed: list[list[tuple[Tensor, Tensor | None]]] = []
+    for g in generators:
+        drawn = []
+        for w, b, init, nonlinearity in layers:
+            shape = tuple(w.shape[seed_dims:])
+            fan_in, fan_out = fans(shape)
+            kind, scale = distribution(init, nonlinearity, fan_in, fan_out)
+            new_w = sample(shape, kind, scale, generator=g, device=w.device, dtype=w.dtype)
+            new_b = None
+            if b is not None:
+                b_shape = tuple(b.shape[seed_dims:])
+                if bias == "torch_default":
+                    bound = 1.0 / math.sqrt(fan_in)
+                    new_b = sample(
+                        b_shape, "uniform", bound, generator=g, device=b.device, dtype=b.dtype
+                    )
+                else:
+                    new_b = torch.zeros(b_shape, device=b.device, dtype=b.dtype)
+            drawn.append((new_w, new_b))
+        per_seed.append(drawn)
+    if not seed_dims:
+        return [w for w, _ in per_seed[0]], [b for _, b in per_seed[0]]
+    stacked = list(zip(*per_seed, strict=True))
+    weights = [torch.stack([w for w, _ in seeds]) for seeds in stacked]
+    biases = [
+        None if seeds[0][1] is None else torch.stack([b for _, b in seeds]) for seeds in stacked
+    ]
+    return weights, biases
+
+
 class PlasticityInjection(PlasticityMethod):
     """Plasticity injection (Nikishin et al., NeurIPS 2023, Expression 1) into an
     :class:`InjectableNetwork`.
@@ -439,36 +481,12 @@ class PlasticityInjection(PlasticityMethod):
         self._sync()
 
     def _draw(self) -> tuple[list[Tensor], list[Tensor | None]]:
-        """A fresh ``theta'``: per seed from its generator, layer by layer, weight then bias."""
-        sd = self.module.seed_dims
-        per_seed: list[list[tuple[Tensor, Tensor | None]]] = []
-        for g in self.generators:
-            drawn = []
-            for (w, b), layer in zip(self.module.head(), self._head_layers, strict=True):
-                shape = tuple(w.shape[sd:])
-                fan_in, fan_out = fans(shape)
-                kind, scale = distribution(layer.init, layer.nonlinearity, fan_in, fan_out)
-                new_w = sample(shape, kind, scale, generator=g, device=w.device, dtype=w.dtype)
-                new_b = None
-                if b is not None:
-                    b_shape = tuple(b.shape[sd:])
-                    if self.bias == "torch_default":
-                        bound = 1.0 / math.sqrt(fan_in)
-                        new_b = sample(
-                            b_shape, "uniform", bound, generator=g, device=b.device, dtype=b.dtype
-                        )
-                    else:
-                        new_b = torch.zeros(b_shape, device=b.device, dtype=b.dtype)
-                drawn.append((new_w, new_b))
-            per_seed.append(drawn)
-        if not sd:
-            return [w for w, _ in per_seed[0]], [b for _, b in per_seed[0]]
-        layers = list(zip(*per_seed, strict=True))
-        weights = [torch.stack([w for w, _ in seeds]) for seeds in layers]
-        biases = [
-            None if seeds[0][1] is None else torch.stack([b for _, b in seeds]) for seeds in layers
+        """A fresh ``theta'`` (:func:`draw_head`)."""
+        head = [
+            (w, b, layer.init, layer.nonlinearity)
+            for (w, b), layer in zip(self.module.head(), self._head_layers, strict=True)
         ]
-        return weights, biases
+        return draw_head(head, self.generators, seed_dims=self.module.seed_dims, bias=self.bias)
 
     def _sync(self) -> None:
         """Bring the optimizer's groups, ``net.parameters`` and ``net.layers`` in line with the
