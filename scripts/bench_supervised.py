@@ -334,12 +334,16 @@ def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[flo
     if "soft_snp" in names:
         total += seeds * weights / rates["uniform_per_s"]
         what.append(f"{seeds * weights / 1e3:.0f}k uniform draws")
-    if "kron" in names:  # kron_torch's preconditioner, triangular below 8,192 (our sizes)
-        matrices = list(zip(sizes[1:], sizes[:-1]))
-        macs = sum(2 * (o * o * i + o * i * i) for o, i in matrices)  # applied on both sides
-        macs += sum(o**3 + i**3 for o, i in matrices)  # its update (every step at first)
+    if "kron" in names:  # kron_torch's products, as it computes them, for each weight's two
+        # triangular factors (below 8,192 wide: our sizes; the biases' diagonal ones are
+        # elementwise): Q^T Q applied on both sides, 2 (o^2 i + o i^2), at every step; at an
+        # update (every step for the first 500) A = Q_0 G Q_1^T (o^2 i + o i^2), two triangular
+        # solves (half that), four Gram products (twice that) and triu(T1) Q (o^3 + i^3)
+        sides = sum(o * o * i + o * i * i for o, i in zip(sizes[1:], sizes[:-1]))
+        cubes = sum(o**3 + i**3 for o, i in zip(sizes[1:], sizes[:-1]))
+        macs = 5.5 * sides + cubes
         total += seeds * macs / rates["bmm_macs_per_s"]
-        what.append(f"{seeds * macs / 1e6:.0f}M multiply-adds")
+        what.append(f"{seeds * macs / 1e6:.0f}M multiply-adds (preconditioner and its update)")
     if "adam" in names:  # its two moments: three elementwise passes over the parameters
         total += 3 * seeds * params / rates["addcmul_per_s"]
         what.append("3 elementwise passes (moments)")

@@ -35,8 +35,10 @@ def test_extra_arithmetic_by_hand():
     assert bench.extra_seconds("upgd", sizes, seeds, RATES)[0] == pytest.approx(2 * 23 / 2)
     assert bench.extra_seconds("snp", sizes, seeds, RATES)[0] == pytest.approx(2 * 23 / 2)
     assert bench.extra_seconds("adam", sizes, seeds, RATES)[0] == pytest.approx(3 * 2 * 23 / 5)
-    kron = 2 * (3 * 3 * 4 + 3 * 4 * 4) + 2 * (2 * 2 * 3 + 2 * 3 * 3)  # applied on both sides
-    kron += 3**3 + 4**3 + 2**3 + 3**3  # each factor's update
+    # weights [3, 4] and [2, 3]: Q^T Q on both sides at every step (2 products per side), at an
+    # update A (1 product per side), 2 solves (half), 4 Grams (2 per side) and triu(T1) Q
+    sides = (3 * 3 * 4 + 3 * 4 * 4) + (2 * 2 * 3 + 2 * 3 * 3)
+    kron = (2 + 1 + 0.5 + 2) * sides + 3**3 + 4**3 + 2**3 + 3**3
     assert bench.extra_seconds("kron", sizes, seeds, RATES)[0] == pytest.approx(2 * kron / 10)
     # CReLU and DFF: the output layer reads 2 * 3 features: 2 * 3 more weights, 3 passes
     assert bench.extra_seconds("dff", sizes, seeds, RATES)[0] == pytest.approx(2 * 3 * 6 / 10)

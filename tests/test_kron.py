@@ -15,7 +15,7 @@ import torch
 from test_train import assert_same_state, load, small
 
 from ppo_cbp.errors import UsageError
-from ppo_cbp.plasticity.kron import Kron, update_probability
+from ppo_cbp.plasticity.kron import Kron, _upper_product, update_probability
 from ppo_cbp.seeding import TAG_KRON, derive_seed
 from ppo_cbp.train import Args, main
 
@@ -316,6 +316,37 @@ def test_kron_follows_kron_torch(device, config):
         assert ref.updates == 12
     else:
         assert 3 <= ref.updates < 12 and ref.balances >= 1, (ref.updates, ref.balances)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_factors_follow_kron_torch(device):
+    """Factors wider than the blocked triangular product's leaf (its recursion), with one
+    diagonal factor beside them, equal kron_torch's code over 6 steps."""
+    shapes = [(150, 140), (1, 260)]
+    params, mirror = _params(0, device, shapes), _params(0, device, shapes)
+    opt = Kron(params, lr=0.05, seeds=[3])
+    ref = ReferenceKron(mirror, 3, lr=0.05)
+    for t in range(6):
+        grads = _grads(t, 0, device, shapes)
+        _step(opt, params, grads)
+        _step(ref, mirror, grads)
+    for p, e, r in zip(params, mirror, ref.state):
+        torch.testing.assert_close(p.detach(), e.detach(), rtol=1e-12, atol=1e-12)
+        for q, f in zip(opt.state[p]["Q"], r["Q"]):
+            torch.testing.assert_close(q[0], f, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, leaf", [(13, 4), (9, 3), (300, 128)])
+def test_upper_product_is_the_triangular_product(n, leaf):
+    """``_upper_product(a, b)`` is ``triu(a) @ b`` for upper triangular ``b`` (float64), and
+    exactly 0 below the diagonal."""
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(2, n, n, generator=g, dtype=F64)
+    b = torch.randn(2, n, n, generator=g, dtype=F64).triu()
+    out = _upper_product(a, b, leaf)
+    expected = torch.einsum("sij,sjk->sik", a.triu(), b)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out.tril(-1), torch.zeros_like(out))
 
 
 def test_factor_kinds_follow_kron_torch():

@@ -117,3 +117,45 @@ def test_high_utility_weights_are_protected():
 def test_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError):
         UPGD([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_cpu_kernels_equal_the_tensor_path(monkeypatch, dtype, tol):
+    """On CPU the step is two kernel passes per parameter; they equal the tensor operations
+    (the path on other devices), stacked, on the strided weight and bias views of ``[W | b]``
+    that the fused trainer hands over, over steps with zero gradients (max u = 0) first."""
+    from ppo_cbp.nets import kernels
+
+    g = torch.Generator().manual_seed(5)
+    whole = [torch.randn(3, 5, 21, generator=g, dtype=dtype), torch.randn(3, 1, 6, dtype=dtype)]
+    copies = [w.clone() for w in whole]
+
+    def views(ps):
+        return [v for p in ps for v in (p[..., :-1], p[..., -1])]
+
+    hp = dict(lr=0.05, weight_decay=0.01, beta_utility=0.9, sigma=0.3, seed_dims=1)
+    by_kernel = UPGD(views(whole), **hp, seeds=[1, 2, 3])
+    by_tensors = UPGD(views(copies), **hp, seeds=[1, 2, 3])
+    calls = []
+    apply = kernels.upgd_apply_
+    monkeypatch.setattr(kernels, "upgd_apply_", lambda *a, **k: calls.append(1) or apply(*a, **k))
+    for t in range(12):
+        grads = [
+            torch.zeros_like(w) if t < 2 else torch.randn(w.shape, generator=g, dtype=dtype)
+            for w in whole
+        ]
+        for opt in (by_kernel, by_tensors):
+            for v, gv in zip(opt.param_groups[0]["params"], views(grads)):
+                v.grad = gv.clone()
+            if opt is by_tensors:
+                with monkeypatch.context() as m:
+                    m.setattr(kernels, "available", lambda *a: False)
+                    opt.step()
+            else:
+                opt.step()
+        for a, b in zip(whole, copies):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert len(calls) == 12 * 4
+    for p, q in zip(by_kernel.param_groups[0]["params"], by_tensors.param_groups[0]["params"]):
+        u, v = by_kernel.state[p]["avg_utility"], by_tensors.state[q]["avg_utility"]
+        torch.testing.assert_close(u, v, rtol=tol, atol=tol)

@@ -661,6 +661,67 @@ def project_norm_(param: np.ndarray, target: np.ndarray, cols: int) -> None:
     _project_norm(param, target, cols)
 
 
+@numba.njit(cache=True, nogil=True)
+def _upgd_trace(u, g, p, beta, neg_keep, top):  # pragma: no cover
+    S, R, C = p.shape
+    for s in range(S):
+        m = top[s]
+        for r in range(R):
+            for c in range(C):
+                v = u[s, r, c] * beta + neg_keep * (g[s, r, c] * p[s, r, c])
+                u[s, r, c] = v
+                if v > m or v != v:  # NaN wins, as in torch's amax
+                    m = v
+        top[s] = m
+
+
+def upgd_trace_(
+    trace: np.ndarray,
+    grad: np.ndarray,
+    param: np.ndarray,
+    beta_utility: float,
+    top: np.ndarray,
+) -> None:
+    """UPGD's utility trace of one parameter, one pass: ``u <- beta_u u - (1 - beta_u) (g
+    theta)``, and ``top_s <- max(top_s, max u_s)`` (NaN if any is). ``trace``, ``grad``,
+    ``param`` ``[S, R, C]`` of one dtype, any strides (a layer's weight is a view of its
+    ``[W | b]``); ``top`` ``[S]`` in that dtype."""
+    x = param.dtype.type
+    _upgd_trace(trace, grad, param, x(beta_utility), x(-(1.0 - beta_utility)), top)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _upgd_apply(p, g, u, noise, factor, sigma, decay, neg_lr):  # pragma: no cover
+    S, R, C = p.shape
+    one = p.dtype.type(1.0)
+    for s in range(S):
+        f = factor[s]
+        for r in range(R):
+            for c in range(C):
+                keep = one - one / (one + np.exp(-(u[s, r, c] * f)))
+                step = (noise[s, r, c] * sigma + g[s, r, c]) * keep
+                p[s, r, c] = p[s, r, c] * decay + neg_lr * step
+
+
+def upgd_apply_(
+    param: np.ndarray,
+    grad: np.ndarray,
+    trace: np.ndarray,
+    noise: np.ndarray,
+    factor: np.ndarray,
+    *,
+    lr: float,
+    weight_decay: float,
+    sigma: float,
+) -> None:
+    """UPGD's update of one parameter, one pass: ``theta <- (1 - lr wd) theta - lr (g + sigma
+    xi) (1 - sigmoid(u factor_s))``, ``factor_s = 1 / ((1 - beta_u^t) max u)`` per seed, the
+    operations in the order of UPGD's tensor path. Arrays as in :func:`upgd_trace_`, ``noise``
+    the draws ``xi``, ``factor`` ``[S]``."""
+    x = param.dtype.type
+    _upgd_apply(param, grad, trace, noise, factor, x(sigma), x(1.0 - lr * weight_decay), x(-lr))
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")  # vectorised division
 def _trac_begin(p, ref, g, before, total, h, keep):  # pragma: no cover
     S, N = p.shape
@@ -851,3 +912,358 @@ def trac_tuners_(
     (sqrt 2 sqrt v + eps))`` (:func:`erfi_`'s series, clamped to ``+-limit``), and ``scale_i =
     max(sum_j s_ij, 0)``; ``variance``, ``sigma``, ``s`` ``[S, B]`` in place."""
     _trac_tuners(h, betas, variance, sigma, s, prior, eps, limit, scale)
+
+
+# ---- PSGD Kron: one call per small parameter -----------------------------------------------
+# Each seed's gradient is a matrix [d0, d1] (a vector: [1, d1] without Q0); a factor is upper
+# triangular [d, d] or diagonal, the latter passed as [1, d] (its diagonal in row 0). Plain
+# IEEE arithmetic in the arrays' dtype, no fast-math: every seed is computed by the same
+# operations in the same order, so a seed's slice of a stack equals the seed alone. The inner
+# loops run along whole rows (the multiply-adds into one output row at a time, the zeros off a
+# triangle included, as a matrix product takes them), which vectorise without reassociation.
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _kron_transpose(x, out):  # pragma: no cover
+    R, C = x.shape
+    for r in range(R):
+        for c in range(C):
+            out[c, r] = x[r, c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _kron_left(q, diag, transpose, x, out):  # pragma: no cover
+    # out = Q x (Q^T x with transpose) along dimension 0 of x [R, C]
+    R, C = x.shape
+    if diag:
+        for a in range(R):
+            c = q[0, a]
+            for b in range(C):
+                out[a, b] = x[a, b] * c
+        return
+    for a in range(R):
+        oa = out[a]
+        for b in range(C):
+            oa[b] = 0
+        lo, hi = (0, a + 1) if transpose else (a, R)
+        for n in range(lo, hi):
+            c = q[n, a] if transpose else q[a, n]
+            xn = x[n]
+            for b in range(C):
+                oa[b] += c * xn[b]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _kron_right(q, qt, diag, transpose, x, out):  # pragma: no cover
+    # out = x Q^T (x Q without transpose) along dimension 1 of x [R, C]; qt = Q^T
+    R, C = x.shape
+    if diag:
+        for a in range(R):
+            for b in range(C):
+                out[a, b] = x[a, b] * q[0, b]
+        return
+    for a in range(R):
+        oa, xa = out[a], x[a]
+        for b in range(C):
+            oa[b] = 0
+        for n in range(C):  # whole rows of Q^T or Q (zeros off the triangle), as a product
+            c, qn = xa[n], (qt[n] if transpose else q[n])
+            for b in range(C):
+                oa[b] += c * qn[b]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _kron_solve(q0, diag0, x):  # pragma: no cover
+    # x <- Q0^-T x in place: forward substitution down the rows (x Q^-1 = (Q^-T x^T)^T)
+    R, C = x.shape
+    if diag0:
+        for a in range(R):
+            for b in range(C):
+                x[a, b] = x[a, b] / q0[0, a]
+        return
+    for k in range(R):
+        xk, dk = x[k], q0[k, k]
+        for b in range(C):
+            xk[b] = xk[b] / dk
+        for j in range(k + 1, R):
+            c, xj = q0[k, j], x[j]
+            for b in range(C):
+                xj[b] -= c * xk[b]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _kron_absmax(x, m):  # pragma: no cover
+    # max(m, max |x|), a NaN kept as torch's amax keeps it
+    for a in range(x.shape[0]):
+        for b in range(x.shape[1]):
+            v = abs(x[a, b])
+            if v > m or v != v:
+                m = v
+    return m
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _kron_factor(q, diag, xa, xb, precond_lr, tiny, zero, one, t1, t2, vectors):  # pragma: no cover
+    # Q <- Q - T1 Q * (precond_lr / norm) for one seed's factor, T1 = xa^T xa - xb^T xb and T2
+    # = xa^T xa + xb^T xb (their diagonals for a diagonal Q); xa, xb [R, d]; t1, t2 [d, d] ([1,
+    # d] for a diagonal Q) and vectors [3, d] work space. a / b of a number and an array is
+    # (1 / b) * a, as torch computes it
+    R, d = xa.shape
+    norm = zero
+    for a in range(t1.shape[0]):
+        for c in range(d):
+            t1[a, c] = 0
+            t2[a, c] = 0
+    if diag:
+        u1, u2 = t1[0], t2[0]
+        for r in range(R):
+            for a in range(d):
+                u1[a] += xa[r, a] * xa[r, a]
+                u2[a] += xb[r, a] * xb[r, a]
+        for a in range(d):
+            aa, bb = u1[a], u2[a]
+            u2[a] = aa + bb
+            u1[a] = aa - bb
+            v = u2[a]  # sums of squares
+            if v > norm or v != v:
+                norm = v
+        if norm < tiny:
+            norm = tiny
+        scale = (one / norm) * precond_lr
+        for a in range(d):
+            q[0, a] = q[0, a] - u1[a] * (q[0, a] * scale)
+        return
+    for r in range(R):  # xa^T xa and xb^T xb by rows (exactly symmetric: the same products)
+        ar, br = xa[r], xb[r]
+        for a in range(d):
+            ca, cb, ua, ub = ar[a], br[a], t1[a], t2[a]
+            for c in range(d):
+                ua[c] += ca * ar[c]
+            for c in range(d):
+                ub[c] += cb * br[c]
+    for a in range(d):
+        ua, ub = t1[a], t2[a]
+        for c in range(d):
+            aa, bb = ua[c], ub[c]
+            ub[c] = aa + bb
+            ua[c] = aa - bb
+    for a in range(d):  # T2's largest |entry| is on its diagonal (a Gram matrix)
+        v = t2[a, a]
+        if v > norm or v != v:
+            norm = v
+    bound = norm
+    if norm > zero:  # the spectral lower bound of T2 (0 when T2 = 0)
+        for a in range(d):
+            for c in range(d):
+                t2[a, c] = t2[a, c] / norm
+        cols, y, z = vectors[0], vectors[1], vectors[2]
+        for j in range(d):
+            cols[j], y[j], z[j] = 0, 0, 0
+        for i in range(d):
+            for j in range(d):
+                cols[j] += t2[i, j] * t2[i, j]
+        best = 0
+        for j in range(1, d):
+            if cols[j] > cols[best]:  # the first maximum, as torch.argmax
+                best = j
+        for i in range(d):
+            c = t2[i, best]
+            for k in range(d):
+                y[k] += c * t2[i, k]
+        s = zero
+        for k in range(d):
+            s += y[k] * y[k]
+        s = np.sqrt(s)
+        for k in range(d):
+            y[k] = y[k] / s
+        for k in range(d):  # T2 y by the rows of the symmetric T2
+            c = y[k]
+            for i in range(d):
+                z[i] += c * t2[k, i]
+        s = zero
+        for i in range(d):
+            s += z[i] * z[i]
+        bound = np.sqrt(s) * norm
+    if bound < tiny:
+        bound = tiny
+    scale = (one / bound) * precond_lr
+    row = vectors[0]
+    for a in range(d):  # row a of triu(T1) Q needs rows >= a of the old Q
+        for c in range(d):
+            row[c] = 0
+        for b in range(a, d):
+            c, qb = t1[a, b], q[b]
+            for k in range(d):  # whole rows (zeros below the diagonal), as a product does
+                row[k] += c * qb[k]
+        qa = q[a]
+        for c in range(d):
+            qa[c] = qa[c] - row[c] * scale
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _kron_step(
+    p, g, m, q0, q1, v, diag0, diag1, vector, update, balance, b1, keep, debias, noise,
+    precond_lr, tiny, wd, neg_lr, rms_eps, clip
+):  # pragma: no cover  # fmt: skip
+    S, d0, d1 = p.shape
+    c = np.empty(4, p.dtype)  # the constants in the dtype
+    c[0], c[1], c[2], c[3] = 0, 1, 2, d0 * d1
+    zero, one, two, count = c[0], c[1], c[2], c[3]
+    G = np.empty((d0, d1), p.dtype)
+    T = np.empty((d0, d1), p.dtype)
+    U = np.empty((d0, d1), p.dtype)
+    q1t = np.empty((d1, d1), p.dtype)
+    A = np.empty((d0, d1), p.dtype)
+    B = np.empty((d0, d1), p.dtype)
+    At = np.empty((d1, d0), p.dtype)
+    Bt = np.empty((d1, d0), p.dtype)
+    # the factor updates' T1, T2 and vectors
+    w0 = np.empty((2, 1 if diag0 else d0, d0), p.dtype)
+    w1 = np.empty((2, 1 if diag1 else d1, d1), p.dtype)
+    v0 = np.empty((3, d0), p.dtype)
+    v1 = np.empty((3, d1), p.dtype)
+    for s in range(S):
+        ps, gs, ms, Q0, Q1 = p[s], g[s], m[s], q0[s], q1[s]
+        for a in range(d0):
+            for b in range(d1):
+                x = ms[a, b] * b1
+                x = x + keep * gs[a, b]
+                ms[a, b] = x
+                G[a, b] = x / debias
+        if balance[s] and not vector:
+            n0, n1 = _kron_absmax(Q0, zero), _kron_absmax(Q1, zero)
+            target = np.exp((np.log(n0) + np.log(n1)) / two)
+            f0, f1 = target / n0, target / n1
+            for a in range(Q0.shape[0]):
+                for b in range(Q0.shape[1]):
+                    Q0[a, b] = Q0[a, b] * f0
+            for a in range(Q1.shape[0]):
+                for b in range(Q1.shape[1]):
+                    Q1[a, b] = Q1[a, b] * f1
+        if update:
+            vs = v[s]
+            total = zero
+            for a in range(d0):
+                for b in range(d1):
+                    total += abs(G[a, b])
+            scale = noise * (total / count)
+            for a in range(d0):
+                for b in range(d1):
+                    G[a, b] = G[a, b] + scale * vs[a, b]
+                    B[a, b] = vs[a, b]
+            if not diag1:
+                _kron_transpose(Q1, q1t)
+            if vector:  # no Q0
+                _kron_right(Q1, q1t, diag1, True, G, A)
+            else:
+                _kron_left(Q0, diag0, False, G, T)
+                _kron_right(Q1, q1t, diag1, True, T, A)
+                _kron_solve(Q0, diag0, B)
+            _kron_transpose(B, Bt)
+            _kron_solve(Q1, diag1, Bt)  # conjB^T
+            _kron_transpose(Bt, B)
+            if not vector:
+                _kron_transpose(A, At)
+                _kron_factor(Q0, diag0, At, Bt, precond_lr, tiny, zero, one, w0[0], w0[1], v0)
+            _kron_factor(Q1, diag1, A, B, precond_lr, tiny, zero, one, w1[0], w1[1], v1)
+        # U = Q0^T Q0 G Q1^T Q1 with the new factors
+        if not diag1:
+            _kron_transpose(Q1, q1t)
+        if vector:
+            _kron_right(Q1, q1t, diag1, True, G, T)
+        else:
+            _kron_left(Q0, diag0, False, G, T)
+            _kron_left(Q0, diag0, True, T, U)
+            _kron_right(Q1, q1t, diag1, True, U, T)
+        _kron_right(Q1, q1t, diag1, False, T, U)
+        total = zero
+        for a in range(d0):
+            for b in range(d1):
+                total += U[a, b] * U[a, b]
+        factor = (one / (np.sqrt(total / count) + rms_eps)) * clip
+        if factor > one:
+            factor = one
+        for a in range(d0):
+            for b in range(d1):
+                x = U[a, b] * factor
+                if wd != zero and not vector:
+                    x = x + wd * ps[a, b]
+                ps[a, b] = ps[a, b] + neg_lr * x
+
+
+def kron_step_(
+    param: np.ndarray,
+    grad: np.ndarray,
+    momentum: np.ndarray,
+    factors: list[np.ndarray],
+    probe: np.ndarray,
+    balance: np.ndarray,
+    *,
+    update: bool,
+    step: int,
+    lr: float,
+    b1: float,
+    weight_decay: float,
+    precond_lr: float,
+) -> None:
+    """One step of PSGD Kron (:class:`ppo_cbp.plasticity.kron.Kron`, its tensor path's
+    operations in its order) on one parameter whose seeds are matrices (two factors) or vectors
+    (one), in place, every seed ``s`` in turn:
+
+        m <- m b1 + (1 - b1) g;   G = m / (1 - b1^step)
+        balance[s] (matrices only): Q_i <- Q_i * (target / max|Q_i|),  target = exp((log
+            max|Q_0| + log max|Q_1|) / 2)
+        update: G <- G + sqrt(eps_f32) * mean|G| * V;  A = Q0 G Q1^T;  conjB = Q0^-T V Q1^-1
+            (substitution, or division for a diagonal factor); with both from the old
+            factors, for each i: T1 = A_(i) A_(i)^T - conjB_(i) conjB_(i)^T, T2 = A_(i)
+            A_(i)^T + conjB_(i) conjB_(i)^T (the diagonals for a diagonal factor), n = max
+            T2_aa; diagonal: Q <- Q - T1 * (Q * c), c = (1 / max(n, tiny)) * precond_lr;
+            triangular: Q <- Q - (triu(T1) Q) * c, c = (1 / max(lb, tiny)) * precond_lr, lb
+            the spectral lower bound of T2 (its column of largest norm after division by n,
+            the first on a tie; 0 when n = 0)
+        U = Q0^T Q0 G Q1^T Q1;  U <- U * min((1 / (rms(U) + 1e-12)) * 1.1, 1)
+        theta <- theta + (-lr) (U + wd theta)   (the weight decay term only for matrices and
+            wd != 0)
+
+    A vector is the matrix ``[1, d]`` without ``Q0`` (nor balancing, nor weight decay). All in
+    the parameter's dtype (float32 or float64), sums left to right. ``param``, ``grad``,
+    ``momentum`` and ``probe`` (``V``, drawn by the caller) ``[S, d0, d1]`` (``[S, 1, d]`` for
+    vectors), of one dtype, any strides (``momentum`` and ``probe`` best C-contiguous);
+    ``factors`` ``[Q0, Q1]`` or ``[Q]``, each ``[S, d, d]`` (upper triangular) or ``[S, d]``
+    (diagonal), C-contiguous, in place; ``balance`` ``[S]`` bool (all False outside an
+    update); ``step`` the momentum's step count after this step."""
+    x = param.dtype.type
+    constants = _KRON_CONSTANTS.get(param.dtype)
+    if constants is None:  # sqrt(eps_f32), tiny, 1e-12 and 1.1 in the dtype
+        eps = np.sqrt(x(np.finfo(np.float32).eps))
+        constants = eps, x(np.finfo(param.dtype).tiny), x(1e-12), x(1.1)
+        _KRON_CONSTANTS[param.dtype] = constants
+    noise, tiny, rms_eps, clip = constants
+    S = param.shape[0]
+    q0, q1 = factors[0], factors[-1]  # a vector's Q0 unused
+    _kron_step(
+        param,
+        grad,
+        momentum,
+        q0.reshape(S, -1, q0.shape[-1]),
+        q1.reshape(S, -1, q1.shape[-1]),
+        probe,
+        q0.ndim == 2,
+        q1.ndim == 2,
+        len(factors) == 1,
+        update,
+        balance,
+        x(b1),
+        x(1 - b1),
+        x(1 - b1**step),
+        noise,
+        x(precond_lr),
+        tiny,
+        x(weight_decay),
+        x(-lr),
+        rms_eps,
+        clip,
+    )
+
+
+_KRON_CONSTANTS: dict[np.dtype, tuple] = {}

@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ppo_cbp.nets import kernels
 from ppo_cbp.plasticity.seeded import SeededOptimizer
 from ppo_cbp.seeding import TAG_UPGD
 
@@ -52,6 +54,7 @@ class _SeededPerturbation(SeededOptimizer):
         self._buffers: dict[int, tuple[Tensor, ...]] = {}
         # the noise buffers and, per generator, the rows each draws into
         self._draws: tuple[list[Tensor], list[list[Tensor]]] = ([], [])
+        self._kernel_rows: tuple[list, list] = ([], [])
 
     def _per_seed_max(self, u: Tensor) -> Tensor:
         """``max u`` of one parameter: ``[S]`` when stacked, else 0-dim."""
@@ -71,6 +74,14 @@ class _SeededPerturbation(SeededOptimizer):
     def _noise(self, params: list[Tensor]) -> list[Tensor]:
         """Standard normal draws shaped like ``params``: seed by seed, parameter by parameter
         (into :meth:`_scratch` buffers)."""
+        noise = self._noise_buffers(params)
+        for g, row in zip(self.generators, self._draws[1]):
+            for n in row:
+                n.normal_(generator=g)
+        return noise
+
+    def _noise_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """The buffers that :meth:`_noise` draws into."""
         noise, rows = self._draws
         if len(noise) != len(params) or any(
             n.shape != p.shape or n.dtype != p.dtype for n, p in zip(noise, params)
@@ -78,9 +89,6 @@ class _SeededPerturbation(SeededOptimizer):
             noise = self._scratch(params, 0)
             rows = [[n[s] for n in noise] for s in range(len(self.generators))]
             self._draws = noise, (rows if self.seed_dims else [noise])
-        for g, row in zip(self.generators, self._draws[1]):
-            for n in row:
-                n.normal_(generator=g)
         return noise
 
     def _scratch(self, params: list[Tensor], slot: int) -> list[Tensor]:
@@ -164,6 +172,8 @@ class UPGD(_SeededPerturbation):
         params = [p for g in self.param_groups for p in g["params"]]
         if any(p.grad is None for p in params):  # before any state changes
             raise ValueError("UPGD needs a gradient for every parameter")
+        if params and self._kernel_step(params):
+            return
         # each operation over every parameter of a group at once (torch._foreach_*): at batch 1
         # the step is a few dozen small tensors, where per-tensor calls cost more than the math
         maxima = []
@@ -215,6 +225,84 @@ class UPGD(_SeededPerturbation):
             torch._foreach_mul_(steps, keep)
             torch._foreach_add_(ps, steps, alpha=-lr)
             i += len(ps)
+
+    def _kernel_step(self, params: list[Tensor]) -> bool:
+        """The step on CPU: two kernel passes per parameter (:func:`~ppo_cbp.nets.kernels.
+        upgd_trace_`, :func:`~ppo_cbp.nets.kernels.upgd_apply_`), the same arithmetic as the
+        tensor operations below without their dozen calls per group. Whether it stepped (not
+        off the CPU, with mixed dtypes, or when a tensor has no ``[S, R, C]`` view)."""
+        rows = self._rows_of(params)
+        if rows is None:
+            return False
+        top = np.full(rows[0][0].shape[0], -np.inf, dtype=rows[0][0].dtype)
+        i = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["step"] += 1
+                param, grad, trace, _ = rows[i]
+                kernels.upgd_trace_(trace, grad, param, group["beta_utility"], top)
+                i += 1
+        top[top == 0] = 1  # no utility anywhere: divide by 1 instead of 0/0
+        for g, row in zip(self.generators, self._draws[1]):
+            for n in row:
+                n.normal_(generator=g)
+        i = 0
+        for group in self.param_groups:
+            settings = dict(
+                lr=group["lr"], weight_decay=group["weight_decay"], sigma=group["sigma"]
+            )
+            factors: dict[float, np.ndarray] = {}
+            for p in group["params"]:
+                correction = 1.0 - group["beta_utility"] ** self.state[p]["step"]
+                factor = factors.get(correction)
+                if factor is None:
+                    factor = factors[correction] = np.reciprocal(top * top.dtype.type(correction))
+                kernels.upgd_apply_(*rows[i], factor, **settings)
+                i += 1
+        return True
+
+    def _rows_of(self, params: list[Tensor]) -> list[tuple[np.ndarray, ...]] | None:
+        """The kernels' ``[S, R, C]`` views (``S`` 1 without seeds) of each parameter, its
+        gradient, its trace and its noise buffer, kept while those tensors stay the same; None
+        off the CPU, with mixed dtypes, or when one has no such view (a strided tensor of three
+        or more dimensions per seed)."""
+        key, rows = self._kernel_rows
+        if len(key) == len(params) and all(
+            p is q and p.grad is g and self.state[p].get("avg_utility") is u
+            for p, (q, g, u) in zip(params, key)
+        ):
+            return rows
+        grads = [p.grad for p in params]
+        if not kernels.available(*params, *grads) or len({p.dtype for p in params}) > 1:
+            return None
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["avg_utility"] = torch.zeros_like(p)
+        traces = [self.state[p]["avg_utility"] for p in params]
+        noise = self._noise_buffers(params)
+        views = [
+            tuple(_three_dims(t, self.seed_dims) for t in x)
+            for x in zip(params, grads, traces, noise)
+        ]
+        if any(v is None for x in views for v in x):
+            return None
+        rows = [tuple(kernels.as_array(v) for v in x) for x in views]
+        self._kernel_rows = (list(zip(params, grads, traces)), rows)
+        return rows
+
+
+def _three_dims(t: Tensor, seed_dims: int) -> Tensor | None:
+    """``t`` as a ``[S, R, C]`` view (a seed's tensor as rows and columns; ``S`` 1 without
+    seeds), or None when its strides allow none."""
+    x = t.detach() if seed_dims else t.detach().unsqueeze(0)
+    if x.dim() < 3:
+        return x.reshape(x.shape[0], -1, 1)  # a view: at most one dimension per seed
+    try:
+        return x.view(x.shape[0], -1, x.shape[-1])
+    except RuntimeError:
+        return None
 
 
 class AdaptiveUPGD(_SeededPerturbation):
