@@ -53,6 +53,7 @@ import contextlib
 import io
 import itertools
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -75,6 +76,7 @@ from ppo_cbp.init import init_layer_
 from ppo_cbp.nets.resnet import ResNet18
 from ppo_cbp.nets.stacked_mlp import StackedMLP, StackedTrainer
 from ppo_cbp.plasticity.cbp import ContinualBackprop
+from ppo_cbp.plasticity.kron import Kron
 
 
 def baseline(sizes: list[int], loss: str, lr: float) -> Callable[[int], float]:
@@ -248,8 +250,24 @@ def method_specs(defaults: dict) -> list[str]:
     return [m for m in defaults if m != "adam_reset"] + list(COMBINATIONS)
 
 
-def method_step(sizes, seeds, loss, spec, defaults, device):
-    """run(steps) -> seconds of ``spec``'s learner (the one ``scripts/supervised.py`` builds)."""
+SETTLED = ", settled"
+"""The label's suffix of Kron's second row: its steps once the schedule is at its floor."""
+
+
+def method_rows(specs: list[str]) -> list[tuple[str, str]]:
+    """``(label, spec)`` of each row: Kron twice, with a preconditioner update at every step
+    (its first 500 steps) and once its schedule has settled at an update every 34th step (from
+    about step 4,000 on: nearly all of a run)."""
+    return [
+        (label, spec)
+        for spec in specs
+        for label in ([spec, spec + SETTLED] if "kron" in spec.split("+") else [spec])
+    ]
+
+
+def method_step(sizes, seeds, loss, spec, defaults, device, settled=False):
+    """run(steps) -> seconds of ``spec``'s learner (the one ``scripts/supervised.py`` builds);
+    Kron's schedule held at an update every step, or (``settled``) at its floor."""
     method = resolve_method(MethodConfig(method=spec), defaults)
     with contextlib.redirect_stdout(io.StringIO()):  # the autograd learner's note
         learner = make_learner(
@@ -257,6 +275,11 @@ def method_step(sizes, seeds, loss, spec, defaults, device):
         )
     if "injection" in spec.split("+"):  # its step from the first task boundary on
         learner.task_boundary()
+    if isinstance(learner.opt, Kron):
+        if settled:
+            learner.opt.prob_step = 10**6
+        else:
+            learner.opt.param_groups[0]["flat_start"] = math.inf
     g = torch.Generator(device=device).manual_seed(0)
     n = 64
     x = torch.rand(n, seeds, 1, sizes[0] + 1, generator=g, device=device)
@@ -320,9 +343,12 @@ def reference_rates(sizes, seeds, device, rounds: int) -> dict[str, float]:
     }
 
 
-def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[float, str]:
+def extra_seconds(
+    spec: str, sizes, seeds, rates: dict[str, float], settled: bool = False
+) -> tuple[float, str]:
     """Seconds per step of the arithmetic that ``spec``'s definition adds to the step, at the
-    measured rates, and what it is."""
+    measured rates, and what it is (Kron's preconditioner updated at every step, or at every
+    34th when ``settled``)."""
     weights = sum(a * b for a, b in zip(sizes, sizes[1:]))
     params = weights + sum(sizes[1:])
     names = set(spec.split("+"))
@@ -341,9 +367,9 @@ def extra_seconds(spec: str, sizes, seeds, rates: dict[str, float]) -> tuple[flo
         # solves (half that), four Gram products (twice that) and triu(T1) Q (o^3 + i^3)
         sides = sum(o * o * i + o * i * i for o, i in zip(sizes[1:], sizes[:-1]))
         cubes = sum(o**3 + i**3 for o, i in zip(sizes[1:], sizes[:-1]))
-        macs = 5.5 * sides + cubes
+        macs = 2 * sides + (3.5 * sides + cubes) / (34 if settled else 1)
         total += seeds * macs / rates["bmm_macs_per_s"]
-        what.append(f"{seeds * macs / 1e6:.0f}M multiply-adds (preconditioner and its update)")
+        what.append(f"{seeds * macs / 1e6:.1f}M multiply-adds (preconditioner and its update)")
     if "adam" in names:  # its two moments: three elementwise passes over the parameters
         total += 3 * seeds * params / rates["addcmul_per_s"]
         what.append("3 elementwise passes (moments)")
@@ -437,17 +463,19 @@ def methods_main(args) -> None:
         if args.specs:
             specs = ["bp", *(s for s in args.specs if s != "bp")]
         rates = reference_rates(sizes, seeds, device, args.rounds)
+        rows_of = method_rows(specs)
         runs = {}
-        for spec in specs:
-            run, fused = method_step(sizes, seeds, loss, spec, defaults, device)
+        for label, spec in rows_of:
+            settled = label.endswith(SETTLED)
+            run, fused = method_step(sizes, seeds, loss, spec, defaults, device, settled)
             run(2)
             per_step = run(3) / 3
             steps = max(3, int(args.seconds / per_step))
-            runs[spec] = (run, steps, fused)
-        times: dict[str, list[float]] = {spec: [] for spec in specs}
+            runs[label] = (run, steps, fused)
+        times: dict[str, list[float]] = {label: [] for label, _ in rows_of}
         for _ in range(args.rounds):
-            for spec, (run, steps, _) in runs.items():
-                times[spec].append(run(steps) / steps)
+            for label, (run, steps, _) in runs.items():
+                times[label].append(run(steps) / steps)
         t = {spec: statistics.median(v) for spec, v in times.items()}
         base = t["bp"]
         rows = []
@@ -457,8 +485,8 @@ def methods_main(args) -> None:
         print(
             f"{'method':<24} {'learner':<8} {'us/step':>9} {'steps/s':>9} {'overhead us':>11} {'/ bp':>6} {'extra us':>9} {'/ (bp+extra)':>12}  ok"
         )
-        for spec in specs:
-            extra, what = extra_seconds(spec, sizes, seeds, rates)
+        for spec, method in rows_of:
+            extra, what = extra_seconds(method, sizes, seeds, rates, spec.endswith(SETTLED))
             share = base / t[spec]
             with_extra = (base + extra) / t[spec]
             ok = share >= target or (extra > 0 and with_extra >= target)

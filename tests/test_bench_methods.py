@@ -40,6 +40,12 @@ def test_extra_arithmetic_by_hand():
     sides = (3 * 3 * 4 + 3 * 4 * 4) + (2 * 2 * 3 + 2 * 3 * 3)
     kron = (2 + 1 + 0.5 + 2) * sides + 3**3 + 4**3 + 2**3 + 3**3
     assert bench.extra_seconds("kron", sizes, seeds, RATES)[0] == pytest.approx(2 * kron / 10)
+    settled = 2 * sides + ((1 + 0.5 + 2) * sides + 3**3 + 4**3 + 2**3 + 3**3) / 34
+    assert bench.extra_seconds("kron", sizes, seeds, RATES, True)[0] == pytest.approx(
+        2 * settled / 10
+    )
+    rows = bench.method_rows(["bp", "kron", "upgd"])
+    assert rows == [("bp", "bp"), ("kron", "kron"), ("kron, settled", "kron"), ("upgd", "upgd")]
     # CReLU and DFF: the output layer reads 2 * 3 features: 2 * 3 more weights, 3 passes
     assert bench.extra_seconds("dff", sizes, seeds, RATES)[0] == pytest.approx(2 * 3 * 6 / 10)
     assert bench.extra_seconds("crelu", [5, 4, 3, 2], seeds, RATES)[0] == pytest.approx(

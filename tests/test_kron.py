@@ -450,6 +450,11 @@ def test_update_probability_schedule():
             got.append(n)
     assert got == want
     assert got[:500] == list(range(500)) and np.diff(got[-20:]).tolist() == [34] * 19
+    # 1 / p, remembered over its constant stretches, equals it computed anew at every step, in
+    # any order of steps (a checkpoint may take the schedule back)
+    for n in [*range(0, 6000, 7), 4500, 100, 3000, 501, 9000, 4006, 4007]:
+        opt.prob_step = n
+        assert opt._update_interval(opt.param_groups[0]) == float(1 / update_probability(n)), n
 
 
 @pytest.mark.parametrize(

@@ -334,6 +334,9 @@ class Kron(SeededOptimizer):
         """Steps taken (kron_torch's ``_prob_step``): the schedule's ``n``."""
         self.update_counter = 0
         """Steps since the last preconditioner update (kron_torch's ``_update_counter``)."""
+        self._schedule: tuple = ((), None, None, None)
+        """What :meth:`_update_interval` knows: ``(schedule, 1 / p up to flat_start, the first
+        step at min_prob, 1 / min_prob)``."""
         self._probes: dict[Tensor, Tensor] = {}
         """The kernel path's buffer for each parameter's ``V`` (not state: drawn anew)."""
         self._plans: dict[Tensor, tuple] = {}
@@ -368,12 +371,9 @@ class Kron(SeededOptimizer):
         if closure is not None:
             raise ValueError("Kron.step takes no closure")
         g0 = self.param_groups[0]
-        prob = update_probability(
-            self.prob_step, g0["max_prob"], g0["min_prob"], g0["decay"], g0["flat_start"]
-        )
         self.update_counter += 1
         # the counter (an int) against 1 / p in float32, as kron_torch compares them
-        do_update = self.update_counter >= float(1 / prob)
+        do_update = self.update_counter >= self._update_interval(g0)
         if do_update:
             self.update_counter = 0
         self.prob_step += 1
@@ -390,6 +390,28 @@ class Kron(SeededOptimizer):
                     state.update(self._init_state(p, group))
                 if not self._step_kernel(p, state, group, do_update, balance):
                     self._step_parameter(p, state, group, do_update, balance)
+
+    def _update_interval(self, group: dict[str, Any]) -> float:
+        """``float(1 / p(n))`` at ``n = prob_step`` (:func:`update_probability`, in float32),
+        computed once for each of the schedule's two constant stretches: up to ``flat_start``
+        (``p = max_prob``) and from the first step where it is ``min_prob`` on (it only falls
+        in between); a handful of tensor operations per step otherwise."""
+        schedule = tuple(group[k] for k in ("max_prob", "min_prob", "decay", "flat_start"))
+        n = self.prob_step
+        known = self._schedule if self._schedule[0] == schedule else (schedule, None, None, None)
+        _, flat, floor_from, floor = known
+        if flat is not None and n <= schedule[3]:
+            return flat
+        if floor_from is not None and n >= floor_from:
+            return floor
+        prob = update_probability(n, *schedule)
+        value = float(1 / prob)
+        if n <= schedule[3]:
+            flat = value
+        elif prob.item() == torch.tensor(schedule[1], dtype=torch.float32).item():
+            floor_from, floor = n, value
+        self._schedule = (schedule, flat, floor_from, floor)
+        return value
 
     def _step_kernel(
         self,
