@@ -24,6 +24,11 @@ from ppo_cbp.seeding import TAG_UPGD
 
 __all__ = ["UPGD", "AdaptiveUPGD"]
 
+KERNEL_MAX_ELEMENTS = 4096
+"""The most elements a parameter of :class:`UPGD` may have per seed for the CPU kernels: they
+save the calls' overhead on small networks, but their scalar ``exp`` is slower than torch's
+vectorised sigmoid on large tensors (Permuted MNIST's 784 x 100 weight)."""
+
 
 def _upgd_defaults(lr: float, weight_decay: float, beta_utility: float, sigma: float) -> dict:
     """The settings both UPGD optimizers share, checked."""
@@ -229,8 +234,8 @@ class UPGD(_SeededPerturbation):
     def _kernel_step(self, params: list[Tensor]) -> bool:
         """The step on CPU: two kernel passes per parameter (:func:`~ppo_cbp.nets.kernels.
         upgd_trace_`, :func:`~ppo_cbp.nets.kernels.upgd_apply_`), the same arithmetic as the
-        tensor operations below without their dozen calls per group. Whether it stepped (not
-        off the CPU, with mixed dtypes, or when a tensor has no ``[S, R, C]`` view)."""
+        tensor operations below without their dozen calls per group. Whether it stepped (see
+        :meth:`_rows_of` for where it does not)."""
         rows = self._rows_of(params)
         if rows is None:
             return False
@@ -264,8 +269,9 @@ class UPGD(_SeededPerturbation):
     def _rows_of(self, params: list[Tensor]) -> list[tuple[np.ndarray, ...]] | None:
         """The kernels' ``[S, R, C]`` views (``S`` 1 without seeds) of each parameter, its
         gradient, its trace and its noise buffer, kept while those tensors stay the same; None
-        off the CPU, with mixed dtypes, or when one has no such view (a strided tensor of three
-        or more dimensions per seed)."""
+        off the CPU, with mixed dtypes, a parameter of more than :data:`KERNEL_MAX_ELEMENTS`
+        per seed, or one with no such view (a strided tensor of three or more dimensions per
+        seed)."""
         key, rows = self._kernel_rows
         if len(key) == len(params) and all(
             p is q and p.grad is g and self.state[p].get("avg_utility") is u
@@ -273,7 +279,16 @@ class UPGD(_SeededPerturbation):
         ):
             return rows
         grads = [p.grad for p in params]
-        if not kernels.available(*params, *grads) or len({p.dtype for p in params}) > 1:
+        largest = max(p.numel() // (p.shape[0] if self.seed_dims else 1) for p in params)
+        if (
+            not kernels.available(*params, *grads)
+            or len({p.dtype for p in params}) > 1
+            or largest > KERNEL_MAX_ELEMENTS
+        ):
+            self._kernel_rows = (
+                [(p, p.grad, self.state[p].get("avg_utility")) for p in params],
+                None,
+            )
             return None
         for p in params:
             state = self.state[p]
