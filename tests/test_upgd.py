@@ -161,29 +161,31 @@ def test_cpu_kernels_equal_the_tensor_path(monkeypatch, dtype, tol):
         torch.testing.assert_close(u, v, rtol=tol, atol=tol)
 
 
-def test_large_parameters_take_the_tensor_path(monkeypatch):
-    """Above ``KERNEL_MAX_ELEMENTS`` per seed the vectorised tensor operations step (their
-    sigmoid is faster than the kernel's scalar exp), with the same result as the kernels."""
+def test_large_parameters_take_torch_sigmoid(monkeypatch):
+    """Above ``KERNEL_EXP_MAX`` elements per seed, ``s = sigmoid(u factor)`` is torch's (its
+    vectorised sigmoid is faster than the kernel's scalar exp) and the update a kernel pass:
+    equal to the tensor path in float64."""
     from ppo_cbp.nets import kernels
     from ppo_cbp.plasticity import upgd
 
     calls = []
-    apply = kernels.upgd_apply_
-    monkeypatch.setattr(kernels, "upgd_apply_", lambda *a, **k: calls.append(1) or apply(*a, **k))
+    given = kernels.upgd_apply_given_
+    monkeypatch.setattr(
+        kernels, "upgd_apply_given_", lambda *a, **k: calls.append(1) or given(*a, **k)
+    )
     g = torch.Generator().manual_seed(0)
-    big = torch.randn(2, upgd.KERNEL_MAX_ELEMENTS + 1, generator=g, dtype=F64)
+    big = torch.randn(2, upgd.KERNEL_EXP_MAX + 1, generator=g, dtype=F64)
     ps = [big.clone().requires_grad_(), big.clone().requires_grad_()]
     opts = [UPGD([p], **HP, seed_dims=1, seeds=[1, 2]) for p in ps]
-    monkeypatch.setattr(upgd, "KERNEL_MAX_ELEMENTS", big.shape[1])  # the second by the kernels
     for _ in range(3):
         grad = torch.randn(big.shape, generator=g, dtype=F64)
         for i, (p, opt) in enumerate(zip(ps, opts)):
             p.grad = grad.clone()
             if i == 0:
                 with monkeypatch.context() as m:
-                    m.setattr(upgd, "KERNEL_MAX_ELEMENTS", big.shape[1] - 1)
+                    m.setattr(kernels, "available", lambda *a: False)
                     opt.step()
             else:
                 opt.step()
-    assert len(calls) == 3  # the second optimizer's only
+    assert len(calls) == 3
     torch.testing.assert_close(ps[0], ps[1], rtol=1e-12, atol=1e-12)

@@ -722,6 +722,34 @@ def upgd_apply_(
     _upgd_apply(param, grad, trace, noise, factor, x(sigma), x(1.0 - lr * weight_decay), x(-lr))
 
 
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _upgd_apply_given(p, g, s_, noise, sigma, decay, neg_lr):  # pragma: no cover
+    S, R, C = p.shape
+    one = p.dtype.type(1.0)
+    for s in range(S):
+        for r in range(R):
+            for c in range(C):
+                step = (noise[s, r, c] * sigma + g[s, r, c]) * (one - s_[s, r, c])
+                p[s, r, c] = p[s, r, c] * decay + neg_lr * step
+
+
+def upgd_apply_given_(
+    param: np.ndarray,
+    grad: np.ndarray,
+    protection: np.ndarray,
+    noise: np.ndarray,
+    *,
+    lr: float,
+    weight_decay: float,
+    sigma: float,
+) -> None:
+    """:func:`upgd_apply_` with ``s = sigmoid(u factor_s)`` given (``protection``, of
+    ``param``'s shape), for large tensors: torch's vectorised sigmoid is faster than the
+    kernel's scalar ``exp``."""
+    x = param.dtype.type
+    _upgd_apply_given(param, grad, protection, noise, x(sigma), x(1.0 - lr * weight_decay), x(-lr))
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FAST, error_model="numpy")  # vectorised division
 def _trac_begin(p, ref, g, before, total, h, keep):  # pragma: no cover
     S, N = p.shape

@@ -24,10 +24,10 @@ from ppo_cbp.seeding import TAG_UPGD
 
 __all__ = ["UPGD", "AdaptiveUPGD"]
 
-KERNEL_MAX_ELEMENTS = 4096
-"""The most elements a parameter of :class:`UPGD` may have per seed for the CPU kernels: they
-save the calls' overhead on small networks, but their scalar ``exp`` is slower than torch's
-vectorised sigmoid on large tensors (Permuted MNIST's 784 x 100 weight)."""
+KERNEL_EXP_MAX = 4096
+"""The most elements per seed of a parameter whose sigmoid :class:`UPGD`'s CPU kernel takes
+itself (saving two calls); on larger ones torch's vectorised sigmoid is faster than the
+kernel's scalar ``exp`` (Permuted MNIST's 784 x 100 weight: 3.1 ms a step against 2.1)."""
 
 
 def _upgd_defaults(lr: float, weight_decay: float, beta_utility: float, sigma: float) -> dict:
@@ -244,7 +244,7 @@ class UPGD(_SeededPerturbation):
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p]["step"] += 1
-                param, grad, trace, _ = rows[i]
+                param, grad, trace = rows[i][:3]
                 kernels.upgd_trace_(trace, grad, param, group["beta_utility"], top)
                 i += 1
         top[top == 0] = 1  # no utility anywhere: divide by 1 instead of 0/0
@@ -262,16 +262,22 @@ class UPGD(_SeededPerturbation):
                 factor = factors.get(correction)
                 if factor is None:
                     factor = factors[correction] = np.reciprocal(top * top.dtype.type(correction))
-                kernels.upgd_apply_(*rows[i], factor, **settings)
+                param, grad, trace, noise, *given = rows[i]
+                if given:  # s = sigmoid(u factor) by torch, as the tensor path takes it
+                    (s, s_rows), u = given[0], self.state[p]["avg_utility"]
+                    torch.mul(u, self._shaped(torch.from_numpy(factor), p), out=s).sigmoid_()
+                    kernels.upgd_apply_given_(param, grad, s_rows, noise, **settings)
+                else:
+                    kernels.upgd_apply_(param, grad, trace, noise, factor, **settings)
                 i += 1
         return True
 
     def _rows_of(self, params: list[Tensor]) -> list[tuple[np.ndarray, ...]] | None:
         """The kernels' ``[S, R, C]`` views (``S`` 1 without seeds) of each parameter, its
         gradient, its trace and its noise buffer, kept while those tensors stay the same; None
-        off the CPU, with mixed dtypes, a parameter of more than :data:`KERNEL_MAX_ELEMENTS`
-        per seed, or one with no such view (a strided tensor of three or more dimensions per
-        seed)."""
+        off the CPU, with mixed dtypes, or when one has no such view (a strided tensor of three
+        or more dimensions per seed); a parameter of more than :data:`KERNEL_EXP_MAX` elements
+        per seed also has its buffer for ``s`` and that buffer's view."""
         key, rows = self._kernel_rows
         if len(key) == len(params) and all(
             p is q and p.grad is g and self.state[p].get("avg_utility") is u
@@ -279,12 +285,7 @@ class UPGD(_SeededPerturbation):
         ):
             return rows
         grads = [p.grad for p in params]
-        largest = max(p.numel() // (p.shape[0] if self.seed_dims else 1) for p in params)
-        if (
-            not kernels.available(*params, *grads)
-            or len({p.dtype for p in params}) > 1
-            or largest > KERNEL_MAX_ELEMENTS
-        ):
+        if not kernels.available(*params, *grads) or len({p.dtype for p in params}) > 1:
             self._kernel_rows = (
                 [(p, p.grad, self.state[p].get("avg_utility")) for p in params],
                 None,
@@ -304,6 +305,11 @@ class UPGD(_SeededPerturbation):
         if any(v is None for x in views for v in x):
             return None
         rows = [tuple(kernels.as_array(v) for v in x) for x in views]
+        scratch = self._scratch(params, 1)
+        for i, (p, v) in enumerate(zip(params, scratch)):
+            if p.numel() // (p.shape[0] if self.seed_dims else 1) > KERNEL_EXP_MAX:
+                protection = _three_dims(v, self.seed_dims)
+                rows[i] = (*rows[i], (v, kernels.as_array(protection)))
         self._kernel_rows = (list(zip(params, grads, traces)), rows)
         return rows
 
