@@ -1261,37 +1261,39 @@ def kron_step_(
     (diagonal), C-contiguous, in place; ``balance`` ``[S]`` bool (all False outside an
     update); ``step`` the momentum's step count after this step."""
     x = param.dtype.type
-    constants = _KRON_CONSTANTS.get(param.dtype)
-    if constants is None:  # sqrt(eps_f32), tiny, 1e-12 and 1.1 in the dtype
+    key = (param.dtype, b1, weight_decay, precond_lr)  # not lr: a schedule would grow this
+    constants = _KRON_CONSTANTS.get(key)
+    if constants is None:  # the settings, sqrt(eps_f32), tiny, 1e-12 and 1.1 in the dtype
         eps = np.sqrt(x(np.finfo(np.float32).eps))
-        constants = eps, x(np.finfo(param.dtype).tiny), x(1e-12), x(1.1)
-        _KRON_CONSTANTS[param.dtype] = constants
-    noise, tiny, rms_eps, clip = constants
+        tiny = x(np.finfo(param.dtype).tiny)
+        constants = (x(b1), x(1 - b1), eps, x(precond_lr), tiny, x(weight_decay))
+        constants = _KRON_CONSTANTS[key] = (*constants, x(1e-12), x(1.1))
+    b1_, keep, noise, precond_lr_, tiny, wd, rms_eps, clip = constants
     S = param.shape[0]
     q0, q1 = factors[0], factors[-1]  # a vector's Q0 unused
     _kron_step(
         param,
         grad,
         momentum,
-        q0.reshape(S, -1, q0.shape[-1]),
-        q1.reshape(S, -1, q1.shape[-1]),
+        q0 if q0.ndim == 3 else q0.reshape(S, 1, q0.shape[-1]),
+        q1 if q1.ndim == 3 else q1.reshape(S, 1, q1.shape[-1]),
         probe,
         q0.ndim == 2,
         q1.ndim == 2,
         len(factors) == 1,
         update,
         balance,
-        x(b1),
-        x(1 - b1),
+        b1_,
+        keep,
         x(1 - b1**step),
         noise,
-        x(precond_lr),
+        precond_lr_,
         tiny,
-        x(weight_decay),
+        wd,
         x(-lr),
         rms_eps,
         clip,
     )
 
 
-_KRON_CONSTANTS: dict[np.dtype, tuple] = {}
+_KRON_CONSTANTS: dict[tuple, tuple] = {}

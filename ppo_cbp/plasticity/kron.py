@@ -337,6 +337,8 @@ class Kron(SeededOptimizer):
         self._schedule: tuple = ((), None, None, None)
         """What :meth:`_update_interval` knows: ``(schedule, 1 / p up to flat_start, the first
         step at min_prob, 1 / min_prob)``."""
+        self._u: Tensor | None = None
+        self._u_rows: list[Tensor] = []
         self._probes: dict[Tensor, Tensor] = {}
         """The kernel path's buffer for each parameter's ``V`` (not state: drawn anew)."""
         self._plans: dict[Tensor, tuple] = {}
@@ -378,7 +380,7 @@ class Kron(SeededOptimizer):
             self.update_counter = 0
         self.prob_step += 1
         # one number per seed at every step, whether or not it is used
-        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in self.generators])
+        u = self._uniforms()
         balance = u < g0["balance_prob"] if do_update else None
         self._flags = None
         for group in self.param_groups:
@@ -390,6 +392,17 @@ class Kron(SeededOptimizer):
                     state.update(self._init_state(p, group))
                 if not self._step_kernel(p, state, group, do_update, balance):
                     self._step_parameter(p, state, group, do_update, balance)
+
+    def _uniforms(self) -> Tensor:
+        """One uniform number per seed from its generator, as ``torch.rand(1)`` draws it, into
+        a buffer kept from step to step (``[S]``)."""
+        if self._u is None:
+            g = self.generators[0]
+            self._u = torch.empty(len(self.generators), device=g.device)
+            self._u_rows = [self._u[s : s + 1] for s in range(len(self.generators))]
+        for row, g in zip(self._u_rows, self.generators):
+            row.uniform_(generator=g)
+        return self._u
 
     def _update_interval(self, group: dict[str, Any]) -> float:
         """``float(1 / p(n))`` at ``n = prob_step`` (:func:`update_probability`, in float32),
