@@ -10,9 +10,14 @@ from ppo_cbp.nets import kernels
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("S,K,J", [(3, 9, 5), (1, 4, 7), (2, 2, 3)])
 @pytest.mark.parametrize("first", [False, True])
-def test_sgd_backward_update_matches_definition(dtype, rtol, S, K, J, first):
+@pytest.mark.parametrize("pull", [False, True])
+def test_sgd_backward_update_matches_definition(dtype, rtol, S, K, J, first, pull):
+    """With a target (L2-Init's pull in the update pass): ``P <- beta P + alpha delta x^T +
+    c target``, the magnitudes of the pulled weights."""
     g = torch.Generator().manual_seed(S * 100 + K * 10 + J)
     P = torch.randn(S, K, J + 1, generator=g, dtype=dtype)
+    target = torch.randn(S, K, J + 1, generator=g, dtype=dtype)
+    c = 0.003 if pull else 0.0
     delta = torch.randn(S, K, generator=g, dtype=dtype)
     delta[0, 1] = 0.0  # a unit with no gradient (inactive ReLU) keeps its row
     x = torch.rand(S, J + 1, generator=g, dtype=dtype)
@@ -27,9 +32,11 @@ def test_sgd_backward_update_matches_definition(dtype, rtol, S, K, J, first):
         None if first else kernels.as_array(below),
         None if first else kernels.as_array(out_abs),
         kernels.as_array(in_abs),
+        kernels.as_array(target) if pull else None,
+        c,
     )
     d, xs = delta.double().numpy(), x.double().numpy()
-    expected_P = beta * W0 + alpha * d[:, :, None] * xs[:, None, :]
+    expected_P = beta * W0 + alpha * d[:, :, None] * xs[:, None, :] + c * target.double().numpy()
     np.testing.assert_allclose(P.double().numpy(), expected_P, rtol=rtol, atol=rtol)
     W = expected_P[..., :-1]
     np.testing.assert_allclose(in_abs.double().numpy(), np.abs(W).sum(2), rtol=rtol)

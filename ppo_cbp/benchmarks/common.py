@@ -671,10 +671,14 @@ class Learner:
             )
 
     def step(self, x_aug: Tensor, target: Tensor, out: Tensor | None = None) -> None:
-        hidden = self.trainer.step(x_aug, target, out=out)
-        if self._l2_init is not None:
+        pull = None
+        if self._l2_init is not None:  # the layers' pull in the fused update pass, if any
             l2 = self._l2_init
-            self.trainer.pull_(l2.params, l2.initial, self.method.lr * l2.coefficient)
+            pull = (l2.params, l2.initial, self.method.lr * l2.coefficient)
+            self.trainer.fold_pull(*pull)
+        hidden = self.trainer.step(x_aug, target, out=out)
+        if pull is not None:
+            self.trainer.pull_(*pull)
         if self.opt is not None:
             with torch.no_grad():
                 self.methods.after_backward()

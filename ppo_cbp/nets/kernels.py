@@ -60,7 +60,9 @@ class ArrayViews:
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _sgd_backward_update(p, delta, x, beta, alpha, below, out_abs, in_abs):  # pragma: no cover
+def _sgd_backward_update(
+    p, delta, x, beta, alpha, below, out_abs, in_abs, target, coef
+):  # pragma: no cover  # fmt: skip
     S, K, J1 = p.shape
     J = J1 - 1
     zero = beta - beta  # accumulate in the weights' precision
@@ -84,6 +86,11 @@ def _sgd_backward_update(p, delta, x, beta, alpha, below, out_abs, in_abs):  # p
                 w1 = beta * w1 + a1 * xj
                 w2 = beta * w2 + a2 * xj
                 w3 = beta * w3 + a3 * xj
+                if target is not None:  # (compiled out when None)
+                    w0 = w0 + coef * target[s, k, j]
+                    w1 = w1 + coef * target[s, k + 1, j]
+                    w2 = w2 + coef * target[s, k + 2, j]
+                    w3 = w3 + coef * target[s, k + 3, j]
                 r0[j], r1[j], r2[j], r3[j] = w0, w1, w2, w3
                 m0, m1, m2, m3 = abs(w0), abs(w1), abs(w2), abs(w3)
                 oa[j] += m0 + m1 + m2 + m3
@@ -96,6 +103,9 @@ def _sgd_backward_update(p, delta, x, beta, alpha, below, out_abs, in_abs):  # p
             r1[J] = beta * r1[J] + a1 * xj
             r2[J] = beta * r2[J] + a2 * xj
             r3[J] = beta * r3[J] + a3 * xj
+            if target is not None:
+                for i in range(4):
+                    p[s, k + i, J] = p[s, k + i, J] + coef * target[s, k + i, J]
             in_abs[s, k], in_abs[s, k + 1], in_abs[s, k + 2], in_abs[s, k + 3] = t0, t1, t2, t3
             k += 4
         while k < K:
@@ -107,11 +117,15 @@ def _sgd_backward_update(p, delta, x, beta, alpha, below, out_abs, in_abs):  # p
                 w = row[j]
                 bl[j] += d * w
                 w = beta * w + a * xs[j]
+                if target is not None:
+                    w = w + coef * target[s, k, j]
                 row[j] = w
                 m = abs(w)
                 oa[j] += m
                 total += m
             row[J] = beta * row[J] + a * xs[J]
+            if target is not None:
+                row[J] = row[J] + coef * target[s, k, J]
             in_abs[s, k] = total
             k += 1
 
@@ -169,7 +183,7 @@ def matvec_(param: np.ndarray, inputs: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _sgd_update(p, delta, x, beta, alpha, in_abs):  # pragma: no cover
+def _sgd_update(p, delta, x, beta, alpha, in_abs, target, coef):  # pragma: no cover
     S, K, J1 = p.shape
     J = J1 - 1
     zero = beta - beta
@@ -181,9 +195,13 @@ def _sgd_update(p, delta, x, beta, alpha, in_abs):  # pragma: no cover
             total = zero
             for j in range(J):
                 w = beta * row[j] + a * xs[j]
+                if target is not None:  # (compiled out when None)
+                    w = w + coef * target[s, k, j]
                 row[j] = w
                 total += abs(w)
             row[J] = beta * row[J] + a * xs[J]
+            if target is not None:
+                row[J] = row[J] + coef * target[s, k, J]
             in_abs[s, k] = total
 
 
@@ -196,6 +214,8 @@ def sgd_backward_update_(
     below: np.ndarray | None,
     out_abs: np.ndarray | None,
     in_abs: np.ndarray,
+    target: np.ndarray | None = None,
+    coefficient: float = 0.0,
 ) -> None:
     """Backward pass, SGD update and weight magnitudes of one stacked layer, in one pass.
 
@@ -211,16 +231,20 @@ def sgd_backward_update_(
       updated weights (bias column excluded).
 
     ``below`` and ``out_abs`` None (the first layer, whose inputs are not units): neither is
-    computed. All arguments are arrays of one dtype (:func:`as_array` views of CPU tensors), written or
+    computed. With ``target`` (``[S, K, J + 1]``), the update is followed in the same pass by
+    ``P <- P + coefficient * target`` (L2-Init's pull toward the initial weights, as
+    :func:`sgd_apply_` takes it after the update: the same arithmetic, one pass fewer); the
+    magnitudes are then of the pulled weights. All arguments are arrays of one dtype (:func:`as_array` views of CPU tensors), written or
     read in place; ``param``, ``delta`` and ``inputs`` must be C-contiguous (strided rows
     would compile to scalar code, several times slower than copying them first).
     """
     scalar = param.dtype.type
+    c = scalar(coefficient)
     if below is None or out_abs is None:
-        _sgd_update(param, delta, inputs, scalar(beta), scalar(alpha), in_abs)
+        _sgd_update(param, delta, inputs, scalar(beta), scalar(alpha), in_abs, target, c)
     else:
         _sgd_backward_update(
-            param, delta, inputs, scalar(beta), scalar(alpha), below, out_abs, in_abs
+            param, delta, inputs, scalar(beta), scalar(alpha), below, out_abs, in_abs, target, c
         )
 
 

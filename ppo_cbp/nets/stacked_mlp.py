@@ -457,6 +457,9 @@ class StackedTrainer:
         self._own_rows: dict[int, np.ndarray] = {}  # [S, n] rows of the batch-1 buffers
         self._fused_buffers: list[tuple[Tensor, Tensor, Tensor]] = []
         self._param_index = {id(p): i for i, p in enumerate(net.params)}  # P -> its layer
+        self._pulls: dict[int, Tensor] = {}  # layer -> the target its fused update pulls toward
+        self._pull_coefficient = 0.0
+        self._pulled = False  # whether the last step applied those pulls
         self._units: dict[int, list[Tensor]] = {}  # per batch, paired units' activations
         self._saved: list[tuple[Tensor, ...]] = []  # per hidden layer, what its backward reads
         self._arch_rows: list[dict[str, Tensor]] = []  # batch-1 buffers of the hidden layers
@@ -636,6 +639,7 @@ class StackedTrainer:
                 torch.bmm(delta.transpose(1, 2), inputs[layer], out=self.grads[layer])
             elif fused:
                 grad_in, out_abs, in_abs = map(self._arrays, self._fused_buffers[layer])
+                pull = self._pulls.get(layer)
                 kernels.sgd_backward_update_(
                     self._arrays(p),
                     self._rows(delta),
@@ -645,6 +649,8 @@ class StackedTrainer:
                     grad_in if layer > 0 else None,
                     out_abs if layer > 0 else None,
                     in_abs,
+                    None if pull is None else self._arrays(pull),
+                    self._pull_coefficient,
                 )
                 below = self._fused_buffers[layer][0].unsqueeze(1) if layer > 0 else None
             else:
@@ -668,6 +674,7 @@ class StackedTrainer:
                     below = norms[layer - 1].backward(below)
                     norms[layer - 1].sgd_(beta, alpha)
             delta = below
+        self._pulled = fused
         self.magnitudes = None
         if self._noise is not None:
             if not self.gradients:  # else the caller's update comes first
@@ -865,17 +872,30 @@ class StackedTrainer:
         if not self._adam_by_kernel(optimizer):
             optimizer.step()
 
+    def fold_pull(
+        self, params: Sequence[Tensor], targets: Sequence[Tensor], coefficient: float
+    ) -> None:
+        """Let the next fused step (CPU, SGD, batch 1) apply :meth:`pull_` of the layers'
+        ``P`` among ``params`` in its update pass: :meth:`pull_` then leaves them after such a
+        step. Given before each step, as the targets may be other tensors after a resume."""
+        index = self._param_index
+        self._pulls = {index[id(p)]: t for p, t in zip(params, targets) if id(p) in index}
+        self._pull_coefficient = coefficient
+
     @torch.no_grad()
     def pull_(
         self, params: Sequence[Tensor], targets: Sequence[Tensor], coefficient: float
     ) -> None:
         """``p <- p + coefficient * target`` for each parameter (L2-Init's pull toward the
         initial parameters, folded into SGD). For a layer's ``P`` after a kernel step, one
-        kernel pass that also renews :attr:`magnitudes` of the weights it leaves."""
+        kernel pass that also renews :attr:`magnitudes` of the weights it leaves, or nothing
+        where the step has done it (:meth:`fold_pull`)."""
         index = self._param_index
         kernel = self.magnitudes is not None
         for p, target in zip(params, targets, strict=True):
             layer = index.get(id(p))
+            if layer is not None and self._pulled and layer in self._pulls:
+                continue
             if layer is None or not kernel:
                 p.add_(target, alpha=coefficient)
                 continue
